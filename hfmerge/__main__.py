@@ -1,0 +1,3 @@
+from hfmerge.cli import main
+
+raise SystemExit(main())

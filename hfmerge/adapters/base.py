@@ -1,0 +1,92 @@
+"""Model families described as data, and the inspection that uses them.
+
+An adapter says, for one family of transformers models, which classes hfmerge
+accepts, which task each serves, and which parameters form the classifier head
+(as regular expressions over in-memory parameter names). Everything else —
+the parameter names in memory, their depth order, shapes — is read from the
+model class instantiated on the meta device, never from the checkpoint's key
+order: safetensors files list keys alphabetically, and transformers 5 renames
+many parameters between the checkpoint and the in-memory module.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any
+
+import torch
+
+
+@dataclass(frozen=True)
+class HeadSpec:
+    """A classifier layer whose output dimension (dim 0) is the label space.
+
+    ``null_rows`` counts extra trailing outputs that are not labels, such as
+    Mask2Former's "no object" class, which fusion averages instead of stacking.
+    """
+
+    pattern: str
+    null_rows: int = 0
+
+    @cached_property
+    def regex(self) -> re.Pattern[str]:
+        return re.compile(self.pattern)
+
+
+@dataclass(frozen=True)
+class FamilyAdapter:
+    """What hfmerge needs to know about one model family.
+
+    Attributes:
+        name: short family name shown to users.
+        model_types: ``config.model_type`` values of the family.
+        architectures: accepted transformers class names, each with its pipeline task.
+        heads: classifier layers per architecture; fusion concatenates these.
+        default_architecture: used when a config names no architecture.
+    """
+
+    name: str
+    model_types: tuple[str, ...]
+    architectures: dict[str, str]
+    heads: dict[str, tuple[HeadSpec, ...]] = field(default_factory=dict)
+    default_architecture: str | None = None
+
+    def model_class(self, architecture: str) -> type[torch.nn.Module]:
+        """The transformers class for ``architecture`` (only classes this adapter lists)."""
+        import transformers
+
+        return getattr(transformers, architecture)
+
+    def head_of(self, architecture: str, memory_name: str) -> HeadSpec | None:
+        """The head spec that ``memory_name`` belongs to, if any."""
+        for spec in self.heads.get(architecture, ()):
+            if spec.regex.fullmatch(memory_name):
+                return spec
+        return None
+
+    def build_meta_model(self, architecture: str, config: Any) -> torch.nn.Module:
+        """Instantiate the model on the meta device: names, shapes and order, no memory."""
+        with torch.device("meta"):
+            return self.model_class(architecture)(config)
+
+
+_FAMILIES: dict[str, FamilyAdapter] = {}
+
+
+def register_family(adapter: FamilyAdapter) -> FamilyAdapter:
+    """Register ``adapter`` for its model types; a second adapter for one type is an error."""
+    for model_type in adapter.model_types:
+        if model_type in _FAMILIES:
+            raise ValueError(f"model type {model_type!r} already has the adapter {_FAMILIES[model_type].name!r}")
+        _FAMILIES[model_type] = adapter
+    return adapter
+
+
+def family_for_model_type(model_type: str) -> FamilyAdapter | None:
+    return _FAMILIES.get(model_type)
+
+
+def supported_families() -> list[str]:
+    return sorted({a.name for a in _FAMILIES.values()})

@@ -1,0 +1,164 @@
+"""Inspecting a resolved source: family, task, tensors in depth order, head, labels."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any
+
+import torch
+
+from hfmerge.adapters.base import FamilyAdapter, HeadSpec, family_for_model_type, supported_families
+from hfmerge.engine.checkpoint import CheckpointReader
+from hfmerge.errors import SourceError
+from hfmerge.hub.resolve import ResolvedSource
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One tensor of a checkpoint.
+
+    ``key`` is its name in the checkpoint file, ``name`` its name in the
+    instantiated transformers module (they differ for renamed parameters),
+    ``module`` the in-memory module that owns it.
+    """
+
+    key: str
+    name: str
+    module: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    head: HeadSpec | None
+
+    @property
+    def is_integer(self) -> bool:
+        return not (self.dtype.is_floating_point or self.dtype.is_complex)
+
+
+@dataclass
+class ModelLayout:
+    """What hfmerge knows about one source after inspection.
+
+    ``tensors`` maps in-memory names to :class:`TensorInfo` in the order the
+    instantiated model's ``state_dict()`` lists them, which is forward/depth
+    order; ``modules`` lists the owning modules in that order.
+    """
+
+    source: ResolvedSource
+    family: FamilyAdapter
+    architecture: str
+    task: str
+    config: Any
+    reader: CheckpointReader
+    tensors: dict[str, TensorInfo]
+
+    @cached_property
+    def modules(self) -> list[str]:
+        return list(dict.fromkeys(t.module for t in self.tensors.values()))
+
+    @property
+    def id2label(self) -> dict[int, str]:
+        return {int(k): str(v) for k, v in (getattr(self.config, "id2label", None) or {}).items()}
+
+    @property
+    def head_tensors(self) -> list[TensorInfo]:
+        return [t for t in self.tensors.values() if t.head is not None]
+
+    @property
+    def num_parameters(self) -> int:
+        total = 0
+        for t in self.tensors.values():
+            n = 1
+            for d in t.shape:
+                n *= d
+            total += n
+        return total
+
+
+def inspect_source(source: ResolvedSource, *, allow_pickle: bool = False) -> ModelLayout:
+    """Read config and checkpoint header of ``source``; no tensor data is loaded.
+
+    Raises:
+        SourceError: unsupported family or architecture, or a checkpoint whose
+            names or shapes disagree with its config.
+    """
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(source.path, trust_remote_code=False)
+    except (ValueError, OSError, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise SourceError(f"{source.name}: its config.json cannot be read by transformers ({first})") from None
+    family = family_for_model_type(config.model_type)
+    if family is None:
+        raise SourceError(
+            f"{source.name} is a {config.model_type!r} model; hfmerge supports {', '.join(supported_families())}"
+        )
+    architectures = getattr(config, "architectures", None) or [family.default_architecture]
+    architecture = architectures[0]
+    if architecture not in family.architectures:
+        raise SourceError(
+            f"{source.name}: architecture {architecture} is not supported; "
+            f"{family.name} models may be {', '.join(family.architectures)}"
+        )
+    reader = CheckpointReader(source.path, allow_pickle=allow_pickle, label=source.name)
+    meta_model = family.build_meta_model(architecture, config)
+    meta_state = meta_model.state_dict()
+    names = checkpoint_to_memory_names(meta_model, reader.keys(), meta_state)
+
+    order = {name: i for i, name in enumerate(meta_state)}
+    tensors: list[TensorInfo] = []
+    unknown = [k for k, n in names.items() if n not in order]
+    if unknown:
+        raise SourceError(
+            f"{source.name}: the checkpoint has {len(unknown)} tensor(s) its config does not describe "
+            f"(e.g. {unknown[0]}); the weights and config.json disagree — re-save the model with save_pretrained"
+        )
+    for key, name in names.items():
+        expected = tuple(meta_state[name].shape)
+        shape = reader.shape(key)
+        if shape != expected:
+            raise SourceError(
+                f"{source.name}: tensor {key} has shape {list(shape)} but its config implies {list(expected)}; "
+                "the weights and config.json disagree — re-save the model with save_pretrained"
+            )
+        module = name.rsplit(".", 1)[0] if "." in name else ""
+        tensors.append(
+            TensorInfo(key, name, module, shape, reader.dtype(key), family.head_of(architecture, name))
+        )
+    tensors.sort(key=lambda t: order[t.name])
+    return ModelLayout(
+        source=source,
+        family=family,
+        architecture=architecture,
+        task=family.architectures[architecture],
+        config=config,
+        reader=reader,
+        tensors={t.name: t for t in tensors},
+    )
+
+
+def checkpoint_to_memory_names(
+    model: torch.nn.Module, keys: list[str], meta_state: dict[str, torch.Tensor]
+) -> dict[str, str]:
+    """Map checkpoint keys to in-memory parameter names the way ``from_pretrained`` does.
+
+    transformers 5 keeps the original checkpoint names on disk and renames them
+    while loading (``vit.encoder.layer.0.attention.attention.query.weight`` on
+    disk is ``vit.layers.0.attention.q_proj.weight`` in memory); its conversion
+    mapping also adds or strips the base model prefix. We apply that same
+    mapping, so names and depth order come from the model class.
+    """
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+    except ImportError:  # an older transformers without renaming: names are identical
+        return {k: k for k in keys}
+    conversions = get_model_conversion_mapping(model)
+    renamings = [c for c in conversions if isinstance(c, WeightRenaming)]
+    converters = [c for c in conversions if isinstance(c, WeightConverter)]
+    prefix = getattr(model, "base_model_prefix", None) or None
+    return {
+        key: rename_source_key(key, renamings, converters, prefix, meta_state)[0]
+        for key in keys
+    }

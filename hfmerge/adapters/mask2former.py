@@ -1,0 +1,17 @@
+"""Mask2Former universal (semantic, instance, panoptic) segmentation.
+
+The class predictor has ``num_labels + 1`` outputs: the last is "no object",
+which belongs to no label set, so fusion averages it rather than stacking it.
+"""
+
+from hfmerge.adapters.base import FamilyAdapter, HeadSpec, register_family
+
+MASK2FORMER = register_family(
+    FamilyAdapter(
+        name="mask2former",
+        model_types=("mask2former",),
+        architectures={"Mask2FormerForUniversalSegmentation": "image-segmentation"},
+        heads={"Mask2FormerForUniversalSegmentation": (HeadSpec(r"class_predictor\.(weight|bias)", null_rows=1),)},
+        default_architecture="Mask2FormerForUniversalSegmentation",
+    )
+)

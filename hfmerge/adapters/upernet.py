@@ -1,0 +1,23 @@
+"""UperNet semantic segmentation with a ConvNeXt or Swin backbone (openmmlab/upernet-*).
+
+UperNet has no ``AutoModel`` entry; the class is
+``UperNetForSemanticSegmentation`` (``AutoModelForSemanticSegmentation``).
+Both the decode head and the auxiliary head end in a per-class 1x1 convolution.
+"""
+
+from hfmerge.adapters.base import FamilyAdapter, HeadSpec, register_family
+
+UPERNET = register_family(
+    FamilyAdapter(
+        name="upernet",
+        model_types=("upernet",),
+        architectures={"UperNetForSemanticSegmentation": "image-segmentation"},
+        heads={
+            "UperNetForSemanticSegmentation": (
+                HeadSpec(r"decode_head\.classifier\.(weight|bias)"),
+                HeadSpec(r"auxiliary_head\.classifier\.(weight|bias)"),
+            )
+        },
+        default_architecture="UperNetForSemanticSegmentation",
+    )
+)

@@ -1,0 +1,13 @@
+"""ViT (google/vit-*) image classifiers and feature extractors."""
+
+from hfmerge.adapters.base import FamilyAdapter, HeadSpec, register_family
+
+VIT = register_family(
+    FamilyAdapter(
+        name="vit",
+        model_types=("vit",),
+        architectures={"ViTForImageClassification": "image-classification", "ViTModel": "image-feature-extraction"},
+        heads={"ViTForImageClassification": (HeadSpec(r"classifier\.(weight|bias)"),)},
+        default_architecture="ViTForImageClassification",
+    )
+)

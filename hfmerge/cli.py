@@ -1,0 +1,196 @@
+"""The ``hfmerge`` command line: a thin shell over :class:`~hfmerge.recipe.Recipe` and the pipeline.
+
+Data (paths, commit URLs, plans) goes to stdout, messages to stderr. A
+mistake in the input prints one line saying what is wrong and how to fix it
+and exits with status 2; nothing is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Any, NoReturn
+
+from hfmerge.errors import HfMergeError, RecipeError
+
+EXIT_USAGE = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"hfmerge: error: {message} (see `{self.prog} --help`)\n")
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    from hfmerge import __version__
+    from hfmerge.methods import available_methods
+
+    parser = _Parser(prog="hfmerge", description="Merge fine-tuned vision models from the Hugging Face Hub.")
+    parser.add_argument("--version", action="version", version=f"hfmerge {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    def add_output_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--output", "-o", help="folder to write the merged model to")
+        p.add_argument("--push-to-hub", metavar="REPO_ID", help="upload the result to this Hub repo in one commit")
+        p.add_argument("--private", action="store_true", help="create the Hub repo as private")
+        p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output folder")
+        p.add_argument("--dry-run", action="store_true", help="print the plan and write nothing")
+        p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+
+    merge = sub.add_parser("merge", help="merge models named by repo id or folder")
+    merge.add_argument("sources", nargs="+", metavar="SOURCE", help="org/name, org/name@revision, or a folder")
+    merge.add_argument("--method", "-m", required=True, help=f"one of: {', '.join(available_methods())}")
+    merge.add_argument("--weights", help="comma-separated weight per source, e.g. 0.5,0.3,0.2")
+    merge.add_argument("--anchor", help="the source whose head and config are kept (layerwise)")
+    merge.add_argument("--base", help="the pre-trained model (task_arithmetic)")
+    merge.add_argument("--lambda", dest="lambda_", type=str, help="task-vector scale (task_arithmetic)")
+    merge.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="a method parameter")
+    merge.add_argument("--dtype", help="output dtype: float32, float16 or bfloat16 (default: the sources')")
+    merge.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
+    merge.add_argument("--allow-pickle", action="store_true",
+                       help="accept *.bin/*.pt sources, read with torch.load(weights_only=True)")
+    add_output_options(merge)
+
+    run = sub.add_parser("run", help="run a YAML recipe")
+    run.add_argument("recipe", metavar="RECIPE.yaml")
+    add_output_options(run)
+
+    inspect = sub.add_parser("inspect", help="show a model's family, task, layers, head and labels")
+    inspect.add_argument("source", metavar="SOURCE")
+    inspect.add_argument("--allow-pickle", action="store_true")
+
+    sub.add_parser("methods", help="list the merge methods and their parameters")
+    return parser
+
+
+def _recipe_from_merge_args(args: argparse.Namespace) -> Any:
+    from hfmerge.recipe import Recipe
+
+    params: dict[str, Any] = {}
+    for item in args.param:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise RecipeError(f"--param {item!r} is not KEY=VALUE; write e.g. --param start_layer=3")
+        params[key.strip()] = value.strip()
+    if args.lambda_ is not None:
+        params["lambda"] = args.lambda_
+    weights = None
+    if args.weights:
+        weights = []
+        for part in args.weights.split(","):
+            try:
+                weights.append(float(part))
+            except ValueError:
+                raise RecipeError(f"--weights {args.weights!r}: {part!r} is not a number; write e.g. 0.5,0.5") from None
+    return Recipe(
+        sources=list(args.sources), method=args.method, parameters=params, weights=weights,
+        anchor=args.anchor, base=args.base, dtype=args.dtype, allow_pickle=args.allow_pickle,
+        max_shard_size=args.max_shard_size,
+    )
+
+
+def _execute(recipe: Any, args: argparse.Namespace) -> int:
+    from hfmerge.pipeline import plan_merge, run_recipe
+    from hfmerge.result import check_output_folder
+
+    output = args.output or recipe.output
+    push = args.push_to_hub or recipe.push_to_hub
+    private = args.private or recipe.private
+    if args.dry_run:
+        print(plan_merge(recipe).describe())
+        return 0
+    if not output and not push:
+        raise RecipeError("say where the result goes: --output DIR and/or --push-to-hub REPO_ID")
+    staging_parent = None
+    if output:
+        target = Path(output).expanduser().resolve()
+        check_output_folder(target, overwrite=args.overwrite)
+        staging_parent = target.parent if target.parent.is_dir() else None
+    result = run_recipe(recipe, staging_parent=staging_parent, progress=not args.quiet)
+    for warning in result.warnings:
+        print(f"hfmerge: warning: {warning}", file=sys.stderr)
+    if output:
+        saved = result.save(output, overwrite=args.overwrite)
+        print(f"saved: {saved}")
+    if push:
+        url = result.push_to_hub(push, private=private)
+        print(f"pushed: {url}")
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from hfmerge.adapters import inspect_source
+    from hfmerge.hub.resolve import resolve_source
+
+    source = resolve_source(args.source, allow_pickle=args.allow_pickle)
+    layout = inspect_source(source, allow_pickle=args.allow_pickle)
+    pin = f" @ {source.commit_sha}" if source.commit_sha else ""
+    print(f"source: {source.name}{pin}")
+    print(f"family: {layout.family.name}")
+    print(f"architecture: {layout.architecture}")
+    print(f"task: {layout.task}")
+    print(f"parameters: {layout.num_parameters:,} in {len(layout.tensors)} tensors")
+    print(f"license: {source.license or 'unknown'}")
+    print(f"layers ({len(layout.modules)}, in forward order):")
+    counts: dict[str, int] = {}
+    for info in layout.tensors.values():
+        counts[info.module] = counts.get(info.module, 0) + 1
+    for j, module in enumerate(layout.modules, start=1):
+        print(f"  {j:4d}  {module}  ({counts[module]} tensors)")
+    print("head:")
+    for info in layout.head_tensors:
+        print(f"  {info.name}  {list(info.shape)}  (file: {info.key})")
+    if not layout.head_tensors:
+        print("  (none)")
+    labels = layout.id2label
+    print(f"labels ({len(labels)}):")
+    for i, label in labels.items():
+        print(f"  {i}: {label}")
+    return 0
+
+
+def _methods() -> int:
+    from hfmerge.methods import available_methods, get_method
+
+    for name in available_methods():
+        method = get_method(name)
+        print(f"{name}: {method.title}")
+        print(f"    {method.reference} — {method.reference_url}")
+        needs = [w for w, flag in (("--base", method.needs_base), ("--anchor", method.uses_anchor),
+                                    ("--weights", method.uses_weights)) if flag]
+        if needs:
+            print(f"    takes: {', '.join(needs)}")
+        for p in method.parameters:
+            print(f"    --param {p.name}={p.default!r}  {p.help}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``hfmerge`` and ``python -m hfmerge``."""
+    logging.basicConfig(level=logging.WARNING, format="hfmerge: %(levelname)s: %(message)s")
+    try:
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        pass
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "merge":
+            return _execute(_recipe_from_merge_args(args), args)
+        if args.command == "run":
+            from hfmerge.recipe import Recipe
+
+            return _execute(Recipe.from_yaml(args.recipe), args)
+        if args.command == "inspect":
+            return _inspect(args)
+        return _methods()
+    except HfMergeError as exc:
+        print(f"hfmerge: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("hfmerge: interrupted; nothing was written", file=sys.stderr)
+        return 130

@@ -1,0 +1,1 @@
+"""Reading, planning, executing and writing merges."""

@@ -1,0 +1,126 @@
+"""Reading checkpoints one tensor at a time.
+
+:class:`CheckpointReader` opens a folder's safetensors files memory-mapped and
+hands out single tensors on demand, so a merge never holds a whole model.
+Pickle checkpoints are read only when the user opted in, with
+``torch.load(weights_only=True, mmap=True)``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from hfmerge.errors import SourceError
+
+SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool,
+}
+TORCH_TO_SAFETENSORS = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+SAFETENSORS_SINGLE = "model.safetensors"
+PICKLE_INDEX = "pytorch_model.bin.index.json"
+PICKLE_NAMES = ("pytorch_model.bin", "model.bin", "model.pt", "model.pth")
+
+
+def weight_files(folder: Path) -> tuple[list[Path], bool]:
+    """The weight files of ``folder`` and whether they are pickles."""
+    index = folder / SAFETENSORS_INDEX
+    if index.is_file():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [folder / n for n in names], False
+    if (folder / SAFETENSORS_SINGLE).is_file():
+        return [folder / SAFETENSORS_SINGLE], False
+    loose = sorted(folder.glob("*.safetensors"))
+    if loose:
+        return loose, False
+    index = folder / PICKLE_INDEX
+    if index.is_file():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [folder / n for n in names], True
+    return [folder / n for n in PICKLE_NAMES if (folder / n).is_file()], True
+
+
+class CheckpointReader:
+    """Lazy, memory-mapped access to every tensor of one checkpoint folder."""
+
+    def __init__(self, folder: str | Path, *, allow_pickle: bool = False, label: str | None = None) -> None:
+        self.folder = Path(folder)
+        label = label or str(folder)
+        files, pickled = weight_files(self.folder)
+        if not files:
+            raise SourceError(f"{label} has no weights: expected model.safetensors or a safetensors index")
+        if pickled and not allow_pickle:
+            raise SourceError(
+                f"{label} has only pickle weights ({files[0].name}); pickle can run code when loaded: "
+                "convert it to safetensors, or pass --allow-pickle to read it with torch.load(weights_only=True)"
+            )
+        self._key_to_file: dict[str, Path] = {}
+        self._shapes: dict[str, tuple[int, ...]] = {}
+        self._dtypes: dict[str, torch.dtype] = {}
+        self._handles: dict[Path, object] = {}
+        self._pickled: dict[Path, dict[str, torch.Tensor]] = {}
+        self.is_pickle = pickled
+        for path in files:
+            if pickled:
+                try:
+                    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+                except Exception as exc:  # noqa: BLE001 - any unpickling failure is the file's fault
+                    raise SourceError(f"{label}: {path.name} cannot be read with weights_only=True ({exc})") from None
+                if not isinstance(state, dict):
+                    raise SourceError(f"{label}: {path.name} does not hold a state dict")
+                self._pickled[path] = state
+                for key, tensor in state.items():
+                    self._add(key, path, tuple(tensor.shape), tensor.dtype)
+                continue
+            try:
+                handle = safe_open(str(path), framework="pt")
+            except Exception as exc:  # noqa: BLE001 - a corrupt header is reported, not raised raw
+                raise SourceError(f"{label}: {path.name} is not a readable safetensors file ({exc})") from None
+            self._handles[path] = handle
+            for key in handle.keys():
+                sl = handle.get_slice(key)
+                dtype = SAFETENSORS_DTYPES.get(sl.get_dtype())
+                if dtype is None:
+                    raise SourceError(f"{label}: tensor {key} has dtype {sl.get_dtype()}, which hfmerge cannot merge")
+                self._add(key, path, tuple(sl.get_shape()), dtype)
+
+    def _add(self, key: str, path: Path, shape: tuple[int, ...], dtype: torch.dtype) -> None:
+        self._key_to_file[key] = path
+        self._shapes[key] = shape
+        self._dtypes[key] = dtype
+
+    def keys(self) -> list[str]:
+        return list(self._key_to_file)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._key_to_file
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self._shapes[key]
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self._dtypes[key]
+
+    def nbytes(self, key: str) -> int:
+        numel = 1
+        for d in self._shapes[key]:
+            numel *= d
+        return numel * torch.empty((), dtype=self._dtypes[key]).element_size()
+
+    def get(self, key: str) -> torch.Tensor:
+        """Read one tensor (memory-mapped: only this tensor's pages are touched)."""
+        path = self._key_to_file[key]
+        if self.is_pickle:
+            return self._pickled[path][key]
+        return self._handles[path].get_tensor(key)  # type: ignore[attr-defined]
+
+    def close(self) -> None:
+        self._handles.clear()
+        self._pickled.clear()

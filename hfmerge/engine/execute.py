@@ -1,0 +1,78 @@
+"""Executing a merge plan: stream every output tensor from the sources to the shards."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from hfmerge.adapters.layout import ModelLayout
+from hfmerge.engine.plan import MergePlan
+from hfmerge.engine.writer import ShardedSafetensorsWriter, TensorSlot
+from hfmerge.errors import MergeNumericError
+from hfmerge.ops import TensorRef
+
+logger = logging.getLogger(__name__)
+
+
+def output_dtype(planned: torch.dtype, override: torch.dtype | None) -> torch.dtype:
+    """The dtype written: the source's, or ``override`` for floating tensors."""
+    if override is not None and planned.is_floating_point:
+        return override
+    return planned
+
+
+def execute_plan(
+    plan: MergePlan,
+    models: list[ModelLayout],
+    folder: Path,
+    *,
+    dtype: torch.dtype | None = None,
+    max_shard_size: int = 5 * 10**9,
+    progress: bool = True,
+) -> list[str]:
+    """Compute every tensor of ``plan`` in float32 and write it to ``folder``.
+
+    Sources are read through their memory-mapped checkpoints one tensor at a
+    time; each output tensor is cast and appended to its shard as soon as it
+    is computed, so peak memory is a few tensors whatever the number of
+    sources.
+
+    Raises:
+        MergeNumericError: a tensor came out NaN or infinite (also after a cast
+            to a narrower dtype).
+    """
+
+    def load(ref: TensorRef) -> torch.Tensor:
+        index, key = ref
+        return models[index].reader.get(key)
+
+    slots = [TensorSlot(t.key, t.shape, output_dtype(t.dtype, dtype)) for t in plan.tensors]
+    writer = ShardedSafetensorsWriter(folder, slots, max_shard_size)
+    try:
+        for entry, slot in tqdm(
+            list(zip(plan.tensors, slots)), desc="Merging", unit="tensor", disable=not progress, leave=False
+        ):
+            result = entry.op.apply(load)
+            if tuple(result.shape) != entry.shape:
+                raise RuntimeError(f"{entry.key}: planned shape {entry.shape}, computed {tuple(result.shape)}")
+            if slot.dtype.is_floating_point:
+                if not torch.isfinite(result).all():
+                    raise MergeNumericError(
+                        f"the merge produced NaN or inf in {entry.key}; check the sources for NaN/inf weights "
+                        "and the method's parameters (e.g. a smaller --lambda)"
+                    )
+                out = result.to(slot.dtype)
+                if not torch.isfinite(out).all():
+                    raise MergeNumericError(
+                        f"{entry.key} overflows {str(slot.dtype).removeprefix('torch.')}; write a wider dtype "
+                        "(--dtype float32 or bfloat16)"
+                    )
+            else:
+                out = result.to(slot.dtype)
+            writer.write(entry.key, out)
+        return writer.close()
+    finally:
+        writer.abort()

@@ -1,0 +1,139 @@
+"""Merge plans: for every output tensor, its inputs, its operation and its dtype.
+
+A plan is made before any tensor is read, from checkpoint headers and configs
+only. It is what ``--dry-run`` prints and what the engine streams through.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from hfmerge.adapters.layout import ModelLayout, TensorInfo
+from hfmerge.errors import IncompatibleModelsError
+from hfmerge.ops import Copy, MergeOp, TensorRef, normalise
+
+
+@dataclass(frozen=True)
+class TensorPlan:
+    """How one output tensor is made.
+
+    Attributes:
+        key: its name in the output checkpoint (the anchor's checkpoint name).
+        name: its in-memory name.
+        shape: its output shape.
+        dtype: the dtype of the anchor's tensor; the engine casts to it unless
+            the recipe asks for another float dtype.
+        op: the operation producing it.
+        layer: the shared-layer index j (layerwise) or ``None``.
+    """
+
+    key: str
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    op: MergeOp
+    layer: int | None = None
+
+
+@dataclass
+class MergePlan:
+    """A method's decisions, ready to execute.
+
+    ``config_updates`` are applied to the anchor's config (e.g. fusion's label
+    union); ``details`` are method facts for the card (e.g. per-layer weights).
+    """
+
+    tensors: list[TensorPlan]
+    config_updates: dict[str, Any] = field(default_factory=dict)
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def summary(self) -> list[tuple[str, int, int]]:
+        """(group, number of tensors, number of parameters) per kind of operation."""
+        counts: Counter[str] = Counter()
+        params: Counter[str] = Counter()
+        for t in self.tensors:
+            counts[t.op.group] += 1
+            n = 1
+            for d in t.shape:
+                n *= d
+            params[t.op.group] += n
+        return [(g, counts[g], params[g]) for g in counts]
+
+
+@dataclass
+class MergeContext:
+    """The inspected models a method plans over.
+
+    Models are indexed 0..M-1 for the sources, and M for the base model when
+    there is one; :data:`TensorRef` pairs use these indices.
+    """
+
+    sources: list[ModelLayout]
+    anchor_index: int = 0
+    weights: list[float] | None = None
+    base: ModelLayout | None = None
+    params: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def anchor(self) -> ModelLayout:
+        return self.sources[self.anchor_index]
+
+    @property
+    def base_index(self) -> int:
+        return len(self.sources)
+
+    @property
+    def models(self) -> list[ModelLayout]:
+        return self.sources + ([self.base] if self.base is not None else [])
+
+    def normalised_weights(self) -> tuple[float, ...]:
+        """The recipe's weights normalised to sum to one; uniform when none were given."""
+        return normalise(self.weights or [1.0] * len(self.sources))
+
+    def refs(self, name: str) -> tuple[TensorRef, ...]:
+        """The tensor called ``name`` (in memory) in every source, as references."""
+        return tuple((i, layout.tensors[name].key) for i, layout in enumerate(self.sources))
+
+    def is_shared(self, name: str, models: list[ModelLayout] | None = None) -> bool:
+        """Whether every model has a tensor ``name`` of the anchor's shape."""
+        shape = self.anchor.tensors[name].shape
+        for layout in models or self.sources:
+            other = layout.tensors.get(name)
+            if other is None or other.shape != shape:
+                return False
+        return True
+
+    def differing(self, models: list[ModelLayout] | None = None) -> list[str]:
+        """Names of the anchor's tensors some model lacks or shapes differently, plus tensors the anchor lacks."""
+        models = models or self.sources
+        names = [n for n in self.anchor.tensors if not self.is_shared(n, models)]
+        for layout in models:
+            names.extend(n for n in layout.tensors if n not in self.anchor.tensors and n not in names)
+        return names
+
+    def plan_entry(self, info: TensorInfo, op: MergeOp, *, shape: tuple[int, ...] | None = None,
+                   layer: int | None = None) -> TensorPlan:
+        """A :class:`TensorPlan` writing under the anchor's checkpoint key and dtype."""
+        if info.is_integer:
+            # Integer buffers (BatchNorm's num_batches_tracked) count, they do not average.
+            op = Copy((self.anchor_index, info.key), group="copied (integer buffer)")
+        return TensorPlan(info.key, info.name, shape or info.shape, info.dtype, op, layer)
+
+
+def require_all_shared(ctx: MergeContext, method: str, models: list[ModelLayout] | None = None) -> None:
+    """Raise unless every tensor has the same name and shape in every model."""
+    differing = ctx.differing(models)
+    if differing:
+        example = differing[0]
+        shapes = ", ".join(
+            f"{m.source.name}: {list(m.tensors[example].shape) if example in m.tensors else 'missing'}"
+            for m in (models or ctx.sources)
+        )
+        raise IncompatibleModelsError(
+            f"'{method}' needs every parameter in every model with one shape, but {len(differing)} differ "
+            f"(e.g. {example} — {shapes}); use 'layerwise' to keep the anchor's, or 'fusion' for different label sets"
+        )

@@ -1,0 +1,37 @@
+"""Errors that hfmerge raises for things the user can fix.
+
+Every class subclasses a built-in exception, as huggingface_hub's errors do, so
+callers can catch ``ValueError`` or ``FileExistsError`` as they already would.
+The CLI prints the message of any :class:`HfMergeError` on one line and exits
+with status 2; each message says what is wrong and how to fix it.
+"""
+
+from __future__ import annotations
+
+
+class HfMergeError(Exception):
+    """Base class of every user-facing hfmerge error."""
+
+
+class RecipeError(HfMergeError, ValueError):
+    """The recipe (CLI flags, YAML or Python arguments) is invalid."""
+
+
+class SourceError(HfMergeError, ValueError):
+    """A source cannot be resolved: missing repo or revision, no access, no safetensors."""
+
+
+class IncompatibleModelsError(HfMergeError, ValueError):
+    """The sources cannot be merged with the chosen method."""
+
+
+class MergeNumericError(HfMergeError, ArithmeticError):
+    """A merge produced NaN or infinite values."""
+
+
+class OutputExistsError(HfMergeError, FileExistsError):
+    """The output folder exists and is not empty."""
+
+
+class PublishError(HfMergeError, RuntimeError):
+    """Uploading to the Hub failed."""

@@ -1,0 +1,185 @@
+"""Turning what the user named into a local folder pinned to a commit.
+
+A source is a Hub repo id (``org/name``, ``org/name@revision``) or a local
+folder (a ``save_pretrained`` folder or a Trainer ``checkpoint-N/`` folder).
+Repo ids are resolved to a commit sha first, then only the files a merge needs
+are downloaded at that sha, so the recorded provenance is exactly what was
+merged. The token comes from huggingface_hub's usual sources and is never
+printed or stored.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from huggingface_hub import HfApi, snapshot_download
+from huggingface_hub import constants as hf_constants
+from huggingface_hub.errors import (
+    EntryNotFoundError,
+    GatedRepoError,
+    HfHubHTTPError,
+    LocalEntryNotFoundError,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
+
+from hfmerge.errors import SourceError
+from hfmerge.recipe import SourceSpec
+
+SAFE_PATTERNS = ["*.json", "*.safetensors", "README.md"]
+PICKLE_PATTERNS = ["*.bin", "*.pt", "*.pth"]
+_ONE_SLASH_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+
+
+@dataclass(frozen=True)
+class ResolvedSource:
+    """A source pinned to files on disk.
+
+    Attributes:
+        spec: what the user wrote.
+        path: local folder holding config, processor and weights.
+        repo_id: the Hub repo, or ``None`` for a local folder.
+        revision: the revision asked for (branch, tag or sha), if any.
+        commit_sha: the commit the files come from (Hub sources only).
+        license: the license in the repo card's metadata, if any.
+    """
+
+    spec: SourceSpec
+    path: Path
+    repo_id: str | None = None
+    revision: str | None = None
+    commit_sha: str | None = None
+    license: str | None = None
+
+    @property
+    def is_local(self) -> bool:
+        return self.repo_id is None
+
+    @property
+    def name(self) -> str:
+        """Repo id with revision, or the folder path: how messages refer to the source."""
+        return self.spec.ref
+
+    @property
+    def short_name(self) -> str:
+        """The last part of the name, used to prefix clashing labels."""
+        base = self.repo_id.split("/")[-1] if self.repo_id else self.path.name
+        return f"{base}@{self.revision}" if self.revision else base
+
+
+def resolve_source(
+    spec: SourceSpec | str, *, token: str | bool | None = None, allow_pickle: bool = False
+) -> ResolvedSource:
+    """Resolve one source to a local folder.
+
+    Raises:
+        SourceError: the folder or repo does not exist, the revision does not
+            exist, the repo is private and no token grants access, or the
+            source has no config.
+    """
+    spec = SourceSpec.parse(spec)
+    local = Path(spec.model).expanduser()
+    if local.exists():
+        if _ONE_SLASH_ID.match(spec.model) and not spec.model.startswith((".", "/", "~")):
+            raise SourceError(
+                f"{spec.model!r} is both a local folder and a possible Hub repo id: "
+                f"write ./{spec.model} for the folder, or move the folder away to use the Hub repo"
+            )
+        return _resolve_local(spec, local)
+    if spec.model.startswith((".", "/", "~")) or not _ONE_SLASH_ID.match(spec.model):
+        raise SourceError(
+            f"source {spec.model!r} is neither an existing folder nor a Hub repo id; "
+            "give a folder path or org/name[@revision]"
+        )
+    return _resolve_hub(spec, token=token, allow_pickle=allow_pickle)
+
+
+def _resolve_local(spec: SourceSpec, folder: Path) -> ResolvedSource:
+    if not folder.is_dir():
+        raise SourceError(f"source {spec.model!r} is a file; give the folder that holds config.json and the weights")
+    if not (folder / "config.json").is_file():
+        raise SourceError(
+            f"folder {spec.model!r} has no config.json; give a save_pretrained or Trainer checkpoint-N folder"
+        )
+    return ResolvedSource(spec=spec, path=folder.resolve(), license=_license_from_readme(folder))
+
+
+def _resolve_hub(spec: SourceSpec, *, token: str | bool | None, allow_pickle: bool) -> ResolvedSource:
+    repo_id = spec.model
+    revision = spec.commit or spec.revision
+    where = f"{repo_id}@{revision}" if revision else repo_id
+    patterns = SAFE_PATTERNS + (PICKLE_PATTERNS if allow_pickle else [])
+    license_ = None
+    try:
+        if hf_constants.HF_HUB_OFFLINE:
+            folder = Path(
+                snapshot_download(repo_id, revision=revision, allow_patterns=patterns, token=token)
+            )
+            sha = folder.name
+        else:
+            info = HfApi().model_info(repo_id, revision=revision, token=token)
+            sha = info.sha
+            card = getattr(info, "card_data", None)
+            license_ = getattr(card, "license", None) if card is not None else None
+            names = [s.rfilename for s in (info.siblings or [])]
+            _check_weight_files(where, names, allow_pickle)
+            folder = Path(
+                snapshot_download(repo_id, revision=sha, allow_patterns=patterns, token=token)
+            )
+    except GatedRepoError:
+        raise SourceError(
+            f"{repo_id} is gated: accept its conditions on the Hub, then log in with `hf auth login` or set HF_TOKEN"
+        ) from None
+    except RevisionNotFoundError:
+        raise SourceError(f"revision {revision!r} does not exist in {repo_id}; give a branch, tag or commit sha") from None
+    except RepositoryNotFoundError:
+        raise SourceError(
+            f"{repo_id} does not exist on the Hub, or it is private and no token grants access: "
+            "check the name, or log in with `hf auth login` or set HF_TOKEN"
+        ) from None
+    except (LocalEntryNotFoundError, EntryNotFoundError):
+        raise SourceError(
+            f"{where} is not in the local cache and HF_HUB_OFFLINE is set: unset it, or download the model first"
+        ) from None
+    except HfHubHTTPError as exc:
+        status = getattr(getattr(exc, "response", None), "status_code", "?")
+        raise SourceError(f"the Hub answered HTTP {status} for {where}; try again, or check HF_ENDPOINT") from None
+    if not (folder / "config.json").is_file():
+        raise SourceError(f"{where} has no config.json; hfmerge merges transformers models saved with save_pretrained")
+    return ResolvedSource(
+        spec=spec,
+        path=folder,
+        repo_id=repo_id,
+        revision=spec.revision,
+        commit_sha=sha,
+        license=license_ or _license_from_readme(folder),
+    )
+
+
+def _check_weight_files(where: str, names: list[str], allow_pickle: bool) -> None:
+    if any(n.endswith(".safetensors") for n in names):
+        return
+    pickles = [n for n in names if n.endswith((".bin", ".pt", ".pth"))]
+    if pickles and not allow_pickle:
+        raise SourceError(
+            f"{where} has only pickle weights ({pickles[0]}); pickle can run code when loaded: "
+            "ask for a safetensors version, or pass --allow-pickle to read it with torch.load(weights_only=True)"
+        )
+    if not pickles:
+        raise SourceError(f"{where} has no weight files (no *.safetensors); is it a model repo?")
+
+
+def _license_from_readme(folder: Path) -> str | None:
+    readme = folder / "README.md"
+    if not readme.is_file():
+        return None
+    from huggingface_hub.repocard import metadata_load
+
+    try:
+        meta = metadata_load(readme) or {}
+    except Exception:  # noqa: BLE001 - a malformed card only loses the license
+        return None
+    value = meta.get("license")
+    return str(value) if value else None

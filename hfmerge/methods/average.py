@@ -1,0 +1,32 @@
+"""Weighted or uniform parameter averaging ("model soup", AvgMean)."""
+
+from __future__ import annotations
+
+from hfmerge.engine.plan import MergeContext, MergePlan, require_all_shared
+from hfmerge.methods.base import MergeMethod, register_method
+from hfmerge.ops import LinearCombination
+
+
+@register_method
+class Average(MergeMethod):
+    """θ = Σ_i w_i θ_i with w_i ≥ 0 normalised to sum to one (uniform by default).
+
+    Wortsman et al., "Model soups" (2022), Eq. for the uniform soup; BatchNorm
+    running statistics average like weights, integer buffers are copied from
+    the first source.
+    """
+
+    name = "average"
+    title = "Weighted parameter averaging (model soup)"
+    reference = "Wortsman et al., Model soups: averaging weights of multiple fine-tuned models improves accuracy without increasing inference time, ICML 2022"
+    reference_url = "https://arxiv.org/abs/2203.05482"
+    uses_weights = True
+
+    def plan(self, ctx: MergeContext) -> MergePlan:
+        require_all_shared(ctx, self.name)
+        weights = ctx.normalised_weights()
+        entries = [
+            ctx.plan_entry(info, LinearCombination(ctx.refs(name), weights))
+            for name, info in ctx.anchor.tensors.items()
+        ]
+        return MergePlan(entries, details={"weights": list(weights)})

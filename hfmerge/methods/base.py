@@ -1,0 +1,102 @@
+"""Merge methods as small registered units that carry their metadata.
+
+A method declares its name, the paper it comes from, its parameters with
+defaults and ranges, and what it needs (a base model, an anchor, weights).
+Its :meth:`MergeMethod.plan` turns inspected sources into a list of
+:class:`~hfmerge.engine.plan.TensorPlan` — pure decisions, no I/O; the engine
+then streams the tensors through the plan's operations.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from hfmerge.errors import RecipeError
+
+if TYPE_CHECKING:
+    from hfmerge.engine.plan import MergeContext, MergePlan
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """A parameter a method declares: its type, default and allowed range."""
+
+    name: str
+    type: type
+    default: Any
+    help: str
+    minimum: float | None = None
+    maximum: float | None = None
+
+    def coerce(self, value: Any, method: str) -> Any:
+        try:
+            if self.type is bool and isinstance(value, str):
+                lowered = value.lower()
+                if lowered not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError(value)
+                out: Any = lowered in ("true", "1", "yes")
+            else:
+                out = self.type(value)
+                if self.type is int and isinstance(value, float) and not value.is_integer():
+                    raise ValueError(value)
+        except (TypeError, ValueError):
+            raise RecipeError(
+                f"parameter '{self.name}' of method '{method}' must be {self.type.__name__}, got {value!r}"
+            ) from None
+        if self.minimum is not None and out < self.minimum:
+            raise RecipeError(f"parameter '{self.name}' of method '{method}' must be >= {self.minimum}, got {out}")
+        if self.maximum is not None and out > self.maximum:
+            raise RecipeError(f"parameter '{self.name}' of method '{method}' must be <= {self.maximum}, got {out}")
+        return out
+
+
+class MergeMethod(ABC):
+    """Base class of a merge method; subclasses are registered with :func:`register_method`."""
+
+    name: ClassVar[str]
+    title: ClassVar[str]
+    reference: ClassVar[str]
+    reference_url: ClassVar[str]
+    parameters: ClassVar[tuple[ParamSpec, ...]] = ()
+    needs_base: ClassVar[bool] = False
+    uses_anchor: ClassVar[bool] = False
+    uses_weights: ClassVar[bool] = False
+    min_sources: ClassVar[int] = 2
+
+    def validate_parameters(self, given: dict[str, Any]) -> dict[str, Any]:
+        """Fill defaults and check ``given`` against the declared parameters."""
+        specs = {p.name: p for p in self.parameters}
+        unknown = sorted(set(given) - set(specs))
+        if unknown:
+            valid = ", ".join(specs) or "none"
+            raise RecipeError(f"unknown parameter(s) {unknown} for method '{self.name}'; valid parameters: {valid}")
+        return {name: spec.coerce(given.get(name, spec.default), self.name) for name, spec in specs.items()}
+
+    @abstractmethod
+    def plan(self, ctx: MergeContext) -> MergePlan:
+        """Decide, for every output tensor, which inputs it comes from and how."""
+
+
+_REGISTRY: dict[str, MergeMethod] = {}
+
+
+def register_method(cls: type[MergeMethod]) -> type[MergeMethod]:
+    """Class decorator: register a method under its ``name``; a second registration is an error."""
+    if cls.name in _REGISTRY:
+        raise ValueError(f"merge method {cls.name!r} is already registered by {type(_REGISTRY[cls.name]).__name__}")
+    _REGISTRY[cls.name] = cls()
+    return cls
+
+
+def get_method(name: str) -> MergeMethod:
+    """The registered method called ``name``."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise RecipeError(f"unknown method {name!r}; available methods: {', '.join(available_methods())}") from None
+
+
+def available_methods() -> list[str]:
+    return sorted(_REGISTRY)

@@ -1,0 +1,89 @@
+"""Layer-wise merging with an anchor (Alcover-Couso et al., §3.3, Eq. 1)."""
+
+from __future__ import annotations
+
+from hfmerge.engine.plan import MergeContext, MergePlan
+from hfmerge.errors import IncompatibleModelsError
+from hfmerge.methods.base import MergeMethod, ParamSpec, register_method
+from hfmerge.ops import Copy, LinearCombination
+
+
+def layer_weights(num_shared: int, num_models: int, start_layer: int = 1) -> list[float]:
+    """Non-anchor weight H_i^(j) for j = 1..Np (Eq. 1 and the text below it).
+
+    H_i^(j) = (Np − j) / (Np · M): near-uniform at the first shared layer,
+    zero (all anchor) at the last. With ``start_layer`` K > 1 (§4.2, Fig. 5)
+    the layers j < K are merged uniformly (1/M) and the same linear decay runs
+    over j = K..Np, i.e. (Np − j) / ((Np − K + 1) · M), which reduces to Eq. 1
+    at K = 1.
+    """
+    span = num_shared - start_layer + 1
+    weights = []
+    for j in range(1, num_shared + 1):
+        if j < start_layer:
+            weights.append(1.0 / num_models)
+        else:
+            weights.append((num_shared - j) / (span * num_models))
+    return weights
+
+
+@register_method
+class Layerwise(MergeMethod):
+    """Anchor-weighted layer-wise merge.
+
+    Shared layers are the modules whose every tensor exists with one shape in
+    every source, numbered j = 1..Np in the anchor's forward order; a module's
+    weight, bias and normalisation statistics share its j. Each non-anchor
+    source gets H^(j) (see :func:`layer_weights`), the anchor 1 − Σ of the
+    others. Every tensor of a module that is not shared (a head with another
+    class count, another head architecture) is the anchor's.
+    """
+
+    name = "layerwise"
+    title = "Layer-wise model merging"
+    reference = "Alcover-Couso et al., Layer-wise Model Merging for Unsupervised Domain Adaptation in Segmentation Tasks, 2024"
+    reference_url = "https://arxiv.org/abs/2409.15813"
+    parameters = (
+        ParamSpec("start_layer", int, 1, "first shared layer K of the linear decay; layers before it are averaged uniformly", minimum=1),
+    )
+    uses_anchor = True
+
+    def plan(self, ctx: MergeContext) -> MergePlan:
+        anchor = ctx.anchor
+        by_module: dict[str, list[str]] = {}
+        for name, info in anchor.tensors.items():
+            by_module.setdefault(info.module, []).append(name)
+        shared = [m for m, names in by_module.items() if all(ctx.is_shared(n) for n in names)]
+        if not shared:
+            raise IncompatibleModelsError(
+                "the sources share no layer (no module with the same parameter names and shapes); "
+                "layerwise merges models that share at least a backbone"
+            )
+        num_shared, num_models = len(shared), len(ctx.sources)
+        start = int(ctx.params["start_layer"])
+        if start > num_shared:
+            raise IncompatibleModelsError(
+                f"start_layer={start} but the sources share only {num_shared} layers; choose 1..{num_shared}"
+            )
+        others = layer_weights(num_shared, num_models, start)
+        index = {module: j for j, module in enumerate(shared, start=1)}
+        entries = []
+        for name, info in anchor.tensors.items():
+            j = index.get(info.module)
+            if j is None:
+                entries.append(ctx.plan_entry(info, Copy((ctx.anchor_index, info.key))))
+                continue
+            h = others[j - 1]
+            coefficients = tuple(
+                1.0 - h * (num_models - 1) if i == ctx.anchor_index else h for i in range(num_models)
+            )
+            entries.append(ctx.plan_entry(info, LinearCombination(ctx.refs(name), coefficients, group="layer-weighted"), layer=j))
+        details = {
+            "shared_layers": num_shared,
+            "start_layer": start,
+            "layer_weights": [
+                {"layer": j, "module": m, "anchor": 1.0 - others[j - 1] * (num_models - 1), "each_other": others[j - 1]}
+                for j, m in enumerate(shared, start=1)
+            ],
+        }
+        return MergePlan(entries, details=details)

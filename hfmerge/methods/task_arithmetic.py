@@ -1,0 +1,35 @@
+"""Task arithmetic: add scaled task vectors to the pre-trained model."""
+
+from __future__ import annotations
+
+from hfmerge.engine.plan import MergeContext, MergePlan, require_all_shared
+from hfmerge.methods.base import MergeMethod, ParamSpec, register_method
+from hfmerge.ops import TaskArithmetic as TaskArithmeticOp
+
+
+@register_method
+class TaskArithmetic(MergeMethod):
+    """θ = θ_base + λ Σ_i (θ_i − θ_base).
+
+    Ilharco et al., "Editing models with task arithmetic" (ICLR 2023), §2:
+    a task vector is τ_i = θ_i − θ_base; the merge adds their sum scaled by λ.
+    Integer buffers are copied from the first source.
+    """
+
+    name = "task_arithmetic"
+    title = "Task arithmetic"
+    reference = "Ilharco et al., Editing Models with Task Arithmetic, ICLR 2023"
+    reference_url = "https://arxiv.org/abs/2212.04089"
+    parameters = (ParamSpec("lambda", float, 0.3, "scale λ of the summed task vectors", minimum=0.0),)
+    needs_base = True
+    min_sources = 1
+
+    def plan(self, ctx: MergeContext) -> MergePlan:
+        assert ctx.base is not None  # the recipe requires --base for this method
+        require_all_shared(ctx, self.name, ctx.models)
+        scale = float(ctx.params["lambda"])
+        entries = []
+        for name, info in ctx.anchor.tensors.items():
+            op = TaskArithmeticOp((ctx.base_index, ctx.base.tensors[name].key), ctx.refs(name), scale)
+            entries.append(ctx.plan_entry(info, op))
+        return MergePlan(entries, details={"lambda": scale})

@@ -1,0 +1,125 @@
+"""The tensor operations merge plans are made of.
+
+Each operation names its inputs as :data:`TensorRef` pairs and pulls them one
+at a time through a ``load`` callable, accumulating in float32. That keeps the
+maths free of I/O (tests call these with a dict) and keeps peak memory at a few
+tensors however many sources there are.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+TensorRef = tuple[int, str]
+"""(index of the model in the merge context, tensor key in that model's checkpoint)."""
+
+Loader = Callable[[TensorRef], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Copy:
+    """Take one model's tensor as it is (heads kept from the anchor, integer buffers)."""
+
+    source: TensorRef
+    group: str = "kept from anchor"
+
+    @property
+    def inputs(self) -> tuple[TensorRef, ...]:
+        return (self.source,)
+
+    def apply(self, load: Loader) -> torch.Tensor:
+        return load(self.source)
+
+
+@dataclass(frozen=True)
+class LinearCombination:
+    """θ = Σ_i c_i θ_i, computed in float32; inputs with c_i = 0 are not read."""
+
+    sources: tuple[TensorRef, ...]
+    coefficients: tuple[float, ...]
+    group: str = "averaged"
+
+    @property
+    def inputs(self) -> tuple[TensorRef, ...]:
+        return tuple(r for r, c in zip(self.sources, self.coefficients) if c != 0.0)
+
+    def apply(self, load: Loader) -> torch.Tensor:
+        acc: torch.Tensor | None = None
+        for ref, coefficient in zip(self.sources, self.coefficients):
+            if coefficient == 0.0:
+                continue
+            tensor = load(ref).to(torch.float32)
+            if acc is None:
+                acc = tensor * coefficient
+            else:
+                acc.add_(tensor, alpha=coefficient)
+        if acc is None:
+            raise ValueError("a linear combination needs at least one non-zero coefficient")
+        return acc
+
+
+@dataclass(frozen=True)
+class TaskArithmetic:
+    """θ = θ_base + λ Σ_i (θ_i − θ_base)  (Ilharco et al., 2023, task vectors)."""
+
+    base: TensorRef
+    sources: tuple[TensorRef, ...]
+    scale: float
+    group: str = "base + λ·Σ task vectors"
+
+    @property
+    def inputs(self) -> tuple[TensorRef, ...]:
+        return (self.base, *self.sources)
+
+    def apply(self, load: Loader) -> torch.Tensor:
+        base = load(self.base).to(torch.float32)
+        task_sum = torch.zeros_like(base)
+        for ref in self.sources:
+            task_sum.add_(load(ref).to(torch.float32) - base)
+        return base + self.scale * task_sum
+
+
+@dataclass(frozen=True)
+class ConcatHeads:
+    """Stack classifier heads along the output dimension (parameter fusion, §III).
+
+    Rows ``[0, n_i)`` of source i are its label rows and are stacked in source
+    order; ``null_rows`` trailing rows (a "no object" class) exist once in the
+    result and are the weighted average of the sources' null rows.
+    """
+
+    sources: tuple[TensorRef, ...]
+    label_rows: tuple[int, ...]
+    null_rows: int = 0
+    null_weights: tuple[float, ...] | None = None
+    group: str = "concatenated"
+
+    @property
+    def inputs(self) -> tuple[TensorRef, ...]:
+        return self.sources
+
+    def apply(self, load: Loader) -> torch.Tensor:
+        parts: list[torch.Tensor] = []
+        null: torch.Tensor | None = None
+        weights = self.null_weights or tuple(1.0 / len(self.sources) for _ in self.sources)
+        for ref, rows, weight in zip(self.sources, self.label_rows, weights):
+            tensor = load(ref).to(torch.float32)
+            parts.append(tensor[:rows].clone())
+            if self.null_rows:
+                tail = tensor[rows : rows + self.null_rows] * weight
+                null = tail if null is None else null + tail
+        if null is not None:
+            parts.append(null)
+        return torch.cat(parts, dim=0)
+
+
+MergeOp = Copy | LinearCombination | TaskArithmetic | ConcatHeads
+
+
+def normalise(weights: Sequence[float]) -> tuple[float, ...]:
+    """Weights divided by their sum (the caller checked they are non-negative, sum > 0)."""
+    total = float(sum(weights))
+    return tuple(float(w) / total for w in weights)

@@ -1,0 +1,262 @@
+"""One validated options object behind the CLI, YAML recipes and the Python API.
+
+A :class:`Recipe` is built once, at the boundary, and checked there: unknown
+fields, unknown methods or parameters, weights that do not fit the sources, an
+anchor that is not a source. Everything after it may trust its contents.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from hfmerge.errors import RecipeError
+
+DTYPES = ("float32", "float16", "bfloat16")
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    """A model to merge, as the user named it.
+
+    ``model`` is a Hub repo id or a local folder; ``revision`` a branch, tag or
+    commit sha; ``commit`` the sha a previous run resolved it to (recipes
+    written by hfmerge carry it so that ``hfmerge run`` reproduces exactly).
+    """
+
+    model: str
+    revision: str | None = None
+    commit: str | None = None
+    weight: float | None = None
+
+    @classmethod
+    def parse(cls, ref: str | dict[str, Any] | SourceSpec) -> SourceSpec:
+        """Read ``org/name``, ``org/name@rev``, a folder, or a YAML mapping."""
+        if isinstance(ref, SourceSpec):
+            return ref
+        if isinstance(ref, dict):
+            unknown = set(ref) - {"model", "revision", "commit", "weight"}
+            if unknown:
+                raise RecipeError(
+                    f"unknown field(s) {sorted(unknown)} in source {ref!r}; "
+                    "a source takes model, revision, commit and weight"
+                )
+            if "model" not in ref:
+                raise RecipeError(f"source {ref!r} has no 'model'; write model: org/name or a folder")
+            spec = cls.parse(str(ref["model"]))
+            weight = ref.get("weight")
+            return cls(
+                model=spec.model,
+                revision=ref.get("revision") or spec.revision,
+                commit=ref.get("commit"),
+                weight=None if weight is None else _as_float(weight, "weight"),
+            )
+        if not isinstance(ref, str) or not ref.strip():
+            raise RecipeError(f"a source must be a repo id or a folder, got {ref!r}")
+        ref = ref.strip()
+        if _looks_local(ref):
+            return cls(model=ref)
+        if "@" in ref:
+            model, _, revision = ref.rpartition("@")
+            if not model or not revision:
+                raise RecipeError(f"source {ref!r}: write org/name@revision with both parts")
+            return cls(model=model, revision=revision)
+        return cls(model=ref)
+
+    @property
+    def ref(self) -> str:
+        """The source as a user would type it."""
+        return f"{self.model}@{self.revision}" if self.revision else self.model
+
+    def matches(self, ref: str) -> bool:
+        """Whether ``ref`` (as given to ``--anchor`` or ``--base``) names this source."""
+        return ref in (self.ref, self.model) or (
+            _looks_local(ref) and _looks_local(self.model) and Path(ref).resolve() == Path(self.model).resolve()
+        )
+
+
+def _looks_local(ref: str) -> bool:
+    return ref.startswith((".", "/", "~")) or Path(ref).expanduser().exists() or not _REPO_ID.match(ref.split("@")[0])
+
+
+def _as_float(value: Any, name: str) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise RecipeError(f"{name} must be a number, got {value!r}") from None
+    if not math.isfinite(number):
+        raise RecipeError(f"{name} must be finite, got {value!r}")
+    return number
+
+
+@dataclass
+class Recipe:
+    """Everything a merge needs, validated.
+
+    Attributes:
+        sources: the models to merge, in order; the first is the default anchor.
+        method: a registered method name (``hfmerge.methods.available_methods()``).
+        parameters: the method's own parameters (``lambda``, ``start_layer``...).
+        weights: one non-negative number per source, normalised by the method.
+        anchor: the source whose head and config the result keeps.
+        base: the pre-trained model for task arithmetic.
+        dtype: output dtype; default is the sources' dtype.
+        allow_pickle: accept ``*.bin``/``*.pt`` sources (loaded with ``weights_only=True``).
+        output, push_to_hub, private: where the result goes.
+        max_shard_size: largest safetensors shard written, e.g. ``"5GB"``.
+    """
+
+    sources: list[SourceSpec]
+    method: str
+    parameters: dict[str, Any] = field(default_factory=dict)
+    weights: list[float] | None = None
+    anchor: str | None = None
+    base: str | None = None
+    dtype: str | None = None
+    allow_pickle: bool = False
+    output: str | None = None
+    push_to_hub: str | None = None
+    private: bool = False
+    max_shard_size: str = "5GB"
+
+    def __post_init__(self) -> None:
+        self.sources = [SourceSpec.parse(s) for s in self.sources]
+        self.validate()
+
+    # -- construction ----------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Recipe:
+        """Build from a mapping (a parsed YAML recipe); unknown fields are refused."""
+        if not isinstance(data, dict):
+            raise RecipeError("a recipe must be a mapping of fields, e.g. 'method: average' and 'sources: [...]'")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise RecipeError(f"unknown recipe field(s) {unknown}; valid fields: {', '.join(sorted(known))}")
+        for required in ("sources", "method"):
+            if required not in data:
+                raise RecipeError(f"the recipe has no '{required}' field; add it")
+        if not isinstance(data["sources"], list):
+            raise RecipeError("'sources' must be a list of repo ids or folders")
+        return cls(**data)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> Recipe:
+        """Read a YAML recipe file."""
+        path = Path(path)
+        if not path.is_file():
+            raise RecipeError(f"recipe file {str(path)!r} does not exist; give the path of a YAML recipe")
+        try:
+            data = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            first = str(exc).splitlines()[0]
+            raise RecipeError(f"recipe {str(path)!r} is not valid YAML: {first}") from None
+        return cls.from_dict(data)
+
+    def with_overrides(self, **changes: Any) -> Recipe:
+        """A copy with some fields replaced (re-validated)."""
+        return replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+    # -- validation ------------------------------------------------------------------
+    def validate(self) -> None:
+        """Check the recipe against the method registry; raise :class:`RecipeError`."""
+        from hfmerge.methods import get_method
+
+        if not self.sources:
+            raise RecipeError("no sources given; name at least one model to merge")
+        method = get_method(self.method)
+        self.parameters = method.validate_parameters(dict(self.parameters or {}))
+        if len(self.sources) < method.min_sources:
+            raise RecipeError(f"method '{method.name}' needs at least {method.min_sources} sources, got {len(self.sources)}")
+
+        if self.weights is not None:
+            if any(s.weight is not None for s in self.sources):
+                raise RecipeError("give weights either per source or as 'weights', not both")
+            weights = [_as_float(w, "weight") for w in self.weights]
+            if len(weights) != len(self.sources):
+                raise RecipeError(
+                    f"{len(weights)} weights for {len(self.sources)} sources; give one weight per source, in order"
+                )
+            self.weights = weights
+        elif any(s.weight is not None for s in self.sources):
+            if any(s.weight is None for s in self.sources):
+                raise RecipeError("some sources have a weight and some do not; give every source a weight")
+            self.weights = [float(s.weight) for s in self.sources]  # type: ignore[arg-type]
+        if self.weights is not None:
+            if not method.uses_weights:
+                raise RecipeError(f"method '{method.name}' takes no weights; drop --weights")
+            if any(w < 0 for w in self.weights):
+                raise RecipeError(f"weights must be non-negative, got {self.weights}")
+            if sum(self.weights) <= 0:
+                raise RecipeError("weights sum to zero; give at least one positive weight")
+
+        if self.anchor is not None:
+            if not method.uses_anchor:
+                raise RecipeError(f"method '{method.name}' takes no anchor; drop --anchor")
+            self.anchor_index()
+        if method.needs_base and not self.base:
+            raise RecipeError(f"method '{method.name}' needs the pre-trained model: add --base org/name")
+        if self.base and not method.needs_base:
+            raise RecipeError(f"method '{method.name}' takes no base model; drop --base")
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise RecipeError(f"unknown dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
+        parse_size(self.max_shard_size)
+
+    def anchor_index(self) -> int:
+        """Index of the anchor among the sources (0 when none was named)."""
+        if self.anchor is None:
+            return 0
+        hits = [i for i, s in enumerate(self.sources) if s.matches(self.anchor)]
+        if not hits:
+            names = ", ".join(s.ref for s in self.sources)
+            raise RecipeError(f"anchor {self.anchor!r} is not one of the sources ({names}); name one of them")
+        if len(hits) > 1:
+            raise RecipeError(f"anchor {self.anchor!r} matches several sources; name it with its @revision")
+        return hits[0]
+
+    # -- output ----------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """The recipe as plain data, omitting empty fields."""
+        out: dict[str, Any] = {"method": self.method, "sources": []}
+        for s in self.sources:
+            entry: dict[str, Any] = {"model": s.model}
+            if s.revision:
+                entry["revision"] = s.revision
+            if s.commit:
+                entry["commit"] = s.commit
+            if s.weight is not None:
+                entry["weight"] = s.weight
+            out["sources"].append(entry)
+        for name in ("weights", "anchor", "base", "dtype"):
+            if getattr(self, name) is not None:
+                out[name] = getattr(self, name)
+        if self.parameters:
+            out["parameters"] = dict(self.parameters)
+        if self.allow_pickle:
+            out["allow_pickle"] = True
+        return out
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMG]?i?B)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+
+
+def parse_size(size: str | int) -> int:
+    """Bytes in ``"5GB"``, ``"200MiB"`` or an int."""
+    if isinstance(size, int):
+        if size <= 0:
+            raise RecipeError(f"max_shard_size must be positive, got {size}")
+        return size
+    match = _SIZE.match(str(size))
+    if not match:
+        raise RecipeError(f"max_shard_size {size!r} is not a size; write e.g. 5GB or 500MB")
+    return int(float(match.group(1)) * _UNITS[(match.group(2) or "").lower()])

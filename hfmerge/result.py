@@ -1,0 +1,149 @@
+"""The result of a merge: staged files, provenance, and the ways out (save, push, card)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import weakref
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import yaml
+
+from hfmerge.errors import OutputExistsError
+
+if TYPE_CHECKING:
+    from huggingface_hub import ModelCard
+
+    from hfmerge.pipeline import PlannedMerge
+
+logger = logging.getLogger(__name__)
+
+RECIPE_FILE = "hfmerge.yaml"
+
+
+@dataclass
+class MergeResult:
+    """A finished merge, staged in a temporary folder until saved or pushed.
+
+    The staged folder holds everything a user gets: safetensors weights,
+    ``config.json``, the anchor's image processor, ``hfmerge.yaml`` (the recipe
+    pinned to commit shas) and ``README.md`` (the model card). It is removed
+    when the result is garbage collected.
+    """
+
+    planned: PlannedMerge
+    staging: Path
+    config: Any
+    warnings: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self._finalizer = weakref.finalize(self, shutil.rmtree, str(self.staging), True)
+
+    # -- facts ------------------------------------------------------------------------
+    @property
+    def method(self) -> str:
+        return self.planned.method.name
+
+    @property
+    def task(self) -> str:
+        return self.planned.anchor.task
+
+    @property
+    def files(self) -> list[str]:
+        return sorted(p.name for p in self.staging.iterdir())
+
+    @property
+    def recipe_yaml(self) -> str:
+        return (self.staging / RECIPE_FILE).read_text()
+
+    @property
+    def card(self) -> ModelCard:
+        from huggingface_hub import ModelCard
+
+        return ModelCard((self.staging / "README.md").read_text())
+
+    @property
+    def license(self) -> str | None:
+        licenses = self._licenses()
+        values = set(licenses.values())
+        return values.pop() if len(values) == 1 and None not in values else None
+
+    def _licenses(self) -> dict[str, str | None]:
+        sources = list(self.planned.sources) + ([self.planned.base] if self.planned.base else [])
+        return {s.name: s.license for s in sources}
+
+    # -- ways out ---------------------------------------------------------------------
+    def save(self, folder: str | Path, *, overwrite: bool = False) -> Path:
+        """Write the merged model to ``folder``, atomically.
+
+        The files go to a hidden sibling folder first, which is renamed to
+        ``folder`` at the end, so an interrupted save leaves no output folder.
+
+        Raises:
+            OutputExistsError: ``folder`` exists, is not empty, and ``overwrite`` is false.
+        """
+        target = Path(folder).expanduser().resolve()
+        check_output_folder(target, overwrite=overwrite)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+        try:
+            for item in self.staging.iterdir():
+                _link_or_copy(item, partial / item.name)
+            if target.exists():
+                trash = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+                os.replace(target, trash / target.name)
+                os.replace(partial, target)
+                shutil.rmtree(trash, ignore_errors=True)
+            else:
+                os.replace(partial, target)
+        except BaseException:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise
+        return target
+
+    def push_to_hub(
+        self, repo_id: str, *, private: bool = False, token: str | bool | None = None,
+        commit_message: str | None = None,
+    ) -> str:
+        """Create ``repo_id`` if needed and upload the merged model in one commit; return the commit URL."""
+        from hfmerge.hub.publish import push_folder
+
+        message = commit_message or f"Merge {len(self.planned.sources)} models with hfmerge ({self.method})"
+        return push_folder(self.staging, repo_id, private=private, token=token, commit_message=message)
+
+
+def check_output_folder(target: Path, *, overwrite: bool) -> None:
+    """Refuse an existing non-empty output folder unless ``overwrite``."""
+    if target.exists():
+        if not target.is_dir():
+            raise OutputExistsError(f"output {str(target)!r} is a file; choose a folder path")
+        if any(target.iterdir()) and not overwrite:
+            raise OutputExistsError(
+                f"output folder {str(target)!r} exists and is not empty; choose another path or pass --overwrite"
+            )
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def write_metadata(result: MergeResult) -> None:
+    """Write ``hfmerge.yaml`` and the model card into the staging folder."""
+    from hfmerge.card import render_card
+
+    pinned = result.planned.pinned_recipe()
+    (result.staging / RECIPE_FILE).write_text(yaml.safe_dump(pinned.to_dict(), sort_keys=False))
+    licenses = result._licenses()
+    if result.license is None:
+        listed = ", ".join(f"{k}: {v or 'unknown'}" for k, v in licenses.items())
+        message = f"the sources' licenses differ or are unknown ({listed}); the card sets no license"
+        result.warnings.append(message)
+        logger.warning(message)
+    (result.staging / "README.md").write_text(render_card(result))
