@@ -36,7 +36,14 @@ class Copy:
 
 @dataclass(frozen=True)
 class LinearCombination:
-    """θ = Σ_i c_i θ_i, computed in float32; inputs with c_i = 0 are not read."""
+    """θ = Σ_i c_i θ_i, computed in float32; inputs with c_i = 0 are not read.
+
+    When the coefficients sum to one (every averaging method), the sum is
+    evaluated as θ_p + Σ_{i≠p} c_i (θ_i − θ_p) around the largest coefficient
+    p: the same number mathematically, but identical sources then merge to
+    themselves bit for bit, and the anchor of a layer-wise merge is returned
+    exactly where its weight is one.
+    """
 
     sources: tuple[TensorRef, ...]
     coefficients: tuple[float, ...]
@@ -47,17 +54,20 @@ class LinearCombination:
         return tuple(r for r, c in zip(self.sources, self.coefficients) if c != 0.0)
 
     def apply(self, load: Loader) -> torch.Tensor:
-        acc: torch.Tensor | None = None
-        for ref, coefficient in zip(self.sources, self.coefficients):
-            if coefficient == 0.0:
-                continue
-            tensor = load(ref).to(torch.float32)
-            if acc is None:
-                acc = tensor * coefficient
-            else:
-                acc.add_(tensor, alpha=coefficient)
-        if acc is None:
+        terms = [(r, c) for r, c in zip(self.sources, self.coefficients) if c != 0.0]
+        if not terms:
             raise ValueError("a linear combination needs at least one non-zero coefficient")
+        if abs(sum(self.coefficients) - 1.0) < 1e-9:
+            pivot_ref, _ = max(terms, key=lambda term: term[1])
+            pivot = load(pivot_ref).to(torch.float32)
+            acc = pivot.clone()
+            for ref, coefficient in terms:
+                if ref != pivot_ref:
+                    acc.add_(load(ref).to(torch.float32) - pivot, alpha=coefficient)
+            return acc
+        acc = load(terms[0][0]).to(torch.float32) * terms[0][1]
+        for ref, coefficient in terms[1:]:
+            acc.add_(load(ref).to(torch.float32), alpha=coefficient)
         return acc
 
 

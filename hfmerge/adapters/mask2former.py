@@ -11,7 +11,13 @@ MASK2FORMER = register_family(
         name="mask2former",
         model_types=("mask2former",),
         architectures={"Mask2FormerForUniversalSegmentation": "image-segmentation"},
-        heads={"Mask2FormerForUniversalSegmentation": (HeadSpec(r"class_predictor\.(weight|bias)", null_rows=1),)},
+        heads={
+            "Mask2FormerForUniversalSegmentation": (
+                HeadSpec(r"class_predictor\.(weight|bias)", null_rows=1),
+                # The loss's per-class weights (ones, then eos_coef for "no object") follow the label space too.
+                HeadSpec(r"criterion\.empty_weight", null_rows=1),
+            )
+        },
         default_architecture="Mask2FormerForUniversalSegmentation",
     )
 )

@@ -1,0 +1,86 @@
+"""Hermetic test environment: no network, a private HF_HOME, and a local Hub on loopback.
+
+huggingface_hub reads HF_ENDPOINT when it is imported, so the port is chosen
+and the environment set here, before any test module imports it.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+_SESSION_HOME = tempfile.mkdtemp(prefix="hfmerge-tests-")
+
+import socket  # noqa: E402
+
+with socket.socket() as _sock:  # not hfmerge.testing.ports: importing hfmerge would load huggingface_hub now
+    _sock.bind(("127.0.0.1", 0))
+    _PORT = _sock.getsockname()[1]
+_TOKEN = "hf_local_test_token"
+os.environ.update(
+    HF_HOME=os.path.join(_SESSION_HOME, "hf_home"),
+    HF_ENDPOINT=f"http://127.0.0.1:{_PORT}",
+    HF_TOKEN=_TOKEN,
+    HF_HUB_DISABLE_TELEMETRY="1",
+    HF_HUB_DISABLE_PROGRESS_BARS="1",
+    HF_HUB_DISABLE_IMPLICIT_TOKEN="0",
+    GRADIO_ANALYTICS_ENABLED="False",
+    TRANSFORMERS_VERBOSITY="error",
+    TOKENIZERS_PARALLELISM="false",
+)
+os.environ.pop("HF_HUB_OFFLINE", None)
+
+import pytest  # noqa: E402
+
+from hfmerge.testing.local_hub import LocalHub  # noqa: E402
+from hfmerge.testing.tiny import save_tiny, tiny_model  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def local_hub():
+    """The local Hub-compatible server that HF_ENDPOINT points at."""
+    with LocalHub(token=_TOKEN, port=_PORT) as hub:
+        yield hub
+
+
+@pytest.fixture(scope="session")
+def hub_api(local_hub):
+    from huggingface_hub import HfApi
+
+    return HfApi(endpoint=local_hub.endpoint, token=local_hub.token)
+
+
+@pytest.fixture(scope="session")
+def publish(hub_api, tmp_path_factory):
+    """Push a model (or a folder) to the local Hub; returns the commit sha."""
+
+    def _publish(repo_id: str, folder: Path | None = None, *, model=None, family: str | None = None,
+                 private: bool = False, readme: str | None = None, **tiny) -> str:
+        if folder is None:
+            folder = tmp_path_factory.mktemp("src")
+            save_tiny(folder, family, model=model, **tiny)
+        if readme is not None:
+            (folder / "README.md").write_text(readme)
+        hub_api.create_repo(repo_id, private=private, exist_ok=True)
+        return hub_api.upload_folder(folder_path=str(folder), repo_id=repo_id).oid
+
+    return _publish
+
+
+@pytest.fixture
+def make_source(tmp_path):
+    """Save a tiny model to a local folder and return the folder."""
+    counter = {"n": 0}
+
+    def _make(family: str, num_labels: int = 3, *, seed: int = 0, model=None, labels=None) -> Path:
+        counter["n"] += 1
+        folder = tmp_path / f"{family}-{counter['n']}"
+        return save_tiny(folder, family, num_labels, seed=seed, model=model, labels=labels)
+
+    return _make
+
+
+@pytest.fixture
+def tiny():
+    return tiny_model

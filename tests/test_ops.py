@@ -1,0 +1,86 @@
+"""The tensor maths of the methods, against hand computations (no files, no Hub)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hfmerge.methods.layerwise import layer_weights
+from hfmerge.ops import ConcatHeads, Copy, LinearCombination, TaskArithmetic, normalise
+
+
+def loader(tensors):
+    reads = []
+
+    def load(ref):
+        reads.append(ref)
+        return tensors[ref]
+
+    load.reads = reads
+    return load
+
+
+def test_linear_combination_matches_hand_computation_and_skips_zero_weights():
+    a = torch.tensor([1.0, 2.0, 3.0])
+    b = torch.tensor([10.0, 20.0, 30.0])
+    c = torch.tensor([100.0, 0.0, -5.0])
+    load = loader({(0, "w"): a, (1, "w"): b, (2, "w"): c})
+    out = LinearCombination(((0, "w"), (1, "w"), (2, "w")), (0.25, 0.75, 0.0)).apply(load)
+    assert torch.equal(out, torch.tensor([7.75, 15.5, 23.25]))
+    assert sorted(load.reads) == [(0, "w"), (1, "w")]  # the zero-weight source is never read
+
+
+def test_linear_combination_computes_in_float32_for_half_inputs():
+    a = torch.tensor([1.0, 2049.0], dtype=torch.float16)
+    b = torch.tensor([2.0, 2051.0], dtype=torch.float16)
+    out = LinearCombination(((0, "w"), (1, "w")), (0.5, 0.5)).apply(loader({(0, "w"): a, (1, "w"): b}))
+    assert out.dtype == torch.float32
+    assert out.tolist() == [1.5, 2050.0]
+
+
+def test_task_arithmetic_is_base_plus_scaled_sum_of_task_vectors():
+    base = torch.tensor([1.0, 1.0])
+    t1 = torch.tensor([3.0, 1.0])
+    t2 = torch.tensor([1.0, 5.0])
+    load = loader({(2, "w"): base, (0, "w"): t1, (1, "w"): t2})
+    out = TaskArithmetic((2, "w"), ((0, "w"), (1, "w")), 0.5).apply(load)
+    # 1 + 0.5 * ((3-1) + (1-1)) = 2 ; 1 + 0.5 * ((1-1) + (5-1)) = 3
+    assert out.tolist() == [2.0, 3.0]
+
+
+def test_concat_heads_stacks_label_rows_and_averages_the_null_row():
+    a = torch.tensor([[1.0, 1.0], [2.0, 2.0], [9.0, 9.0]])  # 2 labels + null
+    b = torch.tensor([[3.0, 3.0], [7.0, 7.0]])  # 1 label + null
+    load = loader({(0, "w"): a, (1, "w"): b})
+    out = ConcatHeads(((0, "w"), (1, "w")), (2, 1), null_rows=1, null_weights=(0.5, 0.5)).apply(load)
+    assert out.tolist() == [[1.0, 1.0], [2.0, 2.0], [3.0, 3.0], [8.0, 8.0]]
+
+
+def test_concat_heads_without_null_rows_concatenates_biases():
+    load = loader({(0, "b"): torch.tensor([1.0, 2.0]), (1, "b"): torch.tensor([3.0])})
+    out = ConcatHeads(((0, "b"), (1, "b")), (2, 1)).apply(load)
+    assert out.tolist() == [1.0, 2.0, 3.0]
+
+
+def test_copy_returns_the_tensor_unchanged():
+    t = torch.arange(4)
+    assert torch.equal(Copy((1, "x")).apply(loader({(1, "x"): t})), t)
+
+
+def test_normalise():
+    assert normalise([1, 3]) == (0.25, 0.75)
+
+
+def test_layer_weights_follow_eq1():
+    # Np = 4 shared layers, M = 2 models: H^(j) = (4 - j) / (4 * 2)
+    assert layer_weights(4, 2) == [3 / 8, 2 / 8, 1 / 8, 0.0]
+    # M = 3: (Np - j) / (Np * 3)
+    assert layer_weights(4, 3) == pytest.approx([3 / 12, 2 / 12, 1 / 12, 0.0])
+
+
+def test_layer_weights_with_start_layer_are_uniform_then_decay_to_the_anchor():
+    weights = layer_weights(6, 2, start_layer=3)
+    assert weights[:2] == [0.5, 0.5]
+    # the decay restarts at K = 3 over Np - K + 1 = 4 layers: (6 - j) / (4 * 2)
+    assert weights[2:] == [3 / 8, 2 / 8, 1 / 8, 0.0]
+    assert layer_weights(6, 2, start_layer=1) == layer_weights(6, 2)
