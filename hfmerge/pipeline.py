@@ -84,9 +84,12 @@ def plan_merge(recipe: Recipe, *, token: str | bool | None = None) -> PlannedMer
             f"the sources are of different families ({', '.join(sorted(families))}); merge models of one family"
         )
     context = MergeContext(layouts, anchor_index, recipe.weights, base_layout, recipe.parameters)
-    anchor_names = set(context.anchor.tensors)
-    for layout in (l for i, l in enumerate(layouts) if i != anchor_index):
-        if not anchor_names & set(layout.tensors):
+    def weights_of(layout: ModelLayout) -> set[tuple[str, tuple[int, ...]]]:
+        return {(n, t.shape) for n, t in layout.tensors.items() if not t.is_integer}
+
+    anchor_shapes = weights_of(context.anchor)
+    for layout in (other for i, other in enumerate(layouts) if i != anchor_index):
+        if not anchor_shapes & weights_of(layout):
             raise IncompatibleModelsError(
                 f"{layout.source.name} shares no parameter with {context.anchor.source.name}; nothing can be merged"
             )

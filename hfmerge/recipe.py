@@ -176,7 +176,8 @@ class Recipe:
             raise RecipeError(f"method '{method.name}' needs at least {method.min_sources} sources, got {len(self.sources)}")
 
         if self.weights is not None:
-            if any(s.weight is not None for s in self.sources):
+            per_source = [s.weight for s in self.sources]
+            if any(w is not None for w in per_source) and per_source != list(self.weights):
                 raise RecipeError("give weights either per source or as 'weights', not both")
             weights = [_as_float(w, "weight") for w in self.weights]
             if len(weights) != len(self.sources):

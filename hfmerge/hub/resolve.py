@@ -125,9 +125,11 @@ def _resolve_hub(spec: SourceSpec, *, token: str | bool | None, allow_pickle: bo
             license_ = getattr(card, "license", None) if card is not None else None
             names = [s.rfilename for s in (info.siblings or [])]
             _check_weight_files(where, names, allow_pickle)
-            folder = Path(
-                snapshot_download(repo_id, revision=sha, allow_patterns=patterns, token=token)
-            )
+            # Download by the name asked for, so the cache records the branch or tag for later
+            # offline use; if it moved since model_info, fall back to the sha we pinned.
+            folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns, token=token))
+            if folder.name != sha:
+                folder = Path(snapshot_download(repo_id, revision=sha, allow_patterns=patterns, token=token))
     except GatedRepoError:
         raise SourceError(
             f"{repo_id} is gated: accept its conditions on the Hub, then log in with `hf auth login` or set HF_TOKEN"
