@@ -20,8 +20,12 @@ AUTO_CLASSES = {
 }
 
 
-def render_card(result: MergeResult) -> str:
-    """The card's full text: YAML metadata, then the body from the Jinja template."""
+def render_card(result: MergeResult, repo_id: str | None = None) -> str:
+    """The card's full text: YAML metadata, then the body from the Jinja template.
+
+    ``repo_id`` fills the usage snippet when the card is pushed; a saved folder's
+    card shows a placeholder path.
+    """
     planned = result.planned
     method = planned.method
     hub_sources = [s.repo_id for s in planned.sources if s.repo_id]
@@ -68,6 +72,7 @@ def render_card(result: MergeResult) -> str:
         task=planned.anchor.task,
         num_labels=len(getattr(result.config, "id2label", {}) or {}),
         warnings=result.warnings,
+        model_ref=repo_id or "path/to/merged-model",
     )
     return str(card)
 

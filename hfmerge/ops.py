@@ -38,11 +38,12 @@ class Copy:
 class LinearCombination:
     """θ = Σ_i c_i θ_i, computed in float32; inputs with c_i = 0 are not read.
 
-    When the coefficients sum to one (every averaging method), the sum is
-    evaluated as θ_p + Σ_{i≠p} c_i (θ_i − θ_p) around the largest coefficient
-    p: the same number mathematically, but identical sources then merge to
-    themselves bit for bit, and the anchor of a layer-wise merge is returned
-    exactly where its weight is one.
+    When the coefficients sum to one (every averaging method) the sum is a
+    running weighted mean, m_k = lerp(m_{k−1}, θ_k, c_k / Σ_{i≤k} c_i), starting
+    from the largest coefficient: the same number mathematically, one fused
+    in-place pass per source, and exact where it should be — identical sources
+    merge to themselves bit for bit, and a layer whose anchor weight is one is
+    the anchor's.
     """
 
     sources: tuple[TensorRef, ...]
@@ -58,12 +59,17 @@ class LinearCombination:
         if not terms:
             raise ValueError("a linear combination needs at least one non-zero coefficient")
         if abs(sum(self.coefficients) - 1.0) < 1e-9:
-            pivot_ref, _ = max(terms, key=lambda term: term[1])
-            pivot = load(pivot_ref).to(torch.float32)
-            acc = pivot.clone()
-            for ref, coefficient in terms:
-                if ref != pivot_ref:
-                    acc.add_(load(ref).to(torch.float32) - pivot, alpha=coefficient)
+            terms.sort(key=lambda term: -term[1])
+            first_ref, seen = terms[0]
+            first = load(first_ref).to(torch.float32)
+            if len(terms) == 1:
+                return first.clone()
+            ref, coefficient = terms[1]
+            seen += coefficient
+            acc = torch.lerp(first, load(ref).to(torch.float32), coefficient / seen)  # a new tensor we own
+            for ref, coefficient in terms[2:]:
+                seen += coefficient
+                acc.lerp_(load(ref).to(torch.float32), coefficient / seen)
             return acc
         acc = load(terms[0][0]).to(torch.float32) * terms[0][1]
         for ref, coefficient in terms[1:]:

@@ -112,6 +112,12 @@ class MergeResult:
         """Create ``repo_id`` if needed and upload the merged model in one commit; return the commit URL."""
         from hfmerge.hub.publish import push_folder
 
+        from hfmerge.card import render_card
+
+        # Replace rather than rewrite: a saved copy may share this file through a hard link.
+        fresh = self.staging / ".README.md.new"
+        fresh.write_text(render_card(self, repo_id=repo_id))
+        os.replace(fresh, self.staging / "README.md")
         message = commit_message or f"Merge {len(self.planned.sources)} models with hfmerge ({self.method})"
         return push_folder(self.staging, repo_id, private=private, token=token, commit_message=message)
 

@@ -44,14 +44,19 @@ def test_merge_by_repo_id_and_revision_pins_commits(vit_repos, tmp_path, local_h
 
 def test_merge_by_commit_sha_and_push_result_then_download_it(vit_repos, tmp_path, local_hub):
     result = hfmerge.merge(["org/vit-a", f"org/vit-b@{vit_repos['b2']}"], method="layerwise", progress=False)
+    before = result.save(tmp_path / "before-push")
     url = result.push_to_hub("tester/vit-merged")
+    assert "path/to/merged-model" in (before / "README.md").read_text()  # the saved copy is not rewritten
     repo = local_hub.repo("tester/vit-merged")
     assert url.endswith(repo.branches["main"])
     assert {"model.safetensors", "config.json", "README.md", "hfmerge.yaml", "preprocessor_config.json"} <= set(
         repo.commits[repo.branches["main"]]
     )
     assert len(repo.history) == 2  # the creation commit, then exactly one upload commit
+    card = repo.commits[repo.branches["main"]]["README.md"].decode()
+    assert 'from_pretrained("tester/vit-merged")' in card
     saved = result.save(tmp_path / "local")
+    assert 'from_pretrained("tester/vit-merged")' in (saved / "README.md").read_text()  # saved after the push
     downloaded = AutoModelForImageClassification.from_pretrained("tester/vit-merged")
     for name, value in downloaded.state_dict().items():
         assert torch.equal(value, state(str(saved))[name])

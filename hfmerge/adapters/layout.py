@@ -75,6 +75,11 @@ class ModelLayout:
         return total
 
 
+# Sources of one architecture and config (checkpoints of a run, fine-tunes of one model) share
+# the meta model's names, shapes and order: build it once per (architecture, config, keys).
+_MODEL_CLASS_FACTS: dict[tuple[str, bytes, tuple[str, ...]], tuple[dict[str, tuple[int, ...]], dict[str, str]]] = {}
+
+
 def inspect_source(source: ResolvedSource, *, allow_pickle: bool = False) -> ModelLayout:
     """Read config and checkpoint header of ``source``; no tensor data is loaded.
 
@@ -102,11 +107,16 @@ def inspect_source(source: ResolvedSource, *, allow_pickle: bool = False) -> Mod
             f"{family.name} models may be {', '.join(family.architectures)}"
         )
     reader = CheckpointReader(source.path, allow_pickle=allow_pickle, label=source.name)
-    meta_model = family.build_meta_model(architecture, config)
-    meta_state = meta_model.state_dict()
-    names = checkpoint_to_memory_names(meta_model, reader.keys(), meta_state)
+    cache_key = (architecture, (source.path / "config.json").read_bytes(), tuple(reader.keys()))
+    if cache_key not in _MODEL_CLASS_FACTS:
+        meta_model = family.build_meta_model(architecture, config)
+        meta_state = meta_model.state_dict()
+        names = checkpoint_to_memory_names(meta_model, reader.keys(), meta_state)
+        _MODEL_CLASS_FACTS[cache_key] = ({n: tuple(t.shape) for n, t in meta_state.items()}, names)
+        del meta_model
+    meta_shapes, names = _MODEL_CLASS_FACTS[cache_key]
 
-    order = {name: i for i, name in enumerate(meta_state)}
+    order = {name: i for i, name in enumerate(meta_shapes)}
     tensors: list[TensorInfo] = []
     unknown = [k for k, n in names.items() if n not in order]
     if unknown:
@@ -115,7 +125,7 @@ def inspect_source(source: ResolvedSource, *, allow_pickle: bool = False) -> Mod
             f"(e.g. {unknown[0]}); the weights and config.json disagree — re-save the model with save_pretrained"
         )
     for key, name in names.items():
-        expected = tuple(meta_state[name].shape)
+        expected = meta_shapes[name]
         shape = reader.shape(key)
         if shape != expected:
             raise SourceError(

@@ -59,13 +59,13 @@ def execute_plan(
             if tuple(result.shape) != entry.shape:
                 raise RuntimeError(f"{entry.key}: planned shape {entry.shape}, computed {tuple(result.shape)}")
             if slot.dtype.is_floating_point:
-                if not torch.isfinite(result).all():
+                if not _all_finite(result):
                     raise MergeNumericError(
                         f"the merge produced NaN or inf in {entry.key}; check the sources for NaN/inf weights "
                         "and the method's parameters (e.g. a smaller --lambda)"
                     )
                 out = result.to(slot.dtype)
-                if not torch.isfinite(out).all():
+                if out.dtype != result.dtype and not _all_finite(out):
                     raise MergeNumericError(
                         f"{entry.key} overflows {str(slot.dtype).removeprefix('torch.')}; write a wider dtype "
                         "(--dtype float32 or bfloat16)"
@@ -76,3 +76,13 @@ def execute_plan(
         return writer.close()
     finally:
         writer.abort()
+
+
+def _all_finite(tensor: torch.Tensor) -> bool:
+    """Whether no element is NaN or ±inf.
+
+    A float32 sum is finite whenever every element is (NaN and inf propagate);
+    only when it is not — or overflows — do we pay for the element-wise check.
+    """
+    total = tensor.sum(dtype=torch.float32)
+    return bool(torch.isfinite(total)) or bool(torch.isfinite(tensor).all())
