@@ -194,27 +194,23 @@ def test_sources_of_different_families(make_source, tmp_path, capsys):
     nothing_written(tmp_path, out)
 
 
-def test_sources_with_no_shared_parameters(make_source, tmp_path, capsys):
+@pytest.mark.parametrize(
+    ("other_config", "method", "fragment"),
+    [
+        ({"embedding_size": 4, "hidden_sizes": [4, 12], "depths": [1, 1], "num_labels": 5}, "layerwise",
+         "shares no parameter"),
+        ({"embedding_size": 8, "hidden_sizes": [8, 16], "depths": [2, 1], "num_labels": 3}, "fusion",
+         "backbones differ"),
+    ],
+)
+def test_resnets_that_cannot_be_merged(make_source, tmp_path, capsys, other_config, method, fragment):
     from transformers import ResNetConfig, ResNetForImageClassification
 
-    other = ResNetForImageClassification(ResNetConfig(embedding_size=4, hidden_sizes=[4, 12], depths=[1, 1],
-                                                      layer_type="basic", num_labels=5))
+    other = ResNetForImageClassification(ResNetConfig(layer_type="basic", **other_config))
     out = tmp_path / "out"
-    code, _, err = run_cli(["merge", make_source("resnet"), make_source("resnet", model=other), "-m", "layerwise",
+    code, _, err = run_cli(["merge", make_source("resnet"), make_source("resnet", model=other), "-m", method,
                             "-o", out], capsys)
-    assert_one_line_error(code, err, "shares no parameter")
-    nothing_written(tmp_path, out)
-
-
-def test_fusion_over_different_backbones(make_source, tmp_path, capsys):
-    from transformers import ResNetConfig, ResNetForImageClassification
-
-    deeper = ResNetForImageClassification(ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[2, 1],
-                                                       layer_type="basic", num_labels=3))
-    out = tmp_path / "out"
-    code, _, err = run_cli(["merge", make_source("resnet"), make_source("resnet", model=deeper), "-m", "fusion",
-                            "-o", out], capsys)
-    assert_one_line_error(code, err, "backbones differ")
+    assert_one_line_error(code, err, fragment)
     nothing_written(tmp_path, out)
 
 

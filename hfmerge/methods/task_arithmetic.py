@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from hfmerge.engine.plan import MergeContext, MergePlan, require_all_shared
+from hfmerge.errors import RecipeError
 from hfmerge.methods.base import MergeMethod, ParamSpec, register_method
 from hfmerge.ops import TaskArithmetic as TaskArithmeticOp
 
@@ -25,7 +26,8 @@ class TaskArithmetic(MergeMethod):
     min_sources = 1
 
     def plan(self, ctx: MergeContext) -> MergePlan:
-        assert ctx.base is not None  # the recipe requires --base for this method
+        if ctx.base is None:
+            raise RecipeError(f"method '{self.name}' needs the pre-trained model: add --base org/name")
         require_all_shared(ctx, self.name, ctx.models)
         scale = float(ctx.params["lambda"])
         entries = []
