@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 export HF_HUB_DISABLE_TELEMETRY := 1
 export GRADIO_ANALYTICS_ENABLED := False
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench browser clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -28,7 +28,18 @@ $(VENV)/.dev: pyproject.toml $(VENV)/.torch
 demo: $(VENV)/.demo
 	$(BIN)/python demo/offline_demo.py
 
-test: $(VENV)/.dev
+# Debian's Chromium for the Space's browser test, where it can be installed (root or
+# password-less sudo, and apt-get); elsewhere that one test is skipped with a message.
+browser:
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then :; \
+	elif ! command -v apt-get >/dev/null; then echo "make: no apt-get; the browser test will be skipped"; \
+	else SUDO=; [ "$$(id -u)" = 0 ] || SUDO="sudo -n"; \
+	  echo "make: installing Debian's chromium and chromium-driver for the browser test"; \
+	  { $$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	    chromium chromium-driver; } >/dev/null 2>&1 \
+	  || echo "make: could not install Chromium; the browser test will be skipped"; fi
+
+test: $(VENV)/.dev browser
 	$(BIN)/python -m pytest
 
 bench: $(VENV)/.dev

@@ -8,6 +8,8 @@
 3. Publishes them to the local Hub and merges them *by repo id* with each
    method — average, task_arithmetic, layerwise and fusion — through the same
    CLI a user runs, pushes every result back, and evaluates sources and merges.
+4. Publishes a Gradio demo Space for the average merge with `hfmerge space`,
+   starts it from its own folder as the Hub would, and asks its `/predict` API.
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ os.environ.update(
 os.environ.pop("HF_HUB_OFFLINE", None)
 
 import shutil  # noqa: E402
+import subprocess  # noqa: E402
+import urllib.request  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -97,7 +101,95 @@ def model_with_labels(base: ViTForImageClassification, labels: list[str]) -> ViT
     return model
 
 
-def main() -> int:
+def digit_examples(images: torch.Tensor, targets: torch.Tensor, folder: Path) -> list[Path]:
+    """A few held-out digits as 128-pixel PNGs, upright and mirrored, for the Space's examples."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for digit, flip in ((3, False), (7, False), (5, True), (9, True)):
+        image = images[int((targets == digit).nonzero()[0])]
+        image = mirrored(image) if flip else image
+        pixels = ((image[0] * 0.5 + 0.5).clamp(0, 1) * 255).to(torch.uint8).numpy()
+        path = folder / f"digit-{digit}{'-mirrored' if flip else ''}.png"
+        Image.fromarray(pixels).convert("RGB").resize((128, 128), Image.NEAREST).save(path)
+        paths.append(path)
+    return paths
+
+
+def ask_space(folder: Path, examples: list[Path], screenshot: Path | None = None) -> int:
+    """Start the Space's app.py in its own process, as the Hub would, and call /predict on each example.
+
+    With ``screenshot``, headless Chromium also opens the page, uploads the last
+    example, waits for every model's answer and saves the page as a PNG.
+    """
+    from gradio_client import Client, handle_file
+
+    from hfmerge.testing.ports import free_port
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/"
+    with open(OUT / "space.log", "w") as log:
+        app = subprocess.Popen([sys.executable, str(folder / "app.py"), "--host", "127.0.0.1", "--port", str(port)],
+                               cwd=folder, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                urllib.request.urlopen(url, timeout=2).close()
+                break
+            except OSError:
+                if app.poll() is not None or time.monotonic() > deadline:
+                    print((OUT / "space.log").read_text(), file=sys.stderr)
+                    return 1
+                time.sleep(0.25)
+        client = Client(url, verbose=False)
+        print(f"  the Space runs at {url}; its /predict API answers:")
+        for path in examples:
+            answer = client.predict(handle_file(str(path)), api_name="/predict")
+            merged = ", ".join(f"{t['label']} {t['score']:.2f}" for t in answer["merged"][:3])
+            sources = "; ".join(f"{name.split('/')[-1].split('@')[0]}: {top[0]['label']}"
+                                for name, top in answer["sources"].items())
+            print(f"    {path.name:22s} merged: {merged:26s} sources: {sources}")
+        if screenshot is not None:
+            take_screenshot(url, examples[-1], screenshot, boxes=1 + len(answer["sources"]))
+    finally:
+        app.terminate()
+        app.wait(timeout=30)
+    return 0
+
+
+def take_screenshot(url: str, image: Path, path: Path, boxes: int) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from hfmerge.testing.browser import chromium_missing, headless_chromium
+
+    missing = chromium_missing()
+    if missing:
+        print(f"  no screenshot: {missing}")
+        return
+    browser = headless_chromium(width=1280, height=640)
+    try:
+        browser.get(url)
+        wait = WebDriverWait(browser, 60)
+        wait.until(lambda b: b.find_element(By.CSS_SELECTOR, "#input-image input[type=file]")).send_keys(str(image))
+        ids = ["merged", *(f"source-{i}" for i in range(1, boxes))]
+        wait.until(lambda b: all(len(b.find_element(By.ID, i).text.splitlines()) > 2 for i in ids))
+        time.sleep(0.5)  # let the bars finish their transition
+        path.parent.mkdir(parents=True, exist_ok=True)
+        browser.save_screenshot(str(path))
+        print(f"  screenshot: {path}")
+    finally:
+        browser.quit()
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="hfmerge's offline end-to-end demo")
+    parser.add_argument("--screenshot", type=Path, help="save a PNG of the demo Space's page (needs Chromium)")
+    screenshot = parser.parse_args(argv).screenshot
     started = time.time()
     shutil.rmtree(OUT, ignore_errors=True)
     OUT.mkdir(parents=True)
@@ -110,7 +202,7 @@ def main() -> int:
     digit_names = [str(d) for d in range(10)]
     processor = ViTImageProcessorPil(size={"height": SIZE, "width": SIZE}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
 
-    print("1/3  training demo models on scikit-learn's digits (one shared initialisation)", flush=True)
+    print("1/4  training demo models on scikit-learn's digits (one shared initialisation)", flush=True)
     torch.manual_seed(0)
     config = ViTConfig(hidden_size=64, num_hidden_layers=3, num_attention_heads=4, intermediate_size=128,
                        image_size=SIZE, patch_size=4, id2label=dict(enumerate(digit_names)),
@@ -129,7 +221,7 @@ def main() -> int:
         models[name] = model_with_labels(base, digit_names[kept.start:kept.stop])
         train(models[name], *subset(x_tr, y_tr, kept, offset), epochs=8, lr=5e-4)
 
-    print("2/3  publishing them to the local Hub at", hub.endpoint, flush=True)
+    print("2/4  publishing them to the local Hub at", hub.endpoint, flush=True)
     for name, model in models.items():
         folder = OUT / "sources" / f"vit-digits-{name}"
         model.save_pretrained(folder)
@@ -140,7 +232,7 @@ def main() -> int:
         api.create_repo(f"demo/vit-digits-{name}", exist_ok=True)
         api.upload_folder(folder_path=str(folder), repo_id=f"demo/vit-digits-{name}")
 
-    print("3/3  merging by repo id with each method (the same CLI a user runs)", flush=True)
+    print("3/4  merging by repo id with each method (the same CLI a user runs)", flush=True)
     merges = {
         "average": ["demo/vit-digits-upright", "demo/vit-digits-mirrored", "--method", "average"],
         "task_arithmetic": ["demo/vit-digits-upright", "demo/vit-digits-mirrored", "--method", "task_arithmetic",
@@ -188,12 +280,27 @@ def main() -> int:
     print(f"  {'merged: fusion (10 labels)':28s} {accuracy(fused, low_x, low_y, label_of):8.3f} "
           f"{accuracy(fused, high_x, high_y, label_of):9.3f} {accuracy(fused, x_te, y_te, label_of):6.3f}")
 
+    print("\n4/4  a demo Space for the average merge", flush=True)
+    examples = digit_examples(x_te, y_te, OUT / "examples")
+    space_args = ["space", "demo/vit-digits-average", "--space-id", "demo/vit-digits-average-demo",
+                  "--output", str(OUT / "space"), "--examples", *map(str, examples)]
+    print(f"$ hfmerge {' '.join(space_args[:4])} --output {(OUT / 'space').relative_to(ROOT)} --examples ...",
+          flush=True)
+    code = hfmerge_cli(space_args)
+    if code == 0:
+        code = ask_space(OUT / "space", examples, screenshot)
+    if code != 0:
+        hub.stop()
+        return code
+
     hub.stop()
     print(f"\nDone in {time.time() - started:.0f} s. Where everything is:")
     print(f"  source models:   {(OUT / 'sources').relative_to(ROOT)}/")
     print(f"  merged models:   {(OUT / 'merged').relative_to(ROOT)}/<method>/  (load with transformers)")
     print(f"  model card:      {(outputs['layerwise'] / 'README.md').relative_to(ROOT)}")
     print(f"  pinned recipe:   {(outputs['layerwise'] / 'hfmerge.yaml').relative_to(ROOT)}")
+    print(f"  demo Space:      {(OUT / 'space').relative_to(ROOT)}/  (run it again: python app.py in that folder,")
+    print("                   with HF_ENDPOINT at a Hub that has the models)")
     print(f"  Hub cache:       {(OUT / 'hf_home').relative_to(ROOT)}/  (the local Hub ran at {hub.endpoint})")
     return 0
 

@@ -61,6 +61,18 @@ def _build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("source", metavar="SOURCE")
     inspect.add_argument("--allow-pickle", action="store_true")
 
+    space = sub.add_parser("space", help="write a Gradio demo Space for a merged model and push it")
+    space.add_argument("model", metavar="MODEL", help="the merged model: org/name[@revision] (a folder with --output)")
+    space.add_argument("--space-id", help="the Space to create or update (default: MODEL-demo)")
+    space.add_argument("--sources", nargs="+", metavar="SOURCE",
+                       help="models to show beside it (default: the sources in its hfmerge.yaml)")
+    space.add_argument("--no-sources", action="store_true", help="show the merged model alone")
+    space.add_argument("--examples", nargs="+", metavar="IMAGE", help="example images (default: two bundled photos)")
+    space.add_argument("--title", help="the Space's title (default: '<model name> demo')")
+    space.add_argument("--private", action="store_true", help="create the Space as private")
+    space.add_argument("--output", "-o", help="write the Space folder here; without --space-id nothing is pushed")
+    space.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output folder")
+
     sub.add_parser("methods", help="list the merge methods and their parameters")
     return parser
 
@@ -109,8 +121,6 @@ def _execute(recipe: Any, args: argparse.Namespace) -> int:
         check_output_folder(target, overwrite=args.overwrite)
         staging_parent = target.parent if target.parent.is_dir() else None
     result = run_recipe(recipe, staging_parent=staging_parent, progress=not args.quiet)
-    for warning in result.warnings:
-        print(f"hfmerge: warning: {warning}", file=sys.stderr)
     if output:
         saved = result.save(output, overwrite=args.overwrite)
         print(f"saved: {saved}")
@@ -151,6 +161,29 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _space(args: argparse.Namespace) -> int:
+    from hfmerge.space import SpaceOptions, push_space, save_space
+
+    if args.no_sources and args.sources:
+        raise RecipeError("--sources and --no-sources contradict each other; give one")
+    options = SpaceOptions(
+        model=args.model, space_id=args.space_id, sources=[] if args.no_sources else args.sources,
+        examples=args.examples, title=args.title, private=args.private,
+    )
+    folder = None
+    if args.output:
+        folder = save_space(options, args.output, overwrite=args.overwrite)
+        print(f"written: {folder}")
+        if not args.space_id:
+            return 0
+    space_id, url = push_space(options, folder=folder)
+    print(f"pushed: {url}")
+    from huggingface_hub import constants
+
+    print(f"space: {constants.ENDPOINT}/spaces/{space_id}")
+    return 0
+
+
 def _methods() -> int:
     from hfmerge.methods import available_methods, get_method
 
@@ -167,9 +200,16 @@ def _methods() -> int:
     return 0
 
 
+def _lowercase_level(record: logging.LogRecord) -> bool:
+    record.levelname_lower = record.levelname.lower()
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``hfmerge`` and ``python -m hfmerge``."""
-    logging.basicConfig(level=logging.WARNING, format="hfmerge: %(levelname)s: %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="hfmerge: %(levelname_lower)s: %(message)s")
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_lowercase_level)
     try:
         import transformers
 
@@ -187,6 +227,8 @@ def main(argv: list[str] | None = None) -> int:
             return _execute(Recipe.from_yaml(args.recipe), args)
         if args.command == "inspect":
             return _inspect(args)
+        if args.command == "space":
+            return _space(args)
         return _methods()
     except HfMergeError as exc:
         print(f"hfmerge: error: {exc}", file=sys.stderr)

@@ -7,6 +7,8 @@ import os
 import shutil
 import tempfile
 import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -86,24 +88,10 @@ class MergeResult:
         Raises:
             OutputExistsError: ``folder`` exists, is not empty, and ``overwrite`` is false.
         """
-        target = Path(folder).expanduser().resolve()
-        check_output_folder(target, overwrite=overwrite)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        partial = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
-        try:
+        with atomic_folder(folder, overwrite=overwrite) as partial:
             for item in self.staging.iterdir():
                 _link_or_copy(item, partial / item.name)
-            if target.exists():
-                trash = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-                os.replace(target, trash / target.name)
-                os.replace(partial, target)
-                shutil.rmtree(trash, ignore_errors=True)
-            else:
-                os.replace(partial, target)
-        except BaseException:
-            shutil.rmtree(partial, ignore_errors=True)
-            raise
-        return target
+        return Path(folder).expanduser().resolve()
 
     def push_to_hub(
         self, repo_id: str, *, private: bool = False, token: str | bool | None = None,
@@ -131,6 +119,34 @@ def check_output_folder(target: Path, *, overwrite: bool) -> None:
             raise OutputExistsError(
                 f"output folder {str(target)!r} exists and is not empty; choose another path or pass --overwrite"
             )
+
+
+@contextmanager
+def atomic_folder(folder: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a hidden sibling of ``folder`` to fill; rename it to ``folder`` when the block ends.
+
+    An exception inside the block removes the partial folder and leaves
+    ``folder`` as it was, so a failure never leaves a half-written output.
+
+    Raises:
+        OutputExistsError: ``folder`` exists, is not empty, and ``overwrite`` is false.
+    """
+    target = Path(folder).expanduser().resolve()
+    check_output_folder(target, overwrite=overwrite)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    try:
+        yield partial
+        if target.exists():
+            trash = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+            os.replace(target, trash / target.name)
+            os.replace(partial, target)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(partial, target)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:

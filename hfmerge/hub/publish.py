@@ -19,17 +19,20 @@ def push_folder(
     repo_type: str = "model",
     space_sdk: str | None = None,
     commit_message: str = "Upload merged model with hfmerge",
+    delete_patterns: list[str] | None = None,
 ) -> str:
     """Create ``repo_id`` if needed and upload ``folder`` as one commit; return the commit URL.
 
     The token comes from the argument or huggingface_hub's usual sources; it is
-    passed to the client only and never appears in messages.
+    passed to the client only and never appears in messages. Files in the repo
+    matching ``delete_patterns`` and absent from ``folder`` are deleted in the same commit.
     """
     api = HfApi()
     try:
         api.create_repo(repo_id, private=private, exist_ok=True, token=token, repo_type=repo_type, space_sdk=space_sdk)
         info = api.upload_folder(
-            folder_path=str(folder), repo_id=repo_id, repo_type=repo_type, commit_message=commit_message, token=token
+            folder_path=str(folder), repo_id=repo_id, repo_type=repo_type, commit_message=commit_message, token=token,
+            delete_patterns=delete_patterns,
         )
     except HfHubHTTPError as exc:
         status = getattr(getattr(exc, "response", None), "status_code", None)

@@ -30,6 +30,7 @@ from hfmerge.recipe import SourceSpec
 
 SAFE_PATTERNS = ["*.json", "*.safetensors", "README.md"]
 PICKLE_PATTERNS = ["*.bin", "*.pt", "*.pth"]
+METADATA_PATTERNS = ["*.json", "README.md", "hfmerge.yaml"]
 _ONE_SLASH_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 
 
@@ -70,9 +71,13 @@ class ResolvedSource:
 
 
 def resolve_source(
-    spec: SourceSpec | str, *, token: str | bool | None = None, allow_pickle: bool = False
+    spec: SourceSpec | str, *, token: str | bool | None = None, allow_pickle: bool = False,
+    metadata_only: bool = False,
 ) -> ResolvedSource:
     """Resolve one source to a local folder.
+
+    With ``metadata_only``, a Hub source downloads its configs, card and
+    ``hfmerge.yaml`` but no weights: enough to describe it, not to merge it.
 
     Raises:
         SourceError: the folder or repo does not exist, the revision does not
@@ -93,7 +98,7 @@ def resolve_source(
             f"source {spec.model!r} is neither an existing folder nor a Hub repo id; "
             "give a folder path or org/name[@revision]"
         )
-    return _resolve_hub(spec, token=token, allow_pickle=allow_pickle)
+    return _resolve_hub(spec, token=token, allow_pickle=allow_pickle, metadata_only=metadata_only)
 
 
 def _resolve_local(spec: SourceSpec, folder: Path) -> ResolvedSource:
@@ -106,11 +111,13 @@ def _resolve_local(spec: SourceSpec, folder: Path) -> ResolvedSource:
     return ResolvedSource(spec=spec, path=folder.resolve(), license=_license_from_readme(folder))
 
 
-def _resolve_hub(spec: SourceSpec, *, token: str | bool | None, allow_pickle: bool) -> ResolvedSource:
+def _resolve_hub(
+    spec: SourceSpec, *, token: str | bool | None, allow_pickle: bool, metadata_only: bool = False
+) -> ResolvedSource:
     repo_id = spec.model
     revision = spec.commit or spec.revision
     where = f"{repo_id}@{revision}" if revision else repo_id
-    patterns = SAFE_PATTERNS + (PICKLE_PATTERNS if allow_pickle else [])
+    patterns = METADATA_PATTERNS if metadata_only else SAFE_PATTERNS + (PICKLE_PATTERNS if allow_pickle else [])
     license_ = None
     try:
         if hf_constants.HF_HUB_OFFLINE:

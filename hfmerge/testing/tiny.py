@@ -104,3 +104,21 @@ def save_tiny(folder: str | Path, family: str, num_labels: int = 3, *, seed: int
     model.save_pretrained(folder)
     image_processor(family).save_pretrained(folder)
     return folder
+
+
+def spread_weights(model: torch.nn.Module, *, gain: float = 1.5, seed: int = 0) -> torch.nn.Module:
+    """Re-draw weights at unit scale and zero the biases, in place.
+
+    Transformers' default initialisation (std 0.02) leaves a tiny segmentation
+    model's map one class everywhere; at this scale the classes vary across the
+    image, so tests can tell segmentation maps apart.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if parameter.dim() > 1:
+                fan_in = parameter[0].numel()
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * gain / fan_in**0.5)
+            elif name.endswith("bias"):
+                parameter.zero_()
+    return model

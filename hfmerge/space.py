@@ -1,0 +1,278 @@
+"""The Gradio demo Space of a merged model: written from ``spaces/`` and pushed as a Space repo.
+
+The Space is ``spaces/app.py`` with four files beside it: ``space_config.json``
+(which model and which sources to show), ``README.md`` (Space metadata: sdk,
+app file, the models it uses), ``requirements.txt`` and ``examples/``. It runs
+from its own repo alone: a static merge loads with plain transformers, so the
+Space installs hfmerge only for a gated merge.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import yaml
+from huggingface_hub import SpaceCard
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
+
+from hfmerge.errors import RecipeError, SourceError
+from hfmerge.hub.resolve import ResolvedSource, resolve_source
+from hfmerge.result import RECIPE_FILE, atomic_folder
+
+logger = logging.getLogger(__name__)
+
+TEMPLATE_PACKAGE = "hfmerge.spaces"
+TEMPLATE_FILES = ("app.py", "requirements.txt")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+# The heads spaces/app.py can show, by the suffix of the transformers class name.
+SHOWN_HEADS = ("ForImageClassification", "ForSemanticSegmentation", "ForUniversalSegmentation")
+GATED_METHODS = ("gating",)
+
+
+@dataclass
+class SpaceOptions:
+    """What ``hfmerge space`` does, from the command line or Python.
+
+    Attributes:
+        model: the merged model, ``org/name[@revision]``, or a folder when only writing.
+        space_id: the Space repo to create or update; default ``<model>-demo`` when pushing.
+        sources: the models shown beside it; ``None`` takes the sources from its ``hfmerge.yaml``,
+            an empty list shows it alone.
+        examples: example images; ``None`` ships the two bundled photos.
+        title: the Space's title; default from the model's name.
+        private: create the Space as private.
+    """
+
+    model: str
+    space_id: str | None = None
+    sources: list[str] | None = None
+    examples: list[str] | None = None
+    title: str | None = None
+    private: bool = False
+
+
+@dataclass
+class SpacePlan:
+    """The Space's contents, decided before anything is written."""
+
+    model: ResolvedSource
+    model_ref: str
+    sources: list[str]
+    examples: list[Path]
+    title: str
+    gated: bool
+    license: str | None
+    bundled_examples: bool
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def hub_models(self) -> list[str]:
+        """The repo ids a Space README lists under ``models:`` (no revisions, no folders)."""
+        refs = [self.model_ref, *self.sources]
+        ids = [ref.rpartition("@")[0] if "@" in ref else ref for ref in refs]
+        return list(dict.fromkeys(i for i in ids if not Path(i).expanduser().exists()))
+
+
+def plan_space(options: SpaceOptions, *, for_hub: bool, token: str | bool | None = None) -> SpacePlan:
+    """Check the model, its sources and the examples; decide what the Space shows.
+
+    Only configs, cards and recipes are downloaded, never weights.
+
+    Raises:
+        SourceError: the model or a source does not exist, or the model has a head the app cannot show.
+        RecipeError: a local folder where the Hub needs a repo id, or an example that is not an image.
+    """
+    model = resolve_source(options.model, token=token, metadata_only=True)
+    if for_hub and model.is_local:
+        raise RecipeError(
+            f"a Space loads its model from the Hub, and {options.model!r} is a local folder: push the merged "
+            "model first (hfmerge merge ... --push-to-hub ORG/NAME) and name it by repo id, or use --output only"
+        )
+    config = json.loads((model.path / "config.json").read_text())
+    architecture = (config.get("architectures") or [""])[0]
+    if not architecture.endswith(SHOWN_HEADS):
+        raise SourceError(
+            f"{model.name} is a {architecture or config.get('model_type', 'model')}; the demo Space shows image "
+            "classification and segmentation models"
+        )
+    recipe = _read_recipe(model.path)
+    gated = recipe.get("method") in GATED_METHODS
+    warnings: list[str] = []
+    if options.sources is None:
+        sources = _recipe_sources(recipe, model, for_hub=for_hub, warnings=warnings)
+        if not recipe:
+            warnings.append(f"{model.name} has no {RECIPE_FILE} (not made by hfmerge); the Space shows it alone")
+    else:
+        sources = [_checked_source(ref, for_hub=for_hub, token=token) for ref in options.sources]
+    model_ref = (f"{model.repo_id}@{model.revision}" if model.revision else model.repo_id) if model.repo_id \
+        else str(model.path)
+    name = model.repo_id.split("/")[-1] if model.repo_id else model.path.name
+    for message in warnings:
+        logger.warning(message)
+    return SpacePlan(
+        model=model, model_ref=model_ref, sources=sources, examples=_examples(options.examples),
+        title=options.title or f"{name} demo", gated=gated, license=model.license,
+        bundled_examples=options.examples is None, warnings=warnings,
+    )
+
+
+def write_space(plan: SpacePlan, folder: Path, space_id: str | None = None) -> None:
+    """Write the Space's files into the empty ``folder``."""
+    template = resources.files(TEMPLATE_PACKAGE)
+    for name in TEMPLATE_FILES:
+        (folder / name).write_bytes(template.joinpath(name).read_bytes())
+    if plan.gated:
+        with (folder / "requirements.txt").open("a") as requirements:
+            requirements.write("hfmerge\n")
+    settings = {"model": plan.model_ref, "sources": plan.sources}
+    (folder / "space_config.json").write_text(json.dumps(settings, indent=2) + "\n")
+    (folder / "README.md").write_text(space_card(plan, space_id))
+    examples = folder / "examples"
+    examples.mkdir()
+    for i, path in enumerate(plan.examples):
+        name = path.name if not (examples / path.name).exists() else f"{i}-{path.name}"
+        shutil.copyfile(path, examples / name)
+
+
+def space_card(plan: SpacePlan, space_id: str | None = None) -> str:
+    """The Space README: the template's metadata and text, filled for this model and Space."""
+    card = SpaceCard(resources.files(TEMPLATE_PACKAGE).joinpath("README.md").read_text(encoding="utf-8"))
+    card.data.title = plan.title
+    card.data.models = plan.hub_models
+    if plan.license:
+        card.data.license = plan.license
+    try:
+        import gradio
+
+        card.data.sdk_version = gradio.__version__
+    except ImportError:
+        pass  # the template's version, the one hfmerge was released with
+    shown = ", ".join(f"`{s}`" for s in plan.sources) or "none"
+    intro = f"Model: `{plan.model_ref}`. Sources shown beside it: {shown}.\n\n"
+    text = card.text.replace("# Merged model demo\n\n", f"# {plan.title}\n\n{intro}", 1)
+    text = text.replace("SPACE_ID", space_id or "OWNER/SPACE")
+    if not plan.bundled_examples:
+        text = text.split("\nExample images:", 1)[0]
+    card.text = text
+    return str(card)
+
+
+def save_space(options: SpaceOptions, output: str | Path, *, overwrite: bool = False,
+               token: str | bool | None = None) -> Path:
+    """Write the Space folder to ``output`` atomically and return its path.
+
+    With ``options.space_id`` set, the folder is checked as for the Hub (no
+    local folders as models or sources) and can be pushed with :func:`push_space`.
+    """
+    for_hub = options.space_id is not None
+    if for_hub:
+        _check_space_id(options.space_id)
+    plan = plan_space(options, for_hub=for_hub, token=token)
+    with atomic_folder(output, overwrite=overwrite) as partial:
+        write_space(plan, partial, options.space_id)
+    return Path(output).expanduser().resolve()
+
+
+def push_space(options: SpaceOptions, *, folder: str | Path | None = None,
+               token: str | bool | None = None) -> tuple[str, str]:
+    """Push the Space as a Gradio Space repo in one commit; create the repo if needed.
+
+    ``folder`` is one written by :func:`save_space` with the same options;
+    without it the Space is written to a temporary folder first. Example
+    images the Space had before and no longer has are deleted in that commit.
+
+    Returns:
+        The Space's repo id and the commit URL.
+    """
+    from hfmerge.hub.publish import push_folder
+
+    space_id = options.space_id or f"{options.model.partition('@')[0]}-demo"
+    _check_space_id(space_id)
+
+    def push(path: str | Path) -> str:
+        return push_folder(
+            path, space_id, private=options.private, token=token, repo_type="space", space_sdk="gradio",
+            commit_message=f"Demo of {options.model} with hfmerge", delete_patterns=["examples/*"],
+        )
+
+    if folder is not None:
+        return space_id, push(folder)
+    plan = plan_space(options, for_hub=True, token=token)
+    with tempfile.TemporaryDirectory(prefix="hfmerge-space-") as tmp:
+        write_space(plan, Path(tmp), space_id)
+        return space_id, push(tmp)
+
+
+def _check_space_id(space_id: str) -> None:
+    try:
+        validate_repo_id(space_id)
+    except HFValidationError:
+        raise RecipeError(f"--space-id {space_id!r} is not a valid repo id; write it as owner/name") from None
+
+
+def _read_recipe(folder: Path) -> dict:
+    path = folder / RECIPE_FILE
+    if not path.is_file():
+        return {}
+    try:
+        loaded = yaml.safe_load(path.read_text())
+    except yaml.YAMLError:
+        return {}
+    return loaded if isinstance(loaded, dict) else {}
+
+
+def _recipe_sources(recipe: dict, model: ResolvedSource, *, for_hub: bool, warnings: list[str]) -> list[str]:
+    """The merge's sources pinned to their commits; folders are kept only for a local Space that can reach them."""
+    refs = []
+    for entry in recipe.get("sources") or []:
+        entry = {"model": entry} if isinstance(entry, str) else entry
+        ref = str(entry.get("model", ""))
+        folder = Path(ref).expanduser()
+        if ref.startswith((".", "/", "~")) or folder.is_dir():
+            if not for_hub and folder.is_dir():
+                refs.append(str(folder.resolve()))
+            else:
+                warnings.append(f"source {ref!r} of {model.name} is a local folder, which the Space cannot load; "
+                                "it is left out (pass --sources with repo ids to show it)")
+            continue
+        pin = entry.get("commit") or entry.get("revision")
+        refs.append(f"{ref}@{pin}" if pin else ref)
+    return refs
+
+
+def _checked_source(ref: str, *, for_hub: bool, token: str | bool | None) -> str:
+    source = resolve_source(ref, token=token, metadata_only=True)
+    if source.is_local:
+        if for_hub:
+            raise RecipeError(f"--sources {ref!r} is a local folder, which a Space cannot load; give a Hub repo id")
+        return str(source.path)
+    return f"{source.repo_id}@{source.revision}" if source.revision else source.repo_id
+
+
+def _examples(paths: list[str] | None) -> list[Path]:
+    if paths is None:
+        bundled = resources.files(TEMPLATE_PACKAGE).joinpath("examples")
+        return sorted(Path(str(p)) for p in bundled.iterdir() if p.name.lower().endswith(IMAGE_SUFFIXES))
+    import PIL.Image
+
+    checked = []
+    for raw in paths:
+        path = Path(raw).expanduser()
+        if not path.is_file():
+            raise RecipeError(f"--examples {raw!r} does not exist; give image files (PNG, JPEG or WebP)")
+        try:
+            with PIL.Image.open(path) as image:
+                image.verify()
+        except (OSError, SyntaxError, ValueError):
+            raise RecipeError(f"--examples {raw!r} is not an image; give PNG, JPEG or WebP files") from None
+        if not path.name.lower().endswith(IMAGE_SUFFIXES):
+            raise RecipeError(f"--examples {raw!r}: name it .png, .jpg or .webp so the Space shows it")
+        checked.append(path)
+    return checked

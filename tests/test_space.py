@@ -1,0 +1,406 @@
+"""The demo Space: the app's predictions checked against transformers, `hfmerge space` writing and pushing it,
+the pushed Space running from its own files, bad input, and one run in headless Chromium."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+import transformers
+from helpers import assert_one_line_error, run_cli
+from huggingface_hub import SpaceCard, snapshot_download
+
+from hfmerge.cli import main
+from hfmerge.testing.browser import chromium_missing, headless_chromium
+from hfmerge.testing.ports import free_port
+from hfmerge.testing.tiny import save_tiny, spread_weights, tiny_model
+
+gr = pytest.importorskip("gradio", reason="the Space tests need the `space` extra: pip install -e .[space]")
+gradio_client = pytest.importorskip("gradio_client")
+from hfmerge.spaces import app  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+ARTIFACTS = ROOT / "test-artifacts"
+LABELS = ["cat", "dog", "bird", "fish"]
+# Runs app.py the way a Space does, with hfmerge made unimportable: the Space must not need it.
+RUN_WITHOUT_HFMERGE = (
+    "import runpy, sys; sys.modules['hfmerge'] = None; sys.argv = sys.argv[1:]; "
+    "runpy.run_path(sys.argv[0], run_name='__main__')"
+)
+
+
+@pytest.fixture(scope="module")
+def hub_models(publish):
+    """Two ViT classifiers and two SegFormers on the local Hub, and each pair's average merge pushed back."""
+    shas = {}
+    for family, stem in (("vit", "space-vit"), ("segformer", "space-seg")):
+        for seed, name in ((1, "a"), (2, "b")):
+            model = tiny_model(family, len(LABELS), seed=seed, labels=LABELS)
+            if family == "segformer":
+                spread_weights(model, seed=seed)
+            shas[f"org/{stem}-{name}"] = publish(f"org/{stem}-{name}", model=model, family=family)
+        code = main(["merge", f"org/{stem}-a", f"org/{stem}-b", "--method", "average",
+                     "--push-to-hub", f"org/{stem}-merged", "--quiet"])
+        assert code == 0
+    return shas
+
+
+@pytest.fixture(scope="module")
+def image_file(tmp_path_factory):
+    """A 64×48 noise image: every model sees structure, and the map varies across it."""
+    path = tmp_path_factory.mktemp("images") / "noise.png"
+    pixels = np.random.default_rng(0).integers(0, 256, size=(48, 64, 3), dtype=np.uint8)
+    PIL.Image.fromarray(pixels).save(path)
+    return path
+
+
+@contextmanager
+def serving(demo):
+    """Serve ``demo`` on loopback for the block; yield its URL."""
+    port = free_port()
+    demo.queue(default_concurrency_limit=2)
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
+                max_file_size=app.MAX_UPLOAD)
+    try:
+        yield f"http://127.0.0.1:{port}/"
+    finally:
+        demo.close()
+
+
+def client_for(url):
+    return gradio_client.Client(url, verbose=False)
+
+
+def expected_predictions(repo_id, sha, image_path, kind):
+    """What plain transformers says for one image: class probabilities, or pixel shares of the
+    segmentation map made by transformers' SegFormer post-processing (not the app's code)."""
+    folder = snapshot_download(repo_id, revision=sha)
+    processor = transformers.AutoImageProcessor.from_pretrained(folder)
+    image = PIL.Image.open(image_path).convert("RGB")
+    pixel_values = processor(images=image, return_tensors="pt")["pixel_values"]
+    if kind == "classification":
+        model = transformers.AutoModelForImageClassification.from_pretrained(folder).eval()
+        with torch.no_grad():
+            probabilities = model(pixel_values=pixel_values).logits[0].softmax(-1)
+        scores = {model.config.id2label[i]: float(p) for i, p in enumerate(probabilities)}
+    else:
+        model = transformers.AutoModelForSemanticSegmentation.from_pretrained(folder).eval()
+        with torch.no_grad():
+            outputs = model(pixel_values=pixel_values)
+        label_map = transformers.SegformerImageProcessorPil().post_process_semantic_segmentation(
+            outputs, target_sizes=[(image.height, image.width)])[0]
+        counts = torch.bincount(label_map.flatten(), minlength=len(LABELS)).double()
+        scores = {model.config.id2label[i]: float(c / counts.sum()) for i, c in enumerate(counts) if c > 0}
+    return dict(sorted(scores.items(), key=lambda item: -item[1])[: app.TOP_K])
+
+
+def assert_matches(answer, expected):
+    scores = [entry["score"] for entry in answer]
+    assert scores == sorted(scores, reverse=True)
+    assert {e["label"] for e in answer} == set(expected)
+    for entry in answer:
+        assert entry["score"] == pytest.approx(expected[entry["label"]], abs=6e-5)
+
+
+@pytest.mark.parametrize(("stem", "kind", "task"), [
+    ("space-vit", "classification", "image-classification"),
+    ("space-seg", "segmentation", "image-segmentation"),
+])
+def test_predict_endpoint_answers_for_merged_and_sources(hub_models, image_file, stem, kind, task):
+    demo_models = app.load_demo(f"org/{stem}-merged")
+    assert not demo_models.notes
+    with serving(app.build_demo(demo_models)) as url:
+        answer = client_for(url).predict(gradio_client.handle_file(str(image_file)), api_name="/predict")
+
+    assert answer["task"] == task
+    assert answer["gate"] is None
+    merged_sha = snapshot_download(f"org/{stem}-merged").rsplit("/", 1)[-1]
+    assert_matches(answer["merged"], expected_predictions(f"org/{stem}-merged", merged_sha, image_file, kind))
+    # the sources are the ones in hfmerge.yaml, pinned to the commits that were merged
+    names = {f"org/{stem}-{n}@{hub_models[f'org/{stem}-{n}'][:7]}": f"org/{stem}-{n}" for n in ("a", "b")}
+    assert set(answer["sources"]) == set(names)
+    for name, repo_id in names.items():
+        assert_matches(answer["sources"][name], expected_predictions(repo_id, hub_models[repo_id], image_file, kind))
+    if kind == "segmentation":  # the maps differ between the sources, so the overlays compare something
+        assert answer["sources"] != {k: answer["merged"] for k in answer["sources"]}
+
+
+def test_mask2former_overlay_matches_its_processor(tmp_path, image_file):
+    """Mask2Former goes through its processor's semantic post-processing; the legend names the classes drawn."""
+    model = spread_weights(tiny_model("mask2former", len(LABELS), seed=3, labels=LABELS))
+    folder = save_tiny(tmp_path / "m2f", "mask2former", model=model)
+    demo_model = app.load_model(str(folder))
+    image = PIL.Image.open(image_file).convert("RGB")
+    prediction = demo_model.predict(image)
+
+    processor = transformers.AutoImageProcessor.from_pretrained(folder)
+    with torch.no_grad():
+        outputs = model(pixel_values=processor(images=image, return_tensors="pt")["pixel_values"])
+    label_map = processor.post_process_semantic_segmentation(outputs, target_sizes=[(48, 64)])[0]
+    counts = torch.bincount(label_map.flatten(), minlength=len(LABELS))
+    assert {t["label"]: t["score"] for t in prediction.top} == {
+        LABELS[i]: round(float(c) / label_map.numel(), 4) for i, c in enumerate(counts) if c > 0}
+    base, masks = prediction.overlay
+    assert base.size == (64, 48)
+    for mask, label in masks:  # each legend entry's mask is exactly that class's pixels
+        assert np.array_equal(mask.astype(bool), (label_map == LABELS.index(label)).numpy())
+
+
+def test_bad_uploads_get_a_message(hub_models, tmp_path, monkeypatch, image_file):
+    demo_models = app.load_demo("org/space-vit-merged")
+    text = tmp_path / "notes.png"
+    text.write_text("this is not an image")
+    monkeypatch.setattr(app, "MAX_PIXELS", 2000)
+    big = tmp_path / "big.png"
+    PIL.Image.new("RGB", (60, 40)).save(big)
+    with serving(app.build_demo(demo_models)) as url:
+        client = client_for(url)
+        with pytest.raises(gradio_client.exceptions.AppError, match="not an image this demo can read"):
+            client.predict(gradio_client.handle_file(str(text)), api_name="/predict")
+        with pytest.raises(gradio_client.exceptions.AppError, match="60×40 pixels; images up to 0.002 megapixels"):
+            client.predict(gradio_client.handle_file(str(big)), api_name="/predict")
+        # the server is still up and answering after refusing both
+        monkeypatch.setattr(app, "MAX_PIXELS", 10_000)
+        monkeypatch.setattr(app, "MAX_SIDE", 32)
+        answer = client.predict(gradio_client.handle_file(str(image_file)), api_name="/predict")
+    assert answer["notes"] == ["The image was scaled down from 64×48 to 32×24."]
+    assert len(answer["merged"]) == len(LABELS)
+
+
+def test_sources_that_fail_to_load_leave_the_merged_model_alone(hub_models, publish):
+    demo_models = app.load_demo("org/space-vit-merged", sources=["org/space-vit-a", "org/no-such-model"])
+    assert [m.name for m in demo_models.sources] == ["org/space-vit-a"]
+    assert len(demo_models.notes) == 1 and "org/no-such-model could not be loaded" in demo_models.notes[0]
+
+    publish("org/space-plain", family="vit", seed=4, labels=LABELS)
+    plain = app.load_demo("org/space-plain")
+    assert plain.sources == [] and "not made by hfmerge" in plain.notes[0]
+
+
+def test_app_refuses_a_missing_model_in_one_line(hub_models, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        app.main(["--model", "org/no-such-model"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("app.py: error: org/no-such-model could not be loaded") and "\n" not in err
+
+
+def test_gate_probabilities_are_named_by_task(image_file):
+    """A gated merge's outputs carry the gate's task probabilities; the app names them from the config."""
+
+    class Gated(torch.nn.Module):
+        config = SimpleNamespace(gate_labels=["digits", "letters"])
+
+        def __init__(self):
+            super().__init__()
+            self.linear = torch.nn.Linear(3, 2)
+
+        def forward(self, pixel_values):
+            pooled = pixel_values.mean(dim=(2, 3))
+            return SimpleNamespace(logits=self.linear(pooled), gate_probs=torch.tensor([[0.25, 0.75]]))
+
+    processor = transformers.ViTImageProcessorPil(size={"height": 8, "width": 8})
+    demo_model = app.DemoModel("gated", Gated(), processor, "classification", {0: "seven", 1: "A"})
+    prediction = demo_model.predict(PIL.Image.open(image_file).convert("RGB"))
+    assert prediction.gate == {"digits": 0.25, "letters": 0.75}
+    assert {t["label"] for t in prediction.top} == {"seven", "A"}
+
+
+def test_evaluation_section_and_plots_come_from_the_card(tmp_path):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "plots").mkdir()
+    PIL.Image.new("RGB", (8, 8), "red").save(folder / "plots" / "accuracy.png")
+    (folder / "README.md").write_text(
+        "---\nlicense: mit\n---\n# Model\n\n## Sources\n\nnot shown\n\n"
+        "## Evaluation\n\n| model | accuracy |\n|---|---|\n| merged | 0.91 |\n\n"
+        "![accuracy per task](plots/accuracy.png)\n![outside](../secret.png)\n\n## Usage\n\nnot shown either\n"
+    )
+    PIL.Image.new("RGB", (8, 8)).save(tmp_path / "secret.png")
+    text, plots = app.read_card(str(folder))
+    assert text.startswith("## Evaluation") and "| merged | 0.91 |" in text
+    assert "not shown" not in text and "![" not in text
+    assert plots == {"plots/accuracy.png": folder / "plots" / "accuracy.png"}
+
+
+# --------------------------------------------------------------------------- hfmerge space
+
+
+@contextmanager
+def running_space(folder, log_path):
+    """Start ``folder/app.py`` in a fresh interpreter without hfmerge; yield its URL once it answers."""
+    port = free_port()
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-c", RUN_WITHOUT_HFMERGE, str(folder / "app.py"), "--host", "127.0.0.1",
+             "--port", str(port)],
+            cwd=log_path.parent, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": ""},
+        )
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if process.poll() is not None:
+                pytest.fail(f"the Space exited with {process.returncode}:\n{log_path.read_text()}")
+            try:
+                urllib.request.urlopen(url, timeout=2).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    pytest.fail(f"the Space did not answer within 120 s:\n{log_path.read_text()}")
+                time.sleep(0.25)
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def test_space_output_writes_a_folder_that_runs_alone(hub_models, tmp_path, capsys, image_file):
+    out = tmp_path / "space"
+    code, stdout, _ = run_cli(["space", "org/space-vit-merged", "--output", out], capsys)
+    assert code == 0 and stdout.strip() == f"written: {out}"
+    assert sorted(p.name for p in out.iterdir()) == [
+        "README.md", "app.py", "examples", "requirements.txt", "space_config.json"]
+    assert (out / "app.py").read_bytes() == (ROOT / "spaces" / "app.py").read_bytes()
+    assert sorted(p.name for p in (out / "examples").iterdir()) == ["china.jpg", "flower.jpg"]
+    card = SpaceCard.load(out / "README.md")
+    assert (card.data.sdk, card.data.app_file, card.data.sdk_version) == ("gradio", "app.py", gr.__version__)
+    assert card.data.models == ["org/space-vit-merged", "org/space-vit-a", "org/space-vit-b"]
+    settings = json.loads((out / "space_config.json").read_text())
+    pins = [f"org/space-vit-{n}@{hub_models[f'org/space-vit-{n}']}" for n in ("a", "b")]
+    assert settings == {"model": "org/space-vit-merged", "sources": pins}
+    assert "hfmerge" not in (out / "requirements.txt").read_text()
+
+    with running_space(out, tmp_path / "space.log") as url:
+        answer = client_for(url).predict(gradio_client.handle_file(str(image_file)), api_name="/predict")
+    with serving(app.build_demo(app.load_demo("org/space-vit-merged"))) as url:
+        in_process = client_for(url).predict(gradio_client.handle_file(str(image_file)), api_name="/predict")
+    assert answer == in_process
+
+
+def test_space_is_pushed_to_the_hub_and_runs_from_its_repo(hub_models, local_hub, tmp_path, capsys, image_file):
+    code, stdout, _ = run_cli(["space", "org/space-seg-merged", "--space-id", "org/space-seg-demo"], capsys)
+    assert code == 0
+    repo = local_hub.repo("org/space-seg-demo", "space")
+    assert repo is not None and repo.sdk == "gradio" and not repo.private
+    assert f"pushed: {local_hub.endpoint}/spaces/org/space-seg-demo/commit/{repo.branches['main']}" in stdout
+    assert len(repo.history) == 2  # the repo's creation, then the Space in one commit
+    files = repo.commits[repo.branches["main"]]
+    assert {"app.py", "README.md", "requirements.txt", "space_config.json", "examples/china.jpg"} <= set(files)
+
+    folder = Path(snapshot_download("org/space-seg-demo", repo_type="space", local_dir=tmp_path / "clone"))
+    with running_space(folder, tmp_path / "space.log") as url:
+        answer = client_for(url).predict(gradio_client.handle_file(str(image_file)), api_name="/predict")
+    assert answer["task"] == "image-segmentation"
+    assert_matches(answer["merged"], expected_predictions(
+        "org/space-seg-merged", snapshot_download("org/space-seg-merged").rsplit("/", 1)[-1], image_file,
+        "segmentation"))
+    assert len(answer["sources"]) == 2
+
+    # Pushing again with other examples replaces them in one more commit; the private flag stays the user's.
+    own = tmp_path / "street.png"
+    PIL.Image.new("RGB", (32, 32), "gray").save(own)
+    code, _, _ = run_cli(["space", "org/space-seg-merged", "--space-id", "org/space-seg-demo",
+                          "--examples", own, "--no-sources"], capsys)
+    assert code == 0
+    files = repo.commits[repo.branches["main"]]
+    assert sorted(p for p in files if p.startswith("examples/")) == ["examples/street.png"]
+    assert json.loads(files["space_config.json"])["sources"] == []
+    assert "Example images:" not in files["README.md"].decode()
+
+
+@pytest.mark.parametrize(("args", "fragments"), [
+    (["org/no-such-model", "--space-id", "org/x-demo"], ["org/no-such-model does not exist"]),
+    (["org/space-vit-merged", "--space-id", "someone-else/demo"], ["cannot write to someone-else/demo"]),
+    (["org/space-vit-merged", "--space-id", "bad id!"], ["--space-id 'bad id!' is not a valid repo id"]),
+    (["org/space-vit-merged", "--space-id", "org/x-demo", "--sources", "org/no-such-model"],
+     ["org/no-such-model does not exist"]),
+    (["org/space-vit-merged", "--space-id", "org/x-demo", "--sources", "org/space-vit-a", "--no-sources"],
+     ["contradict"]),
+    (["org/space-feature", "--space-id", "org/x-demo"], ["ViTModel", "classification and segmentation"]),
+    (["LOCAL", "--space-id", "org/x-demo"], ["is a local folder", "--push-to-hub"]),
+    (["org/space-vit-merged", "--space-id", "org/x-demo", "--examples", "NOT_IMAGE"], ["is not an image"]),
+    (["org/space-vit-merged", "--output", "TAKEN"], ["exists and is not empty"]),
+])
+def test_space_bad_input_is_one_line_and_writes_nothing(hub_models, publish, local_hub, tmp_path, capsys, args,
+                                                        fragments):
+    model = tiny_model("vit", seed=5)
+    feature = transformers.ViTModel(model.config)
+    feature.config.architectures = ["ViTModel"]
+    publish("org/space-feature", model=feature, family="vit")
+    local = save_tiny(tmp_path / "local-merged", "vit")
+    not_image = tmp_path / "notes.png"
+    not_image.write_text("hello")
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "keep.txt").write_text("mine")
+    swap = {"LOCAL": str(local), "NOT_IMAGE": str(not_image), "TAKEN": str(taken)}
+    before = set(local_hub.repos)
+
+    code, out, err = run_cli(["space", *[swap.get(a, a) for a in args]], capsys)
+
+    assert_one_line_error(code, err, *fragments)
+    assert out == ""
+    assert set(local_hub.repos) - before == {("model", "org/space-feature")} - before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["local-merged", "notes.png", "taken"]
+    assert [p.name for p in taken.iterdir()] == ["keep.txt"]
+
+
+# --------------------------------------------------------------------------- browser
+
+
+def test_page_in_headless_chromium(hub_models, image_file):
+    """Load the page, upload an image, read each model's top label off the page, keep a screenshot."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    missing = chromium_missing()
+    if missing:
+        pytest.skip(f"{missing}; `make test` installs it where it can")
+    browser = headless_chromium()
+    demo_models = app.load_demo("org/space-vit-merged")
+    expected = {m.name: m.predict(app.open_image(image_file)[0]).top[0] for m in
+                [demo_models.merged, *demo_models.sources]}
+    try:
+        with serving(app.build_demo(demo_models)) as url:
+            browser.get(url)
+            wait = WebDriverWait(browser, 60)
+            upload = wait.until(lambda b: b.find_element(By.CSS_SELECTOR, "#input-image input[type=file]"))
+            upload.send_keys(str(image_file))
+            boxes = ["merged", "source-1", "source-2"]
+            wait.until(lambda b: all(any(label in b.find_element(By.ID, box).text for label in LABELS)
+                                     for box in boxes))
+            texts = {box: browser.find_element(By.ID, box).text for box in boxes}
+            ARTIFACTS.mkdir(exist_ok=True)
+            screenshot = ARTIFACTS / "space-classification.png"
+            assert browser.save_screenshot(str(screenshot))
+    finally:
+        browser.quit()
+    names = [demo_models.merged.name, *(m.name for m in demo_models.sources)]
+    for box, name in zip(boxes, names):
+        lines = texts[box].splitlines()
+        assert name in lines[0]
+        assert lines[1] == expected[name]["label"]  # the top label, shown under the model's name
+    assert screenshot.stat().st_size > 10_000
+
+
+def test_models_with_the_same_name_keep_apart(tmp_path, image_file):
+    """Two source folders with one name, same as the merged one's: each keeps its own entry in the JSON."""
+    first = save_tiny(tmp_path / "one" / "model", "vit", seed=1, labels=LABELS)
+    second = save_tiny(tmp_path / "two" / "model", "vit", seed=2, labels=LABELS)
+    demo_models = app.load_demo(str(first), sources=[str(first), str(second)])
+    payload, _ = demo_models.predict(app.open_image(image_file)[0])
+    assert list(payload["sources"]) == ["model (2)", "model (3)"]
+    assert payload["sources"]["model (2)"] == payload["merged"]
+    assert payload["sources"]["model (3)"] != payload["merged"]
