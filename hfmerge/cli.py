@@ -200,16 +200,24 @@ def _methods() -> int:
     return 0
 
 
-def _lowercase_level(record: logging.LogRecord) -> bool:
-    record.levelname_lower = record.levelname.lower()
-    return True
+class _CliFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return f"hfmerge: {record.levelname.lower()}: {record.getMessage()}"
+
+
+def _log_to_stderr() -> None:
+    """The library's warnings reach the user as ``hfmerge: warning: …`` lines on stderr, once each."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_CliFormatter())
+    logger = logging.getLogger("hfmerge")
+    logger.handlers = [handler]
+    logger.setLevel(logging.WARNING)
+    logger.propagate = False
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``hfmerge`` and ``python -m hfmerge``."""
-    logging.basicConfig(level=logging.WARNING, format="hfmerge: %(levelname_lower)s: %(message)s")
-    for handler in logging.getLogger().handlers:
-        handler.addFilter(_lowercase_level)
+    _log_to_stderr()
     try:
         import transformers
 

@@ -188,6 +188,14 @@ def test_sources_that_fail_to_load_leave_the_merged_model_alone(hub_models, publ
     assert plain.sources == [] and "not made by hfmerge" in plain.notes[0]
 
 
+def test_space_for_a_model_not_made_by_hfmerge_shows_it_alone(hub_models, publish, tmp_path, capsys):
+    publish("org/space-plain", family="vit", seed=4, labels=LABELS)
+    code, _, err = run_cli(["space", "org/space-plain", "--output", tmp_path / "space"], capsys)
+    assert code == 0
+    assert "has no hfmerge.yaml (not made by hfmerge); the Space shows it alone" in err
+    assert json.loads((tmp_path / "space" / "space_config.json").read_text())["sources"] == []
+
+
 def test_app_refuses_a_missing_model_in_one_line(hub_models, capsys):
     with pytest.raises(SystemExit) as exit_info:
         app.main(["--model", "org/no-such-model"])
@@ -404,3 +412,19 @@ def test_models_with_the_same_name_keep_apart(tmp_path, image_file):
     assert list(payload["sources"]) == ["model (2)", "model (3)"]
     assert payload["sources"]["model (2)"] == payload["merged"]
     assert payload["sources"]["model (3)"] != payload["merged"]
+
+
+def test_space_output_and_push_together_private(hub_models, local_hub, tmp_path, capsys):
+    """--output with --space-id writes the folder and pushes exactly that folder; --private makes the Space private."""
+    out = tmp_path / "space"
+    code, stdout, _ = run_cli(["space", "org/space-vit-merged", "--space-id", "org/space-private-demo",
+                               "--private", "--output", out, "--title", "Digits, merged"], capsys)
+    assert code == 0 and stdout.startswith(f"written: {out}\npushed: ")
+    repo = local_hub.repo("org/space-private-demo", "space")
+    assert repo.private and repo.sdk == "gradio"
+    files = repo.commits[repo.branches["main"]]
+    written = {p.relative_to(out).as_posix(): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert {k: v for k, v in files.items() if k != ".gitattributes"} == written
+    card = SpaceCard(files["README.md"].decode())
+    assert card.data.title == "Digits, merged"
+    assert 'Client("org/space-private-demo")' in card.text
