@@ -368,8 +368,9 @@ def test_space_bad_input_is_one_line_and_writes_nothing(hub_models, publish, loc
 # --------------------------------------------------------------------------- browser
 
 
-def test_page_in_headless_chromium(hub_models, image_file):
-    """Load the page, upload an image, read each model's top label off the page, keep a screenshot."""
+def test_page_in_headless_chromium(hub_models, image_file, tmp_path):
+    """Load the page, upload an image, read each model's top label off the page, keep a screenshot;
+    then upload a file that is not an image and read the message."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
@@ -393,6 +394,14 @@ def test_page_in_headless_chromium(hub_models, image_file):
             ARTIFACTS.mkdir(exist_ok=True)
             screenshot = ARTIFACTS / "space-classification.png"
             assert browser.save_screenshot(str(screenshot))
+            # a file that is not an image gets the app's message on the page, and the page stays up
+            fake = tmp_path / "fake.png"
+            fake.write_text("not pixels")
+            browser.find_element(By.CSS_SELECTOR, "#input-image input[type=file]").send_keys(str(fake))
+            page = lambda b: b.find_element(By.TAG_NAME, "body").text  # noqa: E731
+            wait.until(lambda b: "fake.png is not an image this demo can read" in page(b))
+            assert "Traceback" not in page(browser)
+            assert browser.save_screenshot(str(ARTIFACTS / "space-not-an-image.png"))
     finally:
         browser.quit()
     names = [demo_models.merged.name, *(m.name for m in demo_models.sources)]
