@@ -14,11 +14,12 @@ from hfmerge.pipeline import PlannedMerge, merge, plan_merge, run_recipe
 from hfmerge.methods import available_methods
 from hfmerge.recipe import Recipe, SourceSpec
 from hfmerge.result import MergeResult
+from hfmerge.space import SpaceOptions, push_space, save_space
 
 __version__ = "0.1.0"
 
 __all__ = [
     "HfMergeError", "IncompatibleModelsError", "MergeNumericError", "MergeResult", "OutputExistsError",
-    "PlannedMerge", "PublishError", "Recipe", "RecipeError", "SourceError", "SourceSpec",
-    "available_methods", "load", "merge", "plan_merge", "run_recipe",
+    "PlannedMerge", "PublishError", "Recipe", "RecipeError", "SourceError", "SourceSpec", "SpaceOptions",
+    "available_methods", "load", "merge", "plan_merge", "push_space", "run_recipe", "save_space",
 ]

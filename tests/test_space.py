@@ -289,6 +289,12 @@ def test_space_output_writes_a_folder_that_runs_alone(hub_models, tmp_path, caps
     pins = [f"org/space-vit-{n}@{hub_models[f'org/space-vit-{n}']}" for n in ("a", "b")]
     assert settings == {"model": "org/space-vit-merged", "sources": pins}
     assert "hfmerge" not in (out / "requirements.txt").read_text()
+    # the Python API writes the same folder
+    import hfmerge
+
+    again = hfmerge.save_space(hfmerge.SpaceOptions("org/space-vit-merged"), tmp_path / "again")
+    assert {p.relative_to(again): p.read_bytes() for p in again.rglob("*") if p.is_file()} == {
+        p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
 
     with running_space(out, tmp_path / "space.log") as url:
         answer = client_for(url).predict(gradio_client.handle_file(str(image_file)), api_name="/predict")
@@ -316,7 +322,7 @@ def test_space_is_pushed_to_the_hub_and_runs_from_its_repo(hub_models, local_hub
         "segmentation"))
     assert len(answer["sources"]) == 2
 
-    # Pushing again with other examples replaces them in one more commit; the private flag stays the user's.
+    # Pushing again with other examples replaces them in one more commit.
     own = tmp_path / "street.png"
     PIL.Image.new("RGB", (32, 32), "gray").save(own)
     code, _, _ = run_cli(["space", "org/space-seg-merged", "--space-id", "org/space-seg-demo",
