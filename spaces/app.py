@@ -61,6 +61,7 @@ HEAD_KINDS = {
     "ForUniversalSegmentation": "segmentation",
 }
 GATED_METHODS = {"gating"}
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # a Space on GPU hardware uses it
 
 
 class ModelLoadError(Exception):
@@ -249,7 +250,7 @@ def load_model(ref: str, *, gated: bool = False) -> DemoModel:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise ModelLoadError(f"{name} could not be loaded: {first}") from None
     labels = {int(k): str(v) for k, v in (getattr(model.config, "id2label", None) or {}).items()}
-    return DemoModel(name=name, model=model.eval(), processor=processor, kind=kind, labels=labels)
+    return DemoModel(name=name, model=model.to(DEVICE).eval(), processor=processor, kind=kind, labels=labels)
 
 
 def _load_gated(ref: str) -> torch.nn.Module:
