@@ -34,8 +34,6 @@ os.environ.update(
 os.environ.pop("HF_HUB_OFFLINE", None)
 
 import shutil  # noqa: E402
-import subprocess  # noqa: E402
-import urllib.request  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -125,45 +123,28 @@ def ask_space(folder: Path, examples: list[Path], screenshot: Path | None = None
     """
     from gradio_client import Client, handle_file
 
-    from hfmerge.testing.ports import free_port
+    from hfmerge.testing.space_app import running_space
 
-    port = free_port()
-    url = f"http://127.0.0.1:{port}/"
-    with open(OUT / "space.log", "w") as log:
-        app = subprocess.Popen([sys.executable, str(folder / "app.py"), "--host", "127.0.0.1", "--port", str(port)],
-                               cwd=folder, stdout=log, stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                urllib.request.urlopen(url, timeout=2).close()
-                break
-            except OSError:
-                if app.poll() is not None or time.monotonic() > deadline:
-                    print((OUT / "space.log").read_text(), file=sys.stderr)
-                    return 1
-                time.sleep(0.25)
-        client = Client(url, verbose=False)
-        print(f"  the Space runs at {url}; its /predict API answers:")
-        for path in examples:
-            answer = client.predict(handle_file(str(path)), api_name="/predict")
-            merged = ", ".join(f"{t['label']} {t['score']:.2f}" for t in answer["merged"][:3])
-            sources = "; ".join(f"{name.split('/')[-1].split('@')[0]}: {top[0]['label']}"
-                                for name, top in answer["sources"].items())
-            print(f"    {path.name:22s} merged: {merged:26s} sources: {sources}")
-        if screenshot is not None:
-            take_screenshot(url, examples[-1], screenshot, boxes=1 + len(answer["sources"]))
-    finally:
-        app.terminate()
-        app.wait(timeout=30)
+        with running_space(folder, OUT / "space.log") as url:
+            client = Client(url, verbose=False)
+            print(f"  the Space runs at {url}; its /predict API answers:")
+            for path in examples:
+                answer = client.predict(handle_file(str(path)), api_name="/predict")
+                merged = ", ".join(f"{t['label']} {t['score']:.2f}" for t in answer["merged"][:3])
+                sources = "; ".join(f"{name.split('/')[-1].split('@')[0]}: {top[0]['label']}"
+                                    for name, top in answer["sources"].items())
+                print(f"    {path.name:22s} merged: {merged:26s} sources: {sources}")
+            if screenshot is not None:
+                take_screenshot(url, examples[-1], screenshot, boxes=1 + len(answer["sources"]))
+    except RuntimeError as exc:
+        print(exc, file=sys.stderr)
+        return 1
     return 0
 
 
 def take_screenshot(url: str, image: Path, path: Path, boxes: int) -> None:
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
-
-    from hfmerge.testing.browser import chromium_missing, headless_chromium
+    from hfmerge.testing.browser import chromium_missing, headless_chromium, show_image
 
     missing = chromium_missing()
     if missing:
@@ -171,11 +152,8 @@ def take_screenshot(url: str, image: Path, path: Path, boxes: int) -> None:
         return
     browser = headless_chromium(width=1280, height=640)
     try:
-        browser.get(url)
-        wait = WebDriverWait(browser, 60)
-        wait.until(lambda b: b.find_element(By.CSS_SELECTOR, "#input-image input[type=file]")).send_keys(str(image))
         ids = ["merged", *(f"source-{i}" for i in range(1, boxes))]
-        wait.until(lambda b: all(len(b.find_element(By.ID, i).text.splitlines()) > 2 for i in ids))
+        show_image(browser, url, image, ids, ready=lambda text: len(text.splitlines()) > 2)
         time.sleep(0.5)  # let the bars finish their transition
         path.parent.mkdir(parents=True, exist_ok=True)
         browser.save_screenshot(str(path))

@@ -24,6 +24,7 @@ from huggingface_hub.utils import validate_repo_id
 
 from hfmerge.errors import RecipeError, SourceError
 from hfmerge.hub.resolve import ResolvedSource, resolve_source
+from hfmerge.recipe import SourceSpec
 from hfmerge.result import RECIPE_FILE, atomic_folder
 
 logger = logging.getLogger(__name__)
@@ -76,7 +77,7 @@ class SpacePlan:
     def hub_models(self) -> list[str]:
         """The repo ids a Space README lists under ``models:`` (no revisions, no folders)."""
         refs = [self.model_ref, *self.sources]
-        ids = [ref.rpartition("@")[0] if "@" in ref else ref for ref in refs]
+        ids = [SourceSpec.parse(ref).model for ref in refs]
         return list(dict.fromkeys(i for i in ids if not Path(i).expanduser().exists()))
 
 
@@ -111,8 +112,7 @@ def plan_space(options: SpaceOptions, *, for_hub: bool, token: str | bool | None
             warnings.append(f"{model.name} has no {RECIPE_FILE} (not made by hfmerge); the Space shows it alone")
     else:
         sources = [_checked_source(ref, for_hub=for_hub, token=token) for ref in options.sources]
-    model_ref = (f"{model.repo_id}@{model.revision}" if model.revision else model.repo_id) if model.repo_id \
-        else str(model.path)
+    model_ref = str(model.path) if model.is_local else model.spec.ref
     name = model.repo_id.split("/")[-1] if model.repo_id else model.path.name
     for message in warnings:
         logger.warning(message)
@@ -232,18 +232,17 @@ def _recipe_sources(recipe: dict, model: ResolvedSource, *, for_hub: bool, warni
     """The merge's sources pinned to their commits; folders are kept only for a local Space that can reach them."""
     refs = []
     for entry in recipe.get("sources") or []:
-        entry = {"model": entry} if isinstance(entry, str) else entry
-        ref = str(entry.get("model", ""))
-        folder = Path(ref).expanduser()
-        if ref.startswith((".", "/", "~")) or folder.is_dir():
+        spec = SourceSpec.parse(entry)
+        folder = Path(spec.model).expanduser()
+        if spec.model.startswith((".", "/", "~")) or folder.is_dir():
             if not for_hub and folder.is_dir():
                 refs.append(str(folder.resolve()))
             else:
-                warnings.append(f"source {ref!r} of {model.name} is a local folder, which the Space cannot load; "
-                                "it is left out (pass --sources with repo ids to show it)")
+                warnings.append(f"source {spec.model!r} of {model.name} is a local folder, which the Space cannot "
+                                "load; it is left out (pass --sources with repo ids to show it)")
             continue
-        pin = entry.get("commit") or entry.get("revision")
-        refs.append(f"{ref}@{pin}" if pin else ref)
+        pin = spec.commit or spec.revision
+        refs.append(f"{spec.model}@{pin}" if pin else spec.model)
     return refs
 
 
@@ -253,7 +252,7 @@ def _checked_source(ref: str, *, for_hub: bool, token: str | bool | None) -> str
         if for_hub:
             raise RecipeError(f"--sources {ref!r} is a local folder, which a Space cannot load; give a Hub repo id")
         return str(source.path)
-    return f"{source.repo_id}@{source.revision}" if source.revision else source.repo_id
+    return source.spec.ref
 
 
 def _examples(paths: list[str] | None) -> list[Path]:

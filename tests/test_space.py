@@ -4,11 +4,6 @@ the pushed Space running from its own files, bad input, and one run in headless 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-import time
-import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
@@ -22,8 +17,9 @@ from helpers import assert_one_line_error, run_cli
 from huggingface_hub import SpaceCard, snapshot_download
 
 from hfmerge.cli import main
-from hfmerge.testing.browser import chromium_missing, headless_chromium
+from hfmerge.testing.browser import chromium_missing, headless_chromium, show_image
 from hfmerge.testing.ports import free_port
+from hfmerge.testing.space_app import running_space
 from hfmerge.testing.tiny import save_tiny, spread_weights, tiny_model
 
 gr = pytest.importorskip("gradio", reason="the Space tests need the `space` extra: pip install -e .[space]")
@@ -33,11 +29,6 @@ from hfmerge.spaces import app  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "test-artifacts"
 LABELS = ["cat", "dog", "bird", "fish"]
-# Runs app.py the way a Space does, with hfmerge made unimportable: the Space must not need it.
-RUN_WITHOUT_HFMERGE = (
-    "import runpy, sys; sys.modules['hfmerge'] = None; sys.argv = sys.argv[1:]; "
-    "runpy.run_path(sys.argv[0], run_name='__main__')"
-)
 
 
 @pytest.fixture(scope="module")
@@ -245,35 +236,6 @@ def test_evaluation_section_and_plots_come_from_the_card(tmp_path):
 # --------------------------------------------------------------------------- hfmerge space
 
 
-@contextmanager
-def running_space(folder, log_path):
-    """Start ``folder/app.py`` in a fresh interpreter without hfmerge; yield its URL once it answers."""
-    port = free_port()
-    with open(log_path, "w") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-c", RUN_WITHOUT_HFMERGE, str(folder / "app.py"), "--host", "127.0.0.1",
-             "--port", str(port)],
-            cwd=log_path.parent, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": ""},
-        )
-    url = f"http://127.0.0.1:{port}/"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"the Space exited with {process.returncode}:\n{log_path.read_text()}")
-            try:
-                urllib.request.urlopen(url, timeout=2).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    pytest.fail(f"the Space did not answer within 120 s:\n{log_path.read_text()}")
-                time.sleep(0.25)
-        yield url
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
-
-
 def test_space_output_writes_a_folder_that_runs_alone(hub_models, tmp_path, capsys, image_file):
     out = tmp_path / "space"
     code, stdout, _ = run_cli(["space", "org/space-vit-merged", "--output", out], capsys)
@@ -296,7 +258,7 @@ def test_space_output_writes_a_folder_that_runs_alone(hub_models, tmp_path, caps
     assert {p.relative_to(again): p.read_bytes() for p in again.rglob("*") if p.is_file()} == {
         p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
 
-    with running_space(out, tmp_path / "space.log") as url:
+    with running_space(out, tmp_path / "space.log", without_hfmerge=True) as url:
         answer = client_for(url).predict(gradio_client.handle_file(str(image_file)), api_name="/predict")
     with serving(app.build_demo(app.load_demo("org/space-vit-merged"))) as url:
         in_process = client_for(url).predict(gradio_client.handle_file(str(image_file)), api_name="/predict")
@@ -314,7 +276,7 @@ def test_space_is_pushed_to_the_hub_and_runs_from_its_repo(hub_models, local_hub
     assert {"app.py", "README.md", "requirements.txt", "space_config.json", "examples/china.jpg"} <= set(files)
 
     folder = Path(snapshot_download("org/space-seg-demo", repo_type="space", local_dir=tmp_path / "clone"))
-    with running_space(folder, tmp_path / "space.log") as url:
+    with running_space(folder, tmp_path / "space.log", without_hfmerge=True) as url:
         answer = client_for(url).predict(gradio_client.handle_file(str(image_file)), api_name="/predict")
     assert answer["task"] == "image-segmentation"
     assert_matches(answer["merged"], expected_predictions(
@@ -389,14 +351,9 @@ def test_page_in_headless_chromium(hub_models, image_file, tmp_path):
                 [demo_models.merged, *demo_models.sources]}
     try:
         with serving(app.build_demo(demo_models)) as url:
-            browser.get(url)
-            wait = WebDriverWait(browser, 60)
-            upload = wait.until(lambda b: b.find_element(By.CSS_SELECTOR, "#input-image input[type=file]"))
-            upload.send_keys(str(image_file))
             boxes = ["merged", "source-1", "source-2"]
-            wait.until(lambda b: all(any(label in b.find_element(By.ID, box).text for label in LABELS)
-                                     for box in boxes))
-            texts = {box: browser.find_element(By.ID, box).text for box in boxes}
+            texts = show_image(browser, url, image_file, boxes,
+                               ready=lambda text: any(label in text for label in LABELS))
             ARTIFACTS.mkdir(exist_ok=True)
             screenshot = ARTIFACTS / "space-classification.png"
             assert browser.save_screenshot(str(screenshot))
@@ -405,7 +362,7 @@ def test_page_in_headless_chromium(hub_models, image_file, tmp_path):
             fake.write_text("not pixels")
             browser.find_element(By.CSS_SELECTOR, "#input-image input[type=file]").send_keys(str(fake))
             page = lambda b: b.find_element(By.TAG_NAME, "body").text  # noqa: E731
-            wait.until(lambda b: "fake.png is not an image this demo can read" in page(b))
+            WebDriverWait(browser, 60).until(lambda b: "fake.png is not an image this demo can read" in page(b))
             assert "Traceback" not in page(browser)
             assert browser.save_screenshot(str(ARTIFACTS / "space-not-an-image.png"))
     finally:

@@ -8,6 +8,8 @@ flags keep Chromium off the network: this project's machines reach none.
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 CHROMIUM_FLAGS = (
@@ -37,3 +39,19 @@ def headless_chromium(width: int = 1400, height: int = 1000) -> Any:
     for flag in (*CHROMIUM_FLAGS, f"--window-size={width},{height}"):
         options.add_argument(flag)
     return webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=options)
+
+
+def show_image(browser: Any, url: str, image: str | Path, box_ids: list[str], ready: Callable[[str], bool],
+               timeout: float = 60) -> dict[str, str]:
+    """Open the Space at ``url``, upload ``image``, wait until every box's text is ``ready``; return the texts.
+
+    ``box_ids`` are the ``elem_id``s of the app's prediction boxes (``merged``, ``source-1``…).
+    """
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser.get(url)
+    wait = WebDriverWait(browser, timeout)
+    wait.until(lambda b: b.find_element(By.CSS_SELECTOR, "#input-image input[type=file]")).send_keys(str(image))
+    wait.until(lambda b: all(ready(b.find_element(By.ID, box).text) for box in box_ids))
+    return {box: browser.find_element(By.ID, box).text for box in box_ids}
