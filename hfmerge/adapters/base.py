@@ -45,6 +45,10 @@ class FamilyAdapter:
         architectures: accepted transformers class names, each with its pipeline task.
         heads: classifier layers per architecture; fusion concatenates these.
         default_architecture: used when a config names no architecture.
+        backbone_prefix: the in-memory name prefix of the backbone inside the task
+            models (``vit``, ``resnet``, ``backbone``...). A headless base model
+            (``ViTModel``) names the same tensors without it; layerwise refuses
+            a merge whose shared layers do not include the anchor's backbone.
     """
 
     name: str
@@ -52,6 +56,7 @@ class FamilyAdapter:
     architectures: dict[str, str]
     heads: dict[str, tuple[HeadSpec, ...]] = field(default_factory=dict)
     default_architecture: str | None = None
+    backbone_prefix: str = ""
 
     def model_class(self, architecture: str) -> type[torch.nn.Module]:
         """The transformers class for ``architecture`` (only classes this adapter lists)."""

@@ -19,5 +19,6 @@ MASK2FORMER = register_family(
             )
         },
         default_architecture="Mask2FormerForUniversalSegmentation",
+        backbone_prefix="model.pixel_level_module.encoder",
     )
 )

@@ -16,5 +16,6 @@ MOBILENET_V2 = register_family(
             "MobileNetV2ForSemanticSegmentation": (HeadSpec(r"segmentation_head\.classifier\.convolution\.(weight|bias)"),),
         },
         default_architecture="MobileNetV2ForImageClassification",
+        backbone_prefix="mobilenet_v2",
     )
 )

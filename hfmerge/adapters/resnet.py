@@ -9,5 +9,6 @@ RESNET = register_family(
         architectures={"ResNetForImageClassification": "image-classification", "ResNetModel": "image-feature-extraction"},
         heads={"ResNetForImageClassification": (HeadSpec(r"classifier\.1\.(weight|bias)"),)},
         default_architecture="ResNetForImageClassification",
+        backbone_prefix="resnet",
     )
 )

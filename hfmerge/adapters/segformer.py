@@ -16,5 +16,6 @@ SEGFORMER = register_family(
             "SegformerForImageClassification": (HeadSpec(r"classifier\.(weight|bias)"),),
         },
         default_architecture="SegformerForSemanticSegmentation",
+        backbone_prefix="segformer",
     )
 )

@@ -19,5 +19,6 @@ UPERNET = register_family(
             )
         },
         default_architecture="UperNetForSemanticSegmentation",
+        backbone_prefix="backbone",
     )
 )

@@ -9,5 +9,6 @@ VIT = register_family(
         architectures={"ViTForImageClassification": "image-classification", "ViTModel": "image-feature-extraction"},
         heads={"ViTForImageClassification": (HeadSpec(r"classifier\.(weight|bias)"),)},
         default_architecture="ViTForImageClassification",
+        backbone_prefix="vit",
     )
 )

@@ -64,6 +64,11 @@ class MergeMethod(ABC):
     uses_anchor: ClassVar[bool] = False
     uses_weights: ClassVar[bool] = False
     min_sources: ClassVar[int] = 2
+    card_template: ClassVar[str] = ""
+    """The method's own paragraph of the model card: a Jinja snippet rendered with
+    ``details`` (the plan's details), ``parameters``, ``base`` and ``sources``.
+    Each method states its own formula here; the card template never branches on
+    method names."""
 
     def validate_parameters(self, given: dict[str, Any]) -> dict[str, Any]:
         """Fill defaults and check ``given`` against the declared parameters."""
