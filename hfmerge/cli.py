@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from pathlib import Path
 from typing import Any, NoReturn
 
 from hfmerge.errors import HfMergeError, RecipeError
@@ -35,7 +34,8 @@ def _build_parser() -> argparse.ArgumentParser:
         p.add_argument("--output", "-o", help="folder to write the merged model to")
         p.add_argument("--push-to-hub", metavar="REPO_ID", help="upload the result to this Hub repo in one commit")
         p.add_argument("--private", action="store_true", help="create the Hub repo as private")
-        p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output folder")
+        p.add_argument("--overwrite", action="store_true",
+                       help="replace an output folder that holds an earlier hfmerge output (hfmerge.yaml)")
         p.add_argument("--dry-run", action="store_true", help="print the plan and write nothing")
         p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
 
@@ -71,7 +71,8 @@ def _build_parser() -> argparse.ArgumentParser:
     space.add_argument("--title", help="the Space's title (default: '<model name> demo')")
     space.add_argument("--private", action="store_true", help="create the Space as private")
     space.add_argument("--output", "-o", help="write the Space folder here; without --space-id nothing is pushed")
-    space.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output folder")
+    space.add_argument("--overwrite", action="store_true",
+                       help="replace an output folder that holds an earlier Space written by hfmerge")
 
     sub.add_parser("methods", help="list the merge methods and their parameters")
     return parser
@@ -104,29 +105,22 @@ def _recipe_from_merge_args(args: argparse.Namespace) -> Any:
 
 
 def _execute(recipe: Any, args: argparse.Namespace) -> int:
-    from hfmerge.pipeline import plan_merge, run_recipe
-    from hfmerge.result import check_output_folder
+    from dataclasses import replace
 
-    output = args.output or recipe.output
-    push = args.push_to_hub or recipe.push_to_hub
-    private = args.private or recipe.private
+    from hfmerge.pipeline import plan_merge, run_recipe
+
+    recipe = replace(recipe, output=args.output or recipe.output, push_to_hub=args.push_to_hub or recipe.push_to_hub,
+                     private=args.private or recipe.private)
     if args.dry_run:
-        print(plan_merge(recipe).describe())
+        print(plan_merge(recipe, metadata_only=True).describe())
         return 0
-    if not output and not push:
+    if not recipe.output and not recipe.push_to_hub:
         raise RecipeError("say where the result goes: --output DIR and/or --push-to-hub REPO_ID")
-    staging_parent = None
-    if output:
-        target = Path(output).expanduser().resolve()
-        check_output_folder(target, overwrite=args.overwrite)
-        staging_parent = target.parent if target.parent.is_dir() else None
-    result = run_recipe(recipe, staging_parent=staging_parent, progress=not args.quiet)
-    if output:
-        saved = result.save(output, overwrite=args.overwrite)
-        print(f"saved: {saved}")
-    if push:
-        url = result.push_to_hub(push, private=private)
-        print(f"pushed: {url}")
+    result = run_recipe(recipe, overwrite=args.overwrite, progress=not args.quiet)
+    if result.saved_to:
+        print(f"saved: {result.saved_to}")
+    if result.commit_url:
+        print(f"pushed: {result.commit_url}")
     return 0
 
 
@@ -240,6 +234,13 @@ def main(argv: list[str] | None = None) -> int:
         return _methods()
     except HfMergeError as exc:
         print(f"hfmerge: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except Exception as exc:
+        from hfmerge.hub.connection import TRANSPORT_ERRORS, hub_unreachable
+
+        if not isinstance(exc, TRANSPORT_ERRORS):
+            raise
+        print(f"hfmerge: error: {hub_unreachable(exc)}", file=sys.stderr)  # a Hub call the library did not wrap
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("hfmerge: interrupted; nothing was written", file=sys.stderr)

@@ -35,3 +35,7 @@ class OutputExistsError(HfMergeError, FileExistsError):
 
 class PublishError(HfMergeError, RuntimeError):
     """Uploading to the Hub failed."""
+
+
+class HubUnreachableError(HfMergeError, ConnectionError):
+    """The Hub endpoint cannot be reached: no network, unknown host, refused connection or timeout."""

@@ -12,13 +12,15 @@ from typing import Any
 import torch
 
 from hfmerge.adapters import ModelLayout, inspect_source
+from hfmerge.engine.checkpoint import HeaderReader, weight_files
 from hfmerge.engine.execute import execute_plan, output_dtype
 from hfmerge.engine.plan import MergeContext, MergePlan
 from hfmerge.errors import IncompatibleModelsError
-from hfmerge.hub.resolve import ResolvedSource, resolve_source
+from hfmerge.hub.publish import check_push_access
+from hfmerge.hub.resolve import ResolvedSource, resolve_source, safetensors_header
 from hfmerge.methods import MergeMethod, get_method
 from hfmerge.recipe import Recipe, SourceSpec, parse_size
-from hfmerge.result import MergeResult, write_metadata
+from hfmerge.result import MergeResult, check_output_folder, write_metadata
 
 logger = logging.getLogger(__name__)
 
@@ -68,16 +70,31 @@ class PlannedMerge:
         return "\n".join(lines)
 
 
-def plan_merge(recipe: Recipe, *, token: str | bool | None = None) -> PlannedMerge:
-    """Resolve and inspect the sources and let the method plan; reads no tensor data."""
+def plan_merge(recipe: Recipe, *, token: str | bool | None = None, metadata_only: bool = False) -> PlannedMerge:
+    """Resolve and inspect the sources and let the method plan; reads no tensor data.
+
+    With ``metadata_only`` (``--dry-run``), Hub sources download their configs
+    only and are inspected from their safetensors headers, read with range
+    requests; such a plan can be shown but not executed.
+    """
     method = get_method(recipe.method)
     anchor_index = recipe.anchor_index()
-    sources = [resolve_source(s, token=token, allow_pickle=recipe.allow_pickle) for s in recipe.sources]
-    layouts = [inspect_source(s, allow_pickle=recipe.allow_pickle) for s in sources]
+
+    def resolve(spec: SourceSpec) -> ResolvedSource:
+        return resolve_source(spec, token=token, allow_pickle=recipe.allow_pickle, metadata_only=metadata_only)
+
+    def inspect(source: ResolvedSource) -> ModelLayout:
+        if metadata_only:
+            source, reader = _header_reader(source, token=token, allow_pickle=recipe.allow_pickle)
+            return inspect_source(source, allow_pickle=recipe.allow_pickle, reader=reader)
+        return inspect_source(source, allow_pickle=recipe.allow_pickle)
+
+    layouts = [inspect(s) for s in [resolve(spec) for spec in recipe.sources]]
+    sources = [layout.source for layout in layouts]
     base = base_layout = None
     if recipe.base:
-        base = resolve_source(SourceSpec.parse(recipe.base), token=token, allow_pickle=recipe.allow_pickle)
-        base_layout = inspect_source(base, allow_pickle=recipe.allow_pickle)
+        base_layout = inspect(resolve(SourceSpec.parse(recipe.base)))
+        base = base_layout.source
     families = {layout.family.name for layout in layouts + ([base_layout] if base_layout else [])}
     if len(families) > 1:
         raise IncompatibleModelsError(
@@ -97,15 +114,62 @@ def plan_merge(recipe: Recipe, *, token: str | bool | None = None) -> PlannedMer
     return PlannedMerge(recipe, method, sources, base, context, plan)
 
 
+def _header_reader(
+    source: ResolvedSource, *, token: str | bool | None, allow_pickle: bool
+) -> tuple[ResolvedSource, HeaderReader | None]:
+    """For a source resolved without weights: a reader of its Hub safetensors headers.
+
+    ``None`` (open the files) for a local folder, a Hub source whose weights
+    are in the cache already, and pickle weights, which have no header to
+    read: those are downloaded, as the user allowed them.
+    """
+    if source.is_local:
+        return source, None
+    files, _ = weight_files(source.path)
+    if files and all(f.is_file() for f in files):
+        return source, None
+    header = safetensors_header(source, token=token)
+    if header is None:
+        return resolve_source(source.spec, token=token, allow_pickle=allow_pickle), None
+    return source, HeaderReader(header, label=source.name)
+
+
 def run_recipe(
     recipe: Recipe,
     *,
     token: str | bool | None = None,
-    staging_parent: str | Path | None = None,
+    overwrite: bool = False,
     progress: bool = True,
 ) -> MergeResult:
-    """Plan and execute ``recipe`` into a staging folder; return the :class:`MergeResult`."""
-    planned = plan_merge(recipe, token=token)
+    """Plan and execute ``recipe``; save it to ``recipe.output`` and push it to ``recipe.push_to_hub`` if set.
+
+    Both destinations are checked before any source is downloaded: the output
+    folder may be replaced (see :func:`~hfmerge.result.check_output_folder`;
+    ``overwrite`` as ``--overwrite``), and the token may write to the Hub repo.
+    The result is saved first, then pushed in one commit.
+
+    Raises:
+        OutputExistsError: the output folder may not be replaced.
+        PublishError: no token, a read-only token, or a namespace the token cannot write to.
+    """
+    staging_parent = None
+    if recipe.output:
+        target = Path(recipe.output).expanduser().resolve()
+        check_output_folder(target, overwrite=overwrite)
+        staging_parent = target.parent if target.parent.is_dir() else None  # same filesystem: save by hard links
+    if recipe.push_to_hub:
+        check_push_access(recipe.push_to_hub, token=token)
+    result = _execute(plan_merge(recipe, token=token), staging_parent=staging_parent, progress=progress)
+    if recipe.output:
+        result.save(recipe.output, overwrite=overwrite)
+    if recipe.push_to_hub:
+        result.push_to_hub(recipe.push_to_hub, private=recipe.private, token=token)
+    return result
+
+
+def _execute(planned: PlannedMerge, *, staging_parent: Path | None, progress: bool) -> MergeResult:
+    """Execute a plan into a staging folder with config, processor, recipe and card."""
+    recipe = planned.recipe
     staging = Path(tempfile.mkdtemp(prefix=".hfmerge-staging-", dir=staging_parent))
     try:
         dtype = getattr(torch, recipe.dtype) if recipe.dtype else None
@@ -151,6 +215,10 @@ def merge(
     dtype: str | None = None,
     allow_pickle: bool = False,
     max_shard_size: str = "5GB",
+    output: str | Path | None = None,
+    push_to_hub: str | None = None,
+    private: bool = False,
+    overwrite: bool = False,
     token: str | bool | None = None,
     progress: bool = True,
     parameters: dict[str, Any] | None = None,
@@ -159,7 +227,8 @@ def merge(
     """Merge models named by repo id (``org/name[@revision]``) or folder.
 
     Method parameters are keyword arguments (``lambda_=0.5`` for ``lambda``,
-    a Python keyword) or a ``parameters`` mapping.
+    a Python keyword) or a ``parameters`` mapping. With ``output`` and/or
+    ``push_to_hub`` the result is also saved and/or pushed, as in :func:`run_recipe`.
 
     Example:
         >>> result = hfmerge.merge(["org/a", "org/b@v1"], method="layerwise", anchor="org/a")
@@ -173,5 +242,6 @@ def merge(
         recipe = Recipe(
             sources=list(sources), method=method, parameters=params, weights=weights, anchor=anchor,
             base=base, dtype=dtype, allow_pickle=allow_pickle, max_shard_size=max_shard_size,
+            output=None if output is None else str(output), push_to_hub=push_to_hub, private=private,
         )
-    return run_recipe(recipe, token=token, progress=progress)
+    return run_recipe(recipe, token=token, overwrite=overwrite, progress=progress)

@@ -34,13 +34,16 @@ class MergeResult:
     The staged folder holds everything a user gets: safetensors weights,
     ``config.json``, the anchor's image processor, ``hfmerge.yaml`` (the recipe
     pinned to commit shas) and ``README.md`` (the model card). It is removed
-    when the result is garbage collected.
+    when the result is garbage collected. ``saved_to`` and ``commit_url`` say
+    where it went last.
     """
 
     planned: PlannedMerge
     staging: Path
     config: Any
     warnings: list[str] = field(default_factory=list)
+    saved_to: Path | None = None
+    commit_url: str | None = None
 
     def __post_init__(self) -> None:
         self._finalizer = weakref.finalize(self, shutil.rmtree, str(self.staging), True)
@@ -91,7 +94,8 @@ class MergeResult:
         with atomic_folder(folder, overwrite=overwrite) as partial:
             for item in self.staging.iterdir():
                 _link_or_copy(item, partial / item.name)
-        return Path(folder).expanduser().resolve()
+        self.saved_to = Path(folder).expanduser().resolve()
+        return self.saved_to
 
     def push_to_hub(
         self, repo_id: str, *, private: bool = False, token: str | bool | None = None,
@@ -107,35 +111,77 @@ class MergeResult:
         fresh.write_text(render_card(self, repo_id=repo_id))
         os.replace(fresh, self.staging / "README.md")
         message = commit_message or f"Merge {len(self.planned.sources)} models with hfmerge ({self.method})"
-        return push_folder(self.staging, repo_id, private=private, token=token, commit_message=message)
+        self.commit_url = push_folder(self.staging, repo_id, private=private, token=token, commit_message=message)
+        return self.commit_url
 
 
-def check_output_folder(target: Path, *, overwrite: bool) -> None:
-    """Refuse an existing non-empty output folder unless ``overwrite``."""
-    if target.exists():
-        if not target.is_dir():
-            raise OutputExistsError(f"output {str(target)!r} is a file; choose a folder path")
-        if any(target.iterdir()) and not overwrite:
-            raise OutputExistsError(
-                f"output folder {str(target)!r} exists and is not empty; choose another path or pass --overwrite"
-            )
+def check_output_folder(target: str | Path, *, overwrite: bool, marker: str = RECIPE_FILE) -> None:
+    """Refuse an output folder whose replacement could lose the user's files.
+
+    An existing folder is replaced only when it is empty, or with
+    ``overwrite`` when it holds a previous output (``marker`` present:
+    ``hfmerge.yaml`` for a merged model, ``space_config.json`` for a Space).
+    The current folder and its ancestors, the home folder and a filesystem
+    root are never replaced, whatever they hold.
+
+    Raises:
+        OutputExistsError: the folder may not be replaced; nothing was touched.
+    """
+    target = Path(target).expanduser().resolve()
+    if not target.exists():
+        return
+    if not target.is_dir():
+        raise OutputExistsError(f"output {str(target)!r} is a file; choose a folder path")
+    protected = _protected_folder(target)
+    if protected:
+        raise OutputExistsError(
+            f"output {str(target)!r} is {protected}, which hfmerge never replaces; give a new folder, e.g. ./merged"
+        )
+    if not any(target.iterdir()):
+        return
+    if not overwrite:
+        raise OutputExistsError(
+            f"output folder {str(target)!r} exists and is not empty; choose another path or pass --overwrite"
+        )
+    if not (target / marker).is_file():
+        raise OutputExistsError(
+            f"output folder {str(target)!r} has files but no {marker}, so it is not an earlier hfmerge output; "
+            "--overwrite replaces only an empty folder or an earlier output: choose another path"
+        )
+
+
+def _protected_folder(target: Path) -> str | None:
+    """What makes ``target`` a folder that must never be replaced, or ``None``."""
+    if target.parent == target:
+        return "a filesystem root"
+    try:
+        cwd = Path.cwd().resolve()
+    except OSError:  # the current folder was deleted
+        cwd = None
+    if cwd is not None and (cwd == target or target in cwd.parents):
+        return "the current folder" if cwd == target else "an ancestor of the current folder"
+    if target == Path.home().expanduser().resolve():
+        return "the home folder"
+    return None
 
 
 @contextmanager
-def atomic_folder(folder: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
+def atomic_folder(folder: str | Path, *, overwrite: bool = False, marker: str = RECIPE_FILE) -> Iterator[Path]:
     """Yield a hidden sibling of ``folder`` to fill; rename it to ``folder`` when the block ends.
 
     An exception inside the block removes the partial folder and leaves
     ``folder`` as it was, so a failure never leaves a half-written output.
+    The folder gets the permissions the user's umask gives a new folder.
 
     Raises:
-        OutputExistsError: ``folder`` exists, is not empty, and ``overwrite`` is false.
+        OutputExistsError: ``folder`` may not be replaced (see :func:`check_output_folder`).
     """
     target = Path(folder).expanduser().resolve()
-    check_output_folder(target, overwrite=overwrite)
+    check_output_folder(target, overwrite=overwrite, marker=marker)
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
     try:
+        partial.chmod(0o777 & ~_umask())  # mkdtemp makes 0700, private unlike any folder the user makes
         yield partial
         if target.exists():
             trash = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
@@ -147,6 +193,12 @@ def atomic_folder(folder: str | Path, *, overwrite: bool = False) -> Iterator[Pa
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:

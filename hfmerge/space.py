@@ -25,7 +25,7 @@ from huggingface_hub.utils import validate_repo_id
 from hfmerge.errors import RecipeError, SourceError
 from hfmerge.hub.resolve import ResolvedSource, resolve_source
 from hfmerge.recipe import SourceSpec
-from hfmerge.result import RECIPE_FILE, atomic_folder
+from hfmerge.result import RECIPE_FILE, atomic_folder, check_output_folder
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +35,8 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 # The heads spaces/app.py can show, by the suffix of the transformers class name.
 SHOWN_HEADS = ("ForImageClassification", "ForSemanticSegmentation", "ForUniversalSegmentation")
 GATED_METHODS = ("gating",)
+# What marks a folder as a Space written by hfmerge, so that --overwrite may replace it.
+SPACE_CONFIG_FILE = "space_config.json"
 
 
 @dataclass
@@ -132,7 +134,7 @@ def write_space(plan: SpacePlan, folder: Path, space_id: str | None = None) -> N
         with (folder / "requirements.txt").open("a") as requirements:
             requirements.write("hfmerge\n")
     settings = {"model": plan.model_ref, "sources": plan.sources}
-    (folder / "space_config.json").write_text(json.dumps(settings, indent=2) + "\n")
+    (folder / SPACE_CONFIG_FILE).write_text(json.dumps(settings, indent=2) + "\n")
     (folder / "README.md").write_text(space_card(plan, space_id))
     examples = folder / "examples"
     examples.mkdir()
@@ -170,12 +172,14 @@ def save_space(options: SpaceOptions, output: str | Path, *, overwrite: bool = F
 
     With ``options.space_id`` set, the folder is checked as for the Hub (no
     local folders as models or sources) and can be pushed with :func:`push_space`.
+    ``overwrite`` replaces only a folder holding an earlier Space (``space_config.json``).
     """
+    check_output_folder(output, overwrite=overwrite, marker=SPACE_CONFIG_FILE)
     for_hub = options.space_id is not None
     if for_hub:
         _check_space_id(options.space_id)
     plan = plan_space(options, for_hub=for_hub, token=token)
-    with atomic_folder(output, overwrite=overwrite) as partial:
+    with atomic_folder(output, overwrite=overwrite, marker=SPACE_CONFIG_FILE) as partial:
         write_space(plan, partial, options.space_id)
     return Path(output).expanduser().resolve()
 

@@ -63,6 +63,7 @@ def test_overwrite_replaces_an_existing_output(vits, tmp_path, capsys):
     out = tmp_path / "merged"
     out.mkdir()
     (out / "old.txt").write_text("old")
+    (out / "hfmerge.yaml").write_text("method: average\n")  # an earlier hfmerge output: --overwrite may replace it
     code, _, err = run_cli(["merge", *vits, "-m", "average", "-o", out], capsys)
     assert_one_line_error(code, err, "exists and is not empty", "--overwrite")
     assert (out / "old.txt").exists()

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from hfmerge.adapters.base import FamilyAdapter, HeadSpec, family_for_model_type, supported_families
-from hfmerge.engine.checkpoint import CheckpointReader
+from hfmerge.engine.checkpoint import CheckpointReader, TensorTable
 from hfmerge.errors import SourceError
 from hfmerge.hub.resolve import ResolvedSource
 
@@ -49,7 +49,7 @@ class ModelLayout:
     architecture: str
     task: str
     config: Any
-    reader: CheckpointReader
+    reader: TensorTable
     tensors: dict[str, TensorInfo]
 
     @cached_property
@@ -80,8 +80,14 @@ class ModelLayout:
 _MODEL_CLASS_FACTS: dict[tuple[str, bytes, tuple[str, ...]], tuple[dict[str, tuple[int, ...]], dict[str, str]]] = {}
 
 
-def inspect_source(source: ResolvedSource, *, allow_pickle: bool = False) -> ModelLayout:
+def inspect_source(
+    source: ResolvedSource, *, allow_pickle: bool = False, reader: TensorTable | None = None
+) -> ModelLayout:
     """Read config and checkpoint header of ``source``; no tensor data is loaded.
+
+    ``reader`` gives the checkpoint's tensors when they are known otherwise
+    (a :class:`~hfmerge.engine.checkpoint.HeaderReader` from Hub headers);
+    by default the weight files in ``source.path`` are opened.
 
     Raises:
         SourceError: unsupported family or architecture, or a checkpoint whose
@@ -106,7 +112,8 @@ def inspect_source(source: ResolvedSource, *, allow_pickle: bool = False) -> Mod
             f"{source.name}: architecture {architecture} is not supported; "
             f"{family.name} models may be {', '.join(family.architectures)}"
         )
-    reader = CheckpointReader(source.path, allow_pickle=allow_pickle, label=source.name)
+    if reader is None:
+        reader = CheckpointReader(source.path, allow_pickle=allow_pickle, label=source.name)
     cache_key = (architecture, (source.path / "config.json").read_bytes(), tuple(reader.keys()))
     if cache_key not in _MODEL_CLASS_FACTS:
         meta_model = family.build_meta_model(architecture, config)

@@ -3,12 +3,15 @@
 :class:`CheckpointReader` opens a folder's safetensors files memory-mapped and
 hands out single tensors on demand, so a merge never holds a whole model.
 Pickle checkpoints are read only when the user opted in, with
-``torch.load(weights_only=True, mmap=True)``.
+``torch.load(weights_only=True, mmap=True)``. :class:`HeaderReader` knows the
+same names, shapes and dtypes from safetensors headers alone (read from the
+Hub with range requests), which is all a plan or a ``--dry-run`` needs.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -47,10 +50,76 @@ def weight_files(folder: Path) -> tuple[list[Path], bool]:
     return [folder / n for n in PICKLE_NAMES if (folder / n).is_file()], True
 
 
-class CheckpointReader:
+class TensorTable:
+    """Names, shapes and dtypes of a checkpoint's tensors, in file order: what inspection and planning read."""
+
+    is_pickle = False
+
+    def __init__(self) -> None:
+        self._key_to_file: dict[str, Path] = {}
+        self._shapes: dict[str, tuple[int, ...]] = {}
+        self._dtypes: dict[str, torch.dtype] = {}
+
+    def _add(self, key: str, path: Path, shape: tuple[int, ...], dtype: torch.dtype) -> None:
+        self._key_to_file[key] = path
+        self._shapes[key] = shape
+        self._dtypes[key] = dtype
+
+    def keys(self) -> list[str]:
+        return list(self._key_to_file)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._key_to_file
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self._shapes[key]
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self._dtypes[key]
+
+    def nbytes(self, key: str) -> int:
+        numel = 1
+        for d in self._shapes[key]:
+            numel *= d
+        return numel * torch.empty((), dtype=self._dtypes[key]).element_size()
+
+    def get(self, key: str) -> torch.Tensor:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release open files; the table of names, shapes and dtypes stays."""
+
+
+class HeaderReader(TensorTable):
+    """A checkpoint known from its safetensors headers only; it has no tensor data to give.
+
+    Args:
+        tensors: per checkpoint key, its file, shape and safetensors dtype string (``"F32"``...).
+        label: how messages name the source.
+
+    Raises:
+        SourceError: a tensor has a dtype hfmerge cannot merge.
+    """
+
+    def __init__(self, tensors: Mapping[str, tuple[str, Sequence[int], str]], *, label: str) -> None:
+        super().__init__()
+        self.label = label
+        # file by file, keys sorted within each, as safe_open lists them
+        for key, (filename, shape, dtype_name) in sorted(tensors.items(), key=lambda kv: (kv[1][0], kv[0])):
+            dtype = SAFETENSORS_DTYPES.get(dtype_name)
+            if dtype is None:
+                raise SourceError(f"{label}: tensor {key} has dtype {dtype_name}, which hfmerge cannot merge")
+            self._add(key, Path(filename), tuple(int(d) for d in shape), dtype)
+
+    def get(self, key: str) -> torch.Tensor:
+        raise RuntimeError(f"{self.label} was inspected from its safetensors headers only; resolve it to read {key}")
+
+
+class CheckpointReader(TensorTable):
     """Lazy, memory-mapped access to every tensor of one checkpoint folder."""
 
     def __init__(self, folder: str | Path, *, allow_pickle: bool = False, label: str | None = None) -> None:
+        super().__init__()
         self.folder = Path(folder)
         label = label or str(folder)
         files, pickled = weight_files(self.folder)
@@ -61,9 +130,6 @@ class CheckpointReader:
                 f"{label} has only pickle weights ({files[0].name}); pickle can run code when loaded: "
                 "convert it to safetensors, or pass --allow-pickle to read it with torch.load(weights_only=True)"
             )
-        self._key_to_file: dict[str, Path] = {}
-        self._shapes: dict[str, tuple[int, ...]] = {}
-        self._dtypes: dict[str, torch.dtype] = {}
         self._handles: dict[Path, object] = {}
         self._pickled: dict[Path, dict[str, torch.Tensor]] = {}
         self.is_pickle = pickled
@@ -90,29 +156,6 @@ class CheckpointReader:
                 if dtype is None:
                     raise SourceError(f"{label}: tensor {key} has dtype {sl.get_dtype()}, which hfmerge cannot merge")
                 self._add(key, path, tuple(sl.get_shape()), dtype)
-
-    def _add(self, key: str, path: Path, shape: tuple[int, ...], dtype: torch.dtype) -> None:
-        self._key_to_file[key] = path
-        self._shapes[key] = shape
-        self._dtypes[key] = dtype
-
-    def keys(self) -> list[str]:
-        return list(self._key_to_file)
-
-    def __contains__(self, key: str) -> bool:
-        return key in self._key_to_file
-
-    def shape(self, key: str) -> tuple[int, ...]:
-        return self._shapes[key]
-
-    def dtype(self, key: str) -> torch.dtype:
-        return self._dtypes[key]
-
-    def nbytes(self, key: str) -> int:
-        numel = 1
-        for d in self._shapes[key]:
-            numel *= d
-        return numel * torch.empty((), dtype=self._dtypes[key]).element_size()
 
     def get(self, key: str) -> torch.Tensor:
         """Read one tensor (memory-mapped: only this tensor's pages are touched)."""

@@ -21,11 +21,14 @@ from huggingface_hub.errors import (
     GatedRepoError,
     HfHubHTTPError,
     LocalEntryNotFoundError,
+    NotASafetensorsRepoError,
     RepositoryNotFoundError,
     RevisionNotFoundError,
+    SafetensorsParsingError,
 )
 
 from hfmerge.errors import SourceError
+from hfmerge.hub.connection import TRANSPORT_ERRORS, hub_unreachable
 from hfmerge.recipe import SourceSpec
 
 SAFE_PATTERNS = ["*.json", "*.safetensors", "README.md"]
@@ -126,7 +129,8 @@ def _resolve_hub(
             )
             sha = folder.name
         else:
-            info = HfApi().model_info(repo_id, revision=revision, token=token)
+            # The first request: not retried by huggingface_hub, and bounded, so an unreachable Hub fails fast.
+            info = HfApi().model_info(repo_id, revision=revision, token=token, timeout=hf_constants.HF_HUB_ETAG_TIMEOUT)
             sha = info.sha
             card = getattr(info, "card_data", None)
             license_ = getattr(card, "license", None) if card is not None else None
@@ -148,7 +152,11 @@ def _resolve_hub(
             f"{repo_id} does not exist on the Hub, or it is private and no token grants access: "
             "check the name, or log in with `hf auth login` or set HF_TOKEN"
         ) from None
-    except (LocalEntryNotFoundError, EntryNotFoundError):
+    except TRANSPORT_ERRORS as exc:
+        raise hub_unreachable(exc) from None
+    except (LocalEntryNotFoundError, EntryNotFoundError) as exc:
+        if not hf_constants.HF_HUB_OFFLINE and isinstance(exc, LocalEntryNotFoundError):
+            raise hub_unreachable(exc.__cause__ or exc) from None  # snapshot_download lost the Hub mid-way
         raise SourceError(
             f"{where} is not in the local cache and HF_HUB_OFFLINE is set: unset it, or download the model first"
         ) from None
@@ -165,6 +173,43 @@ def _resolve_hub(
         commit_sha=sha,
         license=license_ or _license_from_readme(folder),
     )
+
+
+def safetensors_header(
+    source: ResolvedSource, *, token: str | bool | None = None
+) -> dict[str, tuple[str, list[int], str]] | None:
+    """File, shape and dtype of every tensor of a Hub source, read from its safetensors headers.
+
+    huggingface_hub reads each header with HTTP range requests at the pinned
+    commit, so no tensor data is downloaded: this is how ``--dry-run``
+    inspects a Hub source. ``None`` when the repo has no safetensors weights.
+
+    Raises:
+        SourceError: a header cannot be parsed, or HF_HUB_OFFLINE is set.
+        HubUnreachableError: the Hub cannot be reached.
+    """
+    if hf_constants.HF_HUB_OFFLINE:
+        raise SourceError(
+            f"{source.name}: its weights are not in the local cache and HF_HUB_OFFLINE is set: "
+            "unset it, or download the model first"
+        )
+    try:
+        metadata = HfApi().get_safetensors_metadata(source.repo_id, revision=source.commit_sha, token=token)
+    except NotASafetensorsRepoError:
+        return None
+    except SafetensorsParsingError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise SourceError(f"{source.name}: a safetensors header cannot be read ({first})") from None
+    except TRANSPORT_ERRORS as exc:
+        raise hub_unreachable(exc) from None
+    except HfHubHTTPError as exc:
+        status = getattr(getattr(exc, "response", None), "status_code", "?")
+        raise SourceError(f"the Hub answered HTTP {status} for {source.name}; try again, or check HF_ENDPOINT") from None
+    return {
+        key: (filename, list(info.shape), info.dtype)
+        for filename, file_metadata in metadata.files_metadata.items()
+        for key, info in file_metadata.tensors.items()
+    }
 
 
 def _check_weight_files(where: str, names: list[str], allow_pickle: bool) -> None:

@@ -8,8 +8,11 @@ resolve as on the Hub. Uploads are answered with ``uploadMode: regular``, which
 keeps file content inline in the commit (no LFS or Xet).
 
 Access control is minimal but real: one user whose token may write to its own
-namespace and the organisations it is given; private repos are invisible
-without that token.
+namespace and the organisations it is given, and a read-only token of the same
+user; private repos are invisible without a token. ``whoami-v2`` answers as
+the Hub does (401 for an unknown token). File downloads honour
+``Range: bytes=a-b`` (206 with ``Content-Range``), as ``get_safetensors_metadata``
+needs; ``requests`` logs every request as (verb, path, Range header or None).
 """
 
 from __future__ import annotations
@@ -78,13 +81,15 @@ class LocalHub:
     """The server. Use as a context manager; ``endpoint`` is the URL for ``HF_ENDPOINT``."""
 
     def __init__(self, *, token: str = "hf_local_test_token", user: str = "tester",
-                 orgs: tuple[str, ...] = ("demo", "org"), host: str = "127.0.0.1", port: int = 0) -> None:
+                 orgs: tuple[str, ...] = ("demo", "org"), host: str = "127.0.0.1", port: int = 0,
+                 read_token: str = "hf_local_read_token") -> None:
         self.token = token
+        self.read_token = read_token
         self.user = user
         self.namespaces = {user, *orgs}
         self.repos: dict[tuple[str, str], Repo] = {}
         self.lock = threading.Lock()
-        self.requests: list[tuple[str, str]] = []
+        self.requests: list[tuple[str, str, str | None]] = []
         handler = type("Handler", (_Handler,), {"hub": self})
         self.server = ThreadingHTTPServer((host, port), handler)
         self.server.daemon_threads = True
@@ -118,8 +123,11 @@ class _Handler(BaseHTTPRequestHandler):
         return
 
     # -- helpers -------------------------------------------------------------------
+    def _token(self) -> str:
+        return self.headers.get("Authorization", "").removeprefix("Bearer ")
+
     def _authorized(self) -> bool:
-        return self.headers.get("Authorization", "") == f"Bearer {self.hub.token}"
+        return self._token() in (self.hub.token, self.hub.read_token)
 
     def _body(self) -> bytes:
         length = int(self.headers.get("Content-Length") or 0)
@@ -138,8 +146,9 @@ class _Handler(BaseHTTPRequestHandler):
         if not head:
             self.wfile.write(body)
 
-    def _error(self, status: int, message: str, code: str | None = None, head: bool = False, **extra: Any) -> None:
-        headers = {"X-Error-Message": message}
+    def _error(self, status: int, message: str, code: str | None = None, head: bool = False,
+               headers_extra: dict[str, str] | None = None, **extra: Any) -> None:
+        headers = {"X-Error-Message": message, **(headers_extra or {})}
         if code:
             headers["X-Error-Code"] = code
         self._send(status, {"error": message, **extra}, headers=headers, head=head)
@@ -153,7 +162,7 @@ class _Handler(BaseHTTPRequestHandler):
         return repo
 
     def _can_write(self, repo_id: str) -> bool:
-        return self._authorized() and repo_id.split("/")[0] in self.hub.namespaces
+        return self._token() == self.hub.token and repo_id.split("/")[0] in self.hub.namespaces
 
     @staticmethod
     def _split(path: str) -> list[str]:
@@ -173,7 +182,7 @@ class _Handler(BaseHTTPRequestHandler):
         url = urlsplit(self.path)
         parts = self._split(url.path)
         query = parse_qs(url.query)
-        self.hub.requests.append((verb, url.path))
+        self.hub.requests.append((verb, url.path, self.headers.get("Range")))
         try:
             if parts[:1] == ["api"]:
                 self._api(verb, parts[1:], query)
@@ -191,9 +200,11 @@ class _Handler(BaseHTTPRequestHandler):
         if verb == "GET" and parts == ["whoami-v2"]:
             if not self._authorized():
                 return self._error(401, "Invalid credentials in Authorization header")
+            role = "write" if self._token() == self.hub.token else "read"
             return self._send(200, {"name": self.hub.user, "type": "user",
-                                    "orgs": [{"name": o} for o in sorted(self.hub.namespaces - {self.hub.user})],
-                                    "auth": {"type": "access_token", "accessToken": {"role": "write"}}})
+                                    "orgs": [{"name": o, "roleInOrg": "write"}
+                                             for o in sorted(self.hub.namespaces - {self.hub.user})],
+                                    "auth": {"type": "access_token", "accessToken": {"role": role}}})
         if len(parts) >= 3 and parts[0] in REPO_TYPES:
             repo_type = REPO_TYPES[parts[0]]
             repo_id = "/".join(parts[1:3])
@@ -386,5 +397,34 @@ class _Handler(BaseHTTPRequestHandler):
             "ETag": f'"{_git_blob_sha(content)}"',
             "Content-Type": "application/octet-stream",
             "Content-Disposition": f"inline; filename*=UTF-8''{quote(path.split('/')[-1])}",
+            "Accept-Ranges": "bytes",
         }
-        self._send(200, raw=content, headers=headers, head=head)
+        requested = self.headers.get("Range")
+        if requested is None or head:
+            return self._send(200, raw=content, headers=headers, head=head)
+        span = _byte_range(requested, len(content))
+        if span is None:
+            return self._error(416, f"Range Not Satisfiable: {requested}", headers_extra={
+                "Content-Range": f"bytes */{len(content)}"})
+        start, end = span
+        headers["Content-Range"] = f"bytes {start}-{end}/{len(content)}"
+        self._send(206, raw=content[start:end + 1], headers=headers)
+
+
+def _byte_range(header: str, size: int) -> tuple[int, int] | None:
+    """The inclusive span asked by ``Range: bytes=a-b`` (or ``a-``, ``-n``), clipped to ``size``.
+
+    One range only, as huggingface_hub asks; ``None`` when it cannot be satisfied.
+    """
+    unit, _, spec = header.partition("=")
+    first, dash, last = spec.strip().partition("-")
+    if unit.strip() != "bytes" or not dash or "," in spec:
+        return None
+    try:
+        if not first:
+            start, end = max(size - int(last), 0), size - 1
+        else:
+            start, end = int(first), min(int(last), size - 1) if last else size - 1
+    except ValueError:
+        return None
+    return (start, end) if 0 <= start <= end else None
