@@ -2,6 +2,7 @@
 
 from hfmerge.errors import (
     HfMergeError,
+    HubUnreachableError,
     IncompatibleModelsError,
     MergeNumericError,
     OutputExistsError,
@@ -19,7 +20,8 @@ from hfmerge.space import SpaceOptions, push_space, save_space
 __version__ = "0.1.0"
 
 __all__ = [
-    "HfMergeError", "IncompatibleModelsError", "MergeNumericError", "MergeResult", "OutputExistsError",
+    "HfMergeError", "HubUnreachableError", "IncompatibleModelsError", "MergeNumericError", "MergeResult",
+    "OutputExistsError",
     "PlannedMerge", "PublishError", "Recipe", "RecipeError", "SourceError", "SourceSpec", "SpaceOptions",
     "available_methods", "load", "merge", "plan_merge", "push_space", "run_recipe", "save_space",
 ]

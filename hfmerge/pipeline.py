@@ -159,7 +159,7 @@ def run_recipe(
         staging_parent = target.parent if target.parent.is_dir() else None  # same filesystem: save by hard links
     if recipe.push_to_hub:
         check_push_access(recipe.push_to_hub, token=token)
-    result = _execute(plan_merge(recipe, token=token), staging_parent=staging_parent, progress=progress)
+    result = _execute_into_staging(plan_merge(recipe, token=token), staging_parent=staging_parent, progress=progress)
     if recipe.output:
         result.save(recipe.output, overwrite=overwrite)
     if recipe.push_to_hub:
@@ -167,7 +167,7 @@ def run_recipe(
     return result
 
 
-def _execute(planned: PlannedMerge, *, staging_parent: Path | None, progress: bool) -> MergeResult:
+def _execute_into_staging(planned: PlannedMerge, *, staging_parent: Path | None, progress: bool) -> MergeResult:
     """Execute a plan into a staging folder with config, processor, recipe and card."""
     recipe = planned.recipe
     staging = Path(tempfile.mkdtemp(prefix=".hfmerge-staging-", dir=staging_parent))

@@ -256,3 +256,17 @@ def test_output_folders_follow_the_umask(vits, make_source, tmp_path, capsys):
         assert stat.S_IMODE(folder.stat().st_mode) == 0o755, folder
         files = [p for p in folder.rglob("*") if p.is_file()]
         assert files and {stat.S_IMODE(p.stat().st_mode) for p in files} == {0o644}, folder
+
+
+def test_local_hub_answers_ranges_as_the_hub_does(publish, local_hub):
+    import httpx
+
+    sha = publish("org/ranged", family="vit", seed=3)
+    url = f"{local_hub.endpoint}/org/ranged/resolve/{sha}/config.json"
+    whole = httpx.get(url).content
+    part = httpx.get(url, headers={"Range": "bytes=2-9"})
+    assert part.status_code == 206 and part.content == whole[2:10]
+    assert part.headers["Content-Range"] == f"bytes 2-9/{len(whole)}"
+    tail = httpx.get(url, headers={"Range": "bytes=-4"})
+    assert tail.status_code == 206 and tail.content == whole[-4:]
+    assert httpx.get(url, headers={"Range": f"bytes={len(whole)}-"}).status_code == 416

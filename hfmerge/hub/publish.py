@@ -34,7 +34,9 @@ def check_push_access(repo_id: str, *, token: str | bool | None = None, repo_typ
     except HFValidationError:
         raise PublishError(f"--push-to-hub {repo_id!r} is not a valid repo id; write it as owner/name") from None
     if hf_constants.HF_HUB_OFFLINE:
-        raise PublishError(f"pushing to {repo_id} needs the Hub, but HF_HUB_OFFLINE is set: unset it, or use --output only")
+        raise PublishError(
+            f"pushing to {repo_id} needs the Hub, but HF_HUB_OFFLINE is set: unset it, or use --output only"
+        )
     if token is False or (token is None and get_token() is None):
         raise PublishError(f"pushing to {repo_id} needs a token with write access: {_LOGIN_HINT}")
     try:
@@ -44,7 +46,9 @@ def check_push_access(repo_id: str, *, token: str | bool | None = None, repo_typ
     except HfHubHTTPError as exc:
         status = getattr(getattr(exc, "response", None), "status_code", None)
         if status == 401:
-            raise PublishError(f"cannot push to {repo_id}: the Hub rejects the token as invalid; {_LOGIN_HINT}") from None
+            raise PublishError(
+                f"cannot push to {repo_id}: the Hub rejects the token as invalid; {_LOGIN_HINT}"
+            ) from None
         raise PublishError(f"the Hub answered HTTP {status} when checking the token for {repo_id}; try again") from None
     user = str(me.get("name", ""))
     namespace = repo_id.split("/")[0] if "/" in repo_id else user

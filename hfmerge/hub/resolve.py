@@ -130,7 +130,9 @@ def _resolve_hub(
             sha = folder.name
         else:
             # The first request: not retried by huggingface_hub, and bounded, so an unreachable Hub fails fast.
-            info = HfApi().model_info(repo_id, revision=revision, token=token, timeout=hf_constants.HF_HUB_ETAG_TIMEOUT)
+            info = HfApi().model_info(
+                repo_id, revision=revision, token=token, timeout=hf_constants.HF_HUB_ETAG_TIMEOUT
+            )
             sha = info.sha
             card = getattr(info, "card_data", None)
             license_ = getattr(card, "license", None) if card is not None else None
@@ -204,7 +206,9 @@ def safetensors_header(
         raise hub_unreachable(exc) from None
     except HfHubHTTPError as exc:
         status = getattr(getattr(exc, "response", None), "status_code", "?")
-        raise SourceError(f"the Hub answered HTTP {status} for {source.name}; try again, or check HF_ENDPOINT") from None
+        raise SourceError(
+            f"the Hub answered HTTP {status} for {source.name}; try again, or check HF_ENDPOINT"
+        ) from None
     return {
         key: (filename, list(info.shape), info.dtype)
         for filename, file_metadata in metadata.files_metadata.items()
