@@ -84,10 +84,10 @@ def plan_merge(recipe: Recipe, *, token: str | bool | None = None, metadata_only
         return resolve_source(spec, token=token, allow_pickle=recipe.allow_pickle, metadata_only=metadata_only)
 
     def inspect(source: ResolvedSource) -> ModelLayout:
+        reader = None
         if metadata_only:
             source, reader = _header_reader(source, token=token, allow_pickle=recipe.allow_pickle)
-            return inspect_source(source, allow_pickle=recipe.allow_pickle, reader=reader)
-        return inspect_source(source, allow_pickle=recipe.allow_pickle)
+        return inspect_source(source, allow_pickle=recipe.allow_pickle, reader=reader)
 
     layouts = [inspect(s) for s in [resolve(spec) for spec in recipe.sources]]
     sources = [layout.source for layout in layouts]
