@@ -83,7 +83,8 @@ def plan_merge(recipe: Recipe, *, token: str | bool | None = None) -> PlannedMer
         raise IncompatibleModelsError(
             f"the sources are of different families ({', '.join(sorted(families))}); merge models of one family"
         )
-    context = MergeContext(layouts, anchor_index, recipe.weights, base_layout, recipe.parameters)
+    context = MergeContext(layouts, anchor_index, recipe.weights, base_layout, recipe.parameters,
+                           heads=recipe.heads, seed=recipe.seed)
     def weights_of(layout: ModelLayout) -> set[tuple[str, tuple[int, ...]]]:
         return {(n, t.shape) for n, t in layout.tensors.items() if not t.is_integer}
 
@@ -151,6 +152,8 @@ def merge(
     dtype: str | None = None,
     allow_pickle: bool = False,
     max_shard_size: str = "5GB",
+    heads: str | None = None,
+    seed: int | None = None,
     token: str | bool | None = None,
     progress: bool = True,
     parameters: dict[str, Any] | None = None,
@@ -159,7 +162,9 @@ def merge(
     """Merge models named by repo id (``org/name[@revision]``) or folder.
 
     Method parameters are keyword arguments (``lambda_=0.5`` for ``lambda``,
-    a Python keyword) or a ``parameters`` mapping.
+    a Python keyword) or a ``parameters`` mapping. ``heads`` is the head policy
+    (``concat``, ``average``, ``anchor``; default: the method's choice) and
+    ``seed`` seeds methods that draw random numbers (``dare``).
 
     Example:
         >>> result = hfmerge.merge(["org/a", "org/b@v1"], method="layerwise", anchor="org/a")
@@ -172,6 +177,6 @@ def merge(
         params.update({k.rstrip("_"): v for k, v in method_parameters.items()})
         recipe = Recipe(
             sources=list(sources), method=method, parameters=params, weights=weights, anchor=anchor,
-            base=base, dtype=dtype, allow_pickle=allow_pickle, max_shard_size=max_shard_size,
+            base=base, dtype=dtype, allow_pickle=allow_pickle, max_shard_size=max_shard_size, heads=heads, seed=seed,
         )
     return run_recipe(recipe, token=token, progress=progress)
