@@ -145,11 +145,13 @@ def source_prefixes(sources: list[ModelLayout]) -> list[str]:
     """A distinct name per source to prefix its clashing labels with.
 
     The short name (``checkpoint-500``, ``x``) where no other source has it;
-    otherwise the name as given (``run1/checkpoint-500``, ``orgA/x``); where
-    even that repeats (one source given twice), ``source<i>`` by position.
+    otherwise the repo id (``orgA/x``, with its ``@revision``), or for a
+    folder its parent and its name (``run1/checkpoint-500``: never a path of
+    the machine that merged); where even that repeats (one source given
+    twice), ``source<i>`` by position.
     """
     short = [s.source.short_name for s in sources]
-    full = [s.source.name for s in sources]
+    full = [_long_name(s) for s in sources]
     short_counts, full_counts = Counter(short), Counter(full)
     prefixes = []
     for i, (s, f) in enumerate(zip(short, full)):
@@ -162,6 +164,13 @@ def source_prefixes(sources: list[ModelLayout]) -> list[str]:
     if len(set(prefixes)) < len(prefixes):  # a short name equal to another source's full name
         prefixes = [f"source{i + 1}" for i in range(len(sources))]
     return prefixes
+
+
+def _long_name(layout: ModelLayout) -> str:
+    source = layout.source
+    if source.repo_id:
+        return f"{source.repo_id}@{source.revision}" if source.revision else source.repo_id
+    return f"{source.path.parent.name}/{source.path.name}"
 
 
 def union_labels(sources: list[ModelLayout]) -> list[str]:
