@@ -7,7 +7,7 @@ from typing import Any
 from hfmerge.engine.plan import MergeContext, MergePlan
 from hfmerge.errors import RecipeError
 from hfmerge.methods.base import MergeMethod, ParamSpec, register_method
-from hfmerge.methods.task_vectors import plan_task_vectors
+from hfmerge.methods.task_vectors import TASK_VECTOR_CARD_NOTES, plan_task_vectors
 from hfmerge.ops import DisjointMerge
 
 
@@ -47,10 +47,8 @@ class Dare(MergeMethod):
         "{% if details.sign == 'ties' %}Each entry's sign is elected as γ = sgn(Σ_i τ̃_i) and the merged task "
         "vector τ_m is the mean of the τ̃_i whose sign is γ (zeros excluded); θ = θ_base + λ · τ_m"
         "{% else %}θ = θ_base + λ Σ_i τ̃_i{% endif %} with λ = {{ details[\"lambda\"] }}"
-        "{% if base %}, base model `{{ base.name }}`{% endif %}. BatchNorm running statistics are averaged over the "
-        "sources, not treated as task vectors{% if details.heads and details.heads != 'task vectors' %}; "
-        "heads the base lacks: {{ details.heads }}{% endif %}."
-    )
+        "{% if base %}, base model `{{ base.name }}`{% endif %}. "
+    ) + TASK_VECTOR_CARD_NOTES
 
     def validate_parameters(self, given: dict[str, Any]) -> dict[str, Any]:
         params = super().validate_parameters(given)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from hfmerge.engine.plan import MergeContext, MergePlan
 from hfmerge.methods.base import MergeMethod, ParamSpec, register_method
-from hfmerge.methods.task_vectors import plan_task_vectors
+from hfmerge.methods.task_vectors import TASK_VECTOR_CARD_NOTES, plan_task_vectors
 from hfmerge.ops import DisjointMerge
 
 
@@ -15,8 +15,8 @@ class Ties(MergeMethod):
     1. Trim: keep the k = ⌊density · numel⌋ largest magnitudes of each τ_i,
        tensor by tensor (as mergekit does; the paper's top-k% is over the whole
        model), giving τ̂_i; the rest is zero.
-    2. Elect: γ_m = sgn(Σ_i τ̂_i) per entry (Eq. in step 2, "sum" of magnitudes
-       with their signs).
+    2. Elect: γ_m = sgn(Σ_i τ̂_i) per entry, the sign with the larger total
+       magnitude across models.
     3. Disjoint merge: τ_m = (1/|A|) Σ_{i∈A} τ̂_i with A = {i : sgn(τ̂_i) = γ_m},
        zeros excluded; an entry no task vector keeps stays θ_base.
 
@@ -39,10 +39,8 @@ class Ties(MergeMethod):
         "Per tensor, each task vector τ_i = θ_i − θ_base keeps its ⌊{{ details.density }} · numel⌋ entries of "
         "largest magnitude (τ̂_i); each entry's sign is elected as γ = sgn(Σ_i τ̂_i); the merged task vector is the "
         "mean of the τ̂_i whose sign is γ (zeros excluded), and θ = θ_base + λ · τ_m with λ = {{ details[\"lambda\"] }}"
-        "{% if base %}, base model `{{ base.name }}`{% endif %}. BatchNorm running statistics are averaged over the "
-        "sources, not treated as task vectors{% if details.heads and details.heads != 'task vectors' %}; "
-        "heads the base lacks: {{ details.heads }}{% endif %}."
-    )
+        "{% if base %}, base model `{{ base.name }}`{% endif %}. "
+    ) + TASK_VECTOR_CARD_NOTES
 
     def plan(self, ctx: MergeContext) -> MergePlan:
         density, scale = float(ctx.params["density"]), float(ctx.params["lambda"])
