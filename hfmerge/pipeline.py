@@ -50,7 +50,8 @@ class PlannedMerge:
         lines = [f"method: {self.method.name} ({self.method.title})"]
         weights = self.context.normalised_weights()
         for i, (source, layout) in enumerate(zip(self.sources, self.context.sources)):
-            role = " [anchor]" if i == self.context.anchor_index and self.method.uses_anchor else ""
+            anchored = self.method.uses_anchor or self.context.heads == "anchor"
+            role = " [anchor]" if i == self.context.anchor_index and anchored else ""
             pin = f" @ {source.commit_sha[:12]}" if source.commit_sha else ""
             lines.append(
                 f"source {i + 1}: {source.name}{pin} — {layout.family.name} {layout.architecture}, "
@@ -63,6 +64,8 @@ class PlannedMerge:
             lines.append(f"  {group}: {count} tensors, {params:,} parameters")
         if "shared_layers" in self.plan.details:
             lines.append(f"  shared layers Np = {self.plan.details['shared_layers']}")
+        if self.plan.details.get("heads"):
+            lines.append(f"  heads: {self.plan.details['heads']}")
         if "num_labels" in self.plan.details:
             lines.append(f"  output labels: {self.plan.details['num_labels']}")
         return "\n".join(lines)

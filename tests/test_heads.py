@@ -146,3 +146,13 @@ def test_fusion_labels_of_hub_repos_with_one_name_use_the_repo_id(publish, tmp_p
     assert list(merged.config.id2label.values()) == [
         "org/same-name/cat", "org/same-name/dog", "demo/same-name/cat", "demo/same-name/dog"]
     assert_labels_invert(merged.config)
+
+
+def test_dry_run_names_the_head_policy_and_the_anchor(different, tmp_path, capsys):
+    code, out, _ = run_cli(["merge", *different, "--method", "average", "--dry-run"], capsys)
+    assert code == 0
+    assert "  heads: concat" in out and "output labels: 5" in out and "concatenated: 2 tensors" in out
+    code, out, _ = run_cli(["merge", *different, "--method", "average", "--heads", "anchor", "--anchor",
+                            different[1], "--dry-run"], capsys)
+    assert code == 0
+    assert "  heads: anchor" in out and "[anchor]" in out.splitlines()[2]
