@@ -32,7 +32,7 @@ from hfmerge.errors import IncompatibleModelsError
 from hfmerge.ops import ConcatHeads, Copy, LinearCombination
 from hfmerge.recipe import HEAD_POLICIES
 
-__all__ = ["HEAD_POLICIES", "HeadsPlan", "head_policy", "labels_agree", "plan_heads", "union_labels"]
+__all__ = ["HEAD_POLICIES", "HeadsPlan", "head_policy", "labels_agree", "plan_heads", "source_prefixes", "union_labels"]
 
 
 def labels_agree(sources: list[ModelLayout]) -> bool:

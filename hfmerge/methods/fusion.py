@@ -24,8 +24,9 @@ class Fusion(MergeMethod):
     Heads are the ``concat`` head policy (:mod:`hfmerge.heads`) by definition;
     ``--heads average`` or ``anchor`` is refused (that is ``average``).
     Labels that occur in several sources are prefixed with the source's short
-    name, its full name where short names repeat, or its position
-    (:func:`~hfmerge.heads.union_labels`).
+    name, its repo id (a folder's parent/name) where short names repeat, or
+    its position (:func:`~hfmerge.heads.source_prefixes`), so ``label2id``
+    inverts ``id2label``.
     """
 
     name = "fusion"
