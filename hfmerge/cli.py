@@ -47,6 +47,10 @@ def _build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--base", help="the pre-trained model (task_arithmetic)")
     merge.add_argument("--lambda", dest="lambda_", type=str, help="task-vector scale (task_arithmetic)")
     merge.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="a method parameter")
+    merge.add_argument("--heads", metavar="POLICY",
+                       help="classifier heads: concat (union of labels), average (one label set) or anchor "
+                            "(default: concat if the label sets differ, else average; anchor for layerwise)")
+    merge.add_argument("--seed", help="seed of methods that draw random numbers (dare; default 0)")
     merge.add_argument("--dtype", help="output dtype: float32, float16 or bfloat16 (default: the sources')")
     merge.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
     merge.add_argument("--allow-pickle", action="store_true",
@@ -100,7 +104,7 @@ def _recipe_from_merge_args(args: argparse.Namespace) -> Any:
     return Recipe(
         sources=list(args.sources), method=args.method, parameters=params, weights=weights,
         anchor=args.anchor, base=args.base, dtype=args.dtype, allow_pickle=args.allow_pickle,
-        max_shard_size=args.max_shard_size,
+        max_shard_size=args.max_shard_size, heads=args.heads, seed=args.seed,
     )
 
 
@@ -186,7 +190,7 @@ def _methods() -> int:
         print(f"{name}: {method.title}")
         print(f"    {method.reference} — {method.reference_url}")
         needs = [w for w, flag in (("--base", method.needs_base), ("--anchor", method.uses_anchor),
-                                    ("--weights", method.uses_weights)) if flag]
+                                    ("--weights", method.uses_weights), ("--seed", method.uses_seed)) if flag]
         if needs:
             print(f"    takes: {', '.join(needs)}")
         for p in method.parameters:

@@ -8,6 +8,7 @@ tensors however many sources there are.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -98,6 +99,94 @@ class TaskArithmetic:
         return base + self.scale * task_sum
 
 
+def trim_to_top_magnitudes(task_vector: torch.Tensor, density: float) -> torch.Tensor:
+    """Keep the k = ⌊density · numel⌋ entries of largest magnitude, zero the rest (TIES, §3 "Trim").
+
+    Per tensor, as mergekit does; ``torch.topk`` picks the same entries every
+    time it sees the same tensor, so a second pass reproduces the first.
+    """
+    k = int(density * task_vector.numel())
+    if k >= task_vector.numel():
+        return task_vector
+    trimmed = torch.zeros_like(task_vector)
+    if k > 0:
+        flat = task_vector.reshape(-1)
+        keep = torch.topk(flat.abs(), k, sorted=False).indices
+        trimmed.view(-1)[keep] = flat[keep]
+    return trimmed
+
+
+def dare_generator(seed: int, key: str, source: int) -> torch.Generator:
+    """The random generator for one (tensor, source) pair, derived from (seed, key, source index).
+
+    Deriving it from a hash rather than drawing from one stream makes every
+    tensor's mask independent of the order tensors and sources are visited in.
+    """
+    digest = hashlib.sha256(f"{seed}\0{key}\0{source}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+
+
+def drop_and_rescale(task_vector: torch.Tensor, drop_rate: float, generator: torch.Generator) -> torch.Tensor:
+    """DARE (Yu et al., 2024, §3, Eq. 2): drop each entry with probability p, rescale the rest by 1/(1 − p)."""
+    keep = torch.rand(task_vector.shape, generator=generator) >= drop_rate
+    return task_vector * keep / (1.0 - drop_rate)
+
+
+@dataclass(frozen=True)
+class DisjointMerge:
+    """θ = θ_base + λ · merge(τ̂_1..τ̂_N) over task vectors τ_i = θ_i − θ_base made sparse first.
+
+    ``sparsify`` turns τ_i into τ̂_i: ``"trim"`` keeps the top ⌊density·numel⌋
+    magnitudes (TIES), ``"drop"`` drops entries at random with probability
+    ``drop_rate`` and rescales the rest (DARE). ``sign`` combines them:
+    ``"sum"`` adds them (task arithmetic), ``"ties"`` elects each entry's sign
+    γ = sgn(Σ_i τ̂_i) and takes the mean of the τ̂_i whose sign is γ, zeros
+    excluded (TIES §3, "Elect" and "Disjoint merge").
+
+    Memory stays flat in N: the TIES path makes two passes over the sources,
+    recomputing τ̂_i (same top-k, same seeded mask) instead of holding N of them.
+    """
+
+    base: TensorRef
+    sources: tuple[TensorRef, ...]
+    scale: float
+    sparsify: str
+    sign: str = "ties"
+    density: float = 1.0
+    drop_rate: float = 0.0
+    seed: int = 0
+    key: str = ""
+    group: str = "base + λ·merged sparse task vectors"
+
+    @property
+    def inputs(self) -> tuple[TensorRef, ...]:
+        return (self.base, *self.sources)
+
+    def _sparse_task_vector(self, load: Loader, index: int, base: torch.Tensor) -> torch.Tensor:
+        task_vector = load(self.sources[index]).to(torch.float32) - base
+        if self.sparsify == "trim":
+            return trim_to_top_magnitudes(task_vector, self.density)
+        return drop_and_rescale(task_vector, self.drop_rate, dare_generator(self.seed, self.key, index))
+
+    def apply(self, load: Loader) -> torch.Tensor:
+        base = load(self.base).to(torch.float32)
+        total = torch.zeros_like(base)
+        for index in range(len(self.sources)):
+            total.add_(self._sparse_task_vector(load, index, base))
+        if self.sign == "sum":
+            return base + self.scale * total
+        elected = torch.sign(total)
+        del total
+        agreeing_sum = torch.zeros_like(base)
+        agreeing_count = torch.zeros_like(base)
+        for index in range(len(self.sources)):
+            sparse = self._sparse_task_vector(load, index, base)
+            agrees = (torch.sign(sparse) == elected) & (sparse != 0)
+            agreeing_sum.add_(torch.where(agrees, sparse, 0.0))
+            agreeing_count.add_(agrees.to(torch.float32))
+        return base + self.scale * (agreeing_sum / agreeing_count.clamp(min=1.0))
+
+
 @dataclass(frozen=True)
 class ConcatHeads:
     """Stack classifier heads along the output dimension (parameter fusion, §III).
@@ -132,7 +221,7 @@ class ConcatHeads:
         return torch.cat(parts, dim=0)
 
 
-MergeOp = Copy | LinearCombination | TaskArithmetic | ConcatHeads
+MergeOp = Copy | LinearCombination | TaskArithmetic | DisjointMerge | ConcatHeads
 
 
 def normalise(weights: Sequence[float]) -> tuple[float, ...]:

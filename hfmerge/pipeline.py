@@ -52,7 +52,8 @@ class PlannedMerge:
         lines = [f"method: {self.method.name} ({self.method.title})"]
         weights = self.context.normalised_weights()
         for i, (source, layout) in enumerate(zip(self.sources, self.context.sources)):
-            role = " [anchor]" if i == self.context.anchor_index and self.method.uses_anchor else ""
+            anchored = self.method.uses_anchor or self.context.heads == "anchor"
+            role = " [anchor]" if i == self.context.anchor_index and anchored else ""
             pin = f" @ {source.commit_sha[:12]}" if source.commit_sha else ""
             lines.append(
                 f"source {i + 1}: {source.name}{pin} — {layout.family.name} {layout.architecture}, "
@@ -65,6 +66,8 @@ class PlannedMerge:
             lines.append(f"  {group}: {count} tensors, {params:,} parameters")
         if "shared_layers" in self.plan.details:
             lines.append(f"  shared layers Np = {self.plan.details['shared_layers']}")
+        if self.plan.details.get("heads"):
+            lines.append(f"  heads: {self.plan.details['heads']}")
         if "num_labels" in self.plan.details:
             lines.append(f"  output labels: {self.plan.details['num_labels']}")
         return "\n".join(lines)
@@ -100,7 +103,8 @@ def plan_merge(recipe: Recipe, *, token: str | bool | None = None, metadata_only
         raise IncompatibleModelsError(
             f"the sources are of different families ({', '.join(sorted(families))}); merge models of one family"
         )
-    context = MergeContext(layouts, anchor_index, recipe.weights, base_layout, recipe.parameters)
+    context = MergeContext(layouts, anchor_index, recipe.weights, base_layout, recipe.parameters,
+                           heads=recipe.heads, seed=recipe.seed)
     def weights_of(layout: ModelLayout) -> set[tuple[str, tuple[int, ...]]]:
         return {(n, t.shape) for n, t in layout.tensors.items() if not t.is_integer}
 
@@ -219,6 +223,8 @@ def merge(
     push_to_hub: str | None = None,
     private: bool = False,
     overwrite: bool = False,
+    heads: str | None = None,
+    seed: int | None = None,
     token: str | bool | None = None,
     progress: bool = True,
     parameters: dict[str, Any] | None = None,
@@ -227,7 +233,9 @@ def merge(
     """Merge models named by repo id (``org/name[@revision]``) or folder.
 
     Method parameters are keyword arguments (``lambda_=0.5`` for ``lambda``,
-    a Python keyword) or a ``parameters`` mapping. With ``output`` and/or
+    a Python keyword) or a ``parameters`` mapping. ``heads`` is the head policy
+    (``concat``, ``average``, ``anchor``; default: the method's choice) and
+    ``seed`` seeds methods that draw random numbers (``dare``). With ``output`` and/or
     ``push_to_hub`` the result is also saved and/or pushed, as in :func:`run_recipe`.
 
     Example:
@@ -241,7 +249,7 @@ def merge(
         params.update({k.rstrip("_"): v for k, v in method_parameters.items()})
         recipe = Recipe(
             sources=list(sources), method=method, parameters=params, weights=weights, anchor=anchor,
-            base=base, dtype=dtype, allow_pickle=allow_pickle, max_shard_size=max_shard_size,
+            base=base, dtype=dtype, allow_pickle=allow_pickle, max_shard_size=max_shard_size, heads=heads, seed=seed,
             output=None if output is None else str(output), push_to_hub=push_to_hub, private=private,
         )
     return run_recipe(recipe, token=token, overwrite=overwrite, progress=progress)

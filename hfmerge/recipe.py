@@ -18,6 +18,7 @@ import yaml
 from hfmerge.errors import RecipeError
 
 DTYPES = ("float32", "float16", "bfloat16")
+HEAD_POLICIES = ("concat", "average", "anchor")
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
 
 
@@ -106,6 +107,9 @@ class Recipe:
         weights: one non-negative number per source, normalised by the method.
         anchor: the source whose head and config the result keeps.
         base: the pre-trained model for task arithmetic.
+        heads: head policy, ``concat``, ``average`` or ``anchor``; ``None`` lets
+            the method choose (:mod:`hfmerge.heads`).
+        seed: seed of methods that draw random numbers (``dare``; 0 when not given).
         dtype: output dtype; default is the sources' dtype.
         allow_pickle: accept ``*.bin``/``*.pt`` sources (loaded with ``weights_only=True``).
         output, push_to_hub, private: where the result goes.
@@ -124,6 +128,8 @@ class Recipe:
     push_to_hub: str | None = None
     private: bool = False
     max_shard_size: str = "5GB"
+    heads: str | None = None
+    seed: int | None = None
 
     def __post_init__(self) -> None:
         self.sources = [SourceSpec.parse(s) for s in self.sources]
@@ -197,9 +203,11 @@ class Recipe:
             if sum(self.weights) <= 0:
                 raise RecipeError("weights sum to zero; give at least one positive weight")
 
+        if self.heads is not None and self.heads not in HEAD_POLICIES:
+            raise RecipeError(f"unknown head policy {self.heads!r}; choose one of {', '.join(HEAD_POLICIES)}")
         if self.anchor is not None:
-            if not method.uses_anchor:
-                raise RecipeError(f"method '{method.name}' takes no anchor; drop --anchor")
+            if not method.uses_anchor and self.heads != "anchor":
+                raise RecipeError(f"method '{method.name}' takes no anchor (except with --heads anchor); drop --anchor")
             self.anchor_index()
         if method.needs_base and not self.base:
             raise RecipeError(f"method '{method.name}' needs the pre-trained model: add --base org/name")
@@ -208,6 +216,14 @@ class Recipe:
         if self.dtype is not None and self.dtype not in DTYPES:
             raise RecipeError(f"unknown dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
         parse_size(self.max_shard_size)
+        if self.seed is not None:
+            if not method.uses_seed:
+                raise RecipeError(f"method '{method.name}' draws no random numbers; drop --seed")
+            if isinstance(self.seed, bool) or not str(self.seed).strip().isdigit():
+                raise RecipeError(f"seed must be a non-negative integer, got {self.seed!r}")
+            self.seed = int(str(self.seed).strip())
+        elif method.uses_seed:
+            self.seed = 0
 
     def anchor_index(self) -> int:
         """Index of the anchor among the sources (0 when none was named)."""
@@ -234,7 +250,7 @@ class Recipe:
             if s.weight is not None:
                 entry["weight"] = s.weight
             out["sources"].append(entry)
-        for name in ("weights", "anchor", "base", "dtype"):
+        for name in ("weights", "anchor", "base", "heads", "seed", "dtype"):
             if getattr(self, name) is not None:
                 out[name] = getattr(self, name)
         if self.parameters:

@@ -144,8 +144,12 @@ def test_fusion_refuses_different_backbones(make_source):
         hfmerge.merge([str(a), str(b)], method="fusion", progress=False)
 
 
-def test_average_refuses_different_heads_and_points_to_layerwise(make_source):
-    a, b = make_source("vit", 3), make_source("vit", 4)
+def test_average_refuses_different_backbones_and_points_to_layerwise(make_source):
+    from transformers import ViTConfig, ViTForImageClassification
+
+    deep = ViTForImageClassification(ViTConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
+                                               intermediate_size=64, image_size=16, patch_size=4, num_labels=3))
+    a, b = make_source("vit"), make_source("vit", model=deep)
     with pytest.raises(hfmerge.IncompatibleModelsError, match="layerwise"):
         hfmerge.merge([str(a), str(b)], method="average", progress=False)
 

@@ -7,6 +7,7 @@ only. It is what ``--dry-run`` prints and what the engine streams through.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -69,7 +70,9 @@ class MergeContext:
     """The inspected models a method plans over.
 
     Models are indexed 0..M-1 for the sources, and M for the base model when
-    there is one; :data:`TensorRef` pairs use these indices.
+    there is one; :data:`TensorRef` pairs use these indices. ``heads`` is the
+    recipe's head policy (``None``: the method's automatic choice, see
+    :mod:`hfmerge.heads`); ``seed`` seeds methods that draw random numbers.
     """
 
     sources: list[ModelLayout]
@@ -77,6 +80,8 @@ class MergeContext:
     weights: list[float] | None = None
     base: ModelLayout | None = None
     params: dict[str, Any] = field(default_factory=dict)
+    heads: str | None = None
+    seed: int | None = None
 
     @property
     def anchor(self) -> ModelLayout:
@@ -124,9 +129,10 @@ class MergeContext:
         return TensorPlan(info.key, info.name, shape or info.shape, info.dtype, op, layer)
 
 
-def require_all_shared(ctx: MergeContext, method: str, models: list[ModelLayout] | None = None) -> None:
-    """Raise unless every tensor has the same name and shape in every model."""
-    differing = ctx.differing(models)
+def require_all_shared(ctx: MergeContext, method: str, models: list[ModelLayout] | None = None, *,
+                       except_names: Collection[str] = ()) -> None:
+    """Raise unless every tensor (but ``except_names``, left to the head policy) has one name and shape in every model."""
+    differing = [n for n in ctx.differing(models) if n not in except_names]
     if differing:
         example = differing[0]
         shapes = ", ".join(
@@ -135,5 +141,5 @@ def require_all_shared(ctx: MergeContext, method: str, models: list[ModelLayout]
         )
         raise IncompatibleModelsError(
             f"'{method}' needs every parameter in every model with one shape, but {len(differing)} differ "
-            f"(e.g. {example} — {shapes}); use 'layerwise' to keep the anchor's, or 'fusion' for different label sets"
+            f"(e.g. {example} — {shapes}); use 'layerwise' to keep the anchor's"
         )

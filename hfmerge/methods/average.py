@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from hfmerge.engine.plan import MergeContext, MergePlan, require_all_shared
+from hfmerge.heads import head_policy, plan_heads
 from hfmerge.methods.base import MergeMethod, register_method
 from hfmerge.ops import LinearCombination
 
@@ -13,7 +14,9 @@ class Average(MergeMethod):
 
     Wortsman et al., "Model soups" (2022), Eq. for the uniform soup; BatchNorm
     running statistics average like weights, integer buffers are copied from
-    the first source.
+    the first source. Classifier heads follow the head policy
+    (:mod:`hfmerge.heads`): averaged like the rest when the sources share one
+    label set, concatenated when they do not, or the anchor's.
     """
 
     name = "average"
@@ -23,10 +26,14 @@ class Average(MergeMethod):
     uses_weights = True
 
     def plan(self, ctx: MergeContext) -> MergePlan:
-        require_all_shared(ctx, self.name)
+        heads = [info.name for info in ctx.anchor.head_tensors]
+        require_all_shared(ctx, self.name, except_names=heads)
+        head_plan = plan_heads(ctx, heads, head_policy(ctx))
+        by_name = {entry.name: entry for entry in head_plan.entries}
         weights = ctx.normalised_weights()
         entries = [
-            ctx.plan_entry(info, LinearCombination(ctx.refs(name), weights))
+            by_name.get(name) or ctx.plan_entry(info, LinearCombination(ctx.refs(name), weights))
             for name, info in ctx.anchor.tensors.items()
         ]
-        return MergePlan(entries, details={"weights": list(weights)})
+        return MergePlan(entries, config_updates=head_plan.config_updates,
+                         details={"weights": list(weights), **head_plan.details})

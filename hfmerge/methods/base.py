@@ -29,6 +29,7 @@ class ParamSpec:
     help: str
     minimum: float | None = None
     maximum: float | None = None
+    choices: tuple[Any, ...] | None = None
 
     def coerce(self, value: Any, method: str) -> Any:
         try:
@@ -45,6 +46,9 @@ class ParamSpec:
             raise RecipeError(
                 f"parameter '{self.name}' of method '{method}' must be {self.type.__name__}, got {value!r}"
             ) from None
+        if self.choices is not None and out not in self.choices:
+            allowed = ", ".join(str(c) for c in self.choices)
+            raise RecipeError(f"parameter '{self.name}' of method '{method}' must be one of {allowed}, got {out!r}")
         if self.minimum is not None and out < self.minimum:
             raise RecipeError(f"parameter '{self.name}' of method '{method}' must be >= {self.minimum}, got {out}")
         if self.maximum is not None and out > self.maximum:
@@ -63,6 +67,7 @@ class MergeMethod(ABC):
     needs_base: ClassVar[bool] = False
     uses_anchor: ClassVar[bool] = False
     uses_weights: ClassVar[bool] = False
+    uses_seed: ClassVar[bool] = False
     min_sources: ClassVar[int] = 2
     card_template: ClassVar[str] = ""
     """The method's own paragraph of the model card: a Jinja snippet rendered with

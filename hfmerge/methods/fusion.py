@@ -2,29 +2,13 @@
 
 from __future__ import annotations
 
-from collections import Counter
-
-from hfmerge.adapters.layout import ModelLayout
 from hfmerge.engine.plan import MergeContext, MergePlan
 from hfmerge.errors import IncompatibleModelsError
+from hfmerge.heads import plan_heads, union_labels
 from hfmerge.methods.base import MergeMethod, register_method
-from hfmerge.ops import ConcatHeads, LinearCombination
+from hfmerge.ops import LinearCombination
 
-
-def union_labels(sources: list[ModelLayout]) -> list[str]:
-    """The labels of all sources in source order.
-
-    A label that appears in more than one source becomes
-    ``<source short name>/<label>`` in each of them, so no two outputs share a
-    name and each says which model it came from.
-    """
-    counts = Counter(label for s in sources for label in s.id2label.values())
-    labels = []
-    for source in sources:
-        for i in range(len(source.id2label)):
-            label = source.id2label[i]
-            labels.append(f"{source.source.short_name}/{label}" if counts[label] > 1 else label)
-    return labels
+__all__ = ["Fusion", "union_labels"]
 
 
 @register_method
@@ -37,6 +21,12 @@ class Fusion(MergeMethod):
     model outputs Σ_i num_labels_i classes and ``id2label`` is their union. A
     "no object" row (Mask2Former) is kept once, averaged. The paper then
     fine-tunes on the combined data; that step needs data and comes later.
+    Heads are the ``concat`` head policy (:mod:`hfmerge.heads`) by definition;
+    ``--heads average`` or ``anchor`` is refused (that is ``average``).
+    Labels that occur in several sources are prefixed with the source's short
+    name, its repo id (a folder's parent/name) where short names repeat, or
+    its position (:func:`~hfmerge.heads.source_prefixes`), so ``label2id``
+    inverts ``id2label``.
     """
 
     name = "fusion"
@@ -47,6 +37,11 @@ class Fusion(MergeMethod):
 
     def plan(self, ctx: MergeContext) -> MergePlan:
         anchor = ctx.anchor
+        if ctx.heads not in (None, "concat"):
+            raise IncompatibleModelsError(
+                f"fusion concatenates the heads by definition, so --heads {ctx.heads} does not apply; "
+                f"drop --heads, or use --method average --heads {ctx.heads}"
+            )
         architectures = {s.architecture for s in ctx.sources}
         if len(architectures) > 1:
             raise IncompatibleModelsError(
@@ -64,32 +59,12 @@ class Fusion(MergeMethod):
                 f"fusion averages the feature extractor, but the sources' backbones differ ({len(backbone_diff)} "
                 f"tensors, e.g. {backbone_diff[0]}); fuse models of one architecture and size"
             )
+        head_plan = plan_heads(ctx, [info.name for info in anchor.head_tensors], "concat")
+        by_name = {entry.name: entry for entry in head_plan.entries}
         weights = ctx.normalised_weights()
-        label_rows = []
-        for source in ctx.sources:
-            if not source.id2label:
-                raise IncompatibleModelsError(f"{source.source.name} has no id2label in its config; fusion needs label names")
-            label_rows.append(len(source.id2label))
-        entries = []
-        for name, info in anchor.tensors.items():
-            if info.head is None:
-                entries.append(ctx.plan_entry(info, LinearCombination(ctx.refs(name), weights)))
-                continue
-            for source, rows in zip(ctx.sources, label_rows):
-                shape = source.tensors[name].shape
-                if shape[0] != rows + info.head.null_rows or shape[1:] != info.shape[1:]:
-                    raise IncompatibleModelsError(
-                        f"{source.source.name}: head tensor {info.key} has shape {list(shape)}, which does not match "
-                        f"its {rows} labels or the other sources' heads; fusion cannot concatenate it"
-                    )
-            out_shape = (sum(label_rows) + info.head.null_rows, *info.shape[1:])
-            op = ConcatHeads(ctx.refs(name), tuple(label_rows), info.head.null_rows, weights)
-            entries.append(ctx.plan_entry(info, op, shape=out_shape))
-        labels = union_labels(ctx.sources)
-        id2label = {i: label for i, label in enumerate(labels)}
-        return MergePlan(
-            entries,
-            config_updates={"id2label": id2label, "label2id": {v: k for k, v in id2label.items()}},
-            details={"weights": list(weights), "num_labels": len(labels),
-                     "labels_per_source": {s.source.name: n for s, n in zip(ctx.sources, label_rows)}},
-        )
+        entries = [
+            by_name.get(name) or ctx.plan_entry(info, LinearCombination(ctx.refs(name), weights))
+            for name, info in anchor.tensors.items()
+        ]
+        return MergePlan(entries, config_updates=head_plan.config_updates,
+                         details={"weights": list(weights), **head_plan.details})

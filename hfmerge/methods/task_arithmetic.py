@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from hfmerge.engine.plan import MergeContext, MergePlan, require_all_shared
-from hfmerge.errors import RecipeError
+from hfmerge.engine.plan import MergeContext, MergePlan
 from hfmerge.methods.base import MergeMethod, ParamSpec, register_method
+from hfmerge.methods.task_vectors import plan_task_vectors
 from hfmerge.ops import TaskArithmetic as TaskArithmeticOp
 
 
@@ -14,7 +14,9 @@ class TaskArithmetic(MergeMethod):
 
     Ilharco et al., "Editing models with task arithmetic" (ICLR 2023), §2:
     a task vector is τ_i = θ_i − θ_base; the merge adds their sum scaled by λ.
-    Integer buffers are copied from the first source.
+    The base may be a headless backbone; BatchNorm running statistics are
+    averaged, integer buffers copied from the anchor, and heads the base lacks
+    follow the head policy (:mod:`hfmerge.methods.task_vectors`).
     """
 
     name = "task_arithmetic"
@@ -26,12 +28,7 @@ class TaskArithmetic(MergeMethod):
     min_sources = 1
 
     def plan(self, ctx: MergeContext) -> MergePlan:
-        if ctx.base is None:
-            raise RecipeError(f"method '{self.name}' needs the pre-trained model: add --base org/name")
-        require_all_shared(ctx, self.name, ctx.models)
         scale = float(ctx.params["lambda"])
-        entries = []
-        for name, info in ctx.anchor.tensors.items():
-            op = TaskArithmeticOp((ctx.base_index, ctx.base.tensors[name].key), ctx.refs(name), scale)
-            entries.append(ctx.plan_entry(info, op))
-        return MergePlan(entries, details={"lambda": scale})
+        return plan_task_vectors(
+            ctx, self.name, lambda info, base, sources: TaskArithmeticOp(base, sources, scale), {"lambda": scale}
+        )

@@ -1,0 +1,124 @@
+"""What the task-vector methods (task_arithmetic, ties, dare) share: pairing the base with the sources.
+
+A task vector τ_i = θ_i − θ_base needs θ_base for each tensor. The base is
+usually the pre-trained checkpoint the sources were fine-tuned from, and that
+is often a headless backbone (``ViTModel`` for
+``google/vit-base-patch16-224-in21k``) whose names lack the task models'
+backbone prefix (``vit.``): each source tensor is paired with the base tensor
+of the same name, or of the same name without the adapter's
+``backbone_prefix``, when the shapes agree.
+
+Not every tensor is a task vector:
+
+- BatchNorm running statistics (``running_mean``, ``running_var``) describe
+  activations, not a fine-tuning direction; θ_base + λ Σ τ_i can make a
+  variance negative. They are averaged over the sources.
+- Integer buffers (``num_batches_tracked``) are the anchor's.
+- Tensors outside the backbone that the base lacks or shapes differently
+  (classifier heads, a segmentation decoder), and classifier heads whose labels
+  are not the base's, follow the head policy (:mod:`hfmerge.heads`). An
+  explicit ``--heads`` applies to every classifier head.
+- A backbone tensor the base lacks is an error: the base is then not the model
+  the sources were fine-tuned from.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from hfmerge.adapters.layout import ModelLayout, TensorInfo
+from hfmerge.engine.plan import MergeContext, MergePlan, TensorPlan, require_all_shared
+from hfmerge.errors import IncompatibleModelsError, RecipeError
+from hfmerge.heads import head_policy, labels_agree, plan_heads
+from hfmerge.ops import Copy, LinearCombination, MergeOp, TensorRef
+
+RUNNING_STATISTICS = ("running_mean", "running_var")
+
+TASK_VECTOR_CARD_NOTES = (
+    "BatchNorm running statistics are averaged over the sources, not treated as task vectors."
+    "{% if details.heads and details.heads != 'task vectors' %} Classifier heads (and any tensor the base lacks) "
+    "follow the `{{ details.heads }}` head policy: "
+    "{{ {'concat': 'concatenated into one head over the union of the labels',"
+    " 'average': 'averaged over the sources', 'anchor': 'kept from the anchor'}[details.heads] }}.{% endif %}"
+)
+"""The card sentences every task-vector method ends its ``card_template`` with."""
+
+TaskVectorOp = Callable[[TensorInfo, TensorRef, tuple[TensorRef, ...]], MergeOp]
+"""Builds a tensor's operation from (anchor's tensor info, base reference, source references)."""
+
+
+def is_running_statistic(name: str) -> bool:
+    """Whether ``name`` is a normalisation layer's running mean or variance."""
+    return name.rsplit(".", 1)[-1] in RUNNING_STATISTICS
+
+
+def base_refs(ctx: MergeContext, base: ModelLayout) -> tuple[dict[str, TensorRef], bool]:
+    """Each anchor tensor's counterpart in the base, and whether the backbone prefix was stripped to find them.
+
+    A tensor is paired with the base tensor of the same in-memory name, or of
+    that name without ``<backbone_prefix>.``, of the same shape.
+    """
+    prefix = ctx.anchor.family.backbone_prefix
+    refs: dict[str, TensorRef] = {}
+    stripped = False
+    for name, info in ctx.anchor.tensors.items():
+        candidates = [name]
+        if prefix and name.startswith(prefix + "."):
+            candidates.append(name[len(prefix) + 1 :])
+        for candidate in candidates:
+            other = base.tensors.get(candidate)
+            if other is not None and other.shape == info.shape:
+                refs[name] = (ctx.base_index, other.key)
+                stripped = stripped or candidate != name
+                break
+    return refs, stripped
+
+
+def plan_task_vectors(ctx: MergeContext, method: str, make_op: TaskVectorOp, details: dict[str, Any]) -> MergePlan:
+    """Plan a task-vector merge: ``make_op`` for each task vector, the rules above for the rest.
+
+    Raises:
+        RecipeError: no base model.
+        IncompatibleModelsError: the base lacks a backbone tensor, or the
+            sources differ outside what the head policy takes.
+    """
+    if ctx.base is None:
+        raise RecipeError(f"method '{method}' needs the pre-trained model: add --base org/name")
+    anchor = ctx.anchor
+    refs, stripped = base_refs(ctx, ctx.base)
+    prefix = anchor.family.backbone_prefix
+    missing = [n for n, info in anchor.tensors.items()
+               if n not in refs and not info.is_integer and prefix and n.startswith(prefix + ".")]
+    if missing:
+        raise IncompatibleModelsError(
+            f"the base {ctx.base.source.name} ({ctx.base.architecture}) lacks {len(missing)} backbone tensor(s) of "
+            f"{anchor.source.name} or shapes them differently (e.g. {missing[0]}); give as --base the pre-trained "
+            "model the sources were fine-tuned from"
+        )
+    heads_follow_labels = ctx.heads is None and labels_agree([*ctx.sources, ctx.base])
+    handed = [
+        n for n, info in anchor.tensors.items()
+        if not info.is_integer and (n not in refs or (info.head is not None and not heads_follow_labels))
+    ]
+    require_all_shared(ctx, method, except_names=handed)
+    head_plan = plan_heads(ctx, handed, head_policy(ctx))
+    by_name: dict[str, TensorPlan] = {entry.name: entry for entry in head_plan.entries}
+    uniform = tuple(1.0 / len(ctx.sources) for _ in ctx.sources)
+    entries = []
+    for name, info in anchor.tensors.items():
+        if name in by_name:
+            entries.append(by_name[name])
+        elif info.is_integer:
+            entries.append(ctx.plan_entry(info, Copy((ctx.anchor_index, info.key))))
+        elif is_running_statistic(name):
+            op = LinearCombination(ctx.refs(name), uniform, group="averaged (normalisation statistics)")
+            entries.append(ctx.plan_entry(info, op))
+        else:
+            entries.append(ctx.plan_entry(info, make_op(info, refs[name], ctx.refs(name))))
+    facts = {**details, **head_plan.details}
+    if not any(anchor.tensors[n].head is not None for n in handed):
+        facts["heads"] = "task vectors" if anchor.head_tensors else None
+    if stripped:
+        facts["base_prefix"] = prefix
+    return MergePlan(entries, config_updates=head_plan.config_updates, details=facts)
