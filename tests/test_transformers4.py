@@ -13,6 +13,7 @@ Expected values come from the sources loaded with plain transformers.
 from __future__ import annotations
 
 import json
+import shutil
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -67,6 +68,11 @@ def file_tensors(folder: Path) -> dict[str, torch.Tensor]:
         with safe_open(str(path), framework="pt") as f:
             tensors.update({k: f.get_tensor(k) for k in f.keys()})
     return tensors
+
+
+def copy_fixture(folder: Path, to: Path) -> Path:
+    shutil.copytree(folder, to)
+    return to
 
 
 def test_fixtures_are_saved_by_transformers_4_and_hold_what_5_does_not_load():
@@ -135,8 +141,7 @@ def test_plan_says_what_is_carried_and_what_stays_absent(family):
     assert "swin.layernorm.weight" in text
 
 
-def test_a_source_saved_by_transformers_5_merges_with_4x_ones_and_only_the_anchor_carries(tmp_path):
-    """A 4.x anchor keeps its skipped buffers; a 5.x anchor has none, so the output has none."""
+def test_a_source_saved_by_transformers_5_merges_with_4x_ones(tmp_path):
     resaved = tmp_path / "vit-5"
     load_plain(fixture("vit", 2))[0].save_pretrained(resaved)
     out = hfmerge.merge([str(fixture("vit", 1)), str(resaved)], progress=False).save(tmp_path / "out")
@@ -144,25 +149,57 @@ def test_a_source_saved_by_transformers_5_merges_with_4x_ones_and_only_the_ancho
     for name, value in load_plain(out)[0].state_dict().items():
         torch.testing.assert_close(value, 0.5 * sa[name] + 0.5 * sb[name], rtol=0, atol=1e-6)
 
-    five = tmp_path / "swin-5"
-    load_plain(fixture("upernet-swin", 1))[0].save_pretrained(five)
-    assert not any(k.endswith(STALE_BUFFER) for k in file_tensors(five))
-    result = hfmerge.merge([str(five), str(fixture("upernet-swin", 2))], method="layerwise", progress=False)
-    out_file = file_tensors(result.save(tmp_path / "out-swin"))
-    assert not any(k.endswith(STALE_BUFFER) for k in out_file)
-    _, report = load_plain(tmp_path / "out-swin")
+
+def test_only_the_anchor_carries_what_transformers_skips(tmp_path):
+    """An anchor without the skipped buffers (as transformers 5 saves it) gives an output without them."""
+    from safetensors.torch import save_file
+
+    anchor = copy_fixture(fixture("upernet-swin", 1), tmp_path / "swin-without-buffers")
+    tensors = {k: v for k, v in file_tensors(anchor).items() if not k.endswith(STALE_BUFFER)}
+    save_file(tensors, str(anchor / "model.safetensors"), metadata={"format": "pt"})
+    result = hfmerge.merge([str(anchor), str(fixture("upernet-swin", 2))], progress=False)
+    assert "carried from anchor" not in result.planned.describe()
+    out = result.save(tmp_path / "out")
+    assert set(file_tensors(out)) == set(tensors)
+    merged, report = load_plain(out)
     assert not any(report.values()), report
+    (sa, _), (sb, _) = source_state("upernet-swin", 1), source_state("upernet-swin", 2)
+    for name, value in merged.state_dict().items():
+        expected = 0.5 * sa[name] + 0.5 * sb[name] if value.dtype.is_floating_point else sa[name]
+        torch.testing.assert_close(value, expected, rtol=0, atol=1e-6)
 
 
 def test_a_checkpoint_with_tensors_its_class_does_not_know_is_still_refused(tmp_path):
     from safetensors.torch import save_file
 
-    folder = tmp_path / "vit-extra"
-    folder.mkdir()
-    for name in ("config.json", "preprocessor_config.json"):
-        (folder / name).write_bytes((fixture("vit", 1) / name).read_bytes())
+    folder = copy_fixture(fixture("vit", 1), tmp_path / "vit-extra")
     tensors = file_tensors(fixture("vit", 1))
     tensors["vit.encoder.layer.7.output.dense.weight"] = torch.zeros(8, 8)
     save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(hfmerge.SourceError, match="1 tensor\\(s\\) its config does not describe"):
         hfmerge.plan_merge(hfmerge.Recipe(sources=[str(folder), str(fixture("vit", 2))], method="average"))
+
+
+def test_ignored_on_load_takes_non_persistent_buffers_and_each_sub_model_s_own_patterns():
+    from hfmerge.adapters.layout import ignored_on_load
+
+    class Backbone(torch.nn.Module):
+        _keys_to_ignore_on_load_unexpected = [r"attention\.old_index"]
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.attention = torch.nn.Linear(2, 2)
+            self.register_buffer("table", torch.zeros(3), persistent=False)
+
+    class Model(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.backbone, self.head = Backbone(), torch.nn.Linear(2, 2)
+
+    unexpected = {
+        "backbone.table",  # a non-persistent buffer: never loaded from a checkpoint
+        "backbone.attention.old_index",  # matched by the backbone's own pattern
+        "head.attention.old_index",  # the same pattern, outside the sub-model that declares it
+        "backbone.attention.extra",  # a tensor nothing explains
+    }
+    assert ignored_on_load(Model(), unexpected) == {"backbone.table", "backbone.attention.old_index"}
