@@ -14,17 +14,19 @@ import torch
 from hfmerge.adapters import ModelLayout, inspect_source
 from hfmerge.engine.checkpoint import HeaderReader, weight_files
 from hfmerge.engine.execute import execute_plan, output_dtype
-from hfmerge.engine.plan import MergeContext, MergePlan
+from hfmerge.engine.plan import MergeContext, MergePlan, TensorPlan
 from hfmerge.errors import IncompatibleModelsError
 from hfmerge.hub.publish import check_push_access
 from hfmerge.hub.resolve import ResolvedSource, resolve_source, safetensors_header
 from hfmerge.methods import MergeMethod, get_method
+from hfmerge.ops import Copy
 from hfmerge.recipe import Recipe, SourceSpec, parse_size
 from hfmerge.result import MergeResult, check_output_folder, write_metadata
 
 logger = logging.getLogger(__name__)
 
 PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json", "image_processor_config.json")
+IGNORED_ON_LOAD = "carried from anchor (ignored by transformers on load)"
 
 
 @dataclass
@@ -70,6 +72,12 @@ class PlannedMerge:
             lines.append(f"  heads: {self.plan.details['heads']}")
         if "num_labels" in self.plan.details:
             lines.append(f"  output labels: {self.plan.details['num_labels']}")
+        absent = self.anchor.absent
+        if absent:
+            lines.append(
+                f"  not in the anchor's checkpoint, left absent (transformers initialises them on load): "
+                f"{len(absent)} tensors, e.g. {absent[0]}"
+            )
         return "\n".join(lines)
 
 
@@ -115,6 +123,7 @@ def plan_merge(recipe: Recipe, *, token: str | bool | None = None, metadata_only
                 f"{layout.source.name} shares no parameter with {context.anchor.source.name}; nothing can be merged"
             )
     plan = method.plan(context)
+    carry_ignored_tensors(plan, context)
     return PlannedMerge(recipe, method, sources, base, context, plan)
 
 
@@ -136,6 +145,23 @@ def _header_reader(
     if header is None:
         return resolve_source(source.spec, token=token, allow_pickle=allow_pickle), None
     return source, HeaderReader(header, label=source.name)
+
+
+def carry_ignored_tensors(plan: MergePlan, context: MergeContext) -> None:
+    """Append the anchor's checkpoint tensors that transformers ignores on load, unchanged.
+
+    Checkpoints saved by transformers 4.x keep buffers that transformers 5
+    skips (Swin's ``relative_position_index``). No method merges them; keeping
+    the anchor's makes the output load like the anchor, in the transformers
+    that wrote it (which reads them) and in the current one (which skips
+    them). A source that is not the anchor contributes none: when the anchor
+    has none, the output has none either.
+    """
+    planned = {t.key for t in plan.tensors}
+    for info in context.anchor.ignored.values():
+        if info.key not in planned:
+            op = Copy((context.anchor_index, info.key), group=IGNORED_ON_LOAD)
+            plan.tensors.append(TensorPlan(info.key, info.name, info.shape, info.dtype, op))
 
 
 def run_recipe(

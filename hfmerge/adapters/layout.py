@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 from functools import cached_property
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -51,6 +53,14 @@ class ModelLayout:
     config: Any
     reader: TensorTable
     tensors: dict[str, TensorInfo]
+    ignored: dict[str, TensorInfo] = field(default_factory=dict)
+    """Checkpoint tensors that transformers does not load (stale or non-persistent buffers,
+    such as Swin's ``relative_position_index`` in files saved by 4.x), by in-memory name.
+    No method merges them; the pipeline carries the anchor's into the output."""
+    absent: tuple[str, ...] = ()
+    """In-memory names of the class's tensors that the checkpoint lacks, which transformers
+    initialises on load (``swin.layernorm`` in UperNet-Swin and Mask2Former files saved by 4.x).
+    No method plans them: the output lacks them too, as the sources do."""
 
     @cached_property
     def modules(self) -> list[str]:
@@ -75,9 +85,19 @@ class ModelLayout:
         return total
 
 
+@dataclass(frozen=True)
+class _ClassFacts:
+    """What the model class says about one checkpoint's keys (see :func:`inspect_source`)."""
+
+    shapes: dict[str, tuple[int, ...]]
+    names: dict[str, str]
+    ignored: frozenset[str]
+    absent: tuple[str, ...]
+
+
 # Sources of one architecture and config (checkpoints of a run, fine-tunes of one model) share
 # the meta model's names, shapes and order: build it once per (architecture, config, keys).
-_MODEL_CLASS_FACTS: dict[tuple[str, bytes, tuple[str, ...]], tuple[dict[str, tuple[int, ...]], dict[str, str]]] = {}
+_MODEL_CLASS_FACTS: dict[tuple[str, bytes, tuple[str, ...]], _ClassFacts] = {}
 
 
 def inspect_source(
@@ -119,19 +139,30 @@ def inspect_source(
         meta_model = family.build_meta_model(architecture, config)
         meta_state = meta_model.state_dict()
         names = checkpoint_to_memory_names(meta_model, reader.keys(), meta_state)
-        _MODEL_CLASS_FACTS[cache_key] = ({n: tuple(t.shape) for n, t in meta_state.items()}, names)
+        loaded = set(names.values())
+        ignored = ignored_on_load(meta_model, {n for n in loaded if n not in meta_state})
+        _MODEL_CLASS_FACTS[cache_key] = _ClassFacts(
+            {n: tuple(t.shape) for n, t in meta_state.items()}, names, frozenset(ignored),
+            tuple(n for n in meta_state if n not in loaded),
+        )
         del meta_model
-    meta_shapes, names = _MODEL_CLASS_FACTS[cache_key]
+    facts = _MODEL_CLASS_FACTS[cache_key]
+    meta_shapes, names = facts.shapes, facts.names
 
     order = {name: i for i, name in enumerate(meta_shapes)}
     tensors: list[TensorInfo] = []
-    unknown = [k for k, n in names.items() if n not in order]
+    ignored: dict[str, TensorInfo] = {}
+    unknown = [k for k, n in names.items() if n not in order and n not in facts.ignored]
     if unknown:
         raise SourceError(
             f"{source.name}: the checkpoint has {len(unknown)} tensor(s) its config does not describe "
             f"(e.g. {unknown[0]}); the weights and config.json disagree — re-save the model with save_pretrained"
         )
     for key, name in names.items():
+        if name in facts.ignored:
+            owner = name.rsplit(".", 1)[0] if "." in name else ""
+            ignored[name] = TensorInfo(key, name, owner, reader.shape(key), reader.dtype(key), None)
+            continue
         expected = meta_shapes[name]
         shape = reader.shape(key)
         if shape != expected:
@@ -152,7 +183,45 @@ def inspect_source(
         config=config,
         reader=reader,
         tensors={t.name: t for t in tensors},
+        ignored=ignored,
+        absent=facts.absent,
     )
+
+
+def ignored_on_load(model: torch.nn.Module, unexpected: set[str]) -> set[str]:
+    """The checkpoint tensors, among ``unexpected``, that ``from_pretrained`` skips by design.
+
+    ``unexpected`` are the in-memory names of checkpoint tensors that are not in
+    ``model.state_dict()`` (``model``: the class instantiated from the source's
+    config). transformers loads only ``state_dict()`` names and skips these:
+
+    - buffers of the model that are not persistent: the module computes them
+      in ``__init__``, a checkpoint never overwrites them;
+    - names matched by the ``_keys_to_ignore_on_load_unexpected`` patterns of
+      the model or of a sub-model within it, each applied to names under that
+      sub-model (transformers 5 gathers these patterns from direct children
+      only, so Mask2Former's Swin backbone declares its stale
+      ``relative_position_index`` ignorable yet the top model reports it);
+    - names the model's own ``_adjust_missing_and_unexpected_keys`` drops
+      (stale ``position_ids``, ``rotary_emb.inv_freq``).
+
+    The rest — tensors of layers the config does not describe — are not returned.
+    """
+    buffers = {name for name, _ in model.named_buffers()}
+    declared: list[tuple[str, re.Pattern[str]]] = []
+    for prefix, module in model.named_modules():
+        for pattern in getattr(module, "_keys_to_ignore_on_load_unexpected", None) or ():
+            declared.append((f"{prefix}." if prefix else "", re.compile(pattern)))
+    ignored = {
+        name for name in unexpected
+        if name in buffers or any(name.startswith(p) and regex.search(name) for p, regex in declared)
+    }
+    report = SimpleNamespace(missing_keys=set(), unexpected_keys=set(unexpected))
+    try:
+        model._adjust_missing_and_unexpected_keys(report)  # type: ignore[operator]
+    except (AttributeError, TypeError):  # a transformers whose method differs: the rules above still apply
+        pass
+    return ignored | (unexpected - set(report.unexpected_keys))
 
 
 def checkpoint_to_memory_names(

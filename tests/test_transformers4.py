@@ -1,0 +1,205 @@
+"""Checkpoints as they are on the Hub: saved by transformers 4.x, merged under transformers 5.
+
+The fixtures in ``tests/fixtures/transformers4/`` were written by transformers
+4.57 (``make_fixtures.py`` there). Their files differ from what transformers 5
+would write: UperNet-Swin and Mask2Former keep Swin's
+``relative_position_index`` buffers (transformers 5 computes them and skips
+them on load) and lack the backbone's ``swin.layernorm`` (transformers 5
+initialises it). Every static method must merge them, and the output must load
+with plain transformers reporting nothing that loading the sources does not.
+Expected values come from the sources loaded with plain transformers.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import transformers
+from safetensors import safe_open
+
+import hfmerge
+from hfmerge.methods import get_method
+from hfmerge.testing.tiny import FAMILIES
+
+FIXTURES = Path(__file__).parent / "fixtures" / "transformers4"
+STALE_BUFFER = "relative_position_index"
+# The families whose 4.x files hold tensors transformers 5 does not load.
+WITH_STALE_BUFFERS = ("upernet-swin", "mask2former")
+
+
+def fixture(family: str, seed: int) -> Path:
+    return FIXTURES / f"{family}-{seed}"
+
+
+def method_arguments(name: str, family: str) -> dict[str, Any]:
+    """What ``hfmerge.merge`` needs besides the two sources to run method ``name``.
+
+    A method that needs a base gets the first source as its base: fine-tunes of
+    one base are what task vectors are made of, and the base is a 4.x file too.
+    """
+    method = get_method(name)
+    if getattr(method, "needs_data", False):
+        pytest.skip(f"{name} needs data; these fixtures are weights only")
+    return {"base": str(fixture(family, 1))} if method.needs_base else {}
+
+
+def load_plain(folder: Path) -> tuple[torch.nn.Module, dict[str, list[str]]]:
+    """The model loaded with plain transformers 5, and what its loading reported."""
+    architecture = json.loads((folder / "config.json").read_text())["architectures"][0]
+    model, info = getattr(transformers, architecture).from_pretrained(folder, output_loading_info=True)
+    return model.eval(), {k: sorted(map(str, v)) for k, v in info.items()}
+
+
+@cache
+def source_state(family: str, seed: int) -> tuple[dict[str, torch.Tensor], dict[str, list[str]]]:
+    model, info = load_plain(fixture(family, seed))
+    return model.state_dict(), info
+
+
+def file_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as f:
+            tensors.update({k: f.get_tensor(k) for k in f.keys()})
+    return tensors
+
+
+def copy_fixture(folder: Path, to: Path) -> Path:
+    shutil.copytree(folder, to)
+    return to
+
+
+def test_fixtures_are_saved_by_transformers_4_and_hold_what_5_does_not_load():
+    versions = json.loads((FIXTURES / "VERSIONS.json").read_text())
+    assert versions["transformers"].startswith("4.57"), versions
+    for family in FAMILIES:
+        for seed in (1, 2):
+            assert (fixture(family, seed) / "model.safetensors").is_file(), (family, seed)
+    for family in WITH_STALE_BUFFERS:
+        keys = file_tensors(fixture(family, 1))
+        assert sum(k.endswith(STALE_BUFFER) for k in keys) == 4, family
+    # Mask2Former's 4.x files lack the backbone's final LayerNorm: transformers 5 reports it and initialises it.
+    assert "model.pixel_level_module.encoder.swin.layernorm.weight" in source_state("mask2former", 1)[1]["missing_keys"]
+
+
+@pytest.mark.parametrize("method", hfmerge.available_methods())
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_method_merges_4x_checkpoints_and_the_output_loads_like_its_sources(family, method, tmp_path):
+    a, b = fixture(family, 1), fixture(family, 2)
+    weights = [1, 3] if get_method(method).uses_weights else None
+    result = hfmerge.merge([str(a), str(b)], method=method, weights=weights, progress=False,
+                           **method_arguments(method, family))
+    out = result.save(tmp_path / "out")
+
+    merged, report = load_plain(out)
+    (sa, anchor_report), (sb, _) = source_state(family, 1), source_state(family, 2)
+    for kind in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs"):
+        extra = set(report.get(kind, [])) - set(anchor_report.get(kind, []))
+        assert not extra, f"{kind} beyond the source's: {sorted(extra)[:3]}"
+    if family == "upernet-swin":  # transformers 5 silences both differences of this class
+        assert not any(report.values()), report
+
+    # The output is a file like the anchor's: the same keys (so transformers 4.x loads it as it loads
+    # the anchor), and the buffers transformers 5 skips are the anchor's, unchanged.
+    anchor_file, out_file = file_tensors(a), file_tensors(out)
+    assert set(out_file) == set(anchor_file)
+    stale = [k for k in anchor_file if k.endswith(STALE_BUFFER)]
+    assert len(stale) == (4 if family in WITH_STALE_BUFFERS else 0)
+    for key in stale:
+        assert torch.equal(out_file[key], anchor_file[key]), key
+    if stale:
+        assert "carried from anchor (ignored by transformers on load): 4 tensors" in result.planned.describe()
+
+    if method == "average":  # the weighted mean of what transformers loads from the 4.x files
+        sm = merged.state_dict()
+        assert set(sm) == set(sa)
+        differ = 0
+        for name, value in sm.items():
+            if value.dtype.is_floating_point:
+                torch.testing.assert_close(value, 0.25 * sa[name] + 0.75 * sb[name], rtol=0, atol=1e-6)
+                differ += not torch.equal(sa[name], sb[name])
+            else:  # num_batches_tracked comes from the first source
+                assert torch.equal(value, sa[name]), name
+        assert differ > 0  # the two seeds differ, so the check above can fail
+
+
+@pytest.mark.parametrize("family", WITH_STALE_BUFFERS)
+def test_plan_says_what_is_carried_and_what_stays_absent(family):
+    sources = [str(fixture(family, 1)), str(fixture(family, 2))]
+    planned = hfmerge.plan_merge(hfmerge.Recipe(sources=sources, method="average"))
+    carried = [t for t in planned.plan.tensors if t.op.group.startswith("carried from anchor")]
+    assert len(carried) == 4
+    assert all(t.key.endswith(STALE_BUFFER) and t.op.source == (0, t.key) for t in carried)
+    text = planned.describe()
+    assert "left absent (transformers initialises them on load): 2 tensors" in text
+    assert "swin.layernorm.weight" in text
+
+
+def test_a_source_saved_by_transformers_5_merges_with_4x_ones(tmp_path):
+    resaved = tmp_path / "vit-5"
+    load_plain(fixture("vit", 2))[0].save_pretrained(resaved)
+    out = hfmerge.merge([str(fixture("vit", 1)), str(resaved)], progress=False).save(tmp_path / "out")
+    (sa, _), (sb, _) = source_state("vit", 1), source_state("vit", 2)
+    for name, value in load_plain(out)[0].state_dict().items():
+        torch.testing.assert_close(value, 0.5 * sa[name] + 0.5 * sb[name], rtol=0, atol=1e-6)
+
+
+def test_only_the_anchor_carries_what_transformers_skips(tmp_path):
+    """An anchor without the skipped buffers (as transformers 5 saves it) gives an output without them."""
+    from safetensors.torch import save_file
+
+    anchor = copy_fixture(fixture("upernet-swin", 1), tmp_path / "swin-without-buffers")
+    tensors = {k: v for k, v in file_tensors(anchor).items() if not k.endswith(STALE_BUFFER)}
+    save_file(tensors, str(anchor / "model.safetensors"), metadata={"format": "pt"})
+    result = hfmerge.merge([str(anchor), str(fixture("upernet-swin", 2))], progress=False)
+    assert "carried from anchor" not in result.planned.describe()
+    out = result.save(tmp_path / "out")
+    assert set(file_tensors(out)) == set(tensors)
+    merged, report = load_plain(out)
+    assert not any(report.values()), report
+    (sa, _), (sb, _) = source_state("upernet-swin", 1), source_state("upernet-swin", 2)
+    for name, value in merged.state_dict().items():
+        expected = 0.5 * sa[name] + 0.5 * sb[name] if value.dtype.is_floating_point else sa[name]
+        torch.testing.assert_close(value, expected, rtol=0, atol=1e-6)
+
+
+def test_a_checkpoint_with_tensors_its_class_does_not_know_is_still_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    folder = copy_fixture(fixture("vit", 1), tmp_path / "vit-extra")
+    tensors = file_tensors(fixture("vit", 1))
+    tensors["vit.encoder.layer.7.output.dense.weight"] = torch.zeros(8, 8)
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(hfmerge.SourceError, match="1 tensor\\(s\\) its config does not describe"):
+        hfmerge.plan_merge(hfmerge.Recipe(sources=[str(folder), str(fixture("vit", 2))], method="average"))
+
+
+def test_ignored_on_load_takes_non_persistent_buffers_and_each_sub_model_s_own_patterns():
+    from hfmerge.adapters.layout import ignored_on_load
+
+    class Backbone(torch.nn.Module):
+        _keys_to_ignore_on_load_unexpected = [r"attention\.old_index"]
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.attention = torch.nn.Linear(2, 2)
+            self.register_buffer("table", torch.zeros(3), persistent=False)
+
+    class Model(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.backbone, self.head = Backbone(), torch.nn.Linear(2, 2)
+
+    unexpected = {
+        "backbone.table",  # a non-persistent buffer: never loaded from a checkpoint
+        "backbone.attention.old_index",  # matched by the backbone's own pattern
+        "head.attention.old_index",  # the same pattern, outside the sub-model that declares it
+        "backbone.attention.extra",  # a tensor nothing explains
+    }
+    assert ignored_on_load(Model(), unexpected) == {"backbone.table", "backbone.attention.old_index"}
