@@ -104,6 +104,7 @@ def _recipe_from_merge_args(args: argparse.Namespace) -> Any:
 
 
 def _execute(recipe: Any, args: argparse.Namespace) -> int:
+    _quiet_transformers()
     from hfmerge.pipeline import plan_merge, run_recipe
     from hfmerge.result import check_output_folder
 
@@ -131,6 +132,7 @@ def _execute(recipe: Any, args: argparse.Namespace) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
+    _quiet_transformers()
     from hfmerge.adapters import inspect_source
     from hfmerge.hub.resolve import resolve_source
 
@@ -162,6 +164,7 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _space(args: argparse.Namespace) -> int:
+    _quiet_transformers()
     from hfmerge.space import SpaceOptions, push_space, save_space
 
     if args.no_sources and args.sources:
@@ -200,6 +203,14 @@ def _methods() -> int:
     return 0
 
 
+def _quiet_transformers() -> None:
+    """Silence transformers' own warnings; imported here, when a command needs models, so that
+    ``--help``, ``methods`` and usage errors load neither torch nor transformers."""
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+
+
 class _CliFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         return f"hfmerge: {record.levelname.lower()}: {record.getMessage()}"
@@ -218,12 +229,6 @@ def _log_to_stderr() -> None:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``hfmerge`` and ``python -m hfmerge``."""
     _log_to_stderr()
-    try:
-        import transformers
-
-        transformers.logging.set_verbosity_error()
-    except ImportError:  # pragma: no cover - transformers is a dependency
-        pass
     parser = _build_parser()
     args = parser.parse_args(argv)
     try:

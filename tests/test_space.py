@@ -179,6 +179,15 @@ def test_sources_that_fail_to_load_leave_the_merged_model_alone(hub_models, publ
     assert plain.sources == [] and "not made by hfmerge" in plain.notes[0]
 
 
+def test_load_notes_reach_the_predict_api(hub_models, image_file):
+    """What did not load is in /predict's answer too, not only on the page."""
+    demo_models = app.load_demo("org/space-vit-merged", sources=["org/no-such-model"])
+    assert len(demo_models.notes) == 1
+    with serving(app.build_demo(demo_models)) as url:
+        answer = client_for(url).predict(gradio_client.handle_file(str(image_file)), api_name="/predict")
+    assert answer["sources"] == {} and answer["notes"] == demo_models.notes
+
+
 def test_space_for_a_model_not_made_by_hfmerge_shows_it_alone(hub_models, publish, tmp_path, capsys):
     publish("org/space-plain", family="vit", seed=4, labels=LABELS)
     code, _, err = run_cli(["space", "org/space-plain", "--output", tmp_path / "space"], capsys)
@@ -241,8 +250,9 @@ def test_space_output_writes_a_folder_that_runs_alone(hub_models, tmp_path, caps
     code, stdout, _ = run_cli(["space", "org/space-vit-merged", "--output", out], capsys)
     assert code == 0 and stdout.strip() == f"written: {out}"
     assert sorted(p.name for p in out.iterdir()) == [
-        "README.md", "app.py", "examples", "requirements.txt", "space_config.json"]
-    assert (out / "app.py").read_bytes() == (ROOT / "spaces" / "app.py").read_bytes()
+        "README.md", "app.py", "examples", "inference.py", "requirements.txt", "source_ref.py", "space_config.json"]
+    for name in ("app.py", "inference.py", "source_ref.py"):
+        assert (out / name).read_bytes() == (ROOT / "spaces" / name).read_bytes()
     assert sorted(p.name for p in (out / "examples").iterdir()) == ["china.jpg", "flower.jpg"]
     card = SpaceCard.load(out / "README.md")
     assert (card.data.sdk, card.data.app_file, card.data.sdk_version) == ("gradio", "app.py", gr.__version__)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from hfmerge.engine.plan import MergeContext, MergePlan, require_all_shared
+from typing import TYPE_CHECKING
+
 from hfmerge.methods.base import MergeMethod, register_method
-from hfmerge.ops import LinearCombination
+
+if TYPE_CHECKING:
+    from hfmerge.engine.plan import MergeContext, MergePlan
 
 
 @register_method
@@ -23,6 +26,9 @@ class Average(MergeMethod):
     uses_weights = True
 
     def plan(self, ctx: MergeContext) -> MergePlan:
+        from hfmerge.engine.plan import MergePlan, require_all_shared
+        from hfmerge.ops import LinearCombination
+
         require_all_shared(ctx, self.name)
         weights = ctx.normalised_weights()
         entries = [

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from collections import Counter
+from typing import TYPE_CHECKING
 
-from hfmerge.adapters.layout import ModelLayout
-from hfmerge.engine.plan import MergeContext, MergePlan
 from hfmerge.errors import IncompatibleModelsError
 from hfmerge.methods.base import MergeMethod, register_method
-from hfmerge.ops import ConcatHeads, LinearCombination
+
+if TYPE_CHECKING:
+    from hfmerge.adapters.layout import ModelLayout
+    from hfmerge.engine.plan import MergeContext, MergePlan
 
 
 def union_labels(sources: list[ModelLayout]) -> list[str]:
@@ -46,6 +48,9 @@ class Fusion(MergeMethod):
     uses_weights = True
 
     def plan(self, ctx: MergeContext) -> MergePlan:
+        from hfmerge.engine.plan import MergePlan
+        from hfmerge.ops import ConcatHeads, LinearCombination
+
         anchor = ctx.anchor
         architectures = {s.architecture for s in ctx.sources}
         if len(architectures) > 1:

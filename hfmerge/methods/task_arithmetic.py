@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from hfmerge.engine.plan import MergeContext, MergePlan, require_all_shared
+from typing import TYPE_CHECKING
+
 from hfmerge.errors import RecipeError
 from hfmerge.methods.base import MergeMethod, ParamSpec, register_method
-from hfmerge.ops import TaskArithmetic as TaskArithmeticOp
+
+if TYPE_CHECKING:
+    from hfmerge.engine.plan import MergeContext, MergePlan
 
 
 @register_method
@@ -26,6 +29,9 @@ class TaskArithmetic(MergeMethod):
     min_sources = 1
 
     def plan(self, ctx: MergeContext) -> MergePlan:
+        from hfmerge.engine.plan import MergePlan, require_all_shared
+        from hfmerge.ops import TaskArithmetic as TaskArithmeticOp
+
         if ctx.base is None:
             raise RecipeError(f"method '{self.name}' needs the pre-trained model: add --base org/name")
         require_all_shared(ctx, self.name, ctx.models)
