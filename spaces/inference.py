@@ -302,7 +302,8 @@ def load_model(ref: str, *, gated: bool = False, local_only: bool = False) -> De
         raise
     except (OSError, ValueError, KeyError, HfHubHTTPError) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise ModelLoadError(f"{name} could not be loaded: {first}") from None
+        cache = " from the local cache" if local_only else ""
+        raise ModelLoadError(f"{name} could not be loaded{cache}: {first}") from None
     labels = {int(k): str(v) for k, v in (getattr(model.config, "id2label", None) or {}).items()}
     return DemoModel(name=name, model=model.to(DEVICE).eval(), processor=processor, kind=kind, labels=labels)
 
@@ -362,7 +363,10 @@ def load_demo(model: str, sources: list[str] | None = None, *, hub: HubAccess | 
             sources = []
             notes.append(f"{exc}, so the model is shown alone.")
     gated = bool(metadata and metadata.get("method") in GATED_METHODS)
-    merged = load_model(model, gated=gated, local_only=local_only)
+    try:
+        merged = load_model(model, gated=gated, local_only=local_only)
+    except ModelLoadError as exc:
+        raise ModelLoadError(f"{exc} ({hub.reason})" if local_only else str(exc)) from None
     if metadata is None and sources is None:
         notes.append(f"{merged.name} was not made by hfmerge (it has no {RECIPE_FILE}), so it is shown alone.")
     loaded = []
