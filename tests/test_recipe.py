@@ -130,6 +130,22 @@ def test_a_relative_folder_resolves_to_the_folder_and_says_the_hub_repo_was_not_
     assert not caplog.records  # written as a path: nothing to say
 
 
+def test_hfmerge_merge_takes_relative_folders(in_tmp, capsys):
+    from helpers import run_cli
+
+    from hfmerge.testing.tiny import save_tiny
+
+    for seed, name in ((1, "vit-a"), (2, "vit-b")):
+        save_tiny(in_tmp / "models" / name, "vit", seed=seed)
+    code, stdout, err = run_cli(["merge", "models/vit-a", "models/vit-b", "-m", "average", "-o", "out", "-q"],
+                                capsys)
+    assert code == 0, err
+    assert stdout.strip() == f"saved: {in_tmp / 'out'}"
+    assert [line for line in err.splitlines() if "Hub repo" in line] == [
+        f"hfmerge: warning: source {name!r} is the local folder ./{name}, as from_pretrained reads it; the Hub "
+        f"repo {name} was not used (write {name}@main for it)" for name in ("models/vit-a", "models/vit-b")]
+
+
 def test_a_missing_folder_is_refused_in_one_line(in_tmp):
     for text in ("./missing", "a/b/c", "merged"):
         with pytest.raises(SourceError, match="neither an existing folder nor a Hub repo id"):
