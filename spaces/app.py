@@ -38,10 +38,10 @@ import transformers
 
 if __package__:  # hfmerge.spaces, installed with hfmerge
     from .inference import (GATED_METHODS, IMAGE_SUFFIXES, TOP_K, DemoModel, DemoModels, ModelLoadError,
-                            load_demo, load_model, read_card, recipe_sources)
+                            load_demo, recipe_sources)
 else:  # a Space, or `python app.py`: the files lie side by side
     from inference import (GATED_METHODS, IMAGE_SUFFIXES, TOP_K, DemoModel, DemoModels, ModelLoadError,
-                           load_demo, load_model, read_card, recipe_sources)
+                           load_demo, recipe_sources)
 
 HERE = Path(__file__).resolve().parent
 CONFIG_FILE = HERE / "space_config.json"

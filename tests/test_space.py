@@ -24,7 +24,7 @@ from hfmerge.testing.tiny import save_tiny, spread_weights, tiny_model
 
 gr = pytest.importorskip("gradio", reason="the Space tests need the `space` extra: pip install -e .[space]")
 gradio_client = pytest.importorskip("gradio_client")
-from hfmerge.spaces import app  # noqa: E402
+from hfmerge.spaces import app, inference  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "test-artifacts"
@@ -131,7 +131,7 @@ def test_mask2former_overlay_matches_its_processor(tmp_path, image_file):
     """Mask2Former goes through its processor's semantic post-processing; the legend names the classes drawn."""
     model = spread_weights(tiny_model("mask2former", len(LABELS), seed=3, labels=LABELS))
     folder = save_tiny(tmp_path / "m2f", "mask2former", model=model)
-    demo_model = app.load_model(str(folder))
+    demo_model = inference.load_model(str(folder))
     image = PIL.Image.open(image_file).convert("RGB")
     prediction = demo_model.predict(image)
 
@@ -219,7 +219,7 @@ def test_gate_probabilities_are_named_by_task(image_file):
             return SimpleNamespace(logits=self.linear(pooled), gate_probs=torch.tensor([[0.25, 0.75]]))
 
     processor = transformers.ViTImageProcessorPil(size={"height": 8, "width": 8})
-    demo_model = app.DemoModel("gated", Gated(), processor, "classification", {0: "seven", 1: "A"})
+    demo_model = inference.DemoModel("gated", Gated(), processor, "classification", {0: "seven", 1: "A"})
     prediction = demo_model.predict(PIL.Image.open(image_file).convert("RGB"))
     assert prediction.gate == {"digits": 0.25, "letters": 0.75}
     assert {t["label"] for t in prediction.top} == {"seven", "A"}
@@ -236,7 +236,7 @@ def test_evaluation_section_and_plots_come_from_the_card(tmp_path):
         "![accuracy per task](plots/accuracy.png)\n![outside](../secret.png)\n\n## Usage\n\nnot shown either\n"
     )
     PIL.Image.new("RGB", (8, 8)).save(tmp_path / "secret.png")
-    text, plots = app.read_card(str(folder))
+    text, plots = inference.read_card(str(folder))
     assert text.startswith("## Evaluation") and "| merged | 0.91 |" in text
     assert "not shown" not in text and "![" not in text
     assert plots == {"plots/accuracy.png": folder / "plots" / "accuracy.png"}
