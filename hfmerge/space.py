@@ -1,8 +1,10 @@
 """The Gradio demo Space of a merged model: written from ``spaces/`` and pushed as a Space repo.
 
-The Space is ``spaces/app.py`` with four files beside it: ``space_config.json``
-(which model and which sources to show), ``README.md`` (Space metadata: sdk,
-app file, the models it uses), ``requirements.txt`` and ``examples/``. It runs
+The Space is ``spaces/app.py`` with the files beside it: ``inference.py`` and
+``source_ref.py`` (the models without Gradio; hfmerge imports their constants
+and parser too), ``space_config.json`` (which model and which sources to show),
+``README.md`` (Space metadata: sdk, app file, the models it uses),
+``requirements.txt`` and ``examples/``. It runs
 from its own repo alone: a static merge loads with plain transformers, so the
 Space installs hfmerge only for a gated merge.
 """
