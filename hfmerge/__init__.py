@@ -1,4 +1,14 @@
-"""hfmerge: merge fine-tuned vision models from the Hugging Face Hub and publish the result."""
+"""hfmerge: merge fine-tuned vision models from the Hugging Face Hub and publish the result.
+
+The public names below are imported on first use (PEP 562), so that
+``import hfmerge`` — and with it ``hfmerge --help`` — loads neither torch nor
+transformers.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
 
 from hfmerge.errors import (
     HfMergeError,
@@ -10,14 +20,26 @@ from hfmerge.errors import (
     RecipeError,
     SourceError,
 )
-from hfmerge.loading import load
-from hfmerge.pipeline import PlannedMerge, merge, plan_merge, run_recipe
-from hfmerge.methods import available_methods
-from hfmerge.recipe import Recipe, SourceSpec
-from hfmerge.result import MergeResult
-from hfmerge.space import SpaceOptions, push_space, save_space
+
+if TYPE_CHECKING:
+    from hfmerge.loading import load
+    from hfmerge.methods import available_methods
+    from hfmerge.pipeline import PlannedMerge, merge, plan_merge, run_recipe
+    from hfmerge.recipe import Recipe, SourceSpec
+    from hfmerge.result import MergeResult
+    from hfmerge.space import SpaceOptions, push_space, save_space
 
 __version__ = "0.1.0"
+
+_LAZY = {
+    "load": "hfmerge.loading",
+    "PlannedMerge": "hfmerge.pipeline", "merge": "hfmerge.pipeline", "plan_merge": "hfmerge.pipeline",
+    "run_recipe": "hfmerge.pipeline",
+    "available_methods": "hfmerge.methods",
+    "Recipe": "hfmerge.recipe", "SourceSpec": "hfmerge.recipe",
+    "MergeResult": "hfmerge.result",
+    "SpaceOptions": "hfmerge.space", "push_space": "hfmerge.space", "save_space": "hfmerge.space",
+}
 
 __all__ = [
     "HfMergeError", "HubUnreachableError", "IncompatibleModelsError", "MergeNumericError", "MergeResult",
@@ -25,3 +47,15 @@ __all__ = [
     "PlannedMerge", "PublishError", "Recipe", "RecipeError", "SourceError", "SourceSpec", "SpaceOptions",
     "available_methods", "load", "merge", "plan_merge", "push_space", "run_recipe", "save_space",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'hfmerge' has no attribute {name!r}")
+    value = getattr(import_module(_LAZY[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

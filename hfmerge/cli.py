@@ -111,6 +111,8 @@ def _recipe_from_merge_args(args: argparse.Namespace) -> Any:
 def _execute(recipe: Any, args: argparse.Namespace) -> int:
     from dataclasses import replace
 
+    _quiet_transformers()
+
     from hfmerge.pipeline import plan_merge, run_recipe
 
     recipe = replace(recipe, output=args.output or recipe.output, push_to_hub=args.push_to_hub or recipe.push_to_hub,
@@ -129,6 +131,7 @@ def _execute(recipe: Any, args: argparse.Namespace) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
+    _quiet_transformers()
     from hfmerge.adapters import inspect_source
     from hfmerge.hub.resolve import resolve_source
 
@@ -160,6 +163,7 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _space(args: argparse.Namespace) -> int:
+    _quiet_transformers()
     from hfmerge.space import SpaceOptions, push_space, save_space
 
     if args.no_sources and args.sources:
@@ -198,6 +202,14 @@ def _methods() -> int:
     return 0
 
 
+def _quiet_transformers() -> None:
+    """Silence transformers' own warnings; imported here, when a command needs models, so that
+    ``--help``, ``methods`` and usage errors load neither torch nor transformers."""
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+
+
 class _CliFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         return f"hfmerge: {record.levelname.lower()}: {record.getMessage()}"
@@ -216,12 +228,6 @@ def _log_to_stderr() -> None:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``hfmerge`` and ``python -m hfmerge``."""
     _log_to_stderr()
-    try:
-        import transformers
-
-        transformers.logging.set_verbosity_error()
-    except ImportError:  # pragma: no cover - transformers is a dependency
-        pass
     parser = _build_parser()
     args = parser.parse_args(argv)
     try:

@@ -16,10 +16,10 @@ from typing import Any
 import yaml
 
 from hfmerge.errors import RecipeError
+from hfmerge.spaces.source_ref import SourceRef, SourceRefError, is_repo_id, parse_source_ref
 
 DTYPES = ("float32", "float16", "bfloat16")
 HEAD_POLICIES = ("concat", "average", "anchor")
-_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
 
 
 @dataclass(frozen=True)
@@ -38,7 +38,7 @@ class SourceSpec:
 
     @classmethod
     def parse(cls, ref: str | dict[str, Any] | SourceSpec) -> SourceSpec:
-        """Read ``org/name``, ``org/name@rev``, a folder, or a YAML mapping."""
+        """Read ``org/name``, ``org/name@rev``, a folder, or a YAML mapping (see ``source_ref``)."""
         if isinstance(ref, SourceSpec):
             return ref
         if isinstance(ref, dict):
@@ -50,7 +50,13 @@ class SourceSpec:
                 )
             if "model" not in ref:
                 raise RecipeError(f"source {ref!r} has no 'model'; write model: org/name or a folder")
+            pinned = ref.get("revision") or ref.get("commit")
             spec = cls.parse(str(ref["model"]))
+            if pinned and spec.is_local:
+                # A revision or commit names a Hub repo: a folder has none.
+                if not is_repo_id(spec.model):
+                    raise RecipeError(f"source {ref!r}: a folder has no revision or commit; drop them")
+                spec = cls(model=spec.model)
             weight = ref.get("weight")
             return cls(
                 model=spec.model,
@@ -58,17 +64,23 @@ class SourceSpec:
                 commit=ref.get("commit"),
                 weight=None if weight is None else _as_float(weight, "weight"),
             )
-        if not isinstance(ref, str) or not ref.strip():
-            raise RecipeError(f"a source must be a repo id or a folder, got {ref!r}")
-        ref = ref.strip()
-        if _looks_local(ref):
-            return cls(model=ref)
-        if "@" in ref:
-            model, _, revision = ref.rpartition("@")
-            if not model or not revision:
-                raise RecipeError(f"source {ref!r}: write org/name@revision with both parts")
-            return cls(model=model, revision=revision)
-        return cls(model=ref)
+        try:
+            parsed = parse_source_ref(ref)
+        except SourceRefError as exc:
+            raise RecipeError(f"source {exc}") from None
+        return cls(model=parsed.model, revision=parsed.revision)
+
+    @property
+    def source_ref(self) -> SourceRef:
+        """What the source names: a folder, or a Hub repo; a revision or commit always means the Hub."""
+        if (self.revision or self.commit) and is_repo_id(self.model):
+            return SourceRef(self.model, self.revision)
+        return parse_source_ref(self.model)
+
+    @property
+    def is_local(self) -> bool:
+        """Whether the source is a local folder (one that exists, or one written as a path)."""
+        return self.source_ref.is_folder
 
     @property
     def ref(self) -> str:
@@ -77,13 +89,13 @@ class SourceSpec:
 
     def matches(self, ref: str) -> bool:
         """Whether ``ref`` (as given to ``--anchor`` or ``--base``) names this source."""
-        return ref in (self.ref, self.model) or (
-            _looks_local(ref) and _looks_local(self.model) and Path(ref).resolve() == Path(self.model).resolve()
-        )
-
-
-def _looks_local(ref: str) -> bool:
-    return ref.startswith((".", "/", "~")) or Path(ref).expanduser().exists() or not _REPO_ID.match(ref.split("@")[0])
+        if ref in (self.ref, self.model):
+            return True
+        try:
+            other = parse_source_ref(ref)
+        except SourceRefError:
+            return False
+        return other.is_folder and self.is_local and other.path.resolve() == self.source_ref.path.resolve()
 
 
 def _as_float(value: Any, name: str) -> float:

@@ -1,8 +1,10 @@
 """The Gradio demo Space of a merged model: written from ``spaces/`` and pushed as a Space repo.
 
-The Space is ``spaces/app.py`` with four files beside it: ``space_config.json``
-(which model and which sources to show), ``README.md`` (Space metadata: sdk,
-app file, the models it uses), ``requirements.txt`` and ``examples/``. It runs
+The Space is ``spaces/app.py`` with the files beside it: ``inference.py`` and
+``source_ref.py`` (the models without Gradio; hfmerge imports their constants
+and parser too), ``space_config.json`` (which model and which sources to show),
+``README.md`` (Space metadata: sdk, app file, the models it uses),
+``requirements.txt`` and ``examples/``. It runs
 from its own repo alone: a static merge loads with plain transformers, so the
 Space installs hfmerge only for a gated merge.
 """
@@ -17,7 +19,6 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-import yaml
 from huggingface_hub import SpaceCard
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
@@ -26,15 +27,12 @@ from hfmerge.errors import RecipeError, SourceError
 from hfmerge.hub.resolve import ResolvedSource, resolve_source
 from hfmerge.recipe import SourceSpec
 from hfmerge.result import RECIPE_FILE, atomic_folder, check_output_folder
+from hfmerge.spaces.inference import GATED_METHODS, IMAGE_SUFFIXES, RecipeFileError, head_kind, read_recipe
 
 logger = logging.getLogger(__name__)
 
 TEMPLATE_PACKAGE = "hfmerge.spaces"
-TEMPLATE_FILES = ("app.py", "requirements.txt")
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
-# The heads spaces/app.py can show, by the suffix of the transformers class name.
-SHOWN_HEADS = ("ForImageClassification", "ForSemanticSegmentation", "ForUniversalSegmentation")
-GATED_METHODS = ("gating",)
+TEMPLATE_FILES = ("app.py", "inference.py", "source_ref.py", "requirements.txt")
 # What marks a folder as a Space written by hfmerge, so that --overwrite may replace it.
 SPACE_CONFIG_FILE = "space_config.json"
 
@@ -79,8 +77,8 @@ class SpacePlan:
     def hub_models(self) -> list[str]:
         """The repo ids a Space README lists under ``models:`` (no revisions, no folders)."""
         refs = [self.model_ref, *self.sources]
-        ids = [SourceSpec.parse(ref).model for ref in refs]
-        return list(dict.fromkeys(i for i in ids if not Path(i).expanduser().exists()))
+        specs = [SourceSpec.parse(ref) for ref in refs]
+        return list(dict.fromkeys(s.model for s in specs if not s.is_local))
 
 
 def plan_space(options: SpaceOptions, *, for_hub: bool, token: str | bool | None = None) -> SpacePlan:
@@ -100,17 +98,21 @@ def plan_space(options: SpaceOptions, *, for_hub: bool, token: str | bool | None
         )
     config = json.loads((model.path / "config.json").read_text())
     architecture = (config.get("architectures") or [""])[0]
-    if not architecture.endswith(SHOWN_HEADS):
+    if head_kind(architecture) is None:
         raise SourceError(
             f"{model.name} is a {architecture or config.get('model_type', 'model')}; the demo Space shows image "
             "classification and segmentation models"
         )
-    recipe = _read_recipe(model.path)
-    gated = recipe.get("method") in GATED_METHODS
     warnings: list[str] = []
+    try:
+        recipe = _read_recipe(model.path, f"{model.name}/{RECIPE_FILE}")
+    except RecipeFileError as exc:
+        recipe = None
+        warnings.append(f"{exc}; the Space shows the model alone (pass --sources to show models beside it)")
+    gated = (recipe or {}).get("method") in GATED_METHODS
     if options.sources is None:
-        sources = _recipe_sources(recipe, model, for_hub=for_hub, warnings=warnings)
-        if not recipe:
+        sources = _recipe_sources(recipe or {}, model, for_hub=for_hub, warnings=warnings)
+        if recipe == {}:
             warnings.append(f"{model.name} has no {RECIPE_FILE} (not made by hfmerge); the Space shows it alone")
     else:
         sources = [_checked_source(ref, for_hub=for_hub, token=token) for ref in options.sources]
@@ -221,15 +223,10 @@ def _check_space_id(space_id: str) -> None:
         raise RecipeError(f"--space-id {space_id!r} is not a valid repo id; write it as owner/name") from None
 
 
-def _read_recipe(folder: Path) -> dict:
+def _read_recipe(folder: Path, where: str) -> dict:
+    """The model's recipe, or ``{}`` where it has none; :class:`RecipeFileError` where it cannot be read."""
     path = folder / RECIPE_FILE
-    if not path.is_file():
-        return {}
-    try:
-        loaded = yaml.safe_load(path.read_text())
-    except yaml.YAMLError:
-        return {}
-    return loaded if isinstance(loaded, dict) else {}
+    return read_recipe(path.read_text(encoding="utf-8"), where) if path.is_file() else {}
 
 
 def _recipe_sources(recipe: dict, model: ResolvedSource, *, for_hub: bool, warnings: list[str]) -> list[str]:
@@ -237,8 +234,8 @@ def _recipe_sources(recipe: dict, model: ResolvedSource, *, for_hub: bool, warni
     refs = []
     for entry in recipe.get("sources") or []:
         spec = SourceSpec.parse(entry)
-        folder = Path(spec.model).expanduser()
-        if spec.model.startswith((".", "/", "~")) or folder.is_dir():
+        folder = spec.source_ref.path
+        if spec.is_local:
             if not for_hub and folder.is_dir():
                 refs.append(str(folder.resolve()))
             else:

@@ -24,7 +24,7 @@ from hfmerge.testing.tiny import save_tiny, spread_weights, tiny_model
 
 gr = pytest.importorskip("gradio", reason="the Space tests need the `space` extra: pip install -e .[space]")
 gradio_client = pytest.importorskip("gradio_client")
-from hfmerge.spaces import app  # noqa: E402
+from hfmerge.spaces import app, inference  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "test-artifacts"
@@ -131,7 +131,7 @@ def test_mask2former_overlay_matches_its_processor(tmp_path, image_file):
     """Mask2Former goes through its processor's semantic post-processing; the legend names the classes drawn."""
     model = spread_weights(tiny_model("mask2former", len(LABELS), seed=3, labels=LABELS))
     folder = save_tiny(tmp_path / "m2f", "mask2former", model=model)
-    demo_model = app.load_model(str(folder))
+    demo_model = inference.load_model(str(folder))
     image = PIL.Image.open(image_file).convert("RGB")
     prediction = demo_model.predict(image)
 
@@ -179,6 +179,15 @@ def test_sources_that_fail_to_load_leave_the_merged_model_alone(hub_models, publ
     assert plain.sources == [] and "not made by hfmerge" in plain.notes[0]
 
 
+def test_load_notes_reach_the_predict_api(hub_models, image_file):
+    """What did not load is in /predict's answer too, not only on the page."""
+    demo_models = app.load_demo("org/space-vit-merged", sources=["org/no-such-model"])
+    assert len(demo_models.notes) == 1
+    with serving(app.build_demo(demo_models)) as url:
+        answer = client_for(url).predict(gradio_client.handle_file(str(image_file)), api_name="/predict")
+    assert answer["sources"] == {} and answer["notes"] == demo_models.notes
+
+
 def test_space_for_a_model_not_made_by_hfmerge_shows_it_alone(hub_models, publish, tmp_path, capsys):
     publish("org/space-plain", family="vit", seed=4, labels=LABELS)
     code, _, err = run_cli(["space", "org/space-plain", "--output", tmp_path / "space"], capsys)
@@ -210,7 +219,7 @@ def test_gate_probabilities_are_named_by_task(image_file):
             return SimpleNamespace(logits=self.linear(pooled), gate_probs=torch.tensor([[0.25, 0.75]]))
 
     processor = transformers.ViTImageProcessorPil(size={"height": 8, "width": 8})
-    demo_model = app.DemoModel("gated", Gated(), processor, "classification", {0: "seven", 1: "A"})
+    demo_model = inference.DemoModel("gated", Gated(), processor, "classification", {0: "seven", 1: "A"})
     prediction = demo_model.predict(PIL.Image.open(image_file).convert("RGB"))
     assert prediction.gate == {"digits": 0.25, "letters": 0.75}
     assert {t["label"] for t in prediction.top} == {"seven", "A"}
@@ -227,7 +236,7 @@ def test_evaluation_section_and_plots_come_from_the_card(tmp_path):
         "![accuracy per task](plots/accuracy.png)\n![outside](../secret.png)\n\n## Usage\n\nnot shown either\n"
     )
     PIL.Image.new("RGB", (8, 8)).save(tmp_path / "secret.png")
-    text, plots = app.read_card(str(folder))
+    text, plots = inference.read_card(str(folder))
     assert text.startswith("## Evaluation") and "| merged | 0.91 |" in text
     assert "not shown" not in text and "![" not in text
     assert plots == {"plots/accuracy.png": folder / "plots" / "accuracy.png"}
@@ -241,8 +250,9 @@ def test_space_output_writes_a_folder_that_runs_alone(hub_models, tmp_path, caps
     code, stdout, _ = run_cli(["space", "org/space-vit-merged", "--output", out], capsys)
     assert code == 0 and stdout.strip() == f"written: {out}"
     assert sorted(p.name for p in out.iterdir()) == [
-        "README.md", "app.py", "examples", "requirements.txt", "space_config.json"]
-    assert (out / "app.py").read_bytes() == (ROOT / "spaces" / "app.py").read_bytes()
+        "README.md", "app.py", "examples", "inference.py", "requirements.txt", "source_ref.py", "space_config.json"]
+    for name in ("app.py", "inference.py", "source_ref.py"):
+        assert (out / name).read_bytes() == (ROOT / "spaces" / name).read_bytes()
     assert sorted(p.name for p in (out / "examples").iterdir()) == ["china.jpg", "flower.jpg"]
     card = SpaceCard.load(out / "README.md")
     assert (card.data.sdk, card.data.app_file, card.data.sdk_version) == ("gradio", "app.py", gr.__version__)

@@ -10,7 +10,7 @@ printed or stored.
 
 from __future__ import annotations
 
-import re
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,7 +34,8 @@ from hfmerge.recipe import SourceSpec
 SAFE_PATTERNS = ["*.json", "*.safetensors", "README.md"]
 PICKLE_PATTERNS = ["*.bin", "*.pt", "*.pth"]
 METADATA_PATTERNS = ["*.json", "README.md", "hfmerge.yaml"]
-_ONE_SLASH_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -88,19 +89,17 @@ def resolve_source(
             source has no config.
     """
     spec = SourceSpec.parse(spec)
-    local = Path(spec.model).expanduser()
-    if local.exists():
-        if _ONE_SLASH_ID.match(spec.model) and not spec.model.startswith((".", "/", "~")):
+    if spec.is_local:
+        local = spec.source_ref.path
+        if not local.exists():
             raise SourceError(
-                f"{spec.model!r} is both a local folder and a possible Hub repo id: "
-                f"write ./{spec.model} for the folder, or move the folder away to use the Hub repo"
+                f"source {spec.model!r} is neither an existing folder nor a Hub repo id; "
+                "give a folder path or org/name[@revision]"
             )
+        if spec.source_ref.shadows_repo_id:
+            logger.warning("source %r is the local folder ./%s, as from_pretrained reads it; the Hub repo %s "
+                           "was not used (write %s@main for it)", spec.model, spec.model, spec.model, spec.model)
         return _resolve_local(spec, local)
-    if spec.model.startswith((".", "/", "~")) or not _ONE_SLASH_ID.match(spec.model):
-        raise SourceError(
-            f"source {spec.model!r} is neither an existing folder nor a Hub repo id; "
-            "give a folder path or org/name[@revision]"
-        )
     return _resolve_hub(spec, token=token, allow_pickle=allow_pickle, metadata_only=metadata_only)
 
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from hfmerge.engine.plan import MergeContext, MergePlan, require_all_shared
-from hfmerge.heads import head_policy, plan_heads
+from typing import TYPE_CHECKING
+
 from hfmerge.methods.base import MergeMethod, register_method
-from hfmerge.ops import LinearCombination
+
+if TYPE_CHECKING:
+    from hfmerge.engine.plan import MergeContext, MergePlan
 
 
 @register_method
@@ -26,6 +28,10 @@ class Average(MergeMethod):
     uses_weights = True
 
     def plan(self, ctx: MergeContext) -> MergePlan:
+        from hfmerge.engine.plan import MergePlan, require_all_shared
+        from hfmerge.heads import head_policy, plan_heads
+        from hfmerge.ops import LinearCombination
+
         heads = [info.name for info in ctx.anchor.head_tensors]
         require_all_shared(ctx, self.name, except_names=heads)
         head_plan = plan_heads(ctx, heads, head_policy(ctx))

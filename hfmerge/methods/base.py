@@ -19,6 +19,16 @@ if TYPE_CHECKING:
     from hfmerge.engine.plan import MergeContext, MergePlan
 
 
+TASK_VECTOR_CARD_NOTES = (
+    "BatchNorm running statistics are averaged over the sources, not treated as task vectors."
+    "{% if details.heads and details.heads != 'task vectors' %} Classifier heads (and any tensor the base lacks) "
+    "follow the `{{ details.heads }}` head policy: "
+    "{{ {'concat': 'concatenated into one head over the union of the labels',"
+    " 'average': 'averaged over the sources', 'anchor': 'kept from the anchor'}[details.heads] }}.{% endif %}"
+)
+"""The card sentences every task-vector method ends its ``card_template`` with."""
+
+
 @dataclass(frozen=True)
 class ParamSpec:
     """A parameter a method declares: its type, default and allowed range."""

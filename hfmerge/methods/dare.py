@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from hfmerge.engine.plan import MergeContext, MergePlan
 from hfmerge.errors import RecipeError
-from hfmerge.methods.base import MergeMethod, ParamSpec, register_method
-from hfmerge.methods.task_vectors import TASK_VECTOR_CARD_NOTES, plan_task_vectors
-from hfmerge.ops import DisjointMerge
+from hfmerge.methods.base import TASK_VECTOR_CARD_NOTES, MergeMethod, ParamSpec, register_method
+
+if TYPE_CHECKING:
+    from hfmerge.engine.plan import MergeContext, MergePlan
 
 
 @register_method
@@ -60,6 +60,9 @@ class Dare(MergeMethod):
         return params
 
     def plan(self, ctx: MergeContext) -> MergePlan:
+        from hfmerge.methods.task_vectors import plan_task_vectors
+        from hfmerge.ops import DisjointMerge
+
         drop_rate, sign, scale = float(ctx.params["drop_rate"]), str(ctx.params["sign"]), float(ctx.params["lambda"])
         seed = ctx.seed or 0
         return plan_task_vectors(

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from hfmerge.engine.plan import MergeContext, MergePlan
-from hfmerge.errors import IncompatibleModelsError
-from hfmerge.heads import plan_heads, union_labels
-from hfmerge.methods.base import MergeMethod, register_method
-from hfmerge.ops import LinearCombination
+from typing import TYPE_CHECKING
 
-__all__ = ["Fusion", "union_labels"]
+from hfmerge.errors import IncompatibleModelsError
+from hfmerge.methods.base import MergeMethod, register_method
+
+if TYPE_CHECKING:
+    from hfmerge.engine.plan import MergeContext, MergePlan
 
 
 @register_method
@@ -36,6 +36,10 @@ class Fusion(MergeMethod):
     uses_weights = True
 
     def plan(self, ctx: MergeContext) -> MergePlan:
+        from hfmerge.engine.plan import MergePlan
+        from hfmerge.heads import plan_heads
+        from hfmerge.ops import LinearCombination
+
         anchor = ctx.anchor
         if ctx.heads not in (None, "concat"):
             raise IncompatibleModelsError(

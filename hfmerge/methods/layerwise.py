@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from hfmerge.engine.plan import MergeContext, MergePlan
+from typing import TYPE_CHECKING
+
 from hfmerge.errors import IncompatibleModelsError
 from hfmerge.methods.base import MergeMethod, ParamSpec, register_method
-from hfmerge.ops import Copy, LinearCombination
+
+if TYPE_CHECKING:
+    from hfmerge.engine.plan import MergeContext, MergePlan
 
 
 def layer_weights(num_shared: int, num_models: int, start_layer: int = 1) -> list[float]:
@@ -49,6 +52,9 @@ class Layerwise(MergeMethod):
     uses_anchor = True
 
     def plan(self, ctx: MergeContext) -> MergePlan:
+        from hfmerge.engine.plan import MergePlan
+        from hfmerge.ops import Copy, LinearCombination
+
         anchor = ctx.anchor
         by_module: dict[str, list[str]] = {}
         for name, info in anchor.tensors.items():

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from hfmerge.engine.plan import MergeContext, MergePlan
+from typing import TYPE_CHECKING
+
 from hfmerge.methods.base import MergeMethod, ParamSpec, register_method
-from hfmerge.methods.task_vectors import plan_task_vectors
-from hfmerge.ops import TaskArithmetic as TaskArithmeticOp
+
+if TYPE_CHECKING:
+    from hfmerge.engine.plan import MergeContext, MergePlan
 
 
 @register_method
@@ -28,6 +30,9 @@ class TaskArithmetic(MergeMethod):
     min_sources = 1
 
     def plan(self, ctx: MergeContext) -> MergePlan:
+        from hfmerge.methods.task_vectors import plan_task_vectors
+        from hfmerge.ops import TaskArithmetic as TaskArithmeticOp
+
         scale = float(ctx.params["lambda"])
         return plan_task_vectors(
             ctx, self.name, lambda info, base, sources: TaskArithmeticOp(base, sources, scale), {"lambda": scale}

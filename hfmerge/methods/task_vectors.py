@@ -35,15 +35,6 @@ from hfmerge.ops import Copy, LinearCombination, MergeOp, TensorRef
 
 RUNNING_STATISTICS = ("running_mean", "running_var")
 
-TASK_VECTOR_CARD_NOTES = (
-    "BatchNorm running statistics are averaged over the sources, not treated as task vectors."
-    "{% if details.heads and details.heads != 'task vectors' %} Classifier heads (and any tensor the base lacks) "
-    "follow the `{{ details.heads }}` head policy: "
-    "{{ {'concat': 'concatenated into one head over the union of the labels',"
-    " 'average': 'averaged over the sources', 'anchor': 'kept from the anchor'}[details.heads] }}.{% endif %}"
-)
-"""The card sentences every task-vector method ends its ``card_template`` with."""
-
 TaskVectorOp = Callable[[TensorInfo, TensorRef, tuple[TensorRef, ...]], MergeOp]
 """Builds a tensor's operation from (anchor's tensor info, base reference, source references)."""
 

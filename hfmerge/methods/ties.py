@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from hfmerge.engine.plan import MergeContext, MergePlan
-from hfmerge.methods.base import MergeMethod, ParamSpec, register_method
-from hfmerge.methods.task_vectors import TASK_VECTOR_CARD_NOTES, plan_task_vectors
-from hfmerge.ops import DisjointMerge
+from typing import TYPE_CHECKING
+
+from hfmerge.methods.base import TASK_VECTOR_CARD_NOTES, MergeMethod, ParamSpec, register_method
+
+if TYPE_CHECKING:
+    from hfmerge.engine.plan import MergeContext, MergePlan
 
 
 @register_method
@@ -43,6 +45,9 @@ class Ties(MergeMethod):
     ) + TASK_VECTOR_CARD_NOTES
 
     def plan(self, ctx: MergeContext) -> MergePlan:
+        from hfmerge.methods.task_vectors import plan_task_vectors
+        from hfmerge.ops import DisjointMerge
+
         density, scale = float(ctx.params["density"]), float(ctx.params["lambda"])
         return plan_task_vectors(
             ctx, self.name,

@@ -58,6 +58,12 @@ class Repo:
         return None
 
     def commit(self, parent: str | None, files: dict[str, bytes | None], summary: str) -> str:
+        """Record a commit on top of ``parent`` and return its sha; no branch moves here.
+
+        The sha depends only on the parent, the message and the files (as a git
+        commit's would, less author and time), so a test that pushes the same
+        content gets the same sha on every run.
+        """
         snapshot = dict(self.commits[parent]) if parent else {}
         for path, content in files.items():
             if content is None:
@@ -67,13 +73,13 @@ class Repo:
                 snapshot[path] = content
         digest = hashlib.sha1()
         digest.update((parent or "").encode())
-        digest.update(summary.encode())
-        digest.update(str(time.time_ns()).encode())
+        digest.update(b"\0" + summary.encode() + b"\0")
         for path in sorted(snapshot):
             digest.update(path.encode() + b"\0" + _git_blob_sha(snapshot[path]).encode())
         sha = digest.hexdigest()
-        self.commits[sha] = snapshot
-        self.history.append(sha)
+        if sha not in self.commits:
+            self.commits[sha] = snapshot
+            self.history.append(sha)
         return sha
 
 
@@ -344,11 +350,13 @@ class _Handler(BaseHTTPRequestHandler):
             elif item["key"] == "lfsFile":
                 return self._error(400, "this local Hub only takes regular uploads")
         with self.hub.lock:
-            parent = repo.resolve(revision)
-            if parent is None:
-                return self._error(404, f"Invalid rev id: {revision}", "RevisionNotFound")
-            sha = repo.commit(parent, files, summary)
-            repo.branches[revision if revision in repo.branches else "main"] = sha
+            if revision not in repo.branches:  # as on the Hub: a commit goes onto a branch, never a tag or a sha
+                if repo.resolve(revision) is None:
+                    return self._error(404, f"Invalid rev id: {revision}", "RevisionNotFound")
+                return self._error(400, f"Invalid rev id: {revision} is not a branch; commit to a branch "
+                                        "(create one from it with create_branch)")
+            sha = repo.commit(repo.branches[revision], files, summary)
+            repo.branches[revision] = sha
         url = f"{self.hub.endpoint}/{URL_PREFIX[repo_type]}{repo_id}/commit/{sha}"
         self._send(200, {"commitOid": sha, "commitUrl": url, "success": True})
 

@@ -13,10 +13,11 @@ from pathlib import Path
 
 from hfmerge.testing.ports import free_port
 
-# A Space must not need hfmerge: this makes ``import hfmerge`` fail inside the app.
+# A Space must not need hfmerge: this makes ``import hfmerge`` fail inside the app, which otherwise runs
+# as ``python app.py`` would (its folder first on sys.path, for the modules beside it).
 _WITHOUT_HFMERGE = (
-    "import runpy, sys; sys.modules['hfmerge'] = None; sys.argv = sys.argv[1:]; "
-    "runpy.run_path(sys.argv[0], run_name='__main__')"
+    "import os, runpy, sys; sys.modules['hfmerge'] = None; sys.argv = sys.argv[1:]; "
+    "sys.path.insert(0, os.path.dirname(sys.argv[0])); runpy.run_path(sys.argv[0], run_name='__main__')"
 )
 
 

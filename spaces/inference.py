@@ -1,0 +1,414 @@
+"""The demo Space's models, without the interface: loading, prediction, segmentation maps, the merge's recipe.
+
+``app.py`` is the Gradio interface and command line over this module; this
+one imports no Gradio, so it runs (and is tested) where Gradio is not
+installed. It ships in every Space that ``hfmerge space`` writes, and hfmerge
+imports its constants (``hfmerge.spaces.inference``) so that the command and
+the app agree on what the app can show.
+
+Where the Hub cannot be used (``HF_HUB_OFFLINE`` is set, or one request to the
+endpoint gets no answer), Hub models are loaded from the local cache only, at
+once, instead of after huggingface_hub's retries for every file; what did not
+load is a note that the page and ``/predict`` both show.
+"""
+
+from __future__ import annotations
+
+import http.client
+import re
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import PIL.Image
+import torch
+import transformers
+import yaml
+from huggingface_hub import constants as hf_constants
+from huggingface_hub import hf_hub_download
+from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
+
+if __package__:  # hfmerge.spaces, installed with hfmerge
+    from .source_ref import SourceRef, SourceRefError, parse_source_ref
+else:  # a Space: the files lie side by side
+    from source_ref import SourceRef, SourceRefError, parse_source_ref
+
+TOP_K = 5
+OVERLAY_SIDE = 512            # segmentation maps are drawn at most this large
+LEGEND_CLASSES = 10           # classes named in an overlay's legend
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+RECIPE_FILE = "hfmerge.yaml"
+PROBE_TIMEOUT = 5.0           # seconds the Hub endpoint has to answer before models come from the cache only
+
+# What each head architecture returns, by the class-name suffix transformers uses. The app runs without
+# hfmerge, so it keeps this table itself; a test checks it against hfmerge's adapters.
+HEAD_KINDS = {
+    "ForImageClassification": "classification",
+    "ForSemanticSegmentation": "segmentation",
+    "ForUniversalSegmentation": "segmentation",
+}
+GATED_METHODS = ("gating",)
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # a Space on GPU hardware uses it
+
+
+class ModelLoadError(Exception):
+    """A model could not be loaded; the message is one line for the user."""
+
+
+class RecipeFileError(ValueError):
+    """A model's ``hfmerge.yaml`` cannot be read as a recipe; the message names the file and the problem."""
+
+
+def head_kind(architecture: str) -> str | None:
+    """``classification`` or ``segmentation`` for a transformers class name the app can show, else ``None``."""
+    return next((kind for suffix, kind in HEAD_KINDS.items() if architecture.endswith(suffix)), None)
+
+
+# --------------------------------------------------------------------------- the Hub or the cache
+
+
+def hub_unreachable(endpoint: str | None = None, timeout: float = PROBE_TIMEOUT) -> str | None:
+    """Why Hub models cannot be downloaded now, or ``None`` when they can.
+
+    ``HF_HUB_OFFLINE`` is honoured. Otherwise one request, without retries,
+    asks the endpoint for any answer (an HTTP error status is an answer).
+    """
+    if hf_constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
+    endpoint = endpoint or hf_constants.ENDPOINT
+    try:
+        urllib.request.urlopen(urllib.request.Request(endpoint, method="HEAD"), timeout=timeout).close()
+    except urllib.error.HTTPError as exc:
+        exc.close()
+    except urllib.error.URLError as exc:
+        return f"the Hub at {endpoint} cannot be reached ({exc.reason})"
+    except (OSError, http.client.HTTPException) as exc:
+        return f"the Hub at {endpoint} cannot be reached ({exc or type(exc).__name__})"
+    return None
+
+
+@dataclass
+class HubAccess:
+    """Whether Hub models are downloaded or taken from the local cache only; the Hub is asked once, when needed."""
+
+    reason: str | None = None
+    checked: bool = False
+
+    def local_only(self, ref: SourceRef) -> bool:
+        """Whether ``ref`` must come from the local cache (folders never touch the Hub)."""
+        if ref.is_folder:
+            return False
+        if not self.checked:
+            self.checked = True
+            self.reason = hub_unreachable()
+        return self.reason is not None
+
+    @property
+    def note(self) -> str | None:
+        if self.reason is None:
+            return None
+        return f"Models on the Hub were loaded from the local cache only: {self.reason}."
+
+
+# --------------------------------------------------------------------------- models
+
+
+@dataclass
+class Prediction:
+    """One model's answer for one image.
+
+    Attributes:
+        top: the best labels with scores (probabilities, or pixel shares for segmentation).
+        overlay: for segmentation, the base image and one mask per legend class.
+        gate: for a gated merge, the gate's probability of each task.
+    """
+
+    top: list[dict[str, Any]]
+    overlay: tuple[PIL.Image.Image, list[tuple[np.ndarray, str]]] | None = None
+    gate: dict[str, float] | None = None
+
+
+@dataclass
+class DemoModel:
+    """A loaded model with its image processor and what its head returns."""
+
+    name: str
+    model: torch.nn.Module
+    processor: Any
+    kind: str
+    labels: dict[int, str]
+
+    @torch.inference_mode()
+    def predict(self, image: PIL.Image.Image) -> Prediction:
+        pixel_values = self.processor(images=image, return_tensors="pt")["pixel_values"]
+        parameter = next(self.model.parameters())
+        outputs = self.model(pixel_values=pixel_values.to(parameter.device, parameter.dtype))
+        gate = _gate_probabilities(self.model, outputs)
+        if self.kind == "classification":
+            return Prediction(top=self._top_labels(outputs.logits[0].float().softmax(-1)), gate=gate)
+        label_map, shown = segment(outputs, image.size, self.processor)
+        counts = torch.bincount(label_map.flatten(), minlength=len(self.labels)).float()
+        shares = counts / counts.sum()
+        legend = [int(i) for i in shares.argsort(descending=True)[:LEGEND_CLASSES] if shares[i] > 0]
+        masks = [((label_map == i).numpy().astype(np.float32), self._label(i)) for i in legend]
+        top = [{"label": self._label(i), "score": round(float(shares[i]), 4)} for i in legend[:TOP_K]]
+        return Prediction(top=top, overlay=(image.resize(shown), masks), gate=gate)
+
+    def _top_labels(self, probabilities: torch.Tensor) -> list[dict[str, Any]]:
+        values, indices = probabilities.topk(min(TOP_K, probabilities.numel()))
+        return [{"label": self._label(int(i)), "score": round(float(v), 4)} for v, i in zip(values, indices)]
+
+    def _label(self, index: int) -> str:
+        return str(self.labels.get(index, f"LABEL_{index}"))
+
+
+def segment(outputs: Any, image_size: tuple[int, int], processor: Any = None) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Per-pixel class indices at display size, and that size (width, height).
+
+    The map is drawn at the image's size, at most OVERLAY_SIDE pixels on its
+    long side. The image processor's own ``post_process_semantic_segmentation``
+    makes it where the processor has one (SegFormer, MobileNetV2, Mask2Former);
+    otherwise it is made here the same way: semantic heads give class logits
+    at a reduced resolution, Mask2Former per-query class scores and masks whose
+    semantic map is Σ_q softmax(class_q)[:-1] · sigmoid(mask_q), the "no
+    object" class dropped; either is upsampled bilinearly before the argmax.
+    """
+    width, height = image_size
+    scale = min(1.0, OVERLAY_SIDE / max(width, height))
+    shown = (max(1, round(width * scale)), max(1, round(height * scale)))
+    post_process = getattr(processor, "post_process_semantic_segmentation", None)
+    if post_process is not None:
+        return post_process(outputs, target_sizes=[(shown[1], shown[0])])[0].cpu(), shown
+    if getattr(outputs, "class_queries_logits", None) is not None:
+        classes = outputs.class_queries_logits[0].float().softmax(-1)[:, :-1]
+        masks = outputs.masks_queries_logits[0].float().sigmoid()
+        scores = torch.einsum("qc,qhw->chw", classes, masks)
+    else:
+        scores = outputs.logits[0].float()
+    scores = torch.nn.functional.interpolate(scores[None], size=(shown[1], shown[0]), mode="bilinear",
+                                             align_corners=False)[0]
+    return scores.argmax(0).cpu(), shown
+
+
+def _gate_probabilities(model: torch.nn.Module, outputs: Any) -> dict[str, float] | None:
+    """A gated merge's outputs carry ``gate_probs`` (batch × tasks); its config may name the tasks."""
+    probabilities = getattr(outputs, "gate_probs", None)
+    if probabilities is None:
+        return None
+    names = list(getattr(model.config, "gate_labels", None) or [])
+    row = probabilities[0].float()
+    return {(names[i] if i < len(names) else f"task {i}"): round(float(p), 4) for i, p in enumerate(row)}
+
+
+def _parse(ref: str) -> SourceRef:
+    try:
+        return parse_source_ref(ref)
+    except SourceRefError as exc:
+        raise ModelLoadError(str(exc)) from None
+
+
+def fetch_file(ref: str, filename: str, *, local_only: bool = False) -> Path | None:
+    """``filename`` from a model folder or Hub repo, or ``None`` where it has none."""
+    parsed = _parse(ref)
+    if parsed.is_folder:
+        path = parsed.path / filename
+        return path if path.is_file() else None
+    try:
+        return Path(hf_hub_download(parsed.model, filename, revision=parsed.revision,
+                                    local_files_only=local_only))
+    except (EntryNotFoundError, LocalEntryNotFoundError):
+        return None
+
+
+def read_recipe(text: str, where: str) -> dict[str, Any]:
+    """An ``hfmerge.yaml`` recipe as a mapping.
+
+    Raises:
+        RecipeFileError: the text is not YAML, or not a mapping; the message names ``where``.
+    """
+    try:
+        loaded = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        problem = getattr(exc, "problem", None) or str(exc).strip().splitlines()[0]
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise RecipeFileError(f"{where} is not valid YAML: {problem}{at}") from None
+    if not isinstance(loaded, dict):
+        raise RecipeFileError(f"{where} is not a recipe (a YAML mapping with method and sources)")
+    return loaded
+
+
+def merge_metadata(ref: str, *, local_only: bool = False) -> dict[str, Any] | None:
+    """The ``hfmerge.yaml`` recipe of a merged model, or ``None`` for a model that has none.
+
+    Raises:
+        RecipeFileError: the model has an ``hfmerge.yaml`` that cannot be read.
+    """
+    try:
+        path = fetch_file(ref, RECIPE_FILE, local_only=local_only)
+        text = path.read_text(encoding="utf-8") if path else None
+    except (OSError, ValueError, HfHubHTTPError, ModelLoadError):
+        return None
+    if text is None:
+        return None
+    return read_recipe(text, f"{_parse(ref).display_name}/{RECIPE_FILE}")
+
+
+def recipe_sources(metadata: dict[str, Any] | None) -> list[str]:
+    """The sources of a merge, pinned to the commits it was made from."""
+    refs = []
+    for entry in (metadata or {}).get("sources") or []:
+        if isinstance(entry, str):
+            refs.append(entry)
+        elif isinstance(entry, dict) and entry.get("model"):
+            pin = entry.get("commit") or entry.get("revision")
+            refs.append(f"{entry['model']}@{pin}" if pin else str(entry["model"]))
+    return refs
+
+
+def load_model(ref: str, *, gated: bool = False, local_only: bool = False) -> DemoModel:
+    """Load a classification or segmentation model by repo id (``@revision`` allowed) or folder.
+
+    With ``local_only``, a Hub model comes from the local cache and no request is made.
+
+    Raises:
+        ModelLoadError: the model does not exist, cannot be read, or has a head this demo cannot show.
+    """
+    parsed = _parse(ref)
+    name = parsed.display_name
+    if parsed.is_folder and not parsed.path.is_dir():
+        raise ModelLoadError(f"folder {ref} does not exist; give a model folder or a Hub repo id org/name")
+    where = {"revision": parsed.revision, "local_files_only": local_only}
+    try:
+        config = transformers.AutoConfig.from_pretrained(parsed.model, trust_remote_code=False, **where)
+        architecture = (getattr(config, "architectures", None) or [""])[0]
+        kind = head_kind(architecture)
+        model_class = getattr(transformers, architecture, None) if kind else None
+        if model_class is None and not gated:
+            raise ModelLoadError(
+                f"{name} is a {architecture or config.model_type} model; this demo shows image classification "
+                "and segmentation models"
+            )
+        if gated:
+            model = _load_gated(ref)
+            kind = kind or "classification"
+        else:
+            model = model_class.from_pretrained(parsed.model, **where)
+        processor = transformers.AutoImageProcessor.from_pretrained(parsed.model, **where)
+    except ModelLoadError:
+        raise
+    except (OSError, ValueError, KeyError, HfHubHTTPError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        cache = " from the local cache" if local_only else ""
+        raise ModelLoadError(f"{name} could not be loaded{cache}: {first}") from None
+    labels = {int(k): str(v) for k, v in (getattr(model.config, "id2label", None) or {}).items()}
+    return DemoModel(name=name, model=model.to(DEVICE).eval(), processor=processor, kind=kind, labels=labels)
+
+
+def _load_gated(ref: str) -> torch.nn.Module:
+    try:
+        import hfmerge
+    except ImportError:
+        raise ModelLoadError(f"{ref} is a gated merge; install hfmerge (`pip install hfmerge`) to load it") from None
+    return hfmerge.load(ref)
+
+
+@dataclass
+class DemoModels:
+    """The merged model, the sources that loaded, and notes on what did not."""
+
+    merged: DemoModel
+    sources: list[DemoModel]
+    metadata: dict[str, Any] | None
+    card: str
+    card_files: dict[str, Path]
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def task(self) -> str:
+        return "image-classification" if self.merged.kind == "classification" else "image-segmentation"
+
+    def predict(self, image: PIL.Image.Image) -> tuple[dict[str, Any], dict[str, Prediction]]:
+        """Every model's prediction, and the JSON that ``/predict`` returns (the load notes included)."""
+        answers = {m.name: m.predict(image) for m in [self.merged, *self.sources]}
+        merged = answers[self.merged.name]
+        payload = {
+            "task": self.task,
+            "merged": merged.top,
+            "sources": {m.name: answers[m.name].top for m in self.sources},
+            "gate": merged.gate,
+            "notes": list(self.notes),
+        }
+        return payload, answers
+
+
+def load_demo(model: str, sources: list[str] | None = None, *, hub: HubAccess | None = None) -> DemoModels:
+    """Load the merged model and its sources: ``sources``, or by default those its ``hfmerge.yaml`` names.
+
+    A source that fails to load becomes a note, and so does an ``hfmerge.yaml``
+    that cannot be read (the model is then shown alone); the merged model
+    failing is an error.
+    """
+    hub = hub or HubAccess()
+    local_only = hub.local_only(_parse(model))
+    notes = []
+    try:
+        metadata = merge_metadata(model, local_only=local_only)
+    except RecipeFileError as exc:
+        metadata = None
+        if sources is None:
+            sources = []
+            notes.append(f"{exc}, so the model is shown alone.")
+    gated = bool(metadata and metadata.get("method") in GATED_METHODS)
+    try:
+        merged = load_model(model, gated=gated, local_only=local_only)
+    except ModelLoadError as exc:
+        raise ModelLoadError(f"{exc} ({hub.reason})" if local_only else str(exc)) from None
+    if metadata is None and sources is None:
+        notes.append(f"{merged.name} was not made by hfmerge (it has no {RECIPE_FILE}), so it is shown alone.")
+    loaded = []
+    for ref in recipe_sources(metadata) if sources is None else sources:
+        try:
+            loaded.append(load_model(ref, local_only=hub.local_only(_parse(ref))))
+        except ModelLoadError as exc:
+            notes.append(f"Source not shown: {exc}.")
+    if hub.note:
+        notes.insert(0, hub.note)
+    seen = {merged.name}
+    for source in loaded:  # names key the JSON answer, so two models never share one
+        base, n = source.name, 2
+        while source.name in seen:
+            source.name, n = f"{base} ({n})", n + 1
+        seen.add(source.name)
+    card, card_files = read_card(model, local_only=local_only)
+    return DemoModels(merged=merged, sources=loaded, metadata=metadata, card=card, card_files=card_files,
+                      notes=notes)
+
+
+def read_card(ref: str, *, local_only: bool = False) -> tuple[str, dict[str, Path]]:
+    """The model card's evaluation section (Markdown, images removed) and its plot files by path."""
+    try:
+        path = fetch_file(ref, "README.md", local_only=local_only)
+        text = path.read_text(encoding="utf-8") if path else ""
+    except (OSError, ValueError, HfHubHTTPError):
+        return "", {}
+    body = text.split("---", 2)[2] if text.startswith("---") and text.count("---") >= 2 else text
+    match = re.search(r"^## [^\n]*Evaluation[^\n]*\n(.*?)(?=^## |\Z)", body, flags=re.M | re.S)
+    if not match:
+        return "", {}
+    section = match.group(0)
+    plots: dict[str, Path] = {}
+    for target in re.findall(r"!\[[^\]]*\]\(([^)\s]+)[^)]*\)", section):
+        relative = target.removeprefix("./")
+        if "://" in target or relative.startswith("/") or ".." in Path(relative).parts:
+            continue  # only files inside the model's own repo or folder
+        try:
+            local = fetch_file(ref, relative, local_only=local_only)
+        except (OSError, ValueError, HfHubHTTPError):
+            local = None
+        if local is not None:
+            plots[target] = local
+    return re.sub(r"!\[[^\]]*\]\([^)]*\)\n?", "", section).strip(), plots
