@@ -27,10 +27,6 @@ class Copy:
     source: TensorRef
     group: str = "kept from anchor"
 
-    @property
-    def inputs(self) -> tuple[TensorRef, ...]:
-        return (self.source,)
-
     def apply(self, load: Loader) -> torch.Tensor:
         return load(self.source)
 
@@ -50,10 +46,6 @@ class LinearCombination:
     sources: tuple[TensorRef, ...]
     coefficients: tuple[float, ...]
     group: str = "averaged"
-
-    @property
-    def inputs(self) -> tuple[TensorRef, ...]:
-        return tuple(r for r, c in zip(self.sources, self.coefficients) if c != 0.0)
 
     def apply(self, load: Loader) -> torch.Tensor:
         terms = [(r, c) for r, c in zip(self.sources, self.coefficients) if c != 0.0]
@@ -86,10 +78,6 @@ class TaskArithmetic:
     sources: tuple[TensorRef, ...]
     scale: float
     group: str = "base + λ·Σ task vectors"
-
-    @property
-    def inputs(self) -> tuple[TensorRef, ...]:
-        return (self.base, *self.sources)
 
     def apply(self, load: Loader) -> torch.Tensor:
         base = load(self.base).to(torch.float32)
@@ -158,10 +146,6 @@ class DisjointMerge:
     key: str = ""
     group: str = "base + λ·merged sparse task vectors"
 
-    @property
-    def inputs(self) -> tuple[TensorRef, ...]:
-        return (self.base, *self.sources)
-
     def _sparse_task_vector(self, load: Loader, index: int, base: torch.Tensor) -> torch.Tensor:
         task_vector = load(self.sources[index]).to(torch.float32) - base
         if self.sparsify == "trim":
@@ -201,10 +185,6 @@ class ConcatHeads:
     null_rows: int = 0
     null_weights: tuple[float, ...] | None = None
     group: str = "concatenated"
-
-    @property
-    def inputs(self) -> tuple[TensorRef, ...]:
-        return self.sources
 
     def apply(self, load: Loader) -> torch.Tensor:
         parts: list[torch.Tensor] = []

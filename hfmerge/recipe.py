@@ -177,10 +177,6 @@ class Recipe:
             raise RecipeError(f"recipe {str(path)!r} is not valid YAML: {first}") from None
         return cls.from_dict(data)
 
-    def with_overrides(self, **changes: Any) -> Recipe:
-        """A copy with some fields replaced (re-validated)."""
-        return replace(self, **{k: v for k, v in changes.items() if v is not None})
-
     # -- validation ------------------------------------------------------------------
     def validate(self) -> None:
         """Check the recipe against the method registry; raise :class:`RecipeError`."""

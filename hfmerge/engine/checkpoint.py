@@ -68,9 +68,6 @@ class TensorTable:
     def keys(self) -> list[str]:
         return list(self._key_to_file)
 
-    def __contains__(self, key: str) -> bool:
-        return key in self._key_to_file
-
     def shape(self, key: str) -> tuple[int, ...]:
         return self._shapes[key]
 
