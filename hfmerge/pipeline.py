@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass, replace
@@ -35,6 +36,7 @@ class PlannedMerge:
     base: ResolvedSource | None
     context: MergeContext
     plan: MergePlan
+    anchor_reason: str = ""
 
     @property
     def anchor(self) -> ModelLayout:
@@ -56,6 +58,8 @@ class PlannedMerge:
                 f"source {i + 1}: {source.name}{pin} — {layout.family.name} {layout.architecture}, "
                 f"{len(layout.id2label)} labels, weight {weights[i]:.4g}{role}"
             )
+        if self.method.uses_anchor:
+            lines.append(f"anchor: {self.anchor.source.name} — {self.anchor_reason}")
         if self.base is not None:
             pin = f" @ {self.base.commit_sha[:12]}" if self.base.commit_sha else ""
             lines.append(f"base: {self.base.name}{pin}")
@@ -71,8 +75,8 @@ class PlannedMerge:
 def plan_merge(recipe: Recipe, *, token: str | bool | None = None) -> PlannedMerge:
     """Resolve and inspect the sources and let the method plan; reads no tensor data."""
     method = get_method(recipe.method)
-    anchor_index = recipe.anchor_index()
     sources = [resolve_source(s, token=token, allow_pickle=recipe.allow_pickle) for s in recipe.sources]
+    anchor_index, anchor_reason = _choose_anchor(recipe, method, sources)
     layouts = [inspect_source(s, allow_pickle=recipe.allow_pickle) for s in sources]
     base = base_layout = None
     if recipe.base:
@@ -94,7 +98,36 @@ def plan_merge(recipe: Recipe, *, token: str | bool | None = None) -> PlannedMer
                 f"{layout.source.name} shares no parameter with {context.anchor.source.name}; nothing can be merged"
             )
     plan = method.plan(context)
-    return PlannedMerge(recipe, method, sources, base, context, plan)
+    return PlannedMerge(recipe, method, sources, base, context, plan, anchor_reason)
+
+
+_TRAINER_CHECKPOINT = re.compile(r"checkpoint-(\d+)")
+
+
+def trainer_checkpoint_steps(sources: list[ResolvedSource]) -> list[int] | None:
+    """The step N of each source when all are Trainer ``checkpoint-N`` folders of one run (one parent)."""
+    if not all(s.is_local for s in sources) or len({s.path.parent for s in sources}) != 1:
+        return None
+    matches = [_TRAINER_CHECKPOINT.fullmatch(s.path.name) for s in sources]
+    return [int(m.group(1)) for m in matches] if all(matches) else None  # type: ignore[union-attr]
+
+
+def _choose_anchor(recipe: Recipe, method: MergeMethod, sources: list[ResolvedSource]) -> tuple[int, str]:
+    """The anchor's index and why it is the anchor.
+
+    Checkpoints of one training run are anchored on the last one, as the
+    layer-wise paper anchors on the final checkpoint (§3.3).
+    """
+    if recipe.anchor is not None:
+        return recipe.anchor_index(), "named by --anchor"
+    steps = trainer_checkpoint_steps(sources) if method.uses_anchor else None
+    if steps is not None:
+        last = max(range(len(steps)), key=steps.__getitem__)
+        return last, (
+            f"the latest of {len(steps)} checkpoints of one training run (step {steps[last]}), "
+            "as the paper anchors on the final checkpoint; name another with --anchor"
+        )
+    return 0, "the first source; name another with --anchor"
 
 
 def run_recipe(
