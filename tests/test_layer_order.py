@@ -15,6 +15,7 @@ import transformers
 
 import hfmerge
 from hfmerge.adapters import inspect_source
+from hfmerge.adapters.forward_order import order_modules
 from hfmerge.hub.resolve import resolve_source
 from hfmerge.methods.layerwise import layer_weights
 from hfmerge.testing.tiny import FAMILIES, IMAGE_SIZE, save_tiny, tiny_model
@@ -37,6 +38,45 @@ def shifted(model, seed):
 def load_plain(folder):
     config = json.loads((folder / "config.json").read_text())
     return getattr(transformers, config["architectures"][0]).from_pretrained(folder).eval()
+
+
+def test_order_modules_places_uncalled_owners_by_parent_and_buffer_only_ones_last():
+    owners = ["loss", "head", "stem", "block.attn", "block.attn.out", "block.embed", "block.norm"]
+    calls = ["", "stem", "block", "block.norm", "block.attn", "head"]
+    order = order_modules(owners, calls, buffer_only=["loss"])
+    # block.embed (never called) right after block starts; block.attn.out right after block.attn
+    assert order.modules == ("stem", "block.embed", "block.norm", "block.attn", "block.attn.out", "head", "loss")
+    assert order.not_run == ("loss",)
+
+
+def test_an_adapters_explicit_order_wins_over_tracing():
+    from transformers import ViTConfig
+
+    from hfmerge.adapters.base import FamilyAdapter
+    from hfmerge.adapters.forward_order import ForwardOrder, forward_order
+
+    given = ForwardOrder(("classifier", "vit.embeddings"))
+    adapter = FamilyAdapter(name="explicit-test", model_types=(), architectures={"ViTForImageClassification": "x"},
+                            explicit_order=lambda architecture, config: given)
+    assert forward_order(adapter, "ViTForImageClassification", ViTConfig(num_hidden_layers=1)) is given
+
+
+def test_a_model_that_cannot_be_traced_keeps_registration_order_with_a_warning(caplog):
+    from transformers import ViTConfig, ViTForImageClassification
+
+    from hfmerge.adapters.base import FamilyAdapter
+    from hfmerge.adapters.forward_order import forward_order
+
+    def unusable(config):
+        raise RuntimeError("no forward here")
+
+    adapter = FamilyAdapter(name="untraceable-test", model_types=(), architectures={"ViTForImageClassification": "x"},
+                            trace_config=unusable)
+    config = ViTConfig(num_hidden_layers=1, hidden_size=8, intermediate_size=8, num_attention_heads=1)
+    order = forward_order(adapter, "ViTForImageClassification", config)
+    registered = dict.fromkeys(n.rsplit(".", 1)[0] for n in ViTForImageClassification(config).state_dict())
+    assert order.modules == tuple(registered)
+    assert "could not be traced (RuntimeError: no forward here)" in caplog.text
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -122,15 +122,15 @@ def forward_order(family: FamilyAdapter, architecture: str, config: Any) -> Forw
     """The :class:`ForwardOrder` of ``architecture`` built from ``config``, cached per (architecture, config).
 
     Label maps are left out of the cache key: sources that differ only in their
-    classes share one trace.
+    classes or folders share one trace.
 
     An adapter's ``explicit_order`` wins where it is given; otherwise the model
     runs on the meta device, or, for a family with ``trace_config``, as a tiny
     CPU instance of that shrunk config (same module names, small widths).
     """
-    described = config.to_dict()
-    for labels in ("id2label", "label2id"):  # class counts change shapes, never the order
-        described.pop(labels, None)
+    # Labels change shapes, never the order; the folder a config was read from changes nothing.
+    described = {k: v for k, v in config.to_dict().items()
+                 if k not in ("id2label", "label2id", "_name_or_path", "transformers_version")}
     key = (family.name, architecture, json.dumps(described, sort_keys=True, default=str))
     if key not in _CACHE:
         if family.explicit_order is not None:
