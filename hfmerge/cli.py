@@ -144,12 +144,17 @@ def _inspect(args: argparse.Namespace) -> int:
     print(f"task: {layout.task}")
     print(f"parameters: {layout.num_parameters:,} in {len(layout.tensors)} tensors")
     print(f"license: {source.license or 'unknown'}")
-    print(f"layers ({len(layout.modules)}, in forward order):")
+    print(f"layers ({len(layout.layers)}, in the order a forward pass runs them):")
     counts: dict[str, int] = {}
     for info in layout.tensors.values():
         counts[info.module] = counts.get(info.module, 0) + 1
-    for j, module in enumerate(layout.modules, start=1):
+    for j, module in enumerate(layout.layers, start=1):
         print(f"  {j:4d}  {module}  ({counts[module]} tensors)")
+    others = [m for m in layout.modules if m not in set(layout.layers)]
+    if others:
+        print(f"not layers ({len(others)}: their output does not reach the model's output; layerwise keeps the anchor's):")
+        for module in others:
+            print(f"     -  {module}  ({counts[module]} tensors)")
     print("head:")
     for info in layout.head_tensors:
         print(f"  {info.name}  {list(info.shape)}  (file: {info.key})")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass, replace
@@ -39,6 +40,7 @@ class PlannedMerge:
     base: ResolvedSource | None
     context: MergeContext
     plan: MergePlan
+    anchor_reason: str = ""
 
     @property
     def anchor(self) -> ModelLayout:
@@ -61,6 +63,8 @@ class PlannedMerge:
                 f"source {i + 1}: {source.name}{pin} — {layout.family.name} {layout.architecture}, "
                 f"{len(layout.id2label)} labels, weight {weights[i]:.4g}{role}"
             )
+        if self.method.uses_anchor:
+            lines.append(f"anchor: {self.anchor.source.name} — {self.anchor_reason}")
         if self.base is not None:
             pin = f" @ {self.base.commit_sha[:12]}" if self.base.commit_sha else ""
             lines.append(f"base: {self.base.name}{pin}")
@@ -89,7 +93,6 @@ def plan_merge(recipe: Recipe, *, token: str | bool | None = None, metadata_only
     requests; such a plan can be shown but not executed.
     """
     method = get_method(recipe.method)
-    anchor_index = recipe.anchor_index()
 
     def resolve(spec: SourceSpec) -> ResolvedSource:
         return resolve_source(spec, token=token, allow_pickle=recipe.allow_pickle, metadata_only=metadata_only)
@@ -102,6 +105,7 @@ def plan_merge(recipe: Recipe, *, token: str | bool | None = None, metadata_only
 
     layouts = [inspect(s) for s in [resolve(spec) for spec in recipe.sources]]
     sources = [layout.source for layout in layouts]
+    anchor_index, anchor_reason = _choose_anchor(recipe, method, sources)
     base = base_layout = None
     if recipe.base:
         base_layout = inspect(resolve(SourceSpec.parse(recipe.base)))
@@ -113,6 +117,7 @@ def plan_merge(recipe: Recipe, *, token: str | bool | None = None, metadata_only
         )
     context = MergeContext(layouts, anchor_index, recipe.weights, base_layout, recipe.parameters,
                            heads=recipe.heads, seed=recipe.seed)
+
     def weights_of(layout: ModelLayout) -> set[tuple[str, tuple[int, ...]]]:
         return {(n, t.shape) for n, t in layout.tensors.items() if not t.is_integer}
 
@@ -124,7 +129,36 @@ def plan_merge(recipe: Recipe, *, token: str | bool | None = None, metadata_only
             )
     plan = method.plan(context)
     carry_ignored_tensors(plan, context)
-    return PlannedMerge(recipe, method, sources, base, context, plan)
+    return PlannedMerge(recipe, method, sources, base, context, plan, anchor_reason)
+
+
+_TRAINER_CHECKPOINT = re.compile(r"checkpoint-(\d+)")
+
+
+def trainer_checkpoint_steps(sources: list[ResolvedSource]) -> list[int] | None:
+    """The step N of each source when all are Trainer ``checkpoint-N`` folders of one run (one parent)."""
+    if not all(s.is_local for s in sources) or len({s.path.parent for s in sources}) != 1:
+        return None
+    matches = [_TRAINER_CHECKPOINT.fullmatch(s.path.name) for s in sources]
+    return [int(m.group(1)) for m in matches] if all(matches) else None  # type: ignore[union-attr]
+
+
+def _choose_anchor(recipe: Recipe, method: MergeMethod, sources: list[ResolvedSource]) -> tuple[int, str]:
+    """The anchor's index and why it is the anchor.
+
+    Checkpoints of one training run are anchored on the last one, as the
+    layer-wise paper anchors on the final checkpoint (§3.3).
+    """
+    if recipe.anchor is not None:
+        return recipe.anchor_index(), "named by --anchor"
+    steps = trainer_checkpoint_steps(sources) if method.uses_anchor else None
+    if steps is not None:
+        last = max(range(len(steps)), key=steps.__getitem__)
+        return last, (
+            f"the latest of {len(steps)} checkpoints of one training run (step {steps[last]}), "
+            "as the paper anchors on the final checkpoint; name another with --anchor"
+        )
+    return 0, "the first source; name another with --anchor"
 
 
 def _header_reader(

@@ -15,6 +15,7 @@ import transformers
 
 import hfmerge
 from hfmerge.testing.tiny import FAMILIES, IMAGE_SIZE, tiny_model
+from helpers import recorded_forward_order
 
 
 def load_plain(folder):
@@ -54,12 +55,14 @@ def test_layerwise_follows_eq1_with_heads_of_different_sizes(family, make_source
     anchor, other = make_source(family, 3, seed=1), make_source(family, 5, seed=2)
     result = hfmerge.merge([str(anchor), str(other)], method="layerwise", anchor=str(anchor), progress=False)
     merged = load_plain(result.save(tmp_path / "out"))
-    sa, so = load_plain(anchor).state_dict(), load_plain(other).state_dict()
-    # Shared layers: modules whose every tensor has one shape in both, in the anchor's state_dict order.
+    anchor_model = load_plain(anchor)
+    sa, so = anchor_model.state_dict(), load_plain(other).state_dict()
+    # Shared layers: layers whose every tensor has one shape in both, in the order the anchor runs them.
     modules: dict[str, list[str]] = {}
     for name in sa:
         modules.setdefault(name.rsplit(".", 1)[0], []).append(name)
-    shared = [m for m, names in modules.items() if all(n in so and so[n].shape == sa[n].shape for n in names)]
+    layers, _ = recorded_forward_order(anchor_model, family, IMAGE_SIZE[family])
+    shared = [m for m in layers if all(n in so and so[n].shape == sa[n].shape for n in modules[m])]
     assert len(shared) < len(modules)  # the heads differ, so some modules are not shared
     n_p, m = len(shared), 2
     for name, value in merged.state_dict().items():

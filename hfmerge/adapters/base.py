@@ -12,11 +12,15 @@ many parameters between the checkpoint and the in-memory module.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from hfmerge.adapters.forward_order import ForwardOrder
 
 
 @dataclass(frozen=True)
@@ -49,6 +53,14 @@ class FamilyAdapter:
             models (``vit``, ``resnet``, ``backbone``...). A headless base model
             (``ViTModel``) names the same tensors without it; layerwise refuses
             a merge whose shared layers do not include the anchor's backbone.
+        not_layers: modules (regular expressions fullmatched against in-memory
+            module names) whose output never reaches the model's main output,
+            such as an auxiliary head that only feeds a training loss. They are
+            not layers: layerwise leaves them out of Np and takes them from the anchor.
+        trace_config: for a family whose forward cannot run on the meta device, a
+            shrunk copy of a config that keeps every module name; the forward
+            order is traced on a tiny CPU instance of it (see ``forward_order``).
+        explicit_order: where tracing cannot work, the order given outright.
     """
 
     name: str
@@ -57,6 +69,9 @@ class FamilyAdapter:
     heads: dict[str, tuple[HeadSpec, ...]] = field(default_factory=dict)
     default_architecture: str | None = None
     backbone_prefix: str = ""
+    not_layers: tuple[str, ...] = ()
+    trace_config: Callable[[Any], Any] | None = None
+    explicit_order: Callable[[str, Any], ForwardOrder] | None = None
 
     def model_class(self, architecture: str) -> type[torch.nn.Module]:
         """The transformers class for ``architecture`` (only classes this adapter lists)."""
@@ -70,6 +85,10 @@ class FamilyAdapter:
             if spec.regex.fullmatch(memory_name):
                 return spec
         return None
+
+    def is_layer(self, module: str) -> bool:
+        """Whether ``module`` (an in-memory module name) is a layer, i.e. not named in ``not_layers``."""
+        return not any(re.fullmatch(pattern, module) for pattern in self.not_layers)
 
     def build_meta_model(self, architecture: str, config: Any) -> torch.nn.Module:
         """Instantiate the model on the meta device: names, shapes and order, no memory."""

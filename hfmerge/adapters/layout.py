@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from hfmerge.adapters.base import FamilyAdapter, HeadSpec, family_for_model_type, supported_families
+from hfmerge.adapters.forward_order import forward_order
 from hfmerge.engine.checkpoint import CheckpointReader, TensorTable
 from hfmerge.errors import SourceError
 from hfmerge.hub.resolve import ResolvedSource
@@ -22,7 +23,10 @@ class TensorInfo:
 
     ``key`` is its name in the checkpoint file, ``name`` its name in the
     instantiated transformers module (they differ for renamed parameters),
-    ``module`` the in-memory module that owns it.
+    ``module`` the in-memory module that owns it. ``is_layer`` is false for
+    tensors of modules whose output never reaches the model's main output (an
+    auxiliary head, a loss criterion): layer-wise methods take those from the
+    anchor. A tensor can be a head (fusion concatenates it) and not a layer.
     """
 
     key: str
@@ -31,6 +35,7 @@ class TensorInfo:
     shape: tuple[int, ...]
     dtype: torch.dtype
     head: HeadSpec | None
+    is_layer: bool = True
 
     @property
     def is_integer(self) -> bool:
@@ -41,9 +46,11 @@ class TensorInfo:
 class ModelLayout:
     """What hfmerge knows about one source after inspection.
 
-    ``tensors`` maps in-memory names to :class:`TensorInfo` in the order the
-    instantiated model's ``state_dict()`` lists them, which is forward/depth
-    order; ``modules`` lists the owning modules in that order.
+    ``tensors`` maps in-memory names to :class:`TensorInfo` in forward order:
+    modules in the order a traced forward pass first calls them
+    (:mod:`hfmerge.adapters.forward_order`), a module's tensors in registration
+    order, modules that are not layers last. ``modules`` lists the owning
+    modules in that order; ``layers`` only those that are layers.
     """
 
     source: ResolvedSource
@@ -65,6 +72,10 @@ class ModelLayout:
     @cached_property
     def modules(self) -> list[str]:
         return list(dict.fromkeys(t.module for t in self.tensors.values()))
+
+    @cached_property
+    def layers(self) -> list[str]:
+        return list(dict.fromkeys(t.module for t in self.tensors.values() if t.is_layer))
 
     @property
     def id2label(self) -> dict[int, str]:
@@ -158,6 +169,8 @@ def inspect_source(
             f"{source.name}: the checkpoint has {len(unknown)} tensor(s) its config does not describe "
             f"(e.g. {unknown[0]}); the weights and config.json disagree — re-save the model with save_pretrained"
         )
+    run_order = forward_order(family, architecture, config)
+    depth = {module: i for i, module in enumerate(run_order.modules)}
     for key, name in names.items():
         if name in facts.ignored:
             owner = name.rsplit(".", 1)[0] if "." in name else ""
@@ -171,10 +184,11 @@ def inspect_source(
                 "the weights and config.json disagree — re-save the model with save_pretrained"
             )
         module = name.rsplit(".", 1)[0] if "." in name else ""
+        is_layer = module not in run_order.not_run and family.is_layer(module)
         tensors.append(
-            TensorInfo(key, name, module, shape, reader.dtype(key), family.head_of(architecture, name))
+            TensorInfo(key, name, module, shape, reader.dtype(key), family.head_of(architecture, name), is_layer)
         )
-    tensors.sort(key=lambda t: order[t.name])
+    tensors.sort(key=lambda t: (not t.is_layer, depth.get(t.module, len(depth)), order[t.name]))
     return ModelLayout(
         source=source,
         family=family,

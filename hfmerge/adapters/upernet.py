@@ -3,6 +3,8 @@
 UperNet has no ``AutoModel`` entry; the class is
 ``UperNetForSemanticSegmentation`` (``AutoModelForSemanticSegmentation``).
 Both the decode head and the auxiliary head end in a per-class 1x1 convolution.
+The auxiliary head runs in ``forward`` but only feeds the auxiliary training
+loss, so it is not a layer: the real output layer is ``decode_head.classifier``.
 """
 
 from hfmerge.adapters.base import FamilyAdapter, HeadSpec, register_family
@@ -20,5 +22,6 @@ UPERNET = register_family(
         },
         default_architecture="UperNetForSemanticSegmentation",
         backbone_prefix="backbone",
+        not_layers=(r"auxiliary_head(\..*)?",),
     )
 )

@@ -34,12 +34,16 @@ def layer_weights(num_shared: int, num_models: int, start_layer: int = 1) -> lis
 class Layerwise(MergeMethod):
     """Anchor-weighted layer-wise merge.
 
-    Shared layers are the modules whose every tensor exists with one shape in
-    every source, numbered j = 1..Np in the anchor's forward order; a module's
-    weight, bias and normalisation statistics share its j. Each non-anchor
-    source gets H^(j) (see :func:`layer_weights`), the anchor 1 − Σ of the
-    others. Every tensor of a module that is not shared (a head with another
-    class count, another head architecture) is the anchor's.
+    Shared layers are the layers (modules whose output reaches the model's
+    output; see ``TensorInfo.is_layer``) whose every tensor exists with one
+    shape in every source, numbered j = 1..Np in the order the anchor's forward
+    pass runs them; a module's weight, bias and normalisation statistics share
+    its j, and the output layer is j = Np. Each non-anchor source gets H^(j)
+    (see :func:`layer_weights`), the anchor 1 − Σ of the others. Every tensor of
+    a module that is not shared (a head with another class count, another head
+    architecture) or not a layer (an auxiliary head, a loss criterion) is the
+    anchor's. The paper merges models that share a backbone, so a merge whose
+    shared layers lack part of the anchor's backbone is refused.
     """
 
     name = "layerwise"
@@ -47,7 +51,12 @@ class Layerwise(MergeMethod):
     reference = "Alcover-Couso et al., Layer-wise Model Merging for Unsupervised Domain Adaptation in Segmentation Tasks, 2024"
     reference_url = "https://arxiv.org/abs/2409.15813"
     parameters = (
-        ParamSpec("start_layer", int, 1, "first shared layer K of the linear decay; layers before it are averaged uniformly", minimum=1),
+        ParamSpec(
+            "start_layer", int, 1,
+            "first shared layer K of the decay: each non-anchor model's weight at layer j of Np is 1/M for j < K, "
+            "then (Np − j)/((Np − K + 1)·M), reaching 0 (all anchor) at j = Np; K = 1 is Eq. 1, (Np − j)/(Np·M)",
+            minimum=1,
+        ),
     )
     uses_anchor = True
 
@@ -58,13 +67,15 @@ class Layerwise(MergeMethod):
         anchor = ctx.anchor
         by_module: dict[str, list[str]] = {}
         for name, info in anchor.tensors.items():
-            by_module.setdefault(info.module, []).append(name)
+            if info.is_layer:
+                by_module.setdefault(info.module, []).append(name)
         shared = [m for m, names in by_module.items() if all(ctx.is_shared(n) for n in names)]
         if not shared:
             raise IncompatibleModelsError(
                 "the sources share no layer (no module with the same parameter names and shapes); "
                 "layerwise merges models that share at least a backbone"
             )
+        _require_shared_backbone(ctx, list(by_module), set(shared))
         num_shared, num_models = len(shared), len(ctx.sources)
         start = int(ctx.params["start_layer"])
         if start > num_shared:
@@ -77,7 +88,8 @@ class Layerwise(MergeMethod):
         for name, info in anchor.tensors.items():
             j = index.get(info.module)
             if j is None:
-                entries.append(ctx.plan_entry(info, Copy((ctx.anchor_index, info.key))))
+                group = "kept from anchor" if info.is_layer else "kept from anchor (not a layer)"
+                entries.append(ctx.plan_entry(info, Copy((ctx.anchor_index, info.key), group=group)))
                 continue
             h = others[j - 1]
             coefficients = tuple(
@@ -93,3 +105,26 @@ class Layerwise(MergeMethod):
             ],
         }
         return MergePlan(entries, details=details)
+
+
+def _require_shared_backbone(ctx: MergeContext, layers: list[str], shared: set[str]) -> None:
+    """Refuse unless every layer of the anchor's backbone is shared by every source.
+
+    Averaging the decoder of models whose backbones differ (UperNet-ConvNeXt
+    with UperNet-Swin) merges layers that read different features. The backbone
+    is the modules under the adapter's ``backbone_prefix``; a headless model
+    (no such module) is all backbone.
+    """
+    prefix = ctx.anchor.family.backbone_prefix
+    backbone = [m for m in layers if prefix and (m == prefix or m.startswith(prefix + "."))] or layers
+    missing = [m for m in backbone if m not in shared]
+    if missing:
+        lacking = next(
+            s.source.name for s in ctx.sources
+            if any(not ctx.is_shared(n, [s]) for n, t in ctx.anchor.tensors.items() if t.module == missing[0])
+        )
+        raise IncompatibleModelsError(
+            f"layerwise merges models that share a backbone, but {len(missing)} of the {len(backbone)} backbone "
+            f"layers of the anchor {ctx.anchor.source.name} are missing or shaped differently in {lacking} "
+            f"(e.g. {missing[0]}); merge models with one backbone architecture and size"
+        )
