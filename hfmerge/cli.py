@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -120,6 +121,8 @@ def _execute(recipe: Any, args: argparse.Namespace) -> int:
         target = Path(output).expanduser().resolve()
         check_output_folder(target, overwrite=args.overwrite)
         staging_parent = target.parent if target.parent.is_dir() else None
+    if push and recipe.push_to_hub != push:
+        recipe = replace(recipe, push_to_hub=push)  # the saved copy's card names the pushed repo too
     result = run_recipe(recipe, staging_parent=staging_parent, progress=not args.quiet)
     if output:
         saved = result.save(output, overwrite=args.overwrite)
@@ -190,7 +193,7 @@ def _methods() -> int:
     for name in available_methods():
         method = get_method(name)
         print(f"{name}: {method.title}")
-        print(f"    {method.reference} — {method.reference_url}")
+        print(f"    {method.reference}" + (f" — {method.reference_url}" if method.reference_url else ""))
         needs = [w for w, flag in (("--base", method.needs_base), ("--anchor", method.uses_anchor),
                                     ("--weights", method.uses_weights)) if flag]
         if needs:
