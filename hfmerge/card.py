@@ -10,6 +10,7 @@ folder holding the merge's ``hfmerge.yaml``.
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
 from dataclasses import dataclass
@@ -187,6 +188,9 @@ class PublicNames:
     ``paths`` maps every spelling of a local folder's path (as given, expanded,
     resolved) to the name the card shows, longest first, so :meth:`scrub` can
     take any path out of free text such as warnings.
+
+    Trainer ``checkpoint-N`` folders, and folders whose names clash, are
+    shown with their parent folder's name (``run1/checkpoint-500``).
     """
 
     names: dict[Path, str]
@@ -207,7 +211,8 @@ class PublicNames:
             shown = short[source.path]
             given = Path(source.spec.model).expanduser()
             for spelling in (str(source.path), str(given), str(given.absolute()), source.spec.model):
-                if Path(spelling).expanduser().is_absolute():
+                # Paths only: a bare folder name ("vit-a", ".") could also be a word of the card.
+                if Path(spelling).expanduser().is_absolute() or "/" in spelling or os.sep in spelling:
                     spellings[spelling] = shown
         ordered = tuple(sorted(spellings.items(), key=lambda item: -len(item[0])))
         return cls(names=short, paths=ordered)

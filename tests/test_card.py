@@ -85,7 +85,7 @@ def test_local_sources_leave_no_path_and_no_base_model_relation(make_source, tmp
     base = make_source("vit", seed=0)
     monkeypatch.chdir(tmp_path)
     kw = {"base": f"./{base.name}"} if method == "task_arithmetic" else {}
-    result, card = card_of([a, f"./{b.name}"], method, **kw)  # an absolute and a relative path
+    _, card = card_of([a, f"./{b.name}"], method, **kw)  # an absolute and a relative path
     assert str(tmp_path) not in card
     assert str(tmp_path.resolve()) not in card
     data = metadata(card)
@@ -95,7 +95,14 @@ def test_local_sources_leave_no_path_and_no_base_model_relation(make_source, tmp
     assert f"- model: {a.name}\n- model: {b.name}\n" in section(card, "Reproduce")
     if method == "task_arithmetic":
         assert f"`{base.name}`" in card
-    assert result.warnings and "licenses differ or are unknown" in card  # the note names folders, not paths
+    assert f"licenses differ or are unknown ({a.name}: unknown, {b.name}: unknown" in card  # folders, not paths
+
+
+def test_trainer_checkpoints_are_named_with_their_run_folder(tmp_path):
+    runs = [save_tiny(tmp_path / run / "checkpoint-500", "vit", seed=i) for i, run in enumerate(("run1", "run2"))]
+    _, card = card_of(runs, "average")
+    assert "| run1/checkpoint-500 |" in card and "| run2/checkpoint-500 |" in card
+    assert str(tmp_path) not in card
 
 
 def test_hub_and_local_sources_together(make_source, publish, tmp_path):
