@@ -113,7 +113,7 @@ def test_hub_and_local_sources_together(make_source, publish, tmp_path):
     assert data["base_model"] == ["org/card-vit-hub"] and data["base_model_relation"] == "merge"
     assert sources_header(card) == ["model", "revision", "commit", "weight", "labels"]
     assert sha in section(card, "Sources")
-    assert "Hub sources are pinned" in card and str(tmp_path) not in card
+    assert "Hub models are pinned to the commits they resolved to." in card and str(tmp_path) not in card
     assert "hfmerge merge" not in card  # no command line that would need the folder's path
 
 
