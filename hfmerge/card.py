@@ -1,17 +1,34 @@
-"""The model card of a merged model, rendered from ``model_cards/`` through huggingface_hub."""
+"""The model card of a merged model, rendered from ``model_cards/`` through huggingface_hub.
+
+The card says only what is true of this merge. Each method writes its own
+paragraph (:attr:`~hfmerge.methods.base.MergeMethod.card_template`), so the
+template never guesses what an unknown method computes. Local folders appear
+by their folder name only: no path of the machine that merged reaches the card
+or its metadata. The reproduce block is a command that runs as written from a
+folder holding the merge's ``hfmerge.yaml``.
+"""
 
 from __future__ import annotations
 
+import os
+import re
 import shlex
+from dataclasses import dataclass
 from importlib import resources
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from huggingface_hub import ModelCard, ModelCardData
 
 if TYPE_CHECKING:
+    from hfmerge.hub.resolve import ResolvedSource
+    from hfmerge.methods.base import MergeMethod
+    from hfmerge.pipeline import PlannedMerge
     from hfmerge.result import MergeResult
 
 TEMPLATE = "model_card.md.j2"
+PLACEHOLDER_REF = "path/to/merged-model"
+REPRODUCE_COMMAND = "hfmerge run hfmerge.yaml --output merged"
 
 AUTO_CLASSES = {
     "image-classification": "AutoModelForImageClassification",
@@ -23,17 +40,20 @@ AUTO_CLASSES = {
 def render_card(result: MergeResult, repo_id: str | None = None) -> str:
     """The card's full text: YAML metadata, then the body from the Jinja template.
 
-    ``repo_id`` fills the usage snippet when the card is pushed; a saved folder's
-    card shows a placeholder path.
+    ``repo_id`` (default: the recipe's ``push_to_hub``) fills the usage
+    snippet; without one the snippet shows a placeholder path.
     """
+    from hfmerge import __version__
+
     planned = result.planned
     method = planned.method
-    hub_sources = [s.repo_id for s in planned.sources if s.repo_id]
-    if planned.base is not None and planned.base.repo_id:
-        hub_sources.append(planned.base.repo_id)
+    repo_id = repo_id or planned.recipe.push_to_hub
+    names = PublicNames.for_merge(planned)
+    everything = [*planned.sources, *([planned.base] if planned.base is not None else [])]
+    hub_models = list(dict.fromkeys(s.repo_id for s in everything if s.repo_id))
     data = ModelCardData(
-        base_model=list(dict.fromkeys(hub_sources)) or None,
-        base_model_relation="merge",
+        base_model=hub_models or None,
+        base_model_relation="merge" if hub_models else None,
         library_name="transformers",
         pipeline_tag=planned.anchor.task,
         tags=["hfmerge", "merge", method.name],
@@ -43,65 +63,166 @@ def render_card(result: MergeResult, repo_id: str | None = None) -> str:
     rows = []
     for i, source in enumerate(planned.sources):
         rows.append({
-            "name": source.repo_id or source.path.name,
-            "url": f"https://huggingface.co/{source.repo_id}" if source.repo_id else None,
+            "name": names.of(source),
+            "url": _hub_url(source),
             "revision": source.revision or ("main" if source.repo_id else "local folder"),
             "commit": source.commit_sha or "—",
             "weight": f"{weights[i]:.4g}",
             "role": "anchor" if method.uses_anchor and i == planned.context.anchor_index else "",
             "labels": len(planned.context.sources[i].id2label),
         })
+    base = None
+    if planned.base is not None:
+        base = {"name": names.of(planned.base), "url": _hub_url(planned.base), "commit": planned.base.commit_sha}
     architecture = planned.anchor.architecture
     auto_class = AUTO_CLASSES.get(planned.anchor.task, "AutoModel")
     if architecture == "Mask2FormerForUniversalSegmentation":
         auto_class = "AutoModelForUniversalSegmentation"
+    text = method_text(
+        method, details=planned.plan.details, parameters=planned.recipe.parameters, base=base, sources=rows,
+        architecture=architecture, task=planned.anchor.task,
+    )
     card = ModelCard.from_template(
         data,
         template_str=resources.files("hfmerge.model_cards").joinpath(TEMPLATE).read_text(),
         method=method,
+        method_text=text,
         sources=rows,
-        base=planned.base,
+        columns={
+            "weight": method.uses_weights,
+            "role": method.uses_anchor,
+            "commit": any(s.commit_sha for s in planned.sources),
+        },
+        base=base,
         parameters=planned.recipe.parameters,
-        details=planned.plan.details,
         summary=planned.plan.summary(),
-        recipe_yaml=result.recipe_yaml if (result.staging / "hfmerge.yaml").exists() else "",
-        command=reproduce_command(result),
+        recipe_yaml=result.recipe_yaml,
+        reproduce=REPRODUCE_COMMAND,
+        merge_command=merge_command(planned),
+        any_hub=bool(hub_models),
+        local_sources=[names.of(s) for s in everything if s.is_local],
         auto_class=auto_class,
         architecture=architecture,
         family=planned.anchor.family.name,
         task=planned.anchor.task,
         num_labels=len(getattr(result.config, "id2label", {}) or {}),
         warnings=result.warnings,
-        model_ref=repo_id or "path/to/merged-model",
+        model_ref=repo_id or PLACEHOLDER_REF,
+        repo_id=repo_id,
+        version=__version__,
     )
-    return str(card)
+    return names.scrub(str(card))
 
 
-def reproduce_command(result: MergeResult) -> str:
-    """An ``hfmerge merge`` command line that reproduces this merge from pinned commits."""
-    planned = result.planned
-    recipe = planned.recipe
-    words = ["hfmerge", "merge"]
-    for source in planned.sources:
-        if source.repo_id:
-            words.append(f"{source.repo_id}@{source.commit_sha}" if source.commit_sha else source.repo_id)
-        else:
-            words.append(str(source.spec.model))
-    words += ["--method", recipe.method]
-    if recipe.weights:
-        words += ["--weights", ",".join(f"{w:g}" for w in recipe.weights)]
-    if recipe.anchor:
-        anchor = planned.sources[planned.context.anchor_index]
-        words += ["--anchor", f"{anchor.repo_id}@{anchor.commit_sha}" if anchor.repo_id else str(anchor.spec.model)]
-    if planned.base is not None:
-        base = planned.base
-        words += ["--base", f"{base.repo_id}@{base.commit_sha}" if base.repo_id else str(base.spec.model)]
-    for key, value in recipe.parameters.items():
-        if key == "lambda":
-            words += ["--lambda", f"{value:g}"]
-        else:
-            words += ["--param", f"{key}={value}"]
-    if recipe.dtype:
-        words += ["--dtype", recipe.dtype]
-    words += ["--output", "./merged"]
+def method_text(method: MergeMethod, **context: Any) -> str:
+    """The method's own paragraph: its ``card_template`` rendered with ``context``.
+
+    An undefined variable is an error rather than an empty string, so a typo
+    in a method's snippet fails its tests instead of printing a wrong formula.
+    A method without a snippet gets a sentence pointing to its reference,
+    never another method's formula.
+    """
+    if not method.card_template.strip():
+        return f"hfmerge has no description of `{method.name}` for this card; see the reference above for what it computes."
+    import jinja2
+
+    environment = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=False)
+    return environment.from_string(method.card_template).render(method=method, **context).strip()
+
+
+def merge_command(planned: PlannedMerge) -> str | None:
+    """An ``hfmerge merge`` line equivalent to the pinned ``hfmerge.yaml``.
+
+    Every recipe field becomes its flag (``heads: concat`` → ``--heads concat``),
+    so a field added to the recipe cannot silently go missing from the command.
+    ``None`` when a source or the base is a local folder: the card names
+    folders without their paths, so no such command would run as written.
+    """
+    everything = [*planned.sources, *([planned.base] if planned.base is not None else [])]
+    if any(s.is_local for s in everything):
+        return None
+    pinned = planned.pinned_recipe().to_dict()
+    words = ["hfmerge", "merge", *(_pinned_ref(s) for s in planned.sources), "--method", pinned.pop("method")]
+    pinned.pop("sources")
+    for key, value in pinned.items():
+        flag = "--" + key.replace("_", "-")
+        if key == "weights":
+            words += [flag, ",".join(_number(w) for w in value)]
+        elif key == "parameters":
+            for name, parameter in value.items():
+                words += ["--param", f"{name}={_number(parameter)}"]
+        elif key == "anchor":
+            words += [flag, _pinned_ref(planned.sources[planned.context.anchor_index])]
+        elif key == "base" and planned.base is not None:
+            words += [flag, _pinned_ref(planned.base)]
+        elif value is True:
+            words.append(flag)
+        elif value not in (False, None):
+            words += [flag, _number(value)]
+    words += ["--output", "merged"]
     return shlex.join(words)
+
+
+def _pinned_ref(source: ResolvedSource) -> str:
+    return f"{source.repo_id}@{source.commit_sha}" if source.commit_sha else source.spec.ref
+
+
+def _number(value: Any) -> str:
+    """A value as a command-line word; floats round-trip exactly (``repr``), ``1.0`` is written ``1``."""
+    if isinstance(value, float):
+        return repr(value).removesuffix(".0")
+    return str(value)
+
+
+def _hub_url(source: ResolvedSource) -> str | None:
+    return f"https://huggingface.co/{source.repo_id}" if source.repo_id else None
+
+
+_CHECKPOINT = re.compile(r"^checkpoint-\d+$")
+
+
+@dataclass(frozen=True)
+class PublicNames:
+    """How the card names the merge's models: Hub ids as they are, local folders by folder name.
+
+    ``paths`` maps every spelling of a local folder's path (as given, expanded,
+    resolved) to the name the card shows, longest first, so :meth:`scrub` can
+    take any path out of free text such as warnings.
+
+    Trainer ``checkpoint-N`` folders, and folders whose names clash, are
+    shown with their parent folder's name (``run1/checkpoint-500``).
+    """
+
+    names: dict[Path, str]
+    paths: tuple[tuple[str, str], ...]
+
+    @classmethod
+    def for_merge(cls, planned: PlannedMerge) -> PublicNames:
+        local = [s for s in [*planned.sources, planned.base] if s is not None and s.is_local]
+        folders = list(dict.fromkeys(s.path for s in local))
+        short = {folder: folder.name for folder in folders}
+        for folder in folders:
+            clash = [f for f in folders if f.name == folder.name]
+            if len(clash) > 1 or _CHECKPOINT.match(folder.name):
+                # Trainer checkpoints and same-named folders: the parent's name tells them apart.
+                short[folder] = f"{folder.parent.name}/{folder.name}"
+        spellings: dict[str, str] = {}
+        for source in local:
+            shown = short[source.path]
+            given = Path(source.spec.model).expanduser()
+            for spelling in (str(source.path), str(given), str(given.absolute()), source.spec.model):
+                # Paths only: a bare folder name ("vit-a", ".") could also be a word of the card.
+                if Path(spelling).expanduser().is_absolute() or "/" in spelling or os.sep in spelling:
+                    spellings[spelling] = shown
+        ordered = tuple(sorted(spellings.items(), key=lambda item: -len(item[0])))
+        return cls(names=short, paths=ordered)
+
+    def of(self, source: ResolvedSource) -> str:
+        """The name the card shows for ``source``."""
+        return source.repo_id if source.repo_id else self.names[source.path]
+
+    def scrub(self, text: str) -> str:
+        """``text`` with every absolute spelling of a local source's path replaced by its shown name."""
+        for path, shown in self.paths:
+            text = text.replace(path, shown)
+        return text

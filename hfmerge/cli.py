@@ -197,7 +197,7 @@ def _methods() -> int:
     for name in available_methods():
         method = get_method(name)
         print(f"{name}: {method.title}")
-        print(f"    {method.reference} — {method.reference_url}")
+        print(f"    {method.reference}" + (f" — {method.reference_url}" if method.reference_url else ""))
         needs = [w for w, flag in (("--base", method.needs_base), ("--anchor", method.uses_anchor),
                                     ("--weights", method.uses_weights), ("--seed", method.uses_seed)) if flag]
         if needs:

@@ -47,9 +47,19 @@ class PlannedMerge:
         return self.context.anchor
 
     def pinned_recipe(self) -> Recipe:
-        """The recipe with every Hub source pinned to the commit it resolved to."""
-        specs = [replace(s.spec, commit=s.commit_sha) for s in self.sources]
-        return replace(self.recipe, sources=specs)
+        """The recipe with every Hub model pinned to the commit it resolved to.
+
+        Local folders are written as absolute paths, so ``hfmerge run
+        hfmerge.yaml`` reproduces the merge from any folder of this machine,
+        the saved output included.
+        """
+        specs = [replace(s.spec, model=str(s.path) if s.is_local else s.spec.model, commit=s.commit_sha)
+                 for s in self.sources]
+        anchor = specs[self.context.anchor_index].ref if self.recipe.anchor is not None else None
+        base = self.recipe.base
+        if self.base is not None:
+            base = str(self.base.path) if self.base.is_local else f"{self.base.repo_id}@{self.base.commit_sha}"
+        return replace(self.recipe, sources=specs, anchor=anchor, base=base)
 
     def describe(self) -> str:
         """A human-readable plan: sources, then per group of tensors what happens to them."""

@@ -26,6 +26,13 @@ class Average(MergeMethod):
     reference = "Wortsman et al., Model soups: averaging weights of multiple fine-tuned models improves accuracy without increasing inference time, ICML 2022"
     reference_url = "https://arxiv.org/abs/2203.05482"
     uses_weights = True
+    card_template = (
+        "θ = Σᵢ wᵢ θᵢ over the {{ sources | length }} models, "
+        "{% if details.weights | unique | list | length == 1 %}with equal weights wᵢ = 1/{{ sources | length }}"
+        "{% else %}with the weights in the sources table (the given weights divided by their sum){% endif %}. "
+        "Every parameter is averaged, BatchNorm running statistics included; integer buffers "
+        "(BatchNorm's `num_batches_tracked`) are copied from the first model."
+    )
 
     def plan(self, ctx: MergeContext) -> MergePlan:
         from hfmerge.engine.plan import MergePlan, require_all_shared

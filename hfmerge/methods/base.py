@@ -83,7 +83,13 @@ class MergeMethod(ABC):
     """The method's own paragraph of the model card: a Jinja snippet rendered with
     ``details`` (the plan's details), ``parameters``, ``base`` and ``sources``.
     Each method states its own formula here; the card template never branches on
-    method names."""
+    method names.
+
+    ``sources`` are the card's rows (``name``, ``url``, ``revision``, ``commit``,
+    ``weight``, ``labels``, ``role``); ``base`` is ``None`` or has ``name``,
+    ``url`` and ``commit``; ``method``, ``architecture`` and ``task`` are there
+    too. An undefined name is an error, so a typo fails the method's tests.
+    A method without a snippet gets a sentence pointing to its reference."""
 
     def validate_parameters(self, given: dict[str, Any]) -> dict[str, Any]:
         """Fill defaults and check ``given`` against the declared parameters."""

@@ -32,8 +32,19 @@ class Fusion(MergeMethod):
     name = "fusion"
     title = "Parameter fusion (feature-extractor averaging, classifier concatenation)"
     reference = "Guo & Zhang, Parameter Fusion: Efficient Multi-Domain Classification Through Feature Extractor Averaging and Classifier Concatenation"
-    reference_url = "https://arxiv.org/search/?searchtype=title&query=Parameter+Fusion%3A+Efficient+Multi-Domain+Classification"
+    reference_url = ""  # no stable URL is known: cards and `hfmerge methods` give the title alone
     uses_weights = True
+    card_template = """\
+The feature extractor (every parameter outside the classifier head) is the weighted average θ = Σᵢ wᵢ θᵢ \
+of the {{ sources | length }} models, with the weights in the sources table. The classifier heads are \
+concatenated along the output dimension (weights stacked, biases concatenated), so the model predicts over \
+the union of the sources' labels: {{ details.num_labels }} labels, in source order. A label that occurs in \
+more than one source is renamed `<source>/<label>`.
+{%- if architecture == "Mask2FormerForUniversalSegmentation" %} Mask2Former's "no object" class is kept \
+once: its row of the class predictor is the weighted average of the sources' "no object" rows.{% endif %}
+
+The paper then fine-tunes the fused model on the combined data (§III). hfmerge does not apply that step \
+(it has no fine-tuning option yet): this is the fused model before fine-tuning."""
 
     def plan(self, ctx: MergeContext) -> MergePlan:
         from hfmerge.engine.plan import MergePlan

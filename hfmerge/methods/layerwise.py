@@ -59,6 +59,26 @@ class Layerwise(MergeMethod):
         ),
     )
     uses_anchor = True
+    card_template = """\
+{%- set M = sources | length -%}
+{%- set K = details.start_layer -%}
+The M = {{ M }} models share N_p = {{ details.shared_layers }} layers, numbered j = 1..N_p in forward \
+order; the anchor is {% for s in sources if s.role == "anchor" %}`{{ s.name }}`{% endfor %}. \
+{% if K > 1 -%}
+With start layer K = {{ K }} (`start_layer`), every model but the anchor gets weight H⁽ʲ⁾ = 1/M for \
+j < K (a uniform average) and H⁽ʲ⁾ = (N_p − j) / ((N_p − K + 1) · M) for j ≥ K: the paper's linear decay \
+(§3.3, Eq. 1) started at layer K.
+{%- else -%}
+Every model but the anchor gets weight H⁽ʲ⁾ = (N_p − j) / (N_p · M) (§3.3, Eq. 1).
+{%- endif %} The anchor gets 1 − (M − 1) · H⁽ʲ⁾, so the weights of a layer sum to one and the last shared \
+layer (j = N_p) is the anchor's. Layers that are not shared (a head with other classes, another head \
+architecture) are the anchor's.
+
+| j | module | anchor weight | each other model |
+|---|---|---|---|
+{% for row in details.layer_weights -%}
+| {{ row.layer }} | `{{ row.module }}` | {{ "%.4f" | format(row.anchor) }} | {{ "%.4f" | format(row.each_other) }} |
+{% endfor %}"""
 
     def plan(self, ctx: MergeContext) -> MergePlan:
         from hfmerge.engine.plan import MergePlan

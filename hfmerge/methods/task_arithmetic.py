@@ -28,6 +28,13 @@ class TaskArithmetic(MergeMethod):
     parameters = (ParamSpec("lambda", float, 0.3, "scale λ of the summed task vectors", minimum=0.0),)
     needs_base = True
     min_sources = 1
+    card_template = (
+        "θ = θ_base + λ · Σᵢ (θᵢ − θ_base), with λ = {{ details['lambda'] }} and the sum over the "
+        "{{ sources | length }} source model{{ 's' if sources | length != 1 }}; θ_base is the pre-trained model "
+        "{% if base.url %}[{{ base.name }}]({{ base.url }}){% else %}`{{ base.name }}`{% endif %}. "
+        "Each τᵢ = θᵢ − θ_base is the task vector of source i (§2 of the paper). Integer buffers "
+        "(BatchNorm's `num_batches_tracked`) are copied from the first source."
+    )
 
     def plan(self, ctx: MergeContext) -> MergePlan:
         from hfmerge.methods.task_vectors import plan_task_vectors
