@@ -63,10 +63,10 @@ def test_usage_snippet_names_the_pushed_repo_or_a_placeholder(vits, tmp_path, ca
 
     _, card = card_of(vits, "average")
     assert 'from_pretrained("path/to/merged-model")' in usage(card)
-    recipe = Recipe(sources=[str(v) for v in vits], method="average", push_to_hub="me/vit-soup")
+    recipe = Recipe(sources=[str(v) for v in vits], method="average", push_to_hub="org/vit-soup")
     staged = hfmerge.run_recipe(recipe, progress=False)
-    assert 'from_pretrained("me/vit-soup")' in usage(staged.card.text)
-    assert "hf download me/vit-soup hfmerge.yaml" in section(staged.card.text, "Reproduce")
+    assert 'from_pretrained("org/vit-soup")' in usage(staged.card.text)
+    assert "hf download org/vit-soup hfmerge.yaml" in section(staged.card.text, "Reproduce")
     # the command line: the saved copy and the pushed copy name the same repo
     out = tmp_path / "merged"
     code, _, err = run_cli(["merge", *vits, "-m", "average", "-o", out, "--push-to-hub", "tester/card-soup", "-q"],
