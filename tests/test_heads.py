@@ -156,3 +156,24 @@ def test_dry_run_names_the_head_policy_and_the_anchor(different, tmp_path, capsy
                             different[1], "--dry-run"], capsys)
     assert code == 0
     assert "  heads: anchor" in out and "[anchor]" in out.splitlines()[2]
+
+
+def test_layerwise_keeps_the_anchors_head_by_default_and_concatenates_with_heads_concat(different, tmp_path):
+    result, merged, (a, b) = merged_and_sources(different, tmp_path / "anchor", method="layerwise")
+    sa, sm = a.state_dict(), merged.state_dict()
+    for name in HEAD:
+        assert torch.equal(sm[name], sa[name]), name
+    assert merged.config.id2label == a.config.id2label
+    assert result.planned.plan.details["heads"] == "anchor"
+
+    result, merged, (a, b) = merged_and_sources(different, tmp_path / "concat", method="layerwise", heads="concat")
+    sa, sb, sm = a.state_dict(), b.state_dict(), merged.state_dict()
+    for name in HEAD:
+        assert torch.equal(sm[name], torch.cat([sa[name], sb[name]])), name
+    labels = merged.config.id2label
+    assert [labels[0], labels[2], labels[3]] == ["cat", "owl", "car"]
+    assert labels[1].endswith("/dog") and labels[4].endswith("/dog") and labels[1] != labels[4]
+    assert_labels_invert(merged.config)
+    # the backbone is still layer-weighted: the last shared layer is the anchor's
+    last = result.planned.plan.details["layer_weights"][-1]
+    assert last["anchor"] == 1.0

@@ -40,9 +40,11 @@ class Layerwise(MergeMethod):
     pass runs them; a module's weight, bias and normalisation statistics share
     its j, and the output layer is j = Np. Each non-anchor source gets H^(j)
     (see :func:`layer_weights`), the anchor 1 − Σ of the others. Every tensor of
-    a module that is not shared (a head with another class count, another head
-    architecture) or not a layer (an auxiliary head, a loss criterion) is the
-    anchor's. The paper merges models that share a backbone, so a merge whose
+    a module that is not a layer (an auxiliary head, a loss criterion) is the
+    anchor's; layers that are not shared (a head with another class count,
+    another head architecture) follow the head policy, by default ``anchor``
+    as in the paper (``--heads concat`` gives a head over the union of the
+    labels). The paper merges models that share a backbone, so a merge whose
     shared layers lack part of the anchor's backbone is refused.
     """
 
@@ -72,7 +74,7 @@ j < K (a uniform average) and H⁽ʲ⁾ = (N_p − j) / ((N_p − K + 1) · M) f
 Every model but the anchor gets weight H⁽ʲ⁾ = (N_p − j) / (N_p · M) (§3.3, Eq. 1).
 {%- endif %} The anchor gets 1 − (M − 1) · H⁽ʲ⁾, so the weights of a layer sum to one and the last shared \
 layer (j = N_p) is the anchor's. Layers that are not shared (a head with other classes, another head \
-architecture) are the anchor's.
+architecture) {{ {'anchor': "are the anchor's", 'concat': 'are concatenated into one head over the union of the labels (other unshared layers averaged)', 'average': 'are averaged'}[details.heads] }}.
 
 | j | module | anchor weight | each other model |
 |---|---|---|---|
@@ -82,6 +84,7 @@ architecture) are the anchor's.
 
     def plan(self, ctx: MergeContext) -> MergePlan:
         from hfmerge.engine.plan import MergePlan
+        from hfmerge.heads import head_policy, plan_heads
         from hfmerge.ops import Copy, LinearCombination
 
         anchor = ctx.anchor
@@ -104,12 +107,17 @@ architecture) are the anchor's.
             )
         others = layer_weights(num_shared, num_models, start)
         index = {module: j for j, module in enumerate(shared, start=1)}
+        unshared = [name for name, info in anchor.tensors.items() if info.is_layer and info.module not in index]
+        head_plan = plan_heads(ctx, unshared, head_policy(ctx, default="anchor"))
+        by_name = {entry.name: entry for entry in head_plan.entries}
         entries = []
         for name, info in anchor.tensors.items():
             j = index.get(info.module)
+            if name in by_name:
+                entries.append(by_name[name])
+                continue
             if j is None:
-                group = "kept from anchor" if info.is_layer else "kept from anchor (not a layer)"
-                entries.append(ctx.plan_entry(info, Copy((ctx.anchor_index, info.key), group=group)))
+                entries.append(ctx.plan_entry(info, Copy((ctx.anchor_index, info.key), group="kept from anchor (not a layer)")))
                 continue
             h = others[j - 1]
             coefficients = tuple(
@@ -123,8 +131,9 @@ architecture) are the anchor's.
                 {"layer": j, "module": m, "anchor": 1.0 - others[j - 1] * (num_models - 1), "each_other": others[j - 1]}
                 for j, m in enumerate(shared, start=1)
             ],
+            **head_plan.details,
         }
-        return MergePlan(entries, details=details)
+        return MergePlan(entries, config_updates=head_plan.config_updates, details=details)
 
 
 def _require_shared_backbone(ctx: MergeContext, layers: list[str], shared: set[str]) -> None:
