@@ -24,19 +24,21 @@ from hfmerge.errors import (
 if TYPE_CHECKING:
     from hfmerge.loading import load
     from hfmerge.methods import available_methods
-    from hfmerge.pipeline import PlannedMerge, merge, plan_merge, run_recipe
-    from hfmerge.recipe import Recipe, SourceSpec
+    from hfmerge.pipeline import merge, plan_merge, run_recipe
+    from hfmerge.planned import PlannedMerge
+    from hfmerge.recipe import Recipe
     from hfmerge.result import MergeResult
+    from hfmerge.source import SourceSpec
     from hfmerge.space import SpaceOptions, push_space, save_space
 
 __version__ = "0.1.0"
 
 _LAZY = {
     "load": "hfmerge.loading",
-    "PlannedMerge": "hfmerge.pipeline", "merge": "hfmerge.pipeline", "plan_merge": "hfmerge.pipeline",
+    "PlannedMerge": "hfmerge.planned", "merge": "hfmerge.pipeline", "plan_merge": "hfmerge.pipeline",
     "run_recipe": "hfmerge.pipeline",
     "available_methods": "hfmerge.methods",
-    "Recipe": "hfmerge.recipe", "SourceSpec": "hfmerge.recipe",
+    "Recipe": "hfmerge.recipe", "SourceSpec": "hfmerge.source",
     "MergeResult": "hfmerge.result",
     "SpaceOptions": "hfmerge.space", "push_space": "hfmerge.space", "save_space": "hfmerge.space",
 }

@@ -16,15 +16,14 @@ import shlex
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from huggingface_hub import ModelCard, ModelCardData
 
 if TYPE_CHECKING:
     from hfmerge.hub.resolve import ResolvedSource
     from hfmerge.methods.base import MergeMethod
-    from hfmerge.pipeline import PlannedMerge
-    from hfmerge.result import MergeResult
+    from hfmerge.planned import PlannedMerge
 
 TEMPLATE = "model_card.md.j2"
 PLACEHOLDER_REF = "path/to/merged-model"
@@ -37,7 +36,26 @@ AUTO_CLASSES = {
 }
 
 
-def render_card(result: MergeResult, repo_id: str | None = None) -> str:
+class CardFacts(Protocol):
+    """What a card is made from: a finished merge (:class:`hfmerge.result.MergeResult` has these)."""
+
+    @property
+    def planned(self) -> PlannedMerge: ...
+
+    @property
+    def config(self) -> Any: ...
+
+    @property
+    def warnings(self) -> list[str]: ...
+
+    @property
+    def license(self) -> str | None: ...
+
+    @property
+    def recipe_yaml(self) -> str: ...
+
+
+def render_card(result: CardFacts, repo_id: str | None = None) -> str:
     """The card's full text: YAML metadata, then the body from the Jinja template.
 
     ``repo_id`` (default: the recipe's ``push_to_hub``) fills the usage

@@ -6,20 +6,20 @@ import logging
 import re
 import shutil
 import tempfile
-from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from hfmerge.adapters import ModelLayout, inspect_source
-from hfmerge.engine.checkpoint import HeaderReader, weight_files
+from hfmerge.checkpoint import HeaderReader, weight_files
 from hfmerge.engine.execute import execute_plan, output_dtype
 from hfmerge.engine.plan import MergeContext, MergePlan, TensorPlan
 from hfmerge.errors import IncompatibleModelsError
 from hfmerge.hub.publish import check_push_access
 from hfmerge.hub.resolve import ResolvedSource, resolve_source, safetensors_header
 from hfmerge.methods import MergeMethod, get_method
+from hfmerge.planned import PlannedMerge
 from hfmerge.ops import Copy
 from hfmerge.recipe import Recipe, SourceSpec, parse_size
 from hfmerge.result import MergeResult, check_output_folder, write_metadata
@@ -28,71 +28,6 @@ logger = logging.getLogger(__name__)
 
 PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json", "image_processor_config.json")
 IGNORED_ON_LOAD = "carried from anchor (ignored by transformers on load)"
-
-
-@dataclass
-class PlannedMerge:
-    """Everything decided before a tensor is read: what ``--dry-run`` shows."""
-
-    recipe: Recipe
-    method: MergeMethod
-    sources: list[ResolvedSource]
-    base: ResolvedSource | None
-    context: MergeContext
-    plan: MergePlan
-    anchor_reason: str = ""
-
-    @property
-    def anchor(self) -> ModelLayout:
-        return self.context.anchor
-
-    def pinned_recipe(self) -> Recipe:
-        """The recipe with every Hub model pinned to the commit it resolved to.
-
-        Local folders are written as absolute paths, so ``hfmerge run
-        hfmerge.yaml`` reproduces the merge from any folder of this machine,
-        the saved output included.
-        """
-        specs = [replace(s.spec, model=str(s.path) if s.is_local else s.spec.model, commit=s.commit_sha)
-                 for s in self.sources]
-        anchor = specs[self.context.anchor_index].ref if self.recipe.anchor is not None else None
-        base = self.recipe.base
-        if self.base is not None:
-            base = str(self.base.path) if self.base.is_local else f"{self.base.repo_id}@{self.base.commit_sha}"
-        return replace(self.recipe, sources=specs, anchor=anchor, base=base)
-
-    def describe(self) -> str:
-        """A human-readable plan: sources, then per group of tensors what happens to them."""
-        lines = [f"method: {self.method.name} ({self.method.title})"]
-        weights = self.context.normalised_weights()
-        for i, (source, layout) in enumerate(zip(self.sources, self.context.sources)):
-            anchored = self.method.uses_anchor or self.context.heads == "anchor"
-            role = " [anchor]" if i == self.context.anchor_index and anchored else ""
-            pin = f" @ {source.commit_sha[:12]}" if source.commit_sha else ""
-            lines.append(
-                f"source {i + 1}: {source.name}{pin} — {layout.family.name} {layout.architecture}, "
-                f"{len(layout.id2label)} labels, weight {weights[i]:.4g}{role}"
-            )
-        if self.method.uses_anchor:
-            lines.append(f"anchor: {self.anchor.source.name} — {self.anchor_reason}")
-        if self.base is not None:
-            pin = f" @ {self.base.commit_sha[:12]}" if self.base.commit_sha else ""
-            lines.append(f"base: {self.base.name}{pin}")
-        for group, count, params in self.plan.summary():
-            lines.append(f"  {group}: {count} tensors, {params:,} parameters")
-        if "shared_layers" in self.plan.details:
-            lines.append(f"  shared layers Np = {self.plan.details['shared_layers']}")
-        if self.plan.details.get("heads"):
-            lines.append(f"  heads: {self.plan.details['heads']}")
-        if "num_labels" in self.plan.details:
-            lines.append(f"  output labels: {self.plan.details['num_labels']}")
-        absent = self.anchor.absent
-        if absent:
-            lines.append(
-                f"  not in the anchor's checkpoint, left absent (transformers initialises them on load): "
-                f"{len(absent)} tensors, e.g. {absent[0]}"
-            )
-        return "\n".join(lines)
 
 
 def plan_merge(recipe: Recipe, *, token: str | bool | None = None, metadata_only: bool = False) -> PlannedMerge:
@@ -255,6 +190,8 @@ def _execute_into_staging(planned: PlannedMerge, *, staging_parent: Path | None,
             max_shard_size=parse_size(recipe.max_shard_size),
             progress=progress,
         )
+        for layout in planned.context.models:  # every tensor is written: let go of the memory maps
+            layout.reader.close()
         config = _output_config(planned, dtype)
         config.save_pretrained(staging)
         for name in PROCESSOR_FILES:

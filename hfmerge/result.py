@@ -20,7 +20,7 @@ from hfmerge.errors import OutputExistsError
 if TYPE_CHECKING:
     from huggingface_hub import ModelCard
 
-    from hfmerge.pipeline import PlannedMerge
+    from hfmerge.planned import PlannedMerge
 
 logger = logging.getLogger(__name__)
 
@@ -104,12 +104,16 @@ class MergeResult:
         """Create ``repo_id`` if needed and upload the merged model in one commit; return the commit URL."""
         from hfmerge.hub.publish import push_folder
 
-        from hfmerge.card import render_card
+        from hfmerge.card import PublicNames, render_card
 
-        # Replace rather than rewrite: a saved copy may share this file through a hard link.
-        fresh = self.staging / ".README.md.new"
-        fresh.write_text(render_card(self, repo_id=repo_id))
-        os.replace(fresh, self.staging / "README.md")
+        # Replace rather than rewrite: a saved copy may share these files through a hard link. The pushed
+        # hfmerge.yaml names local folders as the card does, by folder name: the merging machine's paths
+        # stay on that machine (the saved copy keeps them, so it reruns there).
+        public_recipe = PublicNames.for_merge(self.planned).scrub(self.recipe_yaml)
+        for name, text in (("README.md", render_card(self, repo_id=repo_id)), (RECIPE_FILE, public_recipe)):
+            fresh = self.staging / f".{name}.new"
+            fresh.write_text(text)
+            os.replace(fresh, self.staging / name)
         message = commit_message or f"Merge {len(self.planned.sources)} models with hfmerge ({self.method})"
         self.commit_url = push_folder(self.staging, repo_id, private=private, token=token, commit_message=message)
         return self.commit_url

@@ -25,7 +25,7 @@ from huggingface_hub.utils import validate_repo_id
 
 from hfmerge.errors import RecipeError, SourceError
 from hfmerge.hub.resolve import ResolvedSource, resolve_source
-from hfmerge.recipe import SourceSpec
+from hfmerge.source import SourceSpec
 from hfmerge.result import RECIPE_FILE, atomic_folder, check_output_folder
 from hfmerge.spaces.inference import GATED_METHODS, IMAGE_SUFFIXES, RecipeFileError, head_kind, read_recipe
 

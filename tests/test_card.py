@@ -270,3 +270,15 @@ def test_a_typo_in_a_method_snippet_is_an_error_not_an_empty_value():
 
     with pytest.raises(jinja2.UndefinedError, match="detials"):
         method_text(Typo(), details={"lambda": 1.0}, parameters={}, base=None, sources=[])
+
+
+def test_a_pushed_recipe_names_local_folders_without_the_machines_paths(vits, tmp_path, local_hub):
+    out = tmp_path / "saved"
+    hfmerge.merge([str(v) for v in vits], method="average", output=out, push_to_hub="org/local-paths-soup",
+                  progress=False)
+    repo = local_hub.repo("org/local-paths-soup")
+    pushed = repo.commits[repo.branches["main"]]["hfmerge.yaml"].decode()
+    assert str(tmp_path) not in pushed and str(tmp_path.resolve()) not in pushed
+    assert [s["model"] for s in yaml.safe_load(pushed)["sources"]] == [v.name for v in vits]
+    saved = yaml.safe_load((out / "hfmerge.yaml").read_text())  # the saved copy still reruns on this machine
+    assert [s["model"] for s in saved["sources"]] == [str(v.resolve()) for v in vits]

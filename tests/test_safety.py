@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 import hfmerge
-from hfmerge.engine.checkpoint import CheckpointReader
+from hfmerge.checkpoint import CheckpointReader
 from hfmerge.result import check_output_folder
 from hfmerge.testing.ports import free_port
 from hfmerge.testing.tiny import image_processor, tiny_model

@@ -52,3 +52,12 @@ def test_small_shard_size_writes_shards_and_an_index_that_transformers_loads(mak
     sharded_state = hfmerge.load(str(out)).state_dict()
     for name, value in hfmerge.load(str(single)).state_dict().items():
         assert torch.equal(value, sharded_state[name])
+
+
+def test_a_finished_merge_closes_its_sources_checkpoint_readers(make_source):
+    import hfmerge
+
+    a, b = make_source("vit", seed=1), make_source("vit", seed=2)
+    result = hfmerge.merge([str(a), str(b)], method="average", progress=False)
+    readers = [layout.reader for layout in result.planned.context.models]
+    assert readers and all(reader.closed for reader in readers)

@@ -12,7 +12,7 @@ import torch
 
 from hfmerge.adapters.base import FamilyAdapter, HeadSpec, family_for_model_type, supported_families
 from hfmerge.adapters.forward_order import forward_order
-from hfmerge.engine.checkpoint import CheckpointReader, TensorTable
+from hfmerge.checkpoint import CheckpointReader, TensorTable
 from hfmerge.errors import SourceError
 from hfmerge.hub.resolve import ResolvedSource
 
@@ -117,7 +117,7 @@ def inspect_source(
     """Read config and checkpoint header of ``source``; no tensor data is loaded.
 
     ``reader`` gives the checkpoint's tensors when they are known otherwise
-    (a :class:`~hfmerge.engine.checkpoint.HeaderReader` from Hub headers);
+    (a :class:`~hfmerge.checkpoint.HeaderReader` from Hub headers);
     by default the weight files in ``source.path`` are opened.
 
     Raises:

@@ -29,7 +29,6 @@ class TensorPlan:
         dtype: the dtype of the anchor's tensor; the engine casts to it unless
             the recipe asks for another float dtype.
         op: the operation producing it.
-        layer: the shared-layer index j (layerwise) or ``None``.
     """
 
     key: str
@@ -37,7 +36,6 @@ class TensorPlan:
     shape: tuple[int, ...]
     dtype: torch.dtype
     op: MergeOp
-    layer: int | None = None
 
 
 @dataclass
@@ -72,7 +70,7 @@ class MergeContext:
     Models are indexed 0..M-1 for the sources, and M for the base model when
     there is one; :data:`TensorRef` pairs use these indices. ``heads`` is the
     recipe's head policy (``None``: the method's automatic choice, see
-    :mod:`hfmerge.heads`); ``seed`` seeds methods that draw random numbers.
+    :mod:`hfmerge.methods.heads`); ``seed`` seeds methods that draw random numbers.
     """
 
     sources: list[ModelLayout]
@@ -120,13 +118,12 @@ class MergeContext:
             names.extend(n for n in layout.tensors if n not in self.anchor.tensors and n not in names)
         return names
 
-    def plan_entry(self, info: TensorInfo, op: MergeOp, *, shape: tuple[int, ...] | None = None,
-                   layer: int | None = None) -> TensorPlan:
+    def plan_entry(self, info: TensorInfo, op: MergeOp, *, shape: tuple[int, ...] | None = None) -> TensorPlan:
         """A :class:`TensorPlan` writing under the anchor's checkpoint key and dtype."""
         if info.is_integer:
             # Integer buffers (BatchNorm's num_batches_tracked) count, they do not average.
             op = Copy((self.anchor_index, info.key), group="copied (integer buffer)")
-        return TensorPlan(info.key, info.name, shape or info.shape, info.dtype, op, layer)
+        return TensorPlan(info.key, info.name, shape or info.shape, info.dtype, op)
 
 
 def require_all_shared(ctx: MergeContext, method: str, models: list[ModelLayout] | None = None, *,

@@ -29,7 +29,7 @@ from huggingface_hub.errors import (
 
 from hfmerge.errors import SourceError
 from hfmerge.hub.connection import TRANSPORT_ERRORS, hub_unreachable
-from hfmerge.recipe import SourceSpec
+from hfmerge.source import SourceSpec
 
 SAFE_PATTERNS = ["*.json", "*.safetensors", "README.md"]
 PICKLE_PATTERNS = ["*.bin", "*.pt", "*.pth"]

@@ -17,7 +17,7 @@ class Average(MergeMethod):
     Wortsman et al., "Model soups" (2022), Eq. for the uniform soup; BatchNorm
     running statistics average like weights, integer buffers are copied from
     the first source. Classifier heads follow the head policy
-    (:mod:`hfmerge.heads`): averaged like the rest when the sources share one
+    (:mod:`hfmerge.methods.heads`): averaged like the rest when the sources share one
     label set, concatenated when they do not, or the anchor's.
     """
 
@@ -36,7 +36,7 @@ class Average(MergeMethod):
 
     def plan(self, ctx: MergeContext) -> MergePlan:
         from hfmerge.engine.plan import MergePlan, require_all_shared
-        from hfmerge.heads import head_policy, plan_heads
+        from hfmerge.methods.heads import head_policy, plan_heads
         from hfmerge.ops import LinearCombination
 
         heads = [info.name for info in ctx.anchor.head_tensors]

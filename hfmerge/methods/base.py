@@ -19,6 +19,9 @@ if TYPE_CHECKING:
     from hfmerge.engine.plan import MergeContext, MergePlan
 
 
+HEAD_POLICIES = ("concat", "average", "anchor")
+"""What becomes of the classifier heads (:mod:`hfmerge.methods.heads`): the union head, their average, or the anchor's."""
+
 TASK_VECTOR_CARD_NOTES = (
     "BatchNorm running statistics are averaged over the sources, not treated as task vectors."
     "{% if details.heads and details.heads != 'task vectors' %} Classifier heads (and any tensor the base lacks) "

@@ -21,11 +21,11 @@ class Fusion(MergeMethod):
     model outputs Σ_i num_labels_i classes and ``id2label`` is their union. A
     "no object" row (Mask2Former) is kept once, averaged. The paper then
     fine-tunes on the combined data; that step needs data and comes later.
-    Heads are the ``concat`` head policy (:mod:`hfmerge.heads`) by definition;
+    Heads are the ``concat`` head policy (:mod:`hfmerge.methods.heads`) by definition;
     ``--heads average`` or ``anchor`` is refused (that is ``average``).
     Labels that occur in several sources are prefixed with the source's short
     name, its repo id (a folder's parent/name) where short names repeat, or
-    its position (:func:`~hfmerge.heads.source_prefixes`), so ``label2id``
+    its position (:func:`~hfmerge.methods.heads.source_prefixes`), so ``label2id``
     inverts ``id2label``.
     """
 
@@ -48,7 +48,7 @@ The paper then fine-tunes the fused model on the combined data (§III). hfmerge 
 
     def plan(self, ctx: MergeContext) -> MergePlan:
         from hfmerge.engine.plan import MergePlan
-        from hfmerge.heads import plan_heads
+        from hfmerge.methods.heads import plan_heads
         from hfmerge.ops import LinearCombination
 
         anchor = ctx.anchor

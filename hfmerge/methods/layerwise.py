@@ -84,7 +84,7 @@ architecture) {{ {'anchor': "are the anchor's", 'concat': 'are concatenated into
 
     def plan(self, ctx: MergeContext) -> MergePlan:
         from hfmerge.engine.plan import MergePlan
-        from hfmerge.heads import head_policy, plan_heads
+        from hfmerge.methods.heads import head_policy, plan_heads
         from hfmerge.ops import Copy, LinearCombination
 
         anchor = ctx.anchor
@@ -123,7 +123,8 @@ architecture) {{ {'anchor': "are the anchor's", 'concat': 'are concatenated into
             coefficients = tuple(
                 1.0 - h * (num_models - 1) if i == ctx.anchor_index else h for i in range(num_models)
             )
-            entries.append(ctx.plan_entry(info, LinearCombination(ctx.refs(name), coefficients, group="layer-weighted"), layer=j))
+            op = LinearCombination(ctx.refs(name), coefficients, group="layer-weighted")
+            entries.append(ctx.plan_entry(info, op))
         details = {
             "shared_layers": num_shared,
             "start_layer": start,

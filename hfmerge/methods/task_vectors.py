@@ -16,7 +16,7 @@ Not every tensor is a task vector:
 - Integer buffers (``num_batches_tracked``) are the anchor's.
 - Tensors outside the backbone that the base lacks or shapes differently
   (classifier heads, a segmentation decoder), and classifier heads whose labels
-  are not the base's, follow the head policy (:mod:`hfmerge.heads`). An
+  are not the base's, follow the head policy (:mod:`hfmerge.methods.heads`). An
   explicit ``--heads`` applies to every classifier head.
 - A backbone tensor the base lacks is an error: the base is then not the model
   the sources were fine-tuned from.
@@ -30,7 +30,7 @@ from typing import Any
 from hfmerge.adapters.layout import ModelLayout, TensorInfo
 from hfmerge.engine.plan import MergeContext, MergePlan, TensorPlan, require_all_shared
 from hfmerge.errors import IncompatibleModelsError, RecipeError
-from hfmerge.heads import head_policy, labels_agree, plan_heads
+from hfmerge.methods.heads import head_policy, labels_agree, plan_heads
 from hfmerge.ops import Copy, LinearCombination, MergeOp, TensorRef
 
 RUNNING_STATISTICS = ("running_mean", "running_var")

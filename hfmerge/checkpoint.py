@@ -154,8 +154,15 @@ class CheckpointReader(TensorTable):
                     raise SourceError(f"{label}: tensor {key} has dtype {sl.get_dtype()}, which hfmerge cannot merge")
                 self._add(key, path, tuple(sl.get_shape()), dtype)
 
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` released the files (a finished merge's readers are closed)."""
+        return not (self._handles or self._pickled)
+
     def get(self, key: str) -> torch.Tensor:
         """Read one tensor (memory-mapped: only this tensor's pages are touched)."""
+        if self.closed:
+            raise RuntimeError(f"the checkpoint reader of {self.folder} is closed; inspect the source again to read it")
         path = self._key_to_file[key]
         if self.is_pickle:
             return self._pickled[path][key]

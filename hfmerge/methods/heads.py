@@ -29,8 +29,8 @@ from typing import Any
 from hfmerge.adapters.layout import ModelLayout
 from hfmerge.engine.plan import MergeContext, TensorPlan
 from hfmerge.errors import IncompatibleModelsError
+from hfmerge.methods.base import HEAD_POLICIES
 from hfmerge.ops import ConcatHeads, Copy, LinearCombination
-from hfmerge.recipe import HEAD_POLICIES
 
 __all__ = ["HEAD_POLICIES", "HeadsPlan", "head_policy", "labels_agree", "plan_heads", "source_prefixes", "union_labels"]
 

@@ -1,0 +1,71 @@
+"""Properties every registered method must have, whatever its maths.
+
+Parametrized over ``available_methods()``, so a method added later is held to
+them without touching this file: identical sources merge to themselves, the
+output loads with plain transformers, and bad parameters are refused in one
+line before anything is read or written.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import transformers
+
+import hfmerge
+from hfmerge.methods import get_method
+from hfmerge.testing.tiny import IMAGE_SIZE
+from helpers import assert_one_line_error, run_cli
+
+METHODS = hfmerge.available_methods()
+
+
+def merge_arguments(method: str, source: str) -> dict:
+    """What a method needs besides its sources (a base for task vectors)."""
+    return {"base": source} if get_method(method).needs_base else {}
+
+
+def load_plain(folder):
+    config = json.loads((folder / "config.json").read_text())
+    return getattr(transformers, config["architectures"][0]).from_pretrained(folder).eval()
+
+
+@pytest.mark.parametrize("family", ["vit", "resnet"])
+@pytest.mark.parametrize("method", METHODS)
+def test_identical_sources_merge_to_themselves_and_load_with_transformers(method, family, make_source, tmp_path):
+    source = make_source(family, 3, seed=5)
+    result = hfmerge.merge([str(source), str(source)], method=method, progress=False,
+                           **merge_arguments(method, str(source)))
+    merged, original = load_plain(result.save(tmp_path / "out")), load_plain(source)
+    expected = original.state_dict()
+    labels = len(original.config.id2label)
+    copies = len(merged.config.id2label) // labels  # 2 when the heads were concatenated (fusion), else 1
+    assert copies * labels == len(merged.config.id2label)
+    head = {info.name for info in result.planned.anchor.head_tensors}
+    for name, value in merged.state_dict().items():
+        want = torch.cat([expected[name]] * copies) if name in head else expected[name]
+        assert torch.equal(value, want), name
+    pixels = torch.rand(1, 3, IMAGE_SIZE[family], IMAGE_SIZE[family])
+    with torch.no_grad():
+        logits, reference = merged(pixel_values=pixels).logits, original(pixel_values=pixels).logits
+    torch.testing.assert_close(logits, torch.cat([reference] * copies, dim=-1))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_bad_parameters_are_refused_in_one_line_and_nothing_is_written(method, make_source, tmp_path, capsys):
+    source = str(make_source("vit", seed=1))
+    extra = [f"--base={source}"] if get_method(method).needs_base else []
+    out = tmp_path / "out"
+    code, _, err = run_cli(["merge", source, source, "-m", method, "-o", out, "--param", "no_such_parameter=1", *extra],
+                           capsys)
+    assert_one_line_error(code, err, "no_such_parameter")
+    for spec in get_method(method).parameters:
+        bad = "not-a-number" if spec.type in (int, float) else "no-such-choice"
+        if spec.type is str and not spec.choices:
+            continue
+        code, _, err = run_cli(["merge", source, source, "-m", method, "-o", out, "--param", f"{spec.name}={bad}",
+                                *extra], capsys)
+        assert_one_line_error(code, err, spec.name)
+    assert not out.exists()
