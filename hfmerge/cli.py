@@ -169,7 +169,7 @@ def _inspect(args: argparse.Namespace) -> int:
 
 def _space(args: argparse.Namespace) -> int:
     _quiet_transformers()
-    from hfmerge.space import SpaceOptions, push_space, save_space
+    from hfmerge.space import SpaceOptions, check_space_push, push_space, save_space
 
     if args.no_sources and args.sources:
         raise RecipeError("--sources and --no-sources contradict each other; give one")
@@ -178,6 +178,8 @@ def _space(args: argparse.Namespace) -> int:
         examples=args.examples, title=args.title, private=args.private,
     )
     folder = None
+    if args.output and args.space_id:
+        check_space_push(options)  # before the folder is written
     if args.output:
         folder = save_space(options, args.output, overwrite=args.overwrite)
         print(f"written: {folder}")

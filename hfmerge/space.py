@@ -199,8 +199,7 @@ def push_space(options: SpaceOptions, *, folder: str | Path | None = None,
     """
     from hfmerge.hub.publish import push_folder
 
-    space_id = options.space_id or f"{options.model.partition('@')[0]}-demo"
-    _check_space_id(space_id)
+    space_id = check_space_push(options, token=token)
 
     def push(path: str | Path) -> str:
         return push_folder(
@@ -214,6 +213,24 @@ def push_space(options: SpaceOptions, *, folder: str | Path | None = None,
     with tempfile.TemporaryDirectory(prefix="hfmerge-space-") as tmp:
         write_space(plan, Path(tmp), space_id)
         return space_id, push(tmp)
+
+
+def check_space_push(options: SpaceOptions, *, token: str | bool | None = None) -> str:
+    """The Space's repo id, once the token is known to be able to create or write it.
+
+    Called before anything is written or downloaded, so a push that cannot
+    happen fails first, in one line.
+
+    Raises:
+        RecipeError: the Space id is not a valid repo id.
+        PublishError: no token, an invalid one, or one without write access there.
+    """
+    from hfmerge.hub.publish import check_push_access
+
+    space_id = options.space_id or f"{options.model.partition('@')[0]}-demo"
+    _check_space_id(space_id)
+    check_push_access(space_id, token=token, repo_type="space")
+    return space_id
 
 
 def _check_space_id(space_id: str) -> None:

@@ -308,7 +308,8 @@ def test_space_is_pushed_to_the_hub_and_runs_from_its_repo(hub_models, local_hub
 
 @pytest.mark.parametrize(("args", "fragments"), [
     (["org/no-such-model", "--space-id", "org/x-demo"], ["org/no-such-model does not exist"]),
-    (["org/space-vit-merged", "--space-id", "someone-else/demo"], ["cannot write to someone-else/demo"]),
+    (["org/space-vit-merged", "--space-id", "someone-else/demo"], ["cannot push to someone-else/demo"]),
+    (["org/space-vit-merged", "--output", "NEW", "--space-id", "someone-else/demo"], ["cannot push to someone-else/demo"]),
     (["org/space-vit-merged", "--space-id", "bad id!"], ["--space-id 'bad id!' is not a valid repo id"]),
     (["org/space-vit-merged", "--space-id", "org/x-demo", "--sources", "org/no-such-model"],
      ["org/no-such-model does not exist"]),
@@ -331,7 +332,7 @@ def test_space_bad_input_is_one_line_and_writes_nothing(hub_models, publish, loc
     taken = tmp_path / "taken"
     taken.mkdir()
     (taken / "keep.txt").write_text("mine")
-    swap = {"LOCAL": str(local), "NOT_IMAGE": str(not_image), "TAKEN": str(taken)}
+    swap = {"LOCAL": str(local), "NOT_IMAGE": str(not_image), "TAKEN": str(taken), "NEW": str(tmp_path / "new-space")}
     before = set(local_hub.repos)
 
     code, out, err = run_cli(["space", *[swap.get(a, a) for a in args]], capsys)
