@@ -282,3 +282,20 @@ def test_a_pushed_recipe_names_local_folders_without_the_machines_paths(vits, tm
     assert [s["model"] for s in yaml.safe_load(pushed)["sources"]] == [v.name for v in vits]
     saved = yaml.safe_load((out / "hfmerge.yaml").read_text())  # the saved copy still reruns on this machine
     assert [s["model"] for s in saved["sources"]] == [str(v.resolve()) for v in vits]
+
+
+def test_cards_state_what_becomes_of_heads_and_batchnorm_statistics(make_source):
+    a = make_source("resnet", 3, seed=1, labels=["cat", "dog", "owl"])
+    b = make_source("resnet", 2, seed=2, labels=["car", "bus"])
+    base = make_source("resnet", 3, seed=0)
+    _, concat = card_of([a, b], "average")
+    method = section(concat, "Method")
+    assert "outside the classifier heads is averaged" in method and "`concat` head policy" in method
+    assert "5 labels" in method and "Every parameter is averaged" not in method
+    _, anchored = card_of([a, b], "average", heads="anchor")
+    assert "`anchor` head policy" in section(anchored, "Method")
+    _, same = card_of([a, make_source("resnet", 3, seed=3, labels=["cat", "dog", "owl"])], "average")
+    assert "Every parameter is averaged, classifier heads included" in section(same, "Method")
+    _, task = card_of([a, b], "task_arithmetic", base=str(base))
+    method = section(task, "Method")
+    assert "BatchNorm running statistics are averaged" in method and "`concat` head policy" in method

@@ -16,7 +16,7 @@ class Average(MergeMethod):
 
     Wortsman et al., "Model soups" (2022), Eq. for the uniform soup; BatchNorm
     running statistics average like weights, integer buffers are copied from
-    the first source. Classifier heads follow the head policy
+    the anchor (the first source unless ``--anchor``). Classifier heads follow the head policy
     (:mod:`hfmerge.methods.heads`): averaged like the rest when the sources share one
     label set, concatenated when they do not, or the anchor's.
     """
@@ -30,8 +30,13 @@ class Average(MergeMethod):
         "θ = Σᵢ wᵢ θᵢ over the {{ sources | length }} models, "
         "{% if details.weights | unique | list | length == 1 %}with equal weights wᵢ = 1/{{ sources | length }}"
         "{% else %}with the weights in the sources table (the given weights divided by their sum){% endif %}. "
-        "Every parameter is averaged, BatchNorm running statistics included; integer buffers "
-        "(BatchNorm's `num_batches_tracked`) are copied from the first model."
+        "{% if details.heads == 'average' %}Every parameter is averaged, classifier heads included"
+        "{% else %}Every parameter outside the classifier heads is averaged{% endif %}, BatchNorm running "
+        "statistics included; integer buffers (BatchNorm's `num_batches_tracked`) are the anchor's"
+        "{% if details.heads == 'concat' %}. The heads follow the `concat` head policy: stacked into one head "
+        "over the union of the {{ details.num_labels }} labels"
+        "{% elif details.heads == 'anchor' %}. The heads follow the `anchor` head policy: the anchor's head and "
+        "labels are kept{% endif %}."
     )
 
     def plan(self, ctx: MergeContext) -> MergePlan:

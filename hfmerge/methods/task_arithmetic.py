@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from hfmerge.methods.base import MergeMethod, ParamSpec, register_method
+from hfmerge.methods.base import TASK_VECTOR_CARD_NOTES, MergeMethod, ParamSpec, register_method
 
 if TYPE_CHECKING:
     from hfmerge.engine.plan import MergeContext, MergePlan
@@ -33,8 +33,8 @@ class TaskArithmetic(MergeMethod):
         "{{ sources | length }} source model{{ 's' if sources | length != 1 }}; θ_base is the pre-trained model "
         "{% if base.url %}[{{ base.name }}]({{ base.url }}){% else %}`{{ base.name }}`{% endif %}. "
         "Each τᵢ = θᵢ − θ_base is the task vector of source i (§2 of the paper). Integer buffers "
-        "(BatchNorm's `num_batches_tracked`) are copied from the first source."
-    )
+        "(BatchNorm's `num_batches_tracked`) are the anchor's. "
+    ) + TASK_VECTOR_CARD_NOTES
 
     def plan(self, ctx: MergeContext) -> MergePlan:
         from hfmerge.methods.task_vectors import plan_task_vectors
