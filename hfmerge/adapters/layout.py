@@ -156,6 +156,7 @@ def inspect_source(
             {n: tuple(t.shape) for n, t in meta_state.items()}, names, frozenset(ignored),
             tuple(n for n in meta_state if n not in loaded),
         )
+        forward_order(family, architecture, config, meta_model=meta_model)  # traced now, while the model exists
         del meta_model
     facts = _MODEL_CLASS_FACTS[cache_key]
     meta_shapes, names = facts.shapes, facts.names
