@@ -87,21 +87,28 @@ class TaskArithmetic:
         return base + self.scale * task_sum
 
 
-def trim_to_top_magnitudes(task_vector: torch.Tensor, density: float) -> torch.Tensor:
-    """Keep the k = ⌊density · numel⌋ entries of largest magnitude, zero the rest (TIES, §3 "Trim").
+def top_magnitude_threshold(task_vector: torch.Tensor, density: float) -> float | None:
+    """The k-th largest magnitude of ``task_vector``, k = ⌊density · numel⌋ (TIES, §3 "Trim"), per tensor as mergekit does.
 
-    Per tensor, as mergekit does; ``torch.topk`` picks the same entries every
-    time it sees the same tensor, so a second pass reproduces the first.
+    ``None`` when every entry is kept (k = numel); ``inf`` when none is (k = 0).
     """
     k = int(density * task_vector.numel())
     if k >= task_vector.numel():
+        return None
+    if k == 0:
+        return float("inf")
+    return float(torch.kthvalue(task_vector.abs().reshape(-1), task_vector.numel() - k + 1).values)
+
+
+def trim_to_threshold(task_vector: torch.Tensor, threshold: float | None) -> torch.Tensor:
+    """Zero the entries whose magnitude is below ``threshold`` (from :func:`top_magnitude_threshold`).
+
+    Exactly the top k entries are kept unless several share the k-th magnitude,
+    which continuous weights practically never do; zeros kept change nothing.
+    """
+    if threshold is None:
         return task_vector
-    trimmed = torch.zeros_like(task_vector)
-    if k > 0:
-        flat = task_vector.reshape(-1)
-        keep = torch.topk(flat.abs(), k, sorted=False).indices
-        trimmed.view(-1)[keep] = flat[keep]
-    return trimmed
+    return torch.where(task_vector.abs() >= threshold, task_vector, 0.0)
 
 
 def dare_generator(seed: int, key: str, source: int) -> torch.Generator:
@@ -132,7 +139,7 @@ class DisjointMerge:
     excluded (TIES §3, "Elect" and "Disjoint merge").
 
     Memory stays flat in N: the TIES path makes two passes over the sources,
-    recomputing τ̂_i (same top-k, same seeded mask) instead of holding N of them.
+    recomputing τ̂_i (same magnitude threshold, same seeded mask) instead of holding N of them.
     """
 
     base: TensorRef
@@ -146,17 +153,22 @@ class DisjointMerge:
     key: str = ""
     group: str = "base + λ·merged sparse task vectors"
 
-    def _sparse_task_vector(self, load: Loader, index: int, base: torch.Tensor) -> torch.Tensor:
+    def _sparse_task_vector(self, load: Loader, index: int, base: torch.Tensor,
+                            thresholds: list[float | None]) -> torch.Tensor:
+        """τ̂_i; the trim's threshold is found on the first pass and reused on the second (no second top-k)."""
         task_vector = load(self.sources[index]).to(torch.float32) - base
         if self.sparsify == "trim":
-            return trim_to_top_magnitudes(task_vector, self.density)
+            if len(thresholds) <= index:
+                thresholds.append(top_magnitude_threshold(task_vector, self.density))
+            return trim_to_threshold(task_vector, thresholds[index])
         return drop_and_rescale(task_vector, self.drop_rate, dare_generator(self.seed, self.key, index))
 
     def apply(self, load: Loader) -> torch.Tensor:
         base = load(self.base).to(torch.float32)
         total = torch.zeros_like(base)
+        thresholds: list[float | None] = []
         for index in range(len(self.sources)):
-            total.add_(self._sparse_task_vector(load, index, base))
+            total.add_(self._sparse_task_vector(load, index, base, thresholds))
         if self.sign == "sum":
             return base + self.scale * total
         elected = torch.sign(total)
@@ -164,7 +176,7 @@ class DisjointMerge:
         agreeing_sum = torch.zeros_like(base)
         agreeing_count = torch.zeros_like(base)
         for index in range(len(self.sources)):
-            sparse = self._sparse_task_vector(load, index, base)
+            sparse = self._sparse_task_vector(load, index, base, thresholds)
             agrees = (torch.sign(sparse) == elected) & (sparse != 0)
             agreeing_sum.add_(torch.where(agrees, sparse, 0.0))
             agreeing_count.add_(agrees.to(torch.float32))

@@ -84,3 +84,18 @@ def test_layer_weights_with_start_layer_are_uniform_then_decay_to_the_anchor():
     # the decay restarts at K = 3 over Np - K + 1 = 4 layers: (6 - j) / (4 * 2)
     assert weights[2:] == [3 / 8, 2 / 8, 1 / 8, 0.0]
     assert layer_weights(6, 2, start_layer=1) == layer_weights(6, 2)
+
+
+def test_ties_trim_keeps_exactly_the_top_k_magnitudes_per_tensor():
+    from hfmerge.ops import top_magnitude_threshold, trim_to_threshold
+
+    task_vector = torch.randn(7, 13, generator=torch.Generator().manual_seed(0))
+    for density in (0.05, 0.2, 0.5, 0.99):
+        k = int(density * task_vector.numel())
+        trimmed = trim_to_threshold(task_vector, top_magnitude_threshold(task_vector, density))
+        expected = torch.zeros_like(task_vector).view(-1)
+        keep = task_vector.abs().view(-1).argsort(descending=True)[:k]  # the k largest, by sorting
+        expected[keep] = task_vector.view(-1)[keep]
+        assert torch.equal(trimmed, expected.view_as(task_vector)), density
+    assert torch.equal(trim_to_threshold(task_vector, top_magnitude_threshold(task_vector, 1.0)), task_vector)
+    assert not trim_to_threshold(task_vector, top_magnitude_threshold(task_vector, 0.01)).any()  # k = 0
