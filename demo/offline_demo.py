@@ -128,7 +128,7 @@ def ask_space(folder: Path, examples: list[Path], screenshot: Path | None = None
     try:
         with running_space(folder, OUT / "space.log") as url:
             client = Client(url, verbose=False)
-            print(f"  the Space runs at {url}; its /predict API answers:")
+            print(f"  the Space runs at {url} while the demo runs; its /predict API answers:")
             for path in examples:
                 answer = client.predict(handle_file(str(path)), api_name="/predict")
                 merged = ", ".join(f"{t['label']} {t['score']:.2f}" for t in answer["merged"][:3])
@@ -190,17 +190,19 @@ def main(argv: list[str] | None = None) -> int:
     # "pre-training": a little on both domains, so the base knows digits but no domain well
     half = len(x_tr) // 2
     train(base, torch.cat([x_tr[:half], mirrored(x_tr[half:])]), y_tr, epochs=20, lr=1e-3)
+    print(f"     base trained ({time.time() - training_started:.0f} s)", flush=True)
 
     models: dict[str, ViTForImageClassification] = {"base": base}
     for name, x in (("upright", x_tr), ("mirrored", mirrored(x_tr))):
         models[name] = model_with_labels(base, digit_names)
         models[name].load_state_dict(base.state_dict())
         train(models[name], x, y_tr, epochs=8, lr=5e-4)
+        print(f"     {name} trained ({time.time() - training_started:.0f} s)", flush=True)
     for name, kept, offset in (("low", range(0, 5), 0), ("high", range(5, 10), 5)):
         models[name] = model_with_labels(base, digit_names[kept.start:kept.stop])
         train(models[name], *subset(x_tr, y_tr, kept, offset), epochs=8, lr=5e-4)
+        print(f"     {name} trained ({time.time() - training_started:.0f} s)", flush=True)
 
-    print(f"     trained 5 models in {time.time() - training_started:.0f} s", flush=True)
     print("2/4  publishing them to the local Hub at", hub.endpoint, flush=True)
     for name, model in models.items():
         folder = OUT / "sources" / f"vit-digits-{name}"
@@ -283,8 +285,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  merged models:   {(OUT / 'merged').relative_to(ROOT)}/<method>/  (load with transformers)")
     print(f"  model card:      {(outputs['layerwise'] / 'README.md').relative_to(ROOT)}")
     print(f"  pinned recipe:   {(outputs['layerwise'] / 'hfmerge.yaml').relative_to(ROOT)}")
-    print(f"  demo Space:      {(OUT / 'space').relative_to(ROOT)}/  (run it again: python app.py in that folder,")
-    print("                   with HF_ENDPOINT at a Hub that has the models)")
+    print(f"  demo Space:      {(OUT / 'space').relative_to(ROOT)}/  (stopped; run it again from the cache with")
+    print(f"                   cd {(OUT / 'space').relative_to(ROOT)} && HF_HOME=../hf_home HF_HUB_OFFLINE=1 "
+          "../../.venv/bin/python app.py)")
     print(f"  Hub cache:       {(OUT / 'hf_home').relative_to(ROOT)}/  (the local Hub ran at {hub.endpoint})")
     return 0
 

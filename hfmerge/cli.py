@@ -44,8 +44,8 @@ def _build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--method", "-m", required=True, help=f"one of: {', '.join(available_methods())}")
     merge.add_argument("--weights", help="comma-separated weight per source, e.g. 0.5,0.3,0.2")
     merge.add_argument("--anchor", help="the source whose head and config are kept (layerwise)")
-    merge.add_argument("--base", help="the pre-trained model (task_arithmetic)")
-    merge.add_argument("--lambda", dest="lambda_", type=str, help="task-vector scale (task_arithmetic)")
+    merge.add_argument("--base", help="the pre-trained model the sources were fine-tuned from (task_arithmetic, ties, dare)")
+    merge.add_argument("--lambda", dest="lambda_", type=str, help="task-vector scale λ (task_arithmetic, ties, dare)")
     merge.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="a method parameter")
     merge.add_argument("--heads", metavar="POLICY",
                        help="classifier heads: concat (union of labels), average (one label set) or anchor "

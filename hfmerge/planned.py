@@ -59,7 +59,7 @@ class PlannedMerge:
             pin = f" @ {source.commit_sha[:12]}" if source.commit_sha else ""
             lines.append(
                 f"source {i + 1}: {source.name}{pin} — {layout.family.name} {layout.architecture}, "
-                f"{len(layout.id2label)} labels, weight {weights[i]:.4g}{role}"
+                f"{len(layout.id2label)} labels{f', weight {weights[i]:.4g}' if self.method.uses_weights else ''}{role}"
             )
         if self.method.uses_anchor:
             lines.append(f"anchor: {self.anchor.source.name} — {self.anchor_reason}")

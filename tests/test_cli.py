@@ -133,7 +133,7 @@ def test_no_destination(vits, capsys):
 @pytest.mark.parametrize(
     ("sources", "fragments"),
     [
-        (["org/does-not-exist", "org/also-missing"], ["does not exist on the Hub"]),
+        (["org/does-not-exist", "org/also-missing"], ["is not a folder here and does not exist on the Hub"]),
         (["./no/such/folder", "./other"], ["neither an existing folder nor a Hub repo id"]),
     ],
 )

@@ -177,3 +177,12 @@ def test_layerwise_keeps_the_anchors_head_by_default_and_concatenates_with_heads
     # the backbone is still layer-weighted: the last shared layer is the anchor's
     last = result.planned.plan.details["layer_weights"][-1]
     assert last["anchor"] == 1.0
+
+
+def test_layerwise_with_heads_average_averages_shared_heads_outside_the_numbering(equal, tmp_path):
+    result, merged, (a, b) = merged_and_sources(equal, tmp_path, method="layerwise", heads="average")
+    sa, sb, sm = a.state_dict(), b.state_dict(), merged.state_dict()
+    for name in HEAD:
+        torch.testing.assert_close(sm[name], 0.5 * sa[name] + 0.5 * sb[name], rtol=0, atol=1e-6)
+    numbered = [row["module"] for row in result.planned.plan.details["layer_weights"]]
+    assert "classifier" not in numbered and result.planned.plan.details["layer_weights"][-1]["anchor"] == 1.0

@@ -143,3 +143,13 @@ def test_offline_mode_resolves_from_the_cache(vit_repos, tmp_path, monkeypatch):
     assert [s.commit_sha for s in result.planned.sources] == [vit_repos["a"], vit_repos["b2"]]
     out = json.loads((result.save(tmp_path / "o") / "config.json").read_text())
     assert out["architectures"] == ["ViTForImageClassification"]
+
+
+def test_offline_a_missing_relative_folder_is_named_as_a_folder_and_as_a_repo(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(hfmerge.SourceError, match=r"models/nope is not a folder here, and as a Hub repo it is not "
+                                                  r"in the local cache \(HF_HUB_OFFLINE is set\)"):
+        hfmerge.plan_merge(hfmerge.Recipe(sources=["models/nope", "models/nope2"], method="average"))

@@ -150,7 +150,8 @@ def _resolve_hub(
         raise SourceError(f"revision {revision!r} does not exist in {repo_id}; give a branch, tag or commit sha") from None
     except RepositoryNotFoundError:
         raise SourceError(
-            f"{repo_id} does not exist on the Hub, or it is private and no token grants access: "
+            f"{repo_id} is not a folder here and does not exist on the Hub, or it is private and no token grants "
+            "access: "
             "check the name, or log in with `hf auth login` or set HF_TOKEN"
         ) from None
     except TRANSPORT_ERRORS as exc:
@@ -159,7 +160,8 @@ def _resolve_hub(
         if not hf_constants.HF_HUB_OFFLINE and isinstance(exc, LocalEntryNotFoundError):
             raise hub_unreachable(exc.__cause__ or exc) from None  # snapshot_download lost the Hub mid-way
         raise SourceError(
-            f"{where} is not in the local cache and HF_HUB_OFFLINE is set: unset it, or download the model first"
+            f"{where} is not a folder here, and as a Hub repo it is not in the local cache (HF_HUB_OFFLINE is set): "
+            "check the path, or unset HF_HUB_OFFLINE to download it"
         ) from None
     except HfHubHTTPError as exc:
         status = getattr(getattr(exc, "response", None), "status_code", "?")

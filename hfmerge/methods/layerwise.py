@@ -43,8 +43,9 @@ class Layerwise(MergeMethod):
     a module that is not a layer (an auxiliary head, a loss criterion) is the
     anchor's; layers that are not shared (a head with another class count,
     another head architecture) follow the head policy, by default ``anchor``
-    as in the paper (``--heads concat`` gives a head over the union of the
-    labels). The paper merges models that share a backbone, so a merge whose
+    as in the paper. An explicit ``--heads`` also takes the classifier heads
+    out of the numbering when they are shared, so ``--heads average`` averages
+    them and ``--heads concat`` gives a head over the union of the labels. The paper merges models that share a backbone, so a merge whose
     shared layers lack part of the anchor's backbone is refused.
     """
 
@@ -88,11 +89,14 @@ architecture) {{ {'anchor': "are the anchor's", 'concat': 'are concatenated into
         from hfmerge.ops import Copy, LinearCombination
 
         anchor = ctx.anchor
+        # An explicit --heads takes the classifier heads out of the numbering, shared or not.
+        policy_heads = {info.module for info in anchor.head_tensors} if ctx.heads is not None else set()
         by_module: dict[str, list[str]] = {}
         for name, info in anchor.tensors.items():
             if info.is_layer:
                 by_module.setdefault(info.module, []).append(name)
-        shared = [m for m, names in by_module.items() if all(ctx.is_shared(n) for n in names)]
+        shared = [m for m, names in by_module.items()
+                  if m not in policy_heads and all(ctx.is_shared(n) for n in names)]
         if not shared:
             raise IncompatibleModelsError(
                 "the sources share no layer (no module with the same parameter names and shapes); "
