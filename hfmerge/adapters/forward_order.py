@@ -118,9 +118,7 @@ def trace_model(model: torch.nn.Module, config: Any, device: str) -> ForwardOrde
 _CACHE: dict[tuple[str, str, str], ForwardOrder] = {}
 
 
-def forward_order(
-    family: FamilyAdapter, architecture: str, config: Any, *, meta_model: torch.nn.Module | None = None
-) -> ForwardOrder:
+def forward_order(family: FamilyAdapter, architecture: str, config: Any) -> ForwardOrder:
     """The :class:`ForwardOrder` of ``architecture`` built from ``config``, cached per (architecture, config).
 
     Label maps are left out of the cache key: sources that differ only in their
@@ -129,8 +127,6 @@ def forward_order(
     An adapter's ``explicit_order`` wins where it is given; otherwise the model
     runs on the meta device, or, for a family with ``trace_config``, as a tiny
     CPU instance of that shrunk config (same module names, small widths).
-    ``meta_model``, the caller's meta-device instance of this config, saves
-    building another.
     """
     # Labels change shapes, never the order; the folder a config was read from changes nothing.
     described = {k: v for k, v in config.to_dict().items()
@@ -140,11 +136,11 @@ def forward_order(
         if family.explicit_order is not None:
             _CACHE[key] = family.explicit_order(architecture, config)
         else:
-            _CACHE[key] = _trace(family, architecture, config, meta_model)
+            _CACHE[key] = _trace(family, architecture, config)
     return _CACHE[key]
 
 
-def _trace(family: FamilyAdapter, architecture: str, config: Any, meta_model: torch.nn.Module | None) -> ForwardOrder:
+def _trace(family: FamilyAdapter, architecture: str, config: Any) -> ForwardOrder:
     rng = torch.random.get_rng_state()  # building a CPU instance draws weights; leave the caller's seed alone
     threads = torch.get_num_threads()
     model = None
@@ -154,7 +150,7 @@ def _trace(family: FamilyAdapter, architecture: str, config: Any, meta_model: to
             model = family.model_class(architecture)(small)
             torch.set_num_threads(1)  # a tiny model's small ops run fastest on one thread
             return trace_model(model, small, "cpu")
-        model = meta_model if meta_model is not None else family.build_meta_model(architecture, config)
+        model = family.build_meta_model(architecture, config)
         return trace_model(model, config, "meta")
     except Exception as exc:  # noqa: BLE001 - an untraceable variant still inspects, in registration order
         logger.warning(

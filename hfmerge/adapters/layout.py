@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from types import SimpleNamespace
 from typing import Any
@@ -25,8 +25,10 @@ class TensorInfo:
     instantiated transformers module (they differ for renamed parameters),
     ``module`` the in-memory module that owns it. ``is_layer`` is false for
     tensors of modules whose output never reaches the model's main output (an
-    auxiliary head, a loss criterion): layer-wise methods take those from the
-    anchor. A tensor can be a head (fusion concatenates it) and not a layer.
+    auxiliary head, a loss criterion, as each adapter names them; in
+    :attr:`ModelLayout.forward` also modules the traced pass never runs):
+    layer-wise methods take those from the anchor. A tensor can be a head
+    (fusion concatenates it) and not a layer.
     """
 
     key: str
@@ -46,11 +48,14 @@ class TensorInfo:
 class ModelLayout:
     """What hfmerge knows about one source after inspection.
 
-    ``tensors`` maps in-memory names to :class:`TensorInfo` in forward order:
-    modules in the order a traced forward pass first calls them
-    (:mod:`hfmerge.adapters.forward_order`), a module's tensors in registration
-    order, modules that are not layers last. ``modules`` lists the owning
-    modules in that order; ``layers`` only those that are layers.
+    ``tensors`` maps in-memory names to :class:`TensorInfo` in the model
+    class's registration order, which is all most methods need. ``forward``
+    is the same tensors in the order a traced forward pass first calls their
+    modules (:mod:`hfmerge.adapters.forward_order`), a module's tensors in
+    registration order, modules that are not layers last; it is traced on
+    first use (layerwise, ``hfmerge inspect``), so methods that do not number
+    layers never pay for the trace. ``modules`` lists the owning modules in
+    that order; ``layers`` only those that are layers.
     """
 
     source: ResolvedSource
@@ -70,12 +75,22 @@ class ModelLayout:
     No method plans them: the output lacks them too, as the sources do."""
 
     @cached_property
+    def forward(self) -> dict[str, TensorInfo]:
+        """The tensors in forward order, layers first; a module that never runs is no layer."""
+        run_order = forward_order(self.family, self.architecture, self.config)
+        depth = {module: i for i, module in enumerate(run_order.modules)}
+        registered = {name: i for i, name in enumerate(self.tensors)}
+        infos = [replace(t, is_layer=False) if t.module in run_order.not_run else t for t in self.tensors.values()]
+        infos.sort(key=lambda t: (not t.is_layer, depth.get(t.module, len(depth)), registered[t.name]))
+        return {t.name: t for t in infos}
+
+    @cached_property
     def modules(self) -> list[str]:
-        return list(dict.fromkeys(t.module for t in self.tensors.values()))
+        return list(dict.fromkeys(t.module for t in self.forward.values()))
 
     @cached_property
     def layers(self) -> list[str]:
-        return list(dict.fromkeys(t.module for t in self.tensors.values() if t.is_layer))
+        return list(dict.fromkeys(t.module for t in self.forward.values() if t.is_layer))
 
     @property
     def id2label(self) -> dict[int, str]:
@@ -156,7 +171,6 @@ def inspect_source(
             {n: tuple(t.shape) for n, t in meta_state.items()}, names, frozenset(ignored),
             tuple(n for n in meta_state if n not in loaded),
         )
-        forward_order(family, architecture, config, meta_model=meta_model)  # traced now, while the model exists
         del meta_model
     facts = _MODEL_CLASS_FACTS[cache_key]
     meta_shapes, names = facts.shapes, facts.names
@@ -170,8 +184,6 @@ def inspect_source(
             f"{source.name}: the checkpoint has {len(unknown)} tensor(s) its config does not describe "
             f"(e.g. {unknown[0]}); the weights and config.json disagree — re-save the model with save_pretrained"
         )
-    run_order = forward_order(family, architecture, config)
-    depth = {module: i for i, module in enumerate(run_order.modules)}
     for key, name in names.items():
         if name in facts.ignored:
             owner = name.rsplit(".", 1)[0] if "." in name else ""
@@ -185,11 +197,11 @@ def inspect_source(
                 "the weights and config.json disagree — re-save the model with save_pretrained"
             )
         module = name.rsplit(".", 1)[0] if "." in name else ""
-        is_layer = module not in run_order.not_run and family.is_layer(module)
+        is_layer = family.is_layer(module)
         tensors.append(
             TensorInfo(key, name, module, shape, reader.dtype(key), family.head_of(architecture, name), is_layer)
         )
-    tensors.sort(key=lambda t: (not t.is_layer, depth.get(t.module, len(depth)), order[t.name]))
+    tensors.sort(key=lambda t: order[t.name])
     return ModelLayout(
         source=source,
         family=family,

@@ -35,7 +35,7 @@ class Layerwise(MergeMethod):
     """Anchor-weighted layer-wise merge.
 
     Shared layers are the layers (modules whose output reaches the model's
-    output; see ``TensorInfo.is_layer``) whose every tensor exists with one
+    output; see ``ModelLayout.forward``) whose every tensor exists with one
     shape in every source, numbered j = 1..Np in the order the anchor's forward
     pass runs them; a module's weight, bias and normalisation statistics share
     its j, and the output layer is j = Np. Each non-anchor source gets H^(j)
@@ -92,7 +92,7 @@ architecture) {{ {'anchor': "are the anchor's", 'concat': 'are concatenated into
         # An explicit --heads takes the classifier heads out of the numbering, shared or not.
         policy_heads = {info.module for info in anchor.head_tensors} if ctx.heads is not None else set()
         by_module: dict[str, list[str]] = {}
-        for name, info in anchor.tensors.items():
+        for name, info in anchor.forward.items():
             if info.is_layer:
                 by_module.setdefault(info.module, []).append(name)
         shared = [m for m, names in by_module.items()
@@ -111,11 +111,11 @@ architecture) {{ {'anchor': "are the anchor's", 'concat': 'are concatenated into
             )
         others = layer_weights(num_shared, num_models, start)
         index = {module: j for j, module in enumerate(shared, start=1)}
-        unshared = [name for name, info in anchor.tensors.items() if info.is_layer and info.module not in index]
+        unshared = [name for name, info in anchor.forward.items() if info.is_layer and info.module not in index]
         head_plan = plan_heads(ctx, unshared, head_policy(ctx, default="anchor"))
         by_name = {entry.name: entry for entry in head_plan.entries}
         entries = []
-        for name, info in anchor.tensors.items():
+        for name, info in anchor.forward.items():
             j = index.get(info.module)
             if name in by_name:
                 entries.append(by_name[name])
