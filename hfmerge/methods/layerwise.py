@@ -75,7 +75,8 @@ j < K (a uniform average) and H⁽ʲ⁾ = (N_p − j) / ((N_p − K + 1) · M) f
 Every model but the anchor gets weight H⁽ʲ⁾ = (N_p − j) / (N_p · M) (§3.3, Eq. 1).
 {%- endif %} The anchor gets 1 − (M − 1) · H⁽ʲ⁾, so the weights of a layer sum to one and the last shared \
 layer (j = N_p) is the anchor's. Layers that are not shared (a head with other classes, another head \
-architecture) {{ {'anchor': "are the anchor's", 'concat': 'are concatenated into one head over the union of the labels (other unshared layers averaged)', 'average': 'are averaged'}[details.heads] }}.
+architecture) {{ {'anchor': "are the anchor's", 'concat': 'are concatenated into one head over the union of the labels (other unshared layers averaged)', 'average': 'are averaged'}[details.heads] }}. Modules whose output does not reach the model's output \
+(an auxiliary head, a loss criterion) are not layers: they are the anchor's.
 
 | j | module | anchor weight | each other model |
 |---|---|---|---|
