@@ -307,12 +307,12 @@ def test_space_is_pushed_to_the_hub_and_runs_from_its_repo(hub_models, local_hub
 
 
 @pytest.mark.parametrize(("args", "fragments"), [
-    (["org/no-such-model", "--space-id", "org/x-demo"], ["org/no-such-model does not exist"]),
+    (["org/no-such-model", "--space-id", "org/x-demo"], ["org/no-such-model is not a folder here and does not exist on the Hub"]),
     (["org/space-vit-merged", "--space-id", "someone-else/demo"], ["cannot push to someone-else/demo"]),
     (["org/space-vit-merged", "--output", "NEW", "--space-id", "someone-else/demo"], ["cannot push to someone-else/demo"]),
     (["org/space-vit-merged", "--space-id", "bad id!"], ["--space-id 'bad id!' is not a valid repo id"]),
     (["org/space-vit-merged", "--space-id", "org/x-demo", "--sources", "org/no-such-model"],
-     ["org/no-such-model does not exist"]),
+     ["org/no-such-model is not a folder here and does not exist on the Hub"]),
     (["org/space-vit-merged", "--space-id", "org/x-demo", "--sources", "org/space-vit-a", "--no-sources"],
      ["contradict"]),
     (["org/space-feature", "--space-id", "org/x-demo"], ["ViTModel", "classification and segmentation"]),
