@@ -100,6 +100,11 @@ def render_card(result: CardFacts, repo_id: str | None = None) -> str:
         method, details=planned.plan.details, parameters=planned.recipe.parameters, base=base, sources=rows,
         architecture=architecture, task=planned.anchor.task,
     )
+    data_rows = [
+        {"source": names.scrub(use.source) if use.source else "", "data": names.scrub(use.data),
+         "commit": use.commit_sha or "—", "samples": use.samples, "skipped": use.skipped}
+        for use in getattr(result, "data_uses", None) or []
+    ]
     card = ModelCard.from_template(
         data,
         template_str=resources.files("hfmerge.model_cards").joinpath(TEMPLATE).read_text(),
@@ -125,6 +130,7 @@ def render_card(result: CardFacts, repo_id: str | None = None) -> str:
         task=planned.anchor.task,
         num_labels=len(getattr(result.config, "id2label", {}) or {}),
         warnings=result.warnings,
+        data_rows=data_rows,
         model_ref=repo_id or PLACEHOLDER_REF,
         repo_id=repo_id,
         version=__version__,

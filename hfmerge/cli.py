@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from typing import Any, NoReturn
 
@@ -50,7 +51,15 @@ def _build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--heads", metavar="POLICY",
                        help="classifier heads: concat (union of labels), average (one label set) or anchor "
                             "(default: concat if the label sets differ, else average; anchor for layerwise)")
-    merge.add_argument("--seed", help="seed of methods that draw random numbers (dare; default 0)")
+    merge.add_argument("--seed", help="seed of methods that draw random numbers (dare) or sample data (default 0)")
+    merge.add_argument("--data", action="append", metavar="DATASET",
+                       help="data of a method that reads data (regmean, fisher, fusion fine-tuning): "
+                            "org/name[@revision][:split], an image folder or a save_to_disk folder; "
+                            "once per source in source order, or once for all")
+    merge.add_argument("--eval-data", action="append", metavar="DATASET",
+                       help="evaluate the result on this dataset (one per task) and put the results in the card")
+    merge.add_argument("--data-column", help="the image column of the data (default: detected)")
+    merge.add_argument("--label-column", help="the label column of the data (default: detected)")
     merge.add_argument("--dtype", help="output dtype: float32, float16 or bfloat16 (default: the sources')")
     merge.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
     merge.add_argument("--allow-pickle", action="store_true",
@@ -78,6 +87,26 @@ def _build_parser() -> argparse.ArgumentParser:
     space.add_argument("--overwrite", action="store_true",
                        help="replace an output folder that holds an earlier Space written by hfmerge")
 
+    evaluate = sub.add_parser("evaluate", help="evaluate a merged model (and its sources, the ensemble) on datasets")
+    evaluate.add_argument("model", metavar="MODEL", help="a merged model: a folder, or org/name[@revision]")
+    evaluate.add_argument("--data", action="append", required=True, metavar="DATASET",
+                          help="a labeled dataset per task: org/name[@revision][:split] or a folder")
+    evaluate.add_argument("--compare", nargs="+", metavar="SOURCE",
+                          help="models to evaluate beside it (default with --ensemble: the sources in its hfmerge.yaml)")
+    evaluate.add_argument("--ensemble", action="store_true",
+                          help="also evaluate the ensemble of the compared models (averaged softmax)")
+    evaluate.add_argument("--metric", help="an extra metric: a Hugging Face `evaluate` module name or a local module file")
+    evaluate.add_argument("--samples", type=int, help="evaluate on at most this many images per dataset")
+    evaluate.add_argument("--batch-size", type=int, default=32, help="images per batch (default 32)")
+    evaluate.add_argument("--seed", type=int, default=0, help="seed of the sample selection with --samples")
+    evaluate.add_argument("--data-column", help="the image column (default: detected)")
+    evaluate.add_argument("--label-column", help="the label column (default: detected)")
+    evaluate.add_argument("--json", metavar="FILE", help="write the results as JSON to FILE")
+    evaluate.add_argument("--update-card", action="store_true",
+                          help="write the results into the model's card (a folder's README.md)")
+    evaluate.add_argument("--push", action="store_true", help="with --update-card on a Hub model: push the card")
+    evaluate.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+
     sub.add_parser("methods", help="list the merge methods and their parameters")
     return parser
 
@@ -104,7 +133,8 @@ def _recipe_from_merge_args(args: argparse.Namespace) -> Any:
     return Recipe(
         sources=list(args.sources), method=args.method, parameters=params, weights=weights,
         anchor=args.anchor, base=args.base, dtype=args.dtype, allow_pickle=args.allow_pickle,
-        max_shard_size=args.max_shard_size, heads=args.heads, seed=args.seed,
+        max_shard_size=args.max_shard_size, heads=args.heads, seed=args.seed, data=args.data,
+        eval_data=args.eval_data, data_column=args.data_column, label_column=args.label_column,
     )
 
 
@@ -123,6 +153,8 @@ def _execute(recipe: Any, args: argparse.Namespace) -> int:
     if not recipe.output and not recipe.push_to_hub:
         raise RecipeError("say where the result goes: --output DIR and/or --push-to-hub REPO_ID")
     result = run_recipe(recipe, overwrite=args.overwrite, progress=not args.quiet)
+    if result is None:  # a process of `accelerate launch` other than the main one: the main one wrote
+        return 0
     if result.saved_to:
         print(f"saved: {result.saved_to}")
     if result.commit_url:
@@ -200,8 +232,11 @@ def _methods() -> int:
         method = get_method(name)
         print(f"{name}: {method.title}")
         print(f"    {method.reference}" + (f" — {method.reference_url}" if method.reference_url else ""))
-        needs = [w for w, flag in (("--base", method.needs_base), ("--anchor", method.uses_anchor),
-                                    ("--weights", method.uses_weights), ("--seed", method.uses_seed)) if flag]
+        needs = [w for w, flag in (("--data", method.needs_data), ("--base", method.needs_base),
+                                    ("--anchor", method.uses_anchor), ("--weights", method.uses_weights),
+                                    ("--seed", method.uses_seed or method.needs_data)) if flag]
+        if method.uses_data:
+            needs.append("--data (optional)")
         if needs:
             print(f"    takes: {', '.join(needs)}")
         for p in method.parameters:
@@ -219,17 +254,31 @@ def _quiet_transformers() -> None:
 
 class _CliFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
+        if record.levelno == logging.INFO:
+            return f"hfmerge: {record.getMessage()}"
         return f"hfmerge: {record.levelname.lower()}: {record.getMessage()}"
 
 
-def _log_to_stderr() -> None:
-    """The library's warnings reach the user as ``hfmerge: warning: …`` lines on stderr, once each."""
+def _log_to_stderr(quiet: bool = False) -> None:
+    """The library's warnings reach the user as ``hfmerge: warning: …`` lines on stderr, once each.
+
+    Without ``quiet``, a command also logs one line per stage with its time;
+    with it, only warnings, and no progress bar (huggingface_hub's and datasets' included).
+    """
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_CliFormatter())
     logger = logging.getLogger("hfmerge")
     logger.handlers = [handler]
-    logger.setLevel(logging.WARNING)
+    logger.setLevel(logging.WARNING if quiet else logging.INFO)
     logger.propagate = False
+    if quiet:
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
+        if "datasets" in sys.modules:
+            sys.modules["datasets"].disable_progress_bars()
+        else:
+            os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] = "1"  # read when datasets is imported
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -237,6 +286,8 @@ def main(argv: list[str] | None = None) -> int:
     _log_to_stderr()
     parser = _build_parser()
     args = parser.parse_args(argv)
+    if getattr(args, "quiet", False):
+        _log_to_stderr(quiet=True)
     try:
         if args.command == "merge":
             return _execute(_recipe_from_merge_args(args), args)
@@ -248,6 +299,11 @@ def main(argv: list[str] | None = None) -> int:
             return _inspect(args)
         if args.command == "space":
             return _space(args)
+        if args.command == "evaluate":
+            _quiet_transformers()
+            from hfmerge.eval.command import run_evaluate_command
+
+            return run_evaluate_command(args)
         return _methods()
     except HfMergeError as exc:
         print(f"hfmerge: error: {exc}", file=sys.stderr)

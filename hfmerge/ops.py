@@ -9,13 +9,21 @@ tensors however many sources there are.
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
+from hfmerge.errors import MergeNumericError
+
+logger = logging.getLogger(__name__)
+
 TensorRef = tuple[int, str]
-"""(index of the model in the merge context, tensor key in that model's checkpoint)."""
+"""(index of a table in the merge context, key in that table): a model's checkpoint tensor, or a statistic.
+
+Indices 0..M-1 are the sources, M the base model when there is one; statistics
+tables follow (see :meth:`hfmerge.engine.plan.MergeContext.statistics_index`)."""
 
 Loader = Callable[[TensorRef], torch.Tensor]
 
@@ -213,7 +221,115 @@ class ConcatHeads:
         return torch.cat(parts, dim=0)
 
 
-MergeOp = Copy | LinearCombination | TaskArithmetic | DisjointMerge | ConcatHeads
+def regularised_sum_of_grams(grams: Sequence[torch.Tensor], alpha: float) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """G̃_i = α G_i + (1 − α) diag(G_i) for each Gram matrix, in float64, and their sum.
+
+    RegMean's regularisation (Jin et al., 2023, §3.2; the ViT paper's appendix A):
+    the off-diagonal entries of every Gram matrix are scaled by α, which keeps
+    Σ G̃_i positive definite whenever every input feature was seen (α < 1).
+    """
+    scaled = []
+    for gram in grams:
+        g = gram.to(torch.float64)
+        scaled.append(alpha * g + (1.0 - alpha) * torch.diag(torch.diagonal(g)))
+    total = scaled[0].clone()
+    for g in scaled[1:]:
+        total.add_(g)
+    return total, scaled
+
+
+def solve_gram_system(total: torch.Tensor, rhs: torch.Tensor, *, name: str = "") -> torch.Tensor:
+    """X with (Σ G̃_i) X = rhs, by a Cholesky factorisation (never an explicit inverse).
+
+    A singular Σ G̃_i (an input feature no sample ever excited, or α = 1 with
+    fewer rows than features) is regularised with a ridge of 1e-6 of its mean
+    diagonal, retried with larger ridges until the factorisation succeeds; a
+    warning says so. The result is never NaN.
+    """
+    factor, info = torch.linalg.cholesky_ex(total)
+    if int(info) != 0:
+        scale = float(torch.diagonal(total).abs().mean()) or 1.0
+        ridge = 1e-6 * scale
+        eye = torch.eye(total.shape[0], dtype=total.dtype)
+        for _ in range(12):
+            factor, info = torch.linalg.cholesky_ex(total + ridge * eye)
+            if int(info) == 0:
+                break
+            ridge *= 10.0
+        else:
+            raise MergeNumericError(
+                f"RegMean: the summed Gram matrix{f' of {name}' if name else ''} is not finite or not positive "
+                "semi-definite; check the sources' outputs on the data for NaN/inf"
+            )
+        logger.warning(
+            "RegMean: the summed Gram matrix%s is singular (an input feature the data never excited); "
+            "regularised with a ridge of %.3g",
+            f" of {name}" if name else "", ridge,
+        )
+    return torch.cholesky_solve(rhs, factor)
+
+
+@dataclass(frozen=True)
+class RegMeanLinear:
+    """RegMean (Jin et al., 2023, Eq. 5; the ViT paper's appendix A) for one ``nn.Linear`` weight.
+
+    W = (Σ_i G̃_i)⁻¹ Σ_i G̃_i W_iᵀ in the x·W orientation, i.e. for PyTorch's
+    ``Linear.weight`` (out × in): W = (Σ_i W_i G̃_i)(Σ_i G̃_i)⁻¹, with G_i the
+    Gram matrix of the layer's inputs on source i's data (a statistics
+    reference) and G̃_i its α-regularised form. Sources are accumulated one at
+    a time, so memory holds two in×in matrices whatever their number.
+    """
+
+    sources: tuple[TensorRef, ...]
+    grams: tuple[TensorRef, ...]
+    alpha: float
+    group: str = "RegMean (linear layers)"
+
+    def apply(self, load: Loader) -> torch.Tensor:
+        total: torch.Tensor | None = None
+        rhs: torch.Tensor | None = None
+        for weight_ref, gram_ref in zip(self.sources, self.grams):
+            _, (g,) = regularised_sum_of_grams([load(gram_ref)], self.alpha)
+            product = g @ load(weight_ref).to(torch.float64).T  # G̃_i W_iᵀ: in × out
+            total = g if total is None else total.add_(g)
+            rhs = product if rhs is None else rhs.add_(product)
+        assert total is not None and rhs is not None
+        return solve_gram_system(total, rhs, name=self.sources[0][1]).T.to(torch.float32).contiguous()
+
+
+@dataclass(frozen=True)
+class FisherWeighted:
+    """Fisher merging (Matena & Raffel, 2022, Eq. 2) with the diagonal Fisher.
+
+    θ = Σ_i w_i F̂_i θ_i / Σ_i w_i F̂_i, entry by entry, where F̂_i = F_i / n_i + ε
+    is source i's mean per-sample Fisher (a statistics sum ``F_i`` over ``n_i``
+    samples) and w_i the source weights. ε keeps entries that no sample
+    informed (zero Fisher in every source) at the weighted average.
+    """
+
+    sources: tuple[TensorRef, ...]
+    fishers: tuple[TensorRef, ...]
+    counts: tuple[TensorRef, ...]
+    weights: tuple[float, ...]
+    epsilon: float = 1e-8
+    group: str = "Fisher-weighted"
+
+    def apply(self, load: Loader) -> torch.Tensor:
+        numerator: torch.Tensor | None = None
+        denominator: torch.Tensor | None = None
+        for ref, fisher_ref, count_ref, weight in zip(self.sources, self.fishers, self.counts, self.weights):
+            if weight == 0.0:
+                continue
+            count = float(load(count_ref))
+            importance = weight * (load(fisher_ref).to(torch.float64) / max(count, 1.0) + self.epsilon)
+            term = importance * load(ref).to(torch.float64)
+            numerator = term if numerator is None else numerator.add_(term)
+            denominator = importance if denominator is None else denominator.add_(importance)
+        assert numerator is not None and denominator is not None
+        return (numerator / denominator).to(torch.float32)
+
+
+MergeOp = Copy | LinearCombination | TaskArithmetic | DisjointMerge | ConcatHeads | RegMeanLinear | FisherWeighted
 
 
 def normalise(weights: Sequence[float]) -> tuple[float, ...]:

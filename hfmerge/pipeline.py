@@ -6,6 +6,7 @@ import logging
 import re
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ from hfmerge.adapters import ModelLayout, inspect_source
 from hfmerge.checkpoint import HeaderReader, weight_files
 from hfmerge.engine.execute import execute_plan, output_dtype
 from hfmerge.engine.plan import MergeContext, MergePlan, TensorPlan
+from hfmerge.engine.stages import fine_tune, run_statistics
 from hfmerge.errors import IncompatibleModelsError
 from hfmerge.hub.publish import check_push_access
 from hfmerge.hub.resolve import ResolvedSource, resolve_source, safetensors_header
@@ -60,8 +62,13 @@ def plan_merge(recipe: Recipe, *, token: str | bool | None = None, metadata_only
         raise IncompatibleModelsError(
             f"the sources are of different families ({', '.join(sorted(families))}); merge models of one family"
         )
+    data = None
+    if recipe.data:
+        from hfmerge.data.spec import resolve_data_specs
+
+        data = resolve_data_specs(recipe.data, len(layouts))
     context = MergeContext(layouts, anchor_index, recipe.weights, base_layout, recipe.parameters,
-                           heads=recipe.heads, seed=recipe.seed)
+                           heads=recipe.heads, seed=recipe.seed, data=data)
 
     def weights_of(layout: ModelLayout) -> set[tuple[str, tuple[int, ...]]]:
         return {(n, t.shape) for n, t in layout.tensors.items() if not t.is_integer}
@@ -157,10 +164,19 @@ def run_recipe(
     ``overwrite`` as ``--overwrite``), and the token may write to the Hub repo.
     The result is saved first, then pushed in one commit.
 
+    A method that reads data runs the data stages around the merge
+    (:mod:`hfmerge.engine.stages`): statistics on each source's data before
+    it, training after it; ``recipe.eval_data`` adds an evaluation whose
+    results go into the card. Under ``accelerate launch`` with several
+    processes, every process takes part in the statistics and the training,
+    and only the main process merges, writes, saves and pushes: the others
+    return ``None``.
+
     Raises:
         OutputExistsError: the output folder may not be replaced.
         PublishError: no token, a read-only token, or a namespace the token cannot write to.
     """
+    started = time.perf_counter()
     staging_parent = None
     if recipe.output:
         target = Path(recipe.output).expanduser().resolve()
@@ -168,7 +184,28 @@ def run_recipe(
         staging_parent = target.parent if target.parent.is_dir() else None  # same filesystem: save by hard links
     if recipe.push_to_hub:
         check_push_access(recipe.push_to_hub, token=token)
-    result = _execute_into_staging(plan_merge(recipe, token=token), staging_parent=staging_parent, progress=progress)
+    planned = plan_merge(recipe, token=token)
+    logger.info("planned %s over %d sources in %.1f s", planned.method.name, len(planned.sources),
+                time.perf_counter() - started)
+    accelerator = _accelerator_for(planned)
+    statistics, data_uses = None, []
+    if planned.method.statistics(planned.context) is not None:
+        started = time.perf_counter()
+        statistics, data_uses = run_statistics(planned, accelerator=accelerator, token=token, progress=progress)
+        logger.info("statistics stage: %.1f s", time.perf_counter() - started)
+    if accelerator is not None and not accelerator.is_main_process:
+        _follow_main_process(planned, accelerator, token=token, progress=progress)
+        return None  # type: ignore[return-value]  # only the main process writes (see the docstring)
+    result = _execute_into_staging(planned, staging_parent=staging_parent, progress=progress, statistics=statistics,
+                                   accelerator=accelerator, token=token)
+    result.data_uses = data_uses
+    if recipe.eval_data:
+        from hfmerge.eval.compare import evaluate_merge
+
+        started = time.perf_counter()
+        result.evaluation = evaluate_merge(result, recipe.eval_data, token=token, progress=progress)
+        logger.info("evaluation stage: %.1f s", time.perf_counter() - started)
+    write_metadata(result)
     if recipe.output:
         result.save(recipe.output, overwrite=overwrite)
     if recipe.push_to_hub:
@@ -176,11 +213,43 @@ def run_recipe(
     return result
 
 
-def _execute_into_staging(planned: PlannedMerge, *, staging_parent: Path | None, progress: bool) -> MergeResult:
-    """Execute a plan into a staging folder with config, processor, recipe and card."""
+def _accelerator_for(planned: PlannedMerge) -> Any:
+    """One :class:`accelerate.Accelerator` for the data stages, or ``None`` when the method has none.
+
+    A method that reads no data never imports accelerate, and merges exactly as before.
+    """
+    method = planned.method
+    if method.statistics(planned.context) is None and method.fine_tuning(planned.context, planned.plan) is None:
+        return None
+    from accelerate import Accelerator
+
+    return Accelerator()
+
+
+def _follow_main_process(planned: PlannedMerge, accelerator: Any, *, token: str | bool | None, progress: bool) -> None:
+    """A process other than the main one: take part in the fine-tuning, then stop; the main process writes."""
+    from accelerate.utils import broadcast_object_list
+
+    if planned.method.fine_tuning(planned.context, planned.plan) is None:
+        return
+    folder = [None]
+    broadcast_object_list(folder)  # the main process's staging folder, where the merged model is
+    fine_tune(planned, Path(folder[0]), accelerator=accelerator, token=token, progress=False)  # type: ignore[arg-type]
+
+
+def _execute_into_staging(
+    planned: PlannedMerge, *, staging_parent: Path | None, progress: bool, statistics: list[Any] | None = None,
+    accelerator: Any = None, token: str | bool | None = None,
+) -> MergeResult:
+    """Execute a plan into a staging folder with config and processor; fine-tune it if the method asks.
+
+    The card and ``hfmerge.yaml`` are written by the caller (:func:`~hfmerge.result.write_metadata`),
+    once the evaluation, if any, is known.
+    """
     recipe = planned.recipe
     staging = Path(tempfile.mkdtemp(prefix=".hfmerge-staging-", dir=staging_parent))
     try:
+        started = time.perf_counter()
         dtype = getattr(torch, recipe.dtype) if recipe.dtype else None
         execute_plan(
             planned.plan,
@@ -189,9 +258,11 @@ def _execute_into_staging(planned: PlannedMerge, *, staging_parent: Path | None,
             dtype=dtype,
             max_shard_size=parse_size(recipe.max_shard_size),
             progress=progress,
+            statistics=statistics,
         )
-        for layout in planned.context.models:  # every tensor is written: let go of the memory maps
-            layout.reader.close()
+        for table in [*(layout.reader for layout in planned.context.models), *(statistics or [])]:
+            table.close()  # every tensor is written: let go of the memory maps
+        logger.info("merged %d tensors in %.1f s", len(planned.plan.tensors), time.perf_counter() - started)
         config = _output_config(planned, dtype)
         config.save_pretrained(staging)
         for name in PROCESSOR_FILES:
@@ -199,7 +270,15 @@ def _execute_into_staging(planned: PlannedMerge, *, staging_parent: Path | None,
             if path.is_file():
                 shutil.copyfile(path, staging / name)
         result = MergeResult(planned=planned, staging=staging, config=config)
-        write_metadata(result)
+        if accelerator is not None and planned.method.fine_tuning(planned.context, planned.plan) is not None:
+            from accelerate.utils import broadcast_object_list
+
+            broadcast_object_list([str(staging)])  # the other processes train the same model with us
+            started = time.perf_counter()
+            tuned = fine_tune(planned, staging, accelerator=accelerator, token=token, progress=progress)
+            if tuned is not None:
+                planned.plan.details["finetuning"] = tuned.card_facts()
+                logger.info("post-train stage: %.1f s", time.perf_counter() - started)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -7,7 +7,7 @@ describe it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -29,6 +29,8 @@ class PlannedMerge:
     context: MergeContext
     plan: MergePlan
     anchor_reason: str = ""
+    data_commits: dict[int, str | None] = field(default_factory=dict)
+    """Per source index, the commit sha its Hub dataset resolved to when a data stage read it."""
 
     @property
     def anchor(self) -> ModelLayout:
@@ -47,7 +49,12 @@ class PlannedMerge:
         base = self.recipe.base
         if self.base is not None:
             base = str(self.base.path) if self.base.is_local else f"{self.base.repo_id}@{self.base.commit_sha}"
-        return replace(self.recipe, sources=specs, anchor=anchor, base=base)
+        data = self.recipe.data
+        if data and self.data_commits:
+            per_source = len(data) == len(self.sources) and len(data) > 1
+            data = [replace(spec, commit=self.data_commits.get(i if per_source else 0) or spec.commit)
+                    if not spec.is_local else spec for i, spec in enumerate(data)]
+        return replace(self.recipe, sources=specs, anchor=anchor, base=base, data=data)
 
     def describe(self) -> str:
         """A human-readable plan: sources, then per group of tensors what happens to them."""
@@ -74,6 +81,7 @@ class PlannedMerge:
             lines.append(f"  heads: {self.plan.details['heads']}")
         if "num_labels" in self.plan.details:
             lines.append(f"  output labels: {self.plan.details['num_labels']}")
+        lines.extend(self._data_stages())
         absent = self.anchor.absent
         if absent:
             lines.append(
@@ -81,3 +89,31 @@ class PlannedMerge:
                 f"{len(absent)} tensors, e.g. {absent[0]}"
             )
         return "\n".join(lines)
+
+    def _data_stages(self) -> list[str]:
+        """What the data stages will do: for ``--dry-run``, which reads no data."""
+        lines: list[str] = []
+        data = self.context.data
+        request = self.method.statistics(self.context)
+        params = self.recipe.parameters
+        if request is not None and data:
+            samples = self.method.samples(params)
+            wanted = [f"Gram matrices of {len(request.grams)} linear inputs" if request.grams else "",
+                      f"diagonal Fisher of {len(request.fisher)} parameters "
+                      f"({'true labels' if request.fisher_labels == 'empirical' else 'labels sampled from the model'})"
+                      if request.fisher else "",
+                      f"activations of {len(request.activations)} modules" if request.activations else ""]
+            lines.append(f"statistics stage: {'; '.join(w for w in wanted if w)}, "
+                         f"on {samples if samples else 'all'} images of each source's data:")
+            for source, spec in zip(self.sources, data):
+                lines.append(f"  {source.name} ← {spec.ref}")
+        tuning = self.method.fine_tuning(self.context, self.plan)
+        if tuning is not None and data:
+            lines.append(f"post-train stage: fine-tune for at most {tuning.epochs} epochs (patience {tuning.patience}) "
+                         f"on {tuning.samples or 'all'} labeled images of each source's data: "
+                         + ", ".join(spec.ref for spec in dict.fromkeys(data)))
+        elif self.method.uses_data and not data:
+            lines.append("post-train stage: none (no --data given)")
+        if self.recipe.eval_data:
+            lines.append("evaluation: " + ", ".join(spec.ref for spec in self.recipe.eval_data))
+        return lines

@@ -7,6 +7,7 @@ anchor that is not a source. Everything after it may trust its contents.
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -14,11 +15,14 @@ from typing import Any
 
 import yaml
 
+from hfmerge.data.spec import DataSpec
 from hfmerge.errors import RecipeError
 from hfmerge.methods.base import HEAD_POLICIES
 from hfmerge.source import SourceSpec, finite_float
 
-__all__ = ["DTYPES", "HEAD_POLICIES", "Recipe", "SourceSpec", "parse_size"]
+__all__ = ["DTYPES", "HEAD_POLICIES", "DataSpec", "Recipe", "SourceSpec", "parse_size"]
+
+logger = logging.getLogger(__name__)
 
 DTYPES = ("float32", "float16", "bfloat16")
 
@@ -36,7 +40,11 @@ class Recipe:
         base: the pre-trained model for task arithmetic.
         heads: head policy, ``concat``, ``average`` or ``anchor``; ``None`` lets
             the method choose (:mod:`hfmerge.methods.heads`).
-        seed: seed of methods that draw random numbers (``dare``; 0 when not given).
+        seed: seed of methods that draw random numbers (``dare``) or sample data (0 when not given).
+        data: per source, the data of a method that reads data (regmean, fisher, fusion's
+            fine-tuning): given once per source in source order, or once for all.
+        eval_data: datasets to evaluate the result on, one per task; the card reports them.
+        data_column, label_column: the image and label columns of the data (default: detected).
         dtype: output dtype; default is the sources' dtype.
         allow_pickle: accept ``*.bin``/``*.pt`` sources (loaded with ``weights_only=True``).
         output, push_to_hub, private: where the result goes.
@@ -57,9 +65,21 @@ class Recipe:
     max_shard_size: str = "5GB"
     heads: str | None = None
     seed: int | None = None
+    data: list[DataSpec] | None = None
+    eval_data: list[DataSpec] | None = None
+    data_column: str | None = None
+    label_column: str | None = None
 
     def __post_init__(self) -> None:
         self.sources = [SourceSpec.parse(s) for s in self.sources]
+        for name in ("data", "eval_data"):
+            value = getattr(self, name)
+            if value is not None:
+                if isinstance(value, (str, dict)):
+                    value = [value]
+                if not isinstance(value, list):
+                    raise RecipeError(f"'{name}' must be a list of datasets (org/name[@revision][:split] or folders)")
+                setattr(self, name, [_parse_data(v) for v in value] or None)
         self.validate()
 
     # -- construction ----------------------------------------------------------------
@@ -139,13 +159,28 @@ class Recipe:
         if self.dtype is not None and self.dtype not in DTYPES:
             raise RecipeError(f"unknown dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
         parse_size(self.max_shard_size)
+        if self.data is not None:
+            if not (method.needs_data or method.uses_data):
+                logger.warning("method '%s' reads no data: --data is ignored", method.name)
+                self.data = None
+            elif len(self.data) not in (1, len(self.sources)):
+                raise RecipeError(
+                    f"{len(self.data)} --data for {len(self.sources)} sources; give one dataset per source, "
+                    "in source order, or one for all"
+                )
+        elif method.needs_data:
+            raise RecipeError(
+                f"method '{method.name}' needs data to compute its statistics: add --data org/dataset[:split] "
+                "(or a folder of images), once per source in source order or once for all"
+            )
+        uses_seed = method.uses_seed or self.data is not None
         if self.seed is not None:
-            if not method.uses_seed:
+            if not uses_seed:
                 raise RecipeError(f"method '{method.name}' draws no random numbers; drop --seed")
             if isinstance(self.seed, bool) or not str(self.seed).strip().isdigit():
                 raise RecipeError(f"seed must be a non-negative integer, got {self.seed!r}")
             self.seed = int(str(self.seed).strip())
-        elif method.uses_seed:
+        elif uses_seed:
             self.seed = 0
 
     def anchor_index(self) -> int:
@@ -178,12 +213,24 @@ class Recipe:
                 out[name] = getattr(self, name)
         if self.parameters:
             out["parameters"] = dict(self.parameters)
+        for name in ("data", "eval_data"):
+            if getattr(self, name):
+                out[name] = [spec.to_dict() for spec in getattr(self, name)]
+        for name in ("data_column", "label_column"):
+            if getattr(self, name) is not None:
+                out[name] = getattr(self, name)
         if self.allow_pickle:
             out["allow_pickle"] = True
         return out
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def _parse_data(value: Any) -> DataSpec:
+    if isinstance(value, (str, dict, DataSpec)):
+        return DataSpec.parse(value)
+    raise RecipeError(f"{value!r} is not a dataset; write org/name[@revision][:split] or a folder")
 
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMG]?i?B)?\s*$", re.IGNORECASE)

@@ -44,6 +44,10 @@ class MergeResult:
     warnings: list[str] = field(default_factory=list)
     saved_to: Path | None = None
     commit_url: str | None = None
+    evaluation: Any = None
+    """The :class:`~hfmerge.eval.report.EvaluationReport` of the merged model, when evaluation data was given."""
+    data_uses: list[Any] = field(default_factory=list)
+    """What each source's statistics were computed on (:class:`~hfmerge.engine.stages.DataUse`)."""
 
     def __post_init__(self) -> None:
         self._finalizer = weakref.finalize(self, shutil.rmtree, str(self.staging), True)

@@ -9,6 +9,7 @@ import torch
 from tqdm.auto import tqdm
 
 from hfmerge.adapters.layout import ModelLayout
+from hfmerge.checkpoint import TensorTable
 from hfmerge.engine.plan import MergePlan
 from hfmerge.engine.writer import ShardedSafetensorsWriter, TensorSlot
 from hfmerge.errors import MergeNumericError
@@ -32,22 +33,25 @@ def execute_plan(
     dtype: torch.dtype | None = None,
     max_shard_size: int = 5 * 10**9,
     progress: bool = True,
+    statistics: list[TensorTable] | None = None,
 ) -> list[str]:
     """Compute every tensor of ``plan`` in float32 and write it to ``folder``.
 
     Sources are read through their memory-mapped checkpoints one tensor at a
     time; each output tensor is cast and appended to its shard as soon as it
     is computed, so peak memory is a few tensors whatever the number of
-    sources.
+    sources. ``statistics`` are the sources' statistics tables (data methods),
+    read the same way; plans refer to them after the models.
 
     Raises:
         MergeNumericError: a tensor came out NaN or infinite (also after a cast
             to a narrower dtype).
     """
+    tables = [m.reader for m in models] + list(statistics or [])
 
     def load(ref: TensorRef) -> torch.Tensor:
         index, key = ref
-        return models[index].reader.get(key)
+        return tables[index].get(key)
 
     slots = [TensorSlot(t.key, t.shape, output_dtype(t.dtype, dtype)) for t in plan.tensors]
     writer = ShardedSafetensorsWriter(folder, slots, max_shard_size)

@@ -68,7 +68,8 @@ class MergeContext:
     """The inspected models a method plans over.
 
     Models are indexed 0..M-1 for the sources, and M for the base model when
-    there is one; :data:`TensorRef` pairs use these indices. ``heads`` is the
+    there is one, then each source's statistics (:meth:`statistics_index`);
+    :data:`TensorRef` pairs use these indices. ``heads`` is the
     recipe's head policy (``None``: the method's automatic choice, see
     :mod:`hfmerge.methods.heads`); ``seed`` seeds methods that draw random numbers.
     """
@@ -80,6 +81,8 @@ class MergeContext:
     params: dict[str, Any] = field(default_factory=dict)
     heads: str | None = None
     seed: int | None = None
+    data: list[Any] | None = None
+    """Per source, the :class:`~hfmerge.data.spec.DataSpec` of its data (data methods), else ``None``."""
 
     @property
     def anchor(self) -> ModelLayout:
@@ -92,6 +95,14 @@ class MergeContext:
     @property
     def models(self) -> list[ModelLayout]:
         return self.sources + ([self.base] if self.base is not None else [])
+
+    def statistics_index(self, source: int) -> int:
+        """The table index of source ``source``'s statistics in a :data:`~hfmerge.ops.TensorRef`.
+
+        Statistics tables follow the models: a plan names ``(statistics_index(i), "gram/<module>")``
+        before the statistics exist, and the engine reads them once the statistics stage has run.
+        """
+        return len(self.models) + source
 
     def normalised_weights(self) -> tuple[float, ...]:
         """The recipe's weights normalised to sum to one; uniform when none were given."""

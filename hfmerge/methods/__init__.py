@@ -5,7 +5,7 @@ at its top: listing the methods (``hfmerge --help``, ``hfmerge methods``,
 recipe validation) then needs no torch.
 """
 
-from hfmerge.methods.base import MergeMethod, ParamSpec, available_methods, get_method, register_method
-from hfmerge.methods import average, dare, fusion, layerwise, task_arithmetic, ties  # noqa: F401  (registration)
+from hfmerge.methods.base import FineTuning, MergeMethod, ParamSpec, available_methods, get_method, register_method
+from hfmerge.methods import average, dare, fisher, fusion, layerwise, regmean, task_arithmetic, ties  # noqa: F401  (registration)
 
-__all__ = ["MergeMethod", "ParamSpec", "available_methods", "get_method", "register_method"]
+__all__ = ["FineTuning", "MergeMethod", "ParamSpec", "available_methods", "get_method", "register_method"]

@@ -17,6 +17,7 @@ from hfmerge.errors import RecipeError
 
 if TYPE_CHECKING:
     from hfmerge.engine.plan import MergeContext, MergePlan
+    from hfmerge.engine.statistics import StatisticsRequest
 
 
 HEAD_POLICIES = ("concat", "average", "anchor")
@@ -30,6 +31,24 @@ TASK_VECTOR_CARD_NOTES = (
     " 'average': 'averaged over the sources', 'anchor': 'kept from the anchor'}[details.heads] }}.{% endif %}"
 )
 """The card sentences every task-vector method ends its ``card_template`` with."""
+
+
+@dataclass(frozen=True)
+class FineTuning:
+    """A training step a method asks for after the merge (the pipeline's post-train stage).
+
+    ``label_maps`` says, per source, where its labels land in the merged
+    model: ``{source label index: merged label index}``; each source's data is
+    read with its own labels and mapped through it. The other fields are the
+    training options (:class:`hfmerge.train.TrainOptions`).
+    """
+
+    label_maps: tuple[dict[int, int], ...]
+    epochs: int
+    learning_rate: float
+    batch_size: int
+    patience: int
+    samples: int | None = None
 
 
 @dataclass(frozen=True)
@@ -82,6 +101,10 @@ class MergeMethod(ABC):
     uses_weights: ClassVar[bool] = False
     uses_seed: ClassVar[bool] = False
     min_sources: ClassVar[int] = 2
+    needs_data: ClassVar[bool] = False
+    """The method reads data of each source (``--data``), e.g. for statistics; without it, it cannot run."""
+    uses_data: ClassVar[bool] = False
+    """Data is optional: the method does more with it (fusion fine-tunes) and runs without it."""
     card_template: ClassVar[str] = ""
     """The method's own paragraph of the model card: a Jinja snippet rendered with
     ``details`` (the plan's details), ``parameters``, ``base`` and ``sources``.
@@ -106,6 +129,27 @@ class MergeMethod(ABC):
     @abstractmethod
     def plan(self, ctx: MergeContext) -> MergePlan:
         """Decide, for every output tensor, which inputs it comes from and how."""
+
+    def statistics(self, ctx: MergeContext) -> StatisticsRequest | None:
+        """What the statistics stage must collect on each source's data; ``None``: no data pass.
+
+        The plan refers to these statistics by key (``gram/<module>``...) through
+        :meth:`~hfmerge.engine.plan.MergeContext.statistics_index`; they are
+        computed after planning, so ``--dry-run`` can show the plan without them.
+        """
+        return None
+
+    def samples(self, parameters: dict[str, Any]) -> int | None:
+        """How many samples of each source's data the statistics stage reads (``None``: all)."""
+        return parameters.get("samples")
+
+    def labeled(self, parameters: dict[str, Any]) -> bool:
+        """Whether the data must have labels (true labels for the statistics, or fine-tuning)."""
+        return False
+
+    def fine_tuning(self, ctx: MergeContext, plan: MergePlan) -> FineTuning | None:
+        """The post-merge training step, or ``None`` (the default: the merge is the result)."""
+        return None
 
 
 _REGISTRY: dict[str, MergeMethod] = {}

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from hfmerge.errors import IncompatibleModelsError
-from hfmerge.methods.base import MergeMethod, register_method
+from hfmerge.methods.base import FineTuning, MergeMethod, ParamSpec, register_method
 
 if TYPE_CHECKING:
     from hfmerge.engine.plan import MergeContext, MergePlan
@@ -20,7 +20,9 @@ class Fusion(MergeMethod):
     output dimension — weights stacked, biases concatenated — so the merged
     model outputs Σ_i num_labels_i classes and ``id2label`` is their union. A
     "no object" row (Mask2Former) is kept once, averaged. The paper then
-    fine-tunes on the combined data; that step needs data and comes later.
+    fine-tunes on the combined data (§III): given ``--data`` (labeled, one
+    dataset per source), the post-train stage does, with each source's labels
+    mapped to their place in the union; without data the fused model is the result.
     Heads are the ``concat`` head policy (:mod:`hfmerge.methods.heads`) by definition;
     ``--heads average`` or ``anchor`` is refused (that is ``average``).
     Labels that occur in several sources are prefixed with the source's short
@@ -34,6 +36,16 @@ class Fusion(MergeMethod):
     reference = "Guo & Zhang, Parameter Fusion: Efficient Multi-Domain Classification Through Feature Extractor Averaging and Classifier Concatenation"
     reference_url = ""  # no stable URL is known: cards and `hfmerge methods` give the title alone
     uses_weights = True
+    uses_data = True
+    parameters = (
+        ParamSpec("finetune_epochs", int, 3, "epochs of fine-tuning on the sources' combined data (with --data)",
+                  minimum=0),
+        ParamSpec("learning_rate", float, 5e-5, "fine-tuning learning rate (AdamW)", minimum=0.0),
+        ParamSpec("batch_size", int, 32, "fine-tuning batch size", minimum=1),
+        ParamSpec("patience", int, 2, "epochs without a better held-out accuracy before fine-tuning stops",
+                  minimum=1),
+        ParamSpec("samples", int, 0, "training images per source (0: all of each --data split)", minimum=0),
+    )
     card_template = """\
 The feature extractor (every parameter outside the classifier head) is the weighted average θ = Σᵢ wᵢ θᵢ \
 of the {{ sources | length }} models, with the weights in the sources table. The classifier heads are \
@@ -43,8 +55,14 @@ more than one source is renamed `<source>/<label>`.
 {%- if architecture == "Mask2FormerForUniversalSegmentation" %} Mask2Former's "no object" class is kept \
 once: its row of the class predictor is the weighted average of the sources' "no object" rows.{% endif %}
 
-The paper then fine-tunes the fused model on the combined data (§III). hfmerge does not apply that step \
-(it has no fine-tuning option yet): this is the fused model before fine-tuning."""
+{% set finetuning = details.get("finetuning") %}{% if finetuning %}As the paper does (§III), the fused model was then fine-tuned on the sources' combined \
+labeled data ({{ finetuning.data }}; {{ finetuning.samples }} images, each source's labels mapped to their place \
+in the union), with AdamW at learning rate {{ parameters.learning_rate }}, batch size {{ parameters.batch_size }}, \
+for {{ finetuning.epochs_run }} of at most {{ parameters.finetune_epochs }} epochs; {{ finetuning.validation }} \
+The weights are those of epoch {{ finetuning.best_epoch }}, the best on the held-out images.
+{%- else %}The paper then fine-tunes the fused model on the combined data (§III). That step was not applied \
+here (it needs each source's labeled data: `--data`, once per source{% if parameters.finetune_epochs == 0 %}, \
+and `finetune_epochs` above 0{% endif %}): this is the fused model before fine-tuning.{% endif %}"""
 
     def plan(self, ctx: MergeContext) -> MergePlan:
         from hfmerge.engine.plan import MergePlan
@@ -83,3 +101,24 @@ The paper then fine-tunes the fused model on the combined data (§III). hfmerge 
         ]
         return MergePlan(entries, config_updates=head_plan.config_updates,
                          details={"weights": list(weights), **head_plan.details})
+
+    def fine_tuning(self, ctx: MergeContext, plan: MergePlan) -> FineTuning | None:
+        """Fine-tune on every source's data, its label j landing at j + (labels of the sources before it)."""
+        if not ctx.data or int(ctx.params["finetune_epochs"]) == 0:
+            return None
+        maps = []
+        offset = 0
+        for layout in ctx.sources:
+            maps.append({j: offset + j for j in range(len(layout.id2label))})
+            offset += len(layout.id2label)
+        return FineTuning(
+            label_maps=tuple(maps), epochs=int(ctx.params["finetune_epochs"]),
+            learning_rate=float(ctx.params["learning_rate"]), batch_size=int(ctx.params["batch_size"]),
+            patience=int(ctx.params["patience"]), samples=int(ctx.params["samples"]) or None,
+        )
+
+    def labeled(self, parameters: dict) -> bool:  # type: ignore[type-arg]
+        return True
+
+    def samples(self, parameters: dict) -> int | None:  # type: ignore[type-arg]
+        return int(parameters.get("samples") or 0) or None

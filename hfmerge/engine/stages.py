@@ -1,0 +1,213 @@
+"""The data stages of the pipeline: statistics before the merge, training after it.
+
+A method declares what it needs (:meth:`~hfmerge.methods.base.MergeMethod.statistics`,
+:meth:`~hfmerge.methods.base.MergeMethod.fine_tuning`); the pipeline calls
+these stages only then, so a method that needs no data merges exactly as
+before. Both stages run every source's data through that source's own image
+processor, under one :class:`accelerate.Accelerator`: on CPU, one GPU, or
+several processes under ``accelerate launch``, where statistics are reduced
+across processes and only the main process writes files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+    from hfmerge.adapters.layout import ModelLayout
+    from hfmerge.checkpoint import TensorTable
+    from hfmerge.data.load import ImageData
+    from hfmerge.planned import PlannedMerge
+
+logger = logging.getLogger(__name__)
+
+
+def source_model(layout: ModelLayout, device: torch.device | str = "cpu") -> torch.nn.Module:
+    """The source's model in float32, in eval mode, loaded from its resolved folder by its own class."""
+    model_class = layout.family.model_class(layout.architecture)
+    model = model_class.from_pretrained(layout.source.path, dtype=torch.float32)  # type: ignore[attr-defined]
+    return model.to(device).eval()
+
+
+def source_processor(layout: ModelLayout) -> Any:
+    """The source's own image processor, as saved beside its weights."""
+    from transformers import AutoImageProcessor
+
+    return AutoImageProcessor.from_pretrained(layout.source.path)
+
+
+def model_cache_key(layout: ModelLayout) -> str:
+    """What identifies a source's weights for the statistics cache.
+
+    A Hub source is its commit sha; a folder is a digest of its weight files'
+    names, sizes and modification times, so re-saving the folder misses the cache.
+    """
+    if layout.source.commit_sha:
+        return layout.source.commit_sha
+    from hfmerge.checkpoint import weight_files
+
+    files, _ = weight_files(layout.source.path)
+    digest = hashlib.sha256(str(layout.source.path).encode())
+    for path in files:
+        stat = path.stat()
+        digest.update(f"\0{path.name}\0{stat.st_size}\0{stat.st_mtime_ns}".encode())
+    return "folder-" + digest.hexdigest()[:40]
+
+
+@dataclass
+class DataUse:
+    """One source's data as a stage read it: for the card, the log and ``hfmerge.yaml``."""
+
+    source: str
+    data: str
+    commit_sha: str | None
+    samples: int
+    skipped: int
+    cached: bool = False
+
+
+def load_source_data(planned: PlannedMerge, index: int, *, samples: int | None, labeled: bool,
+                     token: str | bool | None) -> ImageData:
+    """Source ``index``'s data, as its recipe entry says (columns, seed), ``samples`` of it."""
+    from hfmerge.data.load import load_image_data
+
+    recipe = planned.recipe
+    spec = planned.context.data[index]  # type: ignore[index]
+    data = load_image_data(
+        spec, samples=samples, seed=recipe.seed or 0, image_column=recipe.data_column,
+        label_column=recipe.label_column, token=token, labeled=labeled,
+    )
+    planned.data_commits[index] = data.commit_sha  # hfmerge.yaml pins the dataset like the models
+    return data
+
+
+def run_statistics(
+    planned: PlannedMerge, *, accelerator: Accelerator, token: str | bool | None = None, progress: bool = True,
+) -> tuple[list[TensorTable], list[DataUse]]:
+    """Collect (or read from the cache) the method's statistics on each source's own data.
+
+    Sources are visited one at a time and each one's model is dropped before the
+    next is loaded, so memory holds one model and one source's statistics
+    whatever the number of sources. Statistics are cached as safetensors keyed
+    by (model commit, data fingerprint, request); a cache hit is logged.
+    """
+    from torch.utils.data import DataLoader
+
+    from hfmerge.data.load import ProcessedImages, label_map_for
+    from hfmerge.engine.statistics import StatisticsCache, collect_statistics
+
+    method, context = planned.method, planned.context
+    request = method.statistics(context)
+    assert request is not None
+    params = planned.recipe.parameters
+    labeled = method.labeled(params)
+    cache = StatisticsCache()
+    tables: list[TensorTable] = []
+    uses: list[DataUse] = []
+    for i, layout in enumerate(context.sources):
+        started = time.perf_counter()
+        data = load_source_data(planned, i, samples=method.samples(params), labeled=labeled, token=token)
+        path = cache.path(model_cache_key(layout), data.fingerprint, request)
+        table = cache.load(path)
+        use = DataUse(layout.source.name, data.name, data.commit_sha, len(data), data.skipped, cached=table is not None)
+        if table is None:
+            model = source_model(layout, accelerator.device)
+            label_map = label_map_for(data, layout.id2label) if labeled else None
+            loader = DataLoader(ProcessedImages(data, source_processor(layout), label_map),
+                                batch_size=int(params.get("batch_size") or 32), shuffle=False)
+            statistics = collect_statistics(
+                model, loader, request, accelerator=accelerator, seed=planned.recipe.seed or 0, progress=progress,
+                desc=f"Statistics {i + 1}/{len(context.sources)} ({layout.source.short_name})",
+            )
+            del model
+            if accelerator.is_main_process:
+                cache.save(path, statistics)
+            accelerator.wait_for_everyone()
+            table = cache.load(path)
+            if table is None:
+                raise RuntimeError(f"the statistics of {layout.source.name} were not written to {path}")
+        logger.info(
+            "statistics of %s on %s (%d images): %s in %.1f s", layout.source.name, data.name, len(data),
+            f"read from the cache {path}" if use.cached else "computed", time.perf_counter() - started,
+        )
+        tables.append(table)
+        uses.append(use)
+    return tables, uses
+
+
+@dataclass
+class FineTuned:
+    """What the post-train stage did, for the card."""
+
+    data: str
+    samples: int
+    epochs_run: int
+    best_epoch: int
+    best_metric: float | None
+    validation: str
+    seconds: float
+
+    def card_facts(self) -> dict[str, Any]:
+        return {"data": self.data, "samples": self.samples, "epochs_run": self.epochs_run,
+                "best_epoch": self.best_epoch, "validation": self.validation}
+
+
+def fine_tune(
+    planned: PlannedMerge, folder: Path, *, accelerator: Accelerator, token: str | bool | None = None,
+    progress: bool = True,
+) -> FineTuned | None:
+    """Train the merged model saved in ``folder`` as the method asks, and save it back there.
+
+    Each source's labeled data goes through its own image processor, its labels
+    mapped by name to the source's labels and then to their place in the merged
+    model (:class:`~hfmerge.methods.base.FineTuning`). ``None`` when the method
+    asks for no training.
+    """
+    from torch.utils.data import ConcatDataset
+
+    from hfmerge.data.load import ProcessedImages, label_map_for
+    from hfmerge.train import TrainOptions, train_model
+
+    request = planned.method.fine_tuning(planned.context, planned.plan)
+    if request is None:
+        return None
+    started = time.perf_counter()
+    parts = []
+    names = []
+    for i, layout in enumerate(planned.context.sources):
+        data = load_source_data(planned, i, samples=request.samples, labeled=True, token=token)
+        to_source = label_map_for(data, layout.id2label)
+        mapping = {k: request.label_maps[i][v] for k, v in to_source.items()}
+        parts.append(ProcessedImages(data, source_processor(layout), mapping))
+        names.append(data.name)
+    dataset = ConcatDataset(parts)
+    model_class = planned.anchor.family.model_class(planned.anchor.architecture)
+    model = model_class.from_pretrained(folder, dtype=torch.float32)  # type: ignore[attr-defined]
+    options = TrainOptions(
+        epochs=request.epochs, learning_rate=request.learning_rate, batch_size=request.batch_size,
+        patience=request.patience, seed=planned.recipe.seed or 0,
+    )
+    report = train_model(model, dataset, options, accelerator=accelerator, progress=progress,
+                         desc="Fine-tuning the merged model")
+    if accelerator.is_main_process:
+        dtype = planned.plan.tensors[0].dtype if planned.plan.tensors else torch.float32
+        model.to(dtype if dtype.is_floating_point else torch.float32)
+        model.save_pretrained(folder)
+    accelerator.wait_for_everyone()
+    held_out = f"{options.validation_fraction:.0%} of the images, held out" if options.validation_fraction else "none"
+    validation = (f"early stopping watched the accuracy on {held_out} (patience {options.patience})"
+                  f"{', and stopped early' if report.stopped_early else ''}.")
+    logger.info("fine-tuned the merged model on %d images for %d epochs in %.1f s (best held-out %s %.4f)",
+                len(dataset), report.epochs_run, time.perf_counter() - started, report.metric_name,
+                report.best_metric or float("nan"))
+    return FineTuned(", ".join(dict.fromkeys(names)), len(dataset), report.epochs_run, report.best_epoch,
+                     report.best_metric, validation, report.seconds)

@@ -1,0 +1,108 @@
+"""``hfmerge evaluate``: score a merged model (and what it is compared with) on labeled datasets."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import yaml
+
+from hfmerge.errors import RecipeError
+
+logger = logging.getLogger(__name__)
+
+
+def run_evaluate_command(args: argparse.Namespace) -> int:
+    """Evaluate ``args.model``; print the table; write JSON and/or update the card as asked.
+
+    ``--update-card`` rewrites a folder's ``README.md`` in place (atomically),
+    or with ``--push`` commits the new card and chart to the model's Hub repo.
+    """
+    from hfmerge.data.spec import DataSpec
+    from hfmerge.eval.compare import Candidate, evaluate_candidates, load_candidate, load_tasks
+    from hfmerge.hub.resolve import resolve_source
+
+    if args.push and not args.update_card:
+        raise RecipeError("--push pushes the updated card: add --update-card")
+    model_source = resolve_source(args.model)
+    if args.update_card and not model_source.is_local and not args.push:
+        raise RecipeError(f"{args.model} is a Hub model: --update-card needs --push to commit the card to it")
+    if args.push and model_source.is_local:
+        raise RecipeError(f"{args.model} is a folder; --update-card updates its README.md in place: drop --push")
+    if args.json and Path(args.json).is_dir():
+        raise RecipeError(f"--json {args.json!r} is a folder; give a file name, e.g. results.json")
+    specs = [DataSpec.parse(d) for d in args.data]
+    compare = list(args.compare or [])
+    if args.ensemble and not compare:
+        compare = _sources_of(model_source.path)
+        if len(compare) < 2:
+            raise RecipeError(
+                f"--ensemble needs the models to ensemble: {args.model} has no hfmerge.yaml naming its sources; "
+                "add --compare SOURCE SOURCE ..."
+            )
+    tasks = load_tasks(specs, samples=args.samples, seed=args.seed, image_column=args.data_column,
+                       label_column=args.label_column)
+    name = model_source.repo_id or model_source.path.name
+    merged = load_candidate(model_source.path, name, "merged")
+    others: list[Candidate] = []
+    for ref in compare:
+        source = resolve_source(ref)
+        others.append(load_candidate(source.path, source.repo_id or source.path.name, "source"))
+    report = evaluate_candidates(merged, others, tasks, ensemble=args.ensemble, batch_size=args.batch_size,
+                                 progress=not args.quiet)
+    if args.metric:
+        from hfmerge.eval.external import add_external_metric
+
+        add_external_metric(report, args.metric, merged, others, tasks, batch_size=args.batch_size)
+    print(report.markdown())
+    if args.json:
+        Path(args.json).write_text(report.to_json())
+        print(f"written: {Path(args.json).resolve()}")
+    if args.update_card:
+        _update_card(model_source, report, name, push=args.push)
+    return 0
+
+
+def _sources_of(folder: Path) -> list[str]:
+    """The sources a merged model's ``hfmerge.yaml`` names, pinned to their commits."""
+    recipe = folder / "hfmerge.yaml"
+    if not recipe.is_file():
+        return []
+    data = yaml.safe_load(recipe.read_text()) or {}
+    refs = []
+    for entry in data.get("sources") or []:
+        if isinstance(entry, dict) and entry.get("model"):
+            pin = entry.get("commit") or entry.get("revision")
+            refs.append(f"{entry['model']}@{pin}" if pin and "/" in entry["model"] and not Path(entry["model"]).exists()
+                        else entry["model"])
+    return refs
+
+
+def _update_card(source: object, report: object, name: str, *, push: bool) -> None:
+    from hfmerge.eval.report import update_card
+
+    folder: Path = source.path  # type: ignore[attr-defined]
+    readme = folder / "README.md"
+    text = readme.read_text() if readme.is_file() else ""
+    new_text = update_card(text, report, name)  # type: ignore[arg-type]
+    chart = report.bar_chart_svg()  # type: ignore[attr-defined]
+    if push:
+        from hfmerge.hub.publish import check_push_access, push_folder
+
+        repo_id = source.repo_id  # type: ignore[attr-defined]
+        check_push_access(repo_id)
+        with tempfile.TemporaryDirectory(prefix=".hfmerge-card-") as staging:
+            (Path(staging) / "README.md").write_text(new_text)
+            (Path(staging) / "evaluation.svg").write_text(chart)
+            url = push_folder(staging, repo_id, commit_message="Evaluation results (hfmerge evaluate)")
+        print(f"pushed: {url}")
+        return
+    for file_name, content in (("evaluation.svg", chart), ("README.md", new_text)):
+        handle, temporary = tempfile.mkstemp(prefix=f".{file_name}.", dir=folder)
+        with os.fdopen(handle, "w") as stream:
+            stream.write(content)
+        os.replace(temporary, folder / file_name)
+    print(f"updated: {readme}")

@@ -1,0 +1,124 @@
+"""RegMean: every linear layer solved in closed form from the Gram matrices of its inputs."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from hfmerge.methods.base import MergeMethod, ParamSpec, register_method
+
+if TYPE_CHECKING:
+    import torch
+
+    from hfmerge.engine.plan import MergeContext, MergePlan
+    from hfmerge.engine.statistics import StatisticsRequest
+
+
+def regmean_linear(weights: Sequence[torch.Tensor], grams: Sequence[torch.Tensor], alpha: float = 0.9) -> torch.Tensor:
+    """Merge ``nn.Linear`` weights with RegMean (Jin et al., 2023, Eq. 5; vit-gating-merge appendix A).
+
+    RegMean finds the W minimising Σ_i ‖X_i W − X_i W_iᵀ‖² over the inputs X_i
+    each model i saw on its own data (x·W orientation, W: in × out). The
+    closed form is
+
+        W = (Σ_i G̃_i)⁻¹ Σ_i G̃_i W_iᵀ,   G̃_i = α G_i + (1 − α) diag(G_i),   G_i = X_iᵀ X_i,
+
+    where scaling the off-diagonal entries by α < 1 regularises the solve. It
+    is computed in float64 with a Cholesky solve, never an explicit inverse; a
+    singular Σ G̃_i gets a small ridge and a warning.
+
+    Args:
+        weights: PyTorch ``Linear.weight`` tensors, each out × in.
+        grams: the Gram matrix G_i of each layer's inputs, each in × in.
+        alpha: the off-diagonal scale α in [0, 1] (0: a diagonal, weighted average; 1: no regularisation).
+
+    Returns:
+        The merged weight, out × in, in float32.
+    """
+    import torch
+
+    from hfmerge.ops import regularised_sum_of_grams, solve_gram_system
+
+    if len(weights) != len(grams) or not weights:
+        raise ValueError(f"regmean_linear needs one Gram matrix per weight, got {len(weights)} and {len(grams)}")
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    total, scaled = regularised_sum_of_grams(grams, alpha)
+    rhs = sum(g @ w.to(torch.float64).T for g, w in zip(scaled, weights))
+    return solve_gram_system(total, rhs).T.to(torch.float32).contiguous()
+
+
+@register_method
+class RegMean(MergeMethod):
+    """RegMean (Jin et al., ICLR 2023), as the ViT gating paper applies it (appendix A).
+
+    Every ``nn.Linear`` of the shared backbone is solved in closed form from the
+    Gram matrices of its inputs, each computed on its source's own data
+    (:func:`regmean_linear`); linear layers that read one input (q, k and v of an
+    attention) share one Gram matrix. Everything else — biases, convolutions,
+    norms, embeddings — is averaged as in ``average``; classifier heads follow
+    the head policy (:mod:`hfmerge.methods.heads`).
+    """
+
+    name = "regmean"
+    title = "RegMean (closed-form merging of linear layers from input Gram matrices)"
+    reference = "Jin et al., Dataless Knowledge Fusion by Merging Weights of Language Models, ICLR 2023"
+    reference_url = "https://arxiv.org/abs/2212.09849"
+    uses_weights = False
+    needs_data = True
+    parameters = (
+        ParamSpec("alpha", float, 0.9, "scale of the Gram matrices' off-diagonal entries (regularisation)",
+                  minimum=0.0, maximum=1.0),
+        ParamSpec("samples", int, 256, "images of each source's data to compute its Gram matrices on", minimum=1),
+        ParamSpec("batch_size", int, 32, "images per forward pass of the statistics stage", minimum=1),
+    )
+    card_template = """\
+Each linear layer of the shared backbone ({{ details.regmean_layers }} layers) is solved in closed form \
+(RegMean, Jin et al. 2023, Eq. 5): W = (Σᵢ G̃ᵢ)⁻¹ Σᵢ G̃ᵢ Wᵢ in the x·W orientation, where Gᵢ = XᵢᵀXᵢ is the \
+Gram matrix of the layer's inputs when model i runs on {{ parameters.samples }} images of its own data, and \
+G̃ᵢ scales Gᵢ's off-diagonal entries by α = {{ parameters.alpha }}. Linear layers that read one input \
+(an attention's query, key and value) share one Gram matrix. Biases, convolutions, normalisation layers and \
+embeddings are averaged with equal weights
+{%- if details.heads == 'concat' %}; the classifier heads follow the `concat` head policy: stacked into one \
+head over the union of the {{ details.num_labels }} labels
+{%- elif details.heads == 'anchor' %}; the classifier head and labels are the anchor's
+{%- else %}, classifier heads included{% endif %}."""
+
+    def statistics(self, ctx: MergeContext) -> StatisticsRequest:
+        from hfmerge.engine.statistics import StatisticsRequest
+
+        return StatisticsRequest(grams=tuple(group[0] for group in self._groups(ctx)))
+
+    def _groups(self, ctx: MergeContext) -> list[tuple[str, ...]]:
+        """The groups of shared, non-head linear layers, as (module, ...) sharing one input."""
+        anchor = ctx.anchor
+        heads = {info.module for info in anchor.head_tensors}
+        groups = []
+        for group in anchor.linear_groups:
+            kept = tuple(m for m in group if m not in heads and ctx.is_shared(f"{m}.weight"))
+            if kept:
+                groups.append(kept)
+        return groups
+
+    def plan(self, ctx: MergeContext) -> MergePlan:
+        from hfmerge.engine.plan import MergePlan, require_all_shared
+        from hfmerge.methods.heads import head_policy, plan_heads
+        from hfmerge.ops import LinearCombination, RegMeanLinear
+
+        heads = [info.name for info in ctx.anchor.head_tensors]
+        require_all_shared(ctx, self.name, except_names=heads)
+        head_plan = plan_heads(ctx, heads, head_policy(ctx))
+        by_name = {entry.name: entry for entry in head_plan.entries}
+        alpha = float(ctx.params["alpha"])
+        for group in self._groups(ctx):
+            grams = tuple((ctx.statistics_index(i), f"gram/{group[0]}") for i in range(len(ctx.sources)))
+            for module in group:
+                info = ctx.anchor.tensors[f"{module}.weight"]
+                by_name[info.name] = ctx.plan_entry(info, RegMeanLinear(ctx.refs(info.name), grams, alpha))
+        uniform = tuple(1.0 / len(ctx.sources) for _ in ctx.sources)
+        entries = [
+            by_name.get(name) or ctx.plan_entry(info, LinearCombination(ctx.refs(name), uniform))
+            for name, info in ctx.anchor.tensors.items()
+        ]
+        details = {"regmean_layers": sum(len(g) for g in self._groups(ctx)), **head_plan.details}
+        return MergePlan(entries, config_updates=head_plan.config_updates, details=details)
