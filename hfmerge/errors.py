@@ -39,3 +39,7 @@ class PublishError(HfMergeError, RuntimeError):
 
 class HubUnreachableError(HfMergeError, ConnectionError):
     """The Hub endpoint cannot be reached: no network, unknown host, refused connection or timeout."""
+
+
+class DataError(HfMergeError, ValueError):
+    """A dataset cannot be used: missing dataset, revision, split or column, no usable samples, labels that do not fit."""

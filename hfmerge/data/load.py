@@ -1,0 +1,489 @@
+"""Reading the selected images of one dataset split, decoded, and feeding them through an image processor.
+
+A Hub dataset is resolved to a commit sha first (``HfApi.dataset_info``) and
+read at *that* sha, so the sha recorded in ``hfmerge.yaml`` reproduces the
+same rows. With ``samples`` given, only that many are read: streamed
+(``IterableDataset.shuffle(seed, buffer_size).take(samples)``, which reads
+about ``samples + buffer_size`` rows) when the Hub is reachable, else a seeded
+subset of the downloaded or cached split. Both are deterministic for a given
+seed and spec; they are different selections, and the fingerprint, a digest of
+the selected images' pixels and labels, tells them apart.
+
+Local folders are read with ``datasets`` too: a ``save_to_disk`` folder with
+``load_from_disk``, any other folder as ``imagefolder`` reads it (flat:
+unlabeled; one subfolder per class: labeled). Images are decoded here, not by
+``datasets``, so that an image that fails to decode is skipped and counted
+instead of ending the run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import random
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from huggingface_hub import constants as hf_constants
+
+from hfmerge.data.spec import DataSpec
+from hfmerge.errors import DataError
+from hfmerge.hub.connection import TRANSPORT_ERRORS, hub_unreachable
+from hfmerge.spaces.source_ref import is_commit_sha
+
+if TYPE_CHECKING:
+    import datasets
+    from PIL import Image
+
+logger = logging.getLogger(__name__)
+
+IMAGE_COLUMN_NAMES = ("image", "img", "images", "pixel_values", "picture", "photo")
+LABEL_COLUMN_NAMES = ("label", "labels")
+STREAM_BUFFER = 1000  # rows held by the streaming shuffle: the selection is a seeded draw from a window this wide
+
+
+@dataclass
+class ImageData:
+    """The selected samples of one dataset split, decoded, ready for an image processor.
+
+    Attributes:
+        spec: what the user named.
+        name: shown to users and in cards: ``org/ds:split``, or the folder's name (never its path).
+        split: the split read.
+        commit_sha: the resolved commit sha of a Hub dataset.
+        image_column, label_column: the columns read.
+        label_names: class names when labeled (``ClassLabel`` names, or imagefolder's folder names).
+        images: RGB images, the selected samples in order.
+        labels: index into ``label_names``, one per image, when labeled.
+        skipped: samples whose image failed to decode.
+        fingerprint: hex digest of (commit sha or ``folder``, split, columns, label names, and each
+            selected image's pixels and label): equal fingerprints mean equal data.
+    """
+
+    spec: DataSpec
+    name: str
+    split: str
+    commit_sha: str | None
+    image_column: str
+    label_column: str | None
+    label_names: list[str] | None
+    images: list[Image.Image]
+    labels: list[int] | None
+    skipped: int
+    fingerprint: str
+    streamed: bool = field(default=False)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+
+def load_image_data(
+    spec: DataSpec | str, *, samples: int | None = None, seed: int = 0, image_column: str | None = None,
+    label_column: str | None = None, token: str | bool | None = None, labeled: bool = False,
+    streaming: bool | None = None,
+) -> ImageData:
+    """Read and decode the selected samples of one dataset split.
+
+    Args:
+        spec: the dataset (see :mod:`hfmerge.data.spec`).
+        samples: how many samples to select, seeded by ``seed``; ``None`` reads the whole split.
+            Fewer available: a warning, and all are used.
+        image_column, label_column: override the detected columns.
+        token: for private or gated Hub datasets; never printed or stored.
+        labeled: a label column is required.
+        streaming: stream instead of downloading the split; ``None`` streams when ``samples``
+            is given and the Hub is reachable (``HF_HUB_OFFLINE`` unset).
+
+    Raises:
+        DataError: the dataset, revision, split or a column does not exist; no samples, or none decodes.
+        HubUnreachableError: the Hub cannot be reached.
+    """
+    spec = DataSpec.parse(spec)
+    if samples is not None and samples < 1:
+        raise DataError(f"samples must be a positive number, got {samples}; ask for at least 1")
+    if spec.is_local:
+        table, split, name, commit_sha = _open_folder(spec)
+        streamed = False
+    else:
+        streamed = streaming if streaming is not None else samples is not None and not hf_constants.HF_HUB_OFFLINE
+        table, split, name, commit_sha = _open_hub(spec, token=token, streaming=streamed)
+    features = _features(table)
+    image_col = _image_column(features, image_column, name)
+    label_col, label_names = _label_column(features, label_column, name, labeled)
+    table = _undecoded(table, features, image_col)
+    rows = _select(table, samples, seed, name, streamed)
+    try:
+        images, raw_labels, skipped = _decode_rows(rows, image_col, label_col)
+    except TRANSPORT_ERRORS as exc:
+        raise hub_unreachable(exc) from None
+    if skipped:
+        logger.warning("%s: %d of %d images failed to decode and were skipped", name, skipped,
+                       skipped + len(images))
+    if not images:
+        raise DataError(f"{name}: none of its {skipped} images could be decoded; check the files")
+    labels = None
+    if label_col is not None:
+        labels, label_names = _label_indices(raw_labels, label_names)
+    return ImageData(
+        spec=spec, name=name, split=split, commit_sha=commit_sha, image_column=image_col, label_column=label_col,
+        label_names=label_names, images=images, labels=labels, skipped=skipped,
+        fingerprint=_fingerprint(commit_sha, split, image_col, label_col, label_names, images, labels),
+        streamed=streamed,
+    )
+
+
+class ProcessedImages(torch.utils.data.Dataset):
+    """Items ``{"pixel_values": FloatTensor[C, H, W]}``, plus ``"labels"`` when the data is labeled.
+
+    Each image goes through ``processor`` (a transformers image processor, the
+    source model's own) when it is read. ``label_map`` maps dataset label
+    indices to the model's (see :func:`label_map_for`); without it labels are
+    the dataset's indices.
+    """
+
+    def __init__(self, data: ImageData, processor: Any, label_map: dict[int, int] | None = None) -> None:
+        self.data = data
+        self.processor = processor
+        self.label_map = label_map
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        pixel_values = self.processor(images=self.data.images[index], return_tensors="pt")["pixel_values"][0]
+        item: dict[str, Any] = {"pixel_values": pixel_values}
+        if self.data.labels is not None:
+            label = self.data.labels[index]
+            item["labels"] = self.label_map[label] if self.label_map is not None else label
+        return item
+
+
+def label_map_for(data: ImageData, id2label: dict[int, str] | dict[str, str]) -> dict[int, int]:
+    """Dataset label index -> model label index, matched by label name.
+
+    Every label that occurs in the selected samples must be one of the
+    model's; the map also covers the dataset's other names the model has.
+
+    Raises:
+        DataError: the data is unlabeled, or some of its labels are not the model's (named).
+    """
+    if data.label_names is None or data.labels is None:
+        raise DataError(f"{data.name} has no labels; give a labeled dataset (a label column, or one folder per class)")
+    model_index = {str(name): int(index) for index, name in id2label.items()}
+    used = sorted(set(data.labels))
+    missing = [data.label_names[i] for i in used if data.label_names[i] not in model_index]
+    if missing:
+        shown = ", ".join(repr(name) for name in missing[:10]) + (f" and {len(missing) - 10} more"
+                                                                   if len(missing) > 10 else "")
+        known = ", ".join(repr(name) for name in list(model_index)[:10])
+        raise DataError(f"{data.name} has labels the model does not know: {shown}; the model's labels are "
+                        f"{known}{' ...' if len(model_index) > 10 else ''}: give data of the model's task")
+    return {i: model_index[name] for i, name in enumerate(data.label_names) if name in model_index}
+
+
+# -- opening a split ---------------------------------------------------------------
+
+
+def _pick_split(splits: list[str], spec: DataSpec, where: str) -> str:
+    listed = ", ".join(splits) or "none"
+    if spec.split is not None:
+        if spec.split not in splits:
+            raise DataError(f"split {spec.split!r} does not exist in {where}; its splits are: {listed} "
+                            f"(write {spec.dataset}:{splits[0] if splits else 'SPLIT'})")
+        return spec.split
+    if "train" in splits:
+        return "train"
+    if len(splits) == 1:
+        return splits[0]
+    raise DataError(f"{where} has several splits ({listed}); name one, e.g. {spec.dataset}:{splits[0]}"
+                    if splits else f"{where} has no splits; check the dataset")
+
+
+def _open_folder(spec: DataSpec) -> tuple[Any, str, str, None]:
+    import datasets
+
+    folder = spec.path
+    if not folder.exists():
+        raise DataError(f"data {spec.dataset!r} is neither an existing folder nor a Hub dataset id; "
+                        "give a folder of images or org/name[@revision][:split]")
+    if not folder.is_dir():
+        raise DataError(f"data {spec.dataset!r} is a file; give the folder that holds the images")
+    where = f"folder {folder.resolve().name!r}"
+    if (folder / "dataset_dict.json").is_file() or (folder / "state.json").is_file():
+        try:
+            loaded = datasets.load_from_disk(str(folder))
+        except (FileNotFoundError, ValueError, OSError) as exc:
+            raise DataError(f"{where} looks like a save_to_disk folder but cannot be read ({_first_line(exc)}); "
+                            "save it again with save_to_disk") from None
+        tables = dict(loaded) if isinstance(loaded, datasets.DatasetDict) else {loaded.split and str(loaded.split)
+                                                                                 or "train": loaded}
+    else:
+        try:
+            tables = dict(datasets.load_dataset("imagefolder", data_dir=str(folder)))
+        except (FileNotFoundError, ValueError, datasets.exceptions.DataFilesNotFoundError) as exc:
+            logger.debug("imagefolder could not read %s: %s", folder, exc)
+            raise DataError(f"{where} has no images (.png, .jpg, ...) and is not a save_to_disk folder; "
+                            "give a folder of images, flat or one subfolder per class") from None
+    split = _pick_split(sorted(tables), spec, where)
+    name = folder.resolve().name + (f":{split}" if spec.split else "")
+    return tables[split], split, name, None
+
+
+def _open_hub(spec: DataSpec, *, token: str | bool | None, streaming: bool) -> tuple[Any, str, str, str | None]:
+    import datasets
+    from datasets.data_files import EmptyDatasetError
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    repo_id = spec.dataset
+    revision = spec.commit or spec.revision
+    where = f"{repo_id}@{revision}" if revision else repo_id
+    offline = hf_constants.HF_HUB_OFFLINE
+    try:
+        if offline:
+            if streaming:
+                raise DataError(f"{where}: streaming needs the Hub and HF_HUB_OFFLINE is set; unset it, "
+                                "or read the dataset from the cache without streaming")
+            builder = datasets.load_dataset_builder(repo_id, revision=revision, token=token)
+            sha = _cached_sha(builder, where, revision)
+        else:
+            # The first request: not retried by huggingface_hub, and bounded, so an unreachable Hub fails fast.
+            sha = HfApi().dataset_info(repo_id, revision=revision, token=token, expand=["sha"],
+                                       timeout=hf_constants.HF_HUB_ETAG_TIMEOUT).sha
+            builder = datasets.load_dataset_builder(repo_id, revision=sha, token=token)
+        data_files = builder.config.data_files or {}
+        splits = [str(s) for s in data_files] or [str(s) for s in (builder.info.splits or {})]
+        split = _pick_split(splits, spec, where)
+        if streaming:
+            table = builder.as_streaming_dataset(split=split)
+        else:
+            builder.download_and_prepare()
+            table = builder.as_dataset(split=split)
+    except GatedRepoError:
+        raise DataError(f"dataset {repo_id} is gated: accept its conditions on the Hub, then log in with "
+                        "`hf auth login` or set HF_TOKEN") from None
+    except RevisionNotFoundError:
+        raise DataError(f"revision {revision!r} does not exist in dataset {repo_id}; "
+                        "give a branch, tag or commit sha") from None
+    except (RepositoryNotFoundError, datasets.exceptions.DatasetNotFoundError) as exc:
+        if offline:
+            raise DataError(f"dataset {where} is not in the local cache and HF_HUB_OFFLINE is set: unset it to "
+                            "download it, or check the name") from None
+        logger.debug("dataset %s not found: %s", where, exc)
+        raise DataError(f"{repo_id} is not a folder here and not a dataset on the Hub, or it is private and no "
+                        "token grants access: check the name, or log in with `hf auth login` or set HF_TOKEN") from None
+    except (datasets.exceptions.DataFilesNotFoundError, EmptyDatasetError) as exc:
+        raise DataError(f"dataset {where} has no data files that datasets can read ({_first_line(exc)}); "
+                        "give a dataset with parquet, csv/json or image files") from None
+    except TRANSPORT_ERRORS as exc:
+        raise hub_unreachable(exc) from None
+    except LocalEntryNotFoundError as exc:
+        if offline:
+            raise DataError(f"dataset {where} is not in the local cache and HF_HUB_OFFLINE is set: "
+                            "unset it to download it") from None
+        raise hub_unreachable(exc.__cause__ or exc) from None
+    except HfHubHTTPError as exc:
+        status = getattr(getattr(exc, "response", None), "status_code", "?")
+        raise DataError(f"the Hub answered HTTP {status} for dataset {where}; try again, or check HF_ENDPOINT") from None
+    except ConnectionError as exc:  # datasets' own, e.g. "Couldn't reach ... (OfflineModeIsEnabled)"
+        if offline:
+            raise DataError(f"dataset {where} is not in the local cache and HF_HUB_OFFLINE is set: "
+                            "unset it to download it") from None
+        raise hub_unreachable(exc) from None
+    name = f"{spec.dataset}@{spec.revision}:{split}" if spec.revision else f"{spec.dataset}:{split}"
+    return table, split, name, sha
+
+
+def _cached_sha(builder: datasets.DatasetBuilder, where: str, revision: str | None) -> str | None:
+    """The commit sha of the cached copy ``datasets`` found offline (its cache folder is named by it).
+
+    A pinned sha that is not the cached one is an error: reading another commit would not reproduce.
+    """
+    cached = Path(builder.cache_dir).name
+    sha = cached if is_commit_sha(cached) else None
+    if revision is not None and is_commit_sha(revision) and sha != revision:
+        raise DataError(f"dataset {where} is not in the local cache (the cache holds "
+                        f"{sha or 'another version'}) and HF_HUB_OFFLINE is set: unset it to download it")
+    if revision is not None and not is_commit_sha(revision):
+        logger.info("HF_HUB_OFFLINE is set: %s read from the latest cached copy (commit %s)", where, sha)
+    return sha
+
+
+# -- columns -----------------------------------------------------------------------
+
+
+def _features(table: Any) -> datasets.Features:
+    features = table.features
+    if features is None:  # an IterableDataset whose features are only known from its first rows
+        table = table._resolve_features()
+        features = table.features
+    return features
+
+
+def _image_column(features: datasets.Features, override: str | None, name: str) -> str:
+    import datasets
+
+    columns = list(features)
+    if override is not None:
+        if override not in features:
+            raise DataError(f"{name} has no column {override!r}; its columns are: {', '.join(columns)}")
+        return override
+    typed = [c for c, f in features.items() if isinstance(f, datasets.Image)]
+    if typed:
+        if len(typed) > 1:
+            logger.info("%s: several image columns (%s); reading %r (choose with --data-column)",
+                        name, ", ".join(typed), typed[0])
+        return typed[0]
+    for candidate in IMAGE_COLUMN_NAMES:
+        if candidate in features:
+            logger.info("%s: no column has the Image type; reading images from column %r by its name",
+                        name, candidate)
+            return candidate
+    raise DataError(f"{name} has no image column; its columns are: {', '.join(columns)}; "
+                    "name the image column with --data-column")
+
+
+def _label_column(features: datasets.Features, override: str | None, name: str,
+                  labeled: bool) -> tuple[str | None, list[str] | None]:
+    import datasets
+
+    columns = list(features)
+    column = None
+    if override is not None:
+        if override not in features:
+            raise DataError(f"{name} has no column {override!r}; its columns are: {', '.join(columns)}")
+        column = override
+    else:
+        typed = [c for c, f in features.items() if isinstance(f, datasets.ClassLabel)]
+        named = [c for c in LABEL_COLUMN_NAMES if c in features]
+        column = (typed or named or [None])[0]
+    if column is None:
+        if labeled:
+            raise DataError(f"{name} has no label column; its columns are: {', '.join(columns)}; "
+                            "name it with --label-column, or give one folder per class")
+        return None, None
+    feature = features[column]
+    return column, list(feature.names) if isinstance(feature, datasets.ClassLabel) else None
+
+
+def _undecoded(table: Any, features: datasets.Features, column: str) -> Any:
+    """The table with its Image column left encoded, so that a bad image can be skipped here."""
+    import datasets
+
+    if isinstance(features[column], datasets.Image):
+        return table.cast_column(column, datasets.Image(decode=False))
+    return table
+
+
+# -- selection and decoding --------------------------------------------------------
+
+
+def _select(table: Any, samples: int | None, seed: int, name: str, streamed: bool) -> Iterable[dict[str, Any]]:
+    if streamed:
+        if samples is None:
+            return table
+        return _warn_if_short(table.shuffle(seed=seed, buffer_size=STREAM_BUFFER).take(samples), samples, name)
+    available = len(table)
+    if available == 0:
+        raise DataError(f"{name} has no samples; give a split that has some")
+    if samples is None:
+        return table
+    if samples > available:
+        logger.warning("%s has %d samples, fewer than the %d asked; using all %d", name, available, samples,
+                       available)
+        return table
+    chosen = sorted(random.Random(seed).sample(range(available), samples))
+    return table.select(chosen)
+
+
+def _warn_if_short(rows: Iterable[dict[str, Any]], samples: int, name: str) -> Iterator[dict[str, Any]]:
+    count = 0
+    for row in rows:
+        count += 1
+        yield row
+    if count == 0:
+        raise DataError(f"{name} has no samples; give a split that has some")
+    if count < samples:
+        logger.warning("%s has %d samples, fewer than the %d asked; using all %d", name, count, samples, count)
+
+
+def _decode_rows(rows: Iterable[dict[str, Any]], image_col: str,
+                 label_col: str | None) -> tuple[list[Image.Image], list[Any], int]:
+    images: list[Image.Image] = []
+    labels: list[Any] = []
+    skipped = 0
+    for row in rows:
+        image = _decode(row[image_col])
+        if image is None:
+            skipped += 1
+            continue
+        images.append(image)
+        if label_col is not None:
+            labels.append(row[label_col])
+    return images, labels, skipped
+
+
+def _decode(value: Any) -> Image.Image | None:
+    """An RGB image from what a dataset holds (PIL image, {bytes, path}, bytes or a path); ``None`` if it fails."""
+    from PIL import Image
+
+    try:
+        if isinstance(value, Image.Image):
+            image = value
+        elif isinstance(value, dict) and (value.get("bytes") or value.get("path")):
+            image = Image.open(io.BytesIO(value["bytes"]) if value.get("bytes") else value["path"])
+        elif isinstance(value, (bytes, bytearray)):
+            image = Image.open(io.BytesIO(value))
+        elif isinstance(value, str):
+            image = Image.open(value)
+        else:
+            return None
+        image.load()
+        return image.convert("RGB")
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        logger.debug("an image failed to decode: %s", exc)
+        return None
+
+
+def _label_indices(raw: list[Any], names: list[str] | None) -> tuple[list[int], list[str]]:
+    """Labels as indices into names: ``ClassLabel`` indices as they are; else strings or ints named by value."""
+    if names is not None:
+        return [int(v) for v in raw], names
+    if all(isinstance(v, (int, bool)) for v in raw):
+        values = sorted({int(v) for v in raw})
+        names = [str(v) for v in range(values[-1] + 1)] if values and values[0] >= 0 else [str(v) for v in values]
+        index = {int(n): i for i, n in enumerate(names)}
+        return [index[int(v)] for v in raw], names
+    names = sorted({str(v) for v in raw})
+    index = {n: i for i, n in enumerate(names)}
+    return [index[str(v)] for v in raw], names
+
+
+def _fingerprint(commit_sha: str | None, split: str, image_col: str, label_col: str | None,
+                 label_names: list[str] | None, images: list[Image.Image], labels: list[int] | None) -> str:
+    digest = hashlib.sha256(json.dumps({
+        "source": commit_sha or "folder", "split": split, "image_column": image_col, "label_column": label_col,
+        "label_names": label_names, "samples": len(images),
+    }, sort_keys=True).encode())
+    for i, image in enumerate(images):
+        digest.update(f"{image.size[0]}x{image.size[1]}:".encode())
+        digest.update(hashlib.sha256(image.tobytes()).digest())
+        if labels is not None:
+            digest.update(f":{labels[i]};".encode())
+    return digest.hexdigest()
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
