@@ -16,7 +16,7 @@ from hfmerge.adapters import ModelLayout, inspect_source
 from hfmerge.checkpoint import HeaderReader, weight_files
 from hfmerge.engine.execute import execute_plan, output_dtype
 from hfmerge.engine.plan import MergeContext, MergePlan, TensorPlan
-from hfmerge.engine.stages import fine_tune, run_statistics
+from hfmerge.stages import fine_tune, run_statistics
 from hfmerge.errors import IncompatibleModelsError
 from hfmerge.hub.publish import check_push_access
 from hfmerge.hub.resolve import ResolvedSource, resolve_source, safetensors_header
@@ -165,7 +165,7 @@ def run_recipe(
     The result is saved first, then pushed in one commit.
 
     A method that reads data runs the data stages around the merge
-    (:mod:`hfmerge.engine.stages`): statistics on each source's data before
+    (:mod:`hfmerge.stages`): statistics on each source's data before
     it, training after it; ``recipe.eval_data`` adds an evaluation whose
     results go into the card. Under ``accelerate launch`` with several
     processes, every process takes part in the statistics and the training,
@@ -311,6 +311,10 @@ def merge(
     overwrite: bool = False,
     heads: str | None = None,
     seed: int | None = None,
+    data: list[Any] | None = None,
+    eval_data: list[Any] | None = None,
+    data_column: str | None = None,
+    label_column: str | None = None,
     token: str | bool | None = None,
     progress: bool = True,
     parameters: dict[str, Any] | None = None,
@@ -321,7 +325,9 @@ def merge(
     Method parameters are keyword arguments (``lambda_=0.5`` for ``lambda``,
     a Python keyword) or a ``parameters`` mapping. ``heads`` is the head policy
     (``concat``, ``average``, ``anchor``; default: the method's choice) and
-    ``seed`` seeds methods that draw random numbers (``dare``). With ``output`` and/or
+    ``seed`` seeds methods that draw random numbers (``dare``) or sample data. ``data`` gives a
+    data method each source's data (``"org/ds:split"``, a folder; one per source or one for all),
+    ``eval_data`` the datasets the result is evaluated on for its card. With ``output`` and/or
     ``push_to_hub`` the result is also saved and/or pushed, as in :func:`run_recipe`.
 
     Example:
@@ -337,5 +343,6 @@ def merge(
             sources=list(sources), method=method, parameters=params, weights=weights, anchor=anchor,
             base=base, dtype=dtype, allow_pickle=allow_pickle, max_shard_size=max_shard_size, heads=heads, seed=seed,
             output=None if output is None else str(output), push_to_hub=push_to_hub, private=private,
+            data=data, eval_data=eval_data, data_column=data_column, label_column=label_column,
         )
     return run_recipe(recipe, token=token, overwrite=overwrite, progress=progress)

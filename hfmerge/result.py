@@ -47,7 +47,7 @@ class MergeResult:
     evaluation: Any = None
     """The :class:`~hfmerge.eval.report.EvaluationReport` of the merged model, when evaluation data was given."""
     data_uses: list[Any] = field(default_factory=list)
-    """What each source's statistics were computed on (:class:`~hfmerge.engine.stages.DataUse`)."""
+    """What each source's statistics were computed on (:class:`~hfmerge.stages.DataUse`)."""
 
     def __post_init__(self) -> None:
         self._finalizer = weakref.finalize(self, shutil.rmtree, str(self.staging), True)

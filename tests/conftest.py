@@ -84,3 +84,23 @@ def make_source(tmp_path):
 @pytest.fixture
 def tiny():
     return tiny_model
+
+
+@pytest.fixture(scope="session")
+def digit_hub(hub_api, tmp_path_factory):
+    """The digit tasks as dataset repos ``org/<task>`` and the digit ViTs as ``org/vit-digits-<name>`` on the local Hub.
+
+    Returns ``{"datasets": {task: repo id}, "models": {name: repo id}, "folders": {name: local folder}}``.
+    """
+    from hfmerge.testing.digit_models import train_digit_models
+    from hfmerge.testing.tasks import push_digit_datasets
+
+    datasets = push_digit_datasets(hub_api, "org")
+    folders = train_digit_models(tmp_path_factory.mktemp("digit-models"))
+    models = {}
+    for name, folder in folders.items():
+        repo_id = f"org/vit-digits-{name}"
+        hub_api.create_repo(repo_id, exist_ok=True)
+        hub_api.upload_folder(folder_path=str(folder), repo_id=repo_id)
+        models[name] = repo_id
+    return {"datasets": datasets, "models": models, "folders": folders}

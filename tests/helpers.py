@@ -14,10 +14,16 @@ def run_cli(args, capsys):
     return code, captured.out, captured.err
 
 
+def _is_stage_line(line):
+    return line.startswith("hfmerge: ") and not line.startswith(("hfmerge: error:", "hfmerge: warning:"))
+
+
 def assert_one_line_error(code, err, *fragments):
     assert code == 2
     # what a terminal shows: a progress bar erased with carriage returns leaves no line behind
     lines = [shown for line in err.split("\n") if (shown := line.split("\r")[-1]).strip()]
+    # the stage lines logged before the failure ("hfmerge: planned ... in 0.1 s") are progress, not messages
+    lines = [line for line in lines if not _is_stage_line(line)]
     assert len(lines) == 1, err
     assert lines[0].startswith("hfmerge: error: ")
     assert "Traceback" not in err

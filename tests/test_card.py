@@ -182,7 +182,7 @@ def test_fusion_card_says_what_is_and_is_not_done(make_source, capsys):
     a, b = make_source("mask2former", 3, seed=1), make_source("mask2former", 2, seed=2)
     _, card = card_of([a, b], "fusion")
     method = section(card, "Method")
-    assert "fine-tun" in method and "does not apply that step" in method
+    assert "fine-tun" in method and "That step was not applied" in method and "`--data`" in method
     assert '"no object"' in method and "weighted average" in method
     assert "Parameter Fusion: Efficient Multi-Domain Classification" in method
     assert "](" not in method and "search" not in card  # the title without a link, never a search URL

@@ -99,7 +99,7 @@ def _covers(model: torch.nn.Module, data: ImageData) -> bool:
 def evaluate_merge(result: MergeResult, specs: list[DataSpec], *, token: str | bool | None = None,
                    progress: bool = True) -> EvaluationReport:
     """Evaluate a finished merge (in its staging folder) beside its sources and their ensemble."""
-    from hfmerge.engine.stages import source_model, source_processor
+    from hfmerge.stages import source_model, source_processor
 
     planned = result.planned
     recipe = planned.recipe

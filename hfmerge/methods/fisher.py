@@ -32,6 +32,7 @@ class Fisher(MergeMethod):
     reference_url = "https://arxiv.org/abs/2111.09832"
     uses_weights = True
     needs_data = True
+    min_sources = 1  # one source merges to itself: a check of the statistics, as the paper's Eq. 2 implies
     parameters = (
         ParamSpec("samples", int, 256, "images of each source's data to estimate its Fisher on", minimum=1),
         ParamSpec("empirical", bool, False, "use the data's labels (empirical Fisher) instead of sampled ones"),

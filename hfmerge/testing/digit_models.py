@@ -1,0 +1,121 @@
+"""Small ViTs trained on the digit tasks (:mod:`hfmerge.testing.tasks`), from one shared initialisation.
+
+The models the offline demo and the data tests merge: a base "pre-trained" a
+little on upright and mirrored digits, then fine-tuned copies — ``upright``
+and ``mirrored`` (two domains, ten labels each), ``low`` and ``high`` (digits
+0–4 and 5–9, two tasks). Training is a plain seeded PyTorch loop on the
+tasks' train splits, read exactly as a user's data would be: each image
+through the saved image processor.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from hfmerge.testing.tasks import DIGIT_NAMES, SIZE, digit_task
+
+MODELS = ("base", "upright", "mirrored", "low", "high")
+TASK_OF = {"upright": "digits", "mirrored": "digits-mirrored", "low": "digits-low", "high": "digits-high"}
+
+
+@dataclass(frozen=True)
+class DigitViT:
+    """The size of the digit ViTs and how long each is trained."""
+
+    hidden_size: int = 32
+    layers: int = 2
+    heads: int = 2
+    base_epochs: int = 10
+    finetune_epochs: int = 5
+    learning_rate: float = 1e-3
+    finetune_learning_rate: float = 5e-4
+
+
+def processor():
+    """The image processor every digit model saves: 16 px, values scaled to [-1, 1]."""
+    from transformers import ViTImageProcessorPil
+
+    return ViTImageProcessorPil(size={"height": SIZE, "width": SIZE}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+
+
+def split_tensors(task: str, split: str) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """A task split as (pixel_values through :func:`processor`, labels, label names)."""
+    data = digit_task(task)[split]
+    pixels = processor()(images=list(data["image"]), return_tensors="pt")["pixel_values"]
+    return pixels, torch.tensor(data["label"]), data.features["label"].names
+
+
+def _vit(size: DigitViT, labels: list[str]):
+    from transformers import ViTConfig, ViTForImageClassification
+
+    config = ViTConfig(hidden_size=size.hidden_size, num_hidden_layers=size.layers, num_attention_heads=size.heads,
+                       intermediate_size=2 * size.hidden_size, image_size=SIZE, patch_size=4,
+                       id2label=dict(enumerate(labels)), label2id={label: i for i, label in enumerate(labels)})
+    return ViTForImageClassification(config)
+
+
+def _fit(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, lr: float) -> None:
+    optimiser = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    generator = torch.Generator().manual_seed(0)
+    model.train()
+    for _ in range(epochs):
+        order = torch.randperm(len(x), generator=generator)
+        for start in range(0, len(x), 64):
+            batch = order[start:start + 64]
+            loss = torch.nn.functional.cross_entropy(model(pixel_values=x[batch]).logits, y[batch])
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+    model.eval()
+
+
+def train_digit_models(folder: Path, size: DigitViT = DigitViT(), *, models: tuple[str, ...] = MODELS,
+                       report: Callable[[str], None] | None = None) -> dict[str, Path]:
+    """Train the digit ViTs and save each, with its processor and a license card, to ``folder/<name>``."""
+    torch.manual_seed(0)
+    started = time.time()
+    upright_x, upright_y, names = split_tensors("digits", "train")
+    mirrored_x, _, _ = split_tensors("digits-mirrored", "train")
+    base = _vit(size, names)
+    half = len(upright_x) // 2  # "pre-training": a little on both domains, so the base knows no domain well
+    _fit(base, torch.cat([upright_x[:half], mirrored_x[half:]]), upright_y, size.base_epochs, size.learning_rate)
+    trained = {"base": base}
+    if report:
+        report(f"base trained ({time.time() - started:.0f} s)")
+    for name in models:
+        if name == "base":
+            continue
+        x, y, labels = split_tensors(TASK_OF[name], "train")
+        model = _vit(size, labels)
+        state = {k: v for k, v in base.state_dict().items() if not k.startswith("classifier.")}
+        if labels == DIGIT_NAMES:
+            state = base.state_dict()
+        model.load_state_dict(state, strict=False)
+        _fit(model, x, y, size.finetune_epochs, size.finetune_learning_rate)
+        trained[name] = model
+        if report:
+            report(f"{name} trained ({time.time() - started:.0f} s)")
+    folders = {}
+    for name in models:
+        out = folder / f"vit-digits-{name}"
+        trained[name].save_pretrained(out)
+        processor().save_pretrained(out)
+        (out / "README.md").write_text(
+            "---\nlicense: apache-2.0\nlibrary_name: transformers\npipeline_tag: image-classification\n---\n"
+            f"# vit-digits-{name}\n\nA tiny ViT trained on scikit-learn's digits by hfmerge's test tasks.\n")
+        folders[name] = out
+    return folders
+
+
+@torch.inference_mode()
+def accuracy(model: torch.nn.Module, task: str, split: str = "test") -> float:
+    """Top-1 accuracy on a digit task, matching predictions to the task's labels by name."""
+    x, y, names = split_tensors(task, split)
+    predicted = model.eval()(pixel_values=x).logits.argmax(-1)
+    predicted_names = [model.config.id2label[int(i)] for i in predicted]
+    return sum(p == names[int(t)] for p, t in zip(predicted_names, y)) / len(y)

@@ -1,0 +1,196 @@
+"""Data methods end to end: models and datasets by Hub id, through the CLI and the Python API."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+import hfmerge
+from helpers import assert_one_line_error, run_cli
+from hfmerge.testing.digit_models import accuracy
+
+
+def _tensors(folder: Path) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for path in sorted(Path(folder).glob("*.safetensors")):
+        out.update(load_file(path))
+    return out
+
+
+def _load(folder):
+    from transformers import AutoModelForImageClassification
+
+    return AutoModelForImageClassification.from_pretrained(folder)
+
+
+def test_regmean_by_repo_and_dataset_id_pins_the_data_and_beats_average(digit_hub, hub_api, tmp_path, capsys):
+    m, d = digit_hub["models"], digit_hub["datasets"]
+    out = tmp_path / "regmean"
+    code, _, err = run_cli(["merge", m["upright"], m["mirrored"], "--method", "regmean",
+                            "--data", f"{d['digits']}:train", "--data", f"{d['digits-mirrored']}:train",
+                            "--param", "samples=200", "--output", out], capsys)
+    assert code == 0, err
+    assert "statistics stage" in err and "computed" in err  # one line per stage, with its time
+    pinned = yaml.safe_load((out / "hfmerge.yaml").read_text())
+    assert [entry["commit"] for entry in pinned["data"]] == [
+        hub_api.dataset_info(d["digits"]).sha, hub_api.dataset_info(d["digits-mirrored"]).sha]
+    card = (out / "README.md").read_text()
+    assert "## Data" in card and "org/digits:train" in card and "RegMean" in card
+    average = hfmerge.merge([m["upright"], m["mirrored"]], method="average", progress=False)
+    regmean_model, average_model = _load(out), _load(average.staging)
+    scores = {name: (accuracy(regmean_model, task), accuracy(average_model, task))
+              for name, task in (("upright", "digits"), ("mirrored", "digits-mirrored"))}
+    for name, (regmean_score, average_score) in scores.items():
+        assert regmean_score > average_score, scores
+
+    # a second merge with another α reads the same statistics from the cache, and says so
+    code, _, err = run_cli(["merge", m["upright"], m["mirrored"], "--method", "regmean",
+                            "--data", f"{d['digits']}:train", "--data", f"{d['digits-mirrored']}:train",
+                            "--param", "samples=200", "--param", "alpha=0.5", "--output", tmp_path / "again"], capsys)
+    assert code == 0, err
+    assert err.count("read from the cache") == 2 and "computed" not in err
+
+
+@pytest.mark.parametrize("method", ["regmean", "fisher"])
+def test_identical_sources_merge_to_themselves(method, digit_hub):
+    folder = digit_hub["folders"]["upright"]
+    result = hfmerge.merge([str(folder), str(folder)], method=method, data=[f"{digit_hub['datasets']['digits']}:test"],
+                           samples=16, progress=False)
+    merged, source = _tensors(result.staging), _tensors(folder)
+    assert merged.keys() == source.keys()
+    for key, tensor in source.items():
+        assert torch.allclose(merged[key].float(), tensor.float(), atol=1e-5), key
+
+
+def test_fisher_of_one_source_is_that_source(digit_hub):
+    folder = digit_hub["folders"]["mirrored"]
+    result = hfmerge.merge([str(folder)], method="fisher", data=[f"{digit_hub['datasets']['digits-mirrored']}:test"],
+                           samples=8, progress=False)
+    merged, source = _tensors(result.staging), _tensors(folder)
+    assert all(torch.equal(merged[k], v) for k, v in source.items())
+
+
+def test_fusion_fine_tuned_on_the_sources_data_beats_fusion_without(digit_hub, tmp_path, capsys):
+    m, d = digit_hub["models"], digit_hub["datasets"]
+    plain = hfmerge.merge([m["low"], m["high"]], method="fusion", progress=False)
+    out = tmp_path / "fused"
+    code, _, err = run_cli(["merge", m["low"], m["high"], "--method", "fusion",
+                            "--data", f"{d['digits-low']}:train", "--data", f"{d['digits-high']}:train",
+                            "--param", "finetune_epochs=3", "--param", "learning_rate=1e-3",
+                            "--output", out, "-q"], capsys)
+    assert code == 0, err
+    tuned_score, plain_score = accuracy(_load(out), "digits"), accuracy(_load(plain.staging), "digits")
+    assert tuned_score > plain_score + 0.02, (tuned_score, plain_score)
+    method = (out / "README.md").read_text().split("## Method", 1)[1].split("\n## ", 1)[0]
+    assert "was then fine-tuned" in method and "org/digits-low:train" in method
+    plain_method = plain.card.text.split("## Method", 1)[1].split("\n## ", 1)[0]
+    assert "That step was not applied" in plain_method
+
+
+def test_evaluate_updates_the_card_with_a_table_and_model_index(digit_hub, tmp_path, capsys):
+    from huggingface_hub import ModelCard
+
+    m, d = digit_hub["models"], digit_hub["datasets"]
+    out = tmp_path / "average"
+    hfmerge.merge([m["upright"], m["mirrored"]], method="average", output=out, progress=False)
+    results = tmp_path / "results.json"
+    code, stdout, err = run_cli(["evaluate", out, "--data", f"{d['digits']}:test", "--data",
+                                 f"{d['digits-mirrored']}:test", "--ensemble", "--json", results,
+                                 "--update-card", "-q"], capsys)
+    assert code == 0, err
+    report = json.loads(results.read_text())
+    card = ModelCard.load(out / "README.md")
+    parsed = {(r.dataset_name, r.metric_type): r.metric_value for r in card.data.eval_results}
+    merged = next(row for row in report["models"] if row["role"] == "merged")
+    for task in merged["tasks"]:
+        assert parsed[(task["dataset"], "accuracy")] == pytest.approx(task["metrics"]["accuracy"])
+    # the reported accuracy is the model's, computed here independently
+    upright = next(t for t in merged["tasks"] if t["dataset"].startswith(d["digits"] + ":") or t["dataset"] == d["digits"])
+    assert upright["metrics"]["accuracy"] == pytest.approx(accuracy(_load(out), "digits"), abs=1e-6)
+    assert "## Evaluation" in card.text and (out / "evaluation.svg").is_file()
+    roles = [row["role"] for row in report["models"]]
+    assert roles.count("source") == 2 and "ensemble" in roles
+    # running it again replaces the section instead of adding a second one
+    code, _, err = run_cli(["evaluate", out, "--data", f"{d['digits']}:test", "--update-card", "-q"], capsys)
+    assert code == 0, err
+    assert ModelCard.load(out / "README.md").text.count("## Evaluation") == 1
+
+
+def test_merge_with_eval_data_puts_the_results_in_the_card(digit_hub, tmp_path, capsys):
+    from huggingface_hub import ModelCard
+
+    m, d = digit_hub["models"], digit_hub["datasets"]
+    out = tmp_path / "evaluated"
+    code, _, err = run_cli(["merge", m["upright"], m["mirrored"], "--method", "average",
+                            "--eval-data", f"{d['digits']}:test", "--eval-data", f"{d['digits-mirrored']}:test",
+                            "--output", out, "-q"], capsys)
+    assert code == 0, err
+    card = ModelCard.load(out / "README.md")
+    assert len({r.dataset_name for r in card.data.eval_results}) == 2
+    assert "## Evaluation" in card.text and "ensemble" in card.text
+
+
+def test_two_processes_under_accelerate_launch_match_one(digit_hub, tmp_path):
+    """The same RegMean merge with 1 process and with 2 (statistics reduced across processes) gives equal tensors."""
+    folders = digit_hub["folders"]
+    data = f"{digit_hub['datasets']['digits']}:test"
+    args = ["merge", str(folders["upright"]), str(folders["mirrored"]), "--method", "regmean", "--data", data,
+            "--param", "samples=50", "--param", "batch_size=8", "-q"]
+    one = hfmerge.merge([str(folders["upright"]), str(folders["mirrored"])], method="regmean", data=[data],
+                        samples=50, batch_size=8, progress=False)
+    accelerate = Path(sys.executable).with_name("accelerate")
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "HF_HOME": str(tmp_path / "hf_home"), "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "two"
+    done = subprocess.run(
+        [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+         "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
+         "-m", "hfmerge", *args, "--output", str(out)],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("saved:") == 1  # only the main process writes
+    two, single = _tensors(out), _tensors(one.staging)
+    assert two.keys() == single.keys()
+    for key in single:
+        assert torch.allclose(two[key], single[key], atol=1e-5), key
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_data_given_to_a_method_that_reads_none_is_ignored_with_a_note(digit_hub, tmp_path, capsys):
+    m, d = digit_hub["models"], digit_hub["datasets"]
+    code, _, err = run_cli(["merge", m["upright"], m["mirrored"], "--method", "average", "--data", d["digits"],
+                            "--output", tmp_path / "out", "-q"], capsys)
+    assert code == 0 and "reads no data: --data is ignored" in err
+    assert "data" not in yaml.safe_load((tmp_path / "out" / "hfmerge.yaml").read_text())
+
+
+@pytest.mark.parametrize("case", ["no data", "too many", "no such dataset", "no such split", "no such revision"])
+def test_bad_data_is_one_line_and_writes_nothing(case, digit_hub, tmp_path, capsys):
+    m, d = digit_hub["models"], digit_hub["datasets"]
+    data = {
+        "no data": ([], ["regmean", "--data"]),
+        "too many": (["--data", d["digits"]] * 3, ["3 --data for 2 sources"]),
+        "no such dataset": (["--data", "org/no-such-dataset"], ["org/no-such-dataset"]),
+        "no such split": (["--data", f"{d['digits']}:validation"], ["validation", "train", "test"]),
+        "no such revision": (["--data", f"{d['digits']}@v9"], ["v9"]),
+    }[case]
+    out = tmp_path / "out"
+    code, _, err = run_cli(["merge", m["upright"], m["mirrored"], "--method", "regmean", *data[0],
+                            "--output", out, "-q"], capsys)
+    assert_one_line_error(code, err, *data[1])
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
