@@ -33,7 +33,9 @@ PICKLE_NAMES = ("pytorch_model.bin", "model.bin", "model.pt", "model.pth")
 
 
 def weight_files(folder: Path) -> tuple[list[Path], bool]:
-    """The weight files of ``folder`` and whether they are pickles."""
+    """The weight files of ``folder`` and whether they are pickles; a single safetensors file is itself."""
+    if folder.is_file() and folder.suffix == ".safetensors":
+        return [folder], False
     index = folder / SAFETENSORS_INDEX
     if index.is_file():
         names = sorted(set(json.loads(index.read_text())["weight_map"].values()))

@@ -37,6 +37,10 @@ class PublishError(HfMergeError, RuntimeError):
     """Uploading to the Hub failed."""
 
 
+class StatisticsError(HfMergeError, ValueError):
+    """A statistics pass cannot run on the data or model given (no samples, no labels, not a classifier)."""
+
+
 class HubUnreachableError(HfMergeError, ConnectionError):
     """The Hub endpoint cannot be reached: no network, unknown host, refused connection or timeout."""
 

@@ -40,6 +40,28 @@ class HeadSpec:
 
 
 @dataclass(frozen=True)
+class SharedInput:
+    """Linear layers that read one input tensor, so one Gram matrix serves them all (RegMean).
+
+    Every ``nn.Linear`` whose in-memory name fullmatches ``pattern`` joins a
+    group; linears matched with equal values of the pattern's named groups
+    (``(?P<block>...)``) share one group, so one pattern covers every layer.
+    ``unless`` names a module (``{block}``-style fields filled from the match)
+    whose presence means the rule does not apply there: SegFormer's queries
+    read the hidden states, but where a block has a ``sequence_reduction``
+    its keys and values read the spatially reduced ones. The first rule that
+    applies to a linear decides its group; a linear no rule names is alone.
+    """
+
+    pattern: str
+    unless: str | None = None
+
+    @cached_property
+    def regex(self) -> re.Pattern[str]:
+        return re.compile(self.pattern)
+
+
+@dataclass(frozen=True)
 class FamilyAdapter:
     """What hfmerge needs to know about one model family.
 
@@ -61,6 +83,11 @@ class FamilyAdapter:
             shrunk copy of a config that keeps every module name; the forward
             order is traced on a tiny CPU instance of it (see ``forward_order``).
         explicit_order: where tracing cannot work, the order given outright.
+        blocks: (pattern, kind) pairs naming the attention and MLP blocks, kind
+            ``"attention"`` or ``"mlp"``, patterns fullmatched against in-memory
+            module names (see :attr:`~hfmerge.adapters.layout.ModelLayout.module_kinds`).
+        shared_inputs: which linear layers read one input (see :class:`SharedInput`
+            and :attr:`~hfmerge.adapters.layout.ModelLayout.linear_groups`).
     """
 
     name: str
@@ -72,6 +99,8 @@ class FamilyAdapter:
     not_layers: tuple[str, ...] = ()
     trace_config: Callable[[Any], Any] | None = None
     explicit_order: Callable[[str, Any], ForwardOrder] | None = None
+    blocks: tuple[tuple[str, str], ...] = ()
+    shared_inputs: tuple[SharedInput, ...] = ()
 
     def model_class(self, architecture: str) -> type[torch.nn.Module]:
         """The transformers class for ``architecture`` (only classes this adapter lists)."""
@@ -89,6 +118,13 @@ class FamilyAdapter:
     def is_layer(self, module: str) -> bool:
         """Whether ``module`` (an in-memory module name) is a layer, i.e. not named in ``not_layers``."""
         return not any(re.fullmatch(pattern, module) for pattern in self.not_layers)
+
+    def block_kind(self, module: str) -> str | None:
+        """``"attention"`` or ``"mlp"`` when ``module`` is one of the declared blocks, else None."""
+        for pattern, kind in self.blocks:
+            if re.fullmatch(pattern, module):
+                return kind
+        return None
 
     def build_meta_model(self, architecture: str, config: Any) -> torch.nn.Module:
         """Instantiate the model on the meta device: names, shapes and order, no memory."""

@@ -73,6 +73,8 @@ class ModelLayout:
     """In-memory names of the class's tensors that the checkpoint lacks, which transformers
     initialises on load (``swin.layernorm`` in UperNet-Swin and Mask2Former files saved by 4.x).
     No method plans them: the output lacks them too, as the sources do."""
+    module_classes: dict[str, type] = field(default_factory=dict, repr=False)
+    """Every in-memory module name (the root is ``""``) and its class, from the meta model."""
 
     @cached_property
     def forward(self) -> dict[str, TensorInfo]:
@@ -91,6 +93,51 @@ class ModelLayout:
     @cached_property
     def layers(self) -> list[str]:
         return list(dict.fromkeys(t.module for t in self.forward.values() if t.is_layer))
+
+    @cached_property
+    def module_kinds(self) -> dict[str, str]:
+        """In-memory module name -> ``"linear"``, ``"conv"``, ``"norm"``, ``"embedding"``, ``"attention"`` or ``"mlp"``.
+
+        Attention and MLP blocks are those the adapter declares (``blocks``);
+        the others follow the module's class (:func:`module_kind`). Modules of
+        no kind (containers, activations, dropout, whole models) are left out.
+        Computed on first use: static methods never ask.
+        """
+        owners = {t.module for t in self.tensors.values()}
+        kinds: dict[str, str] = {}
+        for name, cls in self.module_classes.items():
+            kind = self.family.block_kind(name) or module_kind(cls, owns_tensors=name in owners)
+            if kind is not None:
+                kinds[name] = kind
+        return kinds
+
+    @cached_property
+    def linear_groups(self) -> list[tuple[str, ...]]:
+        """The ``nn.Linear`` modules grouped by the input tensor they read, one Gram matrix per group.
+
+        q, k and v of one attention block are one group (as each adapter
+        declares in ``shared_inputs``); every other linear is a group of its
+        own. Groups are in registration order of their first member. Linears
+        that ``nn.MultiheadAttention`` owns are left out: it uses their weights
+        without calling them, so no forward hook ever sees their input.
+        """
+        linears = [
+            name for name, cls in self.module_classes.items()
+            if issubclass(cls, torch.nn.Linear)
+            and not issubclass(self.module_classes.get(name.rpartition(".")[0], object), torch.nn.MultiheadAttention)
+        ]
+        present = set(self.module_classes)
+        groups: dict[tuple[object, ...], list[str]] = {}
+        for name in linears:
+            key: tuple[object, ...] = ("alone", name)
+            for rule_index, rule in enumerate(self.family.shared_inputs):
+                match = rule.regex.fullmatch(name)
+                if match is None or (rule.unless and rule.unless.format(**match.groupdict()) in present):
+                    continue
+                key = ("rule", rule_index, tuple(sorted(match.groupdict().items())))
+                break
+            groups.setdefault(key, []).append(name)
+        return [tuple(members) for members in groups.values()]
 
     @property
     def id2label(self) -> dict[int, str]:
@@ -119,6 +166,7 @@ class _ClassFacts:
     names: dict[str, str]
     ignored: frozenset[str]
     absent: tuple[str, ...]
+    module_classes: dict[str, type]
 
 
 # Sources of one architecture and config (checkpoints of a run, fine-tunes of one model) share
@@ -170,6 +218,7 @@ def inspect_source(
         _MODEL_CLASS_FACTS[cache_key] = _ClassFacts(
             {n: tuple(t.shape) for n, t in meta_state.items()}, names, frozenset(ignored),
             tuple(n for n in meta_state if n not in loaded),
+            {name: type(module) for name, module in meta_model.named_modules()},
         )
         del meta_model
     facts = _MODEL_CLASS_FACTS[cache_key]
@@ -212,7 +261,32 @@ def inspect_source(
         tensors={t.name: t for t in tensors},
         ignored=ignored,
         absent=facts.absent,
+        module_classes=facts.module_classes,
     )
+
+
+_NORMS = (torch.nn.modules.batchnorm._NormBase, torch.nn.LayerNorm, torch.nn.GroupNorm, torch.nn.LocalResponseNorm,
+          torch.nn.RMSNorm)
+
+
+def module_kind(cls: type, *, owns_tensors: bool = False) -> str | None:
+    """The kind of a module class: ``"linear"``, ``"conv"``, ``"norm"``, ``"embedding"``, or None.
+
+    Besides torch's own classes, a transformers class whose name ends in
+    ``LayerNorm``/``RMSNorm`` is a norm, and one ending in ``Embeddings`` that
+    owns tensors itself (ViT's position embeddings and class token) an
+    embedding; ResNet's ``ResNetEmbeddings``, a container of the stem
+    convolution, is none.
+    """
+    if issubclass(cls, torch.nn.Linear):
+        return "linear"
+    if issubclass(cls, torch.nn.modules.conv._ConvNd):
+        return "conv"
+    if issubclass(cls, _NORMS) or cls.__name__.endswith(("LayerNorm", "RMSNorm")):
+        return "norm"
+    if issubclass(cls, (torch.nn.Embedding, torch.nn.EmbeddingBag)) or (owns_tensors and cls.__name__.endswith("Embeddings")):
+        return "embedding"
+    return None
 
 
 def ignored_on_load(model: torch.nn.Module, unexpected: set[str]) -> set[str]:

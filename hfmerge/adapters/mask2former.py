@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from hfmerge.adapters.base import FamilyAdapter, HeadSpec, register_family
+from hfmerge.adapters.base import FamilyAdapter, HeadSpec, SharedInput, register_family
 
 
 def _trace_config(config: Any) -> Any:
@@ -52,5 +52,20 @@ MASK2FORMER = register_family(
         backbone_prefix="model.pixel_level_module.encoder",
         not_layers=(r"criterion(\..*)?",),
         trace_config=_trace_config,
+        blocks=(
+            (r"model\.pixel_level_module\.encoder\.swin\.encoder\.layers\.\d+\.blocks\.\d+\.attention", "attention"),
+            (r"model\.pixel_level_module\.encoder\.swin\.encoder\.layers\.\d+\.blocks\.\d+\.mlp", "mlp"),
+            (r"model\.pixel_level_module\.decoder\.encoder\.layers\.\d+\.self_attn", "attention"),
+            (r"model\.transformer_module\.decoder\.layers\.\d+\.(self_attn|cross_attn)", "attention"),
+        ),
+        shared_inputs=(
+            SharedInput(r"(?P<block>model\.pixel_level_module\.encoder\.swin\..+\.attention)\.(q_proj|k_proj|v_proj)"),
+            # Deformable attention: offsets and weights read the queries (with position); value_proj the features.
+            SharedInput(r"(?P<block>model\.pixel_level_module\.decoder\..+\.self_attn)\.(sampling_offsets|attention_weights)"),
+            # Masked-attention decoder: q and k read the queries plus position embeddings, v the queries alone.
+            SharedInput(r"(?P<block>model\.transformer_module\.decoder\.layers\.\d+\.self_attn)\.(q_proj|k_proj)"),
+            # The class and mask predictors both read the normalised decoder output.
+            SharedInput(r"class_predictor|model\.transformer_module\.decoder\.mask_predictor\.mask_embedder\.0\.0"),
+        ),
     )
 )

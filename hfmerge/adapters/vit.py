@@ -1,6 +1,6 @@
 """ViT (google/vit-*) image classifiers and feature extractors."""
 
-from hfmerge.adapters.base import FamilyAdapter, HeadSpec, register_family
+from hfmerge.adapters.base import FamilyAdapter, HeadSpec, SharedInput, register_family
 
 VIT = register_family(
     FamilyAdapter(
@@ -10,5 +10,7 @@ VIT = register_family(
         heads={"ViTForImageClassification": (HeadSpec(r"classifier\.(weight|bias)"),)},
         default_architecture="ViTForImageClassification",
         backbone_prefix="vit",
+        blocks=((r"(.+\.)?layers\.\d+\.attention", "attention"), (r"(.+\.)?layers\.\d+\.mlp", "mlp")),
+        shared_inputs=(SharedInput(r"(?P<block>(.+\.)?layers\.\d+\.attention)\.(q_proj|k_proj|v_proj)"),),
     )
 )

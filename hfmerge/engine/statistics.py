@@ -1,0 +1,463 @@
+"""One data pass of a model that collects exactly the statistics a method asked for.
+
+Data-dependent methods need a few quantities of each source model on its own
+data, never the data itself:
+
+- **Gram matrices** of a linear layer's inputs, G = XᵀX over every row x of
+  the input (every token of every sample), for RegMean (Jin et al., "Dataless
+  Knowledge Fusion by Merging Weights of Language Models", Eq. 2; the ViT
+  paper's appendix A);
+- **diagonal Fisher information**, F = Σₙ (∂ log p(yₙ|xₙ) / ∂θ)², for Fisher
+  merging (Matena & Raffel, "Merging Models with Fisher-Weighted Averaging",
+  §2 Eq. 3–4), with yₙ drawn from the model's own prediction or the data's labels;
+- **activations** of chosen modules for the first t samples (OTFusion, CLAFusion).
+
+:func:`collect_statistics` runs the pass under one ``accelerate.Accelerator``:
+the DataLoader is sharded across processes (``accelerate launch``), forward
+hooks (registered only for what was asked, removed afterwards, also on error)
+accumulate float64 sums and row/sample counts, and at the end the sums are
+reduced across processes, so every process holds the result of one process
+reading all the data. :class:`StatisticsCache` keeps results as safetensors
+files so that a second merge over the same models and data reads them back.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from hfmerge.checkpoint import CheckpointReader
+from hfmerge.errors import SourceError, StatisticsError
+
+if TYPE_CHECKING:
+    import accelerate
+
+logger = logging.getLogger(__name__)
+
+STATISTICS_FORMAT = "hfmerge-statistics-1"
+"""Part of every cache key: bump it when the meaning of a stored statistic changes."""
+
+FISHER_LABELS = ("model", "empirical")
+
+
+@dataclass(frozen=True)
+class StatisticsRequest:
+    """What one statistics pass collects; empty fields cost nothing.
+
+    Attributes:
+        grams: in-memory names of ``nn.Linear`` modules; the Gram matrix XᵀX of each one's input.
+            One per shared-input group is enough (``ModelLayout.linear_groups``).
+        fisher: in-memory parameter names; their diagonal Fisher information.
+        fisher_labels: ``"model"``: y drawn from the model's own softmax (seeded; the true Fisher);
+            ``"empirical"``: the batch's ``labels`` (the empirical Fisher).
+        activations: module names; their outputs for the first ``activation_samples`` samples.
+        activation_samples: t, how many samples' activations to keep.
+    """
+
+    grams: tuple[str, ...] = ()
+    fisher: tuple[str, ...] = ()
+    fisher_labels: str = "model"
+    activations: tuple[str, ...] = ()
+    activation_samples: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("grams", "fisher", "activations"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+        if self.fisher_labels not in FISHER_LABELS:
+            raise ValueError(f"fisher_labels must be one of {FISHER_LABELS}, not {self.fisher_labels!r}")
+        if self.activation_samples < 0:
+            raise ValueError(f"activation_samples must be >= 0, not {self.activation_samples}")
+
+    @property
+    def is_empty(self) -> bool:
+        return not (self.grams or self.fisher or (self.activations and self.activation_samples))
+
+    @property
+    def samples_labels(self) -> bool:
+        """Whether the pass draws labels at random (so the seed changes the result)."""
+        return bool(self.fisher) and self.fisher_labels == "model"
+
+    def cache_key(self) -> str:
+        """A stable hex digest of what is asked: names are a set, unused options do not count."""
+        described = {
+            "format": STATISTICS_FORMAT,
+            "grams": sorted(set(self.grams)),
+            "fisher": sorted(set(self.fisher)),
+            "fisher_labels": self.fisher_labels if self.fisher else None,
+            "activations": sorted(set(self.activations)) if self.activation_samples else [],
+            "activation_samples": self.activation_samples if self.activations else 0,
+        }
+        return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()
+
+
+def label_seed(seed: int, sample_index: int) -> int:
+    """The generator seed for drawing the label of sample ``sample_index`` (its position in the data).
+
+    One generator per sample makes the draw independent of batching and of how
+    the data is sharded across processes.
+    """
+    return (seed * 0x9E3779B97F4A7C15 + sample_index) % (2**63)
+
+
+def collect_statistics(
+    model: torch.nn.Module,
+    loader: Iterable[dict[str, torch.Tensor]],
+    request: StatisticsRequest,
+    *,
+    accelerator: accelerate.Accelerator | None = None,
+    seed: int = 0,
+    progress: bool = True,
+    desc: str = "Statistics",
+) -> dict[str, torch.Tensor]:
+    """Run ``model`` over ``loader`` once and return the statistics ``request`` asks for.
+
+    The model runs in eval mode (no dropout; BatchNorm uses its running
+    statistics) and is moved to the accelerator's device. Gram matrices and
+    activations are taken under ``torch.inference_mode``. The diagonal Fisher
+    needs per-sample gradients: each sample of a batch is run alone through
+    the model and ``autograd`` (exact, at the memory of one backward pass);
+    only image classifiers (logits ``[batch, classes]``) are accepted, since
+    a segmentation model's per-pixel likelihood is a different estimator.
+    A module called several times in one forward pass (Mask2Former's
+    predictors, once per decoder layer) adds every call's rows to its Gram
+    matrix; its activation is its first call's output.
+
+    Under several processes the DataLoader is sharded with ``even_batches``
+    off, so no sample is repeated to pad the last batch, and the label drawn
+    for a sample depends only on ``seed`` and its position in the data
+    (:func:`label_seed`): the reduced result equals the one-process result.
+
+    Args:
+        model: the model; a transformers model called as ``model(pixel_values=...)``.
+        loader: batches ``{"pixel_values": [B, C, H, W], "labels": [B]?}``; a
+            ``torch.utils.data.DataLoader`` (required under several processes,
+            which shard it), or any iterable of such batches in one process.
+        request: what to collect.
+        accelerator: the run's accelerator; one is created when not given.
+        seed: seeds the labels drawn from the model for the Fisher.
+        progress: show a tqdm bar (on the main process only).
+        desc: the bar's description.
+
+    Returns:
+        ``gram/{module}`` float64 ``[in, in]``: Σ xxᵀ over every input row;
+        ``rows/{module}`` int64 ``[]``: the rows summed; ``fisher/{param}``
+        float64, the parameter's shape, summed over samples; ``samples`` int64
+        ``[]``; ``activation/{module}`` float32 ``[t, ...]`` (fewer when the
+        data has fewer samples). Tensors are on the CPU, identical on every process.
+
+    Raises:
+        StatisticsError: no sample reached the pass; Fisher asked of a model that is
+            not a classifier; empirical Fisher without labels in the batches.
+        ValueError: a requested name that the model does not have (a method's mistake).
+    """
+    from accelerate import Accelerator
+
+    accelerator = accelerator if accelerator is not None else Accelerator()
+    started = time.perf_counter()
+    modules = dict(model.named_modules())
+    parameters = dict(model.named_parameters())
+    _check_names(request, modules, parameters)
+    device = accelerator.device
+    was_training = model.training
+    model.eval().to(device)
+
+    pass_state = _PassState(request, modules, parameters, device)
+    batches, batch_size = _shard(loader, accelerator)
+    hooks = pass_state.register_hooks(modules)
+    try:
+        from tqdm.auto import tqdm
+
+        total = len(batches) if hasattr(batches, "__len__") else None
+        bar = tqdm(batches, desc=desc, total=total, unit="batch",
+                   disable=not progress or not accelerator.is_local_main_process)
+        for local_batch, batch in enumerate(bar):
+            pixels = batch["pixel_values"].to(device)
+            if batch_size is None:  # one process, any iterable: positions are the running count
+                first_index = pass_state.samples
+            else:
+                global_batch = local_batch * accelerator.num_processes + accelerator.process_index
+                first_index = global_batch * batch_size
+            pass_state.run_batch(model, pixels, batch.get("labels"), first_index, seed)
+    finally:
+        for hook in hooks:
+            hook.remove()
+        model.train(was_training)
+
+    result = pass_state.reduce(accelerator)
+    samples = int(result["samples"])
+    if samples == 0:
+        raise StatisticsError("no sample reached the statistics pass: the data is empty; give data with images")
+    dataset = getattr(loader, "dataset", None)
+    if dataset is not None and hasattr(dataset, "__len__") and samples != len(dataset):
+        logger.warning("the statistics pass saw %d samples of a dataset of %d", samples, len(dataset))
+    for name in request.grams:
+        if int(result[f"rows/{name}"]) == 0:
+            logger.warning("linear layer %s never ran on the data: its Gram matrix is zero", name)
+    logger.info("statistics: %d samples (%s) in %.1f s", samples, _describe(request), time.perf_counter() - started)
+    return result
+
+
+def _describe(request: StatisticsRequest) -> str:
+    parts = []
+    if request.grams:
+        parts.append(f"{len(request.grams)} Gram matrices")
+    if request.fisher:
+        parts.append(f"Fisher of {len(request.fisher)} parameters, {request.fisher_labels} labels")
+    if request.activations and request.activation_samples:
+        parts.append(f"activations of {len(request.activations)} modules for {request.activation_samples} samples")
+    return ", ".join(parts) or "nothing asked"
+
+
+def _check_names(request: StatisticsRequest, modules: dict[str, torch.nn.Module],
+                 parameters: dict[str, torch.nn.Parameter]) -> None:
+    not_linear = [n for n in request.grams if not isinstance(modules.get(n), torch.nn.Linear)]
+    if not_linear:
+        raise ValueError(f"Gram matrices are of nn.Linear inputs; {not_linear[0]!r} is no linear module of the model")
+    missing = [n for n in request.fisher if n not in parameters]
+    if missing:
+        raise ValueError(f"the model has no parameter {missing[0]!r} for the Fisher")
+    missing = [n for n in request.activations if n not in modules]
+    if missing:
+        raise ValueError(f"the model has no module {missing[0]!r} whose activations to keep")
+
+
+def _shard(loader: Iterable[dict[str, torch.Tensor]],
+           accelerator: accelerate.Accelerator) -> tuple[Iterable[dict[str, torch.Tensor]], int | None]:
+    """The batches this process reads, and the loader's batch size (None: positions are counted).
+
+    ``even_batches`` is turned off while the loader is prepared: with it,
+    accelerate pads the last round of batches with samples from the start,
+    which a sum would count twice.
+    """
+    from torch.utils.data import DataLoader
+
+    if not isinstance(loader, DataLoader):
+        if accelerator.num_processes > 1:
+            raise ValueError("under several processes the statistics pass needs a torch DataLoader to shard")
+        return loader, None
+    if loader.batch_size is None:
+        raise ValueError("the statistics DataLoader needs a batch_size (no custom batch_sampler)")
+    even = accelerator.even_batches
+    accelerator.even_batches = False
+    try:
+        prepared = accelerator.prepare(loader)
+    finally:
+        accelerator.even_batches = even
+    return prepared, loader.batch_size
+
+
+def _logits(output: Any) -> torch.Tensor:
+    logits = output if isinstance(output, torch.Tensor) else getattr(output, "logits", None)
+    if logits is None:
+        raise StatisticsError(f"the model's output ({type(output).__name__}) has no logits to take a Fisher of")
+    return logits
+
+
+class _PassState:
+    """Running sums of one process, the hooks that fill them, and their reduction."""
+
+    def __init__(self, request: StatisticsRequest, modules: dict[str, torch.nn.Module],
+                 parameters: dict[str, torch.nn.Parameter], device: torch.device) -> None:
+        self.request = request
+        self.samples = 0
+        self.grams = {
+            name: torch.zeros(modules[name].in_features, modules[name].in_features, dtype=torch.float64, device=device)
+            for name in dict.fromkeys(request.grams)
+        }
+        self.rows = dict.fromkeys(self.grams, 0)
+        self.fisher = {name: torch.zeros(parameters[name].shape, dtype=torch.float64, device=device)
+                       for name in dict.fromkeys(request.fisher)}
+        self.parameters = parameters
+        self.keep = request.activation_samples if request.activations else 0
+        self.activations: dict[str, list[torch.Tensor]] = {name: [] for name in dict.fromkeys(request.activations)}
+        self.positions: list[int] = []  # the data positions of the kept activations
+        self.hooks_on = False           # hooks record only during the inference-mode forward pass
+        self.batch_keep = 0             # how many leading samples of the current batch to keep
+        self.called: set[str] = set()
+
+    def register_hooks(self, modules: dict[str, torch.nn.Module]) -> list[torch.utils.hooks.RemovableHandle]:
+        handles = []
+        try:
+            for name in self.grams:
+                handles.append(modules[name].register_forward_hook(self._gram_hook(name), with_kwargs=True))
+            for name in self.activations:
+                handles.append(modules[name].register_forward_hook(self._activation_hook(name)))
+        except BaseException:
+            for handle in handles:
+                handle.remove()
+            raise
+        return handles
+
+    def _gram_hook(self, name: str):
+        gram = self.grams[name]
+
+        def hook(module: torch.nn.Linear, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+            if not self.hooks_on:
+                return
+            x = args[0] if args else kwargs["input"]
+            x = x.detach().reshape(-1, module.in_features).to(torch.float64)
+            gram.addmm_(x.T, x)  # G += XᵀX, float64
+            self.rows[name] += x.shape[0]
+
+        return hook
+
+    def _activation_hook(self, name: str):
+        def hook(module: torch.nn.Module, args: tuple[Any, ...], output: Any) -> None:
+            if not self.hooks_on or self.batch_keep == 0 or name in self.called:
+                return
+            self.called.add(name)
+            out = output if isinstance(output, torch.Tensor) else output[0]
+            self.activations[name].append(out[: self.batch_keep].detach().to("cpu", torch.float32))
+
+        return hook
+
+    def run_batch(self, model: torch.nn.Module, pixels: torch.Tensor, labels: torch.Tensor | None,
+                  first_index: int, seed: int) -> None:
+        n = pixels.shape[0]
+        self.batch_keep = max(0, min(n, self.keep - len(self.positions)))
+        if self.grams or self.batch_keep:
+            self.called.clear()
+            self.hooks_on = True
+            try:
+                with torch.inference_mode():
+                    model(pixel_values=pixels)
+            finally:
+                self.hooks_on = False
+            self.positions.extend(range(first_index, first_index + self.batch_keep))
+        if self.fisher:
+            self._fisher_batch(model, pixels, labels, first_index, seed)
+        self.samples += n
+
+    def _fisher_batch(self, model: torch.nn.Module, pixels: torch.Tensor, labels: torch.Tensor | None,
+                      first_index: int, seed: int) -> None:
+        """Add Σₙ (∂ log p(yₙ|xₙ)/∂θ)² over the batch, one sample at a time (Matena & Raffel, Eq. 4)."""
+        empirical = self.request.fisher_labels == "empirical"
+        if empirical and labels is None:
+            raise StatisticsError(
+                "the empirical Fisher needs labeled data, but the batches have no 'labels': "
+                "give data with a label column, or draw labels from the model (empirical=false)"
+            )
+        names = list(self.fisher)
+        wanted = [self.parameters[name] for name in names]
+        flags = {name: p.requires_grad for name, p in self.parameters.items()}
+        try:
+            for name, parameter in self.parameters.items():
+                parameter.requires_grad_(name in self.fisher)
+            for i in range(pixels.shape[0]):
+                with torch.enable_grad():
+                    logits = _logits(model(pixel_values=pixels[i : i + 1]))
+                    if logits.dim() != 2:
+                        raise StatisticsError(
+                            f"the Fisher needs an image classifier (logits [batch, classes]); "
+                            f"{type(model).__name__} gives logits of shape {list(logits.shape)}: "
+                            "per-pixel Fisher of segmentation models is not supported"
+                        )
+                    log_probs = torch.log_softmax(logits[0].float(), dim=-1)
+                    if empirical:
+                        y = int(labels[i])
+                    else:
+                        generator = torch.Generator().manual_seed(label_seed(seed, first_index + i))
+                        y = int(torch.multinomial(log_probs.detach().double().exp().cpu(), 1, generator=generator))
+                    grads = torch.autograd.grad(log_probs[y], wanted, allow_unused=True)
+                for name, grad in zip(names, grads):
+                    if grad is not None:
+                        self.fisher[name].add_(grad.detach().to(torch.float64).square())
+        finally:
+            for name, parameter in self.parameters.items():
+                parameter.requires_grad_(flags[name])
+
+    def reduce(self, accelerator: accelerate.Accelerator) -> dict[str, torch.Tensor]:
+        """Sum every count and sum across processes; activations gathered and put back in data order."""
+        sums: dict[str, torch.Tensor] = {"samples": torch.tensor(self.samples, dtype=torch.int64)}
+        for name, gram in self.grams.items():
+            sums[f"gram/{name}"] = gram
+            sums[f"rows/{name}"] = torch.tensor(self.rows[name], dtype=torch.int64)
+        for name, fisher in self.fisher.items():
+            sums[f"fisher/{name}"] = fisher
+        distributed = accelerator.num_processes > 1
+        result: dict[str, torch.Tensor] = {}
+        for key in sorted(sums):  # one order on every process: collectives pair up
+            tensor = sums[key].to(accelerator.device)
+            if distributed:
+                tensor = accelerator.reduce(tensor, reduction="sum")
+            result[key] = tensor.cpu()
+        if self.activations:
+            result.update(self._gathered_activations(distributed))
+        return result
+
+    def _gathered_activations(self, distributed: bool) -> dict[str, torch.Tensor]:
+        local = {name: torch.cat(chunks) if chunks else None for name, chunks in self.activations.items()}
+        pieces = [(self.positions, local)]
+        if distributed:
+            from accelerate.utils import gather_object
+
+            pieces = gather_object(pieces)
+        out: dict[str, torch.Tensor] = {}
+        for name in self.activations:
+            rows = [(position, tensors[name][j]) for positions, tensors in pieces if tensors[name] is not None
+                    for j, position in enumerate(positions)]
+            rows.sort(key=lambda row: row[0])
+            rows = rows[: self.keep]
+            if rows:
+                out[f"activation/{name}"] = torch.stack([row for _, row in rows])
+        return out
+
+
+class StatisticsCache:
+    """Statistics as safetensors files, keyed by (model commit or folder fingerprint, data fingerprint, request).
+
+    Files live in ``$HF_HOME/hfmerge/statistics`` (HF_HOME as huggingface_hub
+    resolves it), named by a digest of the key, written to a temporary file
+    and renamed, so a reader never sees half a file. Under several processes
+    only the main process should :meth:`save`.
+    """
+
+    def __init__(self, folder: Path | None = None) -> None:
+        if folder is None:
+            from huggingface_hub import constants
+
+            folder = Path(constants.HF_HOME) / "hfmerge" / "statistics"
+        self.folder = Path(folder)
+
+    def path(self, model_key: str, data_key: str, request: StatisticsRequest, *, seed: int | None = None) -> Path:
+        """The file for these statistics. ``seed`` counts only when the request draws labels (model Fisher)."""
+        key = [STATISTICS_FORMAT, model_key, data_key, request.cache_key()]
+        if request.samples_labels:
+            key.append(str(seed if seed is not None else 0))
+        digest = hashlib.sha256(json.dumps(key).encode()).hexdigest()
+        return self.folder / f"{digest}.safetensors"
+
+    def load(self, path: Path) -> CheckpointReader | None:
+        """A memory-mapped reader of the stored statistics, or None when there are none (or they are unreadable)."""
+        path = Path(path)
+        if not path.is_file():
+            return None
+        try:
+            return CheckpointReader(path, label=f"statistics cache {path.name}")
+        except SourceError as exc:
+            logger.warning("ignoring the unreadable statistics cache file %s (%s)", path, exc)
+            return None
+
+    def save(self, path: Path, tensors: dict[str, torch.Tensor]) -> None:
+        """Write ``tensors`` to ``path`` atomically: a temporary file in the same folder, then renamed."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(temporary),
+                      metadata={"format": STATISTICS_FORMAT})
+            os.replace(temporary, path)
+        finally:
+            temporary.unlink(missing_ok=True)
+
