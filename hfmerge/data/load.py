@@ -2,10 +2,13 @@
 
 A Hub dataset is resolved to a commit sha first (``HfApi.dataset_info``) and
 read at *that* sha, so the sha recorded in ``hfmerge.yaml`` reproduces the
-same rows. With ``samples`` given, only that many are read: streamed
+same rows. With ``samples`` given, only that many are read from a split whose
+files are larger than ``STREAM_MIN_BYTES`` (or of unknown size): streamed
 (``IterableDataset.shuffle(seed, buffer_size).take(samples)``, which reads
-about ``samples + buffer_size`` rows) when the Hub is reachable, else a seeded
-subset of the downloaded or cached split. Both are deterministic for a given
+about ``samples + buffer_size`` rows). A smaller split, or any split when
+``HF_HUB_OFFLINE`` is set, is downloaded (or read from the cache) and a seeded
+subset taken: cheaper than a stream for small files, and the cached copy then
+serves offline runs with the same selection. Both are deterministic for a given
 seed and spec; they are different selections, and the fingerprint, a digest of
 the selected images' pixels and labels, tells them apart.
 
@@ -45,6 +48,7 @@ logger = logging.getLogger(__name__)
 IMAGE_COLUMN_NAMES = ("image", "img", "images", "pixel_values", "picture", "photo")
 LABEL_COLUMN_NAMES = ("label", "labels")
 STREAM_BUFFER = 1000  # rows held by the streaming shuffle: the selection is a seeded draw from a window this wide
+STREAM_MIN_BYTES = 64 * 2**20  # smaller splits are downloaded whole: datasets ends each stream with a 5 s pause
 
 
 @dataclass
@@ -97,7 +101,8 @@ def load_image_data(
         token: for private or gated Hub datasets; never printed or stored.
         labeled: a label column is required.
         streaming: stream instead of downloading the split; ``None`` streams when ``samples``
-            is given and the Hub is reachable (``HF_HUB_OFFLINE`` unset).
+            is given, the Hub is reachable (``HF_HUB_OFFLINE`` unset) and the split's files
+            are larger than ``STREAM_MIN_BYTES`` or of unknown size.
 
     Raises:
         DataError: the dataset, revision, split or a column does not exist; no samples, or none decodes.
@@ -110,8 +115,9 @@ def load_image_data(
         table, split, name, commit_sha = _open_folder(spec)
         streamed = False
     else:
-        streamed = streaming if streaming is not None else samples is not None and not hf_constants.HF_HUB_OFFLINE
-        table, split, name, commit_sha = _open_hub(spec, token=token, streaming=streamed)
+        if streaming is None and (samples is None or hf_constants.HF_HUB_OFFLINE):
+            streaming = False
+        table, split, name, commit_sha, streamed = _open_hub(spec, token=token, streaming=streaming)
     features = _features(table)
     image_col = _image_column(features, image_column, name)
     label_col, label_names = _label_column(features, label_column, name, labeled)
@@ -217,7 +223,7 @@ def _open_folder(spec: DataSpec) -> tuple[Any, str, str, None]:
     if (folder / "dataset_dict.json").is_file() or (folder / "state.json").is_file():
         try:
             loaded = datasets.load_from_disk(str(folder))
-        except (FileNotFoundError, ValueError, OSError) as exc:
+        except (FileNotFoundError, ValueError, OSError, IndexError) as exc:  # IndexError: a split of no rows
             raise DataError(f"{where} looks like a save_to_disk folder but cannot be read ({_first_line(exc)}); "
                             "save it again with save_to_disk") from None
         tables = dict(loaded) if isinstance(loaded, datasets.DatasetDict) else {loaded.split and str(loaded.split)
@@ -234,7 +240,8 @@ def _open_folder(spec: DataSpec) -> tuple[Any, str, str, None]:
     return tables[split], split, name, None
 
 
-def _open_hub(spec: DataSpec, *, token: str | bool | None, streaming: bool) -> tuple[Any, str, str, str | None]:
+def _open_hub(spec: DataSpec, *, token: str | bool | None,
+              streaming: bool | None) -> tuple[Any, str, str, str | None, bool]:
     import datasets
     from datasets.data_files import EmptyDatasetError
     from huggingface_hub import HfApi
@@ -257,14 +264,23 @@ def _open_hub(spec: DataSpec, *, token: str | bool | None, streaming: bool) -> t
                                 "or read the dataset from the cache without streaming")
             builder = datasets.load_dataset_builder(repo_id, revision=revision, token=token)
             sha = _cached_sha(builder, where, revision)
+            sizes: dict[str, int] = {}
         else:
             # The first request: not retried by huggingface_hub, and bounded, so an unreachable Hub fails fast.
-            sha = HfApi().dataset_info(repo_id, revision=revision, token=token, expand=["sha"],
-                                       timeout=hf_constants.HF_HUB_ETAG_TIMEOUT).sha
+            info = HfApi().dataset_info(repo_id, revision=revision, token=token, files_metadata=True,
+                                        timeout=hf_constants.HF_HUB_ETAG_TIMEOUT)
+            sha = info.sha
+            sizes = {s.rfilename: s.size for s in info.siblings or [] if s.size is not None}
             builder = datasets.load_dataset_builder(repo_id, revision=sha, token=token)
         data_files = builder.config.data_files or {}
         splits = [str(s) for s in data_files] or [str(s) for s in (builder.info.splits or {})]
         split = _pick_split(splits, spec, where)
+        known = (builder.info.splits or {}).get(split)
+        if known is not None and known.num_examples == 0:
+            raise DataError(f"{spec.dataset}:{split} has no samples; give a split that has some")
+        if streaming is None:
+            size = _split_bytes(data_files.get(split, []), sizes)
+            streaming = size is None or size > STREAM_MIN_BYTES
         if streaming:
             table = builder.as_streaming_dataset(split=split)
         else:
@@ -283,6 +299,9 @@ def _open_hub(spec: DataSpec, *, token: str | bool | None, streaming: bool) -> t
         logger.debug("dataset %s not found: %s", where, exc)
         raise DataError(f"{repo_id} is not a folder here and not a dataset on the Hub, or it is private and no "
                         "token grants access: check the name, or log in with `hf auth login` or set HF_TOKEN") from None
+    except datasets.exceptions.DatasetGenerationError as exc:
+        raise DataError(f"datasets cannot read dataset {where} ({_first_line(exc.__cause__ or exc)}); "
+                        "check its data files") from None
     except (datasets.exceptions.DataFilesNotFoundError, EmptyDatasetError) as exc:
         raise DataError(f"dataset {where} has no data files that datasets can read ({_first_line(exc)}); "
                         "give a dataset with parquet, csv/json or image files") from None
@@ -302,7 +321,18 @@ def _open_hub(spec: DataSpec, *, token: str | bool | None, streaming: bool) -> t
                             "unset it to download it") from None
         raise hub_unreachable(exc) from None
     name = f"{spec.dataset}@{spec.revision}:{split}" if spec.revision else f"{spec.dataset}:{split}"
-    return table, split, name, sha
+    return table, split, name, sha, streaming
+
+
+def _split_bytes(urls: list[str], sizes: dict[str, int]) -> int | None:
+    """Total size of a split's files (``hf://datasets/org/ds@sha/path`` URLs), ``None`` if one is unknown."""
+    total = 0
+    for url in urls:
+        path = str(url).split("@", 1)[-1].partition("/")[2]
+        if path not in sizes:
+            return None
+        total += sizes[path]
+    return total
 
 
 def _cached_sha(builder: datasets.DatasetBuilder, where: str, revision: str | None) -> str | None:
@@ -313,8 +343,8 @@ def _cached_sha(builder: datasets.DatasetBuilder, where: str, revision: str | No
     cached = Path(builder.cache_dir).name
     sha = cached if is_commit_sha(cached) else None
     if revision is not None and is_commit_sha(revision) and sha != revision:
-        raise DataError(f"dataset {where} is not in the local cache (the cache holds "
-                        f"{sha or 'another version'}) and HF_HUB_OFFLINE is set: unset it to download it")
+        raise DataError(f"dataset {where} is not in the local cache and HF_HUB_OFFLINE is set (the cache holds "
+                        f"{'commit ' + sha if sha else 'another version'}): unset it to download it")
     if revision is not None and not is_commit_sha(revision):
         logger.info("HF_HUB_OFFLINE is set: %s read from the latest cached copy (commit %s)", where, sha)
     return sha

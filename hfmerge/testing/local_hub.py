@@ -12,7 +12,13 @@ namespace and the organisations it is given, and a read-only token of the same
 user; private repos are invisible without a token. ``whoami-v2`` answers as
 the Hub does (401 for an unknown token). File downloads honour
 ``Range: bytes=a-b`` (206 with ``Content-Range``), as ``get_safetensors_metadata``
-needs; ``requests`` logs every request as (verb, path, Range header or None).
+needs; ``requests`` logs every request as (verb, path, Range header or None), ``responses``
+every answer as (status, verb, path).
+
+Dataset repos answer what ``datasets.load_dataset("org/ds", revision=..., split=...)``
+asks, streaming or not: the dataset's info on a revision (``expand`` is accepted;
+every field is sent), ``tree`` listings (``recursive``, ``expand`` with each
+entry's last commit), ``paths-info``, and ``resolve`` with ``HEAD`` and ranges.
 """
 
 from __future__ import annotations
@@ -46,6 +52,8 @@ class Repo:
     branches: dict[str, str] = field(default_factory=dict)
     tags: dict[str, str] = field(default_factory=dict)
     history: list[str] = field(default_factory=list)
+    parents: dict[str, str | None] = field(default_factory=dict)
+    summaries: dict[str, str] = field(default_factory=dict)
 
     def resolve(self, revision: str) -> str | None:
         if revision in self.branches:
@@ -79,6 +87,18 @@ class Repo:
         if sha not in self.commits:
             self.commits[sha] = snapshot
             self.history.append(sha)
+            self.parents[sha] = parent
+            self.summaries[sha] = summary
+        return sha
+
+    def last_commit(self, sha: str, path: str) -> str:
+        """The newest commit, from ``sha`` back along its parents, that changed ``path`` (a file or a folder)."""
+        def content(commit: str) -> dict[str, bytes]:
+            return {p: c for p, c in self.commits[commit].items() if p == path or p.startswith(path + "/")}
+
+        current = content(sha)
+        while (parent := self.parents.get(sha)) is not None and content(parent) == current:
+            sha = parent
         return sha
 
 
@@ -95,6 +115,7 @@ class LocalHub:
         self.repos: dict[tuple[str, str], Repo] = {}
         self.lock = threading.Lock()
         self.requests: list[tuple[str, str, str | None]] = []
+        self.responses: list[tuple[int, str, str]] = []
         handler = type("Handler", (_Handler,), {"hub": self})
         self.server = ThreadingHTTPServer((host, port), handler)
         self.server.daemon_threads = True
@@ -141,6 +162,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _send(self, status: int, payload: Any = None, *, headers: dict[str, str] | None = None,
               raw: bytes | None = None, head: bool = False) -> None:
         body = raw if raw is not None else (b"" if payload is None else json.dumps(payload).encode())
+        self.hub.responses.append((status, self.command, urlsplit(self.path).path))
         self.send_response(status)
         if raw is None:
             self.send_header("Content-Type", "application/json")
@@ -220,6 +242,8 @@ class _Handler(BaseHTTPRequestHandler):
                 return self._info(repo_type, repo_id, "/".join(rest[1:]))
             if verb == "GET" and rest[0] == "tree" and len(rest) >= 2:
                 return self._tree(repo_type, repo_id, rest[1], "/".join(rest[2:]), query)
+            if verb == "POST" and rest[0] == "paths-info" and len(rest) >= 2:
+                return self._paths_info(repo_type, repo_id, "/".join(rest[1:]))
             if verb == "GET" and rest[0] == "refs":
                 return self._refs(repo_type, repo_id)
             if verb == "POST" and rest[0] == "preupload":
@@ -292,9 +316,13 @@ class _Handler(BaseHTTPRequestHandler):
         if sha is None:
             return self._error(404, f"Invalid rev id: {revision}", "RevisionNotFound")
         recursive = query.get("recursive", ["false"])[0].lower() == "true"
+        expand = query.get("expand", ["false"])[0].lower() == "true"
         prefix = prefix.strip("/")
+        files = repo.commits[sha]
+        if prefix and prefix not in _folders(files):
+            return self._error(404, f"Entry not found: {prefix}", "EntryNotFound")
         entries: dict[str, dict[str, Any]] = {}
-        for path, content in sorted(repo.commits[sha].items()):
+        for path in sorted(files):
             if prefix and not path.startswith(prefix + "/"):
                 continue
             rel = path[len(prefix) + 1:] if prefix else path
@@ -302,11 +330,46 @@ class _Handler(BaseHTTPRequestHandler):
             if len(parts) > 1:
                 for depth in range(1, len(parts) if recursive else 2):
                     directory = "/".join(([prefix] if prefix else []) + parts[:depth])
-                    entries.setdefault(directory, {"type": "directory", "path": directory, "oid": sha, "size": 0})
+                    entries.setdefault(directory, self._entry(repo, sha, directory, expand))
                 if not recursive:
                     continue
-            entries[path] = {"type": "file", "path": path, "size": len(content), "oid": _git_blob_sha(content)}
+            entries[path] = self._entry(repo, sha, path, expand)
         self._send(200, list(entries.values()))
+
+    def _entry(self, repo: Repo, sha: str, path: str, expand: bool) -> dict[str, Any]:
+        """One tree or paths-info entry, as the Hub writes it; ``expand`` adds the path's last commit."""
+        files = repo.commits[sha]
+        if path in files:
+            entry: dict[str, Any] = {"type": "file", "path": path, "size": len(files[path]),
+                                     "oid": _git_blob_sha(files[path])}
+        else:
+            inside = sorted((p, _git_blob_sha(c)) for p, c in files.items() if p.startswith(path + "/"))
+            entry = {"type": "directory", "path": path, "size": 0,
+                     "oid": hashlib.sha1(json.dumps(inside).encode()).hexdigest()}
+        if expand:
+            last = repo.last_commit(sha, path)
+            entry["lastCommit"] = {"id": last, "title": repo.summaries.get(last, ""),
+                                   "date": "2026-01-01T00:00:00.000Z"}
+        return entry
+
+    def _paths_info(self, repo_type: str, repo_id: str, revision: str) -> None:
+        """``POST paths-info``: the entries of the paths asked (form fields ``paths``, ``expand``) that exist."""
+        body = self._body()
+        if "json" in self.headers.get("Content-Type", ""):
+            form = {k: v if isinstance(v, list) else [str(v)] for k, v in json.loads(body or b"{}").items()}
+        else:
+            form = parse_qs(body.decode())
+        repo = self._repo_for_read(repo_type, repo_id)
+        if repo is None:
+            return
+        sha = repo.resolve(revision)
+        if sha is None:
+            return self._error(404, f"Invalid rev id: {revision}", "RevisionNotFound")
+        expand = str(form.get("expand", ["false"])[0]).lower() == "true"
+        files = repo.commits[sha]
+        folders = _folders(files)
+        found = [path.strip("/") for path in form.get("paths", [])]
+        self._send(200, [self._entry(repo, sha, path, expand) for path in found if path in files or path in folders])
 
     def _refs(self, repo_type: str, repo_id: str) -> None:
         repo = self._repo_for_read(repo_type, repo_id)
@@ -416,6 +479,11 @@ class _Handler(BaseHTTPRequestHandler):
         start, end = span
         headers["Content-Range"] = f"bytes {start}-{end}/{len(content)}"
         self._send(206, raw=content[start:end + 1], headers=headers)
+
+
+def _folders(files: dict[str, bytes]) -> set[str]:
+    """Every folder that holds a file of ``files``."""
+    return {"/".join(path.split("/")[:depth]) for path in files for depth in range(1, path.count("/") + 1)}
 
 
 def _byte_range(header: str, size: int) -> tuple[int, int] | None:

@@ -18,12 +18,12 @@ parquet bytes, so pushed repos get the same commit shas on every run.
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 from tempfile import TemporaryDirectory
 from typing import TYPE_CHECKING
 
 import numpy as np
+import pyarrow.parquet as pq
 
 if TYPE_CHECKING:
     import datasets
@@ -103,9 +103,8 @@ def write_parquet_repo(folder: Path, name: str, task: datasets.DatasetDict) -> P
     data = folder / "data"
     data.mkdir(parents=True, exist_ok=True)
     for split, dataset in task.items():
-        buffer = io.BytesIO()
-        dataset.to_parquet(buffer)
-        (data / f"{split}-00000-of-00001.parquet").write_bytes(buffer.getvalue())
+        # pyarrow directly: the table's schema carries the features (ClassLabel names) as datasets writes them
+        pq.write_table(dataset.flatten_indices().data.table, data / f"{split}-00000-of-00001.parquet")
     (folder / "README.md").write_text(_card(name, task))
     return folder
 
