@@ -39,3 +39,7 @@ class PublishError(HfMergeError, RuntimeError):
 
 class HubUnreachableError(HfMergeError, ConnectionError):
     """The Hub endpoint cannot be reached: no network, unknown host, refused connection or timeout."""
+
+
+class EvaluationError(HfMergeError, ValueError):
+    """A model cannot be evaluated as asked: unlabeled evaluation data, or a ``--metric`` that does not load."""
