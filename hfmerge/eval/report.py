@@ -116,9 +116,9 @@ class EvaluationReport:
         return merged[0]
 
     # -- Markdown -----------------------------------------------------------------------
-    def markdown(self) -> str:
+    def markdown(self, chart: str | None = None) -> str:
         """The summary table (a row per model: each task's main metric, their mean, the cost), then per task
-        a table of every metric."""
+        a table of every metric. ``chart``: the path of :meth:`bar_chart_svg`'s file, shown after the summary."""
         tasks = self.task_names()
         models = self.ordered_models()
         batch_sizes = {m.batch_size for m in models if m.latency_ms is not None}
@@ -151,6 +151,8 @@ class EvaluationReport:
             notes.append("The ensemble averages the sources' softmax: a reference that runs every source, "
                          "not a merged model.")
         parts = ["\n".join(lines), " ".join(notes)]
+        if chart:
+            parts.append(f"![Evaluation]({chart})")
         for task in tasks:
             reference = self._reference(task)
             metrics = list(dict.fromkeys(k for m in models if (r := m.result(task)) for k in r.metrics))
@@ -180,7 +182,7 @@ class EvaluationReport:
             for metric, value in task.metrics.items():
                 results.append(EvalResult(
                     task_type=task.kind, task_name=task.task, dataset_type=task.dataset,
-                    dataset_name=task.task, dataset_split=task.split, dataset_revision=task.revision,
+                    dataset_name=task.dataset, dataset_split=task.split, dataset_revision=task.revision,
                     metric_type=metric, metric_name=METRIC_NAMES.get(metric, metric), metric_value=float(value),
                 ))
         return results
