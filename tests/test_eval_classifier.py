@@ -204,3 +204,38 @@ def test_metric_modules_import_evaluate_only_when_asked(tmp_path):
     if importlib.util.find_spec("evaluate") is None:
         with pytest.raises(EvaluationError, match="pip install evaluate"):
             load_metric("accuracy")
+
+
+def test_segmenter_mean_iou_equals_scikit_learn_on_upsampled_predictions():
+    import transformers
+    from sklearn.metrics import jaccard_score
+
+    from hfmerge.eval.evaluate import SegmentationSamples, evaluate_segmenter
+    from hfmerge.testing.tiny import spread_weights
+
+    model = spread_weights(tiny_model("segformer", 4, seed=1), seed=1)
+    processor = transformers.SegformerImageProcessorPil(size={"height": 32, "width": 32}, do_reduce_labels=False)
+    rng = torch.Generator().manual_seed(6)
+    images = [PIL.Image.fromarray((torch.rand(40, 48, 3, generator=rng) * 255).byte().numpy()) for _ in range(3)]
+    maps = []
+    for _ in images:
+        labels = torch.randint(0, 4, (40, 48), generator=rng)
+        labels[:5] = 255  # void rows
+        maps.append(PIL.Image.fromarray(labels.byte().numpy()))
+    samples = SegmentationSamples(images, maps, processor, dataset="org/scenes", split="validation")
+    evaluation = evaluate_segmenter(model, [("scenes", samples)], batch_size=2, progress=False, name="seg",
+                                    measure_cost=False)
+    result = evaluation.tasks[0]
+    # by hand: the processor's maps, logits resized to them, argmax, IoU over the pixels that are not void
+    encoded = processor(images=images, segmentation_maps=maps, return_tensors="pt")
+    with torch.no_grad():
+        logits = model(pixel_values=encoded["pixel_values"]).logits
+    preds = torch.nn.functional.interpolate(logits, size=(32, 32), mode="bilinear", align_corners=False).argmax(1)
+    truth = encoded["labels"].long()
+    keep = truth != 255
+    assert keep.any() and not keep.all() and len(preds[keep].unique()) > 1
+    assert result.metrics["mean_iou"] == pytest.approx(jaccard_score(truth[keep], preds[keep], average="macro"),
+                                                       abs=1e-6)
+    assert (result.samples, result.kind, result.dataset, result.split) == (3, "image-segmentation", "org/scenes",
+                                                                           "validation")
+    assert result.main_metric == "mean_iou"

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from hfmerge.eval.cost import count_flops, count_parameters, measure_latency
     from hfmerge.eval.ensemble import Ensemble
-    from hfmerge.eval.evaluate import evaluate_classifier, load_metric
+    from hfmerge.eval.evaluate import SegmentationSamples, evaluate_classifier, evaluate_segmenter, load_metric
     from hfmerge.eval.metrics import (
         SegmentationMeter,
         classification_metrics,
@@ -25,6 +25,7 @@ _LAZY = {
     "count_flops": "hfmerge.eval.cost", "count_parameters": "hfmerge.eval.cost", "measure_latency": "hfmerge.eval.cost",
     "Ensemble": "hfmerge.eval.ensemble",
     "evaluate_classifier": "hfmerge.eval.evaluate", "load_metric": "hfmerge.eval.evaluate",
+    "evaluate_segmenter": "hfmerge.eval.evaluate", "SegmentationSamples": "hfmerge.eval.evaluate",
     "SegmentationMeter": "hfmerge.eval.metrics", "classification_metrics": "hfmerge.eval.metrics",
     "panoptic_metrics": "hfmerge.eval.metrics", "segmentation_metrics": "hfmerge.eval.metrics",
     "EvaluationReport": "hfmerge.eval.report", "ModelEvaluation": "hfmerge.eval.report",

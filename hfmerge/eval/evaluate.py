@@ -1,10 +1,13 @@
-"""Run a classifier over labeled tasks and report its metrics and its cost.
+"""Run a model over labeled tasks and report its metrics and its cost.
 
-Each task's images go through the model's image processor, and the dataset's
-labels are mapped to the model's label indices by name (the data part's
-``label_map_for``, which names any label the model lacks). Predictions are
-gathered across processes under ``accelerate launch``, so every process
-returns the same numbers.
+Classifiers: each task's images go through the model's image processor, and
+the dataset's labels are mapped to the model's label indices by name (the
+data part's ``label_map_for``, which names any label the model lacks).
+Semantic segmenters (SegFormer, UperNet, MobileNetV2-DeepLab): images and
+their segmentation maps go through the processor together, and the logits
+are resized to the maps before the argmax. Predictions are gathered across
+processes under ``accelerate launch``, so every process returns the same
+numbers.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -21,7 +24,7 @@ import torch
 
 from hfmerge.errors import EvaluationError
 from hfmerge.eval.cost import count_flops, count_parameters, measure_latency
-from hfmerge.eval.metrics import classification_metrics
+from hfmerge.eval.metrics import IGNORE_INDEX, SegmentationMeter, classification_metrics
 from hfmerge.eval.report import ModelEvaluation, TaskResult
 
 if TYPE_CHECKING:
@@ -118,15 +121,12 @@ def evaluate_classifier(
         EvaluationError: a task's data has no labels.
         hfmerge.errors.DataError: a task's labels are not all in ``model.config.id2label`` (it names them).
     """
-    from tqdm.auto import tqdm
-
     from hfmerge.data import ProcessedImages, label_map_for
 
     id2label = {int(k): str(v) for k, v in model.config.id2label.items()}
     name = name or getattr(model.config, "name_or_path", "") or type(model).__name__
     device = _default_device(accelerator)
     model.eval().to(device)
-    main_process = accelerator is None or accelerator.is_local_main_process
     results: list[TaskResult] = []
     first_batch: torch.Tensor | None = None
     for task, data in tasks:
@@ -134,22 +134,15 @@ def evaluate_classifier(
             raise EvaluationError(f"task {task!r} ({data.name}) has no labels to evaluate against; "
                                   "give a labeled split or --label-column")
         dataset = ProcessedImages(data, processor, label_map_for(data, id2label))
-        loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
-        if accelerator is not None:
-            loader = accelerator.prepare_data_loader(loader)
         predictions, references = [], []
-        with torch.inference_mode():
-            for batch in tqdm(loader, desc=f"Evaluating {name} on {task}", disable=not (progress and main_process),
-                              leave=False):
-                pixel_values = batch["pixel_values"].to(device)
-                if first_batch is None:
-                    first_batch = pixel_values
-                predicted = model(pixel_values=pixel_values).logits.argmax(dim=-1)
-                labels = batch["labels"].to(device)
-                if accelerator is not None:
-                    predicted, labels = accelerator.gather_for_metrics((predicted, labels))
-                predictions.append(predicted.cpu())
-                references.append(labels.cpu())
+        for pixel_values, labels, outputs in _batches(model, dataset, batch_size, accelerator, device,
+                                                      progress, f"Evaluating {name} on {task}"):
+            first_batch = pixel_values if first_batch is None else first_batch
+            predicted = outputs.logits.argmax(dim=-1)
+            if accelerator is not None:
+                predicted, labels = accelerator.gather_for_metrics((predicted, labels))
+            predictions.append(predicted.cpu())
+            references.append(labels.cpu())
         predicted, labels = torch.cat(predictions), torch.cat(references)
         scores = classification_metrics(predicted, labels, num_classes=len(id2label))
         for metric in metrics:
@@ -159,6 +152,94 @@ def evaluate_classifier(
         results.append(TaskResult(task=task, dataset=dataset_name, split=data.split, metrics=scores,
                                   samples=len(labels), kind="image-classification", revision=data.commit_sha))
         logger.info("%s on %s: accuracy %.4f over %d samples", name, task, scores["accuracy"], len(labels))
+    return _with_cost(model, name, role, results, first_batch, batch_size, device,
+                      measure_cost=measure_cost, warmup=warmup, repeats=repeats)
+
+
+class SegmentationSamples(torch.utils.data.Dataset):
+    """Images and their segmentation maps through a segmentation processor: items ``pixel_values``, ``labels``.
+
+    ``maps`` hold the model's class index per pixel (``ignore_index`` for void), as images or arrays; the
+    processor resizes each map with its image (nearest neighbour) and, when it is set to, reduces labels.
+    ``dataset``, ``split`` and ``revision`` say where the samples come from (a Hub id or a folder's name).
+    """
+
+    def __init__(self, images: Sequence[Any], maps: Sequence[Any], processor: Any, *, dataset: str,
+                 split: str, revision: str | None = None) -> None:
+        if len(images) != len(maps):
+            raise EvaluationError(f"{dataset}: {len(images)} images but {len(maps)} segmentation maps")
+        self.images, self.maps, self.processor = list(images), list(maps), processor
+        self.dataset, self.split, self.revision = dataset, split, revision
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        encoded = self.processor(images=self.images[index], segmentation_maps=self.maps[index], return_tensors="pt")
+        return {"pixel_values": encoded["pixel_values"][0], "labels": encoded["labels"][0].long()}
+
+
+def evaluate_segmenter(
+    model: torch.nn.Module, tasks: Sequence[tuple[str, SegmentationSamples]], *, batch_size: int = 8,
+    accelerator: accelerate.Accelerator | None = None, progress: bool = True, name: str | None = None,
+    role: str = "merged", ignore_index: int = IGNORE_INDEX, per_class: bool = False, measure_cost: bool = True,
+    warmup: int = 3, repeats: int = 10,
+) -> ModelEvaluation:
+    """Mean IoU and pixel accuracy of a semantic segmentation model on each task, plus its cost.
+
+    The model returns ``logits`` ``[B, C, h, w]`` (SegFormer at a quarter of the input size, UperNet at it);
+    they are resized to the maps' size (bilinear) before the argmax, and pixels labelled ``ignore_index`` do
+    not count. Mask2Former's query outputs need its processor's post-processing and are not handled here.
+    ``per_class`` adds ``iou/<label>`` for every class present. Arguments as :func:`evaluate_classifier`.
+    """
+    id2label = {int(k): str(v) for k, v in model.config.id2label.items()}
+    name = name or getattr(model.config, "name_or_path", "") or type(model).__name__
+    device = _default_device(accelerator)
+    model.eval().to(device)
+    results: list[TaskResult] = []
+    first_batch: torch.Tensor | None = None
+    for task, samples in tasks:
+        meter = SegmentationMeter(len(id2label), ignore_index=ignore_index, class_names=id2label)
+        count = 0
+        for pixel_values, labels, outputs in _batches(model, samples, batch_size, accelerator, device,
+                                                      progress, f"Evaluating {name} on {task}"):
+            first_batch = pixel_values if first_batch is None else first_batch
+            logits = torch.nn.functional.interpolate(outputs.logits.float(), size=labels.shape[-2:],
+                                                     mode="bilinear", align_corners=False)
+            predicted = logits.argmax(dim=1)
+            if accelerator is not None:
+                predicted, labels = accelerator.gather_for_metrics((predicted, labels))
+            meter.update(predicted, labels)
+            count += labels.shape[0]
+        scores = meter.compute(per_class=per_class)
+        results.append(TaskResult(task=task, dataset=samples.dataset, split=samples.split, metrics=scores,
+                                  samples=count, kind="image-segmentation", revision=samples.revision))
+        logger.info("%s on %s: mean IoU %.4f over %d samples", name, task, scores["mean_iou"], count)
+    return _with_cost(model, name, role, results, first_batch, batch_size, device,
+                      measure_cost=measure_cost, warmup=warmup, repeats=repeats)
+
+
+def _batches(model: torch.nn.Module, dataset: torch.utils.data.Dataset, batch_size: int,
+             accelerator: accelerate.Accelerator | None, device: torch.device, progress: bool,
+             desc: str) -> Iterator[tuple[torch.Tensor, torch.Tensor, Any]]:
+    """(pixel values, labels, model outputs) per batch, in inference mode, sharded over processes."""
+    from tqdm.auto import tqdm
+
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    if accelerator is not None:
+        loader = accelerator.prepare_data_loader(loader)
+    main_process = accelerator is None or accelerator.is_local_main_process
+    for batch in tqdm(loader, desc=desc, disable=not (progress and main_process), leave=False):
+        pixel_values = batch["pixel_values"].to(device)
+        with torch.inference_mode():
+            outputs = model(pixel_values=pixel_values)
+        yield pixel_values, batch["labels"].to(device), outputs
+
+
+def _with_cost(model: torch.nn.Module, name: str, role: str, results: list[TaskResult],
+               first_batch: torch.Tensor | None, batch_size: int, device: torch.device, *, measure_cost: bool,
+               warmup: int, repeats: int) -> ModelEvaluation:
+    """The evaluation with the model's parameters, FLOPs per image and latency on the first task's first batch."""
     flops = latency_ms = None
     measured_batch = batch_size
     if measure_cost and first_batch is not None:
