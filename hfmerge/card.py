@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from huggingface_hub import ModelCard, ModelCardData
 
 if TYPE_CHECKING:
+    from hfmerge.eval.report import EvaluationReport
     from hfmerge.hub.resolve import ResolvedSource
     from hfmerge.methods.base import MergeMethod
     from hfmerge.planned import PlannedMerge
@@ -28,6 +29,9 @@ if TYPE_CHECKING:
 TEMPLATE = "model_card.md.j2"
 PLACEHOLDER_REF = "path/to/merged-model"
 REPRODUCE_COMMAND = "hfmerge run hfmerge.yaml --output merged"
+EVALUATION_SVG = "evaluation.svg"  # the bar chart, written beside README.md
+EVALUATION_HEADING = "## Evaluation"
+_EVALUATION_SECTION = re.compile(r"^## Evaluation[^\n]*\n.*?(?=^## |\Z)", re.M | re.S)
 
 AUTO_CLASSES = {
     "image-classification": "AutoModelForImageClassification",
@@ -54,6 +58,8 @@ class CardFacts(Protocol):
     @property
     def recipe_yaml(self) -> str: ...
 
+    # Optional: ``evaluation`` (an EvaluationReport or None), read with getattr so that facts without it render.
+
 
 def render_card(result: CardFacts, repo_id: str | None = None) -> str:
     """The card's full text: YAML metadata, then the body from the Jinja template.
@@ -69,6 +75,8 @@ def render_card(result: CardFacts, repo_id: str | None = None) -> str:
     names = PublicNames.for_merge(planned)
     everything = [*planned.sources, *([planned.base] if planned.base is not None else [])]
     hub_models = list(dict.fromkeys(s.repo_id for s in everything if s.repo_id))
+    evaluation: EvaluationReport | None = getattr(result, "evaluation", None)
+    model_name = repo_id or (evaluation.merged().name if evaluation is not None else None)
     data = ModelCardData(
         base_model=hub_models or None,
         base_model_relation="merge" if hub_models else None,
@@ -76,6 +84,8 @@ def render_card(result: CardFacts, repo_id: str | None = None) -> str:
         pipeline_tag=planned.anchor.task,
         tags=["hfmerge", "merge", method.name],
         license=result.license,
+        model_name=model_name if evaluation is not None else None,
+        eval_results=evaluation.eval_results(model_name) if evaluation is not None else None,
     )
     weights = planned.context.normalised_weights()
     rows = []
@@ -131,11 +141,40 @@ def render_card(result: CardFacts, repo_id: str | None = None) -> str:
         num_labels=len(getattr(result.config, "id2label", {}) or {}),
         warnings=result.warnings,
         data_rows=data_rows,
+        evaluation=evaluation_section(evaluation) if evaluation is not None else "",
         model_ref=repo_id or PLACEHOLDER_REF,
         repo_id=repo_id,
         version=__version__,
     )
     return names.scrub(str(card))
+
+
+def evaluation_section(report: EvaluationReport) -> str:
+    """The card's ``## Evaluation`` section: the report's tables and the bar chart (:data:`EVALUATION_SVG`)."""
+    return f"{EVALUATION_HEADING}\n\n{report.markdown(chart=EVALUATION_SVG)}"
+
+
+def update_card(text: str, report: EvaluationReport, model_name: str) -> str:
+    """``text`` (a model card) with its evaluation section and ``model-index`` replaced by ``report``'s.
+
+    An existing ``## Evaluation`` section is replaced where it is; otherwise the section goes before
+    ``## Usage`` (where a rendered card has it), or at the end. The other metadata and sections stay as they
+    are, so updating twice gives one section, the second report's. The chart file
+    (:data:`EVALUATION_SVG`, from :meth:`EvaluationReport.bar_chart_svg`) is the caller's to write beside it.
+    """
+    card = ModelCard(text, ignore_metadata_errors=True)
+    card.data.model_name = model_name
+    card.data.eval_results = report.eval_results(model_name)
+    section = evaluation_section(report)
+    body = card.text
+    if _EVALUATION_SECTION.search(body):
+        body = _EVALUATION_SECTION.sub(lambda m: section + ("\n" if m.end() < len(body) else ""), body, count=1)
+    elif re.search(r"^## Usage$", body, re.M):
+        body = re.sub(r"^(?=## Usage$)", lambda _: section + "\n", body, count=1, flags=re.M)
+    else:
+        body = body.rstrip("\n") + "\n\n" + section
+    card.text = body
+    return str(card)
 
 
 def method_text(method: MergeMethod, **context: Any) -> str:

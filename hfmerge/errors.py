@@ -47,3 +47,7 @@ class HubUnreachableError(HfMergeError, ConnectionError):
 
 class DataError(HfMergeError, ValueError):
     """A dataset cannot be used: missing dataset, revision, split or column, no usable samples, labels that do not fit."""
+
+
+class EvaluationError(HfMergeError, ValueError):
+    """A model cannot be evaluated as asked: unlabeled evaluation data, or a ``--metric`` that does not load."""

@@ -20,6 +20,7 @@ from hfmerge.errors import OutputExistsError
 if TYPE_CHECKING:
     from huggingface_hub import ModelCard
 
+    from hfmerge.eval.report import EvaluationReport
     from hfmerge.planned import PlannedMerge
 
 logger = logging.getLogger(__name__)
@@ -33,7 +34,8 @@ class MergeResult:
 
     The staged folder holds everything a user gets: safetensors weights,
     ``config.json``, the anchor's image processor, ``hfmerge.yaml`` (the recipe
-    pinned to commit shas) and ``README.md`` (the model card). It is removed
+    pinned to commit shas), ``README.md`` (the model card) and, when the merge
+    was evaluated (``evaluation``), ``evaluation.svg`` (its chart). It is removed
     when the result is garbage collected. ``saved_to`` and ``commit_url`` say
     where it went last.
     """
@@ -44,8 +46,8 @@ class MergeResult:
     warnings: list[str] = field(default_factory=list)
     saved_to: Path | None = None
     commit_url: str | None = None
-    evaluation: Any = None
-    """The :class:`~hfmerge.eval.report.EvaluationReport` of the merged model, when evaluation data was given."""
+    evaluation: EvaluationReport | None = None
+    """The evaluation of the merged model beside its sources, when evaluation data was given."""
     data_uses: list[Any] = field(default_factory=list)
     """What each source's statistics were computed on (:class:`~hfmerge.stages.DataUse`)."""
 
@@ -217,8 +219,8 @@ def _link_or_copy(src: Path, dst: Path) -> None:
 
 
 def write_metadata(result: MergeResult) -> None:
-    """Write ``hfmerge.yaml`` and the model card into the staging folder."""
-    from hfmerge.card import render_card
+    """Write ``hfmerge.yaml``, the model card and, for an evaluated merge, its chart into the staging folder."""
+    from hfmerge.card import EVALUATION_SVG, render_card
 
     pinned = result.planned.pinned_recipe()
     (result.staging / RECIPE_FILE).write_text(yaml.safe_dump(pinned.to_dict(), sort_keys=False))
@@ -228,4 +230,6 @@ def write_metadata(result: MergeResult) -> None:
         message = f"the sources' licenses differ or are unknown ({listed}); the card sets no license"
         result.warnings.append(message)
         logger.warning(message)
+    if result.evaluation is not None:
+        (result.staging / EVALUATION_SVG).write_text(result.evaluation.bar_chart_svg())
     (result.staging / "README.md").write_text(render_card(result))

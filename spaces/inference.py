@@ -27,6 +27,7 @@ import PIL.Image
 import torch
 import transformers
 import yaml
+from huggingface_hub import ModelCard
 from huggingface_hub import constants as hf_constants
 from huggingface_hub import hf_hub_download
 from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
@@ -389,7 +390,10 @@ def load_demo(model: str, sources: list[str] | None = None, *, hub: HubAccess | 
 
 
 def read_card(ref: str, *, local_only: bool = False) -> tuple[str, dict[str, Path]]:
-    """The model card's evaluation section (Markdown, images removed) and its plot files by path."""
+    """The model card's evaluation section (Markdown, images removed) and its plot files by path.
+
+    A card without such a section but with ``model-index`` metadata gets a table made from it.
+    """
     try:
         path = fetch_file(ref, "README.md", local_only=local_only)
         text = path.read_text(encoding="utf-8") if path else ""
@@ -398,7 +402,7 @@ def read_card(ref: str, *, local_only: bool = False) -> tuple[str, dict[str, Pat
     body = text.split("---", 2)[2] if text.startswith("---") and text.count("---") >= 2 else text
     match = re.search(r"^## [^\n]*Evaluation[^\n]*\n(.*?)(?=^## |\Z)", body, flags=re.M | re.S)
     if not match:
-        return "", {}
+        return model_index_table(text), {}
     section = match.group(0)
     plots: dict[str, Path] = {}
     for target in re.findall(r"!\[[^\]]*\]\(([^)\s]+)[^)]*\)", section):
@@ -412,3 +416,22 @@ def read_card(ref: str, *, local_only: bool = False) -> tuple[str, dict[str, Pat
         if local is not None:
             plots[target] = local
     return re.sub(r"!\[[^\]]*\]\([^)]*\)\n?", "", section).strip(), plots
+
+
+def model_index_table(text: str) -> str:
+    """A Markdown ``## Evaluation`` table of a card's ``model-index`` results; empty when it has none."""
+    try:
+        data = ModelCard(text, ignore_metadata_errors=True).data
+    except (ValueError, yaml.YAMLError):
+        return ""
+    results = getattr(data, "eval_results", None) or []
+    if not results:
+        return ""
+    lines = [f"## Evaluation of {data.model_name}" if data.model_name else "## Evaluation", "",
+             "| task | dataset | split | metric | value |", "|---|---|---|---|---|"]
+    for result in results:
+        cells = [result.task_name or result.task_type, result.dataset_name or result.dataset_type,
+                 result.dataset_split or "", result.metric_name or result.metric_type,
+                 f"{result.metric_value:.4f}" if isinstance(result.metric_value, float) else result.metric_value]
+        lines.append("| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |")
+    return "\n".join(lines)

@@ -242,6 +242,37 @@ def test_evaluation_section_and_plots_come_from_the_card(tmp_path):
     assert plots == {"plots/accuracy.png": folder / "plots" / "accuracy.png"}
 
 
+def test_evaluation_panel_shows_an_hfmerge_card_table_and_chart_or_the_model_index(tmp_path):
+    from hfmerge.card import EVALUATION_SVG, update_card
+    from hfmerge.eval.report import EvaluationReport, ModelEvaluation, TaskResult
+
+    report = EvaluationReport(models=[
+        ModelEvaluation("merged", "merged", [TaskResult("digits", "org/digits", "test", {"accuracy": 0.875}, 8)],
+                        100, 2000, 1.5, 4),
+        ModelEvaluation("vit-a", "source", [TaskResult("digits", "org/digits", "test", {"accuracy": 0.5}, 8)],
+                        100, 2000, 1.5, 4),
+    ])
+    evaluated = tmp_path / "evaluated"
+    evaluated.mkdir()
+    (evaluated / "README.md").write_text(update_card("# Model\n\n## Usage\n\nnot shown\n", report, "org/m"))
+    (evaluated / EVALUATION_SVG).write_text(report.bar_chart_svg())
+    text, plots = inference.read_card(str(evaluated))
+    assert "| merged | merged | 0.8750 |" in text and "| vit-a | source | 0.5000 |" in text
+    assert "not shown" not in text and "![" not in text
+    assert plots == {EVALUATION_SVG: evaluated / EVALUATION_SVG}
+    # a card with model-index metadata but no evaluation section: the table is made from the metadata
+    indexed = tmp_path / "indexed"
+    indexed.mkdir()
+    card = update_card("# Model\n", report, "org/m")
+    (indexed / "README.md").write_text(card.split("## Evaluation")[0])
+    text, plots = inference.read_card(str(indexed))
+    assert text.splitlines()[0] == "## Evaluation of org/m" and plots == {}
+    assert "| digits | org/digits | test | accuracy | 0.8750 |" in text
+    # neither: no panel
+    (indexed / "README.md").write_text("---\nlicense: mit\n---\n# Model\n")
+    assert inference.read_card(str(indexed)) == ("", {})
+
+
 # --------------------------------------------------------------------------- hfmerge space
 
 

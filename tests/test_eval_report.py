@@ -1,0 +1,90 @@
+"""The evaluation report: JSON round trip, the Markdown table, model-index through huggingface_hub, the SVG chart."""
+
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+
+import pytest
+from huggingface_hub import ModelCard, ModelCardData
+
+from hfmerge.eval.report import EvaluationReport, ModelEvaluation, TaskResult
+
+
+def _tasks(digits: float, mirrored: float | None) -> list[TaskResult]:
+    tasks = [TaskResult("digits", "org/digits", "test", {"accuracy": digits, "f1": digits - 0.01}, 90,
+                        revision="a" * 40)]
+    if mirrored is not None:
+        tasks.append(TaskResult("mirrored", "org/mirrored", "validation", {"accuracy": mirrored, "f1": 0.5}, 60))
+    return tasks
+
+
+def make_report() -> EvaluationReport:
+    return EvaluationReport(models=[
+        ModelEvaluation("org/vit-a", "source", _tasks(0.95, 0.40), 1000, 2_500_000, 1.5, 32, "cpu"),
+        ModelEvaluation("merged", "merged", _tasks(0.90, 0.70), 1000, 2_500_000, 1.25, 32, "cpu"),
+        ModelEvaluation("ensemble", "ensemble", _tasks(0.93, 0.80), 2000, 5_000_000, 3.0, 32, "cpu"),
+        ModelEvaluation("org/vit-b", "source", _tasks(0.50, None), 1000, 2_500_000, 1.5, 32, "cpu"),
+    ])
+
+
+def test_json_round_trip():
+    report = make_report()
+    again = EvaluationReport.from_json(report.to_json())
+    assert again == report
+    assert again.models[1].tasks[0].revision == "a" * 40
+
+
+def _table(markdown: str) -> list[list[str]]:
+    lines = markdown.split("\n\n")[0].splitlines()
+    return [[cell.strip() for cell in line.strip("|").split("|")] for line in lines]
+
+
+def test_markdown_table_rows_are_models_columns_main_metric_mean_and_cost():
+    markdown = make_report().markdown()
+    header, _, *rows = _table(markdown)
+    assert header == ["model", "role", "digits (accuracy)", "mirrored (accuracy)", "mean", "parameters",
+                      "FLOPs / image", "latency (ms, batch 32)"]
+    assert [row[:2] for row in rows] == [["merged", "merged"], ["org/vit-a", "source"], ["org/vit-b", "source"],
+                                         ["ensemble", "ensemble"]]
+    assert rows[0][2:] == ["0.9000", "0.7000", "0.8000", "1,000", "2.5 M", "1.25"]  # mean (0.90 + 0.70) / 2
+    assert rows[2][3:5] == ["—", "—"]  # no result on a task: no mean either
+    assert "### mirrored" in markdown and "org/mirrored, split validation, 60 samples." in markdown
+    assert "| merged | 0.7000 | 0.5000 |" in markdown  # the per-task detail table: accuracy, F1
+    assert "not a merged model" in markdown  # the ensemble is said to be a reference
+
+
+def test_model_index_written_by_huggingface_hub_parses_back_with_the_same_values():
+    results = make_report().eval_results("org/vit-merged")  # not a model of the report: the merged one
+    data = ModelCardData(model_name="org/vit-merged", eval_results=results, library_name="transformers")
+    text = str(ModelCard.from_template(data, template_str="---\n{{ card_data }}\n---\n# card\n"))
+    assert "model-index" in text
+    parsed = ModelCard(text).data
+    assert parsed.model_name == "org/vit-merged"
+    got = {(r.task_name, r.dataset_type, r.dataset_split, r.metric_type): r.metric_value for r in parsed.eval_results}
+    assert got == {
+        ("digits", "org/digits", "test", "accuracy"): 0.90, ("digits", "org/digits", "test", "f1"): 0.89,
+        ("mirrored", "org/mirrored", "validation", "accuracy"): 0.70,
+        ("mirrored", "org/mirrored", "validation", "f1"): 0.5,
+    }
+    assert {r.task_type for r in parsed.eval_results} == {"image-classification"}
+    assert {r.dataset_revision for r in parsed.eval_results if r.task_name == "digits"} == {"a" * 40}
+    by_name = make_report().eval_results("org/vit-a")  # a model of the report by its name
+    assert {r.metric_value for r in by_name if r.metric_type == "accuracy"} == {0.95, 0.40}
+
+
+def test_bar_chart_is_svg_with_one_bar_per_model_and_task_a_legend_and_axis_labels():
+    svg = make_report().bar_chart_svg()
+    root = ET.fromstring(svg)
+    ns = "{http://www.w3.org/2000/svg}"
+    assert root.tag == f"{ns}svg"
+    bars = [r for r in root.iter(f"{ns}rect") if r.get("class") == "bar"]
+    assert sorted((b.get("data-model"), b.get("data-task")) for b in bars) == sorted(
+        [(m, t) for m in ("merged", "org/vit-a", "ensemble") for t in ("digits", "mirrored")]
+        + [("org/vit-b", "digits")])
+    heights = {(b.get("data-model"), b.get("data-task")): float(b.get("height")) for b in bars}
+    # heights in proportion to the values, 0.9 and 0.5
+    assert heights[("merged", "digits")] / heights[("org/vit-b", "digits")] == pytest.approx(0.9 / 0.5, rel=1e-3)
+    texts = [t.text for t in root.iter(f"{ns}text")]
+    legend = [t.text for t in next(g for g in root.iter(f"{ns}g") if g.get("class") == "legend").iter(f"{ns}text")]
+    assert legend == ["merged (merged)", "org/vit-a (source)", "org/vit-b (source)", "ensemble (ensemble)"]
+    assert "task" in texts and "accuracy" in texts  # the axis labels
