@@ -39,3 +39,7 @@ class PublishError(HfMergeError, RuntimeError):
 
 class HubUnreachableError(HfMergeError, ConnectionError):
     """The Hub endpoint cannot be reached: no network, unknown host, refused connection or timeout."""
+
+
+class TrainingError(HfMergeError, ValueError):
+    """Training cannot run as asked: no samples, no loss, unlabeled validation data, no trainable weights."""
