@@ -51,3 +51,7 @@ class DataError(HfMergeError, ValueError):
 
 class EvaluationError(HfMergeError, ValueError):
     """A model cannot be evaluated as asked: unlabeled evaluation data, or a ``--metric`` that does not load."""
+
+
+class TrainingError(HfMergeError, ValueError):
+    """Training cannot run as asked: no samples, no loss, unlabeled validation data, no trainable weights."""
