@@ -75,6 +75,8 @@ class ModelLayout:
     No method plans them: the output lacks them too, as the sources do."""
     module_classes: dict[str, type] = field(default_factory=dict, repr=False)
     """Every in-memory module name (the root is ``""``) and its class, from the meta model."""
+    parameter_names: frozenset[str] = frozenset()
+    """The in-memory names of the model's parameters (trainable tensors; the rest of ``tensors`` are buffers)."""
 
     @cached_property
     def forward(self) -> dict[str, TensorInfo]:
@@ -167,6 +169,7 @@ class _ClassFacts:
     ignored: frozenset[str]
     absent: tuple[str, ...]
     module_classes: dict[str, type]
+    parameter_names: frozenset[str]
 
 
 # Sources of one architecture and config (checkpoints of a run, fine-tunes of one model) share
@@ -219,6 +222,7 @@ def inspect_source(
             {n: tuple(t.shape) for n, t in meta_state.items()}, names, frozenset(ignored),
             tuple(n for n in meta_state if n not in loaded),
             {name: type(module) for name, module in meta_model.named_modules()},
+            frozenset(name for name, _ in meta_model.named_parameters()),
         )
         del meta_model
     facts = _MODEL_CLASS_FACTS[cache_key]
@@ -262,6 +266,7 @@ def inspect_source(
         ignored=ignored,
         absent=facts.absent,
         module_classes=facts.module_classes,
+        parameter_names=facts.parameter_names,
     )
 
 

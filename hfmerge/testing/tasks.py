@@ -18,6 +18,7 @@ parquet bytes, so pushed repos get the same commit shas on every run.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from tempfile import TemporaryDirectory
 from typing import TYPE_CHECKING
@@ -34,6 +35,7 @@ DIGIT_NAMES = [str(d) for d in range(10)]
 TASKS = ("digits", "digits-mirrored", "digits-low", "digits-high")
 
 
+@functools.lru_cache(maxsize=1)
 def digit_arrays() -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """The digits as uint8 16x16 grey images in [0, 255] and int targets, split into train and test.
 
@@ -50,6 +52,21 @@ def digit_arrays() -> dict[str, tuple[np.ndarray, np.ndarray]]:
     return {"train": (x_train, y_train), "test": (x_test, y_test)}
 
 
+def digit_split(name: str, split: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """One split of a digit task as arrays: uint8 grey images (N, 16, 16), targets, label names."""
+    if name not in TASKS:
+        raise ValueError(f"unknown digit task {name!r}; choose one of {', '.join(TASKS)}")
+    images, targets = digit_arrays()[split]
+    names = DIGIT_NAMES
+    if name == "digits-mirrored":
+        images = images[:, :, ::-1]
+    elif name in ("digits-low", "digits-high"):
+        low = 0 if name == "digits-low" else 5
+        keep = (targets >= low) & (targets < low + 5)
+        images, targets, names = images[keep], targets[keep] - low, DIGIT_NAMES[low:low + 5]
+    return np.ascontiguousarray(images), np.asarray(targets), names
+
+
 def _dataset(images: np.ndarray, targets: np.ndarray, names: list[str]) -> datasets.Dataset:
     import datasets
     from PIL import Image
@@ -63,19 +80,7 @@ def digit_task(name: str) -> datasets.DatasetDict:
     """One digit task (see the module docstring) as a ``DatasetDict`` with ``train`` and ``test`` splits."""
     import datasets
 
-    if name not in TASKS:
-        raise ValueError(f"unknown digit task {name!r}; choose one of {', '.join(TASKS)}")
-    splits = {}
-    for split, (images, targets) in digit_arrays().items():
-        names = DIGIT_NAMES
-        if name == "digits-mirrored":
-            images = images[:, :, ::-1]
-        elif name in ("digits-low", "digits-high"):
-            low = 0 if name == "digits-low" else 5
-            keep = (targets >= low) & (targets < low + 5)
-            images, targets, names = images[keep], targets[keep] - low, DIGIT_NAMES[low:low + 5]
-        splits[split] = _dataset(np.ascontiguousarray(images), targets, names)
-    return datasets.DatasetDict(splits)
+    return datasets.DatasetDict({split: _dataset(*digit_split(name, split)) for split in ("train", "test")})
 
 
 def digit_tasks() -> dict[str, datasets.DatasetDict]:
