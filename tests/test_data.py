@@ -150,6 +150,8 @@ def test_a_revision_and_a_pinned_commit_read_that_commit(versioned):
     assert (len(on_main), on_main.commit_sha) == (5, main)
     pinned = load_image_data(DataSpec("org/data-versions", revision="main", split="test", commit=v1))
     assert (len(pinned), pinned.commit_sha) == (12, v1)
+    assert on_tag.pinned == DataSpec("org/data-versions", revision="v1", split="test", commit=v1)
+    assert load_image_data(on_main.pinned).fingerprint == on_main.fingerprint
     streamed = load_image_data("org/data-versions@v1:test", samples=3, streaming=True)
     assert streamed.streamed and streamed.commit_sha == v1 and len(streamed) == 3
 
@@ -347,3 +349,21 @@ def test_processed_images_go_through_the_models_processor_with_mapped_labels(pet
     assert torch.allclose(green, torch.tensor([-1.0, 1.0, -1.0])[:, None, None].expand(3, size, size))
     unmapped = ProcessedImages(data, processor)
     assert sorted(unmapped[i]["labels"] for i in range(2)) == [0, 1]
+
+
+# -- the digit tasks ---------------------------------------------------------------
+
+
+def test_digit_tasks_are_the_demos_splits_deterministic_to_the_byte(tmp_path):
+    from hfmerge.testing.tasks import digit_task
+
+    upright, mirrored, high = digit_task("digits"), digit_task("digits-mirrored"), digit_task("digits-high")
+    x_test, y_test = _digits_low_test()
+    assert len(upright["test"]) == 540 and len(upright["train"]) == 1257  # 30 % of 1797, stratified
+    assert high["test"].features["label"].names == ["5", "6", "7", "8", "9"]
+    assert len(high["test"]) == 540 - len(y_test) and set(high["test"]["label"]) == {0, 1, 2, 3, 4}
+    a, b = np.asarray(upright["test"][7]["image"]), np.asarray(mirrored["test"][7]["image"])
+    assert (b == a[:, ::-1]).all() and not (a == b).all()
+    first = write_parquet_repo(tmp_path / "one", "digits-high", high) / "data" / "test-00000-of-00001.parquet"
+    second = write_parquet_repo(tmp_path / "two", "digits-high", digit_task.__wrapped__("digits-high"))  # rebuilt
+    assert first.read_bytes() == (second / "data" / "test-00000-of-00001.parquet").read_bytes()

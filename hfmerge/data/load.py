@@ -27,7 +27,8 @@ import json
 import logging
 import random
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -35,7 +36,7 @@ import torch
 from huggingface_hub import constants as hf_constants
 
 from hfmerge.data.spec import DataSpec
-from hfmerge.errors import DataError
+from hfmerge.errors import DataError, HfMergeError
 from hfmerge.hub.connection import TRANSPORT_ERRORS, hub_unreachable
 from hfmerge.spaces.source_ref import is_commit_sha
 
@@ -85,6 +86,11 @@ class ImageData:
     def __len__(self) -> int:
         return len(self.images)
 
+    @property
+    def pinned(self) -> DataSpec:
+        """The spec that reads exactly this split again: its split named, and a Hub dataset's commit pinned."""
+        return replace(self.spec, split=self.split, commit=self.commit_sha or self.spec.commit)
+
 
 def load_image_data(
     spec: DataSpec | str, *, samples: int | None = None, seed: int = 0, image_column: str | None = None,
@@ -118,15 +124,15 @@ def load_image_data(
         if streaming is None and (samples is None or hf_constants.HF_HUB_OFFLINE):
             streaming = False
         table, split, name, commit_sha, streamed = _open_hub(spec, token=token, streaming=streaming)
-    features = _features(table)
-    image_col = _image_column(features, image_column, name)
-    label_col, label_names = _label_column(features, label_column, name, labeled)
-    table = _undecoded(table, features, image_col)
-    rows = _select(table, samples, seed, name, streamed)
-    try:
+    # a stream talks to the Hub while it is read
+    reading = nullcontext() if spec.is_local else hub_errors(spec.dataset, spec.commit or spec.revision)
+    with reading:
+        features = _features(table)
+        image_col = _image_column(features, image_column, name)
+        label_col, label_names = _label_column(features, label_column, name, labeled)
+        table = _undecoded(table, features, image_col)
+        rows = _select(table, samples, seed, name, streamed)
         images, raw_labels, skipped = _decode_rows(rows, image_col, label_col)
-    except TRANSPORT_ERRORS as exc:
-        raise hub_unreachable(exc) from None
     if skipped:
         logger.warning("%s: %d of %d images failed to decode and were skipped", name, skipped,
                        skipped + len(images))
@@ -243,22 +249,13 @@ def _open_folder(spec: DataSpec) -> tuple[Any, str, str, None]:
 def _open_hub(spec: DataSpec, *, token: str | bool | None,
               streaming: bool | None) -> tuple[Any, str, str, str | None, bool]:
     import datasets
-    from datasets.data_files import EmptyDatasetError
     from huggingface_hub import HfApi
-    from huggingface_hub.errors import (
-        GatedRepoError,
-        HfHubHTTPError,
-        LocalEntryNotFoundError,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
 
     repo_id = spec.dataset
     revision = spec.commit or spec.revision
     where = f"{repo_id}@{revision}" if revision else repo_id
-    offline = hf_constants.HF_HUB_OFFLINE
-    try:
-        if offline:
+    with hub_errors(repo_id, revision):
+        if hf_constants.HF_HUB_OFFLINE:
             if streaming:
                 raise DataError(f"{where}: streaming needs the Hub and HF_HUB_OFFLINE is set; unset it, "
                                 "or read the dataset from the cache without streaming")
@@ -286,6 +283,32 @@ def _open_hub(spec: DataSpec, *, token: str | bool | None,
         else:
             builder.download_and_prepare()
             table = builder.as_dataset(split=split)
+    name = f"{spec.dataset}@{spec.revision}:{split}" if spec.revision else f"{spec.dataset}:{split}"
+    return table, split, name, sha, streaming
+
+
+@contextmanager
+def hub_errors(repo_id: str, revision: str | None) -> Iterator[None]:
+    """Turn what ``datasets`` and ``huggingface_hub`` raise for a Hub dataset into one-line hfmerge errors.
+
+    Used around opening a dataset and around reading a stream (which talks to the Hub as it goes).
+    """
+    import datasets
+    from datasets.data_files import EmptyDatasetError
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    where = f"{repo_id}@{revision}" if revision else repo_id
+    offline = hf_constants.HF_HUB_OFFLINE
+    not_cached = DataError(f"dataset {where} is not in the local cache and HF_HUB_OFFLINE is set: unset it to "
+                           "download it, or check the name")
+    try:
+        yield
     except GatedRepoError:
         raise DataError(f"dataset {repo_id} is gated: accept its conditions on the Hub, then log in with "
                         "`hf auth login` or set HF_TOKEN") from None
@@ -294,8 +317,7 @@ def _open_hub(spec: DataSpec, *, token: str | bool | None,
                         "give a branch, tag or commit sha") from None
     except (RepositoryNotFoundError, datasets.exceptions.DatasetNotFoundError) as exc:
         if offline:
-            raise DataError(f"dataset {where} is not in the local cache and HF_HUB_OFFLINE is set: unset it to "
-                            "download it, or check the name") from None
+            raise not_cached from None
         logger.debug("dataset %s not found: %s", where, exc)
         raise DataError(f"{repo_id} is not a folder here and not a dataset on the Hub, or it is private and no "
                         "token grants access: check the name, or log in with `hf auth login` or set HF_TOKEN") from None
@@ -309,19 +331,17 @@ def _open_hub(spec: DataSpec, *, token: str | bool | None,
         raise hub_unreachable(exc) from None
     except LocalEntryNotFoundError as exc:
         if offline:
-            raise DataError(f"dataset {where} is not in the local cache and HF_HUB_OFFLINE is set: "
-                            "unset it to download it") from None
+            raise not_cached from None
         raise hub_unreachable(exc.__cause__ or exc) from None
     except HfHubHTTPError as exc:
         status = getattr(getattr(exc, "response", None), "status_code", "?")
         raise DataError(f"the Hub answered HTTP {status} for dataset {where}; try again, or check HF_ENDPOINT") from None
     except ConnectionError as exc:  # datasets' own, e.g. "Couldn't reach ... (OfflineModeIsEnabled)"
+        if isinstance(exc, HfMergeError):
+            raise
         if offline:
-            raise DataError(f"dataset {where} is not in the local cache and HF_HUB_OFFLINE is set: "
-                            "unset it to download it") from None
+            raise not_cached from None
         raise hub_unreachable(exc) from None
-    name = f"{spec.dataset}@{spec.revision}:{split}" if spec.revision else f"{spec.dataset}:{split}"
-    return table, split, name, sha, streaming
 
 
 def _split_bytes(urls: list[str], sizes: dict[str, int]) -> int | None:
