@@ -42,7 +42,7 @@ def test_data_spec_reads_every_text_form(text, expected):
     assert DataSpec.parse(spec.to_dict()) == spec
 
 
-def test_an_existing_folder_wins_over_a_repo_id_and_keeps_its_colon(tmp_path, monkeypatch):
+def test_an_existing_folder_wins_over_a_repo_id_and_keeps_its_colon(tmp_path, monkeypatch, caplog):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "org" / "ds").mkdir(parents=True)
     (tmp_path / "odd:name").mkdir()
@@ -51,6 +51,10 @@ def test_an_existing_folder_wins_over_a_repo_id_and_keeps_its_colon(tmp_path, mo
     assert DataSpec.parse("org/ds@main:test").is_local is False  # a revision names the Hub repo
     whole = DataSpec.parse("odd:name")
     assert (whole.dataset, whole.split, whole.is_local) == ("odd:name", None, True)
+    with caplog.at_level(logging.WARNING, logger="hfmerge.data.load"), pytest.raises(
+            DataError, match="folder 'ds' has no images"):
+        load_image_data("org/ds:test")
+    assert "the Hub dataset org/ds was not used (write org/ds@main for it)" in caplog.text
 
 
 def test_data_spec_yaml_mapping_pins_a_commit():
@@ -358,7 +362,7 @@ def test_digit_tasks_are_the_demos_splits_deterministic_to_the_byte(tmp_path):
     from hfmerge.testing.tasks import digit_task
 
     upright, mirrored, high = digit_task("digits"), digit_task("digits-mirrored"), digit_task("digits-high")
-    x_test, y_test = _digits_low_test()
+    _, y_test = _digits_low_test()
     assert len(upright["test"]) == 540 and len(upright["train"]) == 1257  # 30 % of 1797, stratified
     assert high["test"].features["label"].names == ["5", "6", "7", "8", "9"]
     assert len(high["test"]) == 540 - len(y_test) and set(high["test"]["label"]) == {0, 1, 2, 3, 4}

@@ -38,7 +38,7 @@ from huggingface_hub import constants as hf_constants
 from hfmerge.data.spec import DataSpec
 from hfmerge.errors import DataError, HfMergeError
 from hfmerge.hub.connection import TRANSPORT_ERRORS, hub_unreachable
-from hfmerge.spaces.source_ref import is_commit_sha
+from hfmerge.spaces.source_ref import is_commit_sha, parse_source_ref
 
 if TYPE_CHECKING:
     import datasets
@@ -226,6 +226,9 @@ def _open_folder(spec: DataSpec) -> tuple[Any, str, str, None]:
     if not folder.is_dir():
         raise DataError(f"data {spec.dataset!r} is a file; give the folder that holds the images")
     where = f"folder {folder.resolve().name!r}"
+    if parse_source_ref(spec.dataset).shadows_repo_id:
+        logger.warning("data %r is the local folder ./%s; the Hub dataset %s was not used (write %s@main for it)",
+                       spec.dataset, spec.dataset, spec.dataset, spec.dataset)
     if (folder / "dataset_dict.json").is_file() or (folder / "state.json").is_file():
         try:
             loaded = datasets.load_from_disk(str(folder))
@@ -278,9 +281,14 @@ def _open_hub(spec: DataSpec, *, token: str | bool | None,
         if streaming is None:
             size = _split_bytes(data_files.get(split, []), sizes)
             streaming = size is None or size > STREAM_MIN_BYTES
+        table = None
         if streaming:
-            table = builder.as_streaming_dataset(split=split)
-        else:
+            try:
+                table = builder.as_streaming_dataset(split=split)
+            except NotImplementedError:  # a builder that cannot stream: download it instead
+                logger.info("%s cannot be streamed; downloading it", where)
+                streaming = False
+        if table is None:
             builder.download_and_prepare()
             table = builder.as_dataset(split=split)
     name = f"{spec.dataset}@{spec.revision}:{split}" if spec.revision else f"{spec.dataset}:{split}"

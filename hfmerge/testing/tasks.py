@@ -18,7 +18,7 @@ parquet bytes, so pushed repos get the same commit shas on every run.
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 from tempfile import TemporaryDirectory
 from typing import TYPE_CHECKING
@@ -60,7 +60,7 @@ def _dataset(images: np.ndarray, targets: np.ndarray, names: list[str]) -> datas
     return datasets.Dataset.from_dict({"image": pil, "label": [int(t) for t in targets]}, features=features)
 
 
-@lru_cache(maxsize=None)
+@cache
 def digit_task(name: str) -> datasets.DatasetDict:
     """One digit task (see the module docstring) as a ``DatasetDict`` with ``train`` and ``test`` splits.
 
