@@ -247,6 +247,8 @@ def test_offline_a_cached_dataset_loads_from_the_cache_without_a_request(digits,
         load_image_data(DataSpec(digits, split="test", commit="b" * 40))
     with pytest.raises(DataError, match="is not in the local cache and HF_HUB_OFFLINE is set"):
         load_image_data("org/never-downloaded:test")
+    with pytest.raises(DataError, match="streaming needs the Hub and HF_HUB_OFFLINE is set"):
+        load_image_data(f"{digits}:test", samples=8, streaming=True)
 
 
 # -- from folders ------------------------------------------------------------------
@@ -268,6 +270,8 @@ def test_a_flat_folder_is_unlabeled(tmp_path):
     assert sorted(im.getpixel((0, 0))[0] for im in data.images) == [0, 50, 100]
     with pytest.raises(DataError, match="shots has no label column; its columns are: image"):
         load_image_data(str(folder), labeled=True)
+    with pytest.raises(DataError, match="shots has no labels"):
+        label_map_for(data, {0: "a"})
 
 
 def test_one_subfolder_per_class_is_labeled_and_a_corrupt_image_is_skipped_and_counted(tmp_path, caplog):

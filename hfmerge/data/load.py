@@ -235,8 +235,10 @@ def _open_folder(spec: DataSpec) -> tuple[Any, str, str, None]:
         except (FileNotFoundError, ValueError, OSError, IndexError) as exc:  # IndexError: a split of no rows
             raise DataError(f"{where} looks like a save_to_disk folder but cannot be read ({_first_line(exc)}); "
                             "save it again with save_to_disk") from None
-        tables = dict(loaded) if isinstance(loaded, datasets.DatasetDict) else {loaded.split and str(loaded.split)
-                                                                                 or "train": loaded}
+        if isinstance(loaded, datasets.DatasetDict):
+            tables = dict(loaded)
+        else:
+            tables = {str(loaded.split) if loaded.split else "train": loaded}
     else:
         try:
             tables = dict(datasets.load_dataset("imagefolder", data_dir=str(folder)))
