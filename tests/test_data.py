@@ -42,7 +42,7 @@ def test_data_spec_reads_every_text_form(text, expected):
     assert DataSpec.parse(spec.to_dict()) == spec
 
 
-def test_an_existing_folder_wins_over_a_repo_id_and_keeps_its_colon(tmp_path, monkeypatch):
+def test_an_existing_folder_wins_over_a_repo_id_and_keeps_its_colon(tmp_path, monkeypatch, caplog):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "org" / "ds").mkdir(parents=True)
     (tmp_path / "odd:name").mkdir()
@@ -51,6 +51,10 @@ def test_an_existing_folder_wins_over_a_repo_id_and_keeps_its_colon(tmp_path, mo
     assert DataSpec.parse("org/ds@main:test").is_local is False  # a revision names the Hub repo
     whole = DataSpec.parse("odd:name")
     assert (whole.dataset, whole.split, whole.is_local) == ("odd:name", None, True)
+    with caplog.at_level(logging.WARNING, logger="hfmerge.data.load"), pytest.raises(
+            DataError, match="folder 'ds' has no images"):
+        load_image_data("org/ds:test")
+    assert "the Hub dataset org/ds was not used (write org/ds@main for it)" in caplog.text
 
 
 def test_data_spec_yaml_mapping_pins_a_commit():
@@ -150,6 +154,8 @@ def test_a_revision_and_a_pinned_commit_read_that_commit(versioned):
     assert (len(on_main), on_main.commit_sha) == (5, main)
     pinned = load_image_data(DataSpec("org/data-versions", revision="main", split="test", commit=v1))
     assert (len(pinned), pinned.commit_sha) == (12, v1)
+    assert on_tag.pinned == DataSpec("org/data-versions", revision="v1", split="test", commit=v1)
+    assert load_image_data(on_main.pinned).fingerprint == on_main.fingerprint
     streamed = load_image_data("org/data-versions@v1:test", samples=3, streaming=True)
     assert streamed.streamed and streamed.commit_sha == v1 and len(streamed) == 3
 
@@ -241,6 +247,8 @@ def test_offline_a_cached_dataset_loads_from_the_cache_without_a_request(digits,
         load_image_data(DataSpec(digits, split="test", commit="b" * 40))
     with pytest.raises(DataError, match="is not in the local cache and HF_HUB_OFFLINE is set"):
         load_image_data("org/never-downloaded:test")
+    with pytest.raises(DataError, match="streaming needs the Hub and HF_HUB_OFFLINE is set"):
+        load_image_data(f"{digits}:test", samples=8, streaming=True)
 
 
 # -- from folders ------------------------------------------------------------------
@@ -262,6 +270,8 @@ def test_a_flat_folder_is_unlabeled(tmp_path):
     assert sorted(im.getpixel((0, 0))[0] for im in data.images) == [0, 50, 100]
     with pytest.raises(DataError, match="shots has no label column; its columns are: image"):
         load_image_data(str(folder), labeled=True)
+    with pytest.raises(DataError, match="shots has no labels"):
+        label_map_for(data, {0: "a"})
 
 
 def test_one_subfolder_per_class_is_labeled_and_a_corrupt_image_is_skipped_and_counted(tmp_path, caplog):
@@ -347,3 +357,21 @@ def test_processed_images_go_through_the_models_processor_with_mapped_labels(pet
     assert torch.allclose(green, torch.tensor([-1.0, 1.0, -1.0])[:, None, None].expand(3, size, size))
     unmapped = ProcessedImages(data, processor)
     assert sorted(unmapped[i]["labels"] for i in range(2)) == [0, 1]
+
+
+# -- the digit tasks ---------------------------------------------------------------
+
+
+def test_digit_tasks_are_the_demos_splits_deterministic_to_the_byte(tmp_path):
+    from hfmerge.testing.tasks import digit_task
+
+    upright, mirrored, high = digit_task("digits"), digit_task("digits-mirrored"), digit_task("digits-high")
+    _, y_test = _digits_low_test()
+    assert len(upright["test"]) == 540 and len(upright["train"]) == 1257  # 30 % of 1797, stratified
+    assert high["test"].features["label"].names == ["5", "6", "7", "8", "9"]
+    assert len(high["test"]) == 540 - len(y_test) and set(high["test"]["label"]) == {0, 1, 2, 3, 4}
+    a, b = np.asarray(upright["test"][7]["image"]), np.asarray(mirrored["test"][7]["image"])
+    assert (b == a[:, ::-1]).all() and not (a == b).all()
+    first = write_parquet_repo(tmp_path / "one", "digits-high", high) / "data" / "test-00000-of-00001.parquet"
+    second = write_parquet_repo(tmp_path / "two", "digits-high", digit_task.__wrapped__("digits-high"))  # rebuilt
+    assert first.read_bytes() == (second / "data" / "test-00000-of-00001.parquet").read_bytes()

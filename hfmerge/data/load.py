@@ -3,7 +3,7 @@
 A Hub dataset is resolved to a commit sha first (``HfApi.dataset_info``) and
 read at *that* sha, so the sha recorded in ``hfmerge.yaml`` reproduces the
 same rows. With ``samples`` given, only that many are read from a split whose
-files are larger than ``STREAM_MIN_BYTES`` (or of unknown size): streamed
+files are larger than ``sources.STREAM_MIN_BYTES`` (or of unknown size): streamed
 (``IterableDataset.shuffle(seed, buffer_size).take(samples)``, which reads
 about ``samples + buffer_size`` rows). A smaller split, or any split when
 ``HF_HUB_OFFLINE`` is set, is downloaded (or read from the cache) and a seeded
@@ -27,17 +27,16 @@ import json
 import logging
 import random
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
-from pathlib import Path
+from contextlib import nullcontext
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import torch
 from huggingface_hub import constants as hf_constants
 
+from hfmerge.data.sources import hub_errors, open_folder, open_hub
 from hfmerge.data.spec import DataSpec
 from hfmerge.errors import DataError
-from hfmerge.hub.connection import TRANSPORT_ERRORS, hub_unreachable
-from hfmerge.spaces.source_ref import is_commit_sha
 
 if TYPE_CHECKING:
     import datasets
@@ -48,7 +47,6 @@ logger = logging.getLogger(__name__)
 IMAGE_COLUMN_NAMES = ("image", "img", "images", "pixel_values", "picture", "photo")
 LABEL_COLUMN_NAMES = ("label", "labels")
 STREAM_BUFFER = 1000  # rows held by the streaming shuffle: the selection is a seeded draw from a window this wide
-STREAM_MIN_BYTES = 64 * 2**20  # smaller splits are downloaded whole: datasets ends each stream with a 5 s pause
 
 
 @dataclass
@@ -85,6 +83,11 @@ class ImageData:
     def __len__(self) -> int:
         return len(self.images)
 
+    @property
+    def pinned(self) -> DataSpec:
+        """The spec that reads exactly this split again: its split named, and a Hub dataset's commit pinned."""
+        return replace(self.spec, split=self.split, commit=self.commit_sha or self.spec.commit)
+
 
 def load_image_data(
     spec: DataSpec | str, *, samples: int | None = None, seed: int = 0, image_column: str | None = None,
@@ -102,7 +105,7 @@ def load_image_data(
         labeled: a label column is required.
         streaming: stream instead of downloading the split; ``None`` streams when ``samples``
             is given, the Hub is reachable (``HF_HUB_OFFLINE`` unset) and the split's files
-            are larger than ``STREAM_MIN_BYTES`` or of unknown size.
+            are larger than ``sources.STREAM_MIN_BYTES`` or of unknown size.
 
     Raises:
         DataError: the dataset, revision, split or a column does not exist; no samples, or none decodes.
@@ -112,21 +115,21 @@ def load_image_data(
     if samples is not None and samples < 1:
         raise DataError(f"samples must be a positive number, got {samples}; ask for at least 1")
     if spec.is_local:
-        table, split, name, commit_sha = _open_folder(spec)
+        table, split, name, commit_sha = open_folder(spec)
         streamed = False
     else:
         if streaming is None and (samples is None or hf_constants.HF_HUB_OFFLINE):
             streaming = False
-        table, split, name, commit_sha, streamed = _open_hub(spec, token=token, streaming=streaming)
-    features = _features(table)
-    image_col = _image_column(features, image_column, name)
-    label_col, label_names = _label_column(features, label_column, name, labeled)
-    table = _undecoded(table, features, image_col)
-    rows = _select(table, samples, seed, name, streamed)
-    try:
+        table, split, name, commit_sha, streamed = open_hub(spec, token=token, streaming=streaming)
+    # a stream talks to the Hub while it is read
+    reading = nullcontext() if spec.is_local else hub_errors(spec.dataset, spec.commit or spec.revision)
+    with reading:
+        features = _features(table)
+        image_col = _image_column(features, image_column, name)
+        label_col, label_names = _label_column(features, label_column, name, labeled)
+        table = _undecoded(table, features, image_col)
+        rows = _select(table, samples, seed, name, streamed)
         images, raw_labels, skipped = _decode_rows(rows, image_col, label_col)
-    except TRANSPORT_ERRORS as exc:
-        raise hub_unreachable(exc) from None
     if skipped:
         logger.warning("%s: %d of %d images failed to decode and were skipped", name, skipped,
                        skipped + len(images))
@@ -190,164 +193,6 @@ def label_map_for(data: ImageData, id2label: dict[int, str] | dict[str, str]) ->
         raise DataError(f"{data.name} has labels the model does not know: {shown}; the model's labels are "
                         f"{known}{' ...' if len(model_index) > 10 else ''}: give data of the model's task")
     return {i: model_index[name] for i, name in enumerate(data.label_names) if name in model_index}
-
-
-# -- opening a split ---------------------------------------------------------------
-
-
-def _pick_split(splits: list[str], spec: DataSpec, where: str) -> str:
-    listed = ", ".join(splits) or "none"
-    if spec.split is not None:
-        if spec.split not in splits:
-            raise DataError(f"split {spec.split!r} does not exist in {where}; its splits are: {listed} "
-                            f"(write {spec.dataset}:{splits[0] if splits else 'SPLIT'})")
-        return spec.split
-    if "train" in splits:
-        return "train"
-    if len(splits) == 1:
-        return splits[0]
-    raise DataError(f"{where} has several splits ({listed}); name one, e.g. {spec.dataset}:{splits[0]}"
-                    if splits else f"{where} has no splits; check the dataset")
-
-
-def _open_folder(spec: DataSpec) -> tuple[Any, str, str, None]:
-    import datasets
-
-    folder = spec.path
-    if not folder.exists():
-        raise DataError(f"data {spec.dataset!r} is neither an existing folder nor a Hub dataset id; "
-                        "give a folder of images or org/name[@revision][:split]")
-    if not folder.is_dir():
-        raise DataError(f"data {spec.dataset!r} is a file; give the folder that holds the images")
-    where = f"folder {folder.resolve().name!r}"
-    if (folder / "dataset_dict.json").is_file() or (folder / "state.json").is_file():
-        try:
-            loaded = datasets.load_from_disk(str(folder))
-        except (FileNotFoundError, ValueError, OSError, IndexError) as exc:  # IndexError: a split of no rows
-            raise DataError(f"{where} looks like a save_to_disk folder but cannot be read ({_first_line(exc)}); "
-                            "save it again with save_to_disk") from None
-        tables = dict(loaded) if isinstance(loaded, datasets.DatasetDict) else {loaded.split and str(loaded.split)
-                                                                                 or "train": loaded}
-    else:
-        try:
-            tables = dict(datasets.load_dataset("imagefolder", data_dir=str(folder)))
-        except (FileNotFoundError, ValueError, datasets.exceptions.DataFilesNotFoundError) as exc:
-            logger.debug("imagefolder could not read %s: %s", folder, exc)
-            raise DataError(f"{where} has no images (.png, .jpg, ...) and is not a save_to_disk folder; "
-                            "give a folder of images, flat or one subfolder per class") from None
-    split = _pick_split(sorted(tables), spec, where)
-    name = folder.resolve().name + (f":{split}" if spec.split else "")
-    return tables[split], split, name, None
-
-
-def _open_hub(spec: DataSpec, *, token: str | bool | None,
-              streaming: bool | None) -> tuple[Any, str, str, str | None, bool]:
-    import datasets
-    from datasets.data_files import EmptyDatasetError
-    from huggingface_hub import HfApi
-    from huggingface_hub.errors import (
-        GatedRepoError,
-        HfHubHTTPError,
-        LocalEntryNotFoundError,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
-
-    repo_id = spec.dataset
-    revision = spec.commit or spec.revision
-    where = f"{repo_id}@{revision}" if revision else repo_id
-    offline = hf_constants.HF_HUB_OFFLINE
-    try:
-        if offline:
-            if streaming:
-                raise DataError(f"{where}: streaming needs the Hub and HF_HUB_OFFLINE is set; unset it, "
-                                "or read the dataset from the cache without streaming")
-            builder = datasets.load_dataset_builder(repo_id, revision=revision, token=token)
-            sha = _cached_sha(builder, where, revision)
-            sizes: dict[str, int] = {}
-        else:
-            # The first request: not retried by huggingface_hub, and bounded, so an unreachable Hub fails fast.
-            info = HfApi().dataset_info(repo_id, revision=revision, token=token, files_metadata=True,
-                                        timeout=hf_constants.HF_HUB_ETAG_TIMEOUT)
-            sha = info.sha
-            sizes = {s.rfilename: s.size for s in info.siblings or [] if s.size is not None}
-            builder = datasets.load_dataset_builder(repo_id, revision=sha, token=token)
-        data_files = builder.config.data_files or {}
-        splits = [str(s) for s in data_files] or [str(s) for s in (builder.info.splits or {})]
-        split = _pick_split(splits, spec, where)
-        known = (builder.info.splits or {}).get(split)
-        if known is not None and known.num_examples == 0:
-            raise DataError(f"{spec.dataset}:{split} has no samples; give a split that has some")
-        if streaming is None:
-            size = _split_bytes(data_files.get(split, []), sizes)
-            streaming = size is None or size > STREAM_MIN_BYTES
-        if streaming:
-            table = builder.as_streaming_dataset(split=split)
-        else:
-            builder.download_and_prepare()
-            table = builder.as_dataset(split=split)
-    except GatedRepoError:
-        raise DataError(f"dataset {repo_id} is gated: accept its conditions on the Hub, then log in with "
-                        "`hf auth login` or set HF_TOKEN") from None
-    except RevisionNotFoundError:
-        raise DataError(f"revision {revision!r} does not exist in dataset {repo_id}; "
-                        "give a branch, tag or commit sha") from None
-    except (RepositoryNotFoundError, datasets.exceptions.DatasetNotFoundError) as exc:
-        if offline:
-            raise DataError(f"dataset {where} is not in the local cache and HF_HUB_OFFLINE is set: unset it to "
-                            "download it, or check the name") from None
-        logger.debug("dataset %s not found: %s", where, exc)
-        raise DataError(f"{repo_id} is not a folder here and not a dataset on the Hub, or it is private and no "
-                        "token grants access: check the name, or log in with `hf auth login` or set HF_TOKEN") from None
-    except datasets.exceptions.DatasetGenerationError as exc:
-        raise DataError(f"datasets cannot read dataset {where} ({_first_line(exc.__cause__ or exc)}); "
-                        "check its data files") from None
-    except (datasets.exceptions.DataFilesNotFoundError, EmptyDatasetError) as exc:
-        raise DataError(f"dataset {where} has no data files that datasets can read ({_first_line(exc)}); "
-                        "give a dataset with parquet, csv/json or image files") from None
-    except TRANSPORT_ERRORS as exc:
-        raise hub_unreachable(exc) from None
-    except LocalEntryNotFoundError as exc:
-        if offline:
-            raise DataError(f"dataset {where} is not in the local cache and HF_HUB_OFFLINE is set: "
-                            "unset it to download it") from None
-        raise hub_unreachable(exc.__cause__ or exc) from None
-    except HfHubHTTPError as exc:
-        status = getattr(getattr(exc, "response", None), "status_code", "?")
-        raise DataError(f"the Hub answered HTTP {status} for dataset {where}; try again, or check HF_ENDPOINT") from None
-    except ConnectionError as exc:  # datasets' own, e.g. "Couldn't reach ... (OfflineModeIsEnabled)"
-        if offline:
-            raise DataError(f"dataset {where} is not in the local cache and HF_HUB_OFFLINE is set: "
-                            "unset it to download it") from None
-        raise hub_unreachable(exc) from None
-    name = f"{spec.dataset}@{spec.revision}:{split}" if spec.revision else f"{spec.dataset}:{split}"
-    return table, split, name, sha, streaming
-
-
-def _split_bytes(urls: list[str], sizes: dict[str, int]) -> int | None:
-    """Total size of a split's files (``hf://datasets/org/ds@sha/path`` URLs), ``None`` if one is unknown."""
-    total = 0
-    for url in urls:
-        path = str(url).split("@", 1)[-1].partition("/")[2]
-        if path not in sizes:
-            return None
-        total += sizes[path]
-    return total
-
-
-def _cached_sha(builder: datasets.DatasetBuilder, where: str, revision: str | None) -> str | None:
-    """The commit sha of the cached copy ``datasets`` found offline (its cache folder is named by it).
-
-    A pinned sha that is not the cached one is an error: reading another commit would not reproduce.
-    """
-    cached = Path(builder.cache_dir).name
-    sha = cached if is_commit_sha(cached) else None
-    if revision is not None and is_commit_sha(revision) and sha != revision:
-        raise DataError(f"dataset {where} is not in the local cache and HF_HUB_OFFLINE is set (the cache holds "
-                        f"{'commit ' + sha if sha else 'another version'}): unset it to download it")
-    if revision is not None and not is_commit_sha(revision):
-        logger.info("HF_HUB_OFFLINE is set: %s read from the latest cached copy (commit %s)", where, sha)
-    return sha
 
 
 # -- columns -----------------------------------------------------------------------
@@ -512,8 +357,3 @@ def _fingerprint(commit_sha: str | None, split: str, image_col: str, label_col: 
         if labels is not None:
             digest.update(f":{labels[i]};".encode())
     return digest.hexdigest()
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

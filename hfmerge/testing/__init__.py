@@ -1,1 +1,1 @@
-"""Helpers for tests, the offline demo and the benchmarks: a local Hub and tiny models."""
+"""Helpers for tests, the offline demo and the benchmarks: a local Hub, tiny models and the digit tasks."""

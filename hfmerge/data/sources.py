@@ -1,0 +1,220 @@
+"""Opening one split of a dataset: a Hub dataset at a pinned commit, a ``save_to_disk`` folder, or an image folder.
+
+Everything ``datasets`` and ``huggingface_hub`` raise for a dataset that
+cannot be opened or read is turned here into one-line hfmerge errors
+(:func:`hub_errors`); an unreachable Hub is reported as model resolution
+reports it (:mod:`hfmerge.hub.connection`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from huggingface_hub import constants as hf_constants
+
+from hfmerge.data.spec import DataSpec
+from hfmerge.errors import DataError, HfMergeError
+from hfmerge.hub.connection import TRANSPORT_ERRORS, hub_unreachable
+from hfmerge.spaces.source_ref import is_commit_sha, parse_source_ref
+
+if TYPE_CHECKING:
+    import datasets
+
+logger = logging.getLogger(__name__)
+
+STREAM_MIN_BYTES = 64 * 2**20  # smaller splits are downloaded whole: datasets ends each stream with a 5 s pause
+
+
+def pick_split(splits: list[str], spec: DataSpec, where: str) -> str:
+    """The split ``spec`` names, else ``train``, else the only one; a DataError listing ``splits`` otherwise."""
+    listed = ", ".join(splits) or "none"
+    if spec.split is not None:
+        if spec.split not in splits:
+            raise DataError(f"split {spec.split!r} does not exist in {where}; its splits are: {listed} "
+                            f"(write {spec.dataset}:{splits[0] if splits else 'SPLIT'})")
+        return spec.split
+    if "train" in splits:
+        return "train"
+    if len(splits) == 1:
+        return splits[0]
+    raise DataError(f"{where} has several splits ({listed}); name one, e.g. {spec.dataset}:{splits[0]}"
+                    if splits else f"{where} has no splits; check the dataset")
+
+
+def open_folder(spec: DataSpec) -> tuple[Any, str, str, None]:
+    """(table, split, name, commit sha = None) of a local ``save_to_disk`` folder or image folder."""
+    import datasets
+
+    folder = spec.path
+    if not folder.exists():
+        raise DataError(f"data {spec.dataset!r} is neither an existing folder nor a Hub dataset id; "
+                        "give a folder of images or org/name[@revision][:split]")
+    if not folder.is_dir():
+        raise DataError(f"data {spec.dataset!r} is a file; give the folder that holds the images")
+    where = f"folder {folder.resolve().name!r}"
+    if parse_source_ref(spec.dataset).shadows_repo_id:
+        logger.warning("data %r is the local folder ./%s; the Hub dataset %s was not used (write %s@main for it)",
+                       spec.dataset, spec.dataset, spec.dataset, spec.dataset)
+    if (folder / "dataset_dict.json").is_file() or (folder / "state.json").is_file():
+        try:
+            loaded = datasets.load_from_disk(str(folder))
+        except (FileNotFoundError, ValueError, OSError, IndexError) as exc:  # IndexError: a split of no rows
+            raise DataError(f"{where} looks like a save_to_disk folder but cannot be read ({first_line(exc)}); "
+                            "save it again with save_to_disk") from None
+        if isinstance(loaded, datasets.DatasetDict):
+            tables = dict(loaded)
+        else:
+            tables = {str(loaded.split) if loaded.split else "train": loaded}
+    else:
+        try:
+            tables = dict(datasets.load_dataset("imagefolder", data_dir=str(folder)))
+        except (FileNotFoundError, ValueError, datasets.exceptions.DataFilesNotFoundError) as exc:
+            logger.debug("imagefolder could not read %s: %s", folder, exc)
+            raise DataError(f"{where} has no images (.png, .jpg, ...) and is not a save_to_disk folder; "
+                            "give a folder of images, flat or one subfolder per class") from None
+    split = pick_split(sorted(tables), spec, where)
+    name = folder.resolve().name + (f":{split}" if spec.split else "")
+    return tables[split], split, name, None
+
+
+def open_hub(spec: DataSpec, *, token: str | bool | None,
+              streaming: bool | None) -> tuple[Any, str, str, str | None, bool]:
+    """(table, split, name, commit sha, streamed) of a Hub dataset, read at the commit its revision resolves to.
+
+    ``streaming=None`` streams a split larger than ``STREAM_MIN_BYTES`` or of unknown size. Offline
+    (``HF_HUB_OFFLINE``), the copy ``datasets`` cached is read, and a pinned sha it does not hold is an error.
+    """
+    import datasets
+    from huggingface_hub import HfApi
+
+    repo_id = spec.dataset
+    revision = spec.commit or spec.revision
+    where = f"{repo_id}@{revision}" if revision else repo_id
+    with hub_errors(repo_id, revision):
+        if hf_constants.HF_HUB_OFFLINE:
+            if streaming:
+                raise DataError(f"{where}: streaming needs the Hub and HF_HUB_OFFLINE is set; unset it, "
+                                "or read the dataset from the cache without streaming")
+            builder = datasets.load_dataset_builder(repo_id, revision=revision, token=token)
+            sha = _cached_sha(builder, where, revision)
+            sizes: dict[str, int] = {}
+        else:
+            # The first request: not retried by huggingface_hub, and bounded, so an unreachable Hub fails fast.
+            info = HfApi().dataset_info(repo_id, revision=revision, token=token, files_metadata=True,
+                                        timeout=hf_constants.HF_HUB_ETAG_TIMEOUT)
+            sha = info.sha
+            sizes = {s.rfilename: s.size for s in info.siblings or [] if s.size is not None}
+            builder = datasets.load_dataset_builder(repo_id, revision=sha, token=token)
+        data_files = builder.config.data_files or {}
+        splits = [str(s) for s in data_files] or [str(s) for s in (builder.info.splits or {})]
+        split = pick_split(splits, spec, where)
+        known = (builder.info.splits or {}).get(split)
+        if known is not None and known.num_examples == 0:
+            raise DataError(f"{spec.dataset}:{split} has no samples; give a split that has some")
+        if streaming is None:
+            size = _split_bytes(data_files.get(split, []), sizes)
+            streaming = size is None or size > STREAM_MIN_BYTES
+        table = None
+        if streaming:
+            try:
+                table = builder.as_streaming_dataset(split=split)
+            except NotImplementedError:  # a builder that cannot stream: download it instead
+                logger.info("%s cannot be streamed; downloading it", where)
+                streaming = False
+        if table is None:
+            builder.download_and_prepare()
+            table = builder.as_dataset(split=split)
+    name = f"{spec.dataset}@{spec.revision}:{split}" if spec.revision else f"{spec.dataset}:{split}"
+    return table, split, name, sha, streaming
+
+
+@contextmanager
+def hub_errors(repo_id: str, revision: str | None) -> Iterator[None]:
+    """Turn what ``datasets`` and ``huggingface_hub`` raise for a Hub dataset into one-line hfmerge errors.
+
+    Used around opening a dataset and around reading a stream (which talks to the Hub as it goes).
+    """
+    import datasets
+    from datasets.data_files import EmptyDatasetError
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    where = f"{repo_id}@{revision}" if revision else repo_id
+    offline = hf_constants.HF_HUB_OFFLINE
+    not_cached = DataError(f"dataset {where} is not in the local cache and HF_HUB_OFFLINE is set: unset it to "
+                           "download it, or check the name")
+    try:
+        yield
+    except GatedRepoError:
+        raise DataError(f"dataset {repo_id} is gated: accept its conditions on the Hub, then log in with "
+                        "`hf auth login` or set HF_TOKEN") from None
+    except RevisionNotFoundError:
+        raise DataError(f"revision {revision!r} does not exist in dataset {repo_id}; "
+                        "give a branch, tag or commit sha") from None
+    except (RepositoryNotFoundError, datasets.exceptions.DatasetNotFoundError) as exc:
+        if offline:
+            raise not_cached from None
+        logger.debug("dataset %s not found: %s", where, exc)
+        raise DataError(f"{repo_id} is not a folder here and not a dataset on the Hub, or it is private and no "
+                        "token grants access: check the name, or log in with `hf auth login` or set HF_TOKEN") from None
+    except datasets.exceptions.DatasetGenerationError as exc:
+        raise DataError(f"datasets cannot read dataset {where} ({first_line(exc.__cause__ or exc)}); "
+                        "check its data files") from None
+    except (datasets.exceptions.DataFilesNotFoundError, EmptyDatasetError) as exc:
+        raise DataError(f"dataset {where} has no data files that datasets can read ({first_line(exc)}); "
+                        "give a dataset with parquet, csv/json or image files") from None
+    except TRANSPORT_ERRORS as exc:
+        raise hub_unreachable(exc) from None
+    except LocalEntryNotFoundError as exc:
+        if offline:
+            raise not_cached from None
+        raise hub_unreachable(exc.__cause__ or exc) from None
+    except HfHubHTTPError as exc:
+        status = getattr(getattr(exc, "response", None), "status_code", "?")
+        raise DataError(f"the Hub answered HTTP {status} for dataset {where}; try again, or check HF_ENDPOINT") from None
+    except ConnectionError as exc:  # datasets' own, e.g. "Couldn't reach ... (OfflineModeIsEnabled)"
+        if isinstance(exc, HfMergeError):
+            raise
+        if offline:
+            raise not_cached from None
+        raise hub_unreachable(exc) from None
+
+
+def _split_bytes(urls: list[str], sizes: dict[str, int]) -> int | None:
+    """Total size of a split's files (``hf://datasets/org/ds@sha/path`` URLs), ``None`` if one is unknown."""
+    total = 0
+    for url in urls:
+        path = str(url).split("@", 1)[-1].partition("/")[2]
+        if path not in sizes:
+            return None
+        total += sizes[path]
+    return total
+
+
+def _cached_sha(builder: datasets.DatasetBuilder, where: str, revision: str | None) -> str | None:
+    """The commit sha of the cached copy ``datasets`` found offline (its cache folder is named by it).
+
+    A pinned sha that is not the cached one is an error: reading another commit would not reproduce.
+    """
+    cached = Path(builder.cache_dir).name
+    sha = cached if is_commit_sha(cached) else None
+    if revision is not None and is_commit_sha(revision) and sha != revision:
+        raise DataError(f"dataset {where} is not in the local cache and HF_HUB_OFFLINE is set (the cache holds "
+                        f"{'commit ' + sha if sha else 'another version'}): unset it to download it")
+    if revision is not None and not is_commit_sha(revision):
+        logger.info("HF_HUB_OFFLINE is set: %s read from the latest cached copy (commit %s)", where, sha)
+    return sha
+
+
+def first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
