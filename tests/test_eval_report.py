@@ -88,3 +88,11 @@ def test_bar_chart_is_svg_with_one_bar_per_model_and_task_a_legend_and_axis_labe
     legend = [t.text for t in next(g for g in root.iter(f"{ns}g") if g.get("class") == "legend").iter(f"{ns}text")]
     assert legend == ["merged (merged)", "org/vit-a (source)", "org/vit-b (source)", "ensemble (ensemble)"]
     assert "task" in texts and "accuracy" in texts  # the axis labels
+
+
+def test_latency_cells_state_their_batch_when_the_models_used_different_ones():
+    report = make_report()
+    report.models[0].batch_size, report.models[0].latency_ms = 8, 1234.5
+    header, _, *rows = _table(report.markdown())
+    assert header[-1] == "latency (ms)"
+    assert [row[-1] for row in rows] == ["1.25 (batch 32)", "1,234 (batch 8)", "1.5 (batch 32)", "3 (batch 32)"]

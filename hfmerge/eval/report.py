@@ -138,7 +138,7 @@ class EvaluationReport:
             mean = sum(values) / len(values) if values and None not in values else None
             latency = None
             if model.latency_ms is not None:
-                latency = f"{model.latency_ms:.3g}" + ("" if shared_batch else f" (batch {model.batch_size})")
+                latency = _milliseconds(model.latency_ms) + ("" if shared_batch else f" (batch {model.batch_size})")
             lines.append(_row([
                 _cell(model.name), model.role, *(_number(v) for v in values), _number(mean),
                 f"{model.parameters:,}", _flops(model.flops), latency or "—",
@@ -268,6 +268,10 @@ def _cell(text: str) -> str:
 
 def _number(value: float | None) -> str:
     return "—" if value is None else f"{value:.4f}"
+
+
+def _milliseconds(value: float) -> str:
+    return f"{value:,.0f}" if value >= 100 else f"{value:.3g}"
 
 
 def _flops(flops: int | None) -> str:
