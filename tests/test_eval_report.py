@@ -68,6 +68,9 @@ def test_model_index_written_by_huggingface_hub_parses_back_with_the_same_values
     }
     assert {r.task_type for r in parsed.eval_results} == {"image-classification"}
     assert {r.dataset_revision for r in parsed.eval_results if r.task_name == "digits"} == {"a" * 40}
+    report = make_report()
+    report.models[1].tasks[0].metrics["f1"] = 0.3333333432674408  # float32's 1/3, as torchmetrics gives it
+    assert {r.metric_value for r in report.eval_results() if r.metric_type == "f1"} == {0.333333, 0.5}
     by_name = make_report().eval_results("org/vit-a")  # a model of the report by its name
     assert {r.metric_value for r in by_name if r.metric_type == "accuracy"} == {0.95, 0.40}
 

@@ -24,6 +24,7 @@ METRIC_NAMES = {
     "pq": "PQ", "sq": "SQ", "rq": "RQ",
 }
 FORMAT_VERSION = 1
+MODEL_INDEX_DECIMALS = 6  # torchmetrics computes in float32: 0.3333333432674408 is 0.333333 in the metadata
 
 
 @dataclass
@@ -169,7 +170,7 @@ class EvaluationReport:
 
     # -- model-index --------------------------------------------------------------------
     def eval_results(self, model_name: str | None = None) -> list[EvalResult]:
-        """The merged model's results as ``model-index`` entries: one per (task, metric).
+        """The merged model's results as ``model-index`` entries: one per (task, metric), to 6 decimals.
 
         ``model_name`` picks the report's model of that name; otherwise (the card's repo id, say) the model
         whose role is ``merged``.
@@ -183,7 +184,7 @@ class EvaluationReport:
                 results.append(EvalResult(
                     task_type=task.kind, task_name=task.task, dataset_type=task.dataset,
                     dataset_name=task.dataset, dataset_split=task.split, dataset_revision=task.revision,
-                    metric_type=metric, metric_name=METRIC_NAMES.get(metric, metric), metric_value=float(value),
+                    metric_type=metric, metric_name=METRIC_NAMES.get(metric, metric), metric_value=round(float(value), MODEL_INDEX_DECIMALS),
                 ))
         return results
 
