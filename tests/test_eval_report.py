@@ -99,3 +99,11 @@ def test_latency_cells_state_their_batch_when_the_models_used_different_ones():
     header, _, *rows = _table(report.markdown())
     assert header[-1] == "latency (ms)"
     assert [row[-1] for row in rows] == ["1.25 (batch 32)", "1,234 (batch 8)", "1.5 (batch 32)", "3 (batch 32)"]
+
+
+def test_every_public_name_of_hfmerge_eval_resolves():
+    import hfmerge.eval
+
+    assert sorted(hfmerge.eval.__all__) == sorted(hfmerge.eval._LAZY)
+    for name in hfmerge.eval.__all__:
+        assert getattr(hfmerge.eval, name).__name__ == name

@@ -205,8 +205,8 @@ class EvaluationReport:
         def y(value: float) -> float:
             return top + plot_height * (1 - max(value, 0.0) / scale)
 
-        out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-               f'viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="11">',
+        out = [(f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+                f'viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="11">'),
                f'<rect width="{width}" height="{height}" fill="white"/>']
         for i in range(5):
             value = scale * i / 4
