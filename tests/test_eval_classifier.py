@@ -230,3 +230,19 @@ def test_segmenter_mean_iou_equals_scikit_learn_on_upsampled_predictions():
     assert (result.samples, result.kind, result.dataset, result.split) == (3, "image-segmentation", "org/scenes",
                                                                            "validation")
     assert result.main_metric == "mean_iou"
+
+
+def test_through_an_accelerator_the_numbers_are_the_same(data_api):
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    model = tiny_model("vit", labels=["zero", "one", "two"], seed=3)
+    task = make_task(data_api, [0, 1, 2, 2, 1, 0, 1], ["zero", "one", "two"], seed=7)
+    plain = evaluate_classifier(model, [("a", task)], image_processor("vit"), batch_size=3, progress=False,
+                                measure_cost=False)
+    try:
+        accelerated = evaluate_classifier(model, [("a", task)], image_processor("vit"), batch_size=3,
+                                          progress=False, measure_cost=False, accelerator=Accelerator(cpu=True))
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+    assert accelerated.tasks == plain.tasks and accelerated.tasks[0].samples == 7
