@@ -87,6 +87,19 @@ class MergeResult:
         sources = list(self.planned.sources) + ([self.planned.base] if self.planned.base else [])
         return {s.name: s.license for s in sources}
 
+    def attach_evaluation(self, report: EvaluationReport) -> None:
+        """Record ``report`` and restage the card (table, ``model-index``) and the chart with it.
+
+        The staged files are replaced, not rewritten, since a saved copy may share them through a hard link.
+        """
+        from hfmerge.card import render_card
+
+        self.evaluation = report
+        _write_evaluation_chart(self)
+        fresh = self.staging / ".README.md.new"
+        fresh.write_text(render_card(self))
+        os.replace(fresh, self.staging / "README.md")
+
     # -- ways out ---------------------------------------------------------------------
     def save(self, folder: str | Path, *, overwrite: bool = False) -> Path:
         """Write the merged model to ``folder``, atomically.
@@ -220,7 +233,7 @@ def _link_or_copy(src: Path, dst: Path) -> None:
 
 def write_metadata(result: MergeResult) -> None:
     """Write ``hfmerge.yaml``, the model card and, for an evaluated merge, its chart into the staging folder."""
-    from hfmerge.card import EVALUATION_SVG, render_card
+    from hfmerge.card import render_card
 
     pinned = result.planned.pinned_recipe()
     (result.staging / RECIPE_FILE).write_text(yaml.safe_dump(pinned.to_dict(), sort_keys=False))
@@ -230,6 +243,17 @@ def write_metadata(result: MergeResult) -> None:
         message = f"the sources' licenses differ or are unknown ({listed}); the card sets no license"
         result.warnings.append(message)
         logger.warning(message)
-    if result.evaluation is not None:
-        (result.staging / EVALUATION_SVG).write_text(result.evaluation.bar_chart_svg())
+    _write_evaluation_chart(result)
     (result.staging / "README.md").write_text(render_card(result))
+
+
+def _write_evaluation_chart(result: MergeResult) -> None:
+    """Stage the evaluation's bar chart beside the card, local folders named as the card names them."""
+    from hfmerge.card import EVALUATION_SVG, PublicNames
+
+    if result.evaluation is None:
+        return
+    svg = PublicNames.for_merge(result.planned).scrub(result.evaluation.bar_chart_svg())
+    fresh = result.staging / f".{EVALUATION_SVG}.new"
+    fresh.write_text(svg)
+    os.replace(fresh, result.staging / EVALUATION_SVG)

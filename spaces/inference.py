@@ -27,9 +27,8 @@ import PIL.Image
 import torch
 import transformers
 import yaml
-from huggingface_hub import ModelCard
+from huggingface_hub import ModelCard, hf_hub_download
 from huggingface_hub import constants as hf_constants
-from huggingface_hub import hf_hub_download
 from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
 
 if __package__:  # hfmerge.spaces, installed with hfmerge

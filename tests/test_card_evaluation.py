@@ -55,6 +55,21 @@ def test_an_evaluated_merge_has_the_table_the_chart_and_model_index(make_source,
     assert metadata(card)["tags"] == ["hfmerge", "merge", "average"]  # the rest of the metadata stays
 
 
+def test_attach_evaluation_restages_the_card_and_chart_without_local_paths(make_source, tmp_path):
+    a, b = make_source("vit", seed=1), make_source("vit", seed=2)
+    result, before = card_of([a, b], "average")
+    saved = result.save(tmp_path / "before")  # shares the staged files through hard links
+    report = report_of(0.8)
+    report.models[1].name = str(a)  # a source evaluated from its folder: the card names the folder only
+    result.attach_evaluation(report)
+    card = (result.staging / "README.md").read_text()
+    svg = (result.staging / "evaluation.svg").read_text()
+    assert f"| {a.name} | source | 0.5000 |" in section(card, "Evaluation")
+    assert str(tmp_path) not in card and str(tmp_path) not in svg and f">{a.name} (source)<" in svg
+    assert model_index(card) == {"name": "merged", "results": EXPECTED}
+    assert (saved / "README.md").read_text() == before and not (saved / "evaluation.svg").exists()
+
+
 def test_update_card_inserts_then_replaces_one_section(make_source):
     _, card = card_of([make_source("vit", seed=1), make_source("vit", seed=2)], "average")
     once = update_card(card, report_of(0.8), "org/vit-merged")

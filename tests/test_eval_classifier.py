@@ -8,7 +8,6 @@ contract takes its place; once it is, these tests run against the real one.
 from __future__ import annotations
 
 import importlib.util
-import subprocess
 import sys
 import types
 from dataclasses import dataclass
@@ -187,23 +186,15 @@ def test_a_local_metric_file_adds_its_numbers(data_api, tmp_path):
     assert "note" not in scores
 
 
-def test_metric_modules_import_evaluate_only_when_asked(tmp_path):
+def test_metric_modules_import_evaluate_only_when_asked(tmp_path, monkeypatch):
     (tmp_path / "exact.py").write_text(METRIC_FILE)
-    probe = (
-        "import sys\n"
-        "from hfmerge.eval.evaluate import load_metric\n"
-        f"metric = load_metric({str(tmp_path / 'exact.py')!r})\n"
-        "assert metric([1, 2], [1, 3])['exact'] == 0.5\n"
-        "print('evaluate' in sys.modules)\n"
-    )
-    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "False"
+    monkeypatch.setitem(sys.modules, "evaluate", None)  # any `import evaluate` now fails, installed or not
+    metric = load_metric(str(tmp_path / "exact.py"))  # a local compute() file needs no evaluate
+    assert metric([1, 2], [1, 3])["exact"] == 0.5
+    with pytest.raises(EvaluationError, match="pip install evaluate"):
+        load_metric("accuracy")  # a Hub metric by name does
     with pytest.raises(EvaluationError, match="does not exist"):
         load_metric(str(tmp_path / "missing.py"))
-    if importlib.util.find_spec("evaluate") is None:
-        with pytest.raises(EvaluationError, match="pip install evaluate"):
-            load_metric("accuracy")
 
 
 def test_segmenter_mean_iou_equals_scikit_learn_on_upsampled_predictions():
@@ -239,3 +230,19 @@ def test_segmenter_mean_iou_equals_scikit_learn_on_upsampled_predictions():
     assert (result.samples, result.kind, result.dataset, result.split) == (3, "image-segmentation", "org/scenes",
                                                                            "validation")
     assert result.main_metric == "mean_iou"
+
+
+def test_through_an_accelerator_the_numbers_are_the_same(data_api):
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    model = tiny_model("vit", labels=["zero", "one", "two"], seed=3)
+    task = make_task(data_api, [0, 1, 2, 2, 1, 0, 1], ["zero", "one", "two"], seed=7)
+    plain = evaluate_classifier(model, [("a", task)], image_processor("vit"), batch_size=3, progress=False,
+                                measure_cost=False)
+    try:
+        accelerated = evaluate_classifier(model, [("a", task)], image_processor("vit"), batch_size=3,
+                                          progress=False, measure_cost=False, accelerator=Accelerator(cpu=True))
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+    assert accelerated.tasks == plain.tasks and accelerated.tasks[0].samples == 7

@@ -10,7 +10,13 @@ from sklearn.metrics import accuracy_score, jaccard_score, precision_recall_fsco
 
 from hfmerge.eval.cost import count_flops, count_parameters, measure_latency
 from hfmerge.eval.ensemble import Ensemble
-from hfmerge.eval.metrics import SegmentationMeter, classification_metrics, panoptic_metrics, segmentation_metrics
+from hfmerge.eval.metrics import (
+    SegmentationMeter,
+    classification_metrics,
+    panoptic_metrics,
+    panoptic_pairs,
+    segmentation_metrics,
+)
 from hfmerge.testing.tiny import tiny_model
 
 
@@ -69,6 +75,15 @@ def test_panoptic_quality_of_a_hand_counted_case():
     expected = {"pq": (8 / 9 + 0.75 * 0.8) / 2, "sq": (8 / 9 + 0.75) / 2, "rq": (1 + 0.8) / 2}
     ours = panoptic_metrics(pred[None], target[None], things={0}, stuffs={1})
     assert ours == pytest.approx(expected, abs=1e-6)
+
+
+def test_panoptic_pairs_from_a_post_processed_map():
+    # segment ids as post_process_panoptic_segmentation returns them: 0 = no segment, 1 and 2 two instances
+    segmentation = torch.tensor([[1, 1, 2], [0, 2, 2]])
+    pairs = panoptic_pairs(segmentation, [{"id": 1, "label_id": 5}, {"id": 2, "label_id": 7}], void=9)
+    assert pairs[..., 0].tolist() == [[5, 5, 7], [9, 7, 7]] and torch.equal(pairs[..., 1], segmentation)
+    perfect = panoptic_metrics(pairs[None], pairs[None], things={7}, stuffs={5})
+    assert perfect == {"pq": 1.0, "sq": 1.0, "rq": 1.0}
 
 
 def test_parameters_count_tied_weights_once():

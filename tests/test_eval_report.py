@@ -68,6 +68,9 @@ def test_model_index_written_by_huggingface_hub_parses_back_with_the_same_values
     }
     assert {r.task_type for r in parsed.eval_results} == {"image-classification"}
     assert {r.dataset_revision for r in parsed.eval_results if r.task_name == "digits"} == {"a" * 40}
+    report = make_report()
+    report.models[1].tasks[0].metrics["f1"] = 0.3333333432674408  # float32's 1/3, as torchmetrics gives it
+    assert {r.metric_value for r in report.eval_results() if r.metric_type == "f1"} == {0.333333, 0.5}
     by_name = make_report().eval_results("org/vit-a")  # a model of the report by its name
     assert {r.metric_value for r in by_name if r.metric_type == "accuracy"} == {0.95, 0.40}
 
@@ -88,3 +91,19 @@ def test_bar_chart_is_svg_with_one_bar_per_model_and_task_a_legend_and_axis_labe
     legend = [t.text for t in next(g for g in root.iter(f"{ns}g") if g.get("class") == "legend").iter(f"{ns}text")]
     assert legend == ["merged (merged)", "org/vit-a (source)", "org/vit-b (source)", "ensemble (ensemble)"]
     assert "task" in texts and "accuracy" in texts  # the axis labels
+
+
+def test_latency_cells_state_their_batch_when_the_models_used_different_ones():
+    report = make_report()
+    report.models[0].batch_size, report.models[0].latency_ms = 8, 1234.5
+    header, _, *rows = _table(report.markdown())
+    assert header[-1] == "latency (ms)"
+    assert [row[-1] for row in rows] == ["1.25 (batch 32)", "1,234 (batch 8)", "1.5 (batch 32)", "3 (batch 32)"]
+
+
+def test_every_public_name_of_hfmerge_eval_resolves():
+    import hfmerge.eval
+
+    assert sorted(hfmerge.eval.__all__) == sorted(hfmerge.eval._LAZY)
+    for name in hfmerge.eval.__all__:
+        assert getattr(hfmerge.eval, name).__name__ == name

@@ -32,7 +32,11 @@ _LAZY = {
     "TaskResult": "hfmerge.eval.report",
 }
 
-__all__ = sorted(_LAZY)
+__all__ = [
+    "Ensemble", "EvaluationReport", "ModelEvaluation", "SegmentationMeter", "SegmentationSamples", "TaskResult",
+    "classification_metrics", "count_flops", "count_parameters", "evaluate_classifier", "evaluate_segmenter",
+    "load_metric", "measure_latency", "panoptic_metrics", "segmentation_metrics",
+]
 
 
 def __getattr__(name: str) -> Any:

@@ -106,7 +106,7 @@ def segmentation_metrics(logits_or_preds: Tensor, targets: Tensor, num_classes: 
 
 
 def panoptic_metrics(preds: Tensor, targets: Tensor, *, things: Collection[int], stuffs: Collection[int],
-                     allow_unknown_preds_category: bool = False) -> dict[str, float]:
+                     allow_unknown_preds_category: bool = True) -> dict[str, float]:
     """Panoptic quality PQ = SQ × RQ (Kirillov et al., "Panoptic Segmentation", 2019, Eq. 1).
 
     A predicted segment matches a true segment of the same category when their IoU exceeds 0.5;
@@ -118,7 +118,8 @@ def panoptic_metrics(preds: Tensor, targets: Tensor, *, things: Collection[int],
             image whatever the id). A pixel whose target category is in neither ``things`` nor ``stuffs`` is
             void and ignored; :func:`panoptic_pairs` turns a post-processed panoptic map into this form.
         things, stuffs: the category ids of countable objects and of amorphous regions.
-        allow_unknown_preds_category: treat predicted categories outside both sets as void instead of failing.
+        allow_unknown_preds_category: predicted categories outside both sets (pixels no predicted segment
+            covers, :func:`panoptic_pairs`' ``void``) are void; ``False`` makes them an error instead.
 
     Returns:
         ``pq``, ``sq``, ``rq``, each in [0, 1].

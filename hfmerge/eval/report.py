@@ -24,6 +24,7 @@ METRIC_NAMES = {
     "pq": "PQ", "sq": "SQ", "rq": "RQ",
 }
 FORMAT_VERSION = 1
+MODEL_INDEX_DECIMALS = 6  # torchmetrics computes in float32: 0.3333333432674408 is 0.333333 in the metadata
 
 
 @dataclass
@@ -138,7 +139,7 @@ class EvaluationReport:
             mean = sum(values) / len(values) if values and None not in values else None
             latency = None
             if model.latency_ms is not None:
-                latency = f"{model.latency_ms:.3g}" + ("" if shared_batch else f" (batch {model.batch_size})")
+                latency = _milliseconds(model.latency_ms) + ("" if shared_batch else f" (batch {model.batch_size})")
             lines.append(_row([
                 _cell(model.name), model.role, *(_number(v) for v in values), _number(mean),
                 f"{model.parameters:,}", _flops(model.flops), latency or "—",
@@ -169,7 +170,7 @@ class EvaluationReport:
 
     # -- model-index --------------------------------------------------------------------
     def eval_results(self, model_name: str | None = None) -> list[EvalResult]:
-        """The merged model's results as ``model-index`` entries: one per (task, metric).
+        """The merged model's results as ``model-index`` entries: one per (task, metric), to 6 decimals.
 
         ``model_name`` picks the report's model of that name; otherwise (the card's repo id, say) the model
         whose role is ``merged``.
@@ -183,7 +184,7 @@ class EvaluationReport:
                 results.append(EvalResult(
                     task_type=task.kind, task_name=task.task, dataset_type=task.dataset,
                     dataset_name=task.dataset, dataset_split=task.split, dataset_revision=task.revision,
-                    metric_type=metric, metric_name=METRIC_NAMES.get(metric, metric), metric_value=float(value),
+                    metric_type=metric, metric_name=METRIC_NAMES.get(metric, metric), metric_value=round(float(value), MODEL_INDEX_DECIMALS),
                 ))
         return results
 
@@ -204,8 +205,8 @@ class EvaluationReport:
         def y(value: float) -> float:
             return top + plot_height * (1 - max(value, 0.0) / scale)
 
-        out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-               f'viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="11">',
+        out = [(f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+                f'viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="11">'),
                f'<rect width="{width}" height="{height}" fill="white"/>']
         for i in range(5):
             value = scale * i / 4
@@ -268,6 +269,10 @@ def _cell(text: str) -> str:
 
 def _number(value: float | None) -> str:
     return "—" if value is None else f"{value:.4f}"
+
+
+def _milliseconds(value: float) -> str:
+    return f"{value:,.0f}" if value >= 100 else f"{value:.3g}"
 
 
 def _flops(flops: int | None) -> str:
