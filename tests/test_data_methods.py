@@ -31,7 +31,41 @@ def _load(folder):
     return AutoModelForImageClassification.from_pretrained(folder)
 
 
-def test_regmean_by_repo_and_dataset_id_pins_the_data_and_beats_average(digit_hub, hub_api, tmp_path, capsys):
+def _linear_inputs(model, data, processor, modules):
+    """The inputs of ``modules`` (nn.Linear, by in-memory name) when ``model`` runs on ``data``, as float64 rows."""
+    from hfmerge.data.load import ProcessedImages
+
+    found = dict(model.named_modules())
+    rows = {name: [] for name in modules}
+    handles = [found[name].register_forward_pre_hook(
+        lambda module, args, name=name: rows[name].append(args[0].detach().reshape(-1, args[0].shape[-1]).double()))
+        for name in modules]
+    items = ProcessedImages(data, processor)
+    with torch.no_grad():
+        for start in range(0, len(items), 64):
+            batch = torch.stack([items[i]["pixel_values"] for i in range(start, min(start + 64, len(items)))])
+            model.eval()(pixel_values=batch)
+    for handle in handles:
+        handle.remove()
+    return {name: torch.cat(chunks) for name, chunks in rows.items()}
+
+
+def test_regmean_by_repo_and_dataset_id(digit_hub, hub_api, tmp_path, capsys):
+    """RegMean by repo and dataset id: pinned data, a data section, the statistics cache, and its guarantee.
+
+    RegMean does not beat ``average`` end to end on these two digit domains, and the test shows why: it
+    minimises, layer by layer, Σ_i ‖X_i Wᵀ − X_i W_iᵀ‖² over each source's own inputs X_i (with the Gram
+    matrices' off-diagonal entries scaled by α), and that objective is lower than the average's on every
+    linear layer — but two models fine-tuned for a few epochs from one base on the same ten labels are so close
+    that the average is already near that optimum (both stay within a point of each other; the ViT paper's
+    gains come from 6 to 12 distant tasks).
+    """
+    from transformers import AutoImageProcessor
+
+    from hfmerge.adapters import inspect_source
+    from hfmerge.data.load import load_image_data
+    from hfmerge.hub.resolve import resolve_source
+
     m, d = digit_hub["models"], digit_hub["datasets"]
     out = tmp_path / "regmean"
     code, _, err = run_cli(["merge", m["upright"], m["mirrored"], "--method", "regmean",
@@ -44,12 +78,34 @@ def test_regmean_by_repo_and_dataset_id_pins_the_data_and_beats_average(digit_hu
         hub_api.dataset_info(d["digits"]).sha, hub_api.dataset_info(d["digits-mirrored"]).sha]
     card = (out / "README.md").read_text()
     assert "## Data" in card and "org/digits:train" in card and "RegMean" in card
+
     average = hfmerge.merge([m["upright"], m["mirrored"]], method="average", progress=False)
     regmean_model, average_model = _load(out), _load(average.staging)
-    scores = {name: (accuracy(regmean_model, task), accuracy(average_model, task))
-              for name, task in (("upright", "digits"), ("mirrored", "digits-mirrored"))}
-    for name, (regmean_score, average_score) in scores.items():
-        assert regmean_score > average_score, scores
+    sources = [_load(digit_hub["folders"][name]) for name in ("upright", "mirrored")]
+    linears = [module for group in inspect_source(resolve_source(str(out))).linear_groups for module in group
+               if not module.startswith("classifier")]
+    assert len(linears) == 4 * 2 + 2 * 2  # q, k, v, o and the two MLP layers of each of the 2 blocks
+    inputs = []
+    for source, task, name in zip(sources, (d["digits"], d["digits-mirrored"]), ("upright", "mirrored")):
+        data = load_image_data(f"{task}:train", samples=200, seed=0)  # the selection the merge read
+        processor = AutoImageProcessor.from_pretrained(digit_hub["folders"][name])
+        inputs.append(_linear_inputs(source, data, processor, linears))
+
+    def objective(model, module):
+        weight = dict(model.named_modules())[module].weight.detach().double()
+        total = 0.0
+        for source, x in zip(sources, inputs):
+            gram = x[module].T @ x[module]
+            gram = 0.9 * gram + 0.1 * torch.diag(torch.diag(gram))
+            delta = weight - dict(source.named_modules())[module].weight.detach().double()
+            total += float(torch.trace(delta @ gram @ delta.T))
+        return total
+
+    for module in linears:
+        assert objective(regmean_model, module) <= objective(average_model, module) * (1 + 1e-6), module
+    assert sum(objective(regmean_model, l) for l in linears) < 0.9 * sum(objective(average_model, l) for l in linears)
+    for task in ("digits", "digits-mirrored"):
+        assert accuracy(regmean_model, task) >= accuracy(average_model, task) - 0.02, task
 
     # a second merge with another α reads the same statistics from the cache, and says so
     code, _, err = run_cli(["merge", m["upright"], m["mirrored"], "--method", "regmean",

@@ -82,7 +82,7 @@ def _sources_of(folder: Path) -> list[str]:
 
 
 def _update_card(source: object, report: object, name: str, *, push: bool) -> None:
-    from hfmerge.eval.report import update_card
+    from hfmerge.card import EVALUATION_SVG, update_card
 
     folder: Path = source.path  # type: ignore[attr-defined]
     readme = folder / "README.md"
@@ -96,11 +96,11 @@ def _update_card(source: object, report: object, name: str, *, push: bool) -> No
         check_push_access(repo_id)
         with tempfile.TemporaryDirectory(prefix=".hfmerge-card-") as staging:
             (Path(staging) / "README.md").write_text(new_text)
-            (Path(staging) / "evaluation.svg").write_text(chart)
+            (Path(staging) / EVALUATION_SVG).write_text(chart)
             url = push_folder(staging, repo_id, commit_message="Evaluation results (hfmerge evaluate)")
         print(f"pushed: {url}")
         return
-    for file_name, content in (("evaluation.svg", chart), ("README.md", new_text)):
+    for file_name, content in ((EVALUATION_SVG, chart), ("README.md", new_text)):
         handle, temporary = tempfile.mkstemp(prefix=f".{file_name}.", dir=folder)
         with os.fdopen(handle, "w") as stream:
             stream.write(content)
