@@ -48,6 +48,9 @@ STATISTICS_FORMAT = "hfmerge-statistics-1"
 
 FISHER_LABELS = ("model", "empirical")
 
+GRAM_BLOCK = 768
+"""Column block of the upper-triangular Gram update (see :func:`add_upper_gram_`)."""
+
 
 @dataclass(frozen=True)
 class StatisticsRequest:
@@ -106,6 +109,23 @@ def label_seed(seed: int, sample_index: int) -> int:
     the data is sharded across processes.
     """
     return (seed * 0x9E3779B97F4A7C15 + sample_index) % (2**63)
+
+
+def add_upper_gram_(gram: torch.Tensor, x: torch.Tensor, block: int = GRAM_BLOCK) -> None:
+    """Add XᵀX to the upper block triangle of ``gram`` in place: G[i, j] += xᵢᵀxⱼ for column blocks i ≤ j.
+
+    A Gram matrix is symmetric, so the blocks below the diagonal need not be
+    computed: with b blocks this is (b + 1) / 2b of a full product (0.62 for
+    ViT-B's 3072-wide MLP input). :func:`symmetric_from_upper` completes it.
+    """
+    n = x.shape[1]
+    for start in range(0, n, block):
+        gram[start : start + block, start:].addmm_(x[:, start : start + block].T, x[:, start:])
+
+
+def symmetric_from_upper(gram: torch.Tensor) -> torch.Tensor:
+    """The full symmetric matrix whose upper triangle (diagonal included) is ``gram``'s."""
+    return torch.triu(gram) + torch.triu(gram, diagonal=1).T
 
 
 def collect_statistics(
@@ -305,7 +325,7 @@ class _PassState:
                 return
             x = args[0] if args else kwargs["input"]
             x = x.detach().reshape(-1, module.in_features).to(torch.float64)
-            gram.addmm_(x.T, x)  # G += XᵀX, float64
+            add_upper_gram_(gram, x)  # G += XᵀX in float64, upper triangle
             self.rows[name] += x.shape[0]
 
         return hook
@@ -379,7 +399,7 @@ class _PassState:
         """Sum every count and sum across processes; activations gathered and put back in data order."""
         sums: dict[str, torch.Tensor] = {"samples": torch.tensor(self.samples, dtype=torch.int64)}
         for name, gram in self.grams.items():
-            sums[f"gram/{name}"] = gram
+            sums[f"gram/{name}"] = symmetric_from_upper(gram)
             sums[f"rows/{name}"] = torch.tensor(self.rows[name], dtype=torch.int64)
         for name, fisher in self.fisher.items():
             sums[f"fisher/{name}"] = fisher
