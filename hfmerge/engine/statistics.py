@@ -62,7 +62,7 @@ class StatisticsRequest:
         fisher: in-memory parameter names; their diagonal Fisher information.
         fisher_labels: ``"model"``: y drawn from the model's own softmax (seeded; the true Fisher);
             ``"empirical"``: the batch's ``labels`` (the empirical Fisher).
-        activations: module names; their outputs for the first ``activation_samples`` samples.
+        activations: module names; their outputs (batch first) for the first ``activation_samples`` samples.
         activation_samples: t, how many samples' activations to keep.
     """
 
@@ -201,9 +201,9 @@ def collect_statistics(
                    disable=not progress or not accelerator.is_local_main_process)
         for local_batch, batch in enumerate(bar):
             pixels = batch["pixel_values"].to(device)
-            if batch_size is None:  # one process, any iterable: positions are the running count
+            if batch_size is None:  # one process: positions are the running count
                 first_index = pass_state.samples
-            else:
+            else:  # accelerate deals batches round-robin: this process reads batches p, p + N, p + 2N...
                 global_batch = local_batch * accelerator.num_processes + accelerator.process_index
                 first_index = global_batch * batch_size
             pass_state.run_batch(model, pixels, batch.get("labels"), first_index, seed)
@@ -252,27 +252,33 @@ def _check_names(request: StatisticsRequest, modules: dict[str, torch.nn.Module]
 
 def _shard(loader: Iterable[dict[str, torch.Tensor]],
            accelerator: accelerate.Accelerator) -> tuple[Iterable[dict[str, torch.Tensor]], int | None]:
-    """The batches this process reads, and the loader's batch size (None: positions are counted).
+    """The batches this process reads, and under several processes the loader's batch size.
 
+    With the batch size, a sample's position in the data (its index in the
+    order one process would read it) follows from the batch number; in one
+    process positions are simply counted (the batch size is None).
     ``even_batches`` is turned off while the loader is prepared: with it,
     accelerate pads the last round of batches with samples from the start,
-    which a sum would count twice.
+    which a sum would count twice; so is ``split_batches``, so that whole
+    batches are dealt round-robin.
     """
     from torch.utils.data import DataLoader
 
+    several = accelerator.num_processes > 1
     if not isinstance(loader, DataLoader):
-        if accelerator.num_processes > 1:
+        if several:
             raise ValueError("under several processes the statistics pass needs a torch DataLoader to shard")
         return loader, None
-    if loader.batch_size is None:
-        raise ValueError("the statistics DataLoader needs a batch_size (no custom batch_sampler)")
-    even = accelerator.even_batches
-    accelerator.even_batches = False
+    if several and loader.batch_size is None:
+        raise ValueError("under several processes the statistics DataLoader needs a batch_size, not a batch_sampler")
+    config = accelerator.dataloader_config
+    even, split = config.even_batches, config.split_batches
+    config.even_batches = config.split_batches = False
     try:
         prepared = accelerator.prepare(loader)
     finally:
-        accelerator.even_batches = even
-    return prepared, loader.batch_size
+        config.even_batches, config.split_batches = even, split
+    return prepared, loader.batch_size if several else None
 
 
 def _logits(output: Any) -> torch.Tensor:
@@ -302,6 +308,7 @@ class _PassState:
         self.positions: list[int] = []  # the data positions of the kept activations
         self.hooks_on = False           # hooks record only during the inference-mode forward pass
         self.batch_keep = 0             # how many leading samples of the current batch to keep
+        self.batch_n = 0
         self.called: set[str] = set()
 
     def register_hooks(self, modules: dict[str, torch.nn.Module]) -> list[torch.utils.hooks.RemovableHandle]:
@@ -336,13 +343,16 @@ class _PassState:
                 return
             self.called.add(name)
             out = output if isinstance(output, torch.Tensor) else output[0]
+            if out.shape[0] != self.batch_n:
+                raise ValueError(f"module {name} gives outputs of shape {list(out.shape)}, whose first dimension "
+                                 f"is not the batch ({self.batch_n}): its activations cannot be kept per sample")
             self.activations[name].append(out[: self.batch_keep].detach().to("cpu", torch.float32))
 
         return hook
 
     def run_batch(self, model: torch.nn.Module, pixels: torch.Tensor, labels: torch.Tensor | None,
                   first_index: int, seed: int) -> None:
-        n = pixels.shape[0]
+        n = self.batch_n = pixels.shape[0]
         self.batch_keep = max(0, min(n, self.keep - len(self.positions)))
         if self.grams or self.batch_keep:
             self.called.clear()
