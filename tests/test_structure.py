@@ -16,7 +16,6 @@ from hfmerge.adapters import inspect_source
 from hfmerge.hub.resolve import resolve_source
 from hfmerge.testing.tiny import FAMILIES, IMAGE_SIZE, save_tiny, tiny_model
 
-
 _BUILT: dict[str, tuple[torch.nn.Module, object]] = {}
 
 

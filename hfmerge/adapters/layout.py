@@ -268,7 +268,9 @@ def module_kind(cls: type, *, owns_tensors: bool = False) -> str | None:
         return "conv"
     if issubclass(cls, _NORMS) or cls.__name__.endswith(("LayerNorm", "RMSNorm")):
         return "norm"
-    if issubclass(cls, (torch.nn.Embedding, torch.nn.EmbeddingBag)) or (owns_tensors and cls.__name__.endswith("Embeddings")):
+    if issubclass(cls, (torch.nn.Embedding, torch.nn.EmbeddingBag)):
+        return "embedding"
+    if owns_tensors and cls.__name__.endswith("Embeddings"):
         return "embedding"
     return None
 
