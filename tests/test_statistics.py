@@ -17,7 +17,13 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from hfmerge.engine.statistics import StatisticsCache, StatisticsRequest, collect_statistics
+from hfmerge.engine.statistics import (
+    StatisticsCache,
+    StatisticsRequest,
+    add_upper_gram_,
+    collect_statistics,
+    symmetric_from_upper,
+)
 from hfmerge.errors import StatisticsError
 from hfmerge.testing.ports import free_port
 from hfmerge.testing.tiny import tiny_model
@@ -72,6 +78,15 @@ def test_gram_is_xtx_of_the_recorded_input_in_float64_with_row_counts():
         assert int(stats[f"rows/{name}"]) == 7 * 17  # 16 patches + the class token per image
     assert stats["gram/" + FC2].shape == (64, 64)
     assert int(stats["samples"]) == 7
+
+
+@pytest.mark.parametrize("block", [3, 4, 10, 64])
+def test_blockwise_upper_gram_completes_to_xtx(block):
+    x = torch.randn(37, 10, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    gram = torch.zeros(10, 10, dtype=torch.float64)
+    add_upper_gram_(gram, x, block)
+    add_upper_gram_(gram, 2 * x, block)
+    torch.testing.assert_close(symmetric_from_upper(gram), 5 * (x.T @ x), rtol=1e-12, atol=1e-12)
 
 
 def test_q_k_and_v_read_one_input_so_share_one_gram():
@@ -233,7 +248,25 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from hfmerge.engine.statistics import StatisticsRequest, collect_statistics
-from hfmerge.testing.tiny import tiny_model
+
+
+class TokenClassifier(torch.nn.Module):
+    """Patches -> two token-wise linears (3-d inputs: rows are tokens) -> mean -> classifier.
+
+    Plain torch, so the two worker processes need not import transformers.
+    """
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.patch = torch.nn.Conv2d(3, 8, 4, stride=4)
+        self.fc1 = torch.nn.Linear(8, 16)
+        self.fc2 = torch.nn.Linear(16, 8)
+        self.classifier = torch.nn.Linear(8, 3)
+
+    def forward(self, pixel_values):
+        tokens = self.patch(pixel_values).flatten(2).transpose(1, 2)
+        return self.classifier(self.fc2(torch.relu(self.fc1(tokens))).mean(1))
 
 
 class Images(Dataset):
@@ -249,11 +282,10 @@ class Images(Dataset):
 
 def build():
     request = StatisticsRequest(
-        grams=("vit.layers.0.attention.q_proj", "vit.layers.1.mlp.fc2"),
-        fisher=("classifier.weight", "vit.layers.1.mlp.fc1.weight"),
-        activations=("classifier",), activation_samples=6,
+        grams=("fc1", "fc2"), fisher=("classifier.weight", "fc1.weight", "patch.bias"),
+        activations=("classifier", "fc1"), activation_samples=6,
     )
-    return tiny_model("vit"), DataLoader(Images(), batch_size=2), request
+    return TokenClassifier(), DataLoader(Images(), batch_size=2), request
 
 
 if __name__ == "__main__":
@@ -275,13 +307,14 @@ def test_two_processes_under_accelerate_launch_equal_one_process(tmp_path):
     script = tmp_path / "two_processes.py"
     script.write_text(textwrap.dedent(_TWO_PROCESS_SCRIPT))
     executable = Path(sys.executable).parent / "accelerate"
-    launcher = [str(executable)] if executable.exists() else [sys.executable, "-m", "accelerate.commands.accelerate_cli"]
+    launcher = [str(executable)] if executable.exists() else [sys.executable, "-m",
+                                                               "accelerate.commands.accelerate_cli"]
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "HF_HOME": str(tmp_path / "home"), "OMP_NUM_THREADS": "1"}
     done = subprocess.run(
         [*launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
          "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
          str(script), str(tmp_path / "stats")],
-        capture_output=True, text=True, timeout=180, env=env, cwd=tmp_path,
+        capture_output=True, text=True, timeout=180, env=env, cwd=tmp_path, check=False,
     )
     assert done.returncode == 0, done.stderr[-3000:]
 

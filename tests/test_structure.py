@@ -16,10 +16,22 @@ from hfmerge.adapters import inspect_source
 from hfmerge.hub.resolve import resolve_source
 from hfmerge.testing.tiny import FAMILIES, IMAGE_SIZE, save_tiny, tiny_model
 
+_BUILT: dict[str, tuple[torch.nn.Module, object]] = {}
 
-def _layout(tmp_path, family):
-    model = tiny_model(family)
-    return model, inspect_source(resolve_source(str(save_tiny(tmp_path / family, family, model=model))))
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """A tiny model of a family and its inspected layout, built once per family for this module."""
+
+    def build(family: str):
+        if family not in _BUILT:
+            model = tiny_model(family)
+            folder = save_tiny(tmp_path_factory.mktemp(family), family, model=model)
+            _BUILT[family] = (model, inspect_source(resolve_source(str(folder))))
+        return _BUILT[family]
+
+    yield build
+    _BUILT.clear()
 
 
 def _inputs_seen(model: torch.nn.Module, size: int) -> dict[str, list[torch.Tensor]]:
@@ -42,8 +54,8 @@ def _same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_linear_groups_are_exactly_the_linears_that_read_one_input(tmp_path, family):
-    model, layout = _layout(tmp_path, family)
+def test_linear_groups_are_exactly_the_linears_that_read_one_input(built, family):
+    model, layout = built(family)
     seen = _inputs_seen(model.eval(), IMAGE_SIZE[family])
     grouped = [name for group in layout.linear_groups for name in group]
     assert len(grouped) == len(set(grouped))
@@ -55,15 +67,15 @@ def test_linear_groups_are_exactly_the_linears_that_read_one_input(tmp_path, fam
             assert _same(seen[a], seen[b]) == (group_of[a] == group_of[b]), (a, b)
 
 
-def test_every_family_with_linears_has_a_shared_input_group(tmp_path):
+def test_every_family_with_linears_has_a_shared_input_group(built):
     """The hook test above is not vacuous: the transformer families do share inputs."""
     for family in ("vit", "segformer", "upernet-swin", "mask2former"):
-        _, layout = _layout(tmp_path, family)
+        _, layout = built(family)
         assert any(len(group) == 3 for group in layout.linear_groups), family
 
 
-def test_vit_module_kinds_and_qkv_group(tmp_path):
-    _, layout = _layout(tmp_path, "vit")
+def test_vit_module_kinds_and_qkv_group(built):
+    _, layout = built("vit")
     kinds = layout.module_kinds
     assert kinds["vit.layers.0.attention"] == "attention"
     assert kinds["vit.layers.1.mlp"] == "mlp"
@@ -85,7 +97,7 @@ def test_vit_module_kinds_and_qkv_group(tmp_path):
     ("segformer", {"conv", "norm", "linear", "attention", "mlp"}),
     ("mask2former", {"conv", "norm", "linear", "attention", "mlp", "embedding"}),
 ])
-def test_module_kinds_of_other_families(tmp_path, family, expected):
-    _, layout = _layout(tmp_path, family)
+def test_module_kinds_of_other_families(built, family, expected):
+    _, layout = built(family)
     assert set(layout.module_kinds.values()) == expected
     assert all(layout.module_classes[name].__name__ != "ModuleList" for name in layout.module_kinds)

@@ -123,23 +123,7 @@ class ModelLayout:
         that ``nn.MultiheadAttention`` owns are left out: it uses their weights
         without calling them, so no forward hook ever sees their input.
         """
-        linears = [
-            name for name, cls in self.module_classes.items()
-            if issubclass(cls, torch.nn.Linear)
-            and not issubclass(self.module_classes.get(name.rpartition(".")[0], object), torch.nn.MultiheadAttention)
-        ]
-        present = set(self.module_classes)
-        groups: dict[tuple[object, ...], list[str]] = {}
-        for name in linears:
-            key: tuple[object, ...] = ("alone", name)
-            for rule_index, rule in enumerate(self.family.shared_inputs):
-                match = rule.regex.fullmatch(name)
-                if match is None or (rule.unless and rule.unless.format(**match.groupdict()) in present):
-                    continue
-                key = ("rule", rule_index, tuple(sorted(match.groupdict().items())))
-                break
-            groups.setdefault(key, []).append(name)
-        return [tuple(members) for members in groups.values()]
+        return linear_groups(self.family, self.module_classes)
 
     @property
     def id2label(self) -> dict[int, str]:
@@ -289,9 +273,37 @@ def module_kind(cls: type, *, owns_tensors: bool = False) -> str | None:
         return "conv"
     if issubclass(cls, _NORMS) or cls.__name__.endswith(("LayerNorm", "RMSNorm")):
         return "norm"
-    if issubclass(cls, (torch.nn.Embedding, torch.nn.EmbeddingBag)) or (owns_tensors and cls.__name__.endswith("Embeddings")):
+    if issubclass(cls, (torch.nn.Embedding, torch.nn.EmbeddingBag)):
+        return "embedding"
+    if owns_tensors and cls.__name__.endswith("Embeddings"):
         return "embedding"
     return None
+
+
+def linear_groups(family: FamilyAdapter, module_classes: dict[str, type]) -> list[tuple[str, ...]]:
+    """Group a model's ``nn.Linear`` modules by the input they read (see :attr:`ModelLayout.linear_groups`).
+
+    Args:
+        family: the adapter whose ``shared_inputs`` rules apply.
+        module_classes: every module name of the model and its class, in registration order.
+    """
+    linears = [
+        name for name, cls in module_classes.items()
+        if issubclass(cls, torch.nn.Linear)
+        and not issubclass(module_classes.get(name.rpartition(".")[0], object), torch.nn.MultiheadAttention)
+    ]
+    present = set(module_classes)
+    groups: dict[tuple[object, ...], list[str]] = {}
+    for name in linears:
+        key: tuple[object, ...] = ("alone", name)
+        for rule_index, rule in enumerate(family.shared_inputs):
+            match = rule.regex.fullmatch(name)
+            if match is None or (rule.unless and rule.unless.format(**match.groupdict()) in present):
+                continue
+            key = ("rule", rule_index, tuple(sorted(match.groupdict().items())))
+            break
+        groups.setdefault(key, []).append(name)
+    return [tuple(members) for members in groups.values()]
 
 
 def ignored_on_load(model: torch.nn.Module, unexpected: set[str]) -> set[str]:

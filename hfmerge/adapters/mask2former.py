@@ -61,7 +61,9 @@ MASK2FORMER = register_family(
         shared_inputs=(
             SharedInput(r"(?P<block>model\.pixel_level_module\.encoder\.swin\..+\.attention)\.(q_proj|k_proj|v_proj)"),
             # Deformable attention: offsets and weights read the queries (with position); value_proj the features.
-            SharedInput(r"(?P<block>model\.pixel_level_module\.decoder\..+\.self_attn)\.(sampling_offsets|attention_weights)"),
+            SharedInput(
+                r"(?P<block>model\.pixel_level_module\.decoder\..+\.self_attn)\.(sampling_offsets|attention_weights)"
+            ),
             # Masked-attention decoder: q and k read the queries plus position embeddings, v the queries alone.
             SharedInput(r"(?P<block>model\.transformer_module\.decoder\.layers\.\d+\.self_attn)\.(q_proj|k_proj)"),
             # The class and mask predictors both read the normalised decoder output.
