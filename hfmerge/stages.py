@@ -116,7 +116,7 @@ def run_statistics(
     for i, layout in enumerate(context.sources):
         started = time.perf_counter()
         data = load_source_data(planned, i, samples=method.samples(params), labeled=labeled, token=token)
-        path = cache.path(model_cache_key(layout), data.fingerprint, request)
+        path = cache.path(model_cache_key(layout), data.fingerprint, request, seed=planned.recipe.seed or 0)
         table = cache.load(path)
         use = DataUse(layout.source.name, data.name, data.commit_sha, len(data), data.skipped, cached=table is not None)
         if table is None:
