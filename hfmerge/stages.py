@@ -155,10 +155,11 @@ class FineTuned:
     best_metric: float | None
     validation: str
     seconds: float
+    labels: str = "each source's labels mapped to their place in the union"
 
     def card_facts(self) -> dict[str, Any]:
         return {"data": self.data, "samples": self.samples, "epochs_run": self.epochs_run,
-                "best_epoch": self.best_epoch, "validation": self.validation}
+                "best_epoch": self.best_epoch, "validation": self.validation, "labels": self.labels}
 
 
 def fine_tune(
@@ -169,8 +170,9 @@ def fine_tune(
 
     Each source's labeled data goes through its own image processor, its labels
     mapped by name to the source's labels and then to their place in the merged
-    model (:class:`~hfmerge.methods.base.FineTuning`). ``None`` when the method
-    asks for no training.
+    model (:class:`~hfmerge.methods.base.FineTuning`). One dataset given for all
+    sources is read once, its labels mapped by name to the merged model's.
+    ``None`` when the method asks for no training.
     """
     from torch.utils.data import ConcatDataset
 
@@ -183,7 +185,18 @@ def fine_tune(
     started = time.perf_counter()
     parts = []
     names = []
-    for i, layout in enumerate(planned.context.sources):
+    shared = len(planned.recipe.data or []) == 1 and len(planned.context.sources) > 1
+    if shared:
+        # one dataset for every source: its labels map by name straight into the merged model's labels
+        import json
+
+        id2label = json.loads((folder / "config.json").read_text()).get("id2label", {})
+        data = load_source_data(planned, 0, samples=request.samples, labeled=True, token=token)
+        for i in range(1, len(planned.context.sources)):
+            planned.data_commits[i] = data.commit_sha
+        parts.append(ProcessedImages(data, source_processor(planned.anchor), label_map_for(data, id2label)))
+        names.append(data.name)
+    for i, layout in enumerate([] if shared else planned.context.sources):
         data = load_source_data(planned, i, samples=request.samples, labeled=True, token=token)
         to_source = label_map_for(data, layout.id2label)
         mapping = {k: request.label_maps[i][v] for k, v in to_source.items()}
@@ -209,5 +222,7 @@ def fine_tune(
     logger.info("fine-tuned the merged model on %d images for %d epochs in %.1f s (best held-out %s %.4f)",
                 len(dataset), report.epochs_run, time.perf_counter() - started, report.metric_name,
                 report.best_metric or float("nan"))
+    labels = ("one dataset for every source, its labels mapped by name to the merged model's" if shared
+              else "each source's labels mapped to their place in the union")
     return FineTuned(", ".join(dict.fromkeys(names)), len(dataset), report.epochs_run, report.best_epoch,
-                     report.best_metric, validation, report.seconds)
+                     report.best_metric, validation, report.seconds, labels)
