@@ -202,9 +202,11 @@ def merge_command(planned: PlannedMerge) -> str | None:
     folders without their paths, so no such command would run as written.
     """
     everything = [*planned.sources, *([planned.base] if planned.base is not None else [])]
-    if any(s.is_local for s in everything):
+    recipe = planned.pinned_recipe()
+    datasets = [*(recipe.data or []), *(recipe.eval_data or [])]
+    if any(s.is_local for s in everything) or any(spec.is_local for spec in datasets):
         return None
-    pinned = planned.pinned_recipe().to_dict()
+    pinned = recipe.to_dict()
     words = ["hfmerge", "merge", *(_pinned_ref(s) for s in planned.sources), "--method", pinned.pop("method")]
     pinned.pop("sources")
     for key, value in pinned.items():
@@ -218,6 +220,10 @@ def merge_command(planned: PlannedMerge) -> str | None:
             words += [flag, _pinned_ref(planned.sources[planned.context.anchor_index])]
         elif key == "base" and planned.base is not None:
             words += [flag, _pinned_ref(planned.base)]
+        elif key in ("data", "eval_data"):
+            for spec in getattr(recipe, key):
+                pin = spec.commit or spec.revision
+                words += [flag, f"{spec.dataset}{f'@{pin}' if pin else ''}{f':{spec.split}' if spec.split else ''}"]
         elif value is True:
             words.append(flag)
         elif value not in (False, None):
@@ -277,6 +283,13 @@ class PublicNames:
                 # Paths only: a bare folder name ("vit-a", ".") could also be a word of the card.
                 if Path(spelling).expanduser().is_absolute() or "/" in spelling or os.sep in spelling:
                     spellings[spelling] = shown
+        recipe = planned.recipe
+        for spec in [*(recipe.data or []), *(recipe.eval_data or [])]:
+            if spec.is_local:  # a data folder is named by its folder name too, like ImageData.name
+                given = spec.path
+                for spelling in (str(given.resolve()), str(given.absolute()), spec.dataset):
+                    if Path(spelling).is_absolute() or "/" in spelling or os.sep in spelling:
+                        spellings.setdefault(spelling, given.resolve().name)
         ordered = tuple(sorted(spellings.items(), key=lambda item: -len(item[0])))
         return cls(names=short, paths=ordered)
 

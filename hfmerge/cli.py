@@ -250,6 +250,18 @@ def _quiet_transformers() -> None:
     import transformers
 
     transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()  # "Loading weights" of models hfmerge opens itself: noise
+
+
+class _StderrHandler(logging.Handler):
+    """Writes to whatever ``sys.stderr`` is when a record comes, not what it was when the handler was made."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            sys.stderr.write(self.format(record) + "\n")
+            sys.stderr.flush()
+        except Exception:  # noqa: BLE001 - logging's own contract: report, never raise
+            self.handleError(record)
 
 
 class _CliFormatter(logging.Formatter):
@@ -265,7 +277,7 @@ def _log_to_stderr(quiet: bool = False) -> None:
     Without ``quiet``, a command also logs one line per stage with its time;
     with it, only warnings, and no progress bar (huggingface_hub's and datasets' included).
     """
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _StderrHandler()
     handler.setFormatter(_CliFormatter())
     logger = logging.getLogger("hfmerge")
     logger.handlers = [handler]
@@ -301,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
             return _space(args)
         if args.command == "evaluate":
             _quiet_transformers()
-            from hfmerge.eval.command import run_evaluate_command
+            from hfmerge.evaluate_command import run_evaluate_command
 
             return run_evaluate_command(args)
         return _methods()

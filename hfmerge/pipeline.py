@@ -200,7 +200,7 @@ def run_recipe(
                                    accelerator=accelerator, token=token)
     result.data_uses = data_uses
     if recipe.eval_data:
-        from hfmerge.eval.compare import evaluate_merge
+        from hfmerge.stages import evaluate_merge
 
         started = time.perf_counter()
         result.evaluation = evaluate_merge(result, recipe.eval_data, token=token, progress=progress)

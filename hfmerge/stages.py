@@ -26,7 +26,10 @@ if TYPE_CHECKING:
     from hfmerge.adapters.layout import ModelLayout
     from hfmerge.checkpoint import TensorTable
     from hfmerge.data.load import ImageData
+    from hfmerge.data.spec import DataSpec
+    from hfmerge.eval.report import EvaluationReport
     from hfmerge.planned import PlannedMerge
+    from hfmerge.result import MergeResult
 
 logger = logging.getLogger(__name__)
 
@@ -226,3 +229,22 @@ def fine_tune(
               else "each source's labels mapped to their place in the union")
     return FineTuned(", ".join(dict.fromkeys(names)), len(dataset), report.epochs_run, report.best_epoch,
                      report.best_metric, validation, report.seconds, labels)
+
+
+def evaluate_merge(result: MergeResult, specs: list[DataSpec], *, token: str | bool | None = None,
+                   progress: bool = True) -> EvaluationReport:
+    """Evaluate a finished merge (in its staging folder) beside its sources and their ensemble."""
+    from hfmerge.card import PublicNames
+    from hfmerge.eval.compare import Candidate, evaluate_candidates, load_candidate, load_tasks
+
+    planned = result.planned
+    recipe = planned.recipe
+    tasks = load_tasks(specs, seed=recipe.seed or 0, image_column=recipe.data_column,
+                       label_column=recipe.label_column, token=token)
+    name = recipe.push_to_hub or (Path(recipe.output).name if recipe.output else "merged model")
+    merged = load_candidate(result.staging, name, "merged")
+    names = PublicNames.for_merge(planned)
+    others = [Candidate(names.of(layout.source), "source", source_model(layout), source_processor(layout))
+              for layout in planned.context.sources]
+    classifier = planned.anchor.task == "image-classification"
+    return evaluate_candidates(merged, others, tasks, ensemble=classifier, progress=progress)

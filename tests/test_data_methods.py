@@ -78,6 +78,8 @@ def test_regmean_by_repo_and_dataset_id(digit_hub, hub_api, tmp_path, capsys):
         hub_api.dataset_info(d["digits"]).sha, hub_api.dataset_info(d["digits-mirrored"]).sha]
     card = (out / "README.md").read_text()
     assert "## Data" in card and "org/digits:train" in card and "RegMean" in card
+    sha = pinned["data"][0]["commit"]
+    assert f"--data {d['digits']}@{sha}:train" in card  # the one-line command reads the same data
 
     average = hfmerge.merge([m["upright"], m["mirrored"]], method="average", progress=False)
     regmean_model, average_model = _load(out), _load(average.staging)
@@ -250,3 +252,38 @@ def test_bad_data_is_one_line_and_writes_nothing(case, digit_hub, tmp_path, caps
                             "--output", out, "-q"], capsys)
     assert_one_line_error(code, err, *data[1])
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_local_data_folders_stay_local_when_pushed(make_source, tmp_path, hub_api, capsys):
+    """A pushed card and hfmerge.yaml name a data folder by its name, never by its path on this machine."""
+    from test_every_method import random_images
+
+    source = make_source("vit", 3, seed=1)
+    images = random_images(tmp_path / "my-secret-place" / "unlabeled")
+    code, _, err = run_cli(["merge", source, source, "--method", "regmean", "--data", images,
+                            "--param", "samples=4", "--push-to-hub", "tester/regmean-local-data", "-q"], capsys)
+    assert code == 0, err
+    pushed = {name: (hub_api.hf_hub_download("tester/regmean-local-data", name)) for name in ("README.md", "hfmerge.yaml")}
+    for name, path in pushed.items():
+        text = Path(path).read_text()
+        assert "my-secret-place" not in text and str(tmp_path) not in text, name
+    assert "unlabeled" in Path(pushed["README.md"]).read_text()
+
+
+@pytest.mark.parametrize("case", ["push without update", "unlabeled", "unknown labels"])
+def test_evaluate_bad_input_is_one_line(case, make_source, tmp_path, capsys):
+    from test_every_method import random_images
+
+    model = make_source("vit", 3, seed=2)  # labels class_0, class_1, class_2
+    labeled = tmp_path / "labeled"
+    for label in ("class_1", "zebra"):
+        random_images(labeled / label, count=2)
+    args, fragments = {
+        "push without update": (["--data", str(labeled), "--push"], ["--update-card"]),
+        "unlabeled": (["--data", str(random_images(tmp_path / "flat"))], ["no labels"]),
+        "unknown labels": (["--data", str(labeled)], ["'zebra'"]),
+    }[case]
+    before = sorted(p.name for p in model.iterdir())
+    code, _, err = run_cli(["evaluate", model, *args, "-q"], capsys)
+    assert_one_line_error(code, err, *fragments)
+    assert sorted(p.name for p in model.iterdir()) == before

@@ -20,7 +20,6 @@ if TYPE_CHECKING:
     from hfmerge.data.load import ImageData
     from hfmerge.data.spec import DataSpec
     from hfmerge.eval.report import EvaluationReport
-    from hfmerge.result import MergeResult
 
 logger = logging.getLogger(__name__)
 
@@ -94,22 +93,3 @@ def _covers(model: torch.nn.Module, data: ImageData) -> bool:
     except DataError:
         return False
     return True
-
-
-def evaluate_merge(result: MergeResult, specs: list[DataSpec], *, token: str | bool | None = None,
-                   progress: bool = True) -> EvaluationReport:
-    """Evaluate a finished merge (in its staging folder) beside its sources and their ensemble."""
-    from hfmerge.stages import source_model, source_processor
-
-    planned = result.planned
-    recipe = planned.recipe
-    tasks = load_tasks(specs, seed=recipe.seed or 0, image_column=recipe.data_column,
-                       label_column=recipe.label_column, token=token)
-    merged = load_candidate(result.staging, "merged", "merged")
-    from hfmerge.card import PublicNames
-
-    names = PublicNames.for_merge(planned)
-    others = [Candidate(names.of(layout.source), "source", source_model(layout), source_processor(layout))
-              for layout in planned.context.sources]
-    classifier = planned.anchor.task == "image-classification"
-    return evaluate_candidates(merged, others, tasks, ensemble=classifier, progress=progress)
