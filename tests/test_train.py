@@ -216,10 +216,13 @@ def test_bad_data_is_one_clear_error():
 
     model = TinyNet().eval()
     with pytest.raises(TrainingError, match="returned no loss"):
-        train_model(model, Unlabeled(8, seed=0), options, progress=False)
+        train_model(model, Unlabeled(8, seed=0), TrainOptions(epochs=1, validation_fraction=0), progress=False)
     assert not model.training  # a failed run leaves the caller's model in the mode it came in
     with pytest.raises(TrainingError, match="'labels'"):
         train_model(TinyNet(), ChannelTask(8, seed=0), options, val_set=Unlabeled(4, seed=0), progress=False)
+    with pytest.raises(TrainingError, match="'labels'"):  # held out of unlabeled training samples
+        train_model(TinyNet(), Unlabeled(8, seed=0), options, loss_fn=lambda m, b: m(**b).logits.sum(),
+                    progress=False)
 
 
 _TWO_PROCESSES = """

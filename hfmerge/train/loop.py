@@ -249,9 +249,11 @@ def _split(train_set: Dataset, val_set: Dataset | None, options: TrainOptions) -
     if val_set is not None:
         if len(val_set) == 0:
             raise TrainingError("the validation set is empty; give it samples, or pass none to hold some out")
+        _need_labels(val_set[0])
         return train_set, val_set
     if options.validation_fraction == 0:
         return train_set, None
+    _need_labels(train_set[0])
     held = max(1, round(size * options.validation_fraction))
     if held >= size:
         raise TrainingError(
@@ -260,6 +262,12 @@ def _split(train_set: Dataset, val_set: Dataset | None, options: TrainOptions) -
         )
     order = torch.randperm(size, generator=torch.Generator().manual_seed(options.seed)).tolist()
     return Subset(train_set, order[held:]), Subset(train_set, order[:held])
+
+
+def _need_labels(sample: Any) -> None:
+    if not isinstance(sample, Mapping) or "labels" not in sample:
+        raise TrainingError("validation samples need a 'labels' entry for the metric; label them, "
+                            "or train without validation (validation_fraction=0)")
 
 
 def _logits(output: Any) -> torch.Tensor:
@@ -284,9 +292,6 @@ def _validate(model: torch.nn.Module, loader: DataLoader, accelerator: Accelerat
     all_logits, all_labels, losses = [], [], []
     with torch.no_grad():
         for batch in loader:
-            if not isinstance(batch, Mapping) or "labels" not in batch:
-                raise TrainingError("validation samples need a 'labels' entry for the metric; label them, "
-                                    "or train without validation (validation_fraction=0)")
             if use_model_loss:
                 output = model(**batch)
                 if getattr(output, "loss", None) is not None:
