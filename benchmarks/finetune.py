@@ -12,8 +12,9 @@ in the same process, one after the other, best of ``--repeats`` wall times each.
 * train-noval — ``train_model`` with ``validation_fraction=0``: the per-step overheads alone.
 
 Throughput is training samples per second of wall time (validation samples are not counted: the
-validation pass is a cost of ``train``). Every run builds its model from one seed before the clock
-starts. Usage: ``python benchmarks/finetune.py [--repeats 3] [--epochs 2]``.
+validation pass is a cost of ``train``); the CPU seconds of the process (all threads) are reported
+beside it, as on a shared machine they move less with other processes' load than wall time does. Every run builds its model from one seed before the clock
+starts. Usage: ``python benchmarks/finetune.py [--repeats 3] [--epochs 2] [--threads N]``.
 """
 
 from __future__ import annotations
@@ -64,19 +65,19 @@ def plain_loop(model: torch.nn.Module, data: ChannelImages, *, epochs: int, batc
             optimizer.zero_grad(set_to_none=True)
 
 
-def run(mode: str, args: argparse.Namespace, train: ChannelImages, val: ChannelImages) -> float:
-    """Wall seconds of one run of ``mode``."""
+def run(mode: str, args: argparse.Namespace, train: ChannelImages, val: ChannelImages) -> tuple[float, float]:
+    """Wall and CPU seconds (this process, all threads) of one run of ``mode``."""
     from hfmerge.train import TrainOptions, train_model
 
     model = small_vit(args.side, args.classes)
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     if mode == "plain":
         plain_loop(model, train, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr)
     else:
         options = TrainOptions(epochs=args.epochs, learning_rate=args.lr, batch_size=args.batch_size,
                                validation_fraction=0.0, patience=args.epochs)
         train_model(model, train, options, val_set=val if mode == "train" else None, progress=False)
-    return time.perf_counter() - started
+    return time.perf_counter() - started, time.process_time() - cpu_started
 
 
 def main() -> int:
@@ -89,7 +90,10 @@ def main() -> int:
     parser.add_argument("--side", type=int, default=32)
     parser.add_argument("--classes", type=int, default=10)
     parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     import accelerate  # noqa: F401  imported before the clock, as torch and transformers are
     import transformers  # noqa: F401
@@ -102,9 +106,11 @@ def main() -> int:
     parameters = sum(p.numel() for p in model.parameters())
     run("plain", args, train, val)  # warm-up: first-call allocations and kernels, not timed
     best = {mode: float("inf") for mode in MODES}
+    best_cpu = dict(best)
     for _ in range(args.repeats):
         for mode in MODES:  # interleaved, so drifting machine load hits every mode alike
-            best[mode] = min(best[mode], run(mode, args, train, val))
+            wall, cpu = run(mode, args, train, val)
+            best[mode], best_cpu[mode] = min(best[mode], wall), min(best_cpu[mode], cpu)
     trained = args.samples * args.epochs
     result = {
         "model": f"ViT {parameters / 1e6:.2f}M parameters ({parameters * 4 / 2**20:.1f} MiB float32), "
@@ -115,6 +121,8 @@ def main() -> int:
         "seconds": {mode: round(best[mode], 3) for mode in MODES},
         "samples_per_second": {mode: round(trained / best[mode], 1) for mode in MODES},
         "ratio_to_plain": {mode: round(best["plain"] / best[mode], 3) for mode in MODES},
+        "cpu_seconds": {mode: round(best_cpu[mode], 3) for mode in MODES},
+        "cpu_ratio_to_plain": {mode: round(best_cpu["plain"] / best_cpu[mode], 3) for mode in MODES},
     }
     print(json.dumps(result, indent=2))
     return 0
