@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -226,7 +224,7 @@ def test_bad_data_is_one_clear_error():
 
 
 _TWO_PROCESSES = """
-import json, sys, torch
+import sys, torch
 from accelerate import PartialState
 sys.path.insert(0, sys.argv[2])
 from test_train import ChannelTask, TinyNet
