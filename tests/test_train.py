@@ -89,8 +89,8 @@ def test_training_a_vit_lowers_the_loss_and_raises_accuracy_in_the_callers_objec
     before = snapshot(model)
     held_out = ChannelTask(96, seed=1, side=16)
     loss_before, accuracy_before = loss_and_accuracy(model, held_out)
-    report = train_model(model, ChannelTask(160, seed=0, side=16), TrainOptions(epochs=3, learning_rate=3e-3, batch_size=16),
-                         val_set=held_out, progress=False)
+    options = TrainOptions(epochs=3, learning_rate=3e-3, batch_size=16)
+    report = train_model(model, ChannelTask(160, seed=0, side=16), options, val_set=held_out, progress=False)
     loss_after, accuracy_after = loss_and_accuracy(model, held_out)
     assert not same(before, snapshot(model))  # the caller's object holds the trained weights
     assert loss_after < 0.7 * loss_before
@@ -101,14 +101,13 @@ def test_training_a_vit_lowers_the_loss_and_raises_accuracy_in_the_callers_objec
     best = report.history[report.best_epoch - 1]
     assert best["accuracy"] == pytest.approx(accuracy_after)  # the model ends with the best epoch's weights
     assert not model.training  # back in the eval mode it came in
-    assert "_original_forward" not in model.__dict__  # Accelerate's forward wrapper, if any, removed
 
 
 def test_one_seed_gives_identical_weights_and_another_seed_different_ones():
     def run(seed: int) -> dict[str, torch.Tensor]:
         model = tiny_model("vit")
-        train_model(model, ChannelTask(64, seed=0, side=16), TrainOptions(epochs=2, learning_rate=1e-3, batch_size=8, seed=seed),
-                    progress=False)
+        options = TrainOptions(epochs=2, learning_rate=1e-3, batch_size=8, seed=seed)
+        train_model(model, ChannelTask(64, seed=0, side=16), options, progress=False)
         return snapshot(model)
 
     first, again, other = run(0), run(0), run(1)
@@ -213,14 +212,19 @@ def test_bad_data_is_one_clear_error():
         def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
             return {"pixel_values": self.images[index]}
 
+    model = TinyNet().eval()
     with pytest.raises(TrainingError, match="returned no loss"):
-        train_model(TinyNet(), Unlabeled(8, seed=0), options, progress=False)
+        train_model(model, Unlabeled(8, seed=0), TrainOptions(epochs=1, validation_fraction=0), progress=False)
+    assert not model.training  # a failed run leaves the caller's model in the mode it came in
     with pytest.raises(TrainingError, match="'labels'"):
         train_model(TinyNet(), ChannelTask(8, seed=0), options, val_set=Unlabeled(4, seed=0), progress=False)
+    with pytest.raises(TrainingError, match="'labels'"):  # held out of unlabeled training samples
+        train_model(TinyNet(), Unlabeled(8, seed=0), options, loss_fn=lambda m, b: m(**b).logits.sum(),
+                    progress=False)
 
 
 _TWO_PROCESSES = """
-import json, sys, torch
+import sys, torch
 from accelerate import PartialState
 sys.path.insert(0, sys.argv[2])
 from test_train import ChannelTask, TinyNet
@@ -237,18 +241,20 @@ report = train_model(model, ChannelTask(64, seed=0), TrainOptions(epochs=3, lear
                      val_set=ChannelTask(21, seed=1), metric_fn=accuracy, progress=False)
 history = [{k: v for k, v in record.items() if k != "seconds"} for record in report.history]
 rank = PartialState().process_index
-torch.save({"weights": model.state_dict(), "start": start, "report": [report.epochs_run, report.best_epoch,
-            report.best_metric, history], "sizes": sizes}, f"{sys.argv[1]}/rank{rank}.pt")
+patched = sorted({"forward", "_original_forward"} & set(vars(model)))
+torch.save({"weights": model.state_dict(), "start": start, "sizes": sizes, "precision": report.mixed_precision,
+            "patched": patched, "report": [report.epochs_run, report.best_epoch, report.best_metric, history]},
+           f"{sys.argv[1]}/rank{rank}.pt")
 """
 
 
-def test_two_processes_end_with_identical_weights_and_metrics(tmp_path):
+def test_two_processes_in_bf16_end_with_identical_weights_and_metrics(tmp_path):
     script = tmp_path / "train_two.py"
     script.write_text(_TWO_PROCESSES)
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
     done = subprocess.run(
         [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(script), str(tmp_path),
+         "--num_machines", "1", "--mixed_precision", "bf16", "--dynamo_backend", "no", str(script), str(tmp_path),
          str(Path(__file__).parent)],
         capture_output=True, text=True, timeout=180, env=env, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -258,3 +264,5 @@ def test_two_processes_end_with_identical_weights_and_metrics(tmp_path):
     assert not torch.equal(ranks[0]["weights"]["linear.weight"], ranks[0]["start"][0])
     # 21 validation samples over 2 processes: the metric sees each once, the padding dropped
     assert ranks[0]["sizes"] == ranks[1]["sizes"] == [21] * ranks[0]["report"][0]
+    # options left unset: the launcher's bf16, and its forward patch taken off the caller's model afterwards
+    assert [r["precision"] for r in ranks] == ["bf16", "bf16"] and [r["patched"] for r in ranks] == [[], []]

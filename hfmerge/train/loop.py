@@ -34,7 +34,7 @@ logger = logging.getLogger(__name__)
 LossFn = Callable[[torch.nn.Module, dict], torch.Tensor]
 MetricFn = Callable[[torch.Tensor, torch.Tensor], float]
 
-_POSTFIX_SECONDS = 0.5  # the bar's running loss is read at most this often: reading it waits for the device
+_POSTFIX_SECONDS = 0.5
 
 
 def top1_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
@@ -107,6 +107,7 @@ def train_model(model: torch.nn.Module, train_set: Dataset, options: TrainOption
         raise TrainingError("the model has no trainable parameters (every parameter has requires_grad=False)")
     home = parameters[0].device
     was_training = model.training
+    own_forward = model.__dict__.get("forward")  # mixed precision patches the instance's forward
     optimizer = torch.optim.AdamW(parameters, lr=options.learning_rate, weight_decay=options.weight_decay)
     shuffle_generator = torch.Generator().manual_seed(options.seed)
     train_loader = DataLoader(train_part, batch_size=options.batch_size, shuffle=True, generator=shuffle_generator)
@@ -118,7 +119,7 @@ def train_model(model: torch.nn.Module, train_set: Dataset, options: TrainOption
         val_loader = None
         prepared, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
     # Stepped once per optimizer step on each process; not prepared, since Accelerate would step it
-    # once per process per step and ``total`` already counts this process's batches.
+    # once per process per step and ``total_steps`` already counts this process's batches.
     total_steps = max(1, options.epochs * len(train_loader))
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer.optimizer,
                                                  lambda step: max(0.0, 1.0 - step / total_steps))
@@ -131,70 +132,88 @@ def train_model(model: torch.nn.Module, train_set: Dataset, options: TrainOption
     last_metric: dict[str, str] = {}
     show = progress and accelerator.is_local_main_process
     epoch = 0
-    for epoch in range(1, options.epochs + 1):
-        epoch_started = time.perf_counter()
-        bar = tqdm(train_loader, desc=f"{desc} {epoch}/{options.epochs}", unit="batch", disable=not show,
-                   leave=False, dynamic_ncols=True)
-        prepared.train()
-        loss_sum = torch.zeros((), device=accelerator.device)
-        steps = 0
-        shown_at = time.monotonic()
-        for batch in bar:
-            loss = compute_loss(prepared, batch)
-            accelerator.backward(loss)
-            if options.max_grad_norm is not None:
-                accelerator.clip_grad_norm_(prepared.parameters(), options.max_grad_norm)
-            optimizer.step()
-            if not accelerator.optimizer_step_was_skipped:
-                schedule.step()
-            optimizer.zero_grad(set_to_none=True)
-            loss_sum += loss.detach().float()
-            steps += 1
-            if show and time.monotonic() - shown_at >= _POSTFIX_SECONDS:
-                bar.set_postfix(loss=f"{loss_sum.item() / steps:.4f}", **last_metric, refresh=False)
-                shown_at = time.monotonic()
-        record = {"epoch": float(epoch),
-                  "train_loss": accelerator.reduce(loss_sum / max(steps, 1), reduction="mean").item(),
-                  "learning_rate": schedule.get_last_lr()[0]}
-        if val_loader is not None:
-            value, val_loss = _validate(prepared, val_loader, accelerator, metric, use_model_loss=loss_fn is None)
-            record[name] = value
-            if val_loss is not None:
-                record["val_loss"] = val_loss
-            if best_metric is None or value > best_metric:
-                best_metric, best_epoch, since_best = value, epoch, 0
-                best_state = _cpu_copy(accelerator.unwrap_model(prepared).state_dict())
+    try:
+        for epoch in range(1, options.epochs + 1):
+            epoch_started = time.perf_counter()
+            bar = tqdm(train_loader, desc=f"{desc} {epoch}/{options.epochs}", unit="batch", disable=not show,
+                       leave=False, dynamic_ncols=True)
+            train_loss = _train_epoch(prepared, bar, optimizer, schedule, accelerator, compute_loss,
+                                      options.max_grad_norm, last_metric if show else None)
+            record = {"epoch": float(epoch), "train_loss": train_loss, "learning_rate": schedule.get_last_lr()[0]}
+            if val_loader is not None:
+                value, val_loss = _validate(prepared, val_loader, accelerator, metric,
+                                            use_model_loss=loss_fn is None)
+                record[name] = value
+                if val_loss is not None:
+                    record["val_loss"] = val_loss
+                if best_metric is None or value > best_metric:
+                    best_metric, best_epoch, since_best = value, epoch, 0
+                    best_state = _cpu_copy(accelerator.unwrap_model(prepared).state_dict())
+                else:
+                    since_best += 1
+                last_metric = {name: f"{value:.4f}"}
             else:
-                since_best += 1
-            last_metric = {name: f"{value:.4f}"}
-        else:
-            best_epoch = epoch
-        record["seconds"] = time.perf_counter() - epoch_started
-        history.append(record)
-        bar.set_postfix(loss=f"{record['train_loss']:.4f}", **last_metric)
-        bar.close()
-        logger.info("%s epoch %d/%d: %s", desc, epoch, options.epochs,
-                    ", ".join(f"{k} {v:.4g}" for k, v in record.items() if k != "epoch"))
-        if val_loader is not None and since_best >= options.patience:
-            break
+                best_epoch = epoch
+            record["seconds"] = time.perf_counter() - epoch_started
+            history.append(record)
+            bar.set_postfix(loss=f"{train_loss:.4f}", **last_metric)
+            bar.close()
+            logger.info("%s epoch %d/%d: %s", desc, epoch, options.epochs,
+                        ", ".join(f"{k} {v:.4g}" for k, v in record.items() if k != "epoch"))
+            if val_loader is not None and since_best >= options.patience:
+                break
 
-    trained = accelerator.unwrap_model(prepared, keep_fp32_wrapper=False)
-    if best_state is not None and best_epoch != epoch:
-        trained.load_state_dict(best_state)
-    if accelerator.num_processes > 1:
-        _broadcast_from_main(trained)
-    if trained is not model:  # prepare handed back another object: the caller's must hold the result
-        model.load_state_dict(trained.state_dict())
-    model.to(home)
-    model.train(was_training)
-    if own_accelerator:
-        accelerator.free_memory()
+        trained = accelerator.unwrap_model(prepared)
+        if best_state is not None and best_epoch != epoch:
+            trained.load_state_dict(best_state)
+        if accelerator.num_processes > 1:
+            _broadcast_from_main(trained)
+        if trained is not model:  # prepare handed back another object: the caller's must hold the result
+            model.load_state_dict(trained.state_dict())
+    finally:  # on success or failure, the caller's model is as it came: its own forward, device and mode
+        _restore_forward(model, own_forward)
+        model.to(home)
+        model.train(was_training)
+        if own_accelerator:
+            accelerator.free_memory()
+    precision = str(accelerator.mixed_precision)
     stopped_early = epoch < options.epochs
     if stopped_early:
         logger.info("%s stopped early after epoch %d: no better %s for %d epochs; weights of epoch %d restored",
                     desc, epoch, name, options.patience, best_epoch)
     return TrainReport(epochs_run=epoch, best_epoch=best_epoch, best_metric=best_metric, metric_name=name,
-                       stopped_early=stopped_early, seconds=time.perf_counter() - started, history=history)
+                       stopped_early=stopped_early, seconds=time.perf_counter() - started, history=history,
+                       mixed_precision=precision, train_samples=len(train_part),
+                       val_samples=0 if val_part is None else len(val_part))
+
+
+def _train_epoch(model: torch.nn.Module, batches: tqdm, optimizer: torch.optim.Optimizer,
+                 schedule: torch.optim.lr_scheduler.LRScheduler, accelerator: Accelerator, compute_loss: LossFn,
+                 max_grad_norm: float | None, postfix: dict[str, str] | None) -> float:
+    """One pass over the training batches (a tqdm bar over them); the mean loss over every process's steps.
+
+    With ``postfix`` (the last validation metric) given, the bar shows it with the running loss; the
+    running loss is read at most every ``_POSTFIX_SECONDS``, since reading it waits for the device.
+    """
+    model.train()
+    loss_sum = torch.zeros((), device=accelerator.device)
+    steps = 0
+    shown_at = time.monotonic()
+    for batch in batches:
+        loss = compute_loss(model, batch)
+        accelerator.backward(loss)
+        if max_grad_norm is not None:
+            accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
+        optimizer.step()
+        if not accelerator.optimizer_step_was_skipped:
+            schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        loss_sum += loss.detach().float()
+        steps += 1
+        if postfix is not None and time.monotonic() - shown_at >= _POSTFIX_SECONDS:
+            batches.set_postfix(loss=f"{loss_sum.item() / steps:.4f}", **postfix, refresh=False)
+            shown_at = time.monotonic()
+    return accelerator.reduce(loss_sum / max(steps, 1), reduction="mean").item()
 
 
 def _new_accelerator(options: TrainOptions) -> Accelerator:
@@ -230,9 +249,11 @@ def _split(train_set: Dataset, val_set: Dataset | None, options: TrainOptions) -
     if val_set is not None:
         if len(val_set) == 0:
             raise TrainingError("the validation set is empty; give it samples, or pass none to hold some out")
+        _need_labels(val_set[0])
         return train_set, val_set
     if options.validation_fraction == 0:
         return train_set, None
+    _need_labels(train_set[0])
     held = max(1, round(size * options.validation_fraction))
     if held >= size:
         raise TrainingError(
@@ -241,6 +262,12 @@ def _split(train_set: Dataset, val_set: Dataset | None, options: TrainOptions) -
         )
     order = torch.randperm(size, generator=torch.Generator().manual_seed(options.seed)).tolist()
     return Subset(train_set, order[held:]), Subset(train_set, order[:held])
+
+
+def _need_labels(sample: Any) -> None:
+    if not isinstance(sample, Mapping) or "labels" not in sample:
+        raise TrainingError("validation samples need a 'labels' entry for the metric; label them, "
+                            "or train without validation (validation_fraction=0)")
 
 
 def _logits(output: Any) -> torch.Tensor:
@@ -265,9 +292,6 @@ def _validate(model: torch.nn.Module, loader: DataLoader, accelerator: Accelerat
     all_logits, all_labels, losses = [], [], []
     with torch.no_grad():
         for batch in loader:
-            if not isinstance(batch, Mapping) or "labels" not in batch:
-                raise TrainingError("validation samples need a 'labels' entry for the metric; label them, "
-                                    "or train without validation (validation_fraction=0)")
             if use_model_loss:
                 output = model(**batch)
                 if getattr(output, "loss", None) is not None:
@@ -284,6 +308,19 @@ def _validate(model: torch.nn.Module, loader: DataLoader, accelerator: Accelerat
     if accelerator.num_processes > 1:
         value = broadcast_object_list([value], from_process=0)[0]
     return value, val_loss
+
+
+def _restore_forward(model: torch.nn.Module, own_forward: Any) -> None:
+    """Undo Accelerate's mixed-precision patch of ``model.forward`` exactly.
+
+    ``unwrap_model(keep_fp32_wrapper=False)`` unwraps every ``__wrapped__`` level, transformers' own
+    forward decorators included, so the instance attribute is put back as it was instead.
+    """
+    model.__dict__.pop("_original_forward", None)
+    if own_forward is None:
+        model.__dict__.pop("forward", None)
+    else:
+        model.__dict__["forward"] = own_forward
 
 
 def _cpu_copy(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -88,6 +88,9 @@ class TrainReport:
         history: one entry per epoch: ``epoch``, ``train_loss``, ``learning_rate``
             (at the epoch's end), ``seconds``, and with validation the metric
             under ``metric_name`` plus ``val_loss`` when the default loss is used.
+        mixed_precision: what Accelerate trained with: "no", "fp16" or "bf16".
+        train_samples: samples trained on (after any hold-out).
+        val_samples: samples validated on (0 without validation).
     """
 
     epochs_run: int
@@ -97,3 +100,6 @@ class TrainReport:
     stopped_early: bool
     seconds: float
     history: list[dict[str, float]] = field(default_factory=list)
+    mixed_precision: str = "no"
+    train_samples: int = 0
+    val_samples: int = 0
