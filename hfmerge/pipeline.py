@@ -221,9 +221,10 @@ def _accelerator_for(planned: PlannedMerge) -> Any:
     method = planned.method
     if method.statistics(planned.context) is None and method.fine_tuning(planned.context, planned.plan) is None:
         return None
-    from accelerate import Accelerator
+    from hfmerge.train import TrainOptions
+    from hfmerge.train.loop import new_accelerator
 
-    return Accelerator()
+    return new_accelerator(TrainOptions())  # one per process: its mixed precision is the training's (bf16 on CUDA)
 
 
 def _follow_main_process(planned: PlannedMerge, accelerator: Any, *, token: str | bool | None, progress: bool) -> None:

@@ -214,6 +214,7 @@ def fine_tune(
     )
     report = train_model(model, dataset, options, accelerator=accelerator, progress=progress,
                          desc="Fine-tuning the merged model")
+    accelerator.free_memory()  # the accelerator holds what it prepared (optimizer state included)
     if accelerator.is_main_process:
         dtype = planned.plan.tensors[0].dtype if planned.plan.tensors else torch.float32
         model.to(dtype if dtype.is_floating_point else torch.float32)

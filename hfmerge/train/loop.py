@@ -95,7 +95,7 @@ def train_model(model: torch.nn.Module, train_set: Dataset, options: TrainOption
 
     started = time.perf_counter()
     own_accelerator = accelerator is None
-    accelerator = _new_accelerator(options) if accelerator is None else accelerator
+    accelerator = new_accelerator(options) if accelerator is None else accelerator
     set_seed(options.seed)
     compute_loss = loss_fn if loss_fn is not None else model_loss
     metric = metric_fn if metric_fn is not None else top1_accuracy
@@ -216,7 +216,7 @@ def _train_epoch(model: torch.nn.Module, batches: tqdm, optimizer: torch.optim.O
     return accelerator.reduce(loss_sum / max(steps, 1), reduction="mean").item()
 
 
-def _new_accelerator(options: TrainOptions) -> Accelerator:
+def new_accelerator(options: TrainOptions) -> Accelerator:
     """An Accelerator with the options' mixed precision.
 
     Accelerate fixes mixed precision once per process, so an unset option defers to a choice already
