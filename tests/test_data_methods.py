@@ -280,10 +280,26 @@ def test_evaluate_bad_input_is_one_line(case, make_source, tmp_path, capsys):
         random_images(labeled / label, count=2)
     args, fragments = {
         "push without update": (["--data", str(labeled), "--push"], ["--update-card"]),
-        "unlabeled": (["--data", str(random_images(tmp_path / "flat"))], ["no labels"]),
+        "unlabeled": (["--data", str(random_images(tmp_path / "flat"))], ["no label column", "--label-column"]),
         "unknown labels": (["--data", str(labeled)], ["'zebra'"]),
     }[case]
     before = sorted(p.name for p in model.iterdir())
     code, _, err = run_cli(["evaluate", model, *args, "-q"], capsys)
     assert_one_line_error(code, err, *fragments)
     assert sorted(p.name for p in model.iterdir()) == before
+
+
+def test_the_pinned_recipe_reproduces_a_data_merge(digit_hub, tmp_path, capsys):
+    """``hfmerge run hfmerge.yaml`` reads the same data at the pinned commit and gives the same tensors."""
+    m, d = digit_hub["models"], digit_hub["datasets"]
+    first = tmp_path / "first"
+    code, _, err = run_cli(["merge", m["upright"], m["mirrored"], "--method", "fisher", "--data", f"{d['digits']}:test",
+                            "--param", "samples=12", "--seed", "3", "--output", first, "-q"], capsys)
+    assert code == 0, err
+    pinned = yaml.safe_load((first / "hfmerge.yaml").read_text())
+    assert pinned["seed"] == 3 and pinned["data"] == [
+        {"dataset": d["digits"], "split": "test", "commit": pinned["data"][0]["commit"]}]
+    code, _, err = run_cli(["run", first / "hfmerge.yaml", "--output", tmp_path / "again", "-q"], capsys)
+    assert code == 0, err
+    again, original = _tensors(tmp_path / "again"), _tensors(first)
+    assert again.keys() == original.keys() and all(torch.equal(again[k], v) for k, v in original.items())
