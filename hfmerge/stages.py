@@ -144,6 +144,7 @@ def run_statistics(
         )
         tables.append(table)
         uses.append(use)
+    planned.plan.details["statistics_images"] = [use.samples for use in uses]  # what the card's formula counts
     return tables, uses
 
 
@@ -220,7 +221,8 @@ def fine_tune(
         model.to(dtype if dtype.is_floating_point else torch.float32)
         model.save_pretrained(folder)
     accelerator.wait_for_everyone()
-    held_out = f"{options.validation_fraction:.0%} of the images, held out" if options.validation_fraction else "none"
+    held_out = (f"{report.val_samples} images ({options.validation_fraction:.0%}) held out of the training data"
+                if report.val_samples else "none")
     validation = (f"early stopping watched the accuracy on {held_out} (patience {options.patience})"
                   f"{', and stopped early' if report.stopped_early else ''}.")
     logger.info("fine-tuned the merged model on %d images for %d epochs in %.1f s (best held-out %s %.4f)",
@@ -228,8 +230,8 @@ def fine_tune(
                 report.best_metric or float("nan"))
     labels = ("one dataset for every source, its labels mapped by name to the merged model's" if shared
               else "each source's labels mapped to their place in the union")
-    return FineTuned(", ".join(dict.fromkeys(names)), len(dataset), report.epochs_run, report.best_epoch,
-                     report.best_metric, validation, report.seconds, labels)
+    return FineTuned(", ".join(dict.fromkeys(names)), report.train_samples or len(dataset), report.epochs_run,
+                     report.best_epoch, report.best_metric, validation, report.seconds, labels)
 
 
 def evaluate_merge(result: MergeResult, specs: list[DataSpec], *, token: str | bool | None = None,

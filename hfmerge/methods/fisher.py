@@ -42,11 +42,14 @@ class Fisher(MergeMethod):
     )
     card_template = """\
 θ = Σᵢ wᵢ F̂ᵢ θᵢ / Σᵢ wᵢ F̂ᵢ for every parameter, entry by entry (Matena & Raffel 2022, Eq. 2), where F̂ᵢ \
-is model i's diagonal Fisher information: the mean, over {{ parameters.samples }} images of its own data, of \
+is model i's diagonal Fisher information: the mean, over \
+{% set images = details.get("statistics_images") %}{% if images and images | unique | list | length == 1 %}\
+{{ images[0] }} images{% else %}the images in the Data table{% endif %} of its own data, of \
 the squared gradient of log p(y|x) with y {% if parameters.empirical %}the image's true label (the empirical \
 Fisher){% else %}drawn from the model's own prediction{% endif %}, plus ε = {{ parameters.epsilon }}. \
 {%- if details.weights | unique | list | length == 1 %} The weights wᵢ are equal.{% else %} The weights wᵢ \
-are in the sources table.{% endif %} BatchNorm running statistics are averaged; integer buffers are the anchor's\
+are in the sources table.{% endif %} BatchNorm running statistics are averaged with the same weights wᵢ; \
+integer buffers are the anchor's\
 {%- if details.heads == 'concat' %}; the classifier heads, over different label sets, follow the `concat` head \
 policy: stacked into one head over the union of the {{ details.num_labels }} labels\
 {%- elif details.heads == 'anchor' %}; the classifier head and labels are the anchor's{% endif %}."""
@@ -80,7 +83,7 @@ policy: stacked into one head over the union of the {{ details.num_labels }} lab
 
         if ctx.anchor.task != "image-classification":
             raise IncompatibleModelsError(
-                f"fisher needs the model's class probabilities p(y|x), and {ctx.anchor.source.name} is a "
+                f"fisher needs the model's class probabilities p(y|x), and {ctx.anchor.source.short_name} is an "
                 f"{ctx.anchor.task} model; merge image classifiers, or use regmean or average"
             )
         heads = [info.name for info in ctx.anchor.head_tensors]

@@ -56,7 +56,7 @@ more than one source is renamed `<source>/<label>`.
 once: its row of the class predictor is the weighted average of the sources' "no object" rows.{% endif %}
 
 {% set finetuning = details.get("finetuning") %}{% if finetuning %}As the paper does (§III), the fused model was then fine-tuned on the sources' combined \
-labeled data ({{ finetuning.data }}; {{ finetuning.samples }} images, {{ finetuning.labels }}), with AdamW at learning rate {{ parameters.learning_rate }}, batch size {{ parameters.batch_size }}, \
+labeled data ({{ finetuning.data }}; {{ finetuning.samples }} training images, {{ finetuning.labels }}), with AdamW at learning rate {{ parameters.learning_rate }}, batch size {{ parameters.batch_size }}, \
 for {{ finetuning.epochs_run }} of at most {{ parameters.finetune_epochs }} epochs; {{ finetuning.validation }} \
 The weights are those of epoch {{ finetuning.best_epoch }}, the best on the held-out images.
 {%- else %}The paper then fine-tunes the fused model on the combined data (§III). That step was not applied \

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from hfmerge.errors import IncompatibleModelsError
 from hfmerge.methods.base import MergeMethod, ParamSpec, register_method
 
 if TYPE_CHECKING:
@@ -73,12 +74,16 @@ class RegMean(MergeMethod):
         ParamSpec("batch_size", int, 32, "images per forward pass of the statistics stage", minimum=1),
     )
     card_template = """\
-Each linear layer of the shared backbone ({{ details.regmean_layers }} layers) is solved in closed form \
+Each linear layer outside the classifier head ({{ details.regmean_layers }} layers) is solved in closed form \
 (RegMean, Jin et al. 2023, Eq. 5): W = (Σᵢ G̃ᵢ)⁻¹ Σᵢ G̃ᵢ Wᵢ in the x·W orientation, where Gᵢ = XᵢᵀXᵢ is the \
-Gram matrix of the layer's inputs when model i runs on {{ parameters.samples }} images of its own data, and \
-G̃ᵢ scales Gᵢ's off-diagonal entries by α = {{ parameters.alpha }}. Linear layers that read one input \
-(an attention's query, key and value) share one Gram matrix. Biases, convolutions, normalisation layers and \
-embeddings are averaged with equal weights
+Gram matrix of the layer's inputs (every token of every image) when model i runs on \
+{% set images = details.get("statistics_images") %}{% if images and images | unique | list | length == 1 %}\
+{{ images[0] }} images{% else %}the images in the Data table{% endif %} of its own data, and G̃ᵢ scales Gᵢ's \
+off-diagonal entries by α = {{ parameters.alpha }}. Linear layers that read the same input (such as an \
+attention's query, key and value) share one Gram matrix. \
+{%- if details.get("multihead_linears") %} The {{ details.multihead_linears }} projections owned by \
+`nn.MultiheadAttention` modules, which use their weights without calling them (so no input can be recorded), \
+are averaged.{% endif %} Biases, convolutions, normalisation layers and embeddings are averaged with equal weights
 {%- if details.heads == 'concat' %}; the classifier heads follow the `concat` head policy: stacked into one \
 head over the union of the {{ details.num_labels }} labels
 {%- elif details.heads == 'anchor' %}; the classifier head and labels are the anchor's
@@ -120,5 +125,12 @@ head over the union of the {{ details.num_labels }} labels
             by_name.get(name) or ctx.plan_entry(info, LinearCombination(ctx.refs(name), uniform))
             for name, info in ctx.anchor.tensors.items()
         ]
-        details = {"regmean_layers": sum(len(g) for g in self._groups(ctx)), **head_plan.details}
+        layers = sum(len(g) for g in self._groups(ctx))
+        if layers == 0:
+            raise IncompatibleModelsError(
+                f"regmean solves linear layers, and {ctx.anchor.source.short_name} ({ctx.anchor.architecture}) has "
+                "none outside its classifier head: it would be a plain average; use --method average"
+            )
+        multihead = [m for m, cls in ctx.anchor.module_classes.items() if cls.__name__ == "MultiheadAttention"]
+        details = {"regmean_layers": layers, "multihead_linears": 2 * len(multihead), **head_plan.details}
         return MergePlan(entries, config_updates=head_plan.config_updates, details=details)
