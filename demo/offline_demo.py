@@ -119,7 +119,8 @@ def ask_space(folder: Path, examples: list[Path], screenshot: Path | None = None
     """Start the Space's app.py in its own process, as the Hub would, and call /predict on each example.
 
     With ``screenshot``, headless Chromium also opens the page, uploads the last
-    example, waits for every model's answer and saves the page as a PNG.
+    example, waits for every model's answer and saves the page, down to the
+    card's evaluation table, as a PNG.
     """
     from gradio_client import Client, handle_file
 
@@ -150,7 +151,7 @@ def take_screenshot(url: str, image: Path, path: Path, boxes: int) -> None:
     if missing:
         print(f"  no screenshot: {missing}")
         return
-    browser = headless_chromium(width=1280, height=640)
+    browser = headless_chromium(width=1280, height=1200)  # down to the card's evaluation table
     try:
         ids = ["merged", *(f"source-{i}" for i in range(1, boxes))]
         show_image(browser, url, image, ids, ready=lambda text: len(text.splitlines()) > 2)
@@ -219,12 +220,12 @@ def run(screenshot: Path | None, started: float, hub: LocalHub) -> int:
         print(f"  {'merged: ' + method:28s} {scores[0]:8.3f} {scores[1]:9.3f} {sum(scores) / 2:6.3f}")
 
     print("\nAccuracy of the task models and their fusion (0–4 and 5–9 → one 10-way classifier)")
-    print(f"  {'model':34s} {'0-4':>6s} {'5-9':>6s} {'all 10':>7s}")
-    print(f"  {'low (5 labels)':34s} {accuracy(sources['low'], 'digits-low'):6.3f} {'—':>6s} {'—':>7s}")
-    print(f"  {'high (5 labels)':34s} {'—':>6s} {accuracy(sources['high'], 'digits-high'):6.3f} {'—':>7s}")
+    print(f"  {'model':38s} {'0-4':>6s} {'5-9':>6s} {'all 10':>7s}")
+    print(f"  {'low (5 labels)':38s} {accuracy(sources['low'], 'digits-low'):6.3f} {'—':>6s} {'—':>7s}")
+    print(f"  {'high (5 labels)':38s} {'—':>6s} {accuracy(sources['high'], 'digits-high'):6.3f} {'—':>7s}")
     for method, label in (("fusion", "merged: fusion"), ("fusion_finetuned", "merged: fusion, fine-tuned")):
         reported = card_accuracies(repo(method))
-        print(f"  {label + ' (10 labels)':34s} {reported[TASKS['0-4']]:6.3f} {reported[TASKS['5-9']]:6.3f} "
+        print(f"  {label + ' (10 labels)':38s} {reported[TASKS['0-4']]:6.3f} {reported[TASKS['5-9']]:6.3f} "
               f"{reported[TASKS['all 10']]:7.3f}")
 
     print("\n4/5  evaluating the average merge beside its sources and their ensemble, as a user would", flush=True)
