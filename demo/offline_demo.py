@@ -106,7 +106,7 @@ def digit_examples(folder: Path) -> list[Path]:
 
 
 def hfmerge(args: list[str], shown: list[str] | None = None) -> int:
-    """Run the CLI in this process (merge and evaluate without progress bars), printing the command line a user would type."""
+    """Run the CLI in this process, printing the command line a user would type (it runs with ``--quiet``)."""
     shown = [arg.replace(f"{ROOT}{os.sep}", "") for arg in (shown or args)]
     print(f"\n$ hfmerge {' '.join(shown)}", flush=True)
     started = time.time()
@@ -188,8 +188,8 @@ def run(screenshot: Path | None, started: float, hub: LocalHub) -> int:
     api = HfApi()
     print("1/5  pushing scikit-learn's digits to the local Hub at", hub.endpoint, "as dataset repos", flush=True)
     for name, repo_id in push_digit_datasets(api, "demo").items():
-        print(f"     {repo_id:22s} train/test: {' / '.join(str(len(digit_split(name, s)[0])) for s in ('train', 'test'))}"
-              " images", flush=True)
+        sizes = " / ".join(str(len(digit_split(name, split)[1])) for split in ("train", "test"))
+        print(f"     {repo_id:22s} train/test: {sizes} images", flush=True)
 
     print("2/5  training demo ViTs (one shared initialisation, one CPU thread) and publishing them", flush=True)
     folders = train_digit_models(OUT / "sources", DEMO_VIT, report=lambda line: print("     " + line, flush=True))
