@@ -194,7 +194,8 @@ class EvaluationReport:
         tasks = self.task_names()
         models = self.ordered_models()
         bar, gap, left, top, plot_height = 18, 24, 64, 24, 220
-        group = bar * len(models) + gap
+        label_width = 7 * max((len(task) for task in tasks), default=0)  # about 7 px a character at 11 px
+        group = max(bar * len(models), label_width) + gap  # wide enough that task names never overlap
         plot_width = max(group * len(tasks), 160)
         legend_top = top + plot_height + 56
         width = left + plot_width + 24
@@ -214,7 +215,7 @@ class EvaluationReport:
                        f'stroke="#ddd"/>')
             out.append(f'<text x="{left - 6}" y="{y(value) + 4:.1f}" text-anchor="end">{value:.2f}</text>')
         for t, task in enumerate(tasks):
-            x0 = left + gap / 2 + t * group
+            x0 = left + t * group + (group - bar * len(models)) / 2
             for m, model in enumerate(models):
                 result = model.result(task)
                 if result is None:
