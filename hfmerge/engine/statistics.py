@@ -133,7 +133,7 @@ def symmetrize_upper_(gram: torch.Tensor) -> torch.Tensor:
 
     The reduction completes every running sum this way, so the pass never holds
     a second copy of all its Gram matrices (1 GiB in float64 for ViT-B): one
-    triangle-sized temporary per matrix at a time.
+    matrix-sized temporary (the strict upper triangle) at a time.
     """
     strict_upper = torch.triu(gram, diagonal=1)
     return gram.triu_().add_(strict_upper.T)
