@@ -134,6 +134,9 @@ def run_statistics(
             del model
             if accelerator.is_main_process:
                 cache.save(path, statistics)
+            # the in-memory copy goes now, not when the next source's pass returns: with it, the next pass
+            # would run beside this source's Gram matrices (1 GiB for ViT-B); the cache file is read back mapped
+            del statistics
             accelerator.wait_for_everyone()
             table = cache.load(path)
             if table is None:

@@ -128,6 +128,17 @@ def symmetric_from_upper(gram: torch.Tensor) -> torch.Tensor:
     return torch.triu(gram) + torch.triu(gram, diagonal=1).T
 
 
+def symmetrize_upper_(gram: torch.Tensor) -> torch.Tensor:
+    """Make ``gram`` the full symmetric matrix of its upper triangle, in place, and return it.
+
+    The reduction completes every running sum this way, so the pass never holds
+    a second copy of all its Gram matrices (1 GiB in float64 for ViT-B): one
+    matrix-sized temporary (the strict upper triangle) at a time.
+    """
+    strict_upper = torch.triu(gram, diagonal=1)
+    return gram.triu_().add_(strict_upper.T)
+
+
 def collect_statistics(
     model: torch.nn.Module,
     loader: Iterable[dict[str, torch.Tensor]],
@@ -211,6 +222,7 @@ def collect_statistics(
         for hook in hooks:
             hook.remove()
         model.train(was_training)
+        _forget_prepared(accelerator, batches)
 
     result = pass_state.reduce(accelerator)
     samples = int(result["samples"])
@@ -279,6 +291,19 @@ def _shard(loader: Iterable[dict[str, torch.Tensor]],
     finally:
         config.even_batches, config.split_batches = even, split
     return prepared, loader.batch_size if several else None
+
+
+def _forget_prepared(accelerator: accelerate.Accelerator, batches: Iterable[dict[str, torch.Tensor]]) -> None:
+    """Drop the accelerator's reference to a DataLoader it prepared for one pass.
+
+    ``Accelerator.prepare`` keeps every DataLoader it prepares (for its
+    ``even_batches`` context manager and ``free_memory``), and with it the
+    dataset: the decoded images of every source visited, one pass after
+    another, memory that would grow with the number of sources.
+    """
+    prepared = getattr(accelerator, "_dataloaders", None)
+    if isinstance(prepared, list):
+        prepared[:] = [loader for loader in prepared if loader is not batches]
 
 
 def _logits(output: Any) -> torch.Tensor:
@@ -408,8 +433,8 @@ class _PassState:
     def reduce(self, accelerator: accelerate.Accelerator) -> dict[str, torch.Tensor]:
         """Sum every count and sum across processes; activations gathered and put back in data order."""
         sums: dict[str, torch.Tensor] = {"samples": torch.tensor(self.samples, dtype=torch.int64)}
-        for name, gram in self.grams.items():
-            sums[f"gram/{name}"] = symmetric_from_upper(gram)
+        for name in list(self.grams):  # completed in place and handed over: no second copy of every Gram
+            sums[f"gram/{name}"] = symmetrize_upper_(self.grams.pop(name))
             sums[f"rows/{name}"] = torch.tensor(self.rows[name], dtype=torch.int64)
         for name, fisher in self.fisher.items():
             sums[f"fisher/{name}"] = fisher
