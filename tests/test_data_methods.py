@@ -303,3 +303,19 @@ def test_the_pinned_recipe_reproduces_a_data_merge(digit_hub, tmp_path, capsys):
     assert code == 0, err
     again, original = _tensors(tmp_path / "again"), _tensors(first)
     assert again.keys() == original.keys() and all(torch.equal(again[k], v) for k, v in original.items())
+
+
+def test_evaluate_pushes_the_updated_card_to_a_hub_repo(digit_hub, hub_api, capsys):
+    from huggingface_hub import ModelCard
+
+    m, d = digit_hub["models"], digit_hub["datasets"]
+    hfmerge.merge([m["upright"], m["mirrored"]], method="average", push_to_hub="tester/vit-digits-evaluated",
+                  progress=False)
+    before = hub_api.model_info("tester/vit-digits-evaluated").sha
+    code, out, err = run_cli(["evaluate", "tester/vit-digits-evaluated", "--data", f"{d['digits-mirrored']}:test",
+                              "--samples", "60", "--update-card", "--push", "-q"], capsys)
+    assert code == 0, err
+    assert "pushed:" in out and hub_api.model_info("tester/vit-digits-evaluated").sha != before
+    card = ModelCard.load("tester/vit-digits-evaluated")
+    assert [(r.dataset_name, r.metric_type) for r in card.data.eval_results][0] == (d["digits-mirrored"], "accuracy")
+    assert "evaluation.svg" in hub_api.list_repo_files("tester/vit-digits-evaluated")
