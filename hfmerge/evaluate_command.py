@@ -34,6 +34,11 @@ def run_evaluate_command(args: argparse.Namespace) -> int:
         raise RecipeError(f"{args.model} is a folder; --update-card updates its README.md in place: drop --push")
     if args.json and Path(args.json).is_dir():
         raise RecipeError(f"--json {args.json!r} is a folder; give a file name, e.g. results.json")
+    metrics = []
+    if args.metric:
+        from hfmerge.eval.evaluate import load_metric
+
+        metrics.append(load_metric(args.metric))  # before any model runs: a bad metric fails fast
     specs = [DataSpec.parse(d) for d in args.data]
     compare = list(args.compare or [])
     if args.ensemble and not compare:
@@ -52,11 +57,7 @@ def run_evaluate_command(args: argparse.Namespace) -> int:
         source = resolve_source(ref)
         others.append(load_candidate(source.path, source.repo_id or source.path.name, "source"))
     report = evaluate_candidates(merged, others, tasks, ensemble=args.ensemble, batch_size=args.batch_size,
-                                 progress=not args.quiet)
-    if args.metric:
-        from hfmerge.eval.external import add_external_metric
-
-        add_external_metric(report, args.metric, merged, others, tasks, batch_size=args.batch_size)
+                                 progress=not args.quiet, metrics=metrics)
     print(report.markdown())
     if args.json:
         Path(args.json).write_text(report.to_json())

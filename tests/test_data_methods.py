@@ -319,3 +319,26 @@ def test_evaluate_pushes_the_updated_card_to_a_hub_repo(digit_hub, hub_api, caps
     card = ModelCard.load("tester/vit-digits-evaluated")
     assert [(r.dataset_name, r.metric_type) for r in card.data.eval_results][0] == (d["digits-mirrored"], "accuracy")
     assert "evaluation.svg" in hub_api.list_repo_files("tester/vit-digits-evaluated")
+
+
+def test_evaluate_with_a_local_metric_module(make_source, tmp_path, capsys):
+    """``--metric path.py`` adds that module's numbers beside the built-in ones, computed on the same predictions."""
+    from test_every_method import random_images
+
+    model = make_source("vit", 3, seed=2)
+    labeled = tmp_path / "labeled"
+    for label in ("class_0", "class_1", "class_2"):
+        random_images(labeled / label, count=3, size=16)
+    metric = tmp_path / "agreement.py"
+    metric.write_text("def compute(predictions, references):\n"
+                      "    hits = sum(int(p == r) for p, r in zip(predictions, references))\n"
+                      "    return {'hits': hits, 'misses': len(references) - hits}\n")
+    results = tmp_path / "r.json"
+    code, out, err = run_cli(["evaluate", model, "--data", labeled, "--metric", metric, "--json", results, "-q"], capsys)
+    assert code == 0, err
+    task = json.loads(results.read_text())["models"][0]["tasks"][0]
+    metrics = task["metrics"]
+    assert metrics["hits"] + metrics["misses"] == task["samples"] == 9
+    assert metrics["hits"] == pytest.approx(metrics["accuracy"] * 9)  # the same predictions as the accuracy
+    code, _, err = run_cli(["evaluate", model, "--data", labeled, "--metric", tmp_path / "missing.py", "-q"], capsys)
+    assert_one_line_error(code, err, "missing.py")

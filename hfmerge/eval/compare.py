@@ -56,32 +56,34 @@ def load_tasks(specs: list[DataSpec], *, samples: int | None = None, seed: int =
 
 
 def evaluate_candidates(merged: Candidate, others: list[Candidate], tasks: list[ImageData], *, ensemble: bool,
-                        batch_size: int = 32, progress: bool = True) -> EvaluationReport:
+                        batch_size: int = 32, progress: bool = True, metrics: list[Any] | None = None) -> EvaluationReport:
     """The report of ``merged``, each of ``others`` and (with ``ensemble``) the ensemble of ``others``.
 
     The merged model must cover every task's labels (a :class:`DataError`
     names the missing ones); another model is scored on the tasks whose labels
-    it has.
+    it has. ``metrics`` are extra metrics (:func:`hfmerge.eval.evaluate.load_metric`) computed for every model.
     """
     from hfmerge.eval.ensemble import Ensemble
     from hfmerge.eval.evaluate import evaluate_classifier
     from hfmerge.eval.report import EvaluationReport
 
     named = [(data.name, data) for data in tasks]
+    extra = tuple(metrics or ())
     rows = [evaluate_classifier(merged.model, named, merged.processor, batch_size=batch_size, progress=progress,
-                                name=merged.name, role=merged.role)]
+                                name=merged.name, role=merged.role, metrics=extra)]
     for other in others:
         covered = [(name, data) for name, data in named if _covers(other.model, data)]
         if len(covered) < len(named):
             missing = ", ".join(name for name, data in named if (name, data) not in covered)
             logger.info("%s is not scored on %s: it lacks some of the labels", other.name, missing)
         rows.append(evaluate_classifier(other.model, covered, other.processor, batch_size=batch_size,
-                                        progress=progress, name=other.name, role=other.role))
+                                        progress=progress, name=other.name, role=other.role, metrics=extra))
     if ensemble and len(others) >= 2:
         model = Ensemble([o.model for o in others]).eval()
         covered = [(name, data) for name, data in named if _covers(model, data)]
         rows.append(evaluate_classifier(model, covered, others[0].processor, batch_size=batch_size,
-                                        progress=progress, name="ensemble of the sources", role="ensemble"))
+                                        progress=progress, name="ensemble of the sources", role="ensemble",
+                                        metrics=extra))
     return EvaluationReport(models=rows)
 
 
