@@ -342,3 +342,14 @@ def test_evaluate_with_a_local_metric_module(make_source, tmp_path, capsys):
     assert metrics["hits"] == pytest.approx(metrics["accuracy"] * 9)  # the same predictions as the accuracy
     code, _, err = run_cli(["evaluate", model, "--data", labeled, "--metric", tmp_path / "missing.py", "-q"], capsys)
     assert_one_line_error(code, err, "missing.py")
+
+
+def test_dry_run_says_what_data_pass_would_run_and_reads_no_data(digit_hub, local_hub, capsys):
+    m, d = digit_hub["models"], digit_hub["datasets"]
+    local_hub.requests.clear()
+    code, out, err = run_cli(["merge", m["upright"], m["mirrored"], "--method", "fisher", "--data", f"{d['digits']}:test",
+                              "--param", "samples=40", "--dry-run"], capsys)
+    assert code == 0, err
+    assert "statistics stage: diagonal Fisher" in out and "on 40 images of each source's data" in out
+    assert f"← {d['digits']}:test" in out
+    assert not [path for _, path, _ in local_hub.requests if "/datasets/" in path]  # no dataset was read

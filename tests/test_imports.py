@@ -49,3 +49,23 @@ def test_help_methods_and_usage_errors_load_neither_torch_nor_transformers(tmp_p
     assert seen["hfmerge.Recipe"] == ["hfmerge.recipe", []]  # the public names load lazily...
     assert seen["hfmerge.merge"][0] == "hfmerge.pipeline"    # ...and still resolve
     assert "torch" in seen["hfmerge.merge"][1]
+
+
+_STATIC_MERGE = """
+import sys
+from hfmerge.cli import main
+code = main(sys.argv[1:])
+loaded = sorted({m.split(".")[0] for m in sys.modules} & {"datasets", "torchmetrics"})
+state = sys.modules.get("accelerate.state")  # transformers imports accelerate itself; no Accelerator is made
+made = bool(state and (state.PartialState._shared_state or state.AcceleratorState._shared_state))
+print(code, loaded, made)
+"""
+
+
+def test_a_method_that_reads_no_data_runs_without_the_data_stages(make_source, tmp_path):
+    """average makes no Accelerator and imports neither datasets nor torchmetrics: it streams as it always did."""
+    a, b = make_source("vit", seed=1), make_source("vit", seed=2)
+    done = subprocess.run([sys.executable, "-c", _STATIC_MERGE, "merge", str(a), str(b), "-m", "average",
+                           "-o", str(tmp_path / "out"), "-q"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[-1].split() == ["0", "[]", "False"]
