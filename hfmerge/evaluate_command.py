@@ -34,6 +34,8 @@ def run_evaluate_command(args: argparse.Namespace) -> int:
         raise RecipeError(f"{args.model} is a folder; --update-card updates its README.md in place: drop --push")
     if args.json and Path(args.json).is_dir():
         raise RecipeError(f"--json {args.json!r} is a folder; give a file name, e.g. results.json")
+    if args.json and not Path(args.json).expanduser().resolve().parent.is_dir():
+        raise RecipeError(f"--json {args.json!r}: its folder does not exist; create it or give another path")
     metrics = []
     if args.metric:
         from hfmerge.eval.evaluate import load_metric
@@ -42,7 +44,7 @@ def run_evaluate_command(args: argparse.Namespace) -> int:
     specs = [DataSpec.parse(d) for d in args.data]
     compare = list(args.compare or [])
     if args.ensemble and not compare:
-        compare = _sources_of(model_source.path)
+        compare = _sources_of(model_source)
         if len(compare) < 2:
             raise RecipeError(
                 f"--ensemble needs the models to ensemble: {args.model} has no hfmerge.yaml naming its sources; "
@@ -67,9 +69,18 @@ def run_evaluate_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def _sources_of(folder: Path) -> list[str]:
-    """The sources a merged model's ``hfmerge.yaml`` names, pinned to their commits."""
-    recipe = folder / "hfmerge.yaml"
+def _sources_of(source: object) -> list[str]:
+    """The sources a merged model's ``hfmerge.yaml`` names, pinned to their commits (a Hub model's is downloaded)."""
+    recipe = source.path / "hfmerge.yaml"  # type: ignore[attr-defined]
+    if not recipe.is_file() and source.repo_id:  # type: ignore[attr-defined]
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.errors import EntryNotFoundError
+
+        try:
+            recipe = Path(hf_hub_download(source.repo_id, "hfmerge.yaml",  # type: ignore[attr-defined]
+                                          revision=source.commit_sha))  # type: ignore[attr-defined]
+        except EntryNotFoundError:
+            return []
     if not recipe.is_file():
         return []
     data = yaml.safe_load(recipe.read_text()) or {}

@@ -224,7 +224,10 @@ def _accelerator_for(planned: PlannedMerge) -> Any:
     from hfmerge.train import TrainOptions
     from hfmerge.train.loop import new_accelerator
 
-    return new_accelerator(TrainOptions())  # one per process: its mixed precision is the training's (bf16 on CUDA)
+    accelerator = new_accelerator(TrainOptions())  # one per process: its mixed precision is the training's
+    if not accelerator.is_main_process:  # the main process tells the user what happens; the others only warn
+        logging.getLogger("hfmerge").setLevel(logging.WARNING)
+    return accelerator
 
 
 def _follow_main_process(planned: PlannedMerge, accelerator: Any, *, token: str | bool | None, progress: bool) -> None:

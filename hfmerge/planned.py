@@ -8,7 +8,7 @@ describe it.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from hfmerge.adapters.layout import ModelLayout
@@ -29,8 +29,9 @@ class PlannedMerge:
     context: MergeContext
     plan: MergePlan
     anchor_reason: str = ""
-    data_commits: dict[int, str | None] = field(default_factory=dict)
-    """Per source index, the commit sha its Hub dataset resolved to when a data stage read it."""
+    data_pins: dict[int, Any] = field(default_factory=dict)
+    """Per source index, its data as a data stage read it: a :class:`~hfmerge.data.spec.DataSpec` with the
+    split named and a Hub dataset's commit pinned."""
 
     @property
     def anchor(self) -> ModelLayout:
@@ -50,10 +51,11 @@ class PlannedMerge:
         if self.base is not None:
             base = str(self.base.path) if self.base.is_local else f"{self.base.repo_id}@{self.base.commit_sha}"
         data = self.recipe.data
-        if data and self.data_commits:
+        if data and self.data_pins:
             per_source = len(data) == len(self.sources) and len(data) > 1
-            data = [replace(spec, commit=self.data_commits.get(i if per_source else 0) or spec.commit)
-                    if not spec.is_local else spec for i, spec in enumerate(data)]
+            pins = [self.data_pins.get(i if per_source else 0) for i in range(len(data))]
+            data = [replace(spec, split=pin.split, commit=pin.commit or spec.commit) if pin is not None else spec
+                    for spec, pin in zip(data, pins)]
         return replace(self.recipe, sources=specs, anchor=anchor, base=base, data=data)
 
     def describe(self) -> str:

@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from hfmerge.errors import DataError
+
 if TYPE_CHECKING:
     from accelerate import Accelerator
 
@@ -89,7 +91,7 @@ def load_source_data(planned: PlannedMerge, index: int, *, samples: int | None, 
         spec, samples=samples, seed=recipe.seed or 0, image_column=recipe.data_column,
         label_column=recipe.label_column, token=token, labeled=labeled,
     )
-    planned.data_commits[index] = data.commit_sha  # hfmerge.yaml pins the dataset like the models
+    planned.data_pins[index] = data.pinned  # hfmerge.yaml pins the dataset (commit, split) like the models
     return data
 
 
@@ -200,12 +202,15 @@ def fine_tune(
         id2label = json.loads((folder / "config.json").read_text()).get("id2label", {})
         data = load_source_data(planned, 0, samples=request.samples, labeled=True, token=token)
         for i in range(1, len(planned.context.sources)):
-            planned.data_commits[i] = data.commit_sha
+            planned.data_pins[i] = data.pinned
         parts.append(ProcessedImages(data, source_processor(planned.anchor), label_map_for(data, id2label)))
         names.append(data.name)
     for i, layout in enumerate([] if shared else planned.context.sources):
         data = load_source_data(planned, i, samples=request.samples, labeled=True, token=token)
-        to_source = label_map_for(data, layout.id2label)
+        try:
+            to_source = label_map_for(data, layout.id2label)
+        except DataError as exc:
+            raise DataError(f"fine-tuning, source {i + 1} ({layout.source.short_name}): {exc}") from None
         mapping = {k: request.label_maps[i][v] for k, v in to_source.items()}
         parts.append(ProcessedImages(data, source_processor(layout), mapping))
         names.append(data.name)

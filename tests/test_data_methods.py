@@ -270,7 +270,7 @@ def test_local_data_folders_stay_local_when_pushed(make_source, tmp_path, hub_ap
     assert "unlabeled" in Path(pushed["README.md"]).read_text()
 
 
-@pytest.mark.parametrize("case", ["push without update", "unlabeled", "unknown labels"])
+@pytest.mark.parametrize("case", ["push without update", "unlabeled", "unknown labels", "json folder missing"])
 def test_evaluate_bad_input_is_one_line(case, make_source, tmp_path, capsys):
     from test_every_method import random_images
 
@@ -282,6 +282,8 @@ def test_evaluate_bad_input_is_one_line(case, make_source, tmp_path, capsys):
         "push without update": (["--data", str(labeled), "--push"], ["--update-card"]),
         "unlabeled": (["--data", str(random_images(tmp_path / "flat"))], ["no label column", "--label-column"]),
         "unknown labels": (["--data", str(labeled)], ["'zebra'"]),
+        "json folder missing": (["--data", str(labeled), "--json", str(tmp_path / "no" / "r.json")],
+                                ["folder does not exist"]),
     }[case]
     before = sorted(p.name for p in model.iterdir())
     code, _, err = run_cli(["evaluate", model, *args, "-q"], capsys)
@@ -313,8 +315,9 @@ def test_evaluate_pushes_the_updated_card_to_a_hub_repo(digit_hub, hub_api, caps
                   progress=False)
     before = hub_api.model_info("tester/vit-digits-evaluated").sha
     code, out, err = run_cli(["evaluate", "tester/vit-digits-evaluated", "--data", f"{d['digits-mirrored']}:test",
-                              "--samples", "60", "--update-card", "--push", "-q"], capsys)
+                              "--samples", "60", "--ensemble", "--update-card", "--push", "-q"], capsys)
     assert code == 0, err
+    assert m["upright"] in out and m["mirrored"] in out and "ensemble" in out  # the sources from its hfmerge.yaml
     assert "pushed:" in out and hub_api.model_info("tester/vit-digits-evaluated").sha != before
     card = ModelCard.load("tester/vit-digits-evaluated")
     assert [(r.dataset_name, r.metric_type) for r in card.data.eval_results][0] == (d["digits-mirrored"], "accuracy")
