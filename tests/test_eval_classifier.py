@@ -1,16 +1,12 @@
 """evaluate_classifier over labeled tasks, and --metric modules loaded only when asked.
 
-The tasks are built as the data part's contract describes them (``hfmerge.data``: ImageData,
-ProcessedImages, label_map_for). Until that part is in the tree, a stand-in written here to the
-contract takes its place; once it is, these tests run against the real one.
+The tasks are ``hfmerge.data.ImageData`` built in memory; images go through ``ProcessedImages`` and
+labels through ``label_map_for``, as in a real evaluation.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import sys
-import types
-from dataclasses import dataclass
 
 import PIL.Image
 import pytest
@@ -24,75 +20,11 @@ from hfmerge.eval.evaluate import evaluate_classifier, load_metric
 from hfmerge.testing.tiny import image_processor, tiny_model
 
 
-def _standin_data_module() -> types.ModuleType:
-    module = types.ModuleType("hfmerge.data")
-
-    class DataError(HfMergeError, ValueError):
-        pass
-
-    @dataclass(frozen=True)
-    class DataSpec:
-        dataset: str
-        revision: str | None = None
-        split: str | None = None
-        commit: str | None = None
-
-        @property
-        def is_local(self) -> bool:
-            return False
-
-    @dataclass
-    class ImageData:
-        spec: DataSpec
-        name: str
-        split: str
-        commit_sha: str | None
-        image_column: str
-        label_column: str | None
-        label_names: list[str] | None
-        images: list
-        labels: list[int] | None
-        skipped: int
-        fingerprint: str
-
-        def __len__(self) -> int:
-            return len(self.images)
-
-    class ProcessedImages(torch.utils.data.Dataset):
-        def __init__(self, data, processor, label_map=None):
-            self.data, self.processor, self.label_map = data, processor, label_map
-
-        def __len__(self):
-            return len(self.data.images)
-
-        def __getitem__(self, i):
-            item = {"pixel_values": self.processor(images=self.data.images[i], return_tensors="pt")["pixel_values"][0]}
-            if self.data.labels is not None:
-                label = self.data.labels[i]
-                item["labels"] = self.label_map[label] if self.label_map is not None else label
-            return item
-
-    def label_map_for(data, id2label):
-        by_name = {name: i for i, name in id2label.items()}
-        missing = [name for name in data.label_names if name not in by_name]
-        if missing:
-            raise DataError(f"{data.name}: the model has no label {', '.join(missing)}")
-        return {i: by_name[name] for i, name in enumerate(data.label_names)}
-
-    module.__dict__.update(DataError=DataError, DataSpec=DataSpec, ImageData=ImageData,
-                           ProcessedImages=ProcessedImages, label_map_for=label_map_for)
-    return module
-
-
 @pytest.fixture
-def data_api(monkeypatch):
-    if importlib.util.find_spec("hfmerge.data") is not None:
-        import hfmerge.data
+def data_api():
+    import hfmerge.data
 
-        return hfmerge.data
-    standin = _standin_data_module()
-    monkeypatch.setitem(sys.modules, "hfmerge.data", standin)
-    return standin
+    return hfmerge.data
 
 
 def make_task(data_api, labels: list[int], label_names: list[str], *, seed: int, name: str = "org/ds:test"):
