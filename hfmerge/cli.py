@@ -103,7 +103,7 @@ def _build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--label-column", help="the label column (default: detected)")
     evaluate.add_argument("--json", metavar="FILE", help="write the results as JSON to FILE")
     evaluate.add_argument("--update-card", action="store_true",
-                          help="write the results into the model's card (a folder's README.md)")
+                          help="replace the evaluation in the model's card (table, model-index, chart) with these results")
     evaluate.add_argument("--push", action="store_true", help="with --update-card on a Hub model: push the card")
     evaluate.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
 

@@ -62,6 +62,10 @@ def plan_merge(recipe: Recipe, *, token: str | bool | None = None, metadata_only
         raise IncompatibleModelsError(
             f"the sources are of different families ({', '.join(sorted(families))}); merge models of one family"
         )
+    idle = [p.name for p in method.parameters if p.needs_data and recipe.parameters.get(p.name) != p.default]
+    if idle and not recipe.data:
+        logger.warning("method '%s': %s act only with --data; without it there is no fine-tuning", method.name,
+                       ", ".join(idle))
     data = None
     if recipe.data:
         from hfmerge.data.spec import resolve_data_specs

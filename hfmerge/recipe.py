@@ -173,6 +173,7 @@ class Recipe:
                 f"method '{method.name}' needs data to compute its statistics: add --data org/dataset[:split] "
                 "(or a folder of images), once per source in source order or once for all"
             )
+
         uses_seed = method.uses_seed or self.data is not None
         if self.seed is not None:
             if not uses_seed:

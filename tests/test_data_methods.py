@@ -356,3 +356,13 @@ def test_dry_run_says_what_data_pass_would_run_and_reads_no_data(digit_hub, loca
     assert "statistics stage: diagonal Fisher" in out and "on 40 images of each source's data" in out
     assert f"← {d['digits']}:test" in out
     assert not [path for _, path, _ in local_hub.requests if "/datasets/" in path]  # no dataset was read
+
+
+def test_fine_tuning_options_without_data_warn_that_nothing_is_fine_tuned(make_source, tmp_path, capsys):
+    a, b = make_source("vit", 3, seed=1), make_source("vit", 2, seed=2)
+    code, _, err = run_cli(["merge", a, b, "--method", "fusion", "--param", "finetune_epochs=5",
+                            "--output", tmp_path / "out", "-q"], capsys)
+    assert code == 0, err
+    assert "finetune_epochs act only with --data" in err
+    code, _, err = run_cli(["merge", a, b, "--method", "fusion", "--output", tmp_path / "plain", "-q"], capsys)
+    assert code == 0 and "act only with --data" not in err

@@ -62,6 +62,8 @@ class ParamSpec:
     minimum: float | None = None
     maximum: float | None = None
     choices: tuple[Any, ...] | None = None
+    needs_data: bool = False
+    """The parameter only acts when the merge is given data (fusion's fine-tuning options)."""
 
     def coerce(self, value: Any, method: str) -> Any:
         try:

@@ -39,12 +39,13 @@ class Fusion(MergeMethod):
     uses_data = True
     parameters = (
         ParamSpec("finetune_epochs", int, 3, "epochs of fine-tuning on the sources' combined data (with --data)",
-                  minimum=0),
-        ParamSpec("learning_rate", float, 5e-5, "fine-tuning learning rate (AdamW)", minimum=0.0),
-        ParamSpec("batch_size", int, 32, "fine-tuning batch size", minimum=1),
+                  minimum=0, needs_data=True),
+        ParamSpec("learning_rate", float, 5e-5, "fine-tuning learning rate (AdamW)", minimum=0.0, needs_data=True),
+        ParamSpec("batch_size", int, 32, "fine-tuning batch size", minimum=1, needs_data=True),
         ParamSpec("patience", int, 2, "epochs without a better held-out accuracy before fine-tuning stops",
-                  minimum=1),
-        ParamSpec("samples", int, 0, "training images per source (0: all of each --data split)", minimum=0),
+                  minimum=1, needs_data=True),
+        ParamSpec("samples", int, 0, "training images per source (0: all of each --data split)", minimum=0,
+                  needs_data=True),
     )
     card_template = """\
 The feature extractor (every parameter outside the classifier head) is the weighted average θ = Σᵢ wᵢ θᵢ \
