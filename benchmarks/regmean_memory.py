@@ -47,7 +47,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from stream import prepare as prepare_models  # noqa: E402  (reuse stream.py's synthetic ViT-B/16 sources)
+from stream import Sampler, prepare as prepare_models  # noqa: E402  (stream.py's sources and RssAnon reader)
 
 PHASES = ("other", "statistics", "execute")
 
@@ -90,13 +90,7 @@ class PhaseSampler:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
-    @staticmethod
-    def read() -> int:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("RssAnon:"):
-                    return int(line.split()[1]) * 1024
-        return 0
+    read = staticmethod(Sampler.read)  # stream.py's RssAnon reader
 
     def sample(self) -> None:
         value = self.read()

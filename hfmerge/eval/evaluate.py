@@ -97,6 +97,15 @@ def _default_device(accelerator: accelerate.Accelerator | None) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def _ready(model: torch.nn.Module, name: str | None, accelerator: Any) -> tuple[dict[int, str], str, torch.device]:
+    """The model's labels, its name in the report, and the device it now sits on in eval mode."""
+    id2label = {int(k): str(v) for k, v in model.config.id2label.items()}
+    name = name or getattr(model.config, "name_or_path", "") or type(model).__name__
+    device = _default_device(accelerator)
+    model.eval().to(device)
+    return id2label, name, device
+
+
 def evaluate_classifier(
     model: torch.nn.Module, tasks: Sequence[tuple[str, ImageData]], processor: Any, *, batch_size: int = 32,
     accelerator: accelerate.Accelerator | None = None, progress: bool = True, name: str | None = None,
@@ -123,10 +132,7 @@ def evaluate_classifier(
     """
     from hfmerge.data import ProcessedImages, label_map_for
 
-    id2label = {int(k): str(v) for k, v in model.config.id2label.items()}
-    name = name or getattr(model.config, "name_or_path", "") or type(model).__name__
-    device = _default_device(accelerator)
-    model.eval().to(device)
+    id2label, name, device = _ready(model, name, accelerator)
     results: list[TaskResult] = []
     first_batch: torch.Tensor | None = None
     for task, data in tasks:
@@ -192,10 +198,7 @@ def evaluate_segmenter(
     not count. Mask2Former's query outputs need its processor's post-processing and are not handled here.
     ``per_class`` adds ``iou/<label>`` for every class present. Arguments as :func:`evaluate_classifier`.
     """
-    id2label = {int(k): str(v) for k, v in model.config.id2label.items()}
-    name = name or getattr(model.config, "name_or_path", "") or type(model).__name__
-    device = _default_device(accelerator)
-    model.eval().to(device)
+    id2label, name, device = _ready(model, name, accelerator)
     results: list[TaskResult] = []
     first_batch: torch.Tensor | None = None
     for task, samples in tasks:

@@ -188,6 +188,18 @@ class _Handler(BaseHTTPRequestHandler):
             return None
         return repo
 
+    def _commit_for_read(self, repo_type: str, repo_id: str, revision: str,
+                         head: bool = False) -> tuple[Repo, str] | None:
+        """The readable repo and the commit ``revision`` names, or ``None`` after answering the 404."""
+        repo = self._repo_for_read(repo_type, repo_id, head=head)
+        if repo is None:
+            return None
+        sha = repo.resolve(revision)
+        if sha is None:
+            self._error(404, f"Invalid rev id: {revision}", "RevisionNotFound", head=head)
+            return None
+        return repo, sha
+
     def _can_write(self, repo_id: str) -> bool:
         return self._token() == self.hub.token and repo_id.split("/")[0] in self.hub.namespaces
 
@@ -279,12 +291,10 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(200, {"url": url, "name": repo_id})
 
     def _info(self, repo_type: str, repo_id: str, revision: str) -> None:
-        repo = self._repo_for_read(repo_type, repo_id)
-        if repo is None:
+        found = self._commit_for_read(repo_type, repo_id, revision)
+        if found is None:
             return
-        sha = repo.resolve(revision)
-        if sha is None:
-            return self._error(404, f"Invalid rev id: {revision}", "RevisionNotFound")
+        repo, sha = found
         files = repo.commits[sha]
         card_data = None
         if "README.md" in files:
@@ -309,12 +319,10 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(200, info)
 
     def _tree(self, repo_type: str, repo_id: str, revision: str, prefix: str, query: dict[str, list[str]]) -> None:
-        repo = self._repo_for_read(repo_type, repo_id)
-        if repo is None:
+        found = self._commit_for_read(repo_type, repo_id, revision)
+        if found is None:
             return
-        sha = repo.resolve(revision)
-        if sha is None:
-            return self._error(404, f"Invalid rev id: {revision}", "RevisionNotFound")
+        repo, sha = found
         recursive = query.get("recursive", ["false"])[0].lower() == "true"
         expand = query.get("expand", ["false"])[0].lower() == "true"
         prefix = prefix.strip("/")
@@ -359,12 +367,10 @@ class _Handler(BaseHTTPRequestHandler):
             form = {k: v if isinstance(v, list) else [str(v)] for k, v in json.loads(body or b"{}").items()}
         else:
             form = parse_qs(body.decode())
-        repo = self._repo_for_read(repo_type, repo_id)
-        if repo is None:
+        found = self._commit_for_read(repo_type, repo_id, revision)
+        if found is None:
             return
-        sha = repo.resolve(revision)
-        if sha is None:
-            return self._error(404, f"Invalid rev id: {revision}", "RevisionNotFound")
+        repo, sha = found
         expand = str(form.get("expand", ["false"])[0]).lower() == "true"
         files = repo.commits[sha]
         folders = _folders(files)
@@ -453,12 +459,10 @@ class _Handler(BaseHTTPRequestHandler):
         repo_id = "/".join(parts[:2])
         revision = parts[3]
         path = "/".join(parts[4:])
-        repo = self._repo_for_read(repo_type, repo_id, head=head)
-        if repo is None:
+        found = self._commit_for_read(repo_type, repo_id, revision, head=head)
+        if found is None:
             return
-        sha = repo.resolve(revision)
-        if sha is None:
-            return self._error(404, f"Invalid rev id: {revision}", "RevisionNotFound", head=head)
+        repo, sha = found
         content = repo.commits[sha].get(path)
         if content is None:
             return self._error(404, f"Entry not found: {path}", "EntryNotFound", head=head)
