@@ -191,7 +191,21 @@ def run_recipe(
     planned = plan_merge(recipe, token=token)
     logger.info("planned %s over %d sources in %.1f s", planned.method.name, len(planned.sources),
                 time.perf_counter() - started)
+    started_group = not _distributed_initialised()
     accelerator = _accelerator_for(planned)
+    try:
+        return _run_stages(planned, accelerator, staging_parent=staging_parent, overwrite=overwrite, token=token,
+                           progress=progress)
+    finally:
+        if accelerator is not None and started_group and _distributed_initialised():
+            _end_process_group(accelerator)
+
+
+def _run_stages(
+    planned: PlannedMerge, accelerator: Any, *, staging_parent: Path | None, overwrite: bool,
+    token: str | bool | None, progress: bool,
+) -> MergeResult:
+    recipe = planned.recipe
     statistics, data_uses = None, []
     if planned.method.statistics(planned.context) is not None:
         started = time.perf_counter()
@@ -232,6 +246,23 @@ def _accelerator_for(planned: PlannedMerge) -> Any:
     if not accelerator.is_main_process:  # the main process tells the user what happens; the others only warn
         logging.getLogger("hfmerge").setLevel(logging.WARNING)
     return accelerator
+
+
+def _distributed_initialised() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def _end_process_group(accelerator: Any) -> None:
+    """End the process group this merge started, in every process, once it has no collective left.
+
+    Left to the interpreter's exit, the gloo group's threads can be torn down in the wrong order and abort
+    a process ("terminate called without an active exception") after a merge that succeeded. No barrier:
+    the main process may still be pushing, and the others have nothing to wait for.
+    """
+    from accelerate.state import AcceleratorState
+
+    accelerator.end_training()
+    AcceleratorState._reset_state(reset_partial_state=True)  # a later merge in this process starts afresh
 
 
 def _follow_main_process(planned: PlannedMerge, accelerator: Any, *, token: str | bool | None, progress: bool) -> None:

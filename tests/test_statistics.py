@@ -297,6 +297,7 @@ if __name__ == "__main__":
     stats = collect_statistics(model, loader, request, accelerator=accelerator, seed=7, progress=False)
     assert accelerator.num_processes == 2
     save_file(stats, sys.argv[1] + f".{accelerator.process_index}")
+    accelerator.end_training()  # a gloo group left to the interpreter's exit can abort the process
 '''
 
 

@@ -245,6 +245,7 @@ patched = sorted({"forward", "_original_forward"} & set(vars(model)))
 torch.save({"weights": model.state_dict(), "start": start, "sizes": sizes, "precision": report.mixed_precision,
             "patched": patched, "report": [report.epochs_run, report.best_epoch, report.best_metric, history]},
            f"{sys.argv[1]}/rank{rank}.pt")
+PartialState().destroy_process_group()  # a gloo group left to the interpreter's exit can abort the process
 """
 
 
