@@ -81,7 +81,7 @@ def render_card(result: CardFacts, repo_id: str | None = None) -> str:
         base_model=hub_models or None,
         base_model_relation="merge" if hub_models else None,
         library_name="transformers",
-        pipeline_tag=planned.anchor.task,
+        pipeline_tag=planned.plan.output.task if planned.plan.output is not None else planned.anchor.task,
         tags=["hfmerge", "merge", method.name],
         license=result.license,
         model_name=model_name if evaluation is not None else None,
@@ -102,13 +102,15 @@ def render_card(result: CardFacts, repo_id: str | None = None) -> str:
     base = None
     if planned.base is not None:
         base = {"name": names.of(planned.base), "url": _hub_url(planned.base), "commit": planned.base.commit_sha}
-    architecture = planned.anchor.architecture
-    auto_class = AUTO_CLASSES.get(planned.anchor.task, "AutoModel")
+    output = planned.plan.output
+    architecture = output.architecture if output is not None else planned.anchor.architecture
+    task = output.task if output is not None else planned.anchor.task
+    auto_class = AUTO_CLASSES.get(task, "AutoModel")
     if architecture == "Mask2FormerForUniversalSegmentation":
         auto_class = "AutoModelForUniversalSegmentation"
     text = method_text(
         method, details=planned.plan.details, parameters=planned.recipe.parameters, base=base, sources=rows,
-        architecture=architecture, task=planned.anchor.task,
+        architecture=architecture, task=task,
     )
     data_rows = [
         {"source": names.scrub(use.source) if use.source else "", "data": names.scrub(use.data),
@@ -137,7 +139,9 @@ def render_card(result: CardFacts, repo_id: str | None = None) -> str:
         auto_class=auto_class,
         architecture=architecture,
         family=planned.anchor.family.name,
-        task=planned.anchor.task,
+        task=task,
+        plain_transformers=output is None or output.loads_with_transformers,
+        remote_code=output is not None and bool(getattr(output.config, "auto_map", None)),
         num_labels=len(getattr(result.config, "id2label", {}) or {}),
         warnings=result.warnings,
         data_rows=data_rows,

@@ -221,6 +221,27 @@ class ConcatHeads:
         return torch.cat(parts, dim=0)
 
 
+@dataclass(frozen=True)
+class Stack:
+    """Keep every source's tensor, stacked on a new leading dimension: (N, *shape).
+
+    For an output model that holds one copy of a module per source (the gated
+    layers of the gating merge, whose weights are mixed per input at run time,
+    vit-gating-merge Eq. 2), so the merge itself computes nothing.
+    """
+
+    sources: tuple[TensorRef, ...]
+    group: str = "stacked per source"
+
+    def apply(self, load: Loader) -> torch.Tensor:
+        first = load(self.sources[0]).to(torch.float32)
+        out = torch.empty((len(self.sources), *first.shape), dtype=torch.float32)
+        out[0] = first
+        for i, ref in enumerate(self.sources[1:], start=1):
+            out[i] = load(ref)
+        return out
+
+
 def regularised_sum_of_grams(grams: Sequence[torch.Tensor], alpha: float) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """G̃_i = α G_i + (1 − α) diag(G_i) for each Gram matrix, in float64, and their sum.
 
@@ -329,7 +350,8 @@ class FisherWeighted:
         return (numerator / denominator).to(torch.float32)
 
 
-MergeOp = Copy | LinearCombination | TaskArithmetic | DisjointMerge | ConcatHeads | RegMeanLinear | FisherWeighted
+MergeOp = (Copy | LinearCombination | TaskArithmetic | DisjointMerge | ConcatHeads | RegMeanLinear | FisherWeighted
+           | Stack)
 
 
 def normalise(weights: Sequence[float]) -> tuple[float, ...]:

@@ -71,8 +71,10 @@ def plan_merge(recipe: Recipe, *, token: str | bool | None = None, metadata_only
         from hfmerge.data.spec import resolve_data_specs
 
         data = resolve_data_specs(recipe.data, len(layouts))
+    auxiliary = {role: inspect(resolve(SourceSpec.parse(ref)))
+                 for role, ref in method.auxiliary_models(recipe.parameters).items()}
     context = MergeContext(layouts, anchor_index, recipe.weights, base_layout, recipe.parameters,
-                           heads=recipe.heads, seed=recipe.seed, data=data)
+                           heads=recipe.heads, seed=recipe.seed, data=data, auxiliary=auxiliary)
 
     def weights_of(layout: ModelLayout) -> set[tuple[str, tuple[int, ...]]]:
         return {(n, t.shape) for n, t in layout.tensors.items() if not t.is_integer}
@@ -83,8 +85,14 @@ def plan_merge(recipe: Recipe, *, token: str | bool | None = None, metadata_only
             raise IncompatibleModelsError(
                 f"{layout.source.name} shares no parameter with {context.anchor.source.name}; nothing can be merged"
             )
+    if not any(isinstance(layout.reader, HeaderReader) for layout in layouts):
+        started = time.perf_counter()
+        context.analysis = method.analyse(context)
+        if context.analysis is not None:
+            logger.info("analysis stage: %.1f s", time.perf_counter() - started)
     plan = method.plan(context)
-    carry_ignored_tensors(plan, context)
+    if plan.output is None:  # an output model of the method's own has no use for the anchor's leftovers
+        carry_ignored_tensors(plan, context)
     return PlannedMerge(recipe, method, sources, base, context, plan, anchor_reason)
 
 
@@ -211,6 +219,11 @@ def _run_stages(
         started = time.perf_counter()
         statistics, data_uses = run_statistics(planned, accelerator=accelerator, token=token, progress=progress)
         logger.info("statistics stage: %.1f s", time.perf_counter() - started)
+    if planned.method.trains(planned.context):
+        started = time.perf_counter()
+        trained = planned.method.train(planned, accelerator=accelerator, token=token, progress=progress)
+        statistics = [*(statistics or []), trained]  # the last table: MergeContext.TRAINED_TABLE
+        logger.info("training stage: %.1f s", time.perf_counter() - started)
     if accelerator is not None and not accelerator.is_main_process:
         _follow_main_process(planned, accelerator, token=token, progress=progress)
         return None  # type: ignore[return-value]  # only the main process writes (see the docstring)
@@ -237,7 +250,8 @@ def _accelerator_for(planned: PlannedMerge) -> Any:
     A method that reads no data never imports accelerate, and merges exactly as before.
     """
     method = planned.method
-    if method.statistics(planned.context) is None and method.fine_tuning(planned.context, planned.plan) is None:
+    if (method.statistics(planned.context) is None and method.fine_tuning(planned.context, planned.plan) is None
+            and not method.trains(planned.context)):
         return None
     from hfmerge.train import TrainOptions
     from hfmerge.train.loop import new_accelerator
@@ -304,6 +318,10 @@ def _execute_into_staging(
         logger.info("merged %d tensors in %.1f s", len(planned.plan.tensors), time.perf_counter() - started)
         config = _output_config(planned, dtype)
         config.save_pretrained(staging)
+        output = planned.plan.output
+        for name, content in (output.files if output is not None else {}).items():
+            path = staging / name
+            path.write_bytes(content) if isinstance(content, bytes) else path.write_text(content)
         for name in PROCESSOR_FILES:
             path = planned.anchor.source.path / name
             if path.is_file():
@@ -325,7 +343,10 @@ def _execute_into_staging(
 
 
 def _output_config(planned: PlannedMerge, dtype: torch.dtype | None) -> Any:
-    config = type(planned.anchor.config).from_dict(planned.anchor.config.to_dict())
+    """The anchor's config with the plan's updates, or the config of the method's own output model."""
+    output = planned.plan.output
+    source = output.config if output is not None else planned.anchor.config
+    config = type(source).from_dict(source.to_dict())
     for key, value in planned.plan.config_updates.items():
         setattr(config, key, value)
     floating = [output_dtype(t.dtype, dtype) for t in planned.plan.tensors if t.dtype.is_floating_point]

@@ -56,7 +56,12 @@ class PlannedMerge:
             pins = [self.data_pins.get(i if per_source else 0) for i in range(len(data))]
             data = [replace(spec, split=pin.split, commit=pin.commit or spec.commit) if pin is not None else spec
                     for spec, pin in zip(data, pins)]
-        return replace(self.recipe, sources=specs, anchor=anchor, base=base, data=data)
+        parameters = dict(self.recipe.parameters)
+        for role, layout in self.context.auxiliary.items():  # a gate network is pinned like the sources
+            if role in parameters:
+                source = layout.source
+                parameters[role] = str(source.path) if source.is_local else f"{source.repo_id}@{source.commit_sha}"
+        return replace(self.recipe, sources=specs, anchor=anchor, base=base, data=data, parameters=parameters)
 
     def describe(self) -> str:
         """A human-readable plan: sources, then per group of tensors what happens to them."""
@@ -79,6 +84,16 @@ class PlannedMerge:
             lines.append(f"  {group}: {count} tensors, {params:,} parameters")
         if "shared_layers" in self.plan.details:
             lines.append(f"  shared layers Np = {self.plan.details['shared_layers']}")
+        if "gated_attention" in self.plan.details:
+            d = self.plan.details
+            chosen = ("lowest weight similarity, Eq. 4" if d.get("layers_chosen")
+                      else "the m of lowest weight similarity, chosen when the weights are read")
+            lines.append(f"  gated layers ({chosen}): attention {[i + 1 for i in d['gated_attention']]}, "
+                         f"MLP {[i + 1 for i in d['gated_mlp']]}; embeddings and every LayerNorm")
+        if self.plan.output is not None:
+            loads = ("loads with plain transformers" if self.plan.output.loads_with_transformers
+                     else "loads with hfmerge.load, or with transformers and trust_remote_code=True")
+            lines.append(f"  output model: {self.plan.output.architecture} ({loads})")
         if self.plan.details.get("heads"):
             lines.append(f"  heads: {self.plan.details['heads']}")
         if "num_labels" in self.plan.details:
@@ -109,6 +124,12 @@ class PlannedMerge:
                          f"on {samples if samples else 'all'} images of each source's data:")
             for source, spec in zip(self.sources, data):
                 lines.append(f"  {source.name} ← {spec.ref}")
+        if self.method.trains(self.context) and data:
+            gate = self.context.auxiliary.get("gate")
+            what = f"the gate network {gate.source.name}" if gate is not None else "the method's network"
+            fraction = params.get("gate_fraction")
+            share = f"{fraction:.0%} of " if isinstance(fraction, float) else ""
+            lines.append(f"training stage: {what}, on {share}each source's data (label = the source)")
         tuning = self.method.fine_tuning(self.context, self.plan)
         if tuning is not None and data:
             lines.append(f"post-train stage: fine-tune for at most {tuning.epochs} epochs (patience {tuning.patience}) "

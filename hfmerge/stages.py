@@ -259,3 +259,118 @@ def evaluate_merge(result: MergeResult, specs: list[DataSpec], *, token: str | b
               for layout in planned.context.sources]
     classifier = planned.anchor.task == "image-classification"
     return evaluate_candidates(merged, others, tasks, ensemble=classifier, progress=progress)
+
+
+class _SourceIndexed(torch.utils.data.Dataset):
+    """A source's images labelled with the source's index: the gate's task (vit-gating-merge §3.2)."""
+
+    def __init__(self, images: torch.utils.data.Dataset, index: int) -> None:
+        self.images = images
+        self.index = index
+
+    def __len__(self) -> int:
+        return len(self.images)  # type: ignore[arg-type]
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return {"pixel_values": self.images[i]["pixel_values"], "labels": self.index}
+
+
+@dataclass
+class GateTraining:
+    """What the gate's training did, for the card."""
+
+    name: str
+    train_images: list[int]
+    held_out: list[int]
+    per_source: list[tuple[str, float]]
+    accuracy: float
+    epochs_run: int
+    seconds: float
+
+    def card_facts(self) -> dict[str, Any]:
+        return {"name": self.name, "trained": True, "train_images": self.train_images, "held_out": self.held_out,
+                "per_source": self.per_source, "accuracy": self.accuracy, "epochs_run": self.epochs_run}
+
+
+def train_gate(planned: PlannedMerge, *, accelerator: Accelerator, token: str | bool | None = None,
+               progress: bool = True) -> TensorTable:
+    """Fine-tune the gating merge's gate network and return its weights as a table the merge copies from.
+
+    The gate (a MobileNetV2 image classifier, ``gate``) gets a new head of N
+    outputs and learns which source's data an image comes from, label = the
+    source's index, from at most ``gate_fraction`` of each source's data
+    (vit-gating-merge §3.2, §4.1: "no more than 15% of the test dataset
+    randomly selected from each task"); the rest is held out and measures the
+    gate's accuracy for the card. Images go through the merged model's own
+    (the anchor's) image processor and then the gate's in-model resizing and
+    normalisation, exactly as the merged model feeds its gate at inference.
+    """
+    import math
+    import shutil
+    import tempfile
+    import weakref
+
+    from torch.utils.data import ConcatDataset, DataLoader, Subset
+
+    from hfmerge.checkpoint import CheckpointReader
+    from hfmerge.data.load import ProcessedImages
+    from hfmerge.modeling import GateInput
+    from hfmerge.train import TrainOptions, train_model
+
+    started = time.perf_counter()
+    context, params = planned.context, planned.recipe.parameters
+    gate_layout = context.auxiliary["gate"]
+    config = planned.plan.output.config  # type: ignore[union-attr]
+    processor = source_processor(planned.anchor)
+    seed = planned.recipe.seed or 0
+    fraction = float(params.get("gate_fraction", 0.15))
+    train_parts, held_parts, names = [], [], []
+    for i, layout in enumerate(context.sources):
+        data = load_source_data(planned, i, samples=None, labeled=False, token=token)
+        images = _SourceIndexed(ProcessedImages(data, processor), i)
+        order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed + i)).tolist()
+        cut = min(len(order) - 1, max(2, math.floor(fraction * len(order)))) if len(order) > 2 else len(order)
+        if cut < 2:
+            raise DataError(f"{data.name} has {len(order)} images: the gate needs at least 3 from each source's data "
+                            "(some to train on, one to measure it)")
+        train_parts.append(Subset(images, order[:cut]))
+        held_parts.append(Subset(images, order[cut:]))
+        names.append(config.gate_labels[i])
+    torch.manual_seed(seed)
+    gate = source_model(gate_layout)
+    gate.classifier = torch.nn.Linear(gate.classifier.in_features, len(context.sources))
+    gate.num_labels = len(context.sources)
+    gate.config.num_labels = len(context.sources)
+    gate.config.id2label = dict(enumerate(names))
+    gate.config.label2id = {name: i for i, name in enumerate(names)}
+    model = GateInput(gate, config)
+    options = TrainOptions(epochs=int(params.get("gate_epochs", 5)),
+                           learning_rate=float(params.get("gate_learning_rate", 1e-3)),
+                           batch_size=int(params.get("batch_size", 32)), seed=seed)
+    report = train_model(model, ConcatDataset(train_parts), options, accelerator=accelerator, progress=progress,
+                         desc="Training the gate")
+    accelerator.free_memory()
+    model.eval()
+    per_source = []
+    with torch.inference_mode():
+        for name, part in zip(names, held_parts):
+            right = 0
+            for batch in DataLoader(part, batch_size=options.batch_size):
+                right += int((model(batch["pixel_values"]).logits.argmax(-1) == batch["labels"]).sum())
+            per_source.append((name, right / max(1, len(part))))
+    held = [len(p) for p in held_parts]
+    facts = GateTraining(
+        gate_layout.source.name, [len(p) for p in train_parts], held, per_source,
+        sum(acc * n for (_, acc), n in zip(per_source, held)) / max(1, sum(held)), report.epochs_run,
+        time.perf_counter() - started,
+    )
+    planned.plan.details["gate"] = facts.card_facts()
+    logger.info("trained the gate on %d images in %.1f s: it picks the right source for %.2f%% of %d held-out images",
+                sum(facts.train_images), facts.seconds, 100 * facts.accuracy, sum(held))
+    if not accelerator.is_main_process:
+        return None  # type: ignore[return-value]  # only the main process merges
+    folder = tempfile.mkdtemp(prefix="hfmerge-gate-")
+    gate.save_pretrained(folder)
+    table = CheckpointReader(folder, label="the trained gate")
+    weakref.finalize(table, shutil.rmtree, folder, True)
+    return table

@@ -39,16 +39,47 @@ class TensorPlan:
 
 
 @dataclass
+class OutputSpec:
+    """A merge whose output is a model of its own, not the anchor's architecture.
+
+    Most methods write the anchor's architecture with its config updated
+    (:attr:`MergePlan.config_updates`). A method whose output is another model
+    (gating's per-source gated layers and N classifiers; a fused network whose
+    widths match no source) declares it here, and the pipeline, the card and
+    :func:`hfmerge.load` follow:
+
+    Attributes:
+        config: the output's config (a ``PretrainedConfig``), saved as ``config.json``; a
+            model class outside transformers names its code in ``config.auto_map``.
+        architecture: the model class's name, for the card.
+        task: the pipeline task (``image-classification``).
+        files: extra files written beside the weights (a modeling file for ``trust_remote_code``,
+            a picture the card shows), name -> text or bytes.
+        loads_with_transformers: whether plain ``transformers`` loads it with no remote code;
+            when not, the card shows how it loads (``hfmerge.load``, ``trust_remote_code=True``).
+    """
+
+    config: Any
+    architecture: str
+    task: str
+    files: dict[str, str | bytes] = field(default_factory=dict)
+    loads_with_transformers: bool = False
+
+
+@dataclass
 class MergePlan:
     """A method's decisions, ready to execute.
 
     ``config_updates`` are applied to the anchor's config (e.g. fusion's label
-    union); ``details`` are method facts for the card (e.g. per-layer weights).
+    union); ``details`` are method facts for the card (e.g. per-layer weights);
+    ``output`` declares an output model of the method's own (:class:`OutputSpec`),
+    in place of the anchor's architecture.
     """
 
     tensors: list[TensorPlan]
     config_updates: dict[str, Any] = field(default_factory=dict)
     details: dict[str, Any] = field(default_factory=dict)
+    output: OutputSpec | None = None
 
     def summary(self) -> list[tuple[str, int, int]]:
         """(group, number of tensors, number of parameters) per kind of operation."""
@@ -83,6 +114,12 @@ class MergeContext:
     seed: int | None = None
     data: list[Any] | None = None
     """Per source, the :class:`~hfmerge.data.spec.DataSpec` of its data (data methods), else ``None``."""
+    auxiliary: dict[str, ModelLayout] = field(default_factory=dict)
+    """Models a method uses besides the sources (gating's gate network), inspected like them, by role."""
+    analysis: dict[str, Any] | None = None
+    """What the method's analysis stage computed from the weights before planning
+    (:meth:`~hfmerge.methods.base.MergeMethod.analyse`); ``None`` when it could not run (a dry run over
+    Hub sources, whose weights are not downloaded)."""
 
     @property
     def anchor(self) -> ModelLayout:
@@ -103,6 +140,10 @@ class MergeContext:
         before the statistics exist, and the engine reads them once the statistics stage has run.
         """
         return len(self.models) + source
+
+    TRAINED_TABLE = -1
+    """The :data:`~hfmerge.ops.TensorRef` index of the tensors a method trains before the merge
+    (:meth:`~hfmerge.methods.base.MergeMethod.train`): the last table, after the statistics."""
 
     def normalised_weights(self) -> tuple[float, ...]:
         """The recipe's weights normalised to sum to one; uniform when none were given."""

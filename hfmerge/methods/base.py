@@ -16,8 +16,12 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from hfmerge.errors import RecipeError
 
 if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+    from hfmerge.checkpoint import TensorTable
     from hfmerge.engine.plan import MergeContext, MergePlan
     from hfmerge.engine.statistics import StatisticsRequest
+    from hfmerge.planned import PlannedMerge
 
 
 HEAD_POLICIES = ("concat", "average", "anchor")
@@ -152,6 +156,36 @@ class MergeMethod(ABC):
     def fine_tuning(self, ctx: MergeContext, plan: MergePlan) -> FineTuning | None:
         """The post-merge training step, or ``None`` (the default: the merge is the result)."""
         return None
+
+    def auxiliary_models(self, parameters: dict[str, Any]) -> dict[str, str]:
+        """Models besides the sources, by role -> repo id or folder (gating's gate network); none by default.
+
+        The pipeline resolves and inspects them with the sources, so a missing one
+        fails before any data is read; the plan finds them in ``ctx.auxiliary``.
+        """
+        return {}
+
+    def analyse(self, ctx: MergeContext) -> dict[str, Any] | None:
+        """The analysis stage: facts read from the sources' weights before planning, or ``None`` (none needed).
+
+        Runs before :meth:`plan`, which finds the result in ``ctx.analysis``;
+        it must stream tensors (memory flat in the number of sources). A dry run
+        over Hub sources skips it (``ctx.analysis`` stays ``None``).
+        """
+        return None
+
+    def trains(self, ctx: MergeContext) -> bool:
+        """Whether :meth:`train` makes tensors the plan reads (a training stage before the merge)."""
+        return False
+
+    def train(self, planned: PlannedMerge, *, accelerator: Accelerator, token: str | bool | None,
+              progress: bool) -> TensorTable:
+        """Train what the plan's :attr:`~hfmerge.engine.plan.MergeContext.TRAINED_TABLE` tensors come from.
+
+        Called after the statistics stage, before the merge, on every process; returns the
+        trained tensors as a table (the main process's copy is read by the merge).
+        """
+        raise NotImplementedError(f"method {self.name!r} declares no training stage")
 
 
 _REGISTRY: dict[str, MergeMethod] = {}

@@ -1,0 +1,327 @@
+"""Gating merge of ViTs (Ye et al., "Merging Vision Transformers from Different Tasks and Domains", §3.2-3.3).
+
+One model serves N tasks without being told which: a small gating network
+G (a MobileNetV2) predicts from the image which source's task it comes from,
+P(x) = softmax(G(x)) (Eq. 1); the layers where the sources disagree most keep
+one copy per source and are mixed per input, W = Σᵢ pᵢ Wᵢ (Eq. 2); the
+classifier is the one of argmax P (Eq. 3); everything else is merged once by
+``static`` (AvgMean or RegMean). Which layers disagree most comes from the
+weights: per transformer layer, the summed pairwise cosine similarity of the
+sources' attention weights, concatenated, and of their MLP weights (Eq. 4,
+"concat-layers + combined-FFN", Table 9); the m attention and m MLP modules
+of lowest similarity are gated, with the embeddings and every LayerNorm
+(Table 2, strategy 4).
+
+The output is a model of its own (:mod:`hfmerge.modeling.gated_vit`), written
+with its modeling file so that ``trust_remote_code=True`` loads it without
+hfmerge, and :func:`hfmerge.load` loads it without running any repository code.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import TYPE_CHECKING, Any
+
+from hfmerge.errors import IncompatibleModelsError, RecipeError
+from hfmerge.methods.base import MergeMethod, ParamSpec, register_method
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+    from hfmerge.adapters.layout import ModelLayout
+    from hfmerge.checkpoint import TensorTable
+    from hfmerge.engine.plan import MergeContext, MergePlan
+    from hfmerge.engine.statistics import StatisticsRequest
+    from hfmerge.planned import PlannedMerge
+
+DEFAULT_GATE = "google/mobilenet_v2_1.0_224"
+SIMILARITY_SVG = "similarity.svg"
+VIT_CLASSIFIER = "ViTForImageClassification"
+GATE_ARCHITECTURE = "MobileNetV2ForImageClassification"
+
+# The ViT checkpoint keys (the same under transformers 4.x and 5.x), which the gated model uses as its own names.
+_EMBEDDING = re.compile(r"vit\.embeddings\.")
+_NORM = re.compile(r"vit\.(encoder\.layer\.\d+\.layernorm_(before|after)|layernorm)\.(weight|bias)")
+_ATTENTION = re.compile(r"vit\.encoder\.layer\.(\d+)\.attention\.")
+_MLP = re.compile(r"vit\.encoder\.layer\.(\d+)\.(intermediate|output)\.dense\.")
+
+
+def gated_keys(keys: list[str], attention: tuple[int, ...], mlp: tuple[int, ...]) -> list[str]:
+    """The checkpoint keys kept once per source: embeddings, every LayerNorm, the chosen attention and MLP layers.
+
+    Table 2's strategy 4 (the paper's method): the gate mixes the embeddings and
+    the normalisation layers always, and the attention/MLP modules of the given
+    layers; a module's weight and bias go together.
+    """
+    chosen = []
+    for key in keys:
+        attn, mlp_match = _ATTENTION.match(key), _MLP.match(key)
+        if (_EMBEDDING.match(key) or _NORM.fullmatch(key)
+                or (attn and int(attn.group(1)) in attention) or (mlp_match and int(mlp_match.group(1)) in mlp)):
+            chosen.append(key)
+    return chosen
+
+
+@register_method
+class Gating(MergeMethod):
+    """Gating merge of ViTs fine-tuned from one pre-training (vit-gating-merge §3.2-3.3, Algorithm 1)."""
+
+    name = "gating"
+    title = "Gating merge of ViTs (a gate network mixes the least similar layers per input)"
+    reference = ("Ye et al., Merging Vision Transformers from Different Tasks and Domains, 2023 "
+                 "(gating network §3.2, weight similarity §3.3)")
+    reference_url = "https://arxiv.org/abs/2312.16240"
+    uses_weights = False
+    uses_seed = True
+    needs_data = True
+    parameters = (
+        ParamSpec("m", int, 3, "attention and MLP modules gated: the m of each with the lowest similarity (Eq. 4)",
+                  minimum=0),
+        ParamSpec("static", str, "regmean", "how the layers that are not gated are merged",
+                  choices=("regmean", "average")),
+        ParamSpec("gate", str, DEFAULT_GATE, "the gate network: a MobileNetV2 image classifier, repo id or folder"),
+        ParamSpec("gate_fraction", float, 0.15, "fraction of each source's data the gate trains on; the rest "
+                  "measures its accuracy", minimum=0.0, maximum=1.0),
+        ParamSpec("gate_epochs", int, 5, "epochs of gate training (early stopping on a held-out tenth)", minimum=1),
+        ParamSpec("gate_learning_rate", float, 1e-3, "the gate's learning rate (AdamW, linear decay)", minimum=0.0),
+        ParamSpec("routing", str, "soft", "soft: every gated layer is Σᵢ pᵢ Wᵢ (Eq. 2); top1: the gated layers of "
+                  "the most probable source only", choices=("soft", "top1")),
+        ParamSpec("alpha", float, 0.9, "RegMean's off-diagonal scale (static=regmean)", minimum=0.0, maximum=1.0),
+        ParamSpec("samples", int, 256, "images of each source's data for RegMean's Gram matrices (static=regmean)",
+                  minimum=1),
+        ParamSpec("batch_size", int, 32, "images per forward pass of the statistics and training stages", minimum=1),
+    )
+    card_template = """\
+A gate network G ({{ details.gate.name }}, a MobileNetV2 given a new head of {{ sources | length }} outputs) predicts \
+which source's task an image comes from: P(x) = softmax(G(x)) (Eq. 1). \
+{{ details.gated_attention | length }} attention and {{ details.gated_mlp | length }} MLP modules (m = \
+{{ parameters.m }}: those whose weights the sources agree on least, by Eq. 4) are kept once per source, together \
+with the embeddings and every LayerNorm (Table 2, strategy 4), and mixed for each input: W = Σᵢ pᵢ Wᵢ (Eq. 2)\
+{%- if parameters.routing == 'top1' %}; with `routing=top1` each image uses the gated weights of its most \
+probable source only{% endif %}. The classifier is the one of the most probable source (Eq. 3), its logits placed \
+in the union of the {{ details.num_labels }} labels (the other sources' labels get −inf). The other layers are \
+merged once, by {{ 'RegMean (α = ' ~ parameters.alpha ~ ', Gram matrices of each linear layer\\'s inputs on its \
+source\\'s data)' if parameters.static == 'regmean' else 'averaging with equal weights' }}.
+
+{% if details.similarity -%}
+Weight similarity per transformer layer, Sim(l) = Σ_{i<j} cos(Wᵢˡ, Wⱼˡ) (Eq. 4; at most \
+{{ details.similarity.pairs }}, over the attention weights concatenated and over both MLP layers concatenated); \
+gated layers are marked:
+
+![weight similarity per layer](similarity.svg)
+
+| layer |{% for l in details.similarity.attention %} {{ loop.index }} |{% endfor %}
+|---|{% for l in details.similarity.attention %}---|{% endfor %}
+| attention |{% for v in details.similarity.attention %} {{ '%.4f' | format(v) }}{{ ' ●' if loop.index0 in \
+details.gated_attention }} |{% endfor %}
+| MLP |{% for v in details.similarity.mlp %} {{ '%.4f' | format(v) }}{{ ' ●' if loop.index0 in details.gated_mlp }} |\
+{% endfor %}
+
+{% endif -%}
+{% if details.gate.trained -%}
+The gate was fine-tuned from {{ details.gate.name }} on {{ details.gate.train_images | sum }} unlabeled images \
+({{ '%.0f' | format(parameters.gate_fraction * 100) }}% of each source's data; label = the source's index) for \
+{{ details.gate.epochs_run }} epochs; on the {{ details.gate.held_out | sum }} held-out images it picks the right \
+source for {{ '%.2f' | format(details.gate.accuracy * 100) }}% \
+({% for name, acc in details.gate.per_source %}{{ name }}: {{ '%.2f' | format(acc * 100) }}%\
+{{ ', ' if not loop.last }}{% endfor %}).
+{%- endif %}"""
+
+    # -- what the pipeline runs ------------------------------------------------------------
+    def auxiliary_models(self, parameters: dict[str, Any]) -> dict[str, str]:
+        return {"gate": str(parameters.get("gate") or DEFAULT_GATE)}
+
+    def analyse(self, ctx: MergeContext) -> dict[str, Any]:
+        from hfmerge.analysis.similarity import layer_similarity
+
+        self._check_sources(ctx)
+        return {"similarity": layer_similarity(ctx.sources)}
+
+    def statistics(self, ctx: MergeContext) -> StatisticsRequest | None:
+        """RegMean's Gram matrices for the linear layers that are merged statically (none for ``average``)."""
+        from hfmerge.engine.statistics import StatisticsRequest
+        from hfmerge.methods.regmean import RegMean
+
+        if ctx.params.get("static", "regmean") != "regmean":
+            return None
+        gated = set(self._gated(ctx))
+        groups = [g for g in RegMean()._groups(ctx)
+                  if not any(ctx.anchor.tensors[f"{m}.weight"].key in gated for m in g)]
+        return StatisticsRequest(grams=tuple(g[0] for g in groups)) if groups else None
+
+    def trains(self, ctx: MergeContext) -> bool:
+        return True
+
+    def train(self, planned: PlannedMerge, *, accelerator: Accelerator, token: str | bool | None,
+              progress: bool) -> TensorTable:
+        from hfmerge.stages import train_gate
+
+        return train_gate(planned, accelerator=accelerator, token=token, progress=progress)
+
+    # -- the plan ----------------------------------------------------------------------------
+    def _check_sources(self, ctx: MergeContext) -> None:
+        """ViT image classifiers of one shape, one dataset per source, a MobileNetV2 gate; else one clear error."""
+        from hfmerge.engine.plan import require_all_shared
+
+        for layout in ctx.sources:
+            if layout.family.name != "vit" or layout.architecture != VIT_CLASSIFIER:
+                raise IncompatibleModelsError(
+                    f"gating merges ViT image classifiers ({VIT_CLASSIFIER}); {layout.source.name} is a "
+                    f"{layout.family.name} {layout.architecture}"
+                )
+        keys = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "patch_size",
+                "image_size", "num_channels", "qkv_bias", "hidden_act")
+        anchor = ctx.anchor.config
+        for layout in ctx.sources[1:]:
+            differ = [k for k in keys if getattr(layout.config, k, None) != getattr(anchor, k, None)]
+            if differ:
+                k = differ[0]
+                raise IncompatibleModelsError(
+                    f"gating needs ViTs of one shape, but {k} differs: {ctx.anchor.source.name} has "
+                    f"{getattr(anchor, k, None)}, {layout.source.name} has {getattr(layout.config, k, None)}"
+                )
+        require_all_shared(ctx, self.name, except_names=[i.name for i in ctx.anchor.head_tensors])
+        refs = [spec.ref for spec in ctx.data or []]
+        if len(refs) != len(ctx.sources) or len(set(refs)) < len(refs):
+            raise RecipeError(
+                "gating trains its gate to tell the sources' data apart: give one different --data per source, "
+                f"in source order ({len(ctx.sources)} sources)"
+            )
+        gate = ctx.auxiliary.get("gate")
+        if gate is None or gate.family.name != "mobilenet_v2" or gate.architecture != GATE_ARCHITECTURE:
+            what = f"a {gate.family.name} {gate.architecture}" if gate is not None else "missing"
+            raise RecipeError(
+                f"the gate must be a MobileNetV2 image classifier ({GATE_ARCHITECTURE}), e.g. {DEFAULT_GATE}; "
+                f"{gate.source.name if gate is not None else 'the gate'} is {what}"
+            )
+
+    def _layers(self, ctx: MergeContext) -> int:
+        return int(ctx.anchor.config.num_hidden_layers)
+
+    def _selection(self, ctx: MergeContext) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """The gated (attention layers, MLP layers): the m least similar of each (Eq. 4)."""
+        from hfmerge.analysis.similarity import select_gated
+
+        m, layers = int(ctx.params.get("m", 3)), self._layers(ctx)
+        if m > layers:
+            raise RecipeError(f"m={m} is more than the {layers} transformer layers of the sources; the maximum is "
+                              f"m={layers} (every layer gated)")
+        if ctx.analysis is None:  # a dry run over Hub sources: the weights are not read, the layers not chosen
+            return tuple(range(m)), tuple(range(m))
+        return select_gated(ctx.analysis["similarity"], m)
+
+    def _gated(self, ctx: MergeContext) -> list[str]:
+        attention, mlp = self._selection(ctx)
+        keys = [info.key for info in ctx.anchor.tensors.values() if info.head is None]
+        return gated_keys(keys, attention, mlp)
+
+    def plan(self, ctx: MergeContext) -> MergePlan:
+        from hfmerge.engine.plan import MergePlan, OutputSpec, TensorPlan
+        from hfmerge.methods import get_method
+        from hfmerge.ops import Copy, Stack
+
+        self._check_sources(ctx)
+        attention, mlp = self._selection(ctx)
+        gated = set(self._gated(ctx))
+        n = len(ctx.sources)
+        static = get_method(str(ctx.params.get("static", "regmean"))).plan(ctx)
+        heads = {info.key for info in ctx.anchor.head_tensors}
+        entries: list[TensorPlan] = []
+        for entry in static.tensors:
+            if entry.key in heads:
+                continue
+            if entry.key in gated:
+                refs = tuple((i, layout.tensors[entry.name].key) for i, layout in enumerate(ctx.sources))
+                entries.append(TensorPlan(entry.key, entry.name, (n, *entry.shape), entry.dtype, Stack(refs)))
+            else:
+                entries.append(entry)
+        for i, layout in enumerate(ctx.sources):
+            for info in layout.head_tensors:
+                suffix = info.key.rsplit(".", 1)[-1]
+                op = Copy((i, info.key), group="classifiers (one per source)")
+                entries.append(TensorPlan(f"classifiers.{i}.{suffix}", f"classifiers.{i}.{suffix}", info.shape,
+                                          info.dtype, op))
+        gate = ctx.auxiliary["gate"]
+        for info in gate.tensors.values():
+            shape = info.shape
+            if info.head is not None:  # the gate's new head: one output per source
+                shape = (n, *shape[1:])
+            entries.append(TensorPlan(f"gate.{info.key}", f"gate.{info.name}", shape, info.dtype,
+                                      Copy((ctx.TRAINED_TABLE, info.key), group="gate network (trained)")))
+        output = self._output(ctx, sorted(gated, key=[e.key for e in entries].index))
+        details: dict[str, Any] = {
+            "gated_attention": list(attention), "gated_mlp": list(mlp), "num_labels": len(output.config.id2label),
+            "gate": {"name": gate.source.name, "trained": False},
+            "layers_chosen": ctx.analysis is not None, "static": static.details,
+        }
+        if ctx.analysis is not None:
+            from hfmerge.analysis.similarity import similarity_svg
+
+            similarity = ctx.analysis["similarity"]
+            details["similarity"] = {"attention": list(similarity.attention), "mlp": list(similarity.mlp),
+                                     "pairs": similarity.pairs}
+            output.files[SIMILARITY_SVG] = similarity_svg(similarity, (attention, mlp))
+        return MergePlan(entries, details=details, output=output)
+
+    def _output(self, ctx: MergeContext, gated: list[str]) -> OutputSpec:
+        """The gated model's config (its own class, with ``auto_map``) and its modeling file."""
+        from hfmerge.engine.plan import OutputSpec
+        from hfmerge.methods.heads import source_prefixes, union_labels
+        from hfmerge.modeling import (MODELING_FILE, GatedMergedConfig, GatedMergedForImageClassification,
+                                      modeling_source)
+
+        gate = ctx.auxiliary["gate"]
+        labels = union_labels(ctx.sources)
+        source_labels, start = [], 0
+        for layout in ctx.sources:
+            source_labels.append(list(range(start, start + len(layout.id2label))))
+            start += len(layout.id2label)
+        tasks = source_prefixes(ctx.sources)
+        gate_config = gate.config.to_dict()
+        gate_config.update(num_labels=len(ctx.sources), id2label=dict(enumerate(tasks)),
+                           label2id={t: i for i, t in enumerate(tasks)})
+        vit_mean, vit_std, _ = _processor_facts(ctx.anchor)
+        gate_mean, gate_std, gate_size = _processor_facts(gate)
+        module = MODELING_FILE.removesuffix(".py")
+        config = GatedMergedConfig(
+            vit=ctx.anchor.config.to_dict(), gate=gate_config, num_sources=len(ctx.sources), gate_labels=tasks,
+            gated=gated, source_labels=source_labels, routing=str(ctx.params.get("routing", "soft")),
+            vit_image_mean=vit_mean, vit_image_std=vit_std, gate_image_mean=gate_mean, gate_image_std=gate_std,
+            gate_image_size=gate_size, id2label=dict(enumerate(labels)),
+            label2id={label: i for i, label in enumerate(labels)},
+            architectures=[GatedMergedForImageClassification.__name__],
+        )
+        config.auto_map = {"AutoConfig": f"{module}.{GatedMergedConfig.__name__}",
+                           "AutoModelForImageClassification": f"{module}.{GatedMergedForImageClassification.__name__}"}
+        return OutputSpec(config=config, architecture=GatedMergedForImageClassification.__name__,
+                          task="image-classification", files={MODELING_FILE: modeling_source()},
+                          loads_with_transformers=False)
+
+
+def _processor_facts(layout: ModelLayout) -> tuple[list[float], list[float], list[int]]:
+    """(image_mean, image_std, [height, width]) of the image processor saved beside a model.
+
+    The gated model normalises for its gate itself (the gate sees what its own
+    processor would give it), so it needs both processors' numbers.
+    """
+    path = layout.source.path / "preprocessor_config.json"
+    if not path.is_file():
+        raise RecipeError(f"{layout.source.name} has no preprocessor_config.json: its image processor is needed to "
+                          "feed it images; save one with the model (AutoImageProcessor.save_pretrained)")
+    facts = json.loads(path.read_text())
+    mean = [float(v) for v in facts.get("image_mean") or (0.5, 0.5, 0.5)]
+    std = [float(v) for v in facts.get("image_std") or (0.5, 0.5, 0.5)]
+    if facts.get("do_normalize") is False:
+        mean, std = [0.0] * len(mean), [1.0] * len(std)
+    size = facts.get("crop_size") if facts.get("do_center_crop") else None
+    size = size or facts.get("size") or {}
+    if isinstance(size, int):
+        hw = [size, size]
+    elif "height" in size:
+        hw = [int(size["height"]), int(size["width"])]
+    elif "shortest_edge" in size:
+        hw = [int(size["shortest_edge"])] * 2
+    else:
+        hw = [int(layout.config.image_size)] * 2
+    return mean, std, hw
