@@ -187,6 +187,11 @@ def layer_similarity(sources: Sequence[ModelLayout]) -> LayerSimilarity:
             total = 0.0
             for name in block.tensors:
                 total += float(torch.linalg.vector_norm(_read(layout, name), dtype=torch.float64)) ** 2
+            if not math.isfinite(total):
+                raise MergeNumericError(
+                    f"{layout.source.name}: layer {block.layer}'s {block.kind} weights are not finite (NaN or "
+                    "infinite values); check that source's checkpoint"
+                )
             squares.append(total)
         norms.append([math.sqrt(s) for s in squares])
 
@@ -202,13 +207,7 @@ def layer_similarity(sources: Sequence[ModelLayout]) -> LayerSimilarity:
             squared_sum += float(torch.linalg.vector_norm(running)) ** 2
             del running
         unit = sum(1 for i in range(len(sources)) if norms[i][b] > 0)  # Σ_i ‖â_i‖²
-        value = (squared_sum - unit) / 2
-        if not math.isfinite(value):
-            raise MergeNumericError(
-                f"layer {block.layer}'s {block.kind} weights are not finite in at least one source; "
-                "check the sources' checkpoints"
-            )
-        values[block.kind].append(value)
+        values[block.kind].append((squared_sum - unit) / 2)
     n = len(sources)
     return LayerSimilarity(tuple(values["attention"]), tuple(values["mlp"]), n * (n - 1) // 2)
 
