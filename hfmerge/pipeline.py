@@ -74,7 +74,8 @@ def plan_merge(recipe: Recipe, *, token: str | bool | None = None, metadata_only
     auxiliary = {role: inspect(resolve(SourceSpec.parse(ref)))
                  for role, ref in method.auxiliary_models(recipe.parameters).items()}
     context = MergeContext(layouts, anchor_index, recipe.weights, base_layout, recipe.parameters,
-                           heads=recipe.heads, seed=recipe.seed, data=data, auxiliary=auxiliary)
+                           heads=recipe.heads, seed=recipe.seed, data=data, auxiliary=auxiliary,
+                           evaluating=bool(recipe.eval_data))
 
     def weights_of(layout: ModelLayout) -> set[tuple[str, tuple[int, ...]]]:
         return {(n, t.shape) for n, t in layout.tensors.items() if not t.is_integer}
@@ -227,15 +228,23 @@ def _run_stages(
     if accelerator is not None and not accelerator.is_main_process:
         _follow_main_process(planned, accelerator, token=token, progress=progress)
         return None  # type: ignore[return-value]  # only the main process writes (see the docstring)
-    result = _execute_into_staging(planned, staging_parent=staging_parent, progress=progress, statistics=statistics,
-                                   accelerator=accelerator, token=token)
-    result.data_uses = data_uses
-    if recipe.eval_data:
-        from hfmerge.stages import evaluate_merge
+    compare = bool(recipe.eval_data) and bool(planned.method.comparisons(planned.context))
+    tables = [*(layout.reader for layout in planned.context.models), *(statistics or [])]
+    try:
+        result = _execute_into_staging(planned, staging_parent=staging_parent, progress=progress,
+                                       statistics=statistics, accelerator=accelerator, token=token,
+                                       close_tables=not compare)
+        result.data_uses = data_uses
+        if recipe.eval_data:
+            from hfmerge.stages import evaluate_merge
 
-        started = time.perf_counter()
-        result.evaluation = evaluate_merge(result, recipe.eval_data, token=token, progress=progress)
-        logger.info("evaluation stage: %.1f s", time.perf_counter() - started)
+            started = time.perf_counter()
+            result.evaluation = evaluate_merge(result, recipe.eval_data, token=token, progress=progress,
+                                               statistics=statistics if compare else None)
+            logger.info("evaluation stage: %.1f s", time.perf_counter() - started)
+    finally:
+        for table in tables:
+            table.close()
     write_metadata(result)
     if recipe.output:
         result.save(recipe.output, overwrite=overwrite)
@@ -292,7 +301,7 @@ def _follow_main_process(planned: PlannedMerge, accelerator: Any, *, token: str 
 
 def _execute_into_staging(
     planned: PlannedMerge, *, staging_parent: Path | None, progress: bool, statistics: list[Any] | None = None,
-    accelerator: Any = None, token: str | bool | None = None,
+    accelerator: Any = None, token: str | bool | None = None, close_tables: bool = True,
 ) -> MergeResult:
     """Execute a plan into a staging folder with config and processor; fine-tune it if the method asks.
 
@@ -313,19 +322,12 @@ def _execute_into_staging(
             progress=progress,
             statistics=statistics,
         )
-        for table in [*(layout.reader for layout in planned.context.models), *(statistics or [])]:
-            table.close()  # every tensor is written: let go of the memory maps
+        if close_tables:  # every tensor is written: let go of the memory maps (unless comparisons will read them)
+            for table in [*(layout.reader for layout in planned.context.models), *(statistics or [])]:
+                table.close()
         logger.info("merged %d tensors in %.1f s", len(planned.plan.tensors), time.perf_counter() - started)
-        config = _output_config(planned, dtype)
-        config.save_pretrained(staging)
-        output = planned.plan.output
-        for name, content in (output.files if output is not None else {}).items():
-            path = staging / name
-            path.write_bytes(content) if isinstance(content, bytes) else path.write_text(content)
-        for name in PROCESSOR_FILES:
-            path = planned.anchor.source.path / name
-            if path.is_file():
-                shutil.copyfile(path, staging / name)
+        config = output_config(planned, dtype)
+        write_model_files(planned, planned.plan, config, staging)
         result = MergeResult(planned=planned, staging=staging, config=config)
         if accelerator is not None and planned.method.fine_tuning(planned.context, planned.plan) is not None:
             from accelerate.utils import broadcast_object_list
@@ -342,14 +344,30 @@ def _execute_into_staging(
     return result
 
 
-def _output_config(planned: PlannedMerge, dtype: torch.dtype | None) -> Any:
+def write_model_files(planned: PlannedMerge, plan: MergePlan, config: Any, folder: Path) -> None:
+    """Beside the weights: the config, the method's own output files (a modeling file...), the anchor's processor."""
+    config.save_pretrained(folder)
+    for name, content in (plan.output.files if plan.output is not None else {}).items():
+        path = folder / name
+        if isinstance(content, bytes):
+            path.write_bytes(content)
+        else:
+            path.write_text(content)
+    for name in PROCESSOR_FILES:
+        path = planned.anchor.source.path / name
+        if path.is_file():
+            shutil.copyfile(path, folder / name)
+
+
+def output_config(planned: PlannedMerge, dtype: torch.dtype | None, plan: MergePlan | None = None) -> Any:
     """The anchor's config with the plan's updates, or the config of the method's own output model."""
-    output = planned.plan.output
+    plan = plan or planned.plan
+    output = plan.output
     source = output.config if output is not None else planned.anchor.config
     config = type(source).from_dict(source.to_dict())
-    for key, value in planned.plan.config_updates.items():
+    for key, value in plan.config_updates.items():
         setattr(config, key, value)
-    floating = [output_dtype(t.dtype, dtype) for t in planned.plan.tensors if t.dtype.is_floating_point]
+    floating = [output_dtype(t.dtype, dtype) for t in plan.tensors if t.dtype.is_floating_point]
     if floating:
         config.dtype = str(max(set(floating), key=floating.count)).removeprefix("torch.")
     return config

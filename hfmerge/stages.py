@@ -243,8 +243,13 @@ def fine_tune(
 
 
 def evaluate_merge(result: MergeResult, specs: list[DataSpec], *, token: str | bool | None = None,
-                   progress: bool = True) -> EvaluationReport:
-    """Evaluate a finished merge (in its staging folder) beside its sources and their ensemble."""
+                   progress: bool = True, statistics: list[TensorTable] | None = None) -> EvaluationReport:
+    """Evaluate a finished merge (in its staging folder) beside its sources and their ensemble.
+
+    With ``statistics`` (the merge's statistics and trained tables, still open), the method's
+    :meth:`~hfmerge.methods.base.MergeMethod.comparisons` are merged from the same inputs and
+    evaluated too, one at a time (role ``comparison``).
+    """
     from hfmerge.card import PublicNames
     from hfmerge.eval.compare import Candidate, evaluate_candidates, load_candidate, load_tasks
 
@@ -258,7 +263,71 @@ def evaluate_merge(result: MergeResult, specs: list[DataSpec], *, token: str | b
     others = [Candidate(names.of(layout.source), "source", source_model(layout), source_processor(layout))
               for layout in planned.context.sources]
     classifier = planned.anchor.task == "image-classification"
-    return evaluate_candidates(merged, others, tasks, ensemble=classifier, progress=progress)
+    report = evaluate_candidates(merged, others, tasks, ensemble=classifier, progress=progress)
+    if statistics is not None:
+        for comparison in planned.method.comparisons(planned.context):
+            report.models.append(_evaluate_comparison(planned, comparison, tasks, statistics, result.staging.parent,
+                                                      progress=progress))
+    return report
+
+
+def _evaluate_comparison(planned: PlannedMerge, comparison: Any, tasks: list[ImageData],
+                         statistics: list[TensorTable], parent: Path, *, progress: bool) -> Any:
+    """Merge ``comparison`` (another parameter set) from the same sources and tables, and evaluate it.
+
+    With ``task_given`` each task's images go through the source of that task (the i-th dataset is the
+    i-th source's), as the paper's baselines are evaluated with the classifier chosen by hand.
+    """
+    import dataclasses
+    import shutil
+    import tempfile
+
+    from hfmerge.engine.execute import execute_plan
+    from hfmerge.eval.compare import load_candidate
+    from hfmerge.eval.evaluate import evaluate_classifier
+    from hfmerge.pipeline import output_config, write_model_files
+
+    context = dataclasses.replace(planned.context, params={**planned.context.params, **comparison.parameters})
+    plan = planned.method.plan(context)
+    folder = Path(tempfile.mkdtemp(prefix=".hfmerge-comparison-", dir=parent))
+    try:
+        execute_plan(plan, context.models, folder, progress=False, statistics=statistics)
+        write_model_files(planned, plan, output_config(planned, None, plan), folder)
+        candidate = load_candidate(folder, comparison.name, "comparison")
+        named = [(data.name, data) for data in tasks]
+        if not comparison.task_given:
+            return evaluate_classifier(candidate.model, named, candidate.processor, progress=progress,
+                                       name=comparison.name, role="comparison")
+        if len(named) != len(context.sources):
+            raise DataError(f"the comparison '{comparison.name}' gives each task's images to its source: give one "
+                            f"--eval-data per source, in source order ({len(context.sources)} sources)")
+        rows = [evaluate_classifier(TaskGiven(candidate.model, i), [task], candidate.processor, progress=progress,
+                                    name=comparison.name, role="comparison", measure_cost=i == 0)
+                for i, task in enumerate(named)]
+        first = rows[0]
+        first.tasks = [result for row in rows for result in row.tasks]
+        return first
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+class TaskGiven(torch.nn.Module):
+    """A gated merge told the task: its gate is bypassed, p = the one-hot vector of source ``task``.
+
+    The paper's baselines (AvgMean, RegMean, task arithmetic) select the classifier of the input's task by
+    hand (vit-gating-merge §4.2); this is how they are evaluated beside the gate's own choice.
+    """
+
+    def __init__(self, model: torch.nn.Module, task: int) -> None:
+        super().__init__()
+        self.model = model
+        self.task = task
+        self.config = model.config
+
+    def forward(self, pixel_values: torch.Tensor, **kwargs: Any) -> Any:
+        probs = torch.zeros(pixel_values.shape[0], self.config.num_sources, device=pixel_values.device)
+        probs[:, self.task] = 1.0
+        return self.model(pixel_values=pixel_values, gate_probs=probs, **kwargs)
 
 
 class _SourceIndexed(torch.utils.data.Dataset):

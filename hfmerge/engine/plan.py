@@ -114,6 +114,8 @@ class MergeContext:
     seed: int | None = None
     data: list[Any] | None = None
     """Per source, the :class:`~hfmerge.data.spec.DataSpec` of its data (data methods), else ``None``."""
+    evaluating: bool = False
+    """The merge will be evaluated (``--eval-data``): a method may ask for what its comparison rows need."""
     auxiliary: dict[str, ModelLayout] = field(default_factory=dict)
     """Models a method uses besides the sources (gating's gate network), inspected like them, by role."""
     analysis: dict[str, Any] | None = None

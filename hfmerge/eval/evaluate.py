@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from hfmerge.errors import EvaluationError
+from hfmerge.errors import DataError, EvaluationError
 from hfmerge.eval.cost import count_flops, count_parameters, measure_latency
 from hfmerge.eval.metrics import IGNORE_INDEX, SegmentationMeter, classification_metrics
 from hfmerge.eval.report import ModelEvaluation, TaskResult
@@ -139,18 +139,21 @@ def evaluate_classifier(
         if data.labels is None:
             raise EvaluationError(f"task {task!r} ({data.name}) has no labels to evaluate against; "
                                   "give a labeled split or --label-column")
-        dataset = ProcessedImages(data, processor, label_map_for(data, id2label))
+        label_map, to_class, num_classes = _label_space(model, data, id2label)
+        dataset = ProcessedImages(data, processor, label_map)
         predictions, references = [], []
         for pixel_values, labels, outputs in _batches(model, dataset, batch_size, accelerator, device,
                                                       progress, f"Evaluating {name} on {task}"):
             first_batch = pixel_values if first_batch is None else first_batch
             predicted = outputs.logits.argmax(dim=-1)
+            if to_class is not None:
+                predicted = to_class.to(predicted.device)[predicted]
             if accelerator is not None:
                 predicted, labels = accelerator.gather_for_metrics((predicted, labels))
             predictions.append(predicted.cpu())
             references.append(labels.cpu())
         predicted, labels = torch.cat(predictions), torch.cat(references)
-        scores = classification_metrics(predicted, labels, num_classes=len(id2label))
+        scores = classification_metrics(predicted, labels, num_classes=num_classes)
         for metric in metrics:
             for key, value in metric(predicted.tolist(), labels.tolist()).items():
                 scores[key if key not in scores else f"{metric.name}:{key}"] = value
@@ -160,6 +163,42 @@ def evaluate_classifier(
         logger.info("%s on %s: accuracy %.4f over %d samples", name, task, scores["accuracy"], len(labels))
     return _with_cost(model, name, role, results, first_batch, batch_size, device,
                       measure_cost=measure_cost, warmup=warmup, repeats=repeats)
+
+
+def _label_space(model: torch.nn.Module, data: ImageData,
+                 id2label: dict[int, str]) -> tuple[dict[int, int], torch.Tensor | None, int]:
+    """How a task's labels meet the model's outputs: (dataset label -> class, output -> class or None, classes).
+
+    Labels match by name. A gated merge's union label space names a label that
+    several sources share ``<task>/<label>`` (``config.gate_labels``,
+    ``config.source_labels``): its data's plain ``"3"`` then matches every
+    task's ``3``, so an output counts by its source's own label name.
+    """
+    from hfmerge.data import label_map_for
+
+    try:
+        return label_map_for(data, id2label), None, len(id2label)
+    except DataError:
+        own = _source_label_names(model, id2label)
+        if own is None:
+            raise
+    classes = list(dict.fromkeys(own[i] for i in range(len(id2label))))
+    index = {name: i for i, name in enumerate(classes)}
+    to_class = torch.tensor([index[own[i]] for i in range(len(id2label))])
+    return label_map_for(data, dict(enumerate(classes))), to_class, len(classes)
+
+
+def _source_label_names(model: torch.nn.Module, id2label: dict[int, str]) -> dict[int, str] | None:
+    """Each output's label as its source names it (``<task>/`` taken off), or ``None`` for a model of one task."""
+    config = getattr(model, "config", None)
+    tasks, ranges = getattr(config, "gate_labels", None), getattr(config, "source_labels", None)
+    if not tasks or not ranges:
+        return None
+    own = dict(id2label)
+    for task, outputs in zip(tasks, ranges):
+        for i in outputs:
+            own[i] = own[i].removeprefix(f"{task}/")
+    return own
 
 
 class SegmentationSamples(torch.utils.data.Dataset):

@@ -56,6 +56,23 @@ class FineTuning:
 
 
 @dataclass(frozen=True)
+class Comparison:
+    """Another merge of the same sources that the evaluation shows beside this one (a paper's comparison rows).
+
+    ``parameters`` replace the merge's own; the plan is made again with them and executed from the same
+    sources, statistics and trained tensors.
+
+    ``task_given``: each task's images go through the classifier (and gated layers) of the source of
+    that task, as the paper's baselines select the classifier by hand; the i-th evaluation dataset is
+    the i-th source's task.
+    """
+
+    name: str
+    parameters: dict[str, Any]
+    task_given: bool = False
+
+
+@dataclass(frozen=True)
 class ParamSpec:
     """A parameter a method declares: its type, default and allowed range."""
 
@@ -156,6 +173,10 @@ class MergeMethod(ABC):
     def fine_tuning(self, ctx: MergeContext, plan: MergePlan) -> FineTuning | None:
         """The post-merge training step, or ``None`` (the default: the merge is the result)."""
         return None
+
+    def comparisons(self, ctx: MergeContext) -> list[Comparison]:
+        """Other merges of the same sources to evaluate beside this one when evaluation data is given; none by default."""
+        return []
 
     def auxiliary_models(self, parameters: dict[str, Any]) -> dict[str, str]:
         """Models besides the sources, by role -> repo id or folder (gating's gate network); none by default.

@@ -24,7 +24,7 @@ import re
 from typing import TYPE_CHECKING, Any
 
 from hfmerge.errors import IncompatibleModelsError, RecipeError
-from hfmerge.methods.base import MergeMethod, ParamSpec, register_method
+from hfmerge.methods.base import Comparison, MergeMethod, ParamSpec, register_method
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -87,6 +87,10 @@ class Gating(MergeMethod):
         ParamSpec("gate_learning_rate", float, 1e-3, "the gate's learning rate (AdamW, linear decay)", minimum=0.0),
         ParamSpec("routing", str, "soft", "soft: every gated layer is Σᵢ pᵢ Wᵢ (Eq. 2); top1: the gated layers of "
                   "the most probable source only", choices=("soft", "top1")),
+        ParamSpec("gate_embeddings_norms", bool, True, "also gate the embeddings and every LayerNorm (Table 2, "
+                  "strategy 4; false: they are merged by static too)"),
+        ParamSpec("compare", bool, True, "with --eval-data, also evaluate the paper's comparison (Tables 3-4): "
+                  "average and regmean with the task given, and gating with either for m in 0, 1, 3, 5"),
         ParamSpec("alpha", float, 0.9, "RegMean's off-diagonal scale (static=regmean)", minimum=0.0, maximum=1.0),
         ParamSpec("samples", int, 256, "images of each source's data for RegMean's Gram matrices (static=regmean)",
                   minimum=1),
@@ -139,15 +143,16 @@ source for {{ '%.2f' | format(details.gate.accuracy * 100) }}% \
         return {"similarity": layer_similarity(ctx.sources)}
 
     def statistics(self, ctx: MergeContext) -> StatisticsRequest | None:
-        """RegMean's Gram matrices for the linear layers that are merged statically (none for ``average``)."""
+        """RegMean's Gram matrices: of the linear layers merged statically, or of all when the comparison runs."""
         from hfmerge.engine.statistics import StatisticsRequest
         from hfmerge.methods.regmean import RegMean
 
-        if ctx.params.get("static", "regmean") != "regmean":
-            return None
-        gated = set(self._gated(ctx))
-        groups = [g for g in RegMean()._groups(ctx)
-                  if not any(ctx.anchor.tensors[f"{m}.weight"].key in gated for m in g)]
+        groups = RegMean()._groups(ctx)
+        if not (ctx.evaluating and self.comparisons(ctx)):
+            if ctx.params.get("static", "regmean") != "regmean":
+                return None
+            gated = set(self._gated(ctx))
+            groups = [g for g in groups if not any(ctx.anchor.tensors[f"{m}.weight"].key in gated for m in g)]
         return StatisticsRequest(grams=tuple(g[0] for g in groups)) if groups else None
 
     def trains(self, ctx: MergeContext) -> bool:
@@ -214,7 +219,28 @@ source for {{ '%.2f' | format(details.gate.accuracy * 100) }}% \
     def _gated(self, ctx: MergeContext) -> list[str]:
         attention, mlp = self._selection(ctx)
         keys = [info.key for info in ctx.anchor.tensors.values() if info.head is None]
-        return gated_keys(keys, attention, mlp)
+        chosen = gated_keys(keys, attention, mlp)
+        if not ctx.params.get("gate_embeddings_norms", True):
+            chosen = [k for k in chosen if not (_EMBEDDING.match(k) or _NORM.fullmatch(k))]
+        return chosen
+
+    def comparisons(self, ctx: MergeContext) -> list[Comparison]:
+        """The rows of the paper's Tables 3-4 beside this merge, for its evaluation (``compare=true``).
+
+        AvgMean and RegMean with the classifier of the task given (the paper's
+        baselines select it by hand), then gating with either, m = 0, 1, 3, 5
+        (those up to the number of layers); the merge itself is not repeated.
+        """
+        if not ctx.params.get("compare", True):
+            return []
+        layers, own = self._layers(ctx), (ctx.params.get("static"), int(ctx.params.get("m", 3)))
+        rows = [Comparison(f"{static} (task given)", {"static": static, "m": 0, "gate_embeddings_norms": False},
+                           task_given=True) for static in ("average", "regmean")]
+        for static in ("average", "regmean"):
+            for m in (0, 1, 3, 5):
+                if m <= layers and (static, m) != own:
+                    rows.append(Comparison(f"gating + {static}, m={m}", {"static": static, "m": m}))
+        return rows
 
     def plan(self, ctx: MergeContext) -> MergePlan:
         from hfmerge.engine.plan import MergePlan, OutputSpec, TensorPlan
