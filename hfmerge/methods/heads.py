@@ -21,7 +21,6 @@ another default (layerwise: ``anchor``).
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,6 +28,7 @@ from typing import Any
 from hfmerge.adapters.layout import ModelLayout
 from hfmerge.engine.plan import MergeContext, TensorPlan
 from hfmerge.errors import IncompatibleModelsError
+from hfmerge.labels import distinct_prefixes, union_label_names
 from hfmerge.methods.base import HEAD_POLICIES
 from hfmerge.ops import ConcatHeads, Copy, LinearCombination
 
@@ -150,20 +150,7 @@ def source_prefixes(sources: list[ModelLayout]) -> list[str]:
     the machine that merged); where even that repeats (one source given
     twice), ``source<i>`` by position.
     """
-    short = [s.source.short_name for s in sources]
-    full = [_long_name(s) for s in sources]
-    short_counts, full_counts = Counter(short), Counter(full)
-    prefixes = []
-    for i, (s, f) in enumerate(zip(short, full)):
-        if short_counts[s] == 1:
-            prefixes.append(s)
-        elif full_counts[f] == 1:
-            prefixes.append(f)
-        else:
-            prefixes.append(f"source{i + 1}")
-    if len(set(prefixes)) < len(prefixes):  # a short name equal to another source's full name
-        prefixes = [f"source{i + 1}" for i in range(len(sources))]
-    return prefixes
+    return distinct_prefixes([s.source.short_name for s in sources], [_long_name(s) for s in sources])
 
 
 def _long_name(layout: ModelLayout) -> str:
@@ -180,15 +167,4 @@ def union_labels(sources: list[ModelLayout]) -> list[str]:
     in each of them (:func:`source_prefixes`), so no two outputs share a name,
     each says which model it came from, and ``label2id`` inverts ``id2label``.
     """
-    counts = Counter(label for s in sources for label in s.id2label.values())
-    prefixes = source_prefixes(sources)
-    labels = []
-    for source, prefix in zip(sources, prefixes):
-        for i in range(len(source.id2label)):
-            label = source.id2label[i]
-            labels.append(f"{prefix}/{label}" if counts[label] > 1 else label)
-    if len(set(labels)) < len(labels):
-        # A source's own label is literally another's prefixed name: number every output instead.
-        seen: Counter[str] = Counter(labels)
-        labels = [f"{label}#{i}" if seen[label] > 1 else label for i, label in enumerate(labels)]
-    return labels
+    return union_label_names([s.id2label for s in sources], source_prefixes(sources))
