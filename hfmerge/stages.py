@@ -383,7 +383,7 @@ def train_gate(planned: PlannedMerge, *, accelerator: Accelerator, token: str | 
 
     from hfmerge.checkpoint import CheckpointReader
     from hfmerge.data.load import ProcessedImages
-    from hfmerge.modeling import GateInput
+    from hfmerge.modeling.gate import GateInput
     from hfmerge.train import TrainOptions, train_model
 
     started = time.perf_counter()

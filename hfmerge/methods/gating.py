@@ -294,7 +294,7 @@ source for {{ '%.2f' | format(details.gate.accuracy * 100) }}% \
         """The gated model's config (its own class, with ``auto_map``) and its modeling file."""
         from hfmerge.engine.plan import OutputSpec
         from hfmerge.methods.heads import source_prefixes, union_labels
-        from hfmerge.modeling import (MODELING_FILE, GatedMergedConfig, GatedMergedForImageClassification,
+        from hfmerge.modeling import (AUTO_MAP, MODELING_FILE, GatedMergedConfig, GatedMergedForImageClassification,
                                       modeling_source)
 
         gate = ctx.auxiliary["gate"]
@@ -309,7 +309,6 @@ source for {{ '%.2f' | format(details.gate.accuracy * 100) }}% \
                            label2id={t: i for i, t in enumerate(tasks)})
         vit_mean, vit_std, _ = _processor_facts(ctx.anchor)
         gate_mean, gate_std, gate_size = _processor_facts(gate)
-        module = MODELING_FILE.removesuffix(".py")
         config = GatedMergedConfig(
             vit=ctx.anchor.config.to_dict(), gate=gate_config, num_sources=len(ctx.sources), gate_labels=tasks,
             gated=gated, source_labels=source_labels, routing=str(ctx.params.get("routing", "soft")),
@@ -318,8 +317,7 @@ source for {{ '%.2f' | format(details.gate.accuracy * 100) }}% \
             label2id={label: i for i, label in enumerate(labels)},
             architectures=[GatedMergedForImageClassification.__name__],
         )
-        config.auto_map = {"AutoConfig": f"{module}.{GatedMergedConfig.__name__}",
-                           "AutoModelForImageClassification": f"{module}.{GatedMergedForImageClassification.__name__}"}
+        config.auto_map = dict(AUTO_MAP)
         return OutputSpec(config=config, architecture=GatedMergedForImageClassification.__name__,
                           task="image-classification", files={MODELING_FILE: modeling_source()},
                           loads_with_transformers=False)

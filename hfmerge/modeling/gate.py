@@ -7,24 +7,29 @@ from typing import Any
 import torch
 from transformers.modeling_outputs import ImageClassifierOutput
 
-from hfmerge.modeling.gated_vit import gate_pixel_values
+from hfmerge.modeling.gated_vit import GatedMergedForImageClassification
 
 
 class GateInput(torch.nn.Module):
-    """A MobileNetV2 gate fed the way the gated model feeds it (vit-gating-merge §3.2).
+    """A MobileNetV2 gate fed exactly as the gated model feeds it (vit-gating-merge §3.2).
 
-    ``pixel_values`` are the merged model's own (its ViT image processor's);
-    :func:`~hfmerge.modeling.gated_vit.gate_pixel_values` turns them into the
-    gate's input inside the model, so the gate trains on exactly what it sees
-    at inference. ``labels`` are source indices; the loss is cross-entropy.
+    ``pixel_values`` are the merged model's own (its ViT image processor's). The
+    gate's input is made by the gated model's own code
+    (:meth:`~hfmerge.modeling.gated_vit.GatedMergedForImageClassification.gate_logits`,
+    borrowed, not copied), so the gate trains on what it sees at inference.
+    ``labels`` are source indices; the loss is cross-entropy.
     """
+
+    gate_logits = GatedMergedForImageClassification.gate_logits
+    _constant = GatedMergedForImageClassification._constant
 
     def __init__(self, gate: torch.nn.Module, config: Any) -> None:
         super().__init__()
         self.gate = gate
         self.config = config
+        self._constants: dict[Any, torch.Tensor] = {}
 
     def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None) -> ImageClassifierOutput:
-        logits = self.gate(pixel_values=gate_pixel_values(pixel_values, self.config)).logits
+        logits = self.gate_logits(pixel_values)
         loss = torch.nn.functional.cross_entropy(logits, labels) if labels is not None else None
         return ImageClassifierOutput(loss=loss, logits=logits)
