@@ -21,6 +21,9 @@ from helpers import assert_one_line_error, run_cli
 
 METHODS = hfmerge.available_methods()
 REFUSED = {("regmean", "resnet"): "none outside its classifier head"}  # ResNet's only nn.Linear is its head
+# Methods whose output is a model of their own, not the sources' architecture: their own tests hold them to the
+# same property (tests/test_gating.py: identical sources give the source's logits through the gated model).
+OWN_OUTPUT = {"gating"}
 
 
 def merge_arguments(method: str, source: str, folder=None) -> dict:
@@ -50,6 +53,9 @@ def load_plain(folder):
 @pytest.mark.parametrize("family", ["vit", "resnet"])
 @pytest.mark.parametrize("method", METHODS)
 def test_identical_sources_merge_to_themselves_and_load_with_transformers(method, family, make_source, tmp_path):
+    if method in OWN_OUTPUT:
+        pytest.skip(f"{method} writes a model of its own; tests/test_gating.py checks it merges identical sources "
+                    "to themselves")
     source = make_source(family, 3, seed=5)
     if (method, family) in REFUSED:
         with pytest.raises(hfmerge.IncompatibleModelsError, match=REFUSED[method, family]):
