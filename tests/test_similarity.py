@@ -20,7 +20,14 @@ import transformers
 from safetensors.torch import load_file, save_file
 
 from hfmerge.adapters import ModelLayout, inspect_source
-from hfmerge.analysis import LayerSimilarity, layer_similarity, select_gated, similarity_svg
+from hfmerge.analysis import (
+    LayerSimilarity,
+    gated_keys,
+    layer_similarity,
+    select_gated,
+    similarity_svg,
+    transformer_blocks,
+)
 from hfmerge.errors import IncompatibleModelsError, MergeNumericError, RecipeError
 from hfmerge.hub.resolve import resolve_source
 from hfmerge.testing.tiny import save_tiny
@@ -313,3 +320,18 @@ def test_similarity_svg_refuses_a_gated_layer_that_does_not_exist():
     similarity = LayerSimilarity((1.0, 2.0), (1.0, 2.0), pairs=1)
     with pytest.raises(ValueError, match="layer 2"):
         similarity_svg(similarity, ((2,), ()))
+
+
+# --- blocks and keys ------------------------------------------------------------------------------------------
+
+
+def test_blocks_follow_the_layers_in_forward_order_and_gated_keys_name_their_checkpoint_tensors(folders):
+    layout = layouts(folders["task0"])[0]
+    blocks = transformer_blocks(layout)
+    assert [(b.layer, b.kind) for b in blocks] == [(l, k) for l in range(LAYERS) for k in ("attention", "mlp")]
+    assert [[layout.tensors[n].key for n in b.tensors] for b in blocks[20:22]] == [attention_keys(10), mlp_keys(10)]
+    # MLP 0 runs before attention 10; within a block, the checkpoint's module order
+    assert gated_keys(layout, ((10,), (0,))) == tuple(mlp_keys(0) + attention_keys(10))
+    assert gated_keys(layout, ((), ())) == ()
+    with pytest.raises(ValueError, match="mlp layer 12"):
+        gated_keys(layout, ((), (12,)))

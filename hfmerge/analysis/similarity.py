@@ -68,8 +68,11 @@ class LayerSimilarity:
 
 
 @dataclass(frozen=True)
-class _Block:
-    """One attention or MLP block of a layout: its tensors by in-memory name, in forward order."""
+class TransformerBlock:
+    """One attention or MLP block of a source: layer ``layer``'s block ``module``, its tensors by in-memory name.
+
+    ``tensors`` are in forward order; ``ModelLayout.tensors[name].key`` gives each one's checkpoint key.
+    """
 
     kind: str
     layer: int
@@ -77,7 +80,7 @@ class _Block:
     tensors: tuple[str, ...]
 
 
-def transformer_blocks(layout: ModelLayout) -> list[_Block]:
+def transformer_blocks(layout: ModelLayout) -> list[TransformerBlock]:
     """The attention and MLP blocks of ``layout`` that the adapter declares, layer by layer in forward order.
 
     Block modules come from :attr:`ModelLayout.module_kinds` (the adapter's
@@ -104,8 +107,33 @@ def transformer_blocks(layout: ModelLayout) -> list[_Block]:
     for layer in range(counts["attention"]):
         for kind in BLOCK_KINDS:
             module = per_kind[kind][layer]
-            blocks.append(_Block(kind, layer, module, tuple(owned[module])))
+            blocks.append(TransformerBlock(kind, layer, module, tuple(owned[module])))
     return blocks
+
+
+def gated_keys(layout: ModelLayout, gated: tuple[tuple[int, ...], tuple[int, ...]]) -> tuple[str, ...]:
+    """The checkpoint keys of the attention layers ``gated[0]`` and MLP layers ``gated[1]``, in forward order.
+
+    ``gated`` is what :func:`select_gated` returns; the keys name the tensors a
+    gated model stores once per source (GATING.md, ``GatedMergedConfig.gated``).
+
+    Raises:
+        ValueError: a gated index is not a layer of ``layout``.
+    """
+    blocks = transformer_blocks(layout)
+    wanted = _gated_sets(gated, len(blocks) // 2)
+    chosen = {name for b in blocks if b.layer in wanted[b.kind] for name in b.tensors}
+    return tuple(t.key for t in layout.forward.values() if t.name in chosen)
+
+
+def _gated_sets(gated: tuple[tuple[int, ...], tuple[int, ...]], layers: int) -> dict[str, set[int]]:
+    """``gated`` (attention, MLP layer indices) by kind, each index checked to be one of ``layers``."""
+    sets = {"attention": set(gated[0]), "mlp": set(gated[1])}
+    for kind, indices in sets.items():
+        outside = sorted(i for i in indices if not 0 <= i < layers)
+        if outside:
+            raise ValueError(f"gated {kind} layer {outside[0]} is not one of the {layers} layers (0..{layers - 1})")
+    return sets
 
 
 def _enclosing_blocks(module: str, kinds: dict[str, str]) -> list[str]:
@@ -115,7 +143,7 @@ def _enclosing_blocks(module: str, kinds: dict[str, str]) -> list[str]:
     return [p for p in prefixes if kinds.get(p) in BLOCK_KINDS]
 
 
-def _check_same_blocks(sources: Sequence[ModelLayout], blocks: list[_Block]) -> None:
+def _check_same_blocks(sources: Sequence[ModelLayout], blocks: list[TransformerBlock]) -> None:
     """Every source has the blocks of the first, with the same tensors and shapes.
 
     Raises:
@@ -259,11 +287,7 @@ def similarity_svg(similarity: LayerSimilarity, gated: tuple[tuple[int, ...], tu
         ValueError: a gated index is not a layer of ``similarity``.
     """
     layers = similarity.num_layers
-    marked = {"attention": set(gated[0]), "mlp": set(gated[1])}
-    for kind, indices in marked.items():
-        outside = sorted(i for i in indices if not 0 <= i < layers)
-        if outside:
-            raise ValueError(f"gated {kind} layer {outside[0]} is not one of the {layers} layers (0..{layers - 1})")
+    marked = _gated_sets(gated, layers)
     series = {"attention": similarity.attention, "mlp": similarity.mlp}
     everything = [*similarity.attention, *similarity.mlp]
     low = min([0.0, *everything])
@@ -297,6 +321,9 @@ def similarity_svg(similarity: LayerSimilarity, gated: tuple[tuple[int, ...], tu
         out.append(f'<line x1="{_LEFT - 4}" y1="{y}" x2="{_LEFT + plot_w}" y2="{y}" stroke="#e0e0e0"/>')
         out.append(f'<text class="y-label" x="{_LEFT - 6}" y="{y}" text-anchor="end" '
                    f'dominant-baseline="middle">{value:.3g}</text>')
+    if low < 0:
+        out.append(f'<line x1="{_LEFT}" y1="{_n(y_of(0.0))}" x2="{_LEFT + plot_w}" y2="{_n(y_of(0.0))}" '
+                   'stroke="#999999"/>')
     every = max(1, math.ceil(layers / 24))
     for layer in range(layers):
         if layer % every == 0 or layer == layers - 1:
