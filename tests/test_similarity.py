@@ -308,6 +308,8 @@ def test_similarity_svg_marks_exactly_the_gated_layers_and_labels_every_layer():
     assert _markers(root, "mlp") == {l + 1: l in (0, 1, 2) for l in range(LAYERS)}
     x_labels = [e.text for e in root.iter(f"{SVG}text") if e.get("class") == "x-label"]
     assert x_labels == [str(l) for l in range(1, LAYERS + 1)]
+    y_labels = [e.text for e in root.iter(f"{SVG}text") if e.get("class") == "y-label"]
+    assert (y_labels[0], y_labels[-1]) == ("0", "3")  # the axis spans 0..N(N-1)/2
     # higher similarity is drawn higher up (smaller y)
     ys = [float(e.get("cy")) for e in root.iter(f"{SVG}circle")]
     assert ys == sorted(ys)

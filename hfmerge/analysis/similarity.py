@@ -233,7 +233,6 @@ def layer_similarity(sources: Sequence[ModelLayout]) -> LayerSimilarity:
                 if norms[i][b] > 0:
                     running.add_(_read(layout, name), alpha=1.0 / norms[i][b])
             squared_sum += float(torch.linalg.vector_norm(running)) ** 2
-            del running
         unit = sum(1 for i in range(len(sources)) if norms[i][b] > 0)  # Σ_i ‖â_i‖²
         values[block.kind].append((squared_sum - unit) / 2)
     n = len(sources)
@@ -270,6 +269,21 @@ _LETTERS = {"attention": "A", "mlp": "M"}
 def _n(x: float) -> str:
     """A coordinate, written the same on every platform."""
     return f"{x:.2f}"
+
+
+def _ticks(low: float, high: float) -> list[float]:
+    """The y ticks: ``high`` (the maximum, N(N-1)/2), round values 1, 2 or 5 times a power of ten apart
+    (0 among them) not crowding its label, and ``low`` where it crowds none."""
+    gap = 0.1 * (high - low)
+    raw = (high - low) / 4
+    power = 10.0 ** math.floor(math.log10(raw))
+    step = next(f * power for f in (1, 2, 5, 10) if f * power >= raw)
+    first = math.ceil(low / step - 1e-9)
+    values = [round(k * step, 12) for k in range(first, math.floor(high / step + 1e-9) + 1)]
+    values = [v for v in values if high - v >= gap] + [high]
+    if all(abs(low - v) >= gap for v in values):
+        values.insert(0, low)
+    return values
 
 
 def similarity_svg(similarity: LayerSimilarity, gated: tuple[tuple[int, ...], tuple[int, ...]]) -> str:
@@ -315,12 +329,11 @@ def similarity_svg(similarity: LayerSimilarity, gated: tuple[tuple[int, ...], tu
         f'<line x1="{_LEFT}" y1="{_TOP}" x2="{_LEFT}" y2="{_TOP + plot_h}" stroke="#333333"/>',
         f'<line x1="{_LEFT}" y1="{_TOP + plot_h}" x2="{_LEFT + plot_w}" y2="{_TOP + plot_h}" stroke="#333333"/>',
     ]
-    for k in range(5):
-        value = low + (high - low) * k / 4
+    for value in _ticks(low, high):
         y = _n(y_of(value))
         out.append(f'<line x1="{_LEFT - 4}" y1="{y}" x2="{_LEFT + plot_w}" y2="{y}" stroke="#e0e0e0"/>')
         out.append(f'<text class="y-label" x="{_LEFT - 6}" y="{y}" text-anchor="end" '
-                   f'dominant-baseline="middle">{value:.3g}</text>')
+                   f'dominant-baseline="middle">{value:.4g}</text>')
     if low < 0:
         out.append(f'<line x1="{_LEFT}" y1="{_n(y_of(0.0))}" x2="{_LEFT + plot_w}" y2="{_n(y_of(0.0))}" '
                    'stroke="#999999"/>')
