@@ -8,6 +8,8 @@ taken from hfmerge), pairwise cosines summed.
 from __future__ import annotations
 
 import dataclasses
+import subprocess
+import sys
 import weakref
 import xml.etree.ElementTree as ET
 from collections import Counter
@@ -337,3 +339,12 @@ def test_blocks_follow_the_layers_in_forward_order_and_gated_keys_name_their_che
     assert gated_keys(layout, ((), ())) == ()
     with pytest.raises(ValueError, match="mlp layer 12"):
         gated_keys(layout, ((), (12,)))
+
+
+def test_importing_the_analysis_loads_neither_torch_nor_transformers():
+    """The gating method imports it at module level, and `hfmerge methods` must stay light (test_imports)."""
+    probe = ("import sys, hfmerge.analysis; "
+             "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'transformers'}))")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"

@@ -30,11 +30,14 @@ import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
-
-from hfmerge.adapters.layout import ModelLayout
 from hfmerge.errors import IncompatibleModelsError, MergeNumericError, RecipeError
+
+if TYPE_CHECKING:  # importing this module loads no torch: methods import it while `hfmerge methods` lists them
+    import torch
+
+    from hfmerge.adapters.layout import ModelLayout
 
 logger = logging.getLogger(__name__)
 
@@ -202,6 +205,8 @@ def layer_similarity(sources: Sequence[ModelLayout]) -> LayerSimilarity:
         raise IncompatibleModelsError(
             f"layer similarity compares sources pairwise: give at least two (got {len(sources)})"
         )
+    import torch
+
     first = sources[0]
     blocks = transformer_blocks(first)
     _check_same_blocks(sources, blocks)
