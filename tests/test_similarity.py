@@ -8,6 +8,8 @@ taken from hfmerge), pairwise cosines summed.
 from __future__ import annotations
 
 import dataclasses
+import subprocess
+import sys
 import weakref
 import xml.etree.ElementTree as ET
 from collections import Counter
@@ -20,7 +22,14 @@ import transformers
 from safetensors.torch import load_file, save_file
 
 from hfmerge.adapters import ModelLayout, inspect_source
-from hfmerge.analysis import LayerSimilarity, layer_similarity, select_gated, similarity_svg
+from hfmerge.analysis import (
+    LayerSimilarity,
+    gated_keys,
+    layer_similarity,
+    select_gated,
+    similarity_svg,
+    transformer_blocks,
+)
 from hfmerge.errors import IncompatibleModelsError, MergeNumericError, RecipeError
 from hfmerge.hub.resolve import resolve_source
 from hfmerge.testing.tiny import save_tiny
@@ -301,6 +310,8 @@ def test_similarity_svg_marks_exactly_the_gated_layers_and_labels_every_layer():
     assert _markers(root, "mlp") == {l + 1: l in (0, 1, 2) for l in range(LAYERS)}
     x_labels = [e.text for e in root.iter(f"{SVG}text") if e.get("class") == "x-label"]
     assert x_labels == [str(l) for l in range(1, LAYERS + 1)]
+    y_labels = [e.text for e in root.iter(f"{SVG}text") if e.get("class") == "y-label"]
+    assert (y_labels[0], y_labels[-1]) == ("0", "3")  # the axis spans 0..N(N-1)/2
     # higher similarity is drawn higher up (smaller y)
     ys = [float(e.get("cy")) for e in root.iter(f"{SVG}circle")]
     assert ys == sorted(ys)
@@ -313,3 +324,27 @@ def test_similarity_svg_refuses_a_gated_layer_that_does_not_exist():
     similarity = LayerSimilarity((1.0, 2.0), (1.0, 2.0), pairs=1)
     with pytest.raises(ValueError, match="layer 2"):
         similarity_svg(similarity, ((2,), ()))
+
+
+# --- blocks and keys ------------------------------------------------------------------------------------------
+
+
+def test_blocks_follow_the_layers_in_forward_order_and_gated_keys_name_their_checkpoint_tensors(folders):
+    layout = layouts(folders["task0"])[0]
+    blocks = transformer_blocks(layout)
+    assert [(b.layer, b.kind) for b in blocks] == [(l, k) for l in range(LAYERS) for k in ("attention", "mlp")]
+    assert [[layout.tensors[n].key for n in b.tensors] for b in blocks[20:22]] == [attention_keys(10), mlp_keys(10)]
+    # MLP 0 runs before attention 10; within a block, the checkpoint's module order
+    assert gated_keys(layout, ((10,), (0,))) == tuple(mlp_keys(0) + attention_keys(10))
+    assert gated_keys(layout, ((), ())) == ()
+    with pytest.raises(ValueError, match="mlp layer 12"):
+        gated_keys(layout, ((), (12,)))
+
+
+def test_importing_the_analysis_loads_neither_torch_nor_transformers():
+    """The gating method imports it at module level, and `hfmerge methods` must stay light (test_imports)."""
+    probe = ("import sys, hfmerge.analysis; "
+             "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'transformers'}))")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"

@@ -2,6 +2,17 @@
 
 from __future__ import annotations
 
-from hfmerge.analysis.similarity import LayerSimilarity, layer_similarity, select_gated, similarity_svg
+from hfmerge.analysis.similarity import (
+    LayerSimilarity,
+    TransformerBlock,
+    gated_keys,
+    layer_similarity,
+    select_gated,
+    similarity_svg,
+    transformer_blocks,
+)
 
-__all__ = ["LayerSimilarity", "layer_similarity", "select_gated", "similarity_svg"]
+__all__ = [
+    "LayerSimilarity", "TransformerBlock", "gated_keys", "layer_similarity", "select_gated", "similarity_svg",
+    "transformer_blocks",
+]

@@ -30,11 +30,14 @@ import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
-
-from hfmerge.adapters.layout import ModelLayout
 from hfmerge.errors import IncompatibleModelsError, MergeNumericError, RecipeError
+
+if TYPE_CHECKING:  # importing this module loads no torch: methods import it while `hfmerge methods` lists them
+    import torch
+
+    from hfmerge.adapters.layout import ModelLayout
 
 logger = logging.getLogger(__name__)
 
@@ -68,8 +71,11 @@ class LayerSimilarity:
 
 
 @dataclass(frozen=True)
-class _Block:
-    """One attention or MLP block of a layout: its tensors by in-memory name, in forward order."""
+class TransformerBlock:
+    """One attention or MLP block of a source: layer ``layer``'s block ``module``, its tensors by in-memory name.
+
+    ``tensors`` are in forward order; ``ModelLayout.tensors[name].key`` gives each one's checkpoint key.
+    """
 
     kind: str
     layer: int
@@ -77,7 +83,7 @@ class _Block:
     tensors: tuple[str, ...]
 
 
-def transformer_blocks(layout: ModelLayout) -> list[_Block]:
+def transformer_blocks(layout: ModelLayout) -> list[TransformerBlock]:
     """The attention and MLP blocks of ``layout`` that the adapter declares, layer by layer in forward order.
 
     Block modules come from :attr:`ModelLayout.module_kinds` (the adapter's
@@ -104,8 +110,33 @@ def transformer_blocks(layout: ModelLayout) -> list[_Block]:
     for layer in range(counts["attention"]):
         for kind in BLOCK_KINDS:
             module = per_kind[kind][layer]
-            blocks.append(_Block(kind, layer, module, tuple(owned[module])))
+            blocks.append(TransformerBlock(kind, layer, module, tuple(owned[module])))
     return blocks
+
+
+def gated_keys(layout: ModelLayout, gated: tuple[tuple[int, ...], tuple[int, ...]]) -> tuple[str, ...]:
+    """The checkpoint keys of the attention layers ``gated[0]`` and MLP layers ``gated[1]``, in forward order.
+
+    ``gated`` is what :func:`select_gated` returns; the keys name the tensors a
+    gated model stores once per source (GATING.md, ``GatedMergedConfig.gated``).
+
+    Raises:
+        ValueError: a gated index is not a layer of ``layout``.
+    """
+    blocks = transformer_blocks(layout)
+    wanted = _gated_sets(gated, len(blocks) // 2)
+    chosen = {name for b in blocks if b.layer in wanted[b.kind] for name in b.tensors}
+    return tuple(t.key for t in layout.forward.values() if t.name in chosen)
+
+
+def _gated_sets(gated: tuple[tuple[int, ...], tuple[int, ...]], layers: int) -> dict[str, set[int]]:
+    """``gated`` (attention, MLP layer indices) by kind, each index checked to be one of ``layers``."""
+    sets = {"attention": set(gated[0]), "mlp": set(gated[1])}
+    for kind, indices in sets.items():
+        outside = sorted(i for i in indices if not 0 <= i < layers)
+        if outside:
+            raise ValueError(f"gated {kind} layer {outside[0]} is not one of the {layers} layers (0..{layers - 1})")
+    return sets
 
 
 def _enclosing_blocks(module: str, kinds: dict[str, str]) -> list[str]:
@@ -115,7 +146,7 @@ def _enclosing_blocks(module: str, kinds: dict[str, str]) -> list[str]:
     return [p for p in prefixes if kinds.get(p) in BLOCK_KINDS]
 
 
-def _check_same_blocks(sources: Sequence[ModelLayout], blocks: list[_Block]) -> None:
+def _check_same_blocks(sources: Sequence[ModelLayout], blocks: list[TransformerBlock]) -> None:
     """Every source has the blocks of the first, with the same tensors and shapes.
 
     Raises:
@@ -174,6 +205,8 @@ def layer_similarity(sources: Sequence[ModelLayout]) -> LayerSimilarity:
         raise IncompatibleModelsError(
             f"layer similarity compares sources pairwise: give at least two (got {len(sources)})"
         )
+    import torch
+
     first = sources[0]
     blocks = transformer_blocks(first)
     _check_same_blocks(sources, blocks)
@@ -205,7 +238,6 @@ def layer_similarity(sources: Sequence[ModelLayout]) -> LayerSimilarity:
                 if norms[i][b] > 0:
                     running.add_(_read(layout, name), alpha=1.0 / norms[i][b])
             squared_sum += float(torch.linalg.vector_norm(running)) ** 2
-            del running
         unit = sum(1 for i in range(len(sources)) if norms[i][b] > 0)  # Σ_i ‖â_i‖²
         values[block.kind].append((squared_sum - unit) / 2)
     n = len(sources)
@@ -244,6 +276,21 @@ def _n(x: float) -> str:
     return f"{x:.2f}"
 
 
+def _ticks(low: float, high: float) -> list[float]:
+    """The y ticks: ``high`` (the maximum, N(N-1)/2), round values 1, 2 or 5 times a power of ten apart
+    (0 among them) not crowding its label, and ``low`` where it crowds none."""
+    gap = 0.1 * (high - low)
+    raw = (high - low) / 4
+    power = 10.0 ** math.floor(math.log10(raw))
+    step = next(f * power for f in (1, 2, 5, 10) if f * power >= raw)
+    first = math.ceil(low / step - 1e-9)
+    values = [round(k * step, 12) for k in range(first, math.floor(high / step + 1e-9) + 1)]
+    values = [v for v in values if high - v >= gap] + [high]
+    if all(abs(low - v) >= gap for v in values):
+        values.insert(0, low)
+    return values
+
+
 def similarity_svg(similarity: LayerSimilarity, gated: tuple[tuple[int, ...], tuple[int, ...]]) -> str:
     """The card's picture of Eq. 4 per layer, as the paper's Figure 3 draws it.
 
@@ -259,11 +306,7 @@ def similarity_svg(similarity: LayerSimilarity, gated: tuple[tuple[int, ...], tu
         ValueError: a gated index is not a layer of ``similarity``.
     """
     layers = similarity.num_layers
-    marked = {"attention": set(gated[0]), "mlp": set(gated[1])}
-    for kind, indices in marked.items():
-        outside = sorted(i for i in indices if not 0 <= i < layers)
-        if outside:
-            raise ValueError(f"gated {kind} layer {outside[0]} is not one of the {layers} layers (0..{layers - 1})")
+    marked = _gated_sets(gated, layers)
     series = {"attention": similarity.attention, "mlp": similarity.mlp}
     everything = [*similarity.attention, *similarity.mlp]
     low = min([0.0, *everything])
@@ -291,12 +334,14 @@ def similarity_svg(similarity: LayerSimilarity, gated: tuple[tuple[int, ...], tu
         f'<line x1="{_LEFT}" y1="{_TOP}" x2="{_LEFT}" y2="{_TOP + plot_h}" stroke="#333333"/>',
         f'<line x1="{_LEFT}" y1="{_TOP + plot_h}" x2="{_LEFT + plot_w}" y2="{_TOP + plot_h}" stroke="#333333"/>',
     ]
-    for k in range(5):
-        value = low + (high - low) * k / 4
+    for value in _ticks(low, high):
         y = _n(y_of(value))
         out.append(f'<line x1="{_LEFT - 4}" y1="{y}" x2="{_LEFT + plot_w}" y2="{y}" stroke="#e0e0e0"/>')
         out.append(f'<text class="y-label" x="{_LEFT - 6}" y="{y}" text-anchor="end" '
-                   f'dominant-baseline="middle">{value:.3g}</text>')
+                   f'dominant-baseline="middle">{value:.4g}</text>')
+    if low < 0:
+        out.append(f'<line x1="{_LEFT}" y1="{_n(y_of(0.0))}" x2="{_LEFT + plot_w}" y2="{_n(y_of(0.0))}" '
+                   'stroke="#999999"/>')
     every = max(1, math.ceil(layers / 24))
     for layer in range(layers):
         if layer % every == 0 or layer == layers - 1:

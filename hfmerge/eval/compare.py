@@ -35,14 +35,12 @@ class Candidate:
 
 
 def load_candidate(path: Path, name: str, role: str) -> Candidate:
-    """A classifier saved in ``path`` (a folder with config, weights and processor), in eval mode."""
+    """A classifier saved in ``path`` (a folder with config, weights and processor; a gated merge too), in eval mode."""
     from transformers import AutoImageProcessor
 
-    from hfmerge.adapters import inspect_source
-    from hfmerge.hub.resolve import resolve_source
+    from hfmerge.loading import load_folder
 
-    layout = inspect_source(resolve_source(str(path)))
-    model = layout.family.model_class(layout.architecture).from_pretrained(path)  # type: ignore[attr-defined]
+    model = load_folder(path, name=name)
     return Candidate(name, role, model.eval(), AutoImageProcessor.from_pretrained(path))
 
 

@@ -23,7 +23,7 @@ from transformers import (
 )
 
 from hfmerge.adapters.layout import checkpoint_to_memory_names
-from hfmerge.errors import IncompatibleModelsError
+from hfmerge.errors import IncompatibleModelsError, SourceError
 from hfmerge.labels import distinct_prefixes, union_label_names
 from hfmerge.modeling.gated_vit import (
     MODEL_TYPE,
@@ -35,7 +35,8 @@ from hfmerge.modeling.gated_vit import (
 
 __all__ = [
     "AUTO_MAP", "MODELING_FILE", "MODEL_TYPE", "GatedImageClassifierOutput", "GatedMergedConfig",
-    "GatedMergedForImageClassification", "assemble_gated", "is_gated_folder", "modeling_source", "save_gated",
+    "GatedMergedForImageClassification", "assemble_gated", "is_gated_folder", "load_gated", "modeling_source",
+    "save_gated",
 ]
 
 _MODULE = MODELING_FILE.removesuffix(".py")
@@ -229,3 +230,29 @@ def _fill(model: GatedMergedForImageClassification, sources: list[PreTrainedMode
     for i, state in enumerate(states):
         model.classifiers[i].weight.copy_(state["classifier.weight"])
         model.classifiers[i].bias.copy_(state["classifier.bias"])
+
+
+def load_gated(path: Path, *, name: str | None = None, **kwargs: Any) -> GatedMergedForImageClassification:
+    """Load the gated merge saved in folder ``path`` with the class itself, never with remote code.
+
+    Raises:
+        SourceError: its config cannot describe a gated model, or the stored tensors do not match it
+            (a tensor missing, left over, or of another shape than the config implies).
+    """
+    label = name or str(path)
+    try:
+        model, info = GatedMergedForImageClassification.from_pretrained(path, output_loading_info=True, **kwargs)
+    except (ValueError, RuntimeError, KeyError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise SourceError(f"{label}: the gated model's tensors do not match its config.json ({first})") from None
+    problems = [f"{len(info[kind])} {kind.replace('_', ' ')} (e.g. {_first(info[kind])})"
+                for kind in ("missing_keys", "unexpected_keys", "mismatched_keys") if info.get(kind)]
+    if problems:
+        raise SourceError(f"{label}: the gated model's tensors do not match its config.json: {'; '.join(problems)}; "
+                          "re-save it with hfmerge")
+    return model.eval()
+
+
+def _first(keys: Any) -> str:
+    item = next(iter(keys))
+    return str(item[0] if isinstance(item, tuple) else item)
