@@ -20,7 +20,6 @@ hfmerge, and :func:`hfmerge.load` loads it without running any repository code.
 from __future__ import annotations
 
 import json
-import re
 from typing import TYPE_CHECKING, Any
 
 from hfmerge.errors import IncompatibleModelsError, RecipeError
@@ -40,26 +39,19 @@ SIMILARITY_SVG = "similarity.svg"
 VIT_CLASSIFIER = "ViTForImageClassification"
 GATE_ARCHITECTURE = "MobileNetV2ForImageClassification"
 
-# The ViT checkpoint keys (the same under transformers 4.x and 5.x), which the gated model uses as its own names.
-_EMBEDDING = re.compile(r"vit\.embeddings\.")
-_NORM = re.compile(r"vit\.(encoder\.layer\.\d+\.layernorm_(before|after)|layernorm)\.(weight|bias)")
-_ATTENTION = re.compile(r"vit\.encoder\.layer\.(\d+)\.attention\.")
-_MLP = re.compile(r"vit\.encoder\.layer\.(\d+)\.(intermediate|output)\.dense\.")
+def embedding_and_norm_keys(layout: ModelLayout) -> list[str]:
+    """Checkpoint keys of the embeddings (patch, position, CLS) and of every normalisation layer, by module kind.
 
-
-def gated_keys(keys: list[str], attention: tuple[int, ...], mlp: tuple[int, ...]) -> list[str]:
-    """The checkpoint keys kept once per source: embeddings, every LayerNorm, the chosen attention and MLP layers.
-
-    Table 2's strategy 4 (the paper's method): the gate mixes the embeddings and
-    the normalisation layers always, and the attention/MLP modules of the given
-    layers; a module's weight and bias go together.
+    Table 2's strategy 4 (the paper's method) gates these always, besides the
+    m least similar attention and MLP modules.
     """
+    kinds = layout.module_kinds
     chosen = []
-    for key in keys:
-        attn, mlp_match = _ATTENTION.match(key), _MLP.match(key)
-        if (_EMBEDDING.match(key) or _NORM.fullmatch(key)
-                or (attn and int(attn.group(1)) in attention) or (mlp_match and int(mlp_match.group(1)) in mlp)):
-            chosen.append(key)
+    for info in layout.tensors.values():
+        parts = info.module.split(".")
+        enclosing = {kinds.get(".".join(parts[:n])) for n in range(1, len(parts) + 1)}
+        if "embedding" in enclosing or kinds.get(info.module) == "norm":
+            chosen.append(info.key)
     return chosen
 
 
@@ -217,12 +209,13 @@ source for {{ '%.2f' | format(details.gate.accuracy * 100) }}% \
         return select_gated(ctx.analysis["similarity"], m)
 
     def _gated(self, ctx: MergeContext) -> list[str]:
-        attention, mlp = self._selection(ctx)
-        keys = [info.key for info in ctx.anchor.tensors.values() if info.head is None]
-        chosen = gated_keys(keys, attention, mlp)
-        if not ctx.params.get("gate_embeddings_norms", True):
-            chosen = [k for k in chosen if not (_EMBEDDING.match(k) or _NORM.fullmatch(k))]
-        return chosen
+        """The checkpoint keys stored once per source, in the anchor's forward order."""
+        from hfmerge.analysis.similarity import gated_keys
+
+        chosen = set(gated_keys(ctx.anchor, self._selection(ctx)))
+        if ctx.params.get("gate_embeddings_norms", True):
+            chosen.update(embedding_and_norm_keys(ctx.anchor))
+        return [info.key for info in ctx.anchor.forward.values() if info.key in chosen]
 
     def comparisons(self, ctx: MergeContext) -> list[Comparison]:
         """The rows of the paper's Tables 3-4 beside this merge, for its evaluation (``compare=true``).
@@ -275,7 +268,7 @@ source for {{ '%.2f' | format(details.gate.accuracy * 100) }}% \
                 shape = (n, *shape[1:])
             entries.append(TensorPlan(f"gate.{info.key}", f"gate.{info.name}", shape, info.dtype,
                                       Copy((ctx.TRAINED_TABLE, info.key), group="gate network (trained)")))
-        output = self._output(ctx, sorted(gated, key=[e.key for e in entries].index))
+        output = self._output(ctx, self._gated(ctx))
         details: dict[str, Any] = {
             "gated_attention": list(attention), "gated_mlp": list(mlp), "num_labels": len(output.config.id2label),
             "gate": {"name": gate.source.name, "trained": False},
