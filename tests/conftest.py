@@ -92,11 +92,11 @@ def digit_hub(hub_api, tmp_path_factory):
 
     Returns ``{"datasets": {task: repo id}, "models": {name: repo id}, "folders": {name: local folder}}``.
     """
-    from hfmerge.testing.digit_models import train_digit_models
+    from hfmerge.testing.digit_models import GATING_MODELS, train_digit_models
     from hfmerge.testing.tasks import push_digit_datasets
 
     datasets = push_digit_datasets(hub_api, "org")
-    folders = train_digit_models(tmp_path_factory.mktemp("digit-models"))
+    folders = train_digit_models(tmp_path_factory.mktemp("digit-models"), models=GATING_MODELS)
     models = {}
     for name, folder in folders.items():
         repo_id = f"org/vit-digits-{name}"

@@ -9,6 +9,9 @@ column (``ClassLabel``):
 
 - ``digits``: upright digits, labels ``"0"`` .. ``"9"``;
 - ``digits-mirrored``: the same digits mirrored left to right (another domain);
+- ``digits-inverted``: the same upright digits with inverted intensities
+  (``255 - grey``: dark strokes on a white background), labels ``"0"`` .. ``"9"``;
+  a domain trivially told apart from the others by mean brightness, for gating;
 - ``digits-low`` / ``digits-high``: digits 0-4 / 5-9 (two tasks), labels
   ``"0"`` .. ``"4"`` / ``"5"`` .. ``"9"`` (indices 0-4 in both).
 
@@ -32,7 +35,7 @@ if TYPE_CHECKING:
 
 SIZE = 16
 DIGIT_NAMES = [str(d) for d in range(10)]
-TASKS = ("digits", "digits-mirrored", "digits-low", "digits-high")
+TASKS = ("digits", "digits-mirrored", "digits-low", "digits-high", "digits-inverted")
 
 
 @functools.cache
@@ -60,6 +63,8 @@ def digit_split(name: str, split: str) -> tuple[np.ndarray, np.ndarray, list[str
     names = DIGIT_NAMES
     if name == "digits-mirrored":
         images = images[:, :, ::-1]
+    elif name == "digits-inverted":
+        images = 255 - images
     elif name in ("digits-low", "digits-high"):
         low = 0 if name == "digits-low" else 5
         keep = (targets >= low) & (targets < low + 5)
