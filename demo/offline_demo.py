@@ -2,20 +2,23 @@
 
 1. Starts a local Hub-compatible server on loopback and points HF_ENDPOINT at it,
    and pushes scikit-learn's handwritten digits (shipped with the package, no
-   download) to it as four dataset repos (:mod:`hfmerge.testing.tasks`):
-   upright digits, mirrored digits (another domain), digits 0–4 and 5–9 (two tasks).
+   download) to it as five dataset repos (:mod:`hfmerge.testing.tasks`):
+   upright digits, mirrored and inverted digits (other domains), digits 0–4 and
+   5–9 (two tasks).
 2. Trains small ViTs on them from one shared initialisation
    (:mod:`hfmerge.testing.digit_models`): a base model pre-trained a little on
-   both domains, then fine-tuned copies — upright, mirrored, low and high — and
-   publishes them to the local Hub.
+   upright and mirrored digits, then fine-tuned copies — upright, mirrored,
+   inverted, low and high — and publishes them to the local Hub, with a tiny
+   MobileNetV2 to serve as the gating merge's gate.
 3. Merges them *by repo id and dataset id* with every method through the same
    CLI a user runs — regmean and fisher reading each source's data, fusion
    fine-tuned on the tasks' data — evaluates each merge on the test splits
    (``--eval-data``), so every pushed card carries an evaluation table, and
    prints the accuracies the cards report.
 4. Runs ``hfmerge evaluate`` on the average merge beside its sources and their ensemble.
-5. Publishes a Gradio demo Space for the average merge with `hfmerge space`,
-   starts it from its own folder as the Hub would, and asks its `/predict` API.
+5. Publishes a Gradio demo Space for the average merge and one for the gated
+   merge with `hfmerge space`, starts each from its own folder as the Hub
+   would, and asks its `/predict` API.
 """
 
 from __future__ import annotations
@@ -42,14 +45,17 @@ os.environ.pop("HF_HUB_OFFLINE", None)
 import shutil  # noqa: E402
 
 from hfmerge.cli import main as hfmerge_cli  # noqa: E402
-from hfmerge.testing.digit_models import DigitViT, accuracy, train_digit_models  # noqa: E402
+from hfmerge.testing.digit_models import GATING_MODELS, DigitViT, accuracy, train_digit_models  # noqa: E402
 from hfmerge.testing.local_hub import LocalHub  # noqa: E402
 from hfmerge.testing.tasks import digit_split, push_digit_datasets  # noqa: E402
+from hfmerge.testing.tiny_gate import save_tiny_gate  # noqa: E402
 
 # the demo's ViTs: 16 px digits in 4 px patches, hidden size 64, 3 layers of 4 heads
 DEMO_VIT = DigitViT(hidden_size=64, layers=3, heads=4, base_epochs=20, finetune_epochs=8,
                     learning_rate=1e-3, finetune_learning_rate=5e-4)
 DOMAINS = {"upright": "demo/digits", "mirrored": "demo/digits-mirrored"}
+GATED = {"upright": "demo/digits", "inverted": "demo/digits-inverted"}
+GATE = "demo/tiny-mobilenet-gate"  # stands in for google/mobilenet_v2_1.0_224, which needs the network
 TASKS = {"0-4": "demo/digits-low", "5-9": "demo/digits-high", "all 10": "demo/digits"}
 
 
@@ -78,6 +84,10 @@ def merges() -> dict[str, list[str]]:
         "fusion": [*tasks, *task_eval],
         "fusion_finetuned": [*tasks, "--data", "demo/digits-low:train", "--data", "demo/digits-high:train",
                              "--param", "finetune_epochs=3", "--param", "learning_rate=1e-3", *task_eval],
+        "gating": [repo("upright"), repo("inverted"), "--method", "gating", "--data", "demo/digits:test",
+                   "--data", "demo/digits-inverted:test", "--param", "m=1", "--param", f"gate={GATE}",
+                   "--param", "gate_epochs=4", "--eval-data", "demo/digits:test",
+                   "--eval-data", "demo/digits-inverted:test"],
     }
 
 
@@ -90,16 +100,17 @@ def card_accuracies(repo_id: str) -> dict[str, float]:
             for r in card.data.eval_results if r.metric_type == "accuracy"}
 
 
-def digit_examples(folder: Path) -> list[Path]:
-    """A few held-out digits as 128-pixel PNGs, upright and mirrored, for the Space's examples."""
+def digit_examples(folder: Path, *, inverted: bool = False) -> list[Path]:
+    """A few held-out digits as 128-pixel PNGs, upright and mirrored (or inverted), for the Space's examples."""
     from PIL import Image
 
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
-    for digit, task in ((3, "digits"), (7, "digits"), (5, "digits-mirrored"), (9, "digits-mirrored")):
+    other = "digits-inverted" if inverted else "digits-mirrored"
+    for digit, task in ((3, "digits"), (7, "digits"), (5, other), (9, other)):
         images, targets, _ = digit_split(task, "test")
         image = images[int((targets == digit).nonzero()[0][0])]
-        path = folder / f"digit-{digit}{'-mirrored' if task == 'digits-mirrored' else ''}.png"
+        path = folder / f"digit-{digit}{'-' + other.split('-')[1] if task == other else ''}.png"
         Image.fromarray(image).convert("RGB").resize((128, 128), Image.NEAREST).save(path)
         paths.append(path)
     return paths
@@ -192,10 +203,15 @@ def run(screenshot: Path | None, started: float, hub: LocalHub) -> int:
         print(f"     {repo_id:22s} train/test: {sizes} images", flush=True)
 
     print("2/5  training demo ViTs (one shared initialisation, one CPU thread) and publishing them", flush=True)
-    folders = train_digit_models(OUT / "sources", DEMO_VIT, report=lambda line: print("     " + line, flush=True))
+    folders = train_digit_models(OUT / "sources", DEMO_VIT, models=GATING_MODELS,
+                                 report=lambda line: print("     " + line, flush=True))
     for name, folder in folders.items():
         api.create_repo(repo(name), exist_ok=True)
         api.upload_folder(folder_path=str(folder), repo_id=repo(name))
+    gate = save_tiny_gate(OUT / "sources" / "tiny-mobilenet-gate")
+    api.create_repo(GATE, exist_ok=True)
+    api.upload_folder(folder_path=str(gate), repo_id=GATE)
+    print(f"     {GATE}: a tiny MobileNetV2 image classifier, the gating merge's gate network", flush=True)
 
     print("\n3/5  merging by repo id and dataset id with each method (the same CLI a user runs)", flush=True)
     outputs = {}
@@ -228,6 +244,15 @@ def run(screenshot: Path | None, started: float, hub: LocalHub) -> int:
         print(f"  {label + ' (10 labels)':38s} {reported[TASKS['0-4']]:6.3f} {reported[TASKS['5-9']]:6.3f} "
               f"{reported[TASKS['all 10']]:7.3f}")
 
+    print("\nAccuracy of one gated model on upright and inverted digits, told no task (the gate picks it per image)")
+    print(f"  {'model':38s} {'upright':>8s} {'inverted':>9s} {'mean':>6s}")
+    for name in ("upright", "inverted"):
+        scores = [accuracy(sources[name], task.split("/")[1]) for task in GATED.values()]
+        print(f"  {name:38s} {scores[0]:8.3f} {scores[1]:9.3f} {sum(scores) / 2:6.3f}")
+    reported = card_accuracies(repo("gating"))
+    scores = [reported[task] for task in GATED.values()]
+    print(f"  {'merged: gating, m=1':38s} {scores[0]:8.3f} {scores[1]:9.3f} {sum(scores) / 2:6.3f}")
+
     print("\n4/5  evaluating the average merge beside its sources and their ensemble, as a user would", flush=True)
     results = OUT / "evaluation-average.json"
     evaluate = ["evaluate", repo("average"), "--data", "demo/digits:test", "--data", "demo/digits-mirrored:test",
@@ -246,10 +271,21 @@ def run(screenshot: Path | None, started: float, hub: LocalHub) -> int:
         code = ask_space(OUT / "space", examples, screenshot)
     if code != 0:
         return code
+    print("\n   and one for the gated merge, whose page shows the gate's probability of each task", flush=True)
+    gated_examples = digit_examples(OUT / "examples-gated", inverted=True)
+    space_args = ["space", repo("gating"), "--space-id", repo("gating") + "-demo",
+                  "--output", str(OUT / "space-gated"), "--examples", *map(str, gated_examples)]
+    code = hfmerge(space_args, [*space_args[:6], "--examples", "..."])
+    if code == 0:
+        shot = screenshot.with_name(f"{screenshot.stem}-gated{screenshot.suffix}") if screenshot else None
+        code = ask_space(OUT / "space-gated", gated_examples, shot)
+    if code != 0:
+        return code
 
     print(f"\nDone in {time.time() - started:.0f} s. Where everything is:")
     print(f"  source models:   {(OUT / 'sources').relative_to(ROOT)}/")
-    print(f"  merged models:   {(OUT / 'merged').relative_to(ROOT)}/<method>/  (load with transformers)")
+    print(f"  merged models:   {(OUT / 'merged').relative_to(ROOT)}/<method>/  (load with transformers; "
+          "merged/gating/ with hfmerge.load, or transformers and trust_remote_code=True)")
     print(f"  model card:      {(outputs['fusion_finetuned'] / 'README.md').relative_to(ROOT)}  (its Evaluation "
           "section: the merge beside its sources and their ensemble, and evaluation.svg)")
     print(f"  pinned recipe:   {(outputs['fusion_finetuned'] / 'hfmerge.yaml').relative_to(ROOT)}  (models and "
