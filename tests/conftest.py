@@ -90,10 +90,13 @@ def tiny():
 def digit_hub(hub_api, tmp_path_factory):
     """The digit tasks as dataset repos ``org/<task>`` and the digit ViTs as ``org/vit-digits-<name>`` on the local Hub.
 
-    Returns ``{"datasets": {task: repo id}, "models": {name: repo id}, "folders": {name: local folder}}``.
+    With them, a tiny pre-trained MobileNetV2 classifier as ``org/tiny-mobilenet-gate``: the gating merge's ``gate``.
+    Returns ``{"datasets": {task: repo id}, "models": {name: repo id}, "folders": {name: local folder},
+    "gate": repo id, "gate_folder": local folder}``.
     """
     from hfmerge.testing.digit_models import GATING_MODELS, train_digit_models
     from hfmerge.testing.tasks import push_digit_datasets
+    from hfmerge.testing.tiny_gate import GATE_REPO_NAME, save_tiny_gate
 
     datasets = push_digit_datasets(hub_api, "org")
     folders = train_digit_models(tmp_path_factory.mktemp("digit-models"), models=GATING_MODELS)
@@ -103,4 +106,8 @@ def digit_hub(hub_api, tmp_path_factory):
         hub_api.create_repo(repo_id, exist_ok=True)
         hub_api.upload_folder(folder_path=str(folder), repo_id=repo_id)
         models[name] = repo_id
-    return {"datasets": datasets, "models": models, "folders": folders}
+    gate_folder = save_tiny_gate(tmp_path_factory.mktemp("gate") / GATE_REPO_NAME)
+    gate = f"org/{GATE_REPO_NAME}"
+    hub_api.create_repo(gate, exist_ok=True)
+    hub_api.upload_folder(folder_path=str(gate_folder), repo_id=gate)
+    return {"datasets": datasets, "models": models, "folders": folders, "gate": gate, "gate_folder": gate_folder}

@@ -72,7 +72,8 @@ def _vit(size: DigitViT, labels: list[str]):
     return ViTForImageClassification(config)
 
 
-def _fit(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, lr: float) -> None:
+def fit(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, lr: float) -> None:
+    """Train ``model`` in place on (pixel_values, labels): AdamW, batches of 64 in a seeded order; then eval mode."""
     optimiser = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     generator = torch.Generator().manual_seed(0)
     model.train()
@@ -110,7 +111,7 @@ def _train_and_save(folder: Path, size: DigitViT, models: tuple[str, ...],
     mirrored_x, _, _ = split_tensors("digits-mirrored", "train")
     base = _vit(size, names)
     half = len(upright_x) // 2  # "pre-training": a little on both domains, so the base knows no domain well
-    _fit(base, torch.cat([upright_x[:half], mirrored_x[half:]]), upright_y, size.base_epochs, size.learning_rate)
+    fit(base, torch.cat([upright_x[:half], mirrored_x[half:]]), upright_y, size.base_epochs, size.learning_rate)
     trained = {"base": base}
     if report:
         report(f"base trained ({time.time() - started:.0f} s)")
@@ -124,9 +125,9 @@ def _train_and_save(folder: Path, size: DigitViT, models: tuple[str, ...],
             state = base.state_dict()
         model.load_state_dict(state, strict=False)
         if name == "inverted":
-            _fit(model, x, y, size.inverted_epochs, size.learning_rate)
+            fit(model, x, y, size.inverted_epochs, size.learning_rate)
         else:
-            _fit(model, x, y, size.finetune_epochs, size.finetune_learning_rate)
+            fit(model, x, y, size.finetune_epochs, size.finetune_learning_rate)
         trained[name] = model
         if report:
             report(f"{name} trained ({time.time() - started:.0f} s)")
