@@ -283,19 +283,19 @@ def load_model(ref: str, *, gated: bool = False, local_only: bool = False) -> De
         raise ModelLoadError(f"folder {ref} does not exist; give a model folder or a Hub repo id org/name")
     where = {"revision": parsed.revision, "local_files_only": local_only}
     try:
-        config = transformers.AutoConfig.from_pretrained(parsed.model, trust_remote_code=False, **where)
-        architecture = (getattr(config, "architectures", None) or [""])[0]
-        kind = head_kind(architecture)
-        model_class = getattr(transformers, architecture, None) if kind else None
-        if model_class is None and not gated:
-            raise ModelLoadError(
-                f"{name} is a {architecture or config.model_type} model; this demo shows image classification "
-                "and segmentation models"
-            )
-        if gated:
+        if gated:  # its own model class, which hfmerge loads without running the repository's code
             model = _load_gated(ref)
-            kind = kind or "classification"
+            kind = "classification"
         else:
+            config = transformers.AutoConfig.from_pretrained(parsed.model, trust_remote_code=False, **where)
+            architecture = (getattr(config, "architectures", None) or [""])[0]
+            kind = head_kind(architecture)
+            model_class = getattr(transformers, architecture, None) if kind else None
+            if model_class is None:
+                raise ModelLoadError(
+                    f"{name} is a {architecture or config.model_type} model; this demo shows image classification "
+                    "and segmentation models"
+                )
             model = model_class.from_pretrained(parsed.model, **where)
         processor = transformers.AutoImageProcessor.from_pretrained(parsed.model, **where)
     except ModelLoadError:
