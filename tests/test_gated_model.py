@@ -72,7 +72,7 @@ def sources():
 @pytest.fixture(scope="module")
 def images():
     torch.manual_seed(5)
-    return torch.randn(6, 3, 32, 32)
+    return torch.randn(4, 3, 32, 32)
 
 
 @pytest.fixture(scope="module")
@@ -232,6 +232,10 @@ def test_hfmerge_load_and_remote_code_without_hfmerge_agree(tmp_path, decisive_m
         assert torch.equal(local.gate_probs, remote["gate_probs"]) and torch.equal(local.task, remote["task"])
     with torch.no_grad():
         original = decisive_model(images)
+        # With hfmerge imported, the Auto class knows the type itself: no remote code either.
+        auto = transformers.AutoModelForImageClassification.from_pretrained(folder).eval()
+        assert type(auto) is GatedMergedForImageClassification
+        assert torch.equal(auto(images).logits, remote["logits"])
     assert torch.equal(original.logits, remote["logits"])
 
 

@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from torch import Tensor
 from transformers import (
+    AutoConfig,
+    AutoModelForImageClassification,
     MobileNetV2Config,
     MobileNetV2ForImageClassification,
     PreTrainedModel,
@@ -45,6 +47,11 @@ AUTO_MAP = {
     "AutoConfig": f"{_MODULE}.GatedMergedConfig",
     "AutoModelForImageClassification": f"{_MODULE}.GatedMergedForImageClassification",
 }
+
+# With hfmerge imported, transformers' Auto classes know the gated model type too, without remote code
+# (AutoConfig.from_pretrained on a gated folder would otherwise refuse it for want of trust_remote_code).
+AutoConfig.register(MODEL_TYPE, GatedMergedConfig, exist_ok=True)
+AutoModelForImageClassification.register(GatedMergedConfig, GatedMergedForImageClassification, exist_ok=True)
 
 # The ViT hyper-parameters that must agree between sources for their tensors to be stacked.
 _ARCHITECTURE_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "hidden_act",

@@ -29,7 +29,7 @@ loads the model without hfmerge installed.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,6 +48,9 @@ from transformers.modeling_outputs import ImageClassifierOutput
 MODEL_TYPE = "hfmerge-gated-vit"
 MODELING_FILE = "modeling_hfmerge_gated.py"
 ROUTINGS = ("soft", "top1")
+
+# Given a checkpoint key of a tensor or module: N (the number of sources) where it is gated, None where static.
+SourcesOf = Callable[[str], "int | None"]
 
 # ViTConfig's defaults (google/vit-base-patch16-224) for the fields this model reads.
 _VIT_DEFAULTS: dict[str, Any] = {
@@ -240,7 +243,7 @@ class _PatchEmbeddings(nn.Module):
 class GatedEmbeddings(nn.Module):
     """CLS token, position embeddings and patch embedding, each static or gated (Table 2: gated by default)."""
 
-    def __init__(self, config: GatedMergedConfig, sources_of: Any) -> None:
+    def __init__(self, config: GatedMergedConfig, sources_of: SourcesOf) -> None:
         super().__init__()
         hidden = config.vit_value("hidden_size")
         self.image_size = _pair(config.vit_value("image_size"))
@@ -269,7 +272,7 @@ class GatedEmbeddings(nn.Module):
 
 
 class _SelfAttention(nn.Module):
-    def __init__(self, hidden: int, *, bias: bool, sources_of: Any, prefix: str) -> None:
+    def __init__(self, hidden: int, *, bias: bool, sources_of: SourcesOf, prefix: str) -> None:
         super().__init__()
         self.query = GatedLinear(hidden, hidden, bias=bias, num_sources=sources_of(f"{prefix}.query"))
         self.key = GatedLinear(hidden, hidden, bias=bias, num_sources=sources_of(f"{prefix}.key"))
@@ -292,7 +295,7 @@ class _Attention(nn.Module):
 class GatedEncoderLayer(nn.Module):
     """One pre-LN ViT layer: x + Attn(LN(x)), then x + MLP(LN(x)); any of its modules static or gated."""
 
-    def __init__(self, config: GatedMergedConfig, index: int, sources_of: Any) -> None:
+    def __init__(self, config: GatedMergedConfig, index: int, sources_of: SourcesOf) -> None:
         super().__init__()
         hidden = config.vit_value("hidden_size")
         inner = config.vit_value("intermediate_size")
@@ -333,7 +336,7 @@ class _Encoder(nn.Module):
 class GatedViT(nn.Module):
     """Embeddings, encoder and final LayerNorm of the merged ViT (parameter names = ViT checkpoint keys)."""
 
-    def __init__(self, config: GatedMergedConfig, sources_of: Any) -> None:
+    def __init__(self, config: GatedMergedConfig, sources_of: SourcesOf) -> None:
         super().__init__()
         self.embeddings = GatedEmbeddings(config, sources_of)
         self.encoder = _Encoder([GatedEncoderLayer(config, i, sources_of)
@@ -400,15 +403,17 @@ class GatedMergedForImageClassification(PreTrainedModel):
         """Nothing: every module initialises itself on construction, and ``from_pretrained`` loads all tensors."""
 
     def _constant(self, name: str, device: torch.device) -> Tensor:
-        """A small tensor made from the config (label ids, normalisation), cached per device.
+        """A small tensor made from the config, cached per device: ``label_ids_<i>`` (source i's union ids) or a
+        normalisation (``vit_image_mean``...) shaped (1, 3, 1, 1).
 
         Not a buffer: ``from_pretrained`` builds the model on the meta device and
         would leave non-persistent buffers empty.
         """
         key = (name, device)
         if key not in self._constants:
-            if name.startswith("label_ids_"):
-                value = torch.tensor(self.config.source_labels[int(name.rsplit("_", 1)[1])], dtype=torch.long)
+            source = name.removeprefix("label_ids_")
+            if source != name:
+                value = torch.tensor(self.config.source_labels[int(source)], dtype=torch.long)
             else:
                 value = torch.tensor(getattr(self.config, name), dtype=torch.float32).view(1, -1, 1, 1)
             self._constants[key] = value.to(device)
