@@ -297,12 +297,12 @@ def _evaluate_comparison(planned: PlannedMerge, comparison: Any, tasks: list[Ima
         named = [(data.name, data) for data in tasks]
         if not comparison.task_given:
             return evaluate_classifier(candidate.model, named, candidate.processor, progress=progress,
-                                       name=comparison.name, role="comparison")
+                                       name=comparison.name, role="comparison", latency=False)
         if len(named) != len(context.sources):
             raise DataError(f"the comparison '{comparison.name}' gives each task's images to its source: give one "
                             f"--eval-data per source, in source order ({len(context.sources)} sources)")
         rows = [evaluate_classifier(TaskGiven(candidate.model, i), [task], candidate.processor, progress=progress,
-                                    name=comparison.name, role="comparison", measure_cost=i == 0)
+                                    name=comparison.name, role="comparison", measure_cost=i == 0, latency=False)
                 for i, task in enumerate(named)]
         first = rows[0]
         first.tasks = [result for row in rows for result in row.tasks]

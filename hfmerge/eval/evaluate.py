@@ -110,7 +110,7 @@ def evaluate_classifier(
     model: torch.nn.Module, tasks: Sequence[tuple[str, ImageData]], processor: Any, *, batch_size: int = 32,
     accelerator: accelerate.Accelerator | None = None, progress: bool = True, name: str | None = None,
     role: str = "merged", metrics: Sequence[LoadedMetric] = (), measure_cost: bool = True,
-    warmup: int = 3, repeats: int = 10,
+    warmup: int = 3, repeats: int = 10, latency: bool = True,
 ) -> ModelEvaluation:
     """Accuracy and weighted precision/recall/F1 of ``model`` on each task, plus its parameters, FLOPs, latency.
 
@@ -125,6 +125,7 @@ def evaluate_classifier(
         name, role: how the report names the model (default: its ``config.name_or_path``), and its role.
         metrics: extra metrics (:func:`load_metric`), computed on the predicted and true label indices.
         measure_cost: count FLOPs (per image) and measure latency; parameters are always counted.
+        latency: with ``measure_cost``, measure latency too (comparison rows count FLOPs only).
 
     Raises:
         EvaluationError: a task's data has no labels.
@@ -162,7 +163,7 @@ def evaluate_classifier(
                                   samples=len(labels), kind="image-classification", revision=data.commit_sha))
         logger.info("%s on %s: accuracy %.4f over %d samples", name, task, scores["accuracy"], len(labels))
     return _with_cost(model, name, role, results, first_batch, batch_size, device,
-                      measure_cost=measure_cost, warmup=warmup, repeats=repeats)
+                      measure_cost=measure_cost, warmup=warmup, repeats=repeats, latency=latency)
 
 
 def _label_space(model: torch.nn.Module, data: ImageData,
@@ -280,14 +281,15 @@ def _batches(model: torch.nn.Module, dataset: torch.utils.data.Dataset, batch_si
 
 def _with_cost(model: torch.nn.Module, name: str, role: str, results: list[TaskResult],
                first_batch: torch.Tensor | None, batch_size: int, device: torch.device, *, measure_cost: bool,
-               warmup: int, repeats: int) -> ModelEvaluation:
+               warmup: int, repeats: int, latency: bool = True) -> ModelEvaluation:
     """The evaluation with the model's parameters, FLOPs per image and latency on the first task's first batch."""
     flops = latency_ms = None
     measured_batch = batch_size
     if measure_cost and first_batch is not None:
         measured_batch = first_batch.shape[0]
         flops = count_flops(model, first_batch[:1])
-        latency_ms = 1000 * measure_latency(model, first_batch, warmup=warmup, repeats=repeats)
+        if latency:
+            latency_ms = 1000 * measure_latency(model, first_batch, warmup=warmup, repeats=repeats)
     return ModelEvaluation(name=name, role=role, tasks=results, parameters=count_parameters(model), flops=flops,
                            latency_ms=latency_ms, batch_size=measured_batch, device=_device_name(device))
 
