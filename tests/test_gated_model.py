@@ -72,7 +72,7 @@ def sources():
 @pytest.fixture(scope="module")
 def images():
     torch.manual_seed(5)
-    return torch.randn(6, 3, 32, 32)
+    return torch.randn(4, 3, 32, 32)
 
 
 @pytest.fixture(scope="module")
