@@ -31,7 +31,7 @@ Building the models is not timed. CPU runs in float32; a CUDA device, when prese
 printed). Usage:
 ``python benchmarks/gating.py [--size tiny|small|base] [--batch-size 16] [--sources 3,6,12] [--m 0,3,5]
 [--rounds 2] [--latency-repeats 3] [--threads N]``; the defaults (ViT-Ti/16, batch 16, 2 rounds) finish
-the grid in about 10 minutes on a 2-core CPU; the issue's setting is ``--size base --batch-size 64``.
+the grid in about 20 minutes on a loaded 2-core CPU (use ``--sources 6 --m 3`` for the targets' cell alone); the issue's setting is ``--size base --batch-size 64``.
 Only batch-1 passes warm up (untimed) before the first round.
 """
 
@@ -200,6 +200,7 @@ def main() -> None:
                 "mix_bytes": args.batch_size * per_sample * batch.element_size(), "per_sample": per_sample,
                 "groups": groups[m], "agree": agreement[m], "gate": med["gate"], "lat_gate": lat["gate"],
             })
+        print(f"N={n} measured", flush=True)
         del variants, models
 
     print()
