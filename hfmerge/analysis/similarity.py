@@ -266,7 +266,7 @@ def select_gated(similarity: LayerSimilarity, m: int) -> tuple[tuple[int, ...], 
 
 
 _WIDTH, _HEIGHT = 640, 300
-_LEFT, _RIGHT, _TOP, _BOTTOM = 56, 16, 40, 44
+_LEFT, _RIGHT, _TOP, _BOTTOM = 76, 16, 40, 44
 _COLOURS = {"attention": "#1f77b4", "mlp": "#d62728"}
 _LETTERS = {"attention": "A", "mlp": "M"}
 
@@ -294,8 +294,8 @@ def _ticks(low: float, high: float) -> list[float]:
 def similarity_svg(similarity: LayerSimilarity, gated: tuple[tuple[int, ...], tuple[int, ...]]) -> str:
     """The card's picture of Eq. 4 per layer, as the paper's Figure 3 draws it.
 
-    x is the layer (1..L), y the similarity from 0 (or the lowest value, if
-    negative) to N(N-1)/2; attention and MLP are two lines of markers. The
+    x is the layer (1..L), y the similarity, zoomed to the values as Figure 3
+    is (at most N(N-1)/2); attention and MLP are two lines of markers. The
     layers ``gated`` (as :func:`select_gated` returns them: attention, MLP
     indices from 0) have filled markers labelled A/M; the others are hollow.
     Markers carry ``class="marker <kind>[ gated]"`` and ``data-layer`` (1-based)
@@ -309,8 +309,12 @@ def similarity_svg(similarity: LayerSimilarity, gated: tuple[tuple[int, ...], tu
     marked = _gated_sets(gated, layers)
     series = {"attention": similarity.attention, "mlp": similarity.mlp}
     everything = [*similarity.attention, *similarity.mlp]
-    low = min([0.0, *everything])
-    high = max([float(similarity.pairs), *everything])
+    lowest, highest = min(everything, default=0.0), max(everything, default=float(similarity.pairs))
+    # zoomed to the values, as Figure 3 is: sources fine-tuned from one pre-training agree to the third decimal,
+    # so an axis from 0 to N(N-1)/2 would draw every layer on one line at the top
+    margin = 0.1 * max(highest - lowest, 1e-4)
+    high = min(float(similarity.pairs), highest + margin) if highest <= similarity.pairs else highest
+    low = lowest - margin if lowest > 0 else lowest
     if high <= low:
         high = low + 1.0
     plot_w, plot_h = _WIDTH - _LEFT - _RIGHT, _HEIGHT - _TOP - _BOTTOM
@@ -338,7 +342,7 @@ def similarity_svg(similarity: LayerSimilarity, gated: tuple[tuple[int, ...], tu
         y = _n(y_of(value))
         out.append(f'<line x1="{_LEFT - 4}" y1="{y}" x2="{_LEFT + plot_w}" y2="{y}" stroke="#e0e0e0"/>')
         out.append(f'<text class="y-label" x="{_LEFT - 6}" y="{y}" text-anchor="end" '
-                   f'dominant-baseline="middle">{value:.4g}</text>')
+                   f'dominant-baseline="middle">{value:.6g}</text>')
     if low < 0:
         out.append(f'<line x1="{_LEFT}" y1="{_n(y_of(0.0))}" x2="{_LEFT + plot_w}" y2="{_n(y_of(0.0))}" '
                    'stroke="#999999"/>')
