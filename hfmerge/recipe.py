@@ -154,7 +154,7 @@ class Recipe:
             self.anchor_index()
         if method.needs_base and not self.base:
             raise RecipeError(f"method '{method.name}' needs the pre-trained model: add --base org/name")
-        if self.base and not method.needs_base:
+        if self.base and not (method.needs_base or method.accepts_base):
             raise RecipeError(f"method '{method.name}' takes no base model; drop --base")
         if self.dtype is not None and self.dtype not in DTYPES:
             raise RecipeError(f"unknown dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")

@@ -45,6 +45,7 @@ def gated(digit_hub, tmp_path_factory):
             "--param", "m=2", "--param", f"gate={digit_hub['gate']}", "--param", "gate_epochs=4",
             "--param", "gate_fraction=0.3", "--param", "samples=64",
             "--eval-data", f"{d['digits']}:test", "--eval-data", f"{d['digits-inverted']}:test",
+            "--base", m["base"], "--lambda", "0.5",  # for the task-arithmetic comparison row
             "--output", str(out), "--push-to-hub", "tester/vit-2tasks", "-q"]
     from hfmerge.cli import main
 
@@ -78,7 +79,8 @@ def test_the_card_says_how_it_loads_and_carries_the_paper_table(gated):
     assert "hfmerge.load(" in card and "trust_remote_code=True" in card
     assert "![weight similarity per layer](similarity.svg)" in card and "| attention |" in card
     for row in ("average (task given)", "regmean (task given)", "gating + average, m=0", "gating + average, m=1",
-                "gating + regmean, m=0", "gating + regmean, m=1"):  # m in 0, 1, 3, 5 up to the 2 layers
+                "gating + regmean, m=0", "gating + regmean, m=1",  # m in 0, 1, 3, 5 up to the 2 layers
+                "task arithmetic, λ=0.5 (task given)"):
         assert f"| {row} | comparison |" in card, row
     accuracy = float(re.search(r"picks the right source for ([0-9.]+)%", card).group(1))
     assert accuracy >= 95.0  # upright vs inverted digits: the gate's task is easy

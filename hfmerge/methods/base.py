@@ -120,6 +120,8 @@ class MergeMethod(ABC):
     reference_url: ClassVar[str]
     parameters: ClassVar[tuple[ParamSpec, ...]] = ()
     needs_base: ClassVar[bool] = False
+    accepts_base: ClassVar[bool] = False
+    """A base model is optional (gating uses one only for its task-arithmetic comparison rows)."""
     uses_anchor: ClassVar[bool] = False
     uses_weights: ClassVar[bool] = False
     uses_seed: ClassVar[bool] = False

@@ -67,6 +67,7 @@ class Gating(MergeMethod):
     uses_weights = False
     uses_seed = True
     needs_data = True
+    accepts_base = True
     parameters = (
         ParamSpec("m", int, 3, "attention and MLP modules gated: the m of each with the lowest similarity (Eq. 4)",
                   minimum=0),
@@ -84,6 +85,8 @@ class Gating(MergeMethod):
         ParamSpec("compare", bool, True, "with --eval-data, also evaluate the paper's comparison (Tables 3-4): "
                   "average and regmean with the task given, and gating with either for m in 0, 1, 3, 5"),
         ParamSpec("alpha", float, 0.9, "RegMean's off-diagonal scale (static=regmean)", minimum=0.0, maximum=1.0),
+        ParamSpec("lambda", float, 0.3, "task arithmetic's scale, for its comparison rows (needs --base, the "
+                  "sources' pre-trained ViT)", minimum=0.0),
         ParamSpec("samples", int, 256, "images of each source's data for RegMean's Gram matrices (static=regmean)",
                   minimum=1),
         ParamSpec("batch_size", int, 32, "images per forward pass of the statistics and training stages", minimum=1),
@@ -98,7 +101,8 @@ with the embeddings and every LayerNorm (Table 2, strategy 4), and mixed for eac
 probable source only{% endif %}. The classifier is the one of the most probable source (Eq. 3), its logits placed \
 in the union of the {{ details.num_labels }} labels (the other sources' labels get −inf). The other layers are \
 merged once, by {{ 'RegMean (α = ' ~ parameters.alpha ~ ', Gram matrices of each linear layer\\'s inputs on its \
-source\\'s data)' if parameters.static == 'regmean' else 'averaging with equal weights' }}.
+source\\'s data)' if parameters.static == 'regmean' else 'averaging with equal weights' }}.{% if base %} The base model \
+serves only the task-arithmetic row of the evaluation.{% endif %}
 
 {% if details.similarity -%}
 Weight similarity per transformer layer, Sim(l) = Σ_{i<j} cos(Wᵢˡ, Wⱼˡ) (Eq. 4; at most \
@@ -229,6 +233,11 @@ source for {{ '%.2f' | format(details.gate.accuracy * 100) }}% \
         layers, own = self._layers(ctx), (ctx.params.get("static"), int(ctx.params.get("m", 3)))
         rows = [Comparison(f"{static} (task given)", {"static": static, "m": 0, "gate_embeddings_norms": False},
                            task_given=True) for static in ("average", "regmean")]
+        if ctx.base is not None:  # the paper's third baseline: θ_base + λ Σᵢ τᵢ, the classifier chosen by hand
+            scale = float(ctx.params.get("lambda", 0.3))
+            rows.append(Comparison(f"task arithmetic, λ={scale:g} (task given)",
+                                   {"static": "task_arithmetic", "m": 0, "gate_embeddings_norms": False},
+                                   task_given=True))
         for static in ("average", "regmean"):
             for m in (0, 1, 3, 5):
                 if m <= layers and (static, m) != own:
