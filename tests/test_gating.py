@@ -228,3 +228,25 @@ def test_hfmerge_evaluate_scores_the_gated_model_beside_its_sources_and_their_en
     merged = report["models"][0]
     assert [t["samples"] for t in merged["tasks"]] == [60, 60]
     assert all(t["metrics"]["accuracy"] > 0.5 for t in merged["tasks"])
+
+
+def test_vits_saved_by_transformers_4_merge_and_each_source_comes_back_one_hot(tmp_path):
+    """Checkpoints written by transformers 4.57 (most of the Hub): sources and gate as 4.x saved them."""
+    from test_every_method import random_images
+    from test_transformers4 import fixture
+    from transformers import ViTForImageClassification
+
+    sources = [str(fixture("vit", 1)), str(fixture("vit", 2))]
+    data = [str(random_images(tmp_path / f"images-{i}")) for i in (1, 2)]
+    result = hfmerge.merge(sources, method="gating", data=data, m=1, static="average", samples=6, gate_epochs=1,
+                           gate=str(fixture("mobilenet_v2", 1)), compare=False, progress=False)
+    model = hfmerge.load(str(result.save(tmp_path / "out"))).eval()
+    pixels = torch.rand(3, 3, 8, 8, generator=PIXELS)
+    for i, source in enumerate(sources):
+        probs = torch.zeros(3, 2)
+        probs[:, i] = 1.0
+        with torch.no_grad():
+            out = model(pixel_values=pixels, gate_probs=probs)
+            expected = ViTForImageClassification.from_pretrained(source).eval()(pixel_values=pixels).logits
+        labels = model.config.source_labels[i]
+        torch.testing.assert_close(out.logits[:, labels], expected, atol=1e-5, rtol=1e-5)
