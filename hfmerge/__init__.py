@@ -22,6 +22,7 @@ from hfmerge.errors import (
 )
 
 if TYPE_CHECKING:
+    from hfmerge.analysis import layer_similarity, select_gated
     from hfmerge.loading import load
     from hfmerge.methods import available_methods
     from hfmerge.pipeline import merge, plan_merge, run_recipe
@@ -35,6 +36,7 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "load": "hfmerge.loading",
+    "layer_similarity": "hfmerge.analysis", "select_gated": "hfmerge.analysis",
     "PlannedMerge": "hfmerge.planned", "merge": "hfmerge.pipeline", "plan_merge": "hfmerge.pipeline",
     "run_recipe": "hfmerge.pipeline",
     "available_methods": "hfmerge.methods",
@@ -47,7 +49,8 @@ __all__ = [
     "HfMergeError", "HubUnreachableError", "IncompatibleModelsError", "MergeNumericError", "MergeResult",
     "OutputExistsError",
     "PlannedMerge", "PublishError", "Recipe", "RecipeError", "SourceError", "SourceSpec", "SpaceOptions",
-    "available_methods", "load", "merge", "plan_merge", "push_space", "run_recipe", "save_space",
+    "available_methods", "layer_similarity", "load", "merge", "plan_merge", "push_space", "run_recipe", "save_space",
+    "select_gated",
 ]
 
 

@@ -250,3 +250,13 @@ def test_vits_saved_by_transformers_4_merge_and_each_source_comes_back_one_hot(t
             expected = ViTForImageClassification.from_pretrained(source).eval()(pixel_values=pixels).logits
         labels = model.config.source_labels[i]
         torch.testing.assert_close(out.logits[:, labels], expected, atol=1e-5, rtol=1e-5)
+
+
+def test_layer_similarity_takes_repo_ids_and_folders(digit_hub):
+    """The public Eq. 4 function on models named as a user names them: two copies agree everywhere (Sim = 1)."""
+    m, folders = digit_hub["models"], digit_hub["folders"]
+    same = hfmerge.layer_similarity([m["upright"], str(folders["upright"])])
+    assert same.pairs == 1 and all(abs(v - 1) < 1e-9 for v in (*same.attention, *same.mlp))
+    apart = hfmerge.layer_similarity([m["upright"], m["inverted"]])
+    assert all(v < 1 - 1e-6 for v in (*apart.attention, *apart.mlp))
+    assert hfmerge.select_gated(apart, 0) == ((), ())

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import math
+from os import PathLike
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -183,7 +184,7 @@ def _read(layout: ModelLayout, name: str) -> torch.Tensor:
     return layout.reader.get(layout.tensors[name].key)
 
 
-def layer_similarity(sources: Sequence[ModelLayout]) -> LayerSimilarity:
+def layer_similarity(sources: Sequence[ModelLayout | str]) -> LayerSimilarity:
     """Sim_attn(l) and Sim_mlp(l) of Eq. 4 (§3.3, "concat-layers + combined-FFN", Table 9).
 
     Reads each attention/MLP tensor of each source twice, one at a time, from
@@ -191,10 +192,16 @@ def layer_similarity(sources: Sequence[ModelLayout]) -> LayerSimilarity:
     block is all zeros its cosine with any other is taken as 0.
 
     Args:
-        sources: the inspected sources, at least two, of one architecture and shape.
+        sources: at least two models of one architecture and shape: inspected layouts, or repo ids
+            (``org/name[@revision]``) and folders, which are resolved and inspected here (weights downloaded
+            as for a merge).
 
     Returns:
         One value per layer for attention and for MLP, in forward order of layers.
+
+    Example:
+        >>> sim = hfmerge.layer_similarity(["org/vit-mnist", "org/vit-cifar10", "org/vit-eurosat"])
+        >>> hfmerge.select_gated(sim, 3)  # (attention layers, MLP layers) the gating merge would gate
 
     Raises:
         IncompatibleModelsError: fewer than two sources, a family without
@@ -205,6 +212,11 @@ def layer_similarity(sources: Sequence[ModelLayout]) -> LayerSimilarity:
         raise IncompatibleModelsError(
             f"layer similarity compares sources pairwise: give at least two (got {len(sources)})"
         )
+    if any(isinstance(source, (str, PathLike)) for source in sources):
+        from hfmerge.adapters import inspect_source
+        from hfmerge.hub.resolve import resolve_source
+
+        sources = [inspect_source(resolve_source(str(s))) if isinstance(s, (str, PathLike)) else s for s in sources]
     import torch
 
     first = sources[0]
