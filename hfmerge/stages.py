@@ -398,10 +398,13 @@ def train_gate(planned: PlannedMerge, *, accelerator: Accelerator, token: str | 
         data = load_source_data(planned, i, samples=None, labeled=False, token=token)
         images = _SourceIndexed(ProcessedImages(data, processor), i)
         order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed + i)).tolist()
-        cut = min(len(order) - 1, max(2, math.floor(fraction * len(order)))) if len(order) > 2 else len(order)
-        if cut < 2:
-            raise DataError(f"{data.name} has {len(order)} images: the gate needs at least 3 from each source's data "
-                            "(some to train on, one to measure it)")
+        cut = math.floor(fraction * len(order))  # "no more than 15%" (§4.1): never rounded up
+        if cut < 2 or cut >= len(order):
+            raise DataError(
+                f"{data.name} has {len(order)} images, and gate_fraction={fraction:g} of them is {cut}: the gate "
+                "trains on at least 2 of each source's images and is measured on the rest; give more data or "
+                "another gate_fraction"
+            )
         train_parts.append(Subset(images, order[:cut]))
         held_parts.append(Subset(images, order[cut:]))
         names.append(config.gate_labels[i])

@@ -239,6 +239,7 @@ def test_vits_saved_by_transformers_4_merge_and_each_source_comes_back_one_hot(t
     sources = [str(fixture("vit", 1)), str(fixture("vit", 2))]
     data = [str(random_images(tmp_path / f"images-{i}")) for i in (1, 2)]
     result = hfmerge.merge(sources, method="gating", data=data, m=1, static="average", samples=6, gate_epochs=1,
+                           gate_fraction=0.5,
                            gate=str(fixture("mobilenet_v2", 1)), compare=False, progress=False)
     model = hfmerge.load(str(result.save(tmp_path / "out"))).eval()
     pixels = torch.rand(3, 3, 8, 8, generator=PIXELS)

@@ -95,18 +95,22 @@ class Gating(MergeMethod):
 A gate network G ({{ details.gate.name }}, a MobileNetV2 given a new head of {{ sources | length }} outputs) predicts \
 which source's task an image comes from: P(x) = softmax(G(x)) (Eq. 1). \
 {{ details.gated_attention | length }} attention and {{ details.gated_mlp | length }} MLP modules (m = \
-{{ parameters.m }}: those whose weights the sources agree on least, by Eq. 4) are kept once per source, together \
-with the embeddings and every LayerNorm (Table 2, strategy 4), and mixed for each input: W = Σᵢ pᵢ Wᵢ (Eq. 2)\
+{{ parameters.m }}: those whose weights the sources agree on least, by Eq. 4) are kept once per source\
+{%- if parameters.gate_embeddings_norms %}, together with the embeddings (patch, position, CLS) and every LayerNorm \
+(Table 2, strategy 4),{% else %} (the embeddings and LayerNorms are not: `gate_embeddings_norms=false`){% endif %} \
+and mixed for each input: W = Σᵢ pᵢ Wᵢ (Eq. 2)\
 {%- if parameters.routing == 'top1' %}; with `routing=top1` each image uses the gated weights of its most \
 probable source only{% endif %}. The classifier is the one of the most probable source (Eq. 3), its logits placed \
 in the union of the {{ details.num_labels }} labels (the other sources' labels get −inf). The other layers are \
-merged once, by {{ 'RegMean (α = ' ~ parameters.alpha ~ ', Gram matrices of each linear layer\\'s inputs on its \
-source\\'s data)' if parameters.static == 'regmean' else 'averaging with equal weights' }}.{% if base %} The base model \
+merged once, {{ 'by RegMean for the linear layers\\' weights (α = ' ~ parameters.alpha ~ ', Gram matrices of each \
+linear layer\\'s inputs on its source\\'s data), their biases and the rest averaged (appendix A)' \
+if parameters.static == 'regmean' else 'by averaging with equal weights' }}.{% if base %} The base model \
 serves only the task-arithmetic row of the evaluation.{% endif %}
 
 {% if details.similarity -%}
 Weight similarity per transformer layer, Sim(l) = Σ_{i<j} cos(Wᵢˡ, Wⱼˡ) (Eq. 4; at most \
-{{ details.similarity.pairs }}, over the attention weights concatenated and over both MLP layers concatenated); \
+{{ details.similarity.pairs }}, over a layer's attention projections — query, key, value, output, weights and \
+biases — concatenated, and over both MLP linears concatenated); \
 gated layers are marked:
 
 ![weight similarity per layer](similarity.svg)
@@ -121,7 +125,8 @@ details.gated_attention }} |{% endfor %}
 {% endif -%}
 {% if details.gate.trained -%}
 The gate was fine-tuned from {{ details.gate.name }} on {{ details.gate.train_images | sum }} unlabeled images \
-({{ '%.0f' | format(parameters.gate_fraction * 100) }}% of each source's data; label = the source's index) for \
+(at most {{ '%.0f' | format(parameters.gate_fraction * 100) }}% of each source's data: \
+{{ details.gate.train_images | join(', ') }}; label = the source's index; a tenth of them watched early stopping) for \
 {{ details.gate.epochs_run }} epochs; on the {{ details.gate.held_out | sum }} held-out images it picks the right \
 source for {{ '%.2f' | format(details.gate.accuracy * 100) }}% \
 ({% for name, acc in details.gate.per_source %}{{ name }}: {{ '%.2f' | format(acc * 100) }}%\
@@ -328,8 +333,9 @@ source for {{ '%.2f' | format(details.gate.accuracy * 100) }}% \
 def _processor_facts(layout: ModelLayout) -> tuple[list[float], list[float], list[int]]:
     """(image_mean, image_std, [height, width]) of the image processor saved beside a model.
 
-    The gated model normalises for its gate itself (the gate sees what its own
-    processor would give it), so it needs both processors' numbers.
+    The gated model makes its gate's input itself from the ViT's pixels (undo the
+    ViT's normalisation, resize to the gate's input size, the gate's normalisation;
+    no centre crop), so it needs both processors' numbers.
     """
     path = layout.source.path / "preprocessor_config.json"
     if not path.is_file():
