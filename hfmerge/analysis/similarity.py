@@ -288,13 +288,18 @@ def _n(x: float) -> str:
     return f"{x:.2f}"
 
 
+def _step(low: float, high: float) -> float:
+    """A round tick step (1, 2 or 5 times a power of ten) giving about four steps from ``low`` to ``high``."""
+    raw = (high - low) / 4
+    power = 10.0 ** math.floor(math.log10(raw))
+    return next(f * power for f in (1, 2, 5, 10) if f * power >= raw)
+
+
 def _ticks(low: float, high: float) -> list[float]:
     """The y ticks: ``high`` (the maximum, N(N-1)/2), round values 1, 2 or 5 times a power of ten apart
     (0 among them) not crowding its label, and ``low`` where it crowds none."""
     gap = 0.1 * (high - low)
-    raw = (high - low) / 4
-    power = 10.0 ** math.floor(math.log10(raw))
-    step = next(f * power for f in (1, 2, 5, 10) if f * power >= raw)
+    step = _step(low, high)
     first = math.ceil(low / step - 1e-9)
     values = [round(k * step, 12) for k in range(first, math.floor(high / step + 1e-9) + 1)]
     values = [v for v in values if high - v >= gap] + [high]
@@ -327,6 +332,9 @@ def similarity_svg(similarity: LayerSimilarity, gated: tuple[tuple[int, ...], tu
     margin = 0.1 * max(highest - lowest, 1e-4)
     high = min(float(similarity.pairs), highest + margin) if highest <= similarity.pairs else highest
     low = lowest - margin if lowest > 0 else lowest
+    step = _step(low, high)  # both ends on round values, so every label is a round number
+    low = math.floor(low / step + 1e-9) * step
+    high = min(max(float(similarity.pairs), highest), math.ceil(high / step - 1e-9) * step)
     if high <= low:
         high = low + 1.0
     plot_w, plot_h = _WIDTH - _LEFT - _RIGHT, _HEIGHT - _TOP - _BOTTOM
