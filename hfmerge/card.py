@@ -271,7 +271,8 @@ class PublicNames:
 
     @classmethod
     def for_merge(cls, planned: PlannedMerge) -> PublicNames:
-        local = [s for s in [*planned.sources, planned.base] if s is not None and s.is_local]
+        auxiliary = [layout.source for layout in planned.context.auxiliary.values()]  # gating's gate network
+        local = [s for s in [*planned.sources, planned.base, *auxiliary] if s is not None and s.is_local]
         folders = list(dict.fromkeys(s.path for s in local))
         short = {folder: folder.name for folder in folders}
         for folder in folders:

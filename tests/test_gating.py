@@ -241,7 +241,13 @@ def test_vits_saved_by_transformers_4_merge_and_each_source_comes_back_one_hot(t
     result = hfmerge.merge(sources, method="gating", data=data, m=1, static="average", samples=6, gate_epochs=1,
                            gate_fraction=0.5,
                            gate=str(fixture("mobilenet_v2", 1)), compare=False, progress=False)
-    model = hfmerge.load(str(result.save(tmp_path / "out"))).eval()
+    out = result.save(tmp_path / "out")
+    model = hfmerge.load(str(out)).eval()
+    # no path of the merging machine in what is published: not in the nested configs, not in the card
+    config = json.loads((out / "config.json").read_text())
+    assert not any(key.startswith("_") for key in (*config["vit"], *config["gate"]))
+    card = (out / "README.md").read_text()
+    assert str(tmp_path) not in card and str(fixture("mobilenet_v2", 1).parent) not in card
     pixels = torch.rand(3, 3, 8, 8, generator=PIXELS)
     for i, source in enumerate(sources):
         probs = torch.zeros(3, 2)

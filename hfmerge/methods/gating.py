@@ -311,13 +311,13 @@ source for {{ '%.2f' | format(details.gate.accuracy * 100) }}% \
             source_labels.append(list(range(start, start + len(layout.id2label))))
             start += len(layout.id2label)
         tasks = source_prefixes(ctx.sources)
-        gate_config = gate.config.to_dict()
+        gate_config = _portable(gate.config.to_dict())
         gate_config.update(num_labels=len(ctx.sources), id2label=dict(enumerate(tasks)),
                            label2id={t: i for i, t in enumerate(tasks)})
         vit_mean, vit_std, _ = _processor_facts(ctx.anchor)
         gate_mean, gate_std, gate_size = _processor_facts(gate)
         config = GatedMergedConfig(
-            vit=ctx.anchor.config.to_dict(), gate=gate_config, num_sources=len(ctx.sources), gate_labels=tasks,
+            vit=_portable(ctx.anchor.config.to_dict()), gate=gate_config, num_sources=len(ctx.sources), gate_labels=tasks,
             gated=gated, source_labels=source_labels, routing=str(ctx.params.get("routing", "soft")),
             vit_image_mean=vit_mean, vit_image_std=vit_std, gate_image_mean=gate_mean, gate_image_std=gate_std,
             gate_image_size=gate_size, id2label=dict(enumerate(labels)),
@@ -328,6 +328,12 @@ source for {{ '%.2f' | format(details.gate.accuracy * 100) }}% \
         return OutputSpec(config=config, architecture=GatedMergedForImageClassification.__name__,
                           task="image-classification", files={MODELING_FILE: modeling_source()},
                           loads_with_transformers=False)
+
+
+def _portable(config: dict[str, Any]) -> dict[str, Any]:
+    """A source's config as the gated config nests it: without private keys (``_name_or_path`` is the path the
+    merging machine read it from, which must not be published)."""
+    return {key: value for key, value in config.items() if not key.startswith("_")}
 
 
 def _processor_facts(layout: ModelLayout) -> tuple[list[float], list[float], list[int]]:
