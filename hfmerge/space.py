@@ -4,9 +4,10 @@ The Space is ``spaces/app.py`` with the files beside it: ``inference.py`` and
 ``source_ref.py`` (the models without Gradio; hfmerge imports their constants
 and parser too), ``space_config.json`` (which model and which sources to show),
 ``README.md`` (Space metadata: sdk, app file, the models it uses),
-``requirements.txt`` and ``examples/``. It runs
-from its own repo alone: a static merge loads with plain transformers, so the
-Space installs hfmerge only for a gated merge.
+``requirements.txt`` and ``examples/``; for a gated merge, the model's own
+class as ``modeling_hfmerge_gated.py``. It runs from its own repo alone: a
+static merge loads with plain transformers, a gated one with that class, so
+the Space never installs hfmerge and never runs a repository's code.
 """
 
 from __future__ import annotations
@@ -132,9 +133,10 @@ def write_space(plan: SpacePlan, folder: Path, space_id: str | None = None) -> N
     template = resources.files(TEMPLATE_PACKAGE)
     for name in TEMPLATE_FILES:
         (folder / name).write_bytes(template.joinpath(name).read_bytes())
-    if plan.gated:
-        with (folder / "requirements.txt").open("a") as requirements:
-            requirements.write("hfmerge\n")
+    if plan.gated:  # the gated model's class, beside app.py: the Space runs it without hfmerge or remote code
+        from hfmerge.modeling import MODELING_FILE, modeling_source
+
+        (folder / MODELING_FILE).write_text(modeling_source())
     settings = {"model": plan.model_ref, "sources": plan.sources}
     (folder / SPACE_CONFIG_FILE).write_text(json.dumps(settings, indent=2) + "\n")
     (folder / "README.md").write_text(space_card(plan, space_id))

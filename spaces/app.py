@@ -11,7 +11,8 @@ need no Gradio, ``space_config.json``, ``requirements.txt``, ``README.md`` and
 One image goes to every model; the merged model's top-5 labels (or, for a
 segmentation model, a colour overlay with a legend) sit beside each source's.
 Static merges load with plain transformers, so the Space needs nothing of
-hfmerge; a gated merge loads with ``hfmerge.load``. Remote code is never run.
+hfmerge; a gated merge loads with its own class, from the ``modeling_hfmerge_gated.py`` written
+beside this app. Remote code is never run.
 
 The ``/predict`` endpoint returns JSON::
 

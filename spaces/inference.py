@@ -284,7 +284,7 @@ def load_model(ref: str, *, gated: bool = False, local_only: bool = False) -> De
     where = {"revision": parsed.revision, "local_files_only": local_only}
     try:
         if gated:  # its own model class, which hfmerge loads without running the repository's code
-            model = _load_gated(ref)
+            model = _load_gated(ref, **where)
             kind = "classification"
         else:
             config = transformers.AutoConfig.from_pretrained(parsed.model, trust_remote_code=False, **where)
@@ -308,12 +308,21 @@ def load_model(ref: str, *, gated: bool = False, local_only: bool = False) -> De
     return DemoModel(name=name, model=model.to(DEVICE).eval(), processor=processor, kind=kind, labels=labels)
 
 
-def _load_gated(ref: str) -> torch.nn.Module:
+def _load_gated(ref: str, **where: Any) -> torch.nn.Module:
+    """A gated merge by its own class, never by running the repository's code.
+
+    The class comes from the copy of its modeling file that ``hfmerge space`` writes beside this app, or
+    from hfmerge where that is installed.
+    """
     try:
-        import hfmerge
+        from modeling_hfmerge_gated import GatedMergedForImageClassification
     except ImportError:
-        raise ModelLoadError(f"{ref} is a gated merge; install hfmerge (`pip install hfmerge`) to load it") from None
-    return hfmerge.load(ref)
+        try:
+            from hfmerge.modeling import GatedMergedForImageClassification
+        except ImportError:
+            raise ModelLoadError(f"{ref} is a gated merge: put modeling_hfmerge_gated.py (hfmerge space writes it) "
+                                 "beside app.py, or install hfmerge") from None
+    return GatedMergedForImageClassification.from_pretrained(_parse(ref).model, **where)
 
 
 @dataclass

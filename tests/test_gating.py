@@ -18,6 +18,7 @@ import yaml
 from PIL import Image
 
 import hfmerge
+import hfmerge.modeling
 from helpers import assert_one_line_error, run_cli
 from hfmerge.testing.tasks import digit_split
 
@@ -267,3 +268,23 @@ def test_layer_similarity_takes_repo_ids_and_folders(digit_hub):
     apart = hfmerge.layer_similarity([m["upright"], m["inverted"]])
     assert all(v < 1 - 1e-6 for v in (*apart.attention, *apart.mlp))
     assert hfmerge.select_gated(apart, 0) == ((), ())
+
+
+def test_the_gated_space_runs_alone_without_hfmerge(gated, tmp_path, capsys):
+    """The Space carries the gated model's class beside app.py: no hfmerge from PyPI, no remote code."""
+    pytest.importorskip("gradio", reason="the Space tests need the `space` extra: pip install -e .[space]")
+    gradio_client = pytest.importorskip("gradio_client")
+    from hfmerge.testing.space_app import running_space
+
+    out = tmp_path / "space"
+    code, _, err = run_cli(["space", "tester/vit-2tasks", "--output", out], capsys)
+    assert code == 0, err
+    assert (out / "modeling_hfmerge_gated.py").read_text() == hfmerge.modeling.modeling_source()
+    assert "hfmerge" not in (out / "requirements.txt").read_text()
+    image = tmp_path / "inverted.png"
+    _digit_images("digits-inverted", 1)[0].resize((64, 64)).save(image)
+    with running_space(out, tmp_path / "space.log", without_hfmerge=True) as url:
+        answer = gradio_client.Client(url, verbose=False).predict(gradio_client.handle_file(str(image)),
+                                                                  api_name="/predict")
+    assert max(answer["gate"], key=answer["gate"].get) == "vit-digits-inverted"
+    assert answer["merged"][0]["label"].startswith("vit-digits-inverted/")
