@@ -84,8 +84,8 @@ def merges() -> dict[str, list[str]]:
         "fusion": [*tasks, *task_eval],
         "fusion_finetuned": [*tasks, "--data", "demo/digits-low:train", "--data", "demo/digits-high:train",
                              "--param", "finetune_epochs=3", "--param", "learning_rate=1e-3", *task_eval],
-        "gating": [repo("upright"), repo("inverted"), "--method", "gating", "--data", "demo/digits:test",
-                   "--data", "demo/digits-inverted:test", "--param", "m=1", "--param", f"gate={GATE}",
+        "gating": [repo("upright"), repo("inverted"), "--method", "gating", "--data", "demo/digits:train",
+                   "--data", "demo/digits-inverted:train", "--param", "m=1", "--param", f"gate={GATE}",
                    "--param", "gate_epochs=4", "--eval-data", "demo/digits:test",
                    "--eval-data", "demo/digits-inverted:test"],
     }

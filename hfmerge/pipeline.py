@@ -17,18 +17,17 @@ from hfmerge.checkpoint import HeaderReader, weight_files
 from hfmerge.engine.execute import execute_plan, output_dtype
 from hfmerge.engine.plan import MergeContext, MergePlan, TensorPlan
 from hfmerge.stages import fine_tune, run_statistics
-from hfmerge.errors import IncompatibleModelsError
+from hfmerge.errors import IncompatibleModelsError, RecipeError
 from hfmerge.hub.publish import check_push_access
 from hfmerge.hub.resolve import ResolvedSource, resolve_source, safetensors_header
 from hfmerge.methods import MergeMethod, get_method
 from hfmerge.planned import PlannedMerge
 from hfmerge.ops import Copy
 from hfmerge.recipe import Recipe, SourceSpec, parse_size
-from hfmerge.result import MergeResult, check_output_folder, write_metadata
+from hfmerge.result import MergeResult, check_output_folder, output_config, write_metadata, write_model_files
 
 logger = logging.getLogger(__name__)
 
-PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json", "image_processor_config.json")
 IGNORED_ON_LOAD = "carried from anchor (ignored by transformers on load)"
 
 
@@ -92,6 +91,13 @@ def plan_merge(recipe: Recipe, *, token: str | bool | None = None, metadata_only
         if context.analysis is not None:
             logger.info("analysis stage: %.1f s", time.perf_counter() - started)
     plan = method.plan(context)
+    given = [c.name for c in (method.comparisons(context) if recipe.eval_data else []) if c.task_given]
+    if given and len(recipe.eval_data) != len(layouts):
+        raise RecipeError(
+            f"the evaluation's '{given[0]}' row gives each task's images to its own source: give one --eval-data "
+            f"per source, in source order ({len(layouts)} sources, {len(recipe.eval_data)} given), or "
+            "--param compare=false"
+        )
     if plan.output is None:  # an output model of the method's own has no use for the anchor's leftovers
         carry_ignored_tensors(plan, context)
     return PlannedMerge(recipe, method, sources, base, context, plan, anchor_reason)
@@ -220,9 +226,12 @@ def _run_stages(
         started = time.perf_counter()
         statistics, data_uses = run_statistics(planned, accelerator=accelerator, token=token, progress=progress)
         logger.info("statistics stage: %.1f s", time.perf_counter() - started)
-    if planned.method.trains(planned.context):
+    gate = planned.method.gate_training(planned.context)
+    if gate is not None:
+        from hfmerge.stages import train_gate
+
         started = time.perf_counter()
-        trained = planned.method.train(planned, accelerator=accelerator, token=token, progress=progress)
+        trained = train_gate(planned, gate, accelerator=accelerator, token=token, progress=progress)
         statistics = [*(statistics or []), trained]  # the last table: MergeContext.TRAINED_TABLE
         logger.info("training stage: %.1f s", time.perf_counter() - started)
     if accelerator is not None and not accelerator.is_main_process:
@@ -260,7 +269,7 @@ def _accelerator_for(planned: PlannedMerge) -> Any:
     """
     method = planned.method
     if (method.statistics(planned.context) is None and method.fine_tuning(planned.context, planned.plan) is None
-            and not method.trains(planned.context)):
+            and method.gate_training(planned.context) is None):
         return None
     from hfmerge.train import TrainOptions
     from hfmerge.train.loop import new_accelerator
@@ -342,35 +351,6 @@ def _execute_into_staging(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return result
-
-
-def write_model_files(planned: PlannedMerge, plan: MergePlan, config: Any, folder: Path) -> None:
-    """Beside the weights: the config, the method's own output files (a modeling file...), the anchor's processor."""
-    config.save_pretrained(folder)
-    for name, content in (plan.output.files if plan.output is not None else {}).items():
-        path = folder / name
-        if isinstance(content, bytes):
-            path.write_bytes(content)
-        else:
-            path.write_text(content)
-    for name in PROCESSOR_FILES:
-        path = planned.anchor.source.path / name
-        if path.is_file():
-            shutil.copyfile(path, folder / name)
-
-
-def output_config(planned: PlannedMerge, dtype: torch.dtype | None, plan: MergePlan | None = None) -> Any:
-    """The anchor's config with the plan's updates, or the config of the method's own output model."""
-    plan = plan or planned.plan
-    output = plan.output
-    source = output.config if output is not None else planned.anchor.config
-    config = type(source).from_dict(source.to_dict())
-    for key, value in plan.config_updates.items():
-        setattr(config, key, value)
-    floating = [output_dtype(t.dtype, dtype) for t in plan.tensors if t.dtype.is_floating_point]
-    if floating:
-        config.dtype = str(max(set(floating), key=floating.count)).removeprefix("torch.")
-    return config
 
 
 def merge(

@@ -124,8 +124,9 @@ class PlannedMerge:
                          f"on {samples if samples else 'all'} images of each source's data:")
             for source, spec in zip(self.sources, data):
                 lines.append(f"  {source.name} ← {spec.ref}")
-        if self.method.trains(self.context) and data:
-            gate = self.context.auxiliary.get("gate")
+        training = self.method.gate_training(self.context)
+        if training is not None and data:
+            gate = self.context.auxiliary.get(training.gate)
             what = f"the gate network {gate.source.name}" if gate is not None else "the method's network"
             fraction = params.get("gate_fraction")
             share = f"{fraction:.0%} of " if isinstance(fraction, float) else ""

@@ -18,7 +18,10 @@ import yaml
 from hfmerge.errors import OutputExistsError
 
 if TYPE_CHECKING:
+    import torch
     from huggingface_hub import ModelCard
+
+    from hfmerge.engine.plan import MergePlan
 
     from hfmerge.eval.report import EvaluationReport
     from hfmerge.planned import PlannedMerge
@@ -26,6 +29,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 RECIPE_FILE = "hfmerge.yaml"
+PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json", "image_processor_config.json")
 
 
 @dataclass
@@ -257,3 +261,34 @@ def _write_evaluation_chart(result: MergeResult) -> None:
     fresh = result.staging / f".{EVALUATION_SVG}.new"
     fresh.write_text(svg)
     os.replace(fresh, result.staging / EVALUATION_SVG)
+
+
+def write_model_files(planned: PlannedMerge, plan: MergePlan, config: Any, folder: Path) -> None:
+    """Beside the weights: the config, the method's own output files (a modeling file...), the anchor's processor."""
+    config.save_pretrained(folder)
+    for name, content in (plan.output.files if plan.output is not None else {}).items():
+        path = folder / name
+        if isinstance(content, bytes):
+            path.write_bytes(content)
+        else:
+            path.write_text(content)
+    for name in PROCESSOR_FILES:
+        path = planned.anchor.source.path / name
+        if path.is_file():
+            shutil.copyfile(path, folder / name)
+
+
+def output_config(planned: PlannedMerge, dtype: torch.dtype | None, plan: MergePlan | None = None) -> Any:
+    """The anchor's config with the plan's updates, or the config of the method's own output model."""
+    plan = plan or planned.plan
+    output = plan.output
+    source = output.config if output is not None else planned.anchor.config
+    config = type(source).from_dict(source.to_dict())
+    for key, value in plan.config_updates.items():
+        setattr(config, key, value)
+    from hfmerge.engine.execute import output_dtype
+
+    floating = [output_dtype(t.dtype, dtype) for t in plan.tensors if t.dtype.is_floating_point]
+    if floating:
+        config.dtype = str(max(set(floating), key=floating.count)).removeprefix("torch.")
+    return config

@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from hfmerge.data.load import ImageData
     from hfmerge.data.spec import DataSpec
     from hfmerge.eval.report import EvaluationReport
+    from hfmerge.methods.base import GateTraining
     from hfmerge.planned import PlannedMerge
     from hfmerge.result import MergeResult
 
@@ -285,7 +286,7 @@ def _evaluate_comparison(planned: PlannedMerge, comparison: Any, tasks: list[Ima
     from hfmerge.engine.execute import execute_plan
     from hfmerge.eval.compare import load_candidate
     from hfmerge.eval.evaluate import evaluate_classifier
-    from hfmerge.pipeline import output_config, write_model_files
+    from hfmerge.result import output_config, write_model_files
 
     context = dataclasses.replace(planned.context, params={**planned.context.params, **comparison.parameters})
     plan = planned.method.plan(context)
@@ -361,8 +362,8 @@ class GateTraining:
                 "per_source": self.per_source, "accuracy": self.accuracy, "epochs_run": self.epochs_run}
 
 
-def train_gate(planned: PlannedMerge, *, accelerator: Accelerator, token: str | bool | None = None,
-               progress: bool = True) -> TensorTable:
+def train_gate(planned: PlannedMerge, request: GateTraining, *, accelerator: Accelerator,
+               token: str | bool | None = None, progress: bool = True) -> TensorTable:
     """Fine-tune the gating merge's gate network and return its weights as a table the merge copies from.
 
     The gate (a MobileNetV2 image classifier, ``gate``) gets a new head of N
@@ -387,12 +388,12 @@ def train_gate(planned: PlannedMerge, *, accelerator: Accelerator, token: str | 
     from hfmerge.train import TrainOptions, train_model
 
     started = time.perf_counter()
-    context, params = planned.context, planned.recipe.parameters
-    gate_layout = context.auxiliary["gate"]
+    context = planned.context
+    gate_layout = context.auxiliary[request.gate]
     config = planned.plan.output.config  # type: ignore[union-attr]
     processor = source_processor(planned.anchor)
     seed = planned.recipe.seed or 0
-    fraction = float(params.get("gate_fraction", 0.15))
+    fraction = request.fraction
     train_parts, held_parts, names = [], [], []
     for i, layout in enumerate(context.sources):
         data = load_source_data(planned, i, samples=None, labeled=False, token=token)
@@ -416,9 +417,8 @@ def train_gate(planned: PlannedMerge, *, accelerator: Accelerator, token: str | 
     gate.config.id2label = dict(enumerate(names))
     gate.config.label2id = {name: i for i, name in enumerate(names)}
     model = GateInput(gate, config)
-    options = TrainOptions(epochs=int(params.get("gate_epochs", 5)),
-                           learning_rate=float(params.get("gate_learning_rate", 1e-3)),
-                           batch_size=int(params.get("batch_size", 32)), seed=seed)
+    options = TrainOptions(epochs=request.epochs, learning_rate=request.learning_rate,
+                           batch_size=request.batch_size, seed=seed)
     report = train_model(model, ConcatDataset(train_parts), options, accelerator=accelerator, progress=progress,
                          desc="Training the gate")
     accelerator.free_memory()

@@ -177,7 +177,8 @@ def test_dry_run_shows_the_stages_and_the_output_model(digit_hub, capsys):
     assert "training stage: the gate network" in out
 
 
-@pytest.mark.parametrize("case", ["m too large", "no data", "one dataset for all", "not a vit", "gate not mobilenet"])
+@pytest.mark.parametrize("case", ["m too large", "no data", "one dataset for all", "not a vit", "gate not mobilenet",
+                                  "one eval dataset"])
 def test_bad_input_is_one_line_and_writes_nothing(case, digit_hub, make_source, tmp_path, capsys):
     m, d, gate = digit_hub["models"], digit_hub["datasets"], digit_hub["gate"]
     sources, data = [m["upright"], m["inverted"]], ["--data", d["digits"], "--data", d["digits-inverted"]]
@@ -192,6 +193,9 @@ def test_bad_input_is_one_line_and_writes_nothing(case, digit_hub, make_source, 
     elif case == "not a vit":
         sources = [str(make_source("resnet", 3, seed=1)), str(make_source("resnet", 3, seed=2))]
         expected = ["gating merges ViT image classifiers", "resnet"]
+    elif case == "one eval dataset":  # caught before any data is read, not after the merge
+        params += ["--param", "m=1", "--eval-data", d["digits"]]
+        expected = ["one --eval-data per source", "compare=false"]
     else:
         params = ["--param", f"gate={m['upright']}"]
         expected = ["the gate must be a MobileNetV2 image classifier"]

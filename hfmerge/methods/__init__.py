@@ -5,9 +5,9 @@ at its top: listing the methods (``hfmerge --help``, ``hfmerge methods``,
 recipe validation) then needs no torch.
 """
 
-from hfmerge.methods.base import Comparison, FineTuning, MergeMethod, ParamSpec, available_methods, get_method, register_method
+from hfmerge.methods.base import Comparison, FineTuning, GateTraining, MergeMethod, ParamSpec, available_methods, get_method, register_method
 from hfmerge.methods import (  # noqa: F401  (registration)
     average, dare, fisher, fusion, gating, layerwise, regmean, task_arithmetic, ties,
 )
 
-__all__ = ["Comparison", "FineTuning", "MergeMethod", "ParamSpec", "available_methods", "get_method", "register_method"]
+__all__ = ["Comparison", "FineTuning", "GateTraining", "MergeMethod", "ParamSpec", "available_methods", "get_method", "register_method"]

@@ -16,12 +16,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from hfmerge.errors import RecipeError
 
 if TYPE_CHECKING:
-    from accelerate import Accelerator
-
-    from hfmerge.checkpoint import TensorTable
     from hfmerge.engine.plan import MergeContext, MergePlan
     from hfmerge.engine.statistics import StatisticsRequest
-    from hfmerge.planned import PlannedMerge
 
 
 HEAD_POLICIES = ("concat", "average", "anchor")
@@ -53,6 +49,22 @@ class FineTuning:
     batch_size: int
     patience: int
     samples: int | None = None
+
+
+@dataclass(frozen=True)
+class GateTraining:
+    """A gate network the training stage fine-tunes before the merge (vit-gating-merge §3.2).
+
+    ``gate`` is the role of the gate model in ``ctx.auxiliary``; it gets a head of one output per
+    source and learns which source's data an image comes from, on at most ``fraction`` of each
+    source's data (the rest measures it), with the other fields as training options.
+    """
+
+    gate: str
+    fraction: float
+    epochs: int
+    learning_rate: float
+    batch_size: int
 
 
 @dataclass(frozen=True)
@@ -197,18 +209,13 @@ class MergeMethod(ABC):
         """
         return None
 
-    def trains(self, ctx: MergeContext) -> bool:
-        """Whether :meth:`train` makes tensors the plan reads (a training stage before the merge)."""
-        return False
+    def gate_training(self, ctx: MergeContext) -> GateTraining | None:
+        """A gate network to train before the merge (the training stage), or ``None`` (the default).
 
-    def train(self, planned: PlannedMerge, *, accelerator: Accelerator, token: str | bool | None,
-              progress: bool) -> TensorTable:
-        """Train what the plan's :attr:`~hfmerge.engine.plan.MergeContext.TRAINED_TABLE` tensors come from.
-
-        Called after the statistics stage, before the merge, on every process; returns the
-        trained tensors as a table (the main process's copy is read by the merge).
+        The trained gate's tensors are a table the plan copies from
+        (:attr:`~hfmerge.engine.plan.MergeContext.TRAINED_TABLE`).
         """
-        raise NotImplementedError(f"method {self.name!r} declares no training stage")
+        return None
 
 
 _REGISTRY: dict[str, MergeMethod] = {}

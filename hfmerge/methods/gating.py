@@ -23,16 +23,12 @@ import json
 from typing import TYPE_CHECKING, Any
 
 from hfmerge.errors import IncompatibleModelsError, RecipeError
-from hfmerge.methods.base import Comparison, MergeMethod, ParamSpec, register_method
+from hfmerge.methods.base import Comparison, GateTraining, MergeMethod, ParamSpec, register_method
 
 if TYPE_CHECKING:
-    from accelerate import Accelerator
-
     from hfmerge.adapters.layout import ModelLayout
-    from hfmerge.checkpoint import TensorTable
     from hfmerge.engine.plan import MergeContext, MergePlan
     from hfmerge.engine.statistics import StatisticsRequest
-    from hfmerge.planned import PlannedMerge
 
 DEFAULT_GATE = "google/mobilenet_v2_1.0_224"
 SIMILARITY_SVG = "similarity.svg"
@@ -156,14 +152,11 @@ source for {{ '%.2f' | format(details.gate.accuracy * 100) }}% \
             groups = [g for g in groups if not any(ctx.anchor.tensors[f"{m}.weight"].key in gated for m in g)]
         return StatisticsRequest(grams=tuple(g[0] for g in groups)) if groups else None
 
-    def trains(self, ctx: MergeContext) -> bool:
-        return True
-
-    def train(self, planned: PlannedMerge, *, accelerator: Accelerator, token: str | bool | None,
-              progress: bool) -> TensorTable:
-        from hfmerge.stages import train_gate
-
-        return train_gate(planned, accelerator=accelerator, token=token, progress=progress)
+    def gate_training(self, ctx: MergeContext) -> GateTraining:
+        return GateTraining(gate="gate", fraction=float(ctx.params.get("gate_fraction", 0.15)),
+                            epochs=int(ctx.params.get("gate_epochs", 5)),
+                            learning_rate=float(ctx.params.get("gate_learning_rate", 1e-3)),
+                            batch_size=int(ctx.params.get("batch_size", 32)))
 
     # -- the plan ----------------------------------------------------------------------------
     def _check_sources(self, ctx: MergeContext) -> None:
