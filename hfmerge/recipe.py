@@ -163,15 +163,17 @@ class Recipe:
             if not (method.needs_data or method.uses_data):
                 logger.warning("method '%s' reads no data: --data is ignored", method.name)
                 self.data = None
-            elif len(self.data) not in (1, len(self.sources)):
+            elif len(self.data) not in ((len(self.sources),) if method.data_per_source else (1, len(self.sources))):
                 raise RecipeError(
                     f"{len(self.data)} --data for {len(self.sources)} sources; give one dataset per source, "
-                    "in source order, or one for all"
+                    f"in source order{'' if method.data_per_source else ', or one for all'}"
                 )
         elif method.needs_data:
             raise RecipeError(
-                f"method '{method.name}' needs data to compute its statistics: add --data org/dataset[:split] "
-                "(or a folder of images), once per source in source order or once for all"
+                f"method '{method.name}' needs data {method.data_use}: add --data org/dataset[:split] "
+                "(or a folder of images), "
+                + ("once per source, in source order" if method.data_per_source
+                   else "once per source in source order or once for all")
             )
 
         uses_seed = method.uses_seed or self.data is not None

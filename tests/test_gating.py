@@ -187,9 +187,9 @@ def test_bad_input_is_one_line_and_writes_nothing(case, digit_hub, make_source, 
         params += ["--param", "m=3"]
         expected = ["m=3", "the maximum is m=2"]
     elif case == "no data":
-        data, expected = [], ["--data"]
+        data, expected = [], ["needs data to train its gate", "once per source, in source order"]
     elif case == "one dataset for all":
-        data, expected = ["--data", d["digits"]], ["one different --data per source"]
+        data, expected = ["--data", d["digits"]], ["1 --data for 2 sources", "one dataset per source"]
     elif case == "not a vit":
         sources = [str(make_source("resnet", 3, seed=1)), str(make_source("resnet", 3, seed=2))]
         expected = ["gating merges ViT image classifiers", "resnet"]

@@ -140,6 +140,10 @@ class MergeMethod(ABC):
     min_sources: ClassVar[int] = 2
     needs_data: ClassVar[bool] = False
     """The method reads data of each source (``--data``), e.g. for statistics; without it, it cannot run."""
+    data_use: ClassVar[str] = "to compute its statistics"
+    """What the data is for, in the message that asks for it."""
+    data_per_source: ClassVar[bool] = False
+    """Each source needs its own dataset (``--data`` once per source): one dataset for all is refused."""
     uses_data: ClassVar[bool] = False
     """Data is optional: the method does more with it (fusion fine-tunes) and runs without it."""
     card_template: ClassVar[str] = ""

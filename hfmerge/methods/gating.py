@@ -63,6 +63,8 @@ class Gating(MergeMethod):
     uses_weights = False
     uses_seed = True
     needs_data = True
+    data_use = "to train its gate, which learns which source's data an image comes from (and for RegMean)"
+    data_per_source = True
     accepts_base = True
     parameters = (
         ParamSpec("m", int, 3, "attention and MLP modules gated: the m of each with the lowest similarity (Eq. 4)",
