@@ -21,6 +21,8 @@ import torch
 
 if TYPE_CHECKING:
     from hfmerge.adapters.forward_order import ForwardOrder
+    from hfmerge.adapters.layout import ModelLayout
+    from hfmerge.adapters.neurons import NeuronGroup
 
 
 @dataclass(frozen=True)
@@ -88,6 +90,10 @@ class FamilyAdapter:
             module names (see :attr:`~hfmerge.adapters.layout.ModelLayout.module_kinds`).
         shared_inputs: which linear layers read one input (see :class:`SharedInput`
             and :attr:`~hfmerge.adapters.layout.ModelLayout.linear_groups`).
+        neurons: the family's neuron groups, declared with a
+            :class:`~hfmerge.adapters.neurons.GroupBuilder` over an inspected layout
+            (see :attr:`~hfmerge.adapters.layout.ModelLayout.neuron_groups`); ``None``: the family
+            cannot be aligned neuron by neuron (OTFusion, CLAFusion refuse it).
     """
 
     name: str
@@ -101,6 +107,7 @@ class FamilyAdapter:
     explicit_order: Callable[[str, Any], ForwardOrder] | None = None
     blocks: tuple[tuple[str, str], ...] = ()
     shared_inputs: tuple[SharedInput, ...] = ()
+    neurons: Callable[[ModelLayout], list[NeuronGroup]] | None = None
 
     def model_class(self, architecture: str) -> type[torch.nn.Module]:
         """The transformers class for ``architecture`` (only classes this adapter lists)."""
@@ -150,3 +157,8 @@ def family_for_model_type(model_type: str) -> FamilyAdapter | None:
 
 def supported_families() -> list[str]:
     return sorted({a.name for a in _FAMILIES.values()})
+
+
+def alignable_families() -> list[str]:
+    """The families that declare neuron groups (OTFusion and CLAFusion can align them)."""
+    return sorted({a.name for a in _FAMILIES.values() if a.neurons is not None})

@@ -10,10 +10,13 @@ from typing import Any
 
 import torch
 
-from hfmerge.adapters.base import FamilyAdapter, HeadSpec, family_for_model_type, supported_families
+from hfmerge.adapters.base import (
+    FamilyAdapter, HeadSpec, alignable_families, family_for_model_type, supported_families,
+)
+from hfmerge.adapters.neurons import NeuronGroup
 from hfmerge.adapters.forward_order import forward_order
 from hfmerge.checkpoint import CheckpointReader, TensorTable
-from hfmerge.errors import SourceError
+from hfmerge.errors import IncompatibleModelsError, SourceError
 from hfmerge.hub.resolve import ResolvedSource
 
 
@@ -124,6 +127,20 @@ class ModelLayout:
         without calling them, so no forward hook ever sees their input.
         """
         return linear_groups(self.family, self.module_classes)
+
+    @cached_property
+    def neuron_groups(self) -> list[NeuronGroup]:
+        """The model's neuron groups in forward order, as its adapter declares them (:mod:`hfmerge.adapters.neurons`).
+
+        Raises:
+            IncompatibleModelsError: the family declares none.
+        """
+        if self.family.neurons is None:
+            raise IncompatibleModelsError(
+                f"{self.source.name} is a {self.family.name} model, whose neurons hfmerge cannot align; "
+                f"neuron alignment supports {', '.join(alignable_families())}"
+            )
+        return self.family.neurons(self)
 
     @property
     def id2label(self) -> dict[int, str]:
