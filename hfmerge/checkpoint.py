@@ -114,6 +114,20 @@ class HeaderReader(TensorTable):
         raise RuntimeError(f"{self.label} was inspected from its safetensors headers only; resolve it to read {key}")
 
 
+class MemoryTable(TensorTable):
+    """Tensors a stage computed in memory (a method's transport maps), read like a checkpoint."""
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor], *, label: str) -> None:
+        super().__init__()
+        self.label = label
+        self._tensors = dict(tensors)
+        for key, tensor in self._tensors.items():
+            self._add(key, Path(label), tuple(tensor.shape), tensor.dtype)
+
+    def get(self, key: str) -> torch.Tensor:
+        return self._tensors[key]
+
+
 class CheckpointReader(TensorTable):
     """Lazy, memory-mapped access to every tensor of one checkpoint folder."""
 

@@ -242,6 +242,40 @@ class Stack:
         return out
 
 
+@dataclass(frozen=True)
+class AlignedAverage:
+    """θ = Σ_i c_i · align_i(θ_i): each source's tensor moved onto the anchor's neurons, then averaged (OTFusion).
+
+    ``alignments[i]`` lists, for source i, the (dimension, map reference, unit) of every dimension of the
+    tensor that indexes a neuron group; the map is the group's alignment matrix M = T diag(1/β)
+    (n_i × n_anchor, columns summing to one; :func:`hfmerge.alignment.align_dim`), so the dimension
+    becomes the anchor's width. The anchor's entry is empty: its neurons are the target. Singh & Jaggi
+    (2020), Algorithm 1: W̃ = diag(1/β) Tᵀ W M_prev for a layer's output and input neurons, then
+    W_F = Σ_i c_i W̃_i.
+    """
+
+    sources: tuple[TensorRef, ...]
+    alignments: tuple[tuple[tuple[int, TensorRef, int], ...], ...]
+    coefficients: tuple[float, ...]
+    group: str = "aligned by optimal transport, then averaged"
+
+    def apply(self, load: Loader) -> torch.Tensor:
+        from hfmerge.alignment import align_dim
+
+        total: torch.Tensor | None = None
+        for ref, dims, coefficient in zip(self.sources, self.alignments, self.coefficients):
+            if coefficient == 0.0:
+                continue
+            tensor = load(ref).to(torch.float32)
+            for dim, map_ref, unit in dims:
+                tensor = align_dim(tensor, load(map_ref), dim, unit).to(torch.float32)
+            term = tensor * coefficient
+            total = term if total is None else total.add_(term)
+        if total is None:
+            raise ValueError("an aligned average needs at least one non-zero coefficient")
+        return total
+
+
 def regularised_sum_of_grams(grams: Sequence[torch.Tensor], alpha: float) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """G̃_i = α G_i + (1 − α) diag(G_i) for each Gram matrix, in float64, and their sum.
 
@@ -351,7 +385,7 @@ class FisherWeighted:
 
 
 MergeOp = (Copy | LinearCombination | TaskArithmetic | DisjointMerge | ConcatHeads | RegMeanLinear | FisherWeighted
-           | Stack)
+           | Stack | AlignedAverage)
 
 
 def normalise(weights: Sequence[float]) -> tuple[float, ...]:

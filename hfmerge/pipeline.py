@@ -237,6 +237,9 @@ def _run_stages(
     if accelerator is not None and not accelerator.is_main_process:
         _follow_main_process(planned, accelerator, token=token, progress=progress)
         return None  # type: ignore[return-value]  # only the main process writes (see the docstring)
+    derived = _derive(planned, statistics)
+    if derived is not None:
+        statistics = [*(statistics or []), derived]  # the last table: MergeContext.DERIVED_TABLE
     compare = bool(recipe.eval_data) and bool(planned.method.comparisons(planned.context))
     tables = [*(layout.reader for layout in planned.context.models), *(statistics or [])]
     try:
@@ -260,6 +263,20 @@ def _run_stages(
     if recipe.push_to_hub:
         result.push_to_hub(recipe.push_to_hub, private=recipe.private, token=token)
     return result
+
+
+def _derive(planned: PlannedMerge, statistics: list[Any] | None) -> Any:
+    """Run the method's derive stage over the models and statistics; its tensors as a table, or ``None``."""
+    from hfmerge.checkpoint import MemoryTable
+
+    tables = [*(layout.reader for layout in planned.context.models), *(statistics or [])]
+    started = time.perf_counter()
+    derived = planned.method.derive(planned.context, lambda ref: tables[ref[0]].get(ref[1]))
+    if derived is None:
+        return None
+    planned.plan.details.update(derived.details)
+    logger.info("derive stage (%s): %.1f s", planned.method.name, time.perf_counter() - started)
+    return MemoryTable(derived.tensors, label=f"what {planned.method.name} derived")
 
 
 def _accelerator_for(planned: PlannedMerge) -> Any:

@@ -24,11 +24,12 @@ REFUSED = {("regmean", "resnet"): "none outside its classifier head"}  # ResNet'
 # Methods whose output is a model of their own, not the sources' architecture: their own tests hold them to the
 # same property (tests/test_gating.py: identical sources give the source's logits through the gated model).
 OWN_OUTPUT = {"gating"}
+DATA_BY_DEFAULT = {"otfusion"}  # optional data that its default parameters use (cost=activations)
 
 
 def merge_arguments(method: str, source: str, folder=None) -> dict:
     """What a method needs besides its sources: a base for task vectors, data (a folder of random images) for data methods."""
-    if get_method(method).needs_data:
+    if get_method(method).needs_data or method in DATA_BY_DEFAULT:
         return {"data": [str(random_images(folder / "images"))], "samples": 6}
     return {"base": source} if get_method(method).needs_base else {}
 

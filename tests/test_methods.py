@@ -169,3 +169,14 @@ def test_dtype_override_and_default_keep_source_dtype(make_source, tmp_path):
     with safe_open(str(out16 / "model.safetensors"), "pt") as f:
         assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F16"}
     assert json.loads((out16 / "config.json").read_text())["dtype"] == "float16"
+
+
+def test_a_parameter_without_default_stays_unset_until_given():
+    from hfmerge.errors import RecipeError
+    from hfmerge.methods.base import ParamSpec
+
+    spec = ParamSpec("share", float, None, "optional", minimum=0.0, maximum=1.0)
+    assert spec.coerce(None, "m") is None
+    assert spec.coerce("0.25", "m") == 0.25
+    with pytest.raises(RecipeError, match="must be <= 1.0"):
+        spec.coerce("1.5", "m")

@@ -99,3 +99,34 @@ def test_ties_trim_keeps_exactly_the_top_k_magnitudes_per_tensor():
         assert torch.equal(trimmed, expected.view_as(task_vector)), density
     assert torch.equal(trim_to_threshold(task_vector, top_magnitude_threshold(task_vector, 1.0)), task_vector)
     assert not trim_to_threshold(task_vector, top_magnitude_threshold(task_vector, 0.01)).any()  # k = 0
+
+
+def test_aligned_average_moves_the_source_onto_the_anchor_neurons_then_averages():
+    from hfmerge.ops import AlignedAverage
+
+    w_a = torch.arange(12, dtype=torch.float32).reshape(3, 4)
+    w_b = torch.ones(3, 4)
+    # source neuron a goes to anchor neuron perm[a]: M[a, perm[a]] = 1
+    perm = [2, 0, 1]
+    m = torch.zeros(3, 3, dtype=torch.float64)
+    for a, j in enumerate(perm):
+        m[a, j] = 1.0
+    # input dimension in units of 2 entries: source unit 0 <-> anchor unit 1
+    m_in = torch.tensor([[0.0, 1.0], [1.0, 0.0]], dtype=torch.float64)
+    tables = {(0, "w"): w_a, (1, "w"): w_b, (2, "out"): m, (2, "in"): m_in}
+    op = AlignedAverage(((0, "w"), (1, "w")), (((0, (2, "out"), 1), (1, (2, "in"), 2)), ()), (0.25, 0.75))
+    moved = torch.empty(3, 4)
+    for a, j in enumerate(perm):
+        row = w_a[a]
+        moved[j] = torch.cat([row[2:4], row[0:2]])
+    torch.testing.assert_close(op.apply(tables.__getitem__), 0.25 * moved + 0.75 * w_b)
+
+
+def test_aligned_average_into_fewer_neurons_takes_convex_combinations():
+    from hfmerge.ops import AlignedAverage
+
+    w_a = torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]])  # three source neurons
+    m = torch.tensor([[1.0, 0.0], [0.0, 0.5], [0.0, 0.5]], dtype=torch.float64)  # columns sum to one
+    op = AlignedAverage(((0, "w"),), (((0, (1, "m"), 1),),), (1.0,))
+    expected = torch.tensor([[1.0, 2.0], [4.0, 5.0]])  # neuron 0, and the mean of neurons 1 and 2
+    torch.testing.assert_close(op.apply({(0, "w"): w_a, (1, "m"): m}.__getitem__), expected)

@@ -143,6 +143,10 @@ class MergeContext:
         """
         return len(self.models) + source
 
+    DERIVED_TABLE = -1
+    """The :data:`~hfmerge.ops.TensorRef` index of the tensors a method derives before the merge
+    (:meth:`~hfmerge.methods.base.MergeMethod.derive`): the last table."""
+
     TRAINED_TABLE = -1
     """The :data:`~hfmerge.ops.TensorRef` index of the tensors a method trains before the merge
     (:meth:`~hfmerge.methods.base.MergeMethod.train`): the last table, after the statistics."""

@@ -18,6 +18,7 @@ from hfmerge.errors import RecipeError
 if TYPE_CHECKING:
     from hfmerge.engine.plan import MergeContext, MergePlan
     from hfmerge.engine.statistics import StatisticsRequest
+    from hfmerge.ops import Loader
 
 
 HEAD_POLICIES = ("concat", "average", "anchor")
@@ -67,6 +68,18 @@ class GateTraining:
     batch_size: int
 
 
+@dataclass
+class Derived:
+    """What a method's derive stage computed before the merge: tensors the plan reads, facts for the card.
+
+    ``tensors`` become the last table (:attr:`~hfmerge.engine.plan.MergeContext.DERIVED_TABLE`);
+    ``details`` are added to the plan's details.
+    """
+
+    tensors: dict[str, Any]
+    details: dict[str, Any]
+
+
 @dataclass(frozen=True)
 class Comparison:
     """Another merge of the same sources that the evaluation shows beside this one (a paper's comparison rows).
@@ -99,6 +112,8 @@ class ParamSpec:
     """The parameter only acts when the merge is given data (fusion's fine-tuning options)."""
 
     def coerce(self, value: Any, method: str) -> Any:
+        if value is None and self.default is None:  # an optional parameter left unset
+            return None
         try:
             if self.type is bool and isinstance(value, str):
                 lowered = value.lower()
@@ -210,6 +225,17 @@ class MergeMethod(ABC):
         Runs before :meth:`plan`, which finds the result in ``ctx.analysis``;
         it must stream tensors (memory flat in the number of sources). A dry run
         over Hub sources skips it (``ctx.analysis`` stays ``None``).
+        """
+        return None
+
+    def derive(self, ctx: MergeContext, load: Loader) -> Derived | None:
+        """The derive stage: tensors computed from weights and statistics after the data stages, before the merge.
+
+        ``load`` reads any table the plan may name (the models, then their statistics). The result's
+        tensors are the last table, which the plan named as
+        :attr:`~hfmerge.engine.plan.MergeContext.DERIVED_TABLE` (OTFusion's transport maps, computed once
+        per neuron group and read by every tensor of the group). Runs in the main process only; a dry
+        run never runs it. ``None`` (the default): nothing to derive.
         """
         return None
 

@@ -1,0 +1,339 @@
+"""OTFusion: match every source's neurons to the target's with optimal transport, then average.
+
+Singh & Jaggi, "Model Fusion via Optimal Transport", NeurIPS 2020, Algorithm 1
+(summarised in clafusion.txt §2.3): models trained from different seeds hold
+their hidden units in different orders, so averaging them unaligned mixes
+unrelated neurons. Layer by layer, a transport plan T between source A's
+neurons and the target's (the anchor's) is solved on a ground cost — the
+distance between their pre-activations on the same images (activation-based,
+the paper's and CLAFusion's choice) or between their incoming weights once
+those are aligned with the previous layer's plan (weight-based) — with
+uniform marginals; A's tensors are moved onto the target's neurons,
+W̃ = diag(1/β) Tᵀ W M_prev, along every dimension that indexes a neuron
+group, and then averaged. The groups come from the adapters
+(:mod:`hfmerge.adapters.neurons`): a convolution's output channels carry its
+BatchNorm and the next layer's input channels, and the blocks of a residual
+stage share one map, which is what the official code lacked (its issue #6).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from hfmerge.errors import IncompatibleModelsError, RecipeError
+from hfmerge.methods.base import Comparison, Derived, FineTuning, MergeMethod, ParamSpec, available_methods, register_method
+
+if TYPE_CHECKING:
+    import torch
+
+    from hfmerge.adapters.layout import ModelLayout
+    from hfmerge.adapters.neurons import NeuronGroup
+    from hfmerge.engine.plan import MergeContext, MergePlan
+    from hfmerge.engine.statistics import StatisticsRequest
+    from hfmerge.ops import Loader
+
+
+def map_key(source: int, group: int) -> str:
+    """The derived table's key of source ``source``'s alignment matrix for the anchor's group ``group``."""
+    return f"map/{source}/{group}"
+
+
+@register_method
+class OTFusion(MergeMethod):
+    """OTFusion (Singh & Jaggi, NeurIPS 2020): neurons aligned by optimal transport, then averaged."""
+
+    name = "otfusion"
+    title = "OTFusion (neurons aligned by optimal transport, then averaged)"
+    reference = "Singh & Jaggi, Model Fusion via Optimal Transport, NeurIPS 2020"
+    reference_url = "https://arxiv.org/abs/1910.05653"
+    uses_anchor = True
+    uses_weights = True
+    uses_data = True
+    data_use = "to compare the models' neurons by their pre-activations on the same images"
+    parameters = (
+        ParamSpec("cost", str, "activations", "ground cost between neurons: activations (pre-activations on the "
+                  "same images, needs --data) or weights (incoming weights, aligned with the previous layer)",
+                  choices=("activations", "weights")),
+        ParamSpec("samples", int, 200, "images whose activations represent each neuron (cost=activations)",
+                  minimum=1),
+        ParamSpec("solver", str, "emd", "exact optimal transport (emd) or entropic (sinkhorn, with reg)",
+                  choices=("emd", "sinkhorn")),
+        ParamSpec("reg", float, 0.01, "Sinkhorn's entropic regularisation, relative to the largest cost",
+                  minimum=1e-9),
+        ParamSpec("fuse_weight", float, None, "the target's (the anchor's) weight in the average; the other "
+                  "sources share the rest (default: --weights, or equal weights)", minimum=0.0, maximum=1.0),
+        ParamSpec("align", bool, True, "false: average without aligning (vanilla averaging, the baseline the paper "
+                  "compares with)"),
+        ParamSpec("compare", bool, True, "with --eval-data, also evaluate vanilla averaging (align=false) beside "
+                  "the fused model, when the widths agree"),
+        ParamSpec("finetune_epochs", int, 0, "epochs of fine-tuning of the fused model on the labeled --data",
+                  minimum=0, needs_data=True),
+        ParamSpec("learning_rate", float, 1e-4, "fine-tuning learning rate (AdamW)", minimum=0.0, needs_data=True),
+        ParamSpec("batch_size", int, 32, "images per batch of the statistics and fine-tuning", minimum=1),
+        ParamSpec("patience", int, 2, "epochs without a better held-out accuracy before fine-tuning stops",
+                  minimum=1, needs_data=True),
+    )
+    card_template = """\
+{% if not parameters.align %}The sources were averaged as they are, with the weights in the sources table, \
+without aligning their neurons (`align=false`: vanilla averaging, the baseline of OTFusion's comparisons).\
+{% else %}The neurons of every source were matched to those of the target model ({{ details.target }}) before averaging, \
+with optimal transport (OTFusion, Singh & Jaggi 2020, Algorithm 1). For each of the \
+{{ details.transport | length }} neuron groups, the ground cost between a source neuron and a target neuron is \
+the Euclidean distance between \
+{%- if parameters.cost == 'activations' %} their pre-activations on the same {{ parameters.samples }} images \
+of the data{% else %} their incoming weights, after those were aligned with the maps of the layers before\
+{%- endif %}; the transport plan T between them, with uniform marginals, is \
+{%- if parameters.solver == 'emd' %} the exact optimal one (`ot.emd`){% else %} Sinkhorn's entropic \
+approximation (`ot.sinkhorn`, regularisation {{ parameters.reg }} of the largest cost){% endif %}. Each source \
+tensor is moved onto the target's neurons along every dimension that indexes a group, W̃ = diag(1/β) Tᵀ W \
+T_prev diag(1/β_prev), where a group is a convolution's or linear layer's output units together with their \
+BatchNorm and the next layers' inputs, and the blocks of a residual stage, which add into one stream, share one \
+group{% if details.widths_differ %}; the fused model has the target's widths{% endif %}. The aligned tensors are \
+averaged with the weights in the sources table ({{ details.weights | map('round', 3) | join(', ') }}); \
+tensors in no group (the input layer's input channels, the classifier's outputs, normalisation of an unaligned \
+stream) are averaged as they are.
+{% if details.get("transport_costs") %}
+Transport cost per neuron group: the mean distance between matched neurons, before alignment (neuron k with \
+neuron k) and after (Σ T∘C):
+
+| neuron group | neurons |{% for name in details.aligned_sources %} {{ name }}: before | after |{% endfor %}
+|---|---|{% for name in details.aligned_sources %}---|---|{% endfor %}
+{% for row in details.transport_costs -%}
+| {{ row.group }} | {{ row.size }} |{% for pair in row.costs %} {{ '—' if pair[0] is none else '%.4g' | format(pair[0]) }} \
+| {{ '%.4g' | format(pair[1]) }} |{% endfor %}
+{% endfor %}{% endif %}
+{% set finetuning = details.get("finetuning") %}{% if finetuning %}
+The fused model was then fine-tuned on {{ finetuning.data }} ({{ finetuning.samples }} training images) with \
+AdamW at learning rate {{ parameters.learning_rate }}, batch size {{ parameters.batch_size }}, for \
+{{ finetuning.epochs_run }} of at most {{ parameters.finetune_epochs }} epochs; {{ finetuning.validation }} \
+The weights are those of epoch {{ finetuning.best_epoch }}, the best on the held-out images.{% endif %}{% endif %}"""
+
+    def samples(self, parameters: dict[str, Any]) -> int | None:
+        return int(parameters["samples"])
+
+    def labeled(self, parameters: dict[str, Any]) -> bool:
+        return int(parameters.get("finetune_epochs") or 0) > 0
+
+    def statistics(self, ctx: MergeContext) -> StatisticsRequest | None:
+        if ctx.params["cost"] != "activations" or not ctx.params.get("align", True):
+            return None
+        from hfmerge.engine.statistics import StatisticsRequest
+
+        modules = [m for group in ctx.anchor.neuron_groups for m in group.activations]
+        return StatisticsRequest(activations=tuple(dict.fromkeys(modules)),
+                                 activation_samples=int(ctx.params["samples"]))
+
+    def plan(self, ctx: MergeContext) -> MergePlan:
+        from hfmerge.engine.plan import MergePlan
+        from hfmerge.ops import AlignedAverage, LinearCombination
+
+        if ctx.params["cost"] == "activations" and ctx.params.get("align", True) and not ctx.data:
+            raise RecipeError(
+                "otfusion with cost=activations compares neurons by their activations on images: give --data "
+                "(one dataset for all sources, or one per source), or use --param cost=weights"
+            )
+        groups = self._checked_groups(ctx)
+        anchor = ctx.anchor
+        membership = _membership(groups[ctx.anchor_index])
+        coefficients = self._coefficients(ctx)
+        entries = []
+        align = bool(ctx.params.get("align", True))
+        for name, info in anchor.tensors.items():
+            dims = membership.get(name, [])
+            self._check_shape(ctx, groups, name, dims)
+            if not dims or not align:
+                entries.append(ctx.plan_entry(info, LinearCombination(ctx.refs(name), coefficients)))
+                continue
+            alignments = tuple(
+                () if i == ctx.anchor_index
+                else tuple((dim, (ctx.DERIVED_TABLE, map_key(i, g)), unit) for dim, g, unit in dims)
+                for i in range(len(ctx.sources))
+            )
+            entries.append(ctx.plan_entry(info, AlignedAverage(ctx.refs(name), alignments, coefficients)))
+        widths_differ = _widths_differ(ctx, groups)
+        if widths_differ and not align:
+            raise IncompatibleModelsError(
+                "align=false averages the models as they are, which needs equal widths; the sources' widths differ: "
+                "drop align=false"
+            )
+        details = {
+            "target": anchor.source.name, "groups": [g.name for g in groups[ctx.anchor_index]],
+            "weights": list(coefficients), "widths_differ": widths_differ,
+            "aligned_sources": [s.source.short_name for i, s in enumerate(ctx.sources) if i != ctx.anchor_index],
+            "transport": [{"group": g.name, "size": g.size} for g in groups[ctx.anchor_index]],
+        }
+        return MergePlan(entries, details=details)
+
+    def comparisons(self, ctx: MergeContext) -> list[Comparison]:
+        """Vanilla averaging of the same sources, the baseline of the paper's tables, when the widths agree."""
+        if not (ctx.params.get("compare") and ctx.params.get("align")):
+            return []
+        if _widths_differ(ctx, [layout.neuron_groups for layout in ctx.sources]):
+            return []
+        return [Comparison("vanilla average (no alignment)", {"align": False})]
+
+    def derive(self, ctx: MergeContext, load: Loader) -> Derived | None:
+        """Every source's alignment matrix per neuron group, against the anchor (Algorithm 1), and the costs."""
+        from hfmerge.alignment import alignment_matrix, pairwise_cost, transport_plan
+
+        if not ctx.params.get("align", True):
+            return None
+        groups = self._checked_groups(ctx)
+        target = groups[ctx.anchor_index]
+        cost_kind, solver, reg = ctx.params["cost"], ctx.params["solver"], float(ctx.params["reg"])
+        tensors: dict[str, torch.Tensor] = {}
+        costs: list[list[tuple[float | None, float]]] = [[] for _ in target]
+        for i, layout in enumerate(ctx.sources):
+            if i == ctx.anchor_index:
+                continue
+            own = groups[i]
+            matrices: dict[int, torch.Tensor] = {}
+            for g, (group, anchor_group) in enumerate(zip(own, target)):
+                if cost_kind == "activations":
+                    x = _activation_features(load, ctx.statistics_index(i), group)
+                    y = _activation_features(load, ctx.statistics_index(ctx.anchor_index), anchor_group)
+                else:
+                    x = _weight_features(load, i, layout, own, g, matrices)
+                    y = _weight_features(load, ctx.anchor_index, ctx.anchor, target, g, None)
+                cost = pairwise_cost(x, y)
+                plan = transport_plan(cost, solver=solver, reg=reg)
+                matrices[g] = alignment_matrix(plan)
+                tensors[map_key(i, g)] = matrices[g]
+                before = float(cost.diagonal().mean()) if cost.shape[0] == cost.shape[1] else None
+                costs[g].append((before, float((plan * cost).sum())))
+        rows = [{"group": group.name, "size": group.size, "costs": pair} for group, pair in zip(target, costs)]
+        return Derived(tensors, {"transport_costs": rows})
+
+    def fine_tuning(self, ctx: MergeContext, plan: MergePlan) -> FineTuning | None:
+        """Fine-tune the fused model on the labeled data (the sources share one label set)."""
+        if not ctx.data or int(ctx.params["finetune_epochs"]) == 0:
+            return None
+        identity = {j: j for j in range(len(ctx.anchor.id2label))}
+        return FineTuning(
+            label_maps=tuple(identity for _ in ctx.sources), epochs=int(ctx.params["finetune_epochs"]),
+            learning_rate=float(ctx.params["learning_rate"]), batch_size=int(ctx.params["batch_size"]),
+            patience=int(ctx.params["patience"]),
+        )
+
+    def _coefficients(self, ctx: MergeContext) -> tuple[float, ...]:
+        """The anchor gets ``fuse_weight`` and the others share the rest by their weights; else the weights."""
+        weights = ctx.normalised_weights()
+        fuse_weight = ctx.params.get("fuse_weight")
+        if fuse_weight is None:
+            return weights
+        others = [w for i, w in enumerate(weights) if i != ctx.anchor_index]
+        rest = sum(others)
+        return tuple(
+            float(fuse_weight) if i == ctx.anchor_index
+            else (1.0 - float(fuse_weight)) * (w / rest if rest else 1.0 / len(others))
+            for i, w in enumerate(weights)
+        )
+
+    def _checked_groups(self, ctx: MergeContext) -> list[list[NeuronGroup]]:
+        """Each source's neuron groups, checked to pair up with the anchor's one by one."""
+        architectures = {s.architecture for s in ctx.sources}
+        if len(architectures) > 1:
+            raise IncompatibleModelsError(
+                f"otfusion aligns models of one architecture, got {', '.join(sorted(architectures))}"
+            )
+        labels = [s.id2label for s in ctx.sources]
+        if any(other != labels[ctx.anchor_index] for other in labels):
+            raise IncompatibleModelsError(
+                "otfusion fuses models of one task, but the sources' labels differ "
+                f"({ctx.anchor.source.short_name}: {len(labels[ctx.anchor_index])} labels); "
+                "use --method fusion or gating to serve several tasks"
+            )
+        groups = [layout.neuron_groups for layout in ctx.sources]
+        target = groups[ctx.anchor_index]
+        for layout, own in zip(ctx.sources, groups):
+            names = [g.name for g in own]
+            if names != [g.name for g in target]:
+                deeper = "clafusion" if "clafusion" in available_methods() else "cross-layer alignment (CLAFusion)"
+                raise IncompatibleModelsError(
+                    f"{layout.source.short_name} has {len(own)} neuron groups and {ctx.anchor.source.short_name} "
+                    f"{len(target)} (the models differ in depth): otfusion aligns layer by layer, so fuse models of "
+                    f"one depth, or use {deeper}"
+                )
+        return groups
+
+    def _check_shape(self, ctx: MergeContext, groups: list[list[NeuronGroup]], name: str,
+                     dims: list[tuple[int, int, int]]) -> None:
+        """Every source's tensor has the anchor's shape once its group dimensions take the anchor's widths."""
+        expected = ctx.anchor.tensors[name].shape
+        for i, layout in enumerate(ctx.sources):
+            info = layout.tensors.get(name)
+            if info is None:
+                raise IncompatibleModelsError(
+                    f"otfusion needs every tensor in every model, but {layout.source.short_name} lacks {name}"
+                )
+            shape = list(info.shape)
+            for dim, g, unit in dims:
+                if shape[dim] != groups[i][g].size * unit:
+                    raise IncompatibleModelsError(f"{layout.source.name}: {name} does not match its neuron groups")
+                shape[dim] = groups[ctx.anchor_index][g].size * unit
+            if tuple(shape) != expected:
+                raise IncompatibleModelsError(
+                    f"otfusion can align widths, but {name} has shape {list(info.shape)} in "
+                    f"{layout.source.short_name} and {list(expected)} in {ctx.anchor.source.short_name} in a "
+                    "dimension that no neuron group covers; fuse models of one architecture"
+                )
+
+
+def _widths_differ(ctx: MergeContext, groups: list[list[NeuronGroup]]) -> bool:
+    target = groups[ctx.anchor_index]
+    return any(a.size != b.size for own in groups for a, b in zip(own, target))
+
+
+def _membership(groups: list[NeuronGroup]) -> dict[str, list[tuple[int, int, int]]]:
+    """Tensor name -> its (dimension, group index, unit) triples."""
+    out: dict[str, list[tuple[int, int, int]]] = {}
+    for g, group in enumerate(groups):
+        for tensor, dim in group.members:
+            out.setdefault(tensor, []).append((dim, g, group.unit))
+    return out
+
+
+def _activation_features(load: Loader, table: int, group: NeuronGroup) -> torch.Tensor:
+    """[units, features]: each unit's activations over the samples, at every module that carries the group."""
+    import torch
+
+    from hfmerge.alignment import unit_features
+
+    parts = [unit_features(load((table, f"activation/{module}")), group.activation_dim, group.unit)
+             for module in group.activations]
+    if not parts:
+        raise IncompatibleModelsError(
+            f"the neuron group {group.name} names no module whose activations represent it; use --param cost=weights"
+        )
+    return torch.cat(parts, dim=1)
+
+
+def _weight_features(load: Loader, index: int, layout: ModelLayout, groups: list[NeuronGroup], g: int,
+                     matrices: dict[int, torch.Tensor] | None) -> torch.Tensor:
+    """[units, features]: each unit's incoming weights (its producers' rows), aligned with earlier groups' maps.
+
+    ``matrices`` are this source's alignment matrices of the groups already solved (``None`` for the
+    anchor, which is not moved). A producer whose input dimension belongs to a group not yet solved
+    cannot be compared across models and is left out.
+    """
+    import torch
+
+    from hfmerge.alignment import align_dim, unit_features
+
+    membership = _membership(groups)
+    group = groups[g]
+    parts = []
+    for producer in group.producers:
+        others = [(dim, h, unit) for dim, h, unit in membership.get(producer, []) if h != g]
+        if any(h > g for _, h, _ in others):
+            continue
+        tensor = load((index, layout.tensors[producer].key)).to(torch.float64)
+        if matrices is not None:
+            for dim, h, unit in others:
+                tensor = align_dim(tensor, matrices[h], dim, unit)
+        parts.append(unit_features(tensor.unsqueeze(0), 1, group.unit))
+    if not parts:
+        raise IncompatibleModelsError(
+            f"the neuron group {group.name} has no incoming weights to compare; use --param cost=activations"
+        )
+    return torch.cat(parts, dim=1)
