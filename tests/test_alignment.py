@@ -177,6 +177,17 @@ def test_two_units_by_hand():
     assert torch.equal(layer.aligned, torch.tensor([[3.0, 4.0], [0.0, 0.0]]))
 
 
+def test_two_units_nearest_the_same_anchor_unit_by_hand():
+    # both of A's units are nearest the anchor's first; the plan still gives each unit one partner
+    weight = torch.tensor([[0.0, 0.0], [0.0, 1.0]])
+    anchor = torch.tensor([[0.0, 0.0], [0.0, 10.0]])
+    # C = [[0, 10], [1, 9]]: the identity costs 0 + 9, the swap 10 + 1
+    layer = align_layer(weight, anchor)
+    assert torch.equal(layer.matrix, torch.eye(2, dtype=torch.float64))
+    assert layer.cost_before == pytest.approx(4.5, abs=1e-12)
+    assert layer.cost_after == pytest.approx(4.5, abs=1e-12)
+
+
 def test_bad_problems_raise_transport_errors():
     with pytest.raises(TransportError, match="not finite"):
         transport_plan(torch.tensor([[0.0, float("nan")], [1.0, 0.0]]))
