@@ -19,9 +19,11 @@ from hfmerge.errors import (
     PublishError,
     RecipeError,
     SourceError,
+    TransportError,
 )
 
 if TYPE_CHECKING:
+    from hfmerge.alignment import align_layer
     from hfmerge.analysis import layer_similarity, select_gated
     from hfmerge.loading import load
     from hfmerge.methods import available_methods
@@ -36,6 +38,7 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "load": "hfmerge.loading",
+    "align_layer": "hfmerge.alignment",
     "layer_similarity": "hfmerge.analysis", "select_gated": "hfmerge.analysis",
     "PlannedMerge": "hfmerge.planned", "merge": "hfmerge.pipeline", "plan_merge": "hfmerge.pipeline",
     "run_recipe": "hfmerge.pipeline",
@@ -49,8 +52,8 @@ __all__ = [
     "HfMergeError", "HubUnreachableError", "IncompatibleModelsError", "MergeNumericError", "MergeResult",
     "OutputExistsError",
     "PlannedMerge", "PublishError", "Recipe", "RecipeError", "SourceError", "SourceSpec", "SpaceOptions",
-    "available_methods", "layer_similarity", "load", "merge", "plan_merge", "push_space", "run_recipe", "save_space",
-    "select_gated",
+    "TransportError", "align_layer", "available_methods", "layer_similarity", "load", "merge", "plan_merge",
+    "push_space", "run_recipe", "save_space", "select_gated",
 ]
 
 

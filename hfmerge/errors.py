@@ -55,3 +55,7 @@ class EvaluationError(HfMergeError, ValueError):
 
 class TrainingError(HfMergeError, ValueError):
     """Training cannot run as asked: no samples, no loss, unlabeled validation data, no trainable weights."""
+
+
+class TransportError(HfMergeError, ValueError):
+    """Neurons cannot be aligned by optimal transport: shapes that do not fit, a cost that is not finite, a solver that fails."""
