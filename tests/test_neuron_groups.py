@@ -21,11 +21,6 @@ from hfmerge.hub.resolve import resolve_source
 from hfmerge.testing.permute import permute_groups, unit_index
 from hfmerge.testing.tiny import tiny_config
 
-# (config maker, image size); ResNet variants: basic layers whose stage 0 opens with an identity shortcut
-# (stem width = stage width) and stage 1 with a shortcut convolution; bottleneck layers, likewise, two blocks
-# a stage, downsampling in the first 1x1; basic layers with a downsampling first stage (a shortcut conv
-# there, so the stem is a group of its own); and headless models.
-
 
 def _resnet_bottleneck() -> transformers.ResNetConfig:
     cfg = transformers.ResNetConfig(embedding_size=16, hidden_sizes=[16, 32], depths=[2, 2], layer_type="bottleneck",
@@ -55,6 +50,11 @@ def _mobilenet_stem_expansion() -> transformers.MobileNetV2Config:
     return cfg
 
 
+# case -> (config maker, image size). ResNet: the tiny basic model's stage 0 opens with an identity shortcut
+# (stem width = stage width, no stride) and stage 1 with a shortcut convolution; the bottleneck model likewise,
+# two blocks a stage, downsampling in the first 1x1; a basic model whose first stage downsamples (a shortcut
+# convolution there, so the stem is a group of its own); headless models, whose output must keep its order.
+# MobileNetV2 with and without an expansion 1x1 in the stem.
 CASES = {
     "resnet": (lambda: tiny_config("resnet"), 32),
     "resnet-bottleneck": (_resnet_bottleneck, 32),
@@ -77,7 +77,7 @@ _BUILT: dict[str, tuple[torch.nn.Module, object]] = {}
 
 
 def _randomised(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Every float tensor re-drawn at unit scale: weights N(0, 1/fan_in), biases and norms spread, BN statistics random."""
+    """Every float tensor re-drawn at unit scale: weights N(0, 1/fan_in); biases, norms, BN statistics spread."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, tensor in model.state_dict().items():
@@ -113,7 +113,7 @@ def built(tmp_path_factory):
     _BUILT.clear()
 
 
-def _outputs(model: torch.nn.Module, size: int, modules: list[str] = ()) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def _outputs(model: torch.nn.Module, size: int, modules: list[str] = ()) -> tuple[torch.Tensor, dict]:
     """The model's main output (logits or last hidden state) on fixed random images, and the outputs of ``modules``."""
     seen: dict[str, torch.Tensor] = {}
     named = dict(model.named_modules())
@@ -201,7 +201,7 @@ def test_groups_are_disjoint_and_leave_labels_and_pixels_alone(built, case):
 
 
 def _output_dims(model: torch.nn.Module, case: str) -> list[str]:
-    """Weights whose dim 0 are hidden units that could be permuted: every conv/linear but the head (by family's rules)."""
+    """Weights whose dim 0 are hidden units a group must hold: every conv/linear but the head, less the exceptions."""
     family = _family(case)
     names = [name for name, module in model.named_modules()
              if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)) and not name.startswith("classifier")]
@@ -211,7 +211,8 @@ def _output_dims(model: torch.nn.Module, case: str) -> list[str]:
         names = [n for n in names if ".reduce_1x1." not in n]
     if case == "resnet-headless":  # the last stage's stream is the model's output
         last = max(int(n.split(".stages.")[1].split(".")[0]) for n in names if ".stages." in n)
-        names = [n for n in names if not (f".stages.{last}." in n and (".shortcut." in n or n.endswith(".layer.1.convolution")))]
+        writes_output = (".shortcut.", ".layer.1.convolution")
+        names = [n for n in names if not (f".stages.{last}." in n and any(w in n + "." for w in writes_output))]
     return [f"{n}.weight" for n in names]
 
 
@@ -245,3 +246,25 @@ def test_resnet_groups_read_as_the_model_is_built(built):
     assert len(bottleneck) == 2 + 2 * 2 * 2 and bottleneck.count("resnet.encoder.stages.1 (residual)") == 1
     strided = [g.name for g in built("resnet-strided-first-stage")[1].neuron_groups]
     assert strided[0] == "resnet.embedder.embedder (channels)"
+
+
+def test_permute_groups_moves_whole_units_by_hand():
+    """Unit j of the result is unit perm[j] of the input, on every member dimension; units of 2 move whole."""
+    from hfmerge.adapters.neurons import NeuronGroup
+
+    rows = torch.arange(6.0)[:, None].repeat(1, 2)  # [6, 2]: 3 units of 2 entries on dim 0
+    cols = torch.arange(6.0)[None, :] * 10  # [1, 6]: the same units read on dim 1
+    group = NeuronGroup("g", (("rows", 0), ("cols", 1)), size=3, unit=2)
+    untouched = torch.ones(2)
+    state, perms = permute_groups({"rows": rows, "cols": cols, "other": untouched}, [group], seed=0)
+    perm = perms["g"].tolist()
+    expected = [2 * p + u for p in perm for u in range(2)]
+    assert state["rows"][:, 0].tolist() == [float(e) for e in expected]
+    assert state["cols"][0].tolist() == [10.0 * e for e in expected]
+    assert state["other"] is untouched
+    # never the identity, whatever the seed (randperm of 2 is the identity half the time)
+    pair = NeuronGroup("pair", (("rows", 0),), size=2)
+    assert all(permute_groups({"rows": torch.zeros(2, 1)}, [pair], seed)[1]["pair"].tolist() == [1, 0]
+               for seed in range(20))
+    with pytest.raises(ValueError, match="has 3 units of 2"):
+        permute_groups({"rows": torch.zeros(5, 1), "cols": cols}, [group])

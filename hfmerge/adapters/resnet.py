@@ -31,6 +31,9 @@ def _neurons(layout: ModelLayout) -> list[NeuronGroup]:
     next convolution's input. ``downsample_in_first_stage`` and
     ``downsample_in_bottleneck`` move strides, not channels: a stage has a
     shortcut convolution or not, and that is read from the model's tensors.
+    A stream is observed at its blocks' outputs (after the ReLU that follows
+    the addition) and, when the stem writes into it, at the stem's output; a
+    set inside a block at its BatchNorm's output, before the ReLU.
 
     A headless ``ResNetModel`` outputs the last stage's stream: permuting it
     would change the model's output, so no group holds it.
@@ -48,9 +51,13 @@ def _neurons(layout: ModelLayout) -> list[NeuronGroup]:
     def conv(module: str) -> str:
         return f"{module}.convolution.weight"
 
+    def conv_layer(key: str, module: str) -> None:
+        """A ``ResNetConvLayer`` (or shortcut) writes the set ``key``: its convolution's rows and its BatchNorm."""
+        builder.produced_by(key, conv(module)).channels(key, *norm_members(f"{module}.normalization"))
+
     builder = GroupBuilder(layout)
     opens_with_identity = bool(stages.get(0)) and f"{stages[0][0]}.shortcut.convolution" not in modules
-    builder.produced_by("stem", conv(stem)).channels("stem", *norm_members(f"{stem}.normalization"))
+    conv_layer("stem", stem)
     if opens_with_identity:
         builder.observed_at("stem", f"{prefix}embedder")
     else:
@@ -64,16 +71,16 @@ def _neurons(layout: ModelLayout) -> list[NeuronGroup]:
             convs = list(takewhile(modules.__contains__, (f"{block}.layer.{i}" for i in count())))
             shortcut = f"{block}.shortcut"
             if f"{shortcut}.convolution" in modules:
-                builder.produced_by(residual, conv(shortcut)).channels(residual, *norm_members(f"{shortcut}.normalization"))
+                conv_layer(residual, shortcut)
                 builder.channels(stream, (conv(shortcut), 1))
             else:
                 builder.same(stream, residual)
             builder.channels(stream, (conv(convs[0]), 1))
             for inner, following in zip(convs, convs[1:]):
-                builder.produced_by(inner, conv(inner)).channels(inner, *norm_members(f"{inner}.normalization"))
+                conv_layer(inner, inner)
                 builder.channels(inner, (conv(following), 1), name=f"{inner} (channels)")
                 builder.observed_at(inner, f"{inner}.normalization")
-            builder.produced_by(residual, conv(convs[-1])).channels(residual, *norm_members(f"{convs[-1]}.normalization"))
+            conv_layer(residual, convs[-1])
             builder.observed_at(residual, block)
             stream, output = residual, conv(convs[-1])
     builder.channels(stream, ("classifier.1.weight", 1))
