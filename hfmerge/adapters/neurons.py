@@ -153,3 +153,12 @@ class GroupBuilder:
             groups.append((first, group))
         groups.sort(key=lambda item: item[0])
         return [g for _, g in groups]
+
+
+NORM_TENSORS = ("weight", "bias", "running_mean", "running_var")
+"""A BatchNorm's tensors indexed by its channels (``num_batches_tracked`` is a count, never a member)."""
+
+
+def norm_members(module: str) -> tuple[tuple[str, int], ...]:
+    """The (tensor, 0) pairs of the BatchNorm (or LayerNorm) ``module``: each indexes its channels."""
+    return tuple((f"{module}.{tensor}", 0) for tensor in NORM_TENSORS)
