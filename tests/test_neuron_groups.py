@@ -241,7 +241,10 @@ def test_resnet_groups_read_as_the_model_is_built(built):
             ("resnet.encoder.stages.1.layers.0.shortcut.convolution.weight", 1),
             ("resnet.encoder.stages.1.layers.0.layer.0.convolution.weight", 1)} <= set(stage0.members)
     assert ("classifier.1.weight", 1) in stage1.members
-    assert stage1.activations == ("resnet.encoder.stages.1.layers.0",)
+    # streams are observed before any ReLU, where they are written: the block's last BatchNorm and the shortcut's
+    assert stage1.activations == ("resnet.encoder.stages.1.layers.0.layer.1.normalization",
+                                  "resnet.encoder.stages.1.layers.0.shortcut.normalization")
+    assert stage0.activations == ("resnet.embedder", "resnet.encoder.stages.0.layers.0.layer.1.normalization")
     bottleneck = [g.name for g in built("resnet-bottleneck")[1].neuron_groups]
     assert len(bottleneck) == 2 + 2 * 2 * 2 and bottleneck.count("resnet.encoder.stages.1 (residual)") == 1
     strided = [g.name for g in built("resnet-strided-first-stage")[1].neuron_groups]

@@ -38,19 +38,44 @@ def _model(folder):
     return hfmerge.load(str(folder)).eval()
 
 
+def _bottleneck_resnet(seed):
+    """A tiny bottleneck ResNet: stage 0 with an identity shortcut, stage 1 with a shortcut convolution."""
+    import transformers
+
+    config = transformers.ResNetConfig(embedding_size=16, hidden_sizes=[16, 32], depths=[2, 2],
+                                       layer_type="bottleneck", num_labels=3)
+    config.architectures = ["ResNetForImageClassification"]
+    torch.manual_seed(seed)
+    model = transformers.ResNetForImageClassification(config).eval()
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.normal_()
+                module.running_var.uniform_(0.5, 2.0)
+                module.weight.normal_()
+                module.bias.normal_()
+    return model
+
+
+def _save(folder, family, seed=0, model=None):
+    if family == "resnet-bottleneck":
+        return save_tiny(folder, "resnet", 3, model=model if model is not None else _bottleneck_resnet(seed))
+    return save_tiny(folder, family, 3, seed=seed, model=model)
+
+
 def _permuted_pair(tmp_path, family, seed=3):
     """A tiny model and a copy of it with every neuron group permuted (the same function)."""
-    original = save_tiny(tmp_path / f"{family}-original", family, 3, seed=seed)
+    original = _save(tmp_path / f"{family}-original", family, seed)
     layout = _layout(original)
     model = _model(original)
     state, permutations = permute_groups(model.state_dict(), layout.neuron_groups, seed=seed + 1)
     model.load_state_dict(state)
-    permuted = save_tiny(tmp_path / f"{family}-permuted", family, 3, seed=seed, model=model)
+    permuted = _save(tmp_path / f"{family}-permuted", family, model=model)
     return original, permuted, permutations
 
 
 def _logits(model, family, seed=0):
-    size = IMAGE_SIZE[family]
+    size = IMAGE_SIZE.get(family, 32)
     pixels = torch.randn(4, 3, size, size, generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
         return model(pixel_values=pixels).logits
@@ -61,7 +86,7 @@ def _logits(model, family, seed=0):
 def test_a_permuted_copy_aligns_back_exactly(family, cost, tmp_path):
     original, permuted, permutations = _permuted_pair(tmp_path, family)
     assert permutations and any(not torch.equal(p, torch.arange(len(p))) for p in permutations.values())
-    data = random_images(tmp_path / "images", count=8, size=IMAGE_SIZE[family])
+    data = random_images(tmp_path / "images", count=8, size=IMAGE_SIZE.get(family, 32))
     extra = {"data": [str(data)], "samples": 8} if cost == "activations" else {}
     # the permuted copy is the source aligned onto the original (the anchor, first)
     result = hfmerge.merge([str(original), str(permuted)], method="otfusion", cost=cost, progress=False, **extra)
@@ -122,7 +147,7 @@ def test_widths_that_differ_fuse_into_the_targets_widths_and_load_with_transform
 
     narrow = tiny_config("resnet")
     wide = tiny_config("resnet")
-    wide.hidden_sizes = [12, 24]
+    wide.embedding_size, wide.hidden_sizes = 12, [12, 24]
     torch.manual_seed(0)
     wide_model = transformers.ResNetForImageClassification(wide).eval()
     target = save_tiny(tmp_path / "narrow", "resnet", 3, seed=1)
@@ -200,7 +225,7 @@ def test_bad_input_is_one_line_and_writes_nothing(case, make_source, tmp_path, c
         deeper = tiny_config("resnet")
         deeper.depths = [2, 1]
         b = save_tiny(tmp_path / "deeper", "resnet", model=transformers.ResNetForImageClassification(deeper))
-        args, fragments = ["--param", "cost=weights"], ("depth", "clafusion")
+        args, fragments = ["--param", "cost=weights"], ("depth", "CLAFusion")
     elif case == "no data":
         a = b = make_source("resnet")
         args, fragments = [], ("--data", "cost=weights")

@@ -138,7 +138,7 @@ class GroupBuilder:
             producers = list(dict.fromkeys(t for k in members_keys for t in self._producers.get(k, [])))
             producers.sort(key=lambda t: order.get(t, len(order)))
             activations = list(dict.fromkeys(m for k in members_keys for m in self._activations.get(k, [])))
-            activations.sort(key=lambda m: module_order.get(m, len(module_order)))
+            activations.sort(key=lambda m: _position(m, module_order))
             dim = next((self._activation_dim[k] for k in members_keys if k in self._activation_dim), 1)
             widths = {t: self.layout.tensors[t].shape[d] for t, d in members}
             if len(set(widths.values())) != 1 or next(iter(widths.values())) % unit:
@@ -162,3 +162,11 @@ NORM_TENSORS = ("weight", "bias", "running_mean", "running_var")
 def norm_members(module: str) -> tuple[tuple[str, int], ...]:
     """The (tensor, 0) pairs of the BatchNorm (or LayerNorm) ``module``: each indexes its channels."""
     return tuple((f"{module}.{tensor}", 0) for tensor in NORM_TENSORS)
+
+
+def _position(module: str, module_order: dict[str, int]) -> int:
+    """Where ``module`` first runs: its own position, or its first descendant's (a container owns no tensor)."""
+    if module in module_order:
+        return module_order[module]
+    inside = [i for name, i in module_order.items() if name.startswith(f"{module}.")]
+    return min(inside, default=len(module_order))

@@ -31,9 +31,13 @@ def _neurons(layout: ModelLayout) -> list[NeuronGroup]:
     next convolution's input. ``downsample_in_first_stage`` and
     ``downsample_in_bottleneck`` move strides, not channels: a stage has a
     shortcut convolution or not, and that is read from the model's tensors.
-    A stream is observed at its blocks' outputs (after the ReLU that follows
-    the addition) and, when the stem writes into it, at the stem's output; a
-    set inside a block at its BatchNorm's output, before the ReLU.
+    A stream is observed where it is written, before any ReLU: at the
+    BatchNorm outputs of its blocks' last convolutions and of its shortcut
+    convolution, and, when the stem writes into it, at the stem's (pooled)
+    output; a set inside a block at its BatchNorm's output. Block outputs,
+    after the ReLU that follows the addition, would not do: a channel that is
+    zero on every image of the data (dead on it) looks like every other such
+    channel, and optimal transport could pair them either way.
 
     A headless ``ResNetModel`` outputs the last stage's stream: permuting it
     would change the model's output, so no group holds it.
@@ -81,7 +85,9 @@ def _neurons(layout: ModelLayout) -> list[NeuronGroup]:
                 builder.channels(inner, (conv(following), 1), name=f"{inner} (channels)")
                 builder.observed_at(inner, f"{inner}.normalization")
             conv_layer(residual, convs[-1])
-            builder.observed_at(residual, block)
+            builder.observed_at(residual, f"{convs[-1]}.normalization")
+            if f"{shortcut}.convolution" in modules:
+                builder.observed_at(residual, f"{shortcut}.normalization")
             stream, output = residual, conv(convs[-1])
     builder.channels(stream, ("classifier.1.weight", 1))
     groups = builder.build()

@@ -247,6 +247,13 @@ The weights are those of epoch {{ finetuning.best_epoch }}, the best on the held
         target = groups[ctx.anchor_index]
         for layout, own in zip(ctx.sources, groups):
             names = [g.name for g in own]
+            if len(own) == len(target) and names != [g.name for g in target]:
+                first = next(i for i, (a, b) in enumerate(zip(names, target)) if a != b.name)
+                raise IncompatibleModelsError(
+                    f"{layout.source.short_name} and {ctx.anchor.source.short_name} are built differently (neuron "
+                    f"group {first + 1} is {names[first]!r} in one and {target[first].name!r} in the other): "
+                    "otfusion aligns models of one architecture, whose widths alone may differ"
+                )
             if names != [g.name for g in target]:
                 deeper = "clafusion" if "clafusion" in available_methods() else "cross-layer alignment (CLAFusion)"
                 raise IncompatibleModelsError(
