@@ -111,3 +111,22 @@ def digit_hub(hub_api, tmp_path_factory):
     hub_api.create_repo(gate, exist_ok=True)
     hub_api.upload_folder(folder_path=str(gate_folder), repo_id=gate)
     return {"datasets": datasets, "models": models, "folders": folders, "gate": gate, "gate_folder": gate_folder}
+
+
+@pytest.fixture(scope="session")
+def digit_resnets(digit_hub, hub_api, tmp_path_factory):
+    """Tiny ResNets trained on the digits task from different seeds (and ``wide``, other widths), on the local Hub.
+
+    Returns ``{"models": {name: repo id}, "folders": {name: local folder}, "dataset": the digits dataset repo id}``
+    with names ``seed0``, ``seed1`` and ``wide``; the repos are ``org/resnet-digits-<name>``.
+    """
+    from hfmerge.testing.digit_resnets import train_digit_resnets
+
+    folders = train_digit_resnets(tmp_path_factory.mktemp("digit-resnets"), ("seed0", "seed1", "wide"))
+    models = {}
+    for name, folder in folders.items():
+        repo_id = f"org/resnet-digits-{name}"
+        hub_api.create_repo(repo_id, exist_ok=True)
+        hub_api.upload_folder(folder_path=str(folder), repo_id=repo_id)
+        models[name] = repo_id
+    return {"models": models, "folders": folders, "dataset": digit_hub["datasets"]["digits"]}
