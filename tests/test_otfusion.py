@@ -268,3 +268,55 @@ def test_dry_run_prints_the_plan_and_the_data_pass(make_source, tmp_path, capsys
     code, out, err = run_cli(["merge", a, b, "--method", "otfusion", "--data", data, "--dry-run"], capsys)
     assert code == 0, err
     assert "aligned by optimal transport" in out and "activations" in out
+
+
+def test_two_processes_under_accelerate_launch_match_one(digit_resnets, tmp_path):
+    """Activations gathered from two processes come back in data order: the same maps, the same tensors."""
+    import subprocess
+
+    from safetensors.torch import load_file
+    from test_data_methods import _free_port
+
+    folders = digit_resnets["folders"]
+    data = f"{digit_resnets['dataset']}:train"
+    sources = [str(folders["seed0"]), str(folders["seed1"])]
+    one = hfmerge.merge(sources, method="otfusion", data=[data], samples=50, batch_size=8, progress=False)
+    accelerate = Path(sys.executable).with_name("accelerate")
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "HF_HOME": str(tmp_path / "hf_home"), "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "two"
+    done = subprocess.run(
+        [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+         "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
+         "-m", "hfmerge", "merge", *sources, "--method", "otfusion", "--data", data, "--param", "samples=50",
+         "--param", "batch_size=8", "-q", "--output", str(out)],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    two, single = load_file(out / "model.safetensors"), load_file(one.staging / "model.safetensors")
+    assert two.keys() == single.keys()
+    for key in single:
+        torch.testing.assert_close(two[key], single[key], atol=1e-5, rtol=1e-5, msg=key)
+
+
+@pytest.mark.parametrize("cost", ["activations", "weights"])
+def test_the_vit_residual_stream_aligns_when_asked(cost, tmp_path):
+    """ViT's residual stream (embeddings, every LayerNorm, o_proj and fc2 rows...) permuted too: residual=true undoes it."""
+    original = save_tiny(tmp_path / "o", "vit", 3, seed=6)
+    layout = _layout(original)
+    model = _model(original)
+    state, permutations = permute_groups(model.state_dict(), layout.all_neuron_groups, seed=8)
+    assert "vit (residual stream)" in permutations
+    model.load_state_dict(state)
+    permuted = save_tiny(tmp_path / "p", "vit", 3, model=model)
+    data = random_images(tmp_path / "images", count=8, size=IMAGE_SIZE["vit"])
+    extra = {"data": [str(data)], "samples": 8} if cost == "activations" else {}
+    reference = _model(original)
+    aligned = hfmerge.merge([str(original), str(permuted)], method="otfusion", cost=cost, residual=True,
+                            progress=False, **extra)
+    fused = _model(aligned.save(tmp_path / "aligned"))
+    for name, value in reference.state_dict().items():
+        torch.testing.assert_close(fused.state_dict()[name], value, atol=1e-5, rtol=0, msg=name)
+    left = hfmerge.merge([str(original), str(permuted)], method="otfusion", cost=cost, progress=False, **extra)
+    unaligned = _model(left.save(tmp_path / "left"))  # the stream left as it is: the merge is not the original
+    key = "vit.embeddings.patch_embeddings.projection.weight"
+    assert not torch.allclose(unaligned.state_dict()[key], reference.state_dict()[key])

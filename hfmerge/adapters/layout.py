@@ -132,9 +132,20 @@ class ModelLayout:
     def neuron_groups(self) -> list[NeuronGroup]:
         """The model's neuron groups in forward order, as its adapter declares them (:mod:`hfmerge.adapters.neurons`).
 
+        Optional groups (a transformer's residual stream) are left out: :meth:`neuron_groups_with` adds them.
+
         Raises:
             IncompatibleModelsError: the family declares none.
         """
+        return [g for g in self.all_neuron_groups if not g.optional]
+
+    def neuron_groups_with(self, optional: bool) -> list[NeuronGroup]:
+        """The neuron groups, optional ones included when ``optional``."""
+        return self.all_neuron_groups if optional else self.neuron_groups
+
+    @cached_property
+    def all_neuron_groups(self) -> list[NeuronGroup]:
+        """Every neuron group the adapter declares, optional ones included."""
         if self.family.neurons is None:
             raise IncompatibleModelsError(
                 f"{self.source.name} is a {self.family.name} model, whose neurons hfmerge cannot align; "

@@ -44,6 +44,8 @@ class NeuronGroup:
             in forward order: the activation-based cost compares them over samples.
         activation_dim: the dimension of those outputs that indexes the units (1 for ``[B, C, H, W]``,
             -1 for ``[B, tokens, features]`` or ``[B, features]``).
+        optional: aligned only when asked (a transformer's residual stream, which runs through every
+            layer norm and embedding of the model); :attr:`ModelLayout.neuron_groups` leaves it out.
     """
 
     name: str
@@ -53,6 +55,7 @@ class NeuronGroup:
     producers: tuple[str, ...] = ()
     activations: tuple[str, ...] = ()
     activation_dim: int = 1
+    optional: bool = False
 
     def dims_of(self, tensor: str) -> list[int]:
         """The dimensions of ``tensor`` that belong to this group."""
@@ -76,6 +79,7 @@ class GroupBuilder:
         self._activation_dim: dict[str, int] = {}
         self._unit: dict[str, int] = {}
         self._names: dict[str, str] = {}
+        self._optional: set[str] = set()
 
     def _find(self, key: str) -> str:
         self._parent.setdefault(key, key)
@@ -84,9 +88,15 @@ class GroupBuilder:
             key = self._parent[key]
         return key
 
-    def channels(self, key: str, *members: tuple[str, int], unit: int = 1, name: str | None = None) -> GroupBuilder:
-        """Attach (tensor, dim) pairs to the channel set ``key``; ``name`` labels the group for users."""
+    def channels(self, key: str, *members: tuple[str, int], unit: int = 1, name: str | None = None,
+                 optional: bool = False) -> GroupBuilder:
+        """Attach (tensor, dim) pairs to the channel set ``key``; ``name`` labels the group for users.
+
+        ``optional`` marks the set as aligned only on request (:attr:`NeuronGroup.optional`).
+        """
         self._find(key)
+        if optional:
+            self._optional.add(key)
         present = [(t, d) for t, d in members if t in self.layout.tensors]
         self._members.setdefault(key, []).extend(present)
         if unit != 1:
@@ -149,7 +159,8 @@ class GroupBuilder:
             name = next((self._names[k] for k in members_keys if k in self._names), root)
             first = min(order.get(t, len(order)) for t in (producers or [t for t, _ in members]))
             group = NeuronGroup(name, tuple(members), next(iter(widths.values())) // unit, unit,
-                                tuple(producers), tuple(activations), dim)
+                                tuple(producers), tuple(activations), dim,
+                                optional=any(k in self._optional for k in members_keys))
             groups.append((first, group))
         groups.sort(key=lambda item: item[0])
         return [g for _, g in groups]

@@ -25,8 +25,13 @@ def _neurons(layout: ModelLayout) -> list[NeuronGroup]:
     dot product sums over it). They are observed at the q, k and v outputs.
 
     The residual stream (hidden size: the patch embedding, class token,
-    position embeddings, every LayerNorm, ``o_proj`` and ``fc2`` rows, the
-    classifier's input) is left as it is: no group holds it.
+    position embeddings, every LayerNorm, ``o_proj`` and ``fc2`` rows, q, k,
+    v and fc1 columns, the classifier's input) is one optional group, aligned
+    only when asked: LayerNorm normalises over the stream's channels in any
+    order, so permuting all of them together keeps the function. It is
+    observed where it is written: the embeddings' output and every ``o_proj``
+    and ``fc2`` output. A headless ``ViTModel`` outputs the stream: it has no
+    such group.
     """
     modules = layout.module_classes
     head_dim = layout.config.hidden_size // layout.config.num_attention_heads
@@ -40,7 +45,31 @@ def _neurons(layout: ModelLayout) -> list[NeuronGroup]:
         builder.produced_by(mlp, f"{mlp}.fc1.weight", f"{mlp}.fc1.bias")
         builder.channels(mlp, (f"{mlp}.fc2.weight", 1), name=f"{mlp} (hidden)")
         builder.observed_at(mlp, f"{mlp}.fc1", dim=-1)
+    if "classifier.weight" in layout.tensors:
+        _residual_stream(builder, layout)
     return builder.build()
+
+
+def _residual_stream(builder: GroupBuilder, layout: ModelLayout) -> None:
+    """The optional group of ViT's residual stream, from the patch embedding to the classifier's input."""
+    names = layout.tensors
+    embeddings = next(m for m in layout.module_classes if m.endswith("embeddings") and f"{m}.cls_token" in names)
+    stream = "residual"
+    projection = f"{embeddings}.patch_embeddings.projection"
+    builder.produced_by(stream, f"{projection}.weight", f"{projection}.bias")
+    builder.channels(stream, (f"{embeddings}.cls_token", 2), (f"{embeddings}.position_embeddings", 2),
+                     name="vit (residual stream)", optional=True)
+    builder.observed_at(stream, embeddings, dim=-1)
+    for layer in (name for name in layout.module_classes if _LAYER.fullmatch(name)):
+        attention, mlp = f"{layer}.attention", f"{layer}.mlp"
+        for norm in ("layernorm_before", "layernorm_after"):
+            builder.channels(stream, (f"{layer}.{norm}.weight", 0), (f"{layer}.{norm}.bias", 0))
+        builder.channels(stream, *((f"{attention}.{p}_proj.weight", 1) for p in "qkv"), (f"{mlp}.fc1.weight", 1))
+        builder.produced_by(stream, f"{attention}.o_proj.weight", f"{attention}.o_proj.bias",
+                            f"{mlp}.fc2.weight", f"{mlp}.fc2.bias")
+        builder.observed_at(stream, f"{attention}.o_proj", f"{mlp}.fc2", dim=-1)
+    final = embeddings.rsplit(".", 1)[0] + ".layernorm" if "." in embeddings else "layernorm"
+    builder.channels(stream, (f"{final}.weight", 0), (f"{final}.bias", 0), ("classifier.weight", 1))
 
 
 VIT = register_family(

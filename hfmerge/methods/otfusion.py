@@ -62,6 +62,8 @@ class OTFusion(MergeMethod):
                   minimum=1e-9),
         ParamSpec("fuse_weight", float, None, "the target's (the anchor's) weight in the average; the other "
                   "sources share the rest (default: --weights, or equal weights)", minimum=0.0, maximum=1.0),
+        ParamSpec("residual", bool, False, "also align a transformer's residual stream (ViT: the embeddings, "
+                  "every LayerNorm, the attention and MLP outputs, the classifier's input) as one more group"),
         ParamSpec("align", bool, True, "false: average without aligning (vanilla averaging, the baseline the paper "
                   "compares with)"),
         ParamSpec("compare", bool, True, "with --eval-data, also evaluate vanilla averaging (align=false) beside "
@@ -119,7 +121,7 @@ The weights are those of epoch {{ finetuning.best_epoch }}, the best on the held
             return None
         from hfmerge.engine.statistics import StatisticsRequest
 
-        modules = [m for group in ctx.anchor.neuron_groups for m in group.activations]
+        modules = [m for group in _groups(ctx, ctx.anchor) for m in group.activations]
         return StatisticsRequest(activations=tuple(dict.fromkeys(modules)),
                                  activation_samples=int(ctx.params["samples"]))
 
@@ -168,7 +170,7 @@ The weights are those of epoch {{ finetuning.best_epoch }}, the best on the held
         """Vanilla averaging of the same sources, the baseline of the paper's tables, when the widths agree."""
         if not (ctx.params.get("compare") and ctx.params.get("align")):
             return []
-        if _widths_differ(ctx, [layout.neuron_groups for layout in ctx.sources]):
+        if _widths_differ(ctx, [_groups(ctx, layout) for layout in ctx.sources]):
             return []
         return [Comparison("vanilla average (no alignment)", {"align": False})]
 
@@ -243,7 +245,7 @@ The weights are those of epoch {{ finetuning.best_epoch }}, the best on the held
                 f"({ctx.anchor.source.short_name}: {len(labels[ctx.anchor_index])} labels); "
                 "use --method fusion or gating to serve several tasks"
             )
-        groups = [layout.neuron_groups for layout in ctx.sources]
+        groups = [_groups(ctx, layout) for layout in ctx.sources]
         target = groups[ctx.anchor_index]
         for layout, own in zip(ctx.sources, groups):
             names = [g.name for g in own]
@@ -284,6 +286,11 @@ The weights are those of epoch {{ finetuning.best_epoch }}, the best on the held
                     f"{layout.source.short_name} and {list(expected)} in {ctx.anchor.source.short_name} in a "
                     "dimension that no neuron group covers; fuse models of one architecture"
                 )
+
+
+def _groups(ctx: MergeContext, layout: ModelLayout) -> list[NeuronGroup]:
+    """The neuron groups this merge aligns: optional ones (a residual stream) with ``residual=true``."""
+    return layout.neuron_groups_with(bool(ctx.params.get("residual")))
 
 
 def _widths_differ(ctx: MergeContext, groups: list[list[NeuronGroup]]) -> bool:
