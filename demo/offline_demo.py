@@ -46,6 +46,7 @@ import shutil  # noqa: E402
 
 from hfmerge.cli import main as hfmerge_cli  # noqa: E402
 from hfmerge.testing.digit_models import GATING_MODELS, DigitViT, accuracy, train_digit_models  # noqa: E402
+from hfmerge.testing.digit_resnets import train_digit_resnets  # noqa: E402
 from hfmerge.testing.local_hub import LocalHub  # noqa: E402
 from hfmerge.testing.tasks import digit_split, push_digit_datasets  # noqa: E402
 from hfmerge.testing.tiny_gate import save_tiny_gate  # noqa: E402
@@ -57,6 +58,8 @@ DOMAINS = {"upright": "demo/digits", "mirrored": "demo/digits-mirrored"}
 GATED = {"upright": "demo/digits", "inverted": "demo/digits-inverted"}
 GATE = "demo/tiny-mobilenet-gate"  # stands in for google/mobilenet_v2_1.0_224, which needs the network
 TASKS = {"0-4": "demo/digits-low", "5-9": "demo/digits-high", "all 10": "demo/digits"}
+SEEDS = {"seed0": "demo/resnet-digits-seed0", "seed1": "demo/resnet-digits-seed1"}  # ResNets from two seeds
+RESNET_MERGES = {"otfusion": "demo/resnet-digits-otfusion", "resnet_average": "demo/resnet-digits-average"}
 
 
 def repo(name: str) -> str:
@@ -84,6 +87,9 @@ def merges() -> dict[str, list[str]]:
         "fusion": [*tasks, *task_eval],
         "fusion_finetuned": [*tasks, "--data", "demo/digits-low:train", "--data", "demo/digits-high:train",
                              "--param", "finetune_epochs=3", "--param", "learning_rate=1e-3", *task_eval],
+        "otfusion": [*SEEDS.values(), "--method", "otfusion", "--data", "demo/digits:train", "--param", "samples=200",
+                     "--eval-data", "demo/digits:test"],
+        "resnet_average": [*SEEDS.values(), "--method", "average", "--eval-data", "demo/digits:test"],
         "gating": [repo("upright"), repo("inverted"), "--method", "gating", "--data", "demo/digits:train",
                    "--data", "demo/digits-inverted:train", "--param", "m=1", "--param", f"gate={GATE}",
                    "--param", "gate_epochs=4", "--eval-data", "demo/digits:test",
@@ -212,12 +218,17 @@ def run(screenshot: Path | None, started: float, hub: LocalHub) -> int:
     api.create_repo(GATE, exist_ok=True)
     api.upload_folder(folder_path=str(gate), repo_id=GATE)
     print(f"     {GATE}: a tiny MobileNetV2 image classifier, the gating merge's gate network", flush=True)
+    resnets = train_digit_resnets(OUT / "sources", tuple(SEEDS))
+    for name, folder in resnets.items():
+        api.create_repo(SEEDS[name], exist_ok=True)
+        api.upload_folder(folder_path=str(folder), repo_id=SEEDS[name])
+    print(f"     {', '.join(SEEDS.values())}: tiny ResNets trained on the digits from two random seeds", flush=True)
 
     print("\n3/5  merging by repo id and dataset id with each method (the same CLI a user runs)", flush=True)
     outputs = {}
     for method, args in merges().items():
         out = OUT / "merged" / method
-        code = hfmerge(["merge", *args, "--output", str(out), "--push-to-hub", repo(method)])
+        code = hfmerge(["merge", *args, "--output", str(out), "--push-to-hub", RESNET_MERGES.get(method, repo(method))])
         if code != 0:
             return code
         outputs[method] = out
@@ -252,6 +263,14 @@ def run(screenshot: Path | None, started: float, hub: LocalHub) -> int:
     reported = card_accuracies(repo("gating"))
     scores = [reported[task] for task in GATED.values()]
     print(f"  {'merged: gating, m=1':38s} {scores[0]:8.3f} {scores[1]:9.3f} {sum(scores) / 2:6.3f}")
+
+    print("\nAccuracy of two ResNets trained from different seeds, averaged as they are and fused by OTFusion")
+    print(f"  {'model':38s} {'digits':>7s}")
+    for name, folder in resnets.items():
+        model = AutoModelForImageClassification.from_pretrained(folder)
+        print(f"  {'resnet, ' + name:38s} {accuracy(model, 'digits'):7.3f}")
+    for method, label in (("resnet_average", "merged: average"), ("otfusion", "merged: otfusion (neurons aligned)")):
+        print(f"  {label:38s} {card_accuracies(RESNET_MERGES[method])['demo/digits']:7.3f}")
 
     print("\n4/5  evaluating the average merge beside its sources and their ensemble, as a user would", flush=True)
     results = OUT / "evaluation-average.json"

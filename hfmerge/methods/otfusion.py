@@ -91,9 +91,10 @@ tensor is moved onto the target's neurons along every dimension that indexes a g
 T_prev diag(1/β_prev), where a group is a convolution's or linear layer's output units together with their \
 BatchNorm and the next layers' inputs, and the blocks of a residual stage, which add into one stream, share one \
 group{% if details.widths_differ %}; the fused model has the target's widths{% endif %}. The aligned tensors are \
-averaged with the weights in the sources table ({{ details.weights | map('round', 3) | join(', ') }}); \
-tensors in no group (the input layer's input channels, the classifier's outputs, normalisation of an unaligned \
-stream) are averaged as they are.
+averaged with the weights in the sources table ({{ details.weights | map('round', 3) | join(', ') }}). \
+Dimensions in no group (the image's colour channels, the classifier's labels\
+{%- if not parameters.residual and details.get("optional_groups") %}, the residual stream: \
+`residual=true` aligns it too{% endif %}) stay as they are.
 {% if details.get("transport_costs") %}
 Transport cost per neuron group: the mean distance between matched neurons, before alignment (neuron k with \
 neuron k) and after (Σ T∘C):
@@ -163,6 +164,7 @@ The weights are those of epoch {{ finetuning.best_epoch }}, the best on the held
             "weights": list(coefficients), "widths_differ": widths_differ,
             "aligned_sources": [s.source.short_name for i, s in enumerate(ctx.sources) if i != ctx.anchor_index],
             "transport": [{"group": g.name, "size": g.size} for g in groups[ctx.anchor_index]],
+            "optional_groups": [g.name for g in anchor.all_neuron_groups if g.optional],
         }
         return MergePlan(entries, details=details)
 
