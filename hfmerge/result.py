@@ -266,7 +266,8 @@ def _write_evaluation_chart(result: MergeResult) -> None:
 def write_model_files(planned: PlannedMerge, plan: MergePlan, config: Any, folder: Path) -> None:
     """Beside the weights: the config, the method's own output files (a modeling file...), the anchor's processor."""
     config.save_pretrained(folder)
-    for name, content in (plan.output.files if plan.output is not None else {}).items():
+    files = plan.output.files if plan.output is not None else planned.anchor.family.file_texts()
+    for name, content in files.items():
         path = folder / name
         if isinstance(content, bytes):
             path.write_bytes(content)

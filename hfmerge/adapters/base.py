@@ -90,6 +90,12 @@ class FamilyAdapter:
             module names (see :attr:`~hfmerge.adapters.layout.ModelLayout.module_kinds`).
         shared_inputs: which linear layers read one input (see :class:`SharedInput`
             and :attr:`~hfmerge.adapters.layout.ModelLayout.linear_groups`).
+        classes: for a family whose model classes are not transformers' own (hfmerge's MLP and
+            VGG classifiers), the module that defines them, by import path; the architectures name
+            classes in it. ``None``: transformers' classes.
+        files: files written beside the weights of every model of the family, name -> the import
+            path of the module whose source text it is (the self-contained modeling file that
+            ``auto_map`` names for ``trust_remote_code``).
         neurons: the family's neuron groups, declared with a
             :class:`~hfmerge.adapters.neurons.GroupBuilder` over an inspected layout
             (see :attr:`~hfmerge.adapters.layout.ModelLayout.neuron_groups`); ``None``: the family
@@ -108,12 +114,21 @@ class FamilyAdapter:
     blocks: tuple[tuple[str, str], ...] = ()
     shared_inputs: tuple[SharedInput, ...] = ()
     neurons: Callable[[ModelLayout], list[NeuronGroup]] | None = None
+    classes: str | None = None
+    files: dict[str, str] = field(default_factory=dict)
 
     def model_class(self, architecture: str) -> type[torch.nn.Module]:
-        """The transformers class for ``architecture`` (only classes this adapter lists)."""
-        import transformers
+        """The class for ``architecture`` (only classes this adapter lists): transformers', or ``classes``'."""
+        import importlib
 
-        return getattr(transformers, architecture)
+        return getattr(importlib.import_module(self.classes or "transformers"), architecture)
+
+    def file_texts(self) -> dict[str, str]:
+        """The text of each file in :attr:`files`: the source of the module it names."""
+        import importlib
+        import inspect
+
+        return {name: inspect.getsource(importlib.import_module(module)) for name, module in self.files.items()}
 
     def head_of(self, architecture: str, memory_name: str) -> HeadSpec | None:
         """The head spec that ``memory_name`` belongs to, if any."""

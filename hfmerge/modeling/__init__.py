@@ -24,8 +24,8 @@ from transformers import (
     ViTForImageClassification,
 )
 
-from hfmerge.adapters.layout import checkpoint_to_memory_names
 from hfmerge.checkpoint import CheckpointReader
+from hfmerge.renaming import checkpoint_to_memory_names
 from hfmerge.errors import IncompatibleModelsError, SourceError
 from hfmerge.labels import distinct_prefixes, union_label_names
 from hfmerge.modeling.gated_vit import (
@@ -99,7 +99,7 @@ def assemble_gated(
 
     Tensors are paired by checkpoint key: the gated model's ViT parameter names
     are the checkpoint keys, mapped to each source's in-memory names the way
-    ``from_pretrained`` maps them (:func:`~hfmerge.adapters.layout.checkpoint_to_memory_names`,
+    ``from_pretrained`` maps them (:func:`~hfmerge.renaming.checkpoint_to_memory_names`,
     transformers' own conversion rules), so no file is written.
 
     Args:

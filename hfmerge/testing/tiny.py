@@ -17,7 +17,9 @@ FAMILIES = (
     "vit", "resnet", "mobilenet_v2", "mobilenet_v2-seg", "segformer", "segformer-cls",
     "upernet-convnext", "upernet-swin", "mask2former",
 )
-IMAGE_SIZE = {"vit": 16, "resnet": 32, "mobilenet_v2": 32, "mobilenet_v2-seg": 32, "segformer": 32,
+CLASSIC_FAMILIES = ("mlp", "vgg")
+"""hfmerge's own MLP and VGG-style classifiers (:mod:`hfmerge.modeling.classic`), OTFusion's classic settings."""
+IMAGE_SIZE = {"mlp": 8, "vgg": 16, "vit": 16, "resnet": 32, "mobilenet_v2": 32, "mobilenet_v2-seg": 32, "segformer": 32,
               "segformer-cls": 32, "upernet-convnext": 32, "upernet-swin": 32, "mask2former": 64}
 
 
@@ -34,7 +36,18 @@ def tiny_config(family: str, num_labels: int = 3, labels: list[str] | None = Non
 
     labels = labels or [f"class_{i}" for i in range(num_labels)]
     label_kwargs = {"id2label": dict(enumerate(labels)), "label2id": {l: i for i, l in enumerate(labels)}}
-    if family == "vit":
+    if family == "mlp":
+        from hfmerge.modeling.classic import HfMergeMLPConfig
+
+        cfg = HfMergeMLPConfig(image_size=IMAGE_SIZE["mlp"], hidden_sizes=[16, 12], **label_kwargs)
+        arch = "MLPForImageClassification"
+    elif family == "vgg":
+        from hfmerge.modeling.classic import HfMergeVGGConfig
+
+        cfg = HfMergeVGGConfig(image_size=IMAGE_SIZE["vgg"], layers=[8, "M", 12, 12, "M"], batch_norm=True,
+                               **label_kwargs)
+        arch = "VGGForImageClassification"
+    elif family == "vit":
         cfg = tf.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
                            image_size=16, patch_size=4, **label_kwargs)
         arch = "ViTForImageClassification"
@@ -76,7 +89,12 @@ def tiny_model(family: str, num_labels: int = 3, *, seed: int = 0, labels: list[
 
     cfg = tiny_config(family, num_labels, labels)
     torch.manual_seed(seed)
-    model = getattr(transformers, cfg.architectures[0])(cfg).eval()
+    if family in CLASSIC_FAMILIES:
+        from hfmerge.modeling import classic  # hfmerge's own classes
+
+        model = getattr(classic, cfg.architectures[0])(cfg).eval()
+    else:
+        model = getattr(transformers, cfg.architectures[0])(cfg).eval()
     with torch.no_grad():
         for module in model.modules():
             if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
@@ -102,6 +120,11 @@ def save_tiny(folder: str | Path, family: str, num_labels: int = 3, *, seed: int
     folder = Path(folder)
     model = model if model is not None else tiny_model(family, num_labels, seed=seed, labels=labels)
     model.save_pretrained(folder)
+    if family in CLASSIC_FAMILIES:  # its modeling file beside it, as auto_map says (trust_remote_code)
+        from hfmerge.adapters import family_for_model_type
+
+        for name, text in family_for_model_type(model.config.model_type).file_texts().items():
+            (folder / name).write_text(text)
     image_processor(family).save_pretrained(folder)
     return folder
 
