@@ -46,6 +46,10 @@ def method_arguments(name: str, family: str) -> dict[str, Any]:
     method = get_method(name)
     if getattr(method, "needs_data", False):
         pytest.skip(f"{name} needs data; these fixtures are weights only")
+    if name == "otfusion":  # aligns neurons of the families that declare them; weight-based needs no data
+        if family not in ("vit", "resnet", "mobilenet_v2", "mobilenet_v2-seg"):
+            pytest.skip(f"otfusion cannot align {family}'s neurons (tests/test_otfusion.py checks the refusal)")
+        return {"cost": "weights"}
     return {"base": str(fixture(family, 1))} if method.needs_base else {}
 
 
