@@ -172,6 +172,26 @@ def test_activations_of_the_first_t_samples_in_data_order():
         torch.testing.assert_close(stats["activation/vit.layers.0.mlp.fc1"], fc1(fc1_input))
 
 
+def test_convolution_activations_are_pooled_to_at_most_pool_squared_positions():
+    """A [B, C, 8, 8] output pooled to 2 x 2 is the mean of each 4 x 4 quadrant; smaller maps and tokens are kept."""
+    model = tiny_model("resnet")
+    data = RandomImages(4, size=32)
+    stem, stage = "resnet.embedder", "resnet.encoder.stages.1.layers.0.layer.1.normalization"
+    whole = collect_statistics(model, DataLoader(data, batch_size=3),
+                               StatisticsRequest(activations=(stem, stage), activation_samples=4), progress=False)
+    pooled = collect_statistics(model, DataLoader(data, batch_size=3),
+                                StatisticsRequest(activations=(stem, stage), activation_samples=4, activation_pool=2),
+                                progress=False)
+    full = whole[f"activation/{stem}"]
+    assert full.shape[2:] == (8, 8) and pooled[f"activation/{stem}"].shape == (*full.shape[:2], 2, 2)
+    quadrant = full[:, :, 4:, :4].mean(dim=(2, 3))
+    torch.testing.assert_close(pooled[f"activation/{stem}"][:, :, 1, 0], quadrant)
+    assert whole[f"activation/{stage}"].shape[2:] == (4, 4)
+    request = StatisticsRequest(activations=(stem,), activation_samples=4)
+    assert request.cache_key() != StatisticsRequest(activations=(stem,), activation_samples=4,
+                                                    activation_pool=2).cache_key()
+
+
 def test_eval_mode_during_the_pass_and_training_flag_restored():
     model = tiny_model("vit")
     model.config.hidden_dropout_prob = 0.5

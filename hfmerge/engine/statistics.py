@@ -64,6 +64,10 @@ class StatisticsRequest:
             ``"empirical"``: the batch's ``labels`` (the empirical Fisher).
         activations: module names; their outputs (batch first) for the first ``activation_samples`` samples.
         activation_samples: t, how many samples' activations to keep.
+        activation_pool: convolution outputs (``[B, C, H, W]``) are average-pooled to at most
+            ``activation_pool`` × ``activation_pool`` positions before they are kept (0: every position).
+            Per channel this is a local mean, the same for every model, so channels stay comparable,
+            while 200 images of a 224 px ResNet keep 64 values per channel and image instead of 3,136.
     """
 
     grams: tuple[str, ...] = ()
@@ -71,6 +75,7 @@ class StatisticsRequest:
     fisher_labels: str = "model"
     activations: tuple[str, ...] = ()
     activation_samples: int = 0
+    activation_pool: int = 0
 
     def __post_init__(self) -> None:
         for name in ("grams", "fisher", "activations"):
@@ -99,6 +104,8 @@ class StatisticsRequest:
             "activations": sorted(set(self.activations)) if self.activation_samples else [],
             "activation_samples": self.activation_samples if self.activations else 0,
         }
+        if self.activations and self.activation_pool:  # absent when unused: earlier cache keys stay valid
+            described["activation_pool"] = self.activation_pool
         return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()
 
 
@@ -200,6 +207,11 @@ def collect_statistics(
     device = accelerator.device
     was_training = model.training
     model.eval().to(device)
+    # a CNN runs its convolutions a quarter faster channels-last on the CPU (oneDNN); values are unchanged
+    channels_last = sum(isinstance(m, torch.nn.Conv2d) for m in modules.values()) > 1
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
 
     pass_state = _PassState(request, modules, parameters, device)
     batches, batch_size = _shard(loader, accelerator)
@@ -211,7 +223,7 @@ def collect_statistics(
         bar = tqdm(batches, desc=desc, total=total, unit="batch",
                    disable=not progress or not accelerator.is_local_main_process)
         for local_batch, batch in enumerate(bar):
-            pixels = batch["pixel_values"].to(device)
+            pixels = batch["pixel_values"].to(device).contiguous(memory_format=memory_format)
             if batch_size is None:  # one process: positions are the running count
                 first_index = pass_state.samples
             else:  # accelerate deals batches round-robin: this process reads batches p, p + N, p + 2N...
@@ -222,6 +234,8 @@ def collect_statistics(
         for hook in hooks:
             hook.remove()
         model.train(was_training)
+        if channels_last:
+            model.to(memory_format=torch.contiguous_format)
         _forget_prepared(accelerator, batches)
 
     result = pass_state.reduce(accelerator)
@@ -371,6 +385,10 @@ class _PassState:
             if out.shape[0] != self.batch_n:
                 raise ValueError(f"module {name} gives outputs of shape {list(out.shape)}, whose first dimension "
                                  f"is not the batch ({self.batch_n}): its activations cannot be kept per sample")
+            pool = self.request.activation_pool
+            if pool and out.dim() == 4 and out.shape[2] * out.shape[3] > pool * pool:
+                out = torch.nn.functional.adaptive_avg_pool2d(out[: self.batch_keep],
+                                                              (min(out.shape[2], pool), min(out.shape[3], pool)))
             self.activations[name].append(out[: self.batch_keep].detach().to("cpu", torch.float32))
 
         return hook

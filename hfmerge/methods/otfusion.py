@@ -56,6 +56,8 @@ class OTFusion(MergeMethod):
                   choices=("activations", "weights")),
         ParamSpec("samples", int, 200, "images whose activations represent each neuron (cost=activations)",
                   minimum=1),
+        ParamSpec("pool", int, 8, "convolution activations are average-pooled to at most pool x pool positions "
+                  "per image before they are compared (0: every position, as the paper's 32 px images)", minimum=0),
         ParamSpec("solver", str, "emd", "exact optimal transport (emd) or entropic (sinkhorn, with reg)",
                   choices=("emd", "sinkhorn")),
         ParamSpec("reg", float, 0.01, "Sinkhorn's entropic regularisation, relative to the largest cost",
@@ -83,7 +85,8 @@ with optimal transport (OTFusion, Singh & Jaggi 2020, Algorithm 1). For each of 
 {{ details.transport | length }} neuron groups, the ground cost between a source neuron and a target neuron is \
 the Euclidean distance between \
 {%- if parameters.cost == 'activations' %} their pre-activations on the same {{ parameters.samples }} images \
-of the data{% else %} their incoming weights, after those were aligned with the maps of the layers before\
+of the data{% if parameters.pool %} (a convolution's output average-pooled to at most {{ parameters.pool }} × \
+{{ parameters.pool }} positions per image){% endif %}{% else %} their incoming weights, after those were aligned with the maps of the layers before\
 {%- endif %}; the transport plan T between them, with uniform marginals, is \
 {%- if parameters.solver == 'emd' %} the exact optimal one (`ot.emd`){% else %} Sinkhorn's entropic \
 approximation (`ot.sinkhorn`, regularisation {{ parameters.reg }} of the largest cost){% endif %}. Each source \
@@ -124,7 +127,8 @@ The weights are those of epoch {{ finetuning.best_epoch }}, the best on the held
 
         modules = [m for group in _groups(ctx, ctx.anchor) for m in group.activations]
         return StatisticsRequest(activations=tuple(dict.fromkeys(modules)),
-                                 activation_samples=int(ctx.params["samples"]))
+                                 activation_samples=int(ctx.params["samples"]),
+                                 activation_pool=int(ctx.params["pool"]))
 
     def plan(self, ctx: MergeContext) -> MergePlan:
         from hfmerge.engine.plan import MergePlan
