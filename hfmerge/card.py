@@ -140,8 +140,10 @@ def render_card(result: CardFacts, repo_id: str | None = None) -> str:
         architecture=architecture,
         family=planned.anchor.family.name,
         task=task,
-        plain_transformers=output is None or output.loads_with_transformers,
-        remote_code=output is not None and bool(getattr(output.config, "auto_map", None)),
+        plain_transformers=(output.loads_with_transformers if output is not None
+                            else planned.anchor.family.classes is None),
+        remote_code=bool(getattr(result.config, "auto_map", None)),
+        own_output=output is not None,
         num_labels=len(getattr(result.config, "id2label", {}) or {}),
         warnings=result.warnings,
         data_rows=data_rows,

@@ -81,6 +81,8 @@ def test_identical_sources_average_to_themselves_by_folder_and_by_repo_id(family
         code, _, err = run_cli(["merge", *sources, "--method", "average", "--output", out, "-q"], capsys)
         assert code == 0, err
         assert (out / MODELING_FILE).read_text() == (folder / MODELING_FILE).read_text()
+        card = (out / "README.md").read_text()  # the card tells how it loads: hfmerge, or remote code
+        assert "defined by hfmerge" in card and "trust_remote_code=True" in card and "hfmerge.load(" in card
         merged, original = hfmerge.load(str(out)), hfmerge.load(str(folder))
         for name, value in original.state_dict().items():
             assert torch.equal(merged.state_dict()[name], value), name
