@@ -185,7 +185,9 @@ def run_recipe(
 
     A method that reads data runs the data stages around the merge
     (:mod:`hfmerge.stages`): statistics on each source's data before
-    it, training after it; ``recipe.eval_data`` adds an evaluation whose
+    it, training after it; a method may then derive tensors from the weights
+    and statistics before the merge (OTFusion's transport maps,
+    :meth:`~hfmerge.methods.base.MergeMethod.derive`); ``recipe.eval_data`` adds an evaluation whose
     results go into the card. Under ``accelerate launch`` with several
     processes, every process takes part in the statistics and the training,
     and only the main process merges, writes, saves and pushes: the others
