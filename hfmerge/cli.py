@@ -236,7 +236,7 @@ def _methods() -> int:
                                     ("--anchor", method.uses_anchor), ("--weights", method.uses_weights),
                                     ("--seed", method.uses_seed or method.needs_data)) if flag]
         if method.uses_data:
-            needs.append("--data (optional)")
+            needs.append(f"--data ({method.data_requirement})")
         if needs:
             print(f"    takes: {', '.join(needs)}")
         for p in method.parameters:

@@ -165,6 +165,9 @@ def test_widths_that_differ_fuse_into_the_targets_widths_and_load_with_transform
     assert int(shown.stdout.split()[-1]) == sum(p.numel() for p in narrow_model.parameters())
     costs = result.planned.plan.details["transport_costs"]
     assert any(row["costs"][0][0] is None for row in costs)  # no "before" where the widths differ
+    card = (out / "README.md").read_text()
+    assert "the same 8 images" in card  # the images actually read, not the samples parameter (200)
+    assert "so neuron k has no counterpart" in card and "Vanilla averaging is not compared" in card
 
 
 @pytest.mark.parametrize("family", ["resnet", "vgg", "mlp", "vit"])

@@ -248,18 +248,20 @@ def collect_statistics(
     for name in request.grams:
         if int(result[f"rows/{name}"]) == 0:
             logger.warning("linear layer %s never ran on the data: its Gram matrix is zero", name)
-    logger.info("statistics: %d samples (%s) in %.1f s", samples, _describe(request), time.perf_counter() - started)
+    logger.info("statistics: %d samples (%s) in %.1f s", samples, _describe(request, samples),
+                time.perf_counter() - started)
     return result
 
 
-def _describe(request: StatisticsRequest) -> str:
+def _describe(request: StatisticsRequest, samples: int | None = None) -> str:
     parts = []
     if request.grams:
         parts.append(f"{len(request.grams)} Gram matrices")
     if request.fisher:
         parts.append(f"Fisher of {len(request.fisher)} parameters, {request.fisher_labels} labels")
     if request.activations and request.activation_samples:
-        parts.append(f"activations of {len(request.activations)} modules for {request.activation_samples} samples")
+        kept = request.activation_samples if samples is None else min(samples, request.activation_samples)
+        parts.append(f"activations of {len(request.activations)} modules for {kept} samples")
     return ", ".join(parts) or "nothing asked"
 
 

@@ -161,6 +161,8 @@ class MergeMethod(ABC):
     """Each source needs its own dataset (``--data`` once per source): one dataset for all is refused."""
     uses_data: ClassVar[bool] = False
     """Data is optional: the method does more with it (fusion fine-tunes) and runs without it."""
+    data_requirement: ClassVar[str] = "optional"
+    """How ``hfmerge methods`` describes optional data (e.g. which parameter values need it)."""
     card_template: ClassVar[str] = ""
     """The method's own paragraph of the model card: a Jinja snippet rendered with
     ``details`` (the plan's details), ``parameters``, ``base`` and ``sources``.

@@ -50,6 +50,7 @@ class OTFusion(MergeMethod):
     uses_weights = True
     uses_data = True
     data_use = "to compare the models' neurons by their pre-activations on the same images"
+    data_requirement = "needed by the default cost=activations, and to fine-tune; cost=weights runs without"
     parameters = (
         ParamSpec("cost", str, "activations", "ground cost between neurons: activations (pre-activations on the "
                   "same images, needs --data) or weights (incoming weights, aligned with the previous layer)",
@@ -84,23 +85,26 @@ without aligning their neurons (`align=false`: vanilla averaging, the baseline o
 with optimal transport (OTFusion, Singh & Jaggi 2020, Algorithm 1). For each of the \
 {{ details.transport | length }} neuron groups, the ground cost between a source neuron and a target neuron is \
 the Euclidean distance between \
-{%- if parameters.cost == 'activations' %} their pre-activations on the same {{ parameters.samples }} images \
+{%- if parameters.cost == 'activations' %} their pre-activations on the same {{ details.get("activation_samples", parameters.samples) }} images \
 of the data{% if parameters.pool %} (a convolution's output average-pooled to at most {{ parameters.pool }} × \
 {{ parameters.pool }} positions per image){% endif %}{% else %} their incoming weights, after those were aligned with the maps of the layers before\
 {%- endif %}; the transport plan T between them, with uniform marginals, is \
 {%- if parameters.solver == 'emd' %} the exact optimal one (`ot.emd`){% else %} Sinkhorn's entropic \
 approximation (`ot.sinkhorn`, regularisation {{ parameters.reg }} of the largest cost){% endif %}. Each source \
 tensor is moved onto the target's neurons along every dimension that indexes a group, W̃ = diag(1/β) Tᵀ W \
-T_prev diag(1/β_prev), where a group is a convolution's or linear layer's output units together with their \
-BatchNorm and the next layers' inputs, and the blocks of a residual stage, which add into one stream, share one \
-group{% if details.widths_differ %}; the fused model has the target's widths{% endif %}. The aligned tensors are \
+T_prev diag(1/β_prev), with β = Tᵀ1 the target's marginal (1/n for n neurons), where a group is a layer's \
+output units together with every tensor indexed by them (a normalisation's, the next layers' inputs), and \
+layers that add into one residual stream share one group{% if details.widths_differ %}; the fused model has \
+the target's widths{% endif %}. The aligned tensors are \
 averaged with the weights in the sources table ({{ details.weights | map('round', 3) | join(', ') }}). \
 Dimensions in no group (the image's colour channels, the classifier's labels\
 {%- if not parameters.residual and details.get("optional_groups") %}, the residual stream: \
 `residual=true` aligns it too{% endif %}) stay as they are.
 {% if details.get("transport_costs") %}
 Transport cost per neuron group: the mean distance between matched neurons, before alignment (neuron k with \
-neuron k) and after (Σ T∘C):
+neuron k{% if details.widths_differ %}; "—" where the widths differ, so neuron k has no counterpart{% endif %}) \
+and after (Σ T∘C).{% if details.widths_differ %} Vanilla averaging is not compared: it needs equal widths.\
+{% endif %}
 
 | neuron group | neurons |{% for name in details.aligned_sources %} {{ name }}: before | after |{% endfor %}
 |---|---|{% for name in details.aligned_sources %}---|---|{% endfor %}
@@ -210,7 +214,11 @@ The weights are those of epoch {{ finetuning.best_epoch }}, the best on the held
                 before = float(cost.diagonal().mean()) if cost.shape[0] == cost.shape[1] else None
                 costs[g].append((before, float((plan * cost).sum())))
         rows = [{"group": group.name, "size": group.size, "costs": pair} for group, pair in zip(target, costs)]
-        return Derived(tensors, {"transport_costs": rows})
+        details: dict[str, Any] = {"transport_costs": rows}
+        if cost_kind == "activations" and target and target[0].activations:
+            first = load((ctx.statistics_index(ctx.anchor_index), f"activation/{target[0].activations[0]}"))
+            details["activation_samples"] = int(first.shape[0])
+        return Derived(tensors, details)
 
     def fine_tuning(self, ctx: MergeContext, plan: MergePlan) -> FineTuning | None:
         """Fine-tune the fused model on the labeled data (the sources share one label set)."""
@@ -263,7 +271,8 @@ The weights are those of epoch {{ finetuning.best_epoch }}, the best on the held
                     "otfusion aligns models of one architecture, whose widths alone may differ"
                 )
             if names != [g.name for g in target]:
-                deeper = "clafusion" if "clafusion" in available_methods() else "cross-layer alignment (CLAFusion)"
+                deeper = ("--method clafusion" if "clafusion" in available_methods()
+                          else "cross-layer alignment (CLAFusion, not in hfmerge yet)")
                 raise IncompatibleModelsError(
                     f"{layout.source.short_name} has {len(own)} neuron groups and {ctx.anchor.source.short_name} "
                     f"{len(target)} (the models differ in depth): otfusion aligns layer by layer, so fuse models of "
