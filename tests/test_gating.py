@@ -43,7 +43,7 @@ def gated(digit_hub, tmp_path_factory):
     out = tmp_path_factory.mktemp("gating") / "merged"
     args = ["merge", m["upright"], m["inverted"], "--method", "gating",
             "--data", f"{d['digits']}:test", "--data", f"{d['digits-inverted']}:test",
-            "--param", "m=2", "--param", f"gate={digit_hub['gate']}", "--param", "gate_epochs=4",
+            "--param", "m=2", "--param", f"gate={digit_hub['gate']}", "--param", "gate_epochs=8", "--param", "gate_learning_rate=3e-3",
             "--param", "gate_fraction=0.3", "--param", "samples=64",
             "--eval-data", f"{d['digits']}:test", "--eval-data", f"{d['digits-inverted']}:test",
             "--base", m["base"], "--lambda", "0.5",  # for the task-arithmetic comparison row
