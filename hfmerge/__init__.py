@@ -25,6 +25,7 @@ from hfmerge.errors import (
 if TYPE_CHECKING:
     from hfmerge.alignment import align_layer
     from hfmerge.analysis import layer_similarity, select_gated
+    from hfmerge.cross_layer import cross_layer_alignment
     from hfmerge.loading import load
     from hfmerge.methods import available_methods
     from hfmerge.pipeline import merge, plan_merge, run_recipe
@@ -38,7 +39,7 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "load": "hfmerge.loading",
-    "align_layer": "hfmerge.alignment",
+    "align_layer": "hfmerge.alignment", "cross_layer_alignment": "hfmerge.cross_layer",
     "layer_similarity": "hfmerge.analysis", "select_gated": "hfmerge.analysis",
     "PlannedMerge": "hfmerge.planned", "merge": "hfmerge.pipeline", "plan_merge": "hfmerge.pipeline",
     "run_recipe": "hfmerge.pipeline",
@@ -52,7 +53,7 @@ __all__ = [
     "HfMergeError", "HubUnreachableError", "IncompatibleModelsError", "MergeNumericError", "MergeResult",
     "OutputExistsError",
     "PlannedMerge", "PublishError", "Recipe", "RecipeError", "SourceError", "SourceSpec", "SpaceOptions",
-    "TransportError", "align_layer", "available_methods", "layer_similarity", "load", "merge", "plan_merge",
+    "TransportError", "align_layer", "available_methods", "cross_layer_alignment", "layer_similarity", "load", "merge", "plan_merge",
     "push_space", "run_recipe", "save_space", "select_gated",
 ]
 

@@ -52,6 +52,9 @@ def plan_merge(recipe: Recipe, *, token: str | bool | None = None, metadata_only
     layouts = [inspect(s) for s in [resolve(spec) for spec in recipe.sources]]
     sources = [layout.source for layout in layouts]
     anchor_index, anchor_reason = _choose_anchor(recipe, method, sources)
+    chosen = method.choose_anchor(layouts, recipe.parameters) if recipe.anchor is None else None
+    if chosen is not None:
+        anchor_index, anchor_reason = chosen
     base = base_layout = None
     if recipe.base:
         base_layout = inspect(resolve(SourceSpec.parse(recipe.base)))
@@ -277,6 +280,8 @@ def _derive(planned: PlannedMerge, statistics: list[Any] | None) -> Any:
     if derived is None:
         return None
     planned.plan.details.update(derived.details)
+    if derived.files and planned.plan.output is not None:
+        planned.plan.output.files.update(derived.files)
     logger.info("derive stage (%s): %.1f s", planned.method.name, time.perf_counter() - started)
     return MemoryTable(derived.tensors, label=f"what {planned.method.name} derived")
 

@@ -90,6 +90,7 @@ class PlannedMerge:
                       else "the m of lowest weight similarity, chosen when the weights are read")
             lines.append(f"  gated layers ({chosen}): attention {[i + 1 for i in d['gated_attention']]}, "
                          f"MLP {[i + 1 for i in d['gated_mlp']]}; embeddings and every LayerNorm")
+        lines.extend(f"  {line}" for line in self.method.describe_plan(self.context, self.plan))
         if self.plan.output is not None:
             loads = ("loads with plain transformers" if self.plan.output.loads_with_transformers
                      else "loads with hfmerge.load, or with transformers and trust_remote_code=True")

@@ -112,8 +112,6 @@ def run_statistics(
     from hfmerge.engine.statistics import StatisticsCache, collect_statistics
 
     method, context = planned.method, planned.context
-    request = method.statistics(context)
-    assert request is not None
     params = planned.recipe.parameters
     labeled = method.labeled(params)
     cache = StatisticsCache()
@@ -121,6 +119,8 @@ def run_statistics(
     uses: list[DataUse] = []
     for i, layout in enumerate(context.sources):
         started = time.perf_counter()
+        request = method.source_statistics(context, i)
+        assert request is not None
         data = load_source_data(planned, i, samples=method.samples(params), labeled=labeled, token=token)
         path = cache.path(model_cache_key(layout), data.fingerprint, request, seed=planned.recipe.seed or 0)
         table = cache.load(path)
@@ -166,10 +166,12 @@ class FineTuned:
     validation: str
     seconds: float
     labels: str = "each source's labels mapped to their place in the union"
+    teacher: str | None = None
 
     def card_facts(self) -> dict[str, Any]:
         return {"data": self.data, "samples": self.samples, "epochs_run": self.epochs_run,
-                "best_epoch": self.best_epoch, "validation": self.validation, "labels": self.labels}
+                "best_epoch": self.best_epoch, "validation": self.validation, "labels": self.labels,
+                "teacher": self.teacher}
 
 
 def fine_tune(
@@ -222,7 +224,14 @@ def fine_tune(
         epochs=request.epochs, learning_rate=request.learning_rate, batch_size=request.batch_size,
         patience=request.patience, seed=planned.recipe.seed or 0,
     )
-    report = train_model(model, dataset, options, accelerator=accelerator, progress=progress,
+    loss_fn, teacher = None, None
+    if request.teacher is not None and request.distill_weight > 0:
+        from hfmerge.train.distill import distillation_loss
+
+        teacher = planned.context.sources[request.teacher]
+        loss_fn = distillation_loss(source_model(teacher, accelerator.device), request.temperature,
+                                    request.distill_weight)
+    report = train_model(model, dataset, options, accelerator=accelerator, progress=progress, loss_fn=loss_fn,
                          desc="Fine-tuning the merged model")
     accelerator.free_memory()  # the accelerator holds what it prepared (optimizer state included)
     if accelerator.is_main_process:
@@ -240,7 +249,8 @@ def fine_tune(
     labels = ("one dataset for every source, its labels mapped by name to the merged model's" if shared
               else "each source's labels mapped to their place in the union")
     return FineTuned(", ".join(dict.fromkeys(names)), report.train_samples or len(dataset), report.epochs_run,
-                     report.best_epoch, report.best_metric, validation, report.seconds, labels)
+                     report.best_epoch, report.best_metric, validation, report.seconds, labels,
+                     teacher.source.short_name if teacher is not None else None)
 
 
 def evaluate_merge(result: MergeResult, specs: list[DataSpec], *, token: str | bool | None = None,

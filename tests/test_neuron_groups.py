@@ -117,7 +117,9 @@ def _outputs(model: torch.nn.Module, size: int, modules: list[str] = ()) -> tupl
     """The model's main output (logits or last hidden state) on fixed random images, and the outputs of ``modules``."""
     seen: dict[str, torch.Tensor] = {}
     named = dict(model.named_modules())
-    handles = [named[m].register_forward_hook(lambda mod, args, out, m=m: seen.setdefault(m, out)) for m in modules]
+    handles = [named[m.removesuffix("#input")].register_forward_hook(  # <module>#input: what the module receives
+        lambda mod, args, out, m=m: seen.setdefault(m, (args[0] if m.endswith("#input") else out).clone()))
+        for m in modules]
     try:
         with torch.no_grad():
             out = model(pixel_values=torch.randn(3, 3, size, size, generator=torch.Generator().manual_seed(1)))
@@ -241,10 +243,10 @@ def test_resnet_groups_read_as_the_model_is_built(built):
             ("resnet.encoder.stages.1.layers.0.shortcut.convolution.weight", 1),
             ("resnet.encoder.stages.1.layers.0.layer.0.convolution.weight", 1)} <= set(stage0.members)
     assert ("classifier.1.weight", 1) in stage1.members
-    # streams are observed before any ReLU, where they are written: the block's last BatchNorm and the shortcut's
-    assert stage1.activations == ("resnet.encoder.stages.1.layers.0.layer.1.normalization",
-                                  "resnet.encoder.stages.1.layers.0.shortcut.normalization")
-    assert stage0.activations == ("resnet.embedder", "resnet.encoder.stages.0.layers.0.layer.1.normalization")
+    # streams are observed before any ReLU: the shortcut's BatchNorm, and each block's sum (its ReLU's input)
+    assert stage1.activations == ("resnet.encoder.stages.1.layers.0.shortcut.normalization",
+                                  "resnet.encoder.stages.1.layers.0.activation#input")
+    assert stage0.activations == ("resnet.embedder", "resnet.encoder.stages.0.layers.0.activation#input")
     bottleneck = [g.name for g in built("resnet-bottleneck")[1].neuron_groups]
     assert len(bottleneck) == 2 + 2 * 2 * 2 and bottleneck.count("resnet.encoder.stages.1 (residual)") == 1
     strided = [g.name for g in built("resnet-strided-first-stage")[1].neuron_groups]

@@ -251,7 +251,7 @@ def test_bad_input_is_one_line_and_writes_nothing(case, make_source, tmp_path, c
         deeper = tiny_config("resnet")
         deeper.depths = [2, 1]
         b = save_tiny(tmp_path / "deeper", "resnet", model=transformers.ResNetForImageClassification(deeper))
-        args, fragments = ["--param", "cost=weights"], ("depth", "CLAFusion")
+        args, fragments = ["--param", "cost=weights"], ("depth", "--method clafusion")
     elif case == "no data":
         a = b = make_source("resnet")
         args, fragments = [], ("--data", "cost=weights")

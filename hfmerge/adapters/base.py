@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 if TYPE_CHECKING:
+    from hfmerge.adapters.depth import DepthSpec
     from hfmerge.adapters.forward_order import ForwardOrder
     from hfmerge.adapters.layout import ModelLayout
     from hfmerge.adapters.neurons import NeuronGroup
@@ -100,6 +101,9 @@ class FamilyAdapter:
             :class:`~hfmerge.adapters.neurons.GroupBuilder` over an inspected layout
             (see :attr:`~hfmerge.adapters.layout.ModelLayout.neuron_groups`); ``None``: the family
             cannot be aligned neuron by neuron (OTFusion, CLAFusion refuse it).
+        depth: the family's hidden layers in alignable segments and how to add or merge layers
+            (:class:`~hfmerge.adapters.depth.DepthSpec`); ``None``: models of the family are fused
+            at one depth only (CLAFusion refuses it).
     """
 
     name: str
@@ -116,6 +120,7 @@ class FamilyAdapter:
     neurons: Callable[[ModelLayout], list[NeuronGroup]] | None = None
     classes: str | None = None
     files: dict[str, str] = field(default_factory=dict)
+    depth: DepthSpec | None = None
 
     def model_class(self, architecture: str) -> type[torch.nn.Module]:
         """The class for ``architecture`` (only classes this adapter lists): transformers', or ``classes``'."""
@@ -172,6 +177,11 @@ def family_for_model_type(model_type: str) -> FamilyAdapter | None:
 
 def supported_families() -> list[str]:
     return sorted({a.name for a in _FAMILIES.values()})
+
+
+def balanceable_families() -> list[str]:
+    """The families whose depth CLAFusion can balance (they declare depth segments and neuron groups)."""
+    return sorted({a.name for a in _FAMILIES.values() if a.depth is not None and a.neurons is not None})
 
 
 def alignable_families() -> list[str]:

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import torch
 from transformers import AutoConfig, AutoModelForImageClassification
 
 from hfmerge.adapters.base import FamilyAdapter, HeadSpec, register_family
+from hfmerge.adapters.depth import DepthLayer, DepthSegment, DepthSpec, Structure, relu_of_previous
 from hfmerge.adapters.neurons import GroupBuilder, NeuronGroup
 from hfmerge.modeling.classic import HfMergeMLPConfig, MLPForImageClassification, MODELING_FILE, MLP_TYPE
 
@@ -30,6 +32,41 @@ def _neurons(layout: ModelLayout) -> list[NeuronGroup]:
     return builder.build()
 
 
+def _segments(structure: Structure) -> list[DepthSegment]:
+    """All hidden layers in one segment, each represented by its pre-activation (the linear layer's output)."""
+    count = sum(1 for name in structure.modules if name.startswith("layers.") and name.count(".") == 1)
+    layers = tuple(DepthLayer((f"layers.{i}",), structure.shapes[f"layers.{i}.weight"][0], f"layers.{i}")
+                   for i in range(count))
+    return [DepthSegment("hidden layers", layers)]
+
+
+def _deepen(config: HfMergeMLPConfig, plan: list[list[int | None]]) -> HfMergeMLPConfig:
+    """``hidden_sizes`` with an added layer as wide as the layer before it wherever ``plan`` has ``None``."""
+    widths: list[int] = []
+    for j, source in enumerate(plan[0]):
+        if source is None and j == 0:
+            raise ValueError("an identity layer cannot open the MLP: its input (the image) may be negative")
+        widths.append(config.hidden_sizes[source] if source is not None else widths[-1])
+    out = HfMergeMLPConfig.from_dict(config.to_dict())
+    out.hidden_sizes = widths
+    return out
+
+
+def _identity(model: torch.nn.Module, layer: DepthLayer) -> None:
+    """§3.2, adding layers: W = I, b = 0, so ReLU(W x) = x for the previous layer's x ≥ 0."""
+    linear = model.get_submodule(layer.modules[0])
+    with torch.no_grad():
+        linear.weight.copy_(torch.eye(linear.out_features, linear.in_features))
+        linear.bias.zero_()
+
+
+def _merged(config: HfMergeMLPConfig, keep: list[list[int]]) -> HfMergeMLPConfig:
+    """``hidden_sizes`` of the kept layers only (§3.2, merging layers)."""
+    out = HfMergeMLPConfig.from_dict(config.to_dict())
+    out.hidden_sizes = [config.hidden_sizes[i] for i in keep[0]]
+    return out
+
+
 MLP = register_family(
     FamilyAdapter(
         name="mlp",
@@ -40,6 +77,7 @@ MLP = register_family(
         classes="hfmerge.modeling.classic",
         files={MODELING_FILE: "hfmerge.modeling.classic"},
         neurons=_neurons,
+        depth=DepthSpec(_segments, _deepen, _identity, relu_of_previous, merge=_merged),
     )
 )
 

@@ -41,7 +41,9 @@ class NeuronGroup:
         producers: tensors whose dimension 0 is this group (the incoming weights and biases of its
             units), in forward order: the weight-based cost compares their rows.
         activations: modules whose outputs carry the units (pre-activations where a module gives them),
-            in forward order: the activation-based cost compares them over samples.
+            in forward order: the activation-based cost compares them over samples. ``<module>#input``
+            names what the module receives instead (a ResNet block's stream after its addition, before
+            its ReLU, is the input of the block's activation module).
         activation_dim: the dimension of those outputs that indexes the units (1 for ``[B, C, H, W]``,
             -1 for ``[B, tokens, features]`` or ``[B, features]``).
         optional: aligned only when asked (a transformer's residual stream, which runs through every
@@ -114,7 +116,8 @@ class GroupBuilder:
     def observed_at(self, key: str, *modules: str, dim: int = 1) -> GroupBuilder:
         """The outputs of ``modules`` carry the set's units on dimension ``dim`` (activation-based cost)."""
         self._find(key)
-        self._activations.setdefault(key, []).extend(m for m in modules if m in self.layout.module_classes)
+        present = [m for m in modules if m.removesuffix("#input") in self.layout.module_classes]
+        self._activations.setdefault(key, []).extend(present)
         self._activation_dim.setdefault(key, dim)
         return self
 
@@ -148,7 +151,7 @@ class GroupBuilder:
             producers = list(dict.fromkeys(t for k in members_keys for t in self._producers.get(k, [])))
             producers.sort(key=lambda t: order.get(t, len(order)))
             activations = list(dict.fromkeys(m for k in members_keys for m in self._activations.get(k, [])))
-            activations.sort(key=lambda m: _position(m, module_order))
+            activations.sort(key=lambda m: _position(m.removesuffix("#input"), module_order))
             dim = next((self._activation_dim[k] for k in members_keys if k in self._activation_dim), 1)
             widths = {t: self.layout.tensors[t].shape[d] for t, d in members}
             if len(set(widths.values())) != 1 or next(iter(widths.values())) % unit:

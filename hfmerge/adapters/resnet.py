@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import re
 from itertools import count, takewhile
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+import torch
+
 from hfmerge.adapters.base import FamilyAdapter, HeadSpec, register_family
+from hfmerge.adapters.depth import DepthLayer, DepthSegment, DepthSpec, Structure, layer_output, neutral_batch_norm
 from hfmerge.adapters.neurons import GroupBuilder, NeuronGroup, norm_members
 
 if TYPE_CHECKING:
@@ -31,13 +35,15 @@ def _neurons(layout: ModelLayout) -> list[NeuronGroup]:
     next convolution's input. ``downsample_in_first_stage`` and
     ``downsample_in_bottleneck`` move strides, not channels: a stage has a
     shortcut convolution or not, and that is read from the model's tensors.
-    A stream is observed where it is written, before any ReLU: at the
-    BatchNorm outputs of its blocks' last convolutions and of its shortcut
-    convolution, and, when the stem writes into it, at the stem's (pooled)
-    output; a set inside a block at its BatchNorm's output. Block outputs,
-    after the ReLU that follows the addition, would not do: a channel that is
-    zero on every image of the data (dead on it) looks like every other such
-    channel, and optimal transport could pair them either way.
+    A stream is observed after each block's addition, before the ReLU that
+    follows it (the input of the block's activation: ``<block>.activation#input``),
+    at its shortcut convolution's BatchNorm output, and, when the stem writes
+    into it, at the stem's (pooled) output; a set inside a block at its
+    BatchNorm's output. The sum is the stream itself, which every later block
+    reads; a block's last BatchNorm alone is only its update. Block outputs,
+    after the ReLU, would not do: a channel that is zero on every image of the
+    data (dead on it) looks like every other such channel, and optimal
+    transport could pair them either way.
 
     A headless ``ResNetModel`` outputs the last stage's stream: permuting it
     would change the model's output, so no group holds it.
@@ -85,7 +91,7 @@ def _neurons(layout: ModelLayout) -> list[NeuronGroup]:
                 builder.channels(inner, (conv(following), 1), name=f"{inner} (channels)")
                 builder.observed_at(inner, f"{inner}.normalization")
             conv_layer(residual, convs[-1])
-            builder.observed_at(residual, f"{convs[-1]}.normalization")
+            builder.observed_at(residual, f"{block}.activation#input")
             if f"{shortcut}.convolution" in modules:
                 builder.observed_at(residual, f"{shortcut}.normalization")
             stream, output = residual, conv(convs[-1])
@@ -94,6 +100,63 @@ def _neurons(layout: ModelLayout) -> list[NeuronGroup]:
     if "classifier.1.weight" in layout.tensors:
         return groups
     return [g for g in groups if (output, 0) not in g.members]
+
+
+def _segments(structure: Structure) -> list[DepthSegment]:
+    """One segment per stage; its layers are the stage's blocks (CLAFusion §3.1 aligns blocks within a stage).
+
+    A block is represented by its second convolution's BatchNorm output (the paper's "activation of
+    the second convolution layer in each block", before any ReLU); its width is the stage's channels.
+    A stage's first block changes width and resolution through its shortcut, so it is never added.
+    """
+    stages: dict[int, list[str]] = {}
+    for name in structure.modules:
+        match = _BLOCK.fullmatch(name)
+        if match:
+            stages.setdefault(int(match["stage"]), []).append(name)
+    segments = []
+    for stage in sorted(stages):
+        layers = []
+        for block in stages[stage]:
+            convs = list(takewhile(structure.modules.__contains__, (f"{block}.layer.{i}" for i in count())))
+            width = structure.shapes[f"{convs[-1]}.normalization.weight"][0]
+            layers.append(DepthLayer((block,), width, f"{convs[1]}.normalization", output=f"{block}.activation"))
+        segments.append(DepthSegment(f"stage {stage + 1}", tuple(layers), fixed_first=True))
+    return segments
+
+
+def _deepen(config: object, plan: list[list[int | None]]) -> object:
+    """The config with ``len(plan[s])`` blocks in stage s (the widths are the stage's)."""
+    out = type(config).from_dict(config.to_dict())  # type: ignore[attr-defined]
+    out.depths = [len(stage) for stage in plan]
+    return out
+
+
+def _zero_block(model: torch.nn.Module, layer: DepthLayer) -> None:
+    """A block whose residual branch outputs zero: zero kernels (§3.2), BatchNorms that pass zero on.
+
+    Its identity shortcut then carries the input x through the final ReLU unchanged, as x ≥ 0.
+    """
+    block = model.get_submodule(layer.modules[0])
+    if not isinstance(getattr(block, "shortcut", None), torch.nn.Identity):
+        raise ValueError(f"{layer.modules[0]} changes width or resolution: it cannot be an added block")
+    with torch.no_grad():
+        for module in block.modules():
+            if isinstance(module, torch.nn.Conv2d):
+                module.weight.zero_()
+            elif isinstance(module, torch.nn.BatchNorm2d):
+                neutral_batch_norm(module)
+
+
+def _zero_block_activation(module: str, layer: DepthLayer, previous: DepthLayer,
+                           activation: Callable[[str], torch.Tensor], model: torch.nn.Module) -> torch.Tensor:
+    """What a zero-branch block shows: its stream, before and after its ReLU, is its input, the previous
+    block's output; every BatchNorm inside it outputs zeros, at the stage's resolution."""
+    if module in (f"{layer.modules[0]}.activation#input", layer.output):
+        return layer_output(previous, activation)
+    shape = activation(previous.representation).shape
+    width = model.get_submodule(module).num_features
+    return torch.zeros((shape[0], width, *shape[2:]), dtype=torch.float32)
 
 
 RESNET = register_family(
@@ -105,5 +168,6 @@ RESNET = register_family(
         default_architecture="ResNetForImageClassification",
         backbone_prefix="resnet",
         neurons=_neurons,
+        depth=DepthSpec(_segments, _deepen, _zero_block, _zero_block_activation),
     )
 )

@@ -10,6 +10,7 @@ import torch
 from transformers import AutoConfig, AutoModelForImageClassification
 
 from hfmerge.adapters.base import FamilyAdapter, HeadSpec, register_family
+from hfmerge.adapters.depth import DepthLayer, DepthSegment, DepthSpec, Structure, relu_of_previous, neutral_batch_norm
 from hfmerge.adapters.neurons import GroupBuilder, NeuronGroup, norm_members
 from hfmerge.modeling.classic import HfMergeVGGConfig, VGGForImageClassification, MODELING_FILE, VGG_TYPE
 
@@ -43,6 +44,78 @@ def _neurons(layout: ModelLayout) -> list[NeuronGroup]:
     return builder.build()
 
 
+def _segments(structure: Structure) -> list[DepthSegment]:
+    """The convolutions between two max-poolings, one segment each (CLAFusion §3.1: VGG's groups).
+
+    A layer is a convolution with its BatchNorm and ReLU, represented by the BatchNorm's output (the
+    convolution's without batch norm), before the ReLU; its output is the ReLU's.
+    """
+    features = sorted((int(m[1]), cls) for name, cls in structure.modules.items() if (m := _FEATURE.fullmatch(name)))
+    segments: list[DepthSegment] = []
+    layers: list[DepthLayer] = []
+
+    def close() -> None:
+        if layers:
+            segments.append(DepthSegment(f"convolutions {len(segments) + 1}", tuple(layers)))
+            layers.clear()
+
+    for i, cls in features:
+        if issubclass(cls, torch.nn.Conv2d):
+            layers.append(DepthLayer((f"features.{i}",), structure.shapes[f"features.{i}.weight"][0],
+                                     f"features.{i}"))
+        elif issubclass(cls, torch.nn.BatchNorm2d) and layers:
+            last = layers[-1]
+            layers[-1] = DepthLayer((*last.modules, f"features.{i}"), last.width, f"features.{i}")
+        elif issubclass(cls, torch.nn.ReLU) and layers:
+            last = layers[-1]
+            layers[-1] = DepthLayer((*last.modules, f"features.{i}"), last.width, last.representation,
+                                    output=f"features.{i}")
+        elif issubclass(cls, torch.nn.MaxPool2d):
+            close()
+    close()
+    return segments
+
+
+def _deepen(config: HfMergeVGGConfig, plan: list[list[int | None]]) -> HfMergeVGGConfig:
+    """``layers`` with an added convolution as wide as the one before it wherever ``plan`` has ``None``."""
+    runs: list[list[int]] = [[]]
+    for entry in config.layers:
+        if entry == "M":
+            runs.append([])
+        else:
+            runs[-1].append(int(entry))
+    widths = iter(plan)
+    out_layers: list[int | str] = []
+    for r, run in enumerate(runs):
+        if r:
+            out_layers.append("M")
+        if not run:
+            continue
+        new: list[int] = []
+        for j, source in enumerate(next(widths)):
+            if source is None and j == 0:
+                raise ValueError("an identity convolution cannot open a group: it would follow a max-pooling "
+                                 "of another model")
+            new.append(run[source] if source is not None else new[-1])
+        out_layers.extend(new)
+    out = HfMergeVGGConfig.from_dict(config.to_dict())
+    out.layers = out_layers
+    return out
+
+
+def _identity(model: torch.nn.Module, layer: DepthLayer) -> None:
+    """§3.2 for CNNs: identity (Dirac) kernels, no bias, a BatchNorm that passes its input on."""
+    conv = model.get_submodule(layer.modules[0])
+    with torch.no_grad():
+        torch.nn.init.dirac_(conv.weight)
+        if conv.bias is not None:
+            conv.bias.zero_()
+    for name in layer.modules[1:]:
+        module = model.get_submodule(name)
+        if isinstance(module, torch.nn.BatchNorm2d):
+            neutral_batch_norm(module)
+
+
 VGG = register_family(
     FamilyAdapter(
         name="vgg",
@@ -53,6 +126,7 @@ VGG = register_family(
         classes="hfmerge.modeling.classic",
         files={MODELING_FILE: "hfmerge.modeling.classic"},
         neurons=_neurons,
+        depth=DepthSpec(_segments, _deepen, _identity, relu_of_previous),
     )
 )
 

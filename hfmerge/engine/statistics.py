@@ -106,7 +106,20 @@ class StatisticsRequest:
         }
         if self.activations and self.activation_pool:  # absent when unused: earlier cache keys stay valid
             described["activation_pool"] = self.activation_pool
+        if self.activations and self.activation_samples:
+            # activations kept as copies: earlier files could hold outputs the model changed in place afterwards
+            described["activations_copied"] = True
         return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()
+
+
+INPUT_SUFFIX = "#input"
+"""An activation named ``<module>#input`` is what ``<module>`` receives (its first argument), not what it returns:
+a ResNet block's stream after the shortcut's addition, before its ReLU, is the input of the block's activation."""
+
+
+def module_of(activation: str) -> str:
+    """The module an activation name observes (``<module>`` or ``<module>#input``)."""
+    return activation.removesuffix(INPUT_SUFFIX)
 
 
 def label_seed(seed: int, sample_index: int) -> int:
@@ -273,7 +286,7 @@ def _check_names(request: StatisticsRequest, modules: dict[str, torch.nn.Module]
     missing = [n for n in request.fisher if n not in parameters]
     if missing:
         raise ValueError(f"the model has no parameter {missing[0]!r} for the Fisher")
-    missing = [n for n in request.activations if n not in modules]
+    missing = [n for n in request.activations if module_of(n) not in modules]
     if missing:
         raise ValueError(f"the model has no module {missing[0]!r} whose activations to keep")
 
@@ -358,7 +371,7 @@ class _PassState:
             for name in self.grams:
                 handles.append(modules[name].register_forward_hook(self._gram_hook(name), with_kwargs=True))
             for name in self.activations:
-                handles.append(modules[name].register_forward_hook(self._activation_hook(name)))
+                handles.append(modules[module_of(name)].register_forward_hook(self._activation_hook(name)))
         except BaseException:
             for handle in handles:
                 handle.remove()
@@ -383,7 +396,8 @@ class _PassState:
             if not self.hooks_on or self.batch_keep == 0 or name in self.called:
                 return
             self.called.add(name)
-            out = output if isinstance(output, torch.Tensor) else output[0]
+            out = args[0] if name.endswith(INPUT_SUFFIX) else output
+            out = out if isinstance(out, torch.Tensor) else out[0]
             if out.shape[0] != self.batch_n:
                 raise ValueError(f"module {name} gives outputs of shape {list(out.shape)}, whose first dimension "
                                  f"is not the batch ({self.batch_n}): its activations cannot be kept per sample")
@@ -391,7 +405,9 @@ class _PassState:
             if pool and out.dim() == 4 and out.shape[2] * out.shape[3] > pool * pool:
                 out = torch.nn.functional.adaptive_avg_pool2d(out[: self.batch_keep],
                                                               (min(out.shape[2], pool), min(out.shape[3], pool)))
-            self.activations[name].append(out[: self.batch_keep].detach().to("cpu", torch.float32))
+            # a copy, always: the model may go on to change its output in place (ResNet adds the shortcut
+            # into its last BatchNorm's output with +=), and a kept view would then hold the sum
+            self.activations[name].append(out[: self.batch_keep].detach().to("cpu", torch.float32, copy=True))
 
         return hook
 

@@ -7,7 +7,7 @@ recipe validation) then needs no torch.
 
 from hfmerge.methods.base import Comparison, FineTuning, GateTraining, MergeMethod, ParamSpec, available_methods, get_method, register_method
 from hfmerge.methods import (  # noqa: F401  (registration)
-    average, dare, fisher, fusion, gating, layerwise, otfusion, regmean, task_arithmetic, ties,
+    average, clafusion, dare, fisher, fusion, gating, layerwise, otfusion, regmean, task_arithmetic, ties,
 )
 
 __all__ = ["Comparison", "FineTuning", "GateTraining", "MergeMethod", "ParamSpec", "available_methods", "get_method", "register_method"]

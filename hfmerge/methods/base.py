@@ -10,12 +10,13 @@ then streams the tensors through the plan's operations.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from hfmerge.errors import RecipeError
 
 if TYPE_CHECKING:
+    from hfmerge.adapters.layout import ModelLayout
     from hfmerge.engine.plan import MergeContext, MergePlan
     from hfmerge.engine.statistics import StatisticsRequest
     from hfmerge.ops import Loader
@@ -50,6 +51,12 @@ class FineTuning:
     batch_size: int
     patience: int
     samples: int | None = None
+    teacher: int | None = None
+    """Distil from this source while training (Hinton et al. 2015): its softened predictions join the labels."""
+    temperature: float = 1.0
+    """The distillation's softmax temperature T."""
+    distill_weight: float = 0.0
+    """γ: the loss is (1 − γ)·cross-entropy + γ·T²·KL(teacher_T ‖ student_T)."""
 
 
 @dataclass(frozen=True)
@@ -78,6 +85,8 @@ class Derived:
 
     tensors: dict[str, Any]
     details: dict[str, Any]
+    files: dict[str, str | bytes] = field(default_factory=dict)
+    """Files for the output folder (pictures the card shows), added to the plan's output declaration."""
 
 
 @dataclass(frozen=True)
@@ -196,6 +205,21 @@ class MergeMethod(ABC):
         computed after planning, so ``--dry-run`` can show the plan without them.
         """
         return None
+
+    def source_statistics(self, ctx: MergeContext, index: int) -> StatisticsRequest | None:
+        """What to collect on source ``index``'s data; by default :meth:`statistics`, the same for every source.
+
+        A method over sources of different shapes (CLAFusion: different depths) asks each for its own modules.
+        """
+        return self.statistics(ctx)
+
+    def choose_anchor(self, layouts: list[ModelLayout], parameters: dict[str, Any]) -> tuple[int, str] | None:
+        """The anchor (the target model) the method needs, and why, when ``--anchor`` names none; ``None``: the default."""
+        return None
+
+    def describe_plan(self, ctx: MergeContext, plan: MergePlan) -> list[str]:
+        """Lines the dry run prints about the method's own decisions (indented by two spaces); none by default."""
+        return []
 
     def samples(self, parameters: dict[str, Any]) -> int | None:
         """How many samples of each source's data the statistics stage reads (``None``: all)."""

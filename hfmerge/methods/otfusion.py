@@ -18,6 +18,8 @@ stage share one map, which is what the official code lacked (its issue #6).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from hfmerge.errors import IncompatibleModelsError, RecipeError
@@ -186,37 +188,31 @@ The weights are those of epoch {{ finetuning.best_epoch }}, the best on the held
 
     def derive(self, ctx: MergeContext, load: Loader) -> Derived | None:
         """Every source's alignment matrix per neuron group, against the anchor (Algorithm 1), and the costs."""
-        from hfmerge.alignment import alignment_matrix, pairwise_cost, transport_plan
-
         if not ctx.params.get("align", True):
             return None
         groups = self._checked_groups(ctx)
         target = groups[ctx.anchor_index]
-        cost_kind, solver, reg = ctx.params["cost"], ctx.params["solver"], float(ctx.params["reg"])
+        anchor = ctx.anchor_index
+
+        def side(index: int) -> Side:
+            layout = ctx.sources[index]
+            return Side(groups[index],
+                        lambda module: load((ctx.statistics_index(index), f"activation/{module}")),
+                        lambda name: load((index, layout.tensors[name].key)))
+
         tensors: dict[str, torch.Tensor] = {}
         costs: list[list[tuple[float | None, float]]] = [[] for _ in target]
-        for i, layout in enumerate(ctx.sources):
-            if i == ctx.anchor_index:
+        for i in range(len(ctx.sources)):
+            if i == anchor:
                 continue
-            own = groups[i]
-            matrices: dict[int, torch.Tensor] = {}
-            for g, (group, anchor_group) in enumerate(zip(own, target)):
-                if cost_kind == "activations":
-                    x = _activation_features(load, ctx.statistics_index(i), group)
-                    y = _activation_features(load, ctx.statistics_index(ctx.anchor_index), anchor_group)
-                else:
-                    x = _weight_features(load, i, layout, own, g, matrices)
-                    y = _weight_features(load, ctx.anchor_index, ctx.anchor, target, g, None)
-                cost = pairwise_cost(x, y)
-                plan = transport_plan(cost, solver=solver, reg=reg)
-                matrices[g] = alignment_matrix(plan)
-                tensors[map_key(i, g)] = matrices[g]
-                before = float(cost.diagonal().mean()) if cost.shape[0] == cost.shape[1] else None
-                costs[g].append((before, float((plan * cost).sum())))
+            matrices, pairs = transport_maps(side(i), side(anchor), ctx.params)
+            for g, matrix in enumerate(matrices):
+                tensors[map_key(i, g)] = matrix
+                costs[g].append(pairs[g])
         rows = [{"group": group.name, "size": group.size, "costs": pair} for group, pair in zip(target, costs)]
         details: dict[str, Any] = {"transport_costs": rows}
-        if cost_kind == "activations" and target and target[0].activations:
-            first = load((ctx.statistics_index(ctx.anchor_index), f"activation/{target[0].activations[0]}"))
+        if ctx.params["cost"] == "activations" and target and target[0].activations:
+            first = load((ctx.statistics_index(anchor), f"activation/{target[0].activations[0]}"))
             details["activation_samples"] = int(first.shape[0])
         return Derived(tensors, details)
 
@@ -322,14 +318,51 @@ def _membership(groups: list[NeuronGroup]) -> dict[str, list[tuple[int, int, int
     return out
 
 
-def _activation_features(load: Loader, table: int, group: NeuronGroup) -> torch.Tensor:
+@dataclass(frozen=True)
+class Side:
+    """One model as transport sees it: its neuron groups, its activations by module, its tensors by name."""
+
+    groups: list[NeuronGroup]
+    activation: Callable[[str], torch.Tensor]
+    tensor: Callable[[str], torch.Tensor]
+
+
+def transport_maps(source: Side, target: Side, params: dict[str, Any]) -> tuple[
+        list[torch.Tensor], list[tuple[float | None, float]]]:
+    """Algorithm 1 for one source against the target: each group's alignment matrix, in forward order.
+
+    Group g's ground cost compares the source's units with the target's (their activations, or their
+    incoming weights once aligned with the maps of the groups before); the transport plan between
+    them gives the alignment matrix. Also returns each group's mean cost before alignment (unit k
+    with unit k, ``None`` where the widths differ) and after (Σ T∘C).
+    """
+    from hfmerge.alignment import alignment_matrix, pairwise_cost, transport_plan
+
+    cost_kind, solver, reg = params["cost"], params["solver"], float(params["reg"])
+    matrices: dict[int, torch.Tensor] = {}
+    costs: list[tuple[float | None, float]] = []
+    for g, (group, anchor_group) in enumerate(zip(source.groups, target.groups)):
+        if cost_kind == "activations":
+            x = _activation_features(source.activation, group)
+            y = _activation_features(target.activation, anchor_group)
+        else:
+            x = _weight_features(source.tensor, source.groups, g, matrices)
+            y = _weight_features(target.tensor, target.groups, g, None)
+        cost = pairwise_cost(x, y)
+        plan = transport_plan(cost, solver=solver, reg=reg)
+        matrices[g] = alignment_matrix(plan)
+        before = float(cost.diagonal().mean()) if cost.shape[0] == cost.shape[1] else None
+        costs.append((before, float((plan * cost).sum())))
+    return [matrices[g] for g in range(len(source.groups))], costs
+
+
+def _activation_features(activation: Callable[[str], torch.Tensor], group: NeuronGroup) -> torch.Tensor:
     """[units, features]: each unit's activations over the samples, at every module that carries the group."""
     import torch
 
     from hfmerge.alignment import unit_features
 
-    parts = [unit_features(load((table, f"activation/{module}")), group.activation_dim, group.unit)
-             for module in group.activations]
+    parts = [unit_features(activation(module), group.activation_dim, group.unit) for module in group.activations]
     if not parts:
         raise IncompatibleModelsError(
             f"the neuron group {group.name} names no module whose activations represent it; use --param cost=weights"
@@ -337,12 +370,12 @@ def _activation_features(load: Loader, table: int, group: NeuronGroup) -> torch.
     return torch.cat(parts, dim=1)
 
 
-def _weight_features(load: Loader, index: int, layout: ModelLayout, groups: list[NeuronGroup], g: int,
+def _weight_features(tensor_of: Callable[[str], torch.Tensor], groups: list[NeuronGroup], g: int,
                      matrices: dict[int, torch.Tensor] | None) -> torch.Tensor:
     """[units, features]: each unit's incoming weights (its producers' rows), aligned with earlier groups' maps.
 
-    ``matrices`` are this source's alignment matrices of the groups already solved (``None`` for the
-    anchor, which is not moved). A producer whose input dimension belongs to a group not yet solved
+    ``matrices`` are this model's alignment matrices of the groups already solved (``None`` for the
+    target, which is not moved). A producer whose input dimension belongs to a group not yet solved
     cannot be compared across models and is left out.
     """
     import torch
@@ -356,7 +389,7 @@ def _weight_features(load: Loader, index: int, layout: ModelLayout, groups: list
         others = [(dim, h, unit) for dim, h, unit in membership.get(producer, []) if h != g]
         if any(h > g for _, h, _ in others):
             continue
-        tensor = load((index, layout.tensors[producer].key)).to(torch.float64)
+        tensor = tensor_of(producer).to(torch.float64)
         if matrices is not None:
             for dim, h, unit in others:
                 tensor = align_dim(tensor, matrices[h], dim, unit)
