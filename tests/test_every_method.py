@@ -20,11 +20,12 @@ from hfmerge.testing.tiny import IMAGE_SIZE
 from helpers import assert_one_line_error, run_cli
 
 METHODS = hfmerge.available_methods()
-REFUSED = {("regmean", "resnet"): "none outside its classifier head"}  # ResNet's only nn.Linear is its head
+REFUSED = {("regmean", "resnet"): "none outside its classifier head",  # ResNet's only nn.Linear is its head
+           ("clafusion", "vit"): "clafusion balances the depth of"}  # a ViT has no depth declaration
 # Methods whose output is a model of their own, not the sources' architecture: their own tests hold them to the
 # same property (tests/test_gating.py: identical sources give the source's logits through the gated model).
 OWN_OUTPUT = {"gating"}
-DATA_BY_DEFAULT = {"otfusion"}  # optional data that its default parameters use (cost=activations)
+DATA_BY_DEFAULT = {"otfusion", "clafusion"}  # optional data that its default parameters use (cost=activations)
 
 
 def merge_arguments(method: str, source: str, folder=None) -> dict:
