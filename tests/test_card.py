@@ -190,7 +190,7 @@ def test_fusion_card_says_what_is_and_is_not_done(make_source, capsys):
     _, vit_card = card_of(vits, "fusion")
     assert "no object" not in vit_card
     code, out, _ = run_cli(["methods"], capsys)
-    fusion_reference = out.split("fusion:", 1)[1].splitlines()[1]
+    fusion_reference = out.split("\nfusion:", 1)[1].splitlines()[1]
     assert code == 0 and "Parameter Fusion" in fusion_reference and "http" not in fusion_reference
 
 

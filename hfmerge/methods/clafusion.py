@@ -21,6 +21,8 @@ with knowledge distillation from the deeper source (§4.2).
 
 from __future__ import annotations
 
+import logging
+import time
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
@@ -38,6 +40,8 @@ if TYPE_CHECKING:
     from hfmerge.engine.statistics import StatisticsRequest
     from hfmerge.ops import Loader
 
+logger = logging.getLogger(__name__)
+
 ALIGNMENT_SVG = "layer_alignment.svg"
 COST_SVG = "layer_costs.svg"
 
@@ -54,7 +58,7 @@ class CLAFusion(MergeMethod):
     name = "clafusion"
     title = "CLAFusion (networks of different depth: cross-layer alignment, layer balancing, then OTFusion)"
     reference = ("Nguyen et al., On Cross-Layer Alignment for Model Fusion of Heterogeneous Neural Networks, "
-                 "ICASSP 2023")
+                 "arXiv:2110.15538")
     reference_url = "https://arxiv.org/abs/2110.15538"
     uses_weights = True
     uses_data = True
@@ -253,17 +257,24 @@ held-out images.{% endif %}"""
         target = Side(target_groups,
                       lambda module: load((ctx.statistics_index(anchor_index), f"activation/{module}")),
                       lambda name: load((anchor_index, ctx.anchor.tensors[name].key)))
+        seconds = dict.fromkeys(("alignment", "balancing", "transport"), 0.0)
         for i, layout in enumerate(ctx.sources):
             if i == anchor_index:
                 continue
+            clock = time.perf_counter()
             maps, costs = self._align(ctx, load, i, segments)
+            seconds["alignment"] += time.perf_counter() - clock
+            clock = time.perf_counter()
             if ctx.params["balance"] == "add":
                 balanced, activations = _deepened(ctx, load, i, segments[anchor_index], maps)
             else:
                 balanced, activations = _merged(ctx, load, i, maps)
+            seconds["balancing"] += time.perf_counter() - clock
+            clock = time.perf_counter()
             own_groups = [_resized(group, balanced) for group in target_groups]
             side = Side(own_groups, activations.__getitem__, balanced.__getitem__)
             matrices, pairs = transport_maps(side, target, ctx.params)
+            seconds["transport"] += time.perf_counter() - clock
             for g, matrix in enumerate(matrices):
                 tensors[map_key(i, g)] = matrix
                 transport[g].append(pairs[g])
@@ -280,6 +291,8 @@ held-out images.{% endif %}"""
                         t_seg.name, [_label(x) for x in deeper.layers], [_label(x) for x in shallower.layers],
                         mapping, None if cost is None else cost.tolist()))
             alignment.append(entry)
+        logger.info("clafusion: cross-layer alignment %.1f s, balancing %.1f s, optimal transport %.1f s",
+                    seconds["alignment"], seconds["balancing"], seconds["transport"])
         first = next(i for i in range(len(ctx.sources)) if i != anchor_index)
         deeper_name, shallower_name = ctx.anchor.source.short_name, ctx.sources[first].source.short_name
         if ctx.params["balance"] == "merge":

@@ -5,7 +5,8 @@ Two networks of one architecture trained from different random initialisations
 so averaging their weights mixes unrelated channels, while aligning the
 channels first (OTFusion) keeps much of what they know. These models are what
 the OTFusion tests fuse; ``wide`` has other widths, for the test that fuses
-models of different widths into the target's.
+models of different widths into the target's; ``shallow`` and ``deep`` have 2-2
+and 3-4 blocks, the ResNet-18/34 pair of CLAFusion at the digits' size.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ class DigitResNet:
 
 
 SEEDS = {"seed0": (0, DigitResNet()), "seed1": (1, DigitResNet()),
-         "wide": (2, DigitResNet(embedding_size=24, hidden_sizes=(24, 40)))}
+         "wide": (2, DigitResNet(embedding_size=24, hidden_sizes=(24, 40))),
+         "shallow": (3, DigitResNet(depths=(2, 2))), "deep": (4, DigitResNet(depths=(3, 4)))}
 """Name -> (seed, size) of the digit ResNets :func:`train_digit_resnets` trains."""
 
 
