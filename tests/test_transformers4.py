@@ -50,6 +50,10 @@ def method_arguments(name: str, family: str) -> dict[str, Any]:
         if family not in ("vit", "resnet", "mobilenet_v2", "mobilenet_v2-seg"):
             pytest.skip(f"otfusion cannot align {family}'s neurons (tests/test_otfusion.py checks the refusal)")
         return {"cost": "weights"}
+    if name == "clafusion":  # balances depth where a family declares it; widths and weights need no data
+        if family != "resnet":
+            pytest.skip(f"clafusion cannot balance {family}'s depth (tests/test_clafusion.py checks the refusal)")
+        return {"cost": "weights", "representation": "neurons"}
     return {"base": str(fixture(family, 1))} if method.needs_base else {}
 
 

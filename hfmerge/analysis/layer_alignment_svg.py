@@ -81,22 +81,30 @@ def cost_heatmap_svg(segments: Sequence[AlignedSegment], *, title: str) -> str:
     """
     drawn = [s for s in segments if s.cost is not None]
     cell = 26
-    width = _PAD * 2 + 140 + max((len(s.shallower) for s in drawn), default=1) * cell + 20
-    heights = [len(s.deeper) * cell + 40 for s in drawn]
-    height = _PAD * 2 + 24 + sum(heights)
+    heading = f"{title}: rows the deeper model's layers, columns the shallower's"
+    legend = "darker: cheaper; outlined: the pairs chosen"
+    width = max(_PAD * 2 + 140 + max((len(s.shallower) for s in drawn), default=1) * cell + 20,
+                _PAD * 2 + 7 * len(heading))
+    heights = [len(s.deeper) * cell + 64 for s in drawn]
+    height = _PAD * 2 + 40 + sum(heights)
     values = [v for s in drawn for row in (s.cost or []) for v in row]
     low, high = min(values, default=0.0), max(values, default=1.0)
     span = high - low or 1.0
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
            f'viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="10">',
            '<rect width="100%" height="100%" fill="white"/>',
-           f'<text x="{_PAD}" y="{_PAD + 8}" font-size="12">{escape(title)} (darker: cheaper; outlined: chosen)</text>']
-    top = _PAD + 24
+           f'<text x="{_PAD}" y="{_PAD + 8}" font-size="12">{escape(heading)}</text>',
+           f'<text x="{_PAD}" y="{_PAD + 24}">{legend}</text>']
+    top = _PAD + 40
     for segment, block in zip(drawn, heights):
         out.append(f'<text x="{_PAD}" y="{top + 12}">{escape(segment.name)}</text>')
+        for k, label in enumerate(segment.shallower):  # the shallower model's layers head the columns
+            x = _PAD + 140 + k * cell + cell / 2
+            out.append(f'<text x="{x}" y="{top + 40}" text-anchor="start" '
+                       f'transform="rotate(-45 {x} {top + 40})">{escape(label)}</text>')
         chosen = {(j, k) for k, j in enumerate(segment.mapping)}
         for j, row in enumerate(segment.cost or []):
-            y = top + 20 + j * cell
+            y = top + 44 + j * cell
             out.append(f'<text x="{_PAD + 132}" y="{y + 17}" text-anchor="end">{escape(segment.deeper[j])}</text>')
             for k, value in enumerate(row):
                 shade = int(40 + 200 * (value - low) / span)

@@ -100,7 +100,7 @@ class CLAFusion(MergeMethod):
 The sources have different depths, so their hidden layers were first aligned across depths (CLAFusion, \
 Nguyen et al., §3.1): segment by segment ({{ details.segment_kind }}), each hidden layer of the shallower model \
 was matched to one layer of the deeper model by the strictly increasing map a with a(1) = 1 and a(n) = m that \
-minimises Σᵢ C[a(i), i} (Definition 1, solved by the dynamic programming of Algorithm 1), where C is \
+minimises Σᵢ C[a(i), i] (Definition 1, solved by the dynamic programming of Algorithm 1), where C is \
 {% if parameters.representation == 'activations' %}1 − linear CKA (Eq. 2–3) between the layers' \
 pre-activations on the same {{ details.get("activation_samples", parameters.samples) }} images of the data\
 {% else %}the squared difference of the layers' widths (the paper's toy representation){% endif %}. \
@@ -115,7 +115,7 @@ group, a transport plan between each source's neurons and the target's ({{ detai
 Euclidean distance between their {% if parameters.cost == 'activations' %}pre-activations{% else %}incoming \
 weights{% endif %} as ground cost, moves every tensor onto the target's neurons, and the aligned tensors are \
 averaged with the weights {{ details.weights | map('round', 3) | join(', ') }}. The result has the target's \
-architecture and config{% if details.widths_differ %} (the widths differ, and the target's are kept){% endif %}.
+architecture and config{% if details.get("widths_differ") %} (the widths differ, and the target's are kept){% endif %}.
 
 ![Cross-layer alignment: the deeper model's layers above, the shallower model's below, matched pairs joined]\
 ({{ details.alignment_svg }})
@@ -215,7 +215,6 @@ held-out images.{% endif %}"""
             "target": anchor.source.name, "weights": list(coefficients),
             "segment_kind": kinds.get(anchor.family.name, "segment by segment"),
             "identity": identities.get(anchor.family.name, "an identity layer"),
-            "widths_differ": any(_widths(layout) != _widths(anchor) for layout in ctx.sources),
             "alignment_svg": ALIGNMENT_SVG,
             "planned_alignment": {ctx.sources[i].source.short_name: [
                 None if mapping is None else [j + 1 for j in mapping] for mapping in maps]
@@ -258,6 +257,7 @@ held-out images.{% endif %}"""
                       lambda module: load((ctx.statistics_index(anchor_index), f"activation/{module}")),
                       lambda name: load((anchor_index, ctx.anchor.tensors[name].key)))
         seconds = dict.fromkeys(("alignment", "balancing", "transport"), 0.0)
+        widths_differ = False
         for i, layout in enumerate(ctx.sources):
             if i == anchor_index:
                 continue
@@ -272,6 +272,7 @@ held-out images.{% endif %}"""
             seconds["balancing"] += time.perf_counter() - clock
             clock = time.perf_counter()
             own_groups = [_resized(group, balanced) for group in target_groups]
+            widths_differ |= any(own.size != group.size for own, group in zip(own_groups, target_groups))
             side = Side(own_groups, activations.__getitem__, balanced.__getitem__)
             matrices, pairs = transport_maps(side, target, ctx.params)
             seconds["transport"] += time.perf_counter() - clock
@@ -298,7 +299,7 @@ held-out images.{% endif %}"""
         if ctx.params["balance"] == "merge":
             deeper_name, shallower_name = shallower_name, deeper_name
         files: dict[str, str | bytes] = {ALIGNMENT_SVG: alignment_map_svg(deeper_name, shallower_name, pictures)}
-        details: dict[str, Any] = {"alignment": alignment, "transport_costs": [
+        details: dict[str, Any] = {"alignment": alignment, "widths_differ": widths_differ, "transport_costs": [
             {"group": group.name, "size": group.size, "costs": pair} for group, pair in zip(target_groups, transport)]}
         if any(p.cost is not None for p in pictures):
             what = "1 − linear CKA" if ctx.params["representation"] == "activations" else "squared width difference"
@@ -427,10 +428,6 @@ def _depth(layout: ModelLayout) -> int | None:
     if spec is None:
         return None
     return sum(len(segment.layers) for segment in spec.segments(Structure.of_layout(layout)))
-
-
-def _widths(layout: ModelLayout) -> list[int]:
-    return [group.size for group in layout.neuron_groups]
 
 
 def _segment_word(layout: ModelLayout) -> str:
