@@ -53,7 +53,8 @@ def _build_parser() -> argparse.ArgumentParser:
                             "(default: concat if the label sets differ, else average; anchor for layerwise)")
     merge.add_argument("--seed", help="seed of methods that draw random numbers (dare) or sample data (default 0)")
     merge.add_argument("--data", action="append", metavar="DATASET",
-                       help="data of a method that reads data (regmean, fisher, fusion fine-tuning, gating): "
+                       help="data of a method that reads data (regmean, fisher, fusion fine-tuning, gating, otfusion, "
+                            "clafusion): "
                             "org/name[@revision][:split], an image folder or a save_to_disk folder; "
                             "once per source in source order, or once for all (gating: once per source)")
     merge.add_argument("--eval-data", action="append", metavar="DATASET",

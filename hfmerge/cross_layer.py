@@ -32,6 +32,11 @@ def cross_layer_alignment(cost: torch.Tensor | list[list[float]], *, first_last:
             hidden layers match each other); for n = 1 only the first holds, as the paper prioritises
             the first layer. ``False`` drops both (Appendix C's ablation).
 
+    The two constraints are imposed inside the dynamic programming (the layers between the first and
+    last are aligned among A's layers between them): Algorithm 1's pseudo-code fills S without them and
+    sets a(1) and a(n) afterwards, which can leave a map that is not the optimum of Definition 1, and
+    for n = 1 would overwrite a(1) with m, against the text's priority for the first layer.
+
     Returns:
         a(0..n−1): 0-based indices into the deeper model's layers, strictly increasing, minimising
         Σᵢ cost[a(i), i] under the constraints. Ties are broken as the paper's backtracking does: from

@@ -56,6 +56,9 @@ class PlannedMerge:
             pins = [self.data_pins.get(i if per_source else 0) for i in range(len(data))]
             data = [replace(spec, split=pin.split, commit=pin.commit or spec.commit) if pin is not None else spec
                     for spec, pin in zip(data, pins)]
+        if data:  # local data folders as absolute paths too, like local models
+            data = [replace(spec, dataset=str(spec.path.resolve())) if spec.is_local and spec.path.exists() else spec
+                    for spec in data]
         parameters = dict(self.recipe.parameters)
         for role, layout in self.context.auxiliary.items():  # a gate network is pinned like the sources
             if role in parameters:

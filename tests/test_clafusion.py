@@ -230,3 +230,23 @@ def test_bad_input_is_one_line_and_writes_nothing(case, make_source, tmp_path, c
     code, _, err = run_cli(["merge", str(a), str(b), "--method", "clafusion", *args, "--output", out], capsys)
     assert_one_line_error(code, err, *fragments)
     assert not out.exists()
+
+
+def test_the_saved_recipe_reruns_from_the_output_folder(tmp_path, monkeypatch, capsys):
+    """A local data folder given relatively is pinned as an absolute path, as local models are."""
+    import yaml
+
+    monkeypatch.chdir(tmp_path)
+    save_tiny(tmp_path / "deep", "resnet", model=_resnet((2, 2), seed=20))
+    save_tiny(tmp_path / "shallow", "resnet", model=_resnet((1, 1), seed=21))
+    random_images(tmp_path / "images", count=6, size=32)
+    code, _, err = run_cli(["merge", "deep", "shallow", "--method", "clafusion", "--data", "images",
+                            "--param", "samples=6", "--output", "out", "-q"], capsys)
+    assert code == 0, err
+    recipe = yaml.safe_load((tmp_path / "out" / "hfmerge.yaml").read_text())
+    assert recipe["data"][0]["dataset"] == str(tmp_path / "images")
+    monkeypatch.chdir(tmp_path / "out")
+    code, _, err = run_cli(["run", "hfmerge.yaml", "--output", str(tmp_path / "again"), "-q"], capsys)
+    assert code == 0, err
+    first, second = (hfmerge.load(str(tmp_path / name)).state_dict() for name in ("out", "again"))
+    assert all(torch.equal(first[k], second[k]) for k in first)

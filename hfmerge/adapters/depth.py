@@ -71,13 +71,12 @@ class DepthLayer:
 class DepthSegment:
     """Consecutive hidden layers that may align with each other's (one stage; convolutions between two poolings).
 
-    ``fixed_first``: the segment's first layer cannot be an added one (a ResNet stage opens with the
-    block whose shortcut changes width and resolution), so it always matches the other model's first.
+    The alignment's a(1) = 1 keeps a segment's first layer matched, so it is never an added one (a
+    ResNet stage opens with the block whose shortcut changes width and resolution).
     """
 
     name: str
     layers: tuple[DepthLayer, ...]
-    fixed_first: bool = False
 
 
 @dataclass(frozen=True)

@@ -107,7 +107,8 @@ def _segments(structure: Structure) -> list[DepthSegment]:
 
     A block is represented by its second convolution's BatchNorm output (the paper's "activation of
     the second convolution layer in each block", before any ReLU); its width is the stage's channels.
-    A stage's first block changes width and resolution through its shortcut, so it is never added.
+    A stage's first block changes width and resolution through its shortcut; the alignment's a(1) = 1
+    keeps it matched, so it is never an added block.
     """
     stages: dict[int, list[str]] = {}
     for name in structure.modules:
@@ -121,7 +122,7 @@ def _segments(structure: Structure) -> list[DepthSegment]:
             convs = list(takewhile(structure.modules.__contains__, (f"{block}.layer.{i}" for i in count())))
             width = structure.shapes[f"{convs[-1]}.normalization.weight"][0]
             layers.append(DepthLayer((block,), width, f"{convs[1]}.normalization", output=f"{block}.activation"))
-        segments.append(DepthSegment(f"stage {stage + 1}", tuple(layers), fixed_first=True))
+        segments.append(DepthSegment(f"stage {stage + 1}", tuple(layers)))
     return segments
 
 

@@ -97,7 +97,9 @@ class CLAFusion(MergeMethod):
                   "(0: plain fine-tuning)", minimum=0.0, maximum=1.0, needs_data=True),
     )
     card_template = """\
-The sources have different depths, so their hidden layers were first aligned across depths (CLAFusion, \
+{% if not details.get("depths_differ", True) %}The sources have the same depth, so nothing was added or merged: \
+the alignment below is layer by layer, and this is OTFusion. {% endif %}\
+The hidden layers of the sources were first aligned across depths (CLAFusion, \
 Nguyen et al., §3.1): segment by segment ({{ details.segment_kind }}), each hidden layer of the shallower model \
 was matched to one layer of the deeper model by the strictly increasing map a with a(1) = 1 and a(n) = m that \
 minimises Σᵢ C[a(i), i] (Definition 1, solved by the dynamic programming of Algorithm 1), where C is \
@@ -114,8 +116,11 @@ replace('_', ' ') }}).{% endif %} The balanced models were fused with OTFusion (
 group, a transport plan between each source's neurons and the target's ({{ details.target }}), with the \
 Euclidean distance between their {% if parameters.cost == 'activations' %}pre-activations{% else %}incoming \
 weights{% endif %} as ground cost, moves every tensor onto the target's neurons, and the aligned tensors are \
-averaged with the weights {{ details.weights | map('round', 3) | join(', ') }}. The result has the target's \
+averaged with the weights in the sources table. The result has the target's \
 architecture and config{% if details.get("widths_differ") %} (the widths differ, and the target's are kept){% endif %}.
+
+The pictures show the alignment of {{ details.pictured }} with the target (layers numbered from 0 in the \
+pictures, from 1 in the table).
 
 ![Cross-layer alignment: the deeper model's layers above, the shallower model's below, matched pairs joined]\
 ({{ details.alignment_svg }})
@@ -184,10 +189,18 @@ held-out images.{% endif %}"""
 
         segments = self._checked_segments(ctx)
         if _needs_activations(ctx.params) and not ctx.data:
+            if ctx.params["balance"] == "merge":
+                raise RecipeError(
+                    "balance=merge estimates each folded layer's ReLU from its pre-activations on images: give "
+                    "--data (one dataset for all sources, or one per source), or use --param balance=add"
+                )
             raise RecipeError(
                 "clafusion compares layers and neurons by their activations on images: give --data (one dataset "
                 "for all sources, or one per source), or use --param representation=neurons --param cost=weights"
             )
+        if float(ctx.params["distill_weight"]) > 0 and int(ctx.params["finetune_epochs"]) == 0:
+            logger.warning("clafusion: distill_weight acts during fine-tuning only; without --param "
+                           "finetune_epochs=N nothing is distilled")
         anchor = ctx.anchor
         groups = anchor.neuron_groups
         membership = _membership(groups)
@@ -226,7 +239,9 @@ held-out images.{% endif %}"""
 
     def describe_plan(self, ctx: MergeContext, plan: MergePlan) -> list[str]:
         """The target and each source's alignment as far as the plan knows it (the data decides the rest)."""
-        lines = [f"target (the output's architecture): {ctx.anchor.source.name}"]
+        chosen = self.choose_anchor(ctx.sources, ctx.params)
+        why = f" — {chosen[1]}" if chosen is not None and chosen[0] == ctx.anchor_index else ""
+        lines = [f"target (the output's architecture): {ctx.anchor.source.name}{why}"]
         segments = self._checked_segments(ctx)
         for i, layout in enumerate(ctx.sources):
             if i == ctx.anchor_index:
@@ -299,7 +314,10 @@ held-out images.{% endif %}"""
         if ctx.params["balance"] == "merge":
             deeper_name, shallower_name = shallower_name, deeper_name
         files: dict[str, str | bytes] = {ALIGNMENT_SVG: alignment_map_svg(deeper_name, shallower_name, pictures)}
-        details: dict[str, Any] = {"alignment": alignment, "widths_differ": widths_differ, "transport_costs": [
+        depths_differ = any(s["deeper"] != s["shallower"] for entry in alignment for s in entry["segments"])
+        details: dict[str, Any] = {"alignment": alignment, "widths_differ": widths_differ,
+                                   "depths_differ": depths_differ, "pictured": ctx.sources[first].source.short_name,
+                                   "transport_costs": [
             {"group": group.name, "size": group.size, "costs": pair} for group, pair in zip(target_groups, transport)]}
         if any(p.cost is not None for p in pictures):
             what = "1 − linear CKA" if ctx.params["representation"] == "activations" else "squared width difference"

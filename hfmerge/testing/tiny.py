@@ -104,11 +104,11 @@ def tiny_model(family: str, num_labels: int = 3, *, seed: int = 0, labels: list[
     return model
 
 
-def image_processor(family: str) -> Any:
-    """An image processor matching :func:`tiny_config`'s input size."""
+def image_processor(family: str, size: int | None = None) -> Any:
+    """An image processor matching :func:`tiny_config`'s input size (or ``size``)."""
     import transformers
 
-    size = IMAGE_SIZE[family]
+    size = size or IMAGE_SIZE[family]
     if family == "mask2former":
         return transformers.Mask2FormerImageProcessorPil(size={"height": size, "width": size}, ignore_index=255)
     return transformers.ViTImageProcessorPil(size={"height": size, "width": size})
@@ -125,7 +125,8 @@ def save_tiny(folder: str | Path, family: str, num_labels: int = 3, *, seed: int
 
         for name, text in family_for_model_type(model.config.model_type).file_texts().items():
             (folder / name).write_text(text)
-    image_processor(family).save_pretrained(folder)
+    size = getattr(model.config, "image_size", None) if family in CLASSIC_FAMILIES else None
+    image_processor(family, size).save_pretrained(folder)  # hfmerge's MLP reads images of its config's size
     return folder
 
 
