@@ -47,23 +47,6 @@ STAGES = {
 }
 
 
-def resnet(depths: list[int], seed: int):
-    import torch
-    from transformers import ResNetConfig, ResNetForImageClassification
-
-    config = ResNetConfig(layer_type="basic", embedding_size=64, hidden_sizes=[64, 128, 256, 512], depths=depths,
-                          num_labels=1000)
-    config.architectures = ["ResNetForImageClassification"]
-    torch.manual_seed(seed)
-    model = ResNetForImageClassification(config).eval()
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, torch.nn.BatchNorm2d):
-                module.running_mean.normal_(0.0, 0.1)
-                module.running_var.uniform_(0.5, 2.0)
-    return model
-
-
 def speed(samples: int) -> None:
     import numpy as np
     from PIL import Image
@@ -79,7 +62,7 @@ def speed(samples: int) -> None:
         for name, depths, seed in (("resnet34", [3, 4, 6, 3], 0), ("resnet18", [2, 2, 2, 2], 1),
                                    ("resnet18b", [2, 2, 2, 2], 2)):
             saved[name] = folder / name
-            resnet(depths, seed).save_pretrained(saved[name])
+            otfusion.resnet18(seed, depths).save_pretrained(saved[name])
             ViTImageProcessorPil(size={"height": 224, "width": 224}).save_pretrained(saved[name])
         images = folder / "images"
         images.mkdir()

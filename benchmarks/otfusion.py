@@ -42,12 +42,13 @@ STAGES = {
 }
 
 
-def resnet18(seed: int):
+def resnet18(seed: int, depths: tuple[int, ...] = (2, 2, 2, 2)):
+    """A ResNet-18-sized classifier (``depths`` (3, 4, 6, 3): ResNet-34), random weights and BatchNorm statistics."""
     import torch
     from transformers import ResNetConfig, ResNetForImageClassification
 
     config = ResNetConfig(layer_type="basic", embedding_size=64, hidden_sizes=[64, 128, 256, 512],
-                          depths=[2, 2, 2, 2], num_labels=1000)
+                          depths=list(depths), num_labels=1000)
     config.architectures = ["ResNetForImageClassification"]
     torch.manual_seed(seed)
     model = ResNetForImageClassification(config).eval()

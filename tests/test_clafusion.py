@@ -21,7 +21,7 @@ from hfmerge.adapters import family_for_model_type
 from hfmerge.balancing import deepen
 from hfmerge.modeling.classic import HfMergeMLPConfig, HfMergeVGGConfig, MLPForImageClassification, \
     VGGForImageClassification
-from hfmerge.testing.tiny import save_tiny
+from hfmerge.testing.tiny import randomise_batch_norms, save_tiny
 
 from helpers import assert_one_line_error, run_cli
 from test_every_method import random_images
@@ -37,18 +37,7 @@ def _resnet(depths, seed=0, *, layer_type="basic", labels=None, widths=(8, 8, 16
                                        label2id={label: i for i, label in enumerate(labels)})
     config.architectures = ["ResNetForImageClassification"]
     torch.manual_seed(seed)
-    return _randomise(transformers.ResNetForImageClassification(config))
-
-
-def _randomise(model):
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, torch.nn.BatchNorm2d):
-                module.running_mean.normal_()
-                module.running_var.uniform_(0.5, 2.0)
-                module.weight.normal_()
-                module.bias.normal_()
-    return model.eval()
+    return randomise_batch_norms(transformers.ResNetForImageClassification(config))
 
 
 def _logits(model, size):
@@ -123,8 +112,8 @@ def test_a_resnet_deepened_from_another_fuses_with_it_into_itself(layer_type, tm
 
 def test_a_vgg_deepened_from_another_fuses_with_it_into_itself(tmp_path):
     torch.manual_seed(4)
-    shallow = _randomise(VGGForImageClassification(HfMergeVGGConfig(image_size=16, layers=[8, 8, "M", 12, "M"],
-                                                                     num_labels=3)))
+    shallow = randomise_batch_norms(VGGForImageClassification(
+        HfMergeVGGConfig(image_size=16, layers=[8, 8, "M", 12, "M"], num_labels=3)))
     deep = _deepened(shallow, [[0, 2], [0]], [3, 2])
     assert deep.config.layers == [8, 8, 8, "M", 12, 12, "M"]
     a, b = save_tiny(tmp_path / "deep", "vgg", model=deep), save_tiny(tmp_path / "shallow", "vgg", model=shallow)

@@ -21,6 +21,7 @@ from hfmerge.adapters import family_for_model_type
 from hfmerge.adapters.depth import Structure
 from hfmerge.balancing import deepen, deepened_activations, merge_linear, relu_estimate
 from hfmerge.cross_layer import cka_costs, linear_cka, width_costs
+from hfmerge.testing.tiny import randomise_batch_norms
 from hfmerge.modeling.classic import HfMergeMLPConfig, HfMergeVGGConfig, MLPForImageClassification, \
     VGGForImageClassification
 
@@ -117,27 +118,16 @@ def test_merge_linear_and_the_relu_estimates_by_hand():
     assert torch.allclose(x.double() @ weight.T + bias, exact)
 
 
-def _randomise_batch_norms(model):
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, torch.nn.BatchNorm2d):
-                module.running_mean.normal_()
-                module.running_var.uniform_(0.5, 2.0)
-                module.weight.normal_()
-                module.bias.normal_()
-    return model.eval()
-
-
 def _models():
     torch.manual_seed(0)
     yield "mlp", MLPForImageClassification(HfMergeMLPConfig(image_size=8, hidden_sizes=[16, 12, 10],
                                                             num_labels=3)).eval(), [[0, 2, 4]], [5], 8
-    yield "vgg", _randomise_batch_norms(VGGForImageClassification(HfMergeVGGConfig(
+    yield "vgg", randomise_batch_norms(VGGForImageClassification(HfMergeVGGConfig(
         image_size=16, layers=[8, 8, "M", 12, 12, "M", 6], num_labels=3))), [[0, 3], [0, 2], [0]], [4, 3, 2], 16
     for layer_type in ("basic", "bottleneck"):
         config = transformers.ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[2, 2],
                                            layer_type=layer_type, num_labels=3)
-        yield (f"resnet-{layer_type}", _randomise_batch_norms(transformers.ResNetForImageClassification(config)),
+        yield (f"resnet-{layer_type}", randomise_batch_norms(transformers.ResNetForImageClassification(config)),
                [[0, 2], [0, 3]], [3, 4], 32)
 
 

@@ -22,7 +22,7 @@ import hfmerge
 from hfmerge.adapters import inspect_source
 from hfmerge.hub.resolve import resolve_source
 from hfmerge.testing.permute import permute_groups
-from hfmerge.testing.tiny import IMAGE_SIZE, save_tiny, tiny_model
+from hfmerge.testing.tiny import IMAGE_SIZE, randomise_batch_norms, save_tiny, tiny_model
 
 from helpers import assert_one_line_error, run_cli
 from test_every_method import random_images
@@ -46,15 +46,7 @@ def _bottleneck_resnet(seed):
                                        layer_type="bottleneck", num_labels=3)
     config.architectures = ["ResNetForImageClassification"]
     torch.manual_seed(seed)
-    model = transformers.ResNetForImageClassification(config).eval()
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, torch.nn.BatchNorm2d):
-                module.running_mean.normal_()
-                module.running_var.uniform_(0.5, 2.0)
-                module.weight.normal_()
-                module.bias.normal_()
-    return model
+    return randomise_batch_norms(transformers.ResNetForImageClassification(config))
 
 
 def _save(folder, family, seed=0, model=None):

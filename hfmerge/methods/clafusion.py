@@ -28,7 +28,9 @@ from typing import TYPE_CHECKING, Any
 
 from hfmerge.errors import IncompatibleModelsError, RecipeError
 from hfmerge.methods.base import Derived, FineTuning, MergeMethod, ParamSpec, register_method
-from hfmerge.methods.otfusion import Side, map_key, transport_maps
+from hfmerge.methods.otfusion import (
+    FINE_TUNING_PARAMETERS, TRANSPORT_PARAMETERS, Side, fused_coefficients, map_key, membership, transport_maps,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -76,21 +78,8 @@ class CLAFusion(MergeMethod):
                   "diagonal D", choices=("sign_of_sum", "majority_vote", "average_of_sign")),
         ParamSpec("cost", str, "activations", "OTFusion's ground cost between neurons: activations or weights",
                   choices=("activations", "weights")),
-        ParamSpec("samples", int, 200, "images whose activations represent each layer and neuron (t)", minimum=1),
-        ParamSpec("pool", int, 8, "convolution activations are average-pooled to at most pool x pool positions "
-                  "per image (0: every position)", minimum=0),
-        ParamSpec("solver", str, "emd", "exact optimal transport (emd) or entropic (sinkhorn, with reg)",
-                  choices=("emd", "sinkhorn")),
-        ParamSpec("reg", float, 0.01, "Sinkhorn's entropic regularisation, relative to the largest cost",
-                  minimum=1e-9),
-        ParamSpec("fuse_weight", float, None, "the target's weight in the average; the other sources share the "
-                  "rest (default: --weights, or equal weights)", minimum=0.0, maximum=1.0),
-        ParamSpec("finetune_epochs", int, 0, "epochs of fine-tuning of the fused model on the labeled --data",
-                  minimum=0, needs_data=True),
-        ParamSpec("learning_rate", float, 1e-4, "fine-tuning learning rate (AdamW)", minimum=0.0, needs_data=True),
-        ParamSpec("batch_size", int, 32, "images per batch of the statistics and fine-tuning", minimum=1),
-        ParamSpec("patience", int, 2, "epochs without a better held-out accuracy before fine-tuning stops",
-                  minimum=1, needs_data=True),
+        *TRANSPORT_PARAMETERS,
+        *FINE_TUNING_PARAMETERS,
         ParamSpec("distill_temperature", float, 4.0, "fine-tuning with distillation from the deepest source: the "
                   "softmax temperature T", minimum=1e-6, needs_data=True),
         ParamSpec("distill_weight", float, 0.0, "γ, the distillation term's weight in the fine-tuning loss "
@@ -203,15 +192,15 @@ held-out images.{% endif %}"""
                            "finetune_epochs=N nothing is distilled")
         anchor = ctx.anchor
         groups = anchor.neuron_groups
-        membership = _membership(groups)
-        coefficients = self._coefficients(ctx)
+        members = membership(groups)
+        coefficients = fused_coefficients(ctx)
         entries = []
         for name, info in anchor.tensors.items():
             refs = tuple((i, info.key) if i == ctx.anchor_index else (ctx.DERIVED_TABLE, balanced_key(i, name))
                          for i in range(len(ctx.sources)))
             alignments = tuple(
                 () if i == ctx.anchor_index
-                else tuple((dim, (ctx.DERIVED_TABLE, map_key(i, g)), unit) for dim, g, unit in membership.get(name, []))
+                else tuple((dim, (ctx.DERIVED_TABLE, map_key(i, g)), unit) for dim, g, unit in members.get(name, []))
                 for i in range(len(ctx.sources))
             )
             op = AlignedAverage(refs, alignments, coefficients,
@@ -409,17 +398,6 @@ held-out images.{% endif %}"""
                     )
         return segments
 
-    def _coefficients(self, ctx: MergeContext) -> tuple[float, ...]:
-        weights = ctx.normalised_weights()
-        fuse_weight = ctx.params.get("fuse_weight")
-        if fuse_weight is None:
-            return weights
-        others = [w for i, w in enumerate(weights) if i != ctx.anchor_index]
-        rest = sum(others)
-        return tuple(float(fuse_weight) if i == ctx.anchor_index
-                     else (1.0 - float(fuse_weight)) * (w / rest if rest else 1.0 / len(others))
-                     for i, w in enumerate(weights))
-
 
 def _needs_activations(params: dict[str, Any]) -> bool:
     return (params["representation"] == "activations" or params["cost"] == "activations"
@@ -491,14 +469,6 @@ def _label(layer: Any) -> str:
     """A short label of a layer for the pictures: its main module's last two name parts."""
     parts = layer.modules[0].split(".")
     return ".".join(parts[-2:])
-
-
-def _membership(groups: list[NeuronGroup]) -> dict[str, list[tuple[int, int, int]]]:
-    out: dict[str, list[tuple[int, int, int]]] = {}
-    for g, group in enumerate(groups):
-        for tensor, dim in group.members:
-            out.setdefault(tensor, []).append((dim, g, group.unit))
-    return out
 
 
 def _resized(group: NeuronGroup, tensors: dict[str, torch.Tensor]) -> NeuronGroup:

@@ -40,6 +40,31 @@ def map_key(source: int, group: int) -> str:
     return f"map/{source}/{group}"
 
 
+TRANSPORT_PARAMETERS = (
+    ParamSpec("samples", int, 200, "images whose activations represent each neuron (cost=activations)",
+              minimum=1),
+    ParamSpec("pool", int, 8, "convolution activations are average-pooled to at most pool x pool positions "
+              "per image before they are compared (0: every position, as the paper's 32 px images)", minimum=0),
+    ParamSpec("solver", str, "emd", "exact optimal transport (emd) or entropic (sinkhorn, with reg)",
+              choices=("emd", "sinkhorn")),
+    ParamSpec("reg", float, 0.01, "Sinkhorn's entropic regularisation, relative to the largest cost",
+              minimum=1e-9),
+    ParamSpec("fuse_weight", float, None, "the target's (the anchor's) weight in the average; the other "
+              "sources share the rest (default: --weights, or equal weights)", minimum=0.0, maximum=1.0),
+)
+"""OTFusion's transport options, which CLAFusion shares."""
+
+FINE_TUNING_PARAMETERS = (
+    ParamSpec("finetune_epochs", int, 0, "epochs of fine-tuning of the fused model on the labeled --data",
+              minimum=0, needs_data=True),
+    ParamSpec("learning_rate", float, 1e-4, "fine-tuning learning rate (AdamW)", minimum=0.0, needs_data=True),
+    ParamSpec("batch_size", int, 32, "images per batch of the statistics and fine-tuning", minimum=1),
+    ParamSpec("patience", int, 2, "epochs without a better held-out accuracy before fine-tuning stops",
+              minimum=1, needs_data=True),
+)
+"""Fine-tuning of the fused model on the labeled data, which CLAFusion shares."""
+
+
 @register_method
 class OTFusion(MergeMethod):
     """OTFusion (Singh & Jaggi, NeurIPS 2020): neurons aligned by optimal transport, then averaged."""
@@ -57,28 +82,14 @@ class OTFusion(MergeMethod):
         ParamSpec("cost", str, "activations", "ground cost between neurons: activations (pre-activations on the "
                   "same images, needs --data) or weights (incoming weights, aligned with the previous layer)",
                   choices=("activations", "weights")),
-        ParamSpec("samples", int, 200, "images whose activations represent each neuron (cost=activations)",
-                  minimum=1),
-        ParamSpec("pool", int, 8, "convolution activations are average-pooled to at most pool x pool positions "
-                  "per image before they are compared (0: every position, as the paper's 32 px images)", minimum=0),
-        ParamSpec("solver", str, "emd", "exact optimal transport (emd) or entropic (sinkhorn, with reg)",
-                  choices=("emd", "sinkhorn")),
-        ParamSpec("reg", float, 0.01, "Sinkhorn's entropic regularisation, relative to the largest cost",
-                  minimum=1e-9),
-        ParamSpec("fuse_weight", float, None, "the target's (the anchor's) weight in the average; the other "
-                  "sources share the rest (default: --weights, or equal weights)", minimum=0.0, maximum=1.0),
+        *TRANSPORT_PARAMETERS,
         ParamSpec("residual", bool, False, "also align a transformer's residual stream (ViT: the embeddings, "
                   "every LayerNorm, the attention and MLP outputs, the classifier's input) as one more group"),
         ParamSpec("align", bool, True, "false: average without aligning (vanilla averaging, the baseline the paper "
                   "compares with)"),
         ParamSpec("compare", bool, True, "with --eval-data, also evaluate vanilla averaging (align=false) beside "
                   "the fused model, when the widths agree"),
-        ParamSpec("finetune_epochs", int, 0, "epochs of fine-tuning of the fused model on the labeled --data",
-                  minimum=0, needs_data=True),
-        ParamSpec("learning_rate", float, 1e-4, "fine-tuning learning rate (AdamW)", minimum=0.0, needs_data=True),
-        ParamSpec("batch_size", int, 32, "images per batch of the statistics and fine-tuning", minimum=1),
-        ParamSpec("patience", int, 2, "epochs without a better held-out accuracy before fine-tuning stops",
-                  minimum=1, needs_data=True),
+        *FINE_TUNING_PARAMETERS,
     )
     card_template = """\
 {% if not parameters.align %}The sources were averaged as they are, with the weights in the sources table, \
@@ -147,12 +158,12 @@ The weights are those of epoch {{ finetuning.best_epoch }}, the best on the held
             )
         groups = self._checked_groups(ctx)
         anchor = ctx.anchor
-        membership = _membership(groups[ctx.anchor_index])
-        coefficients = self._coefficients(ctx)
+        members = membership(groups[ctx.anchor_index])
+        coefficients = fused_coefficients(ctx)
         entries = []
         align = bool(ctx.params.get("align", True))
         for name, info in anchor.tensors.items():
-            dims = membership.get(name, [])
+            dims = members.get(name, [])
             self._check_shape(ctx, groups, name, dims)
             if not dims or not align:
                 entries.append(ctx.plan_entry(info, LinearCombination(ctx.refs(name), coefficients)))
@@ -227,20 +238,6 @@ The weights are those of epoch {{ finetuning.best_epoch }}, the best on the held
             patience=int(ctx.params["patience"]),
         )
 
-    def _coefficients(self, ctx: MergeContext) -> tuple[float, ...]:
-        """The anchor gets ``fuse_weight`` and the others share the rest by their weights; else the weights."""
-        weights = ctx.normalised_weights()
-        fuse_weight = ctx.params.get("fuse_weight")
-        if fuse_weight is None:
-            return weights
-        others = [w for i, w in enumerate(weights) if i != ctx.anchor_index]
-        rest = sum(others)
-        return tuple(
-            float(fuse_weight) if i == ctx.anchor_index
-            else (1.0 - float(fuse_weight)) * (w / rest if rest else 1.0 / len(others))
-            for i, w in enumerate(weights)
-        )
-
     def _checked_groups(self, ctx: MergeContext) -> list[list[NeuronGroup]]:
         """Each source's neuron groups, checked to pair up with the anchor's one by one."""
         architectures = {s.architecture for s in ctx.sources}
@@ -299,6 +296,21 @@ The weights are those of epoch {{ finetuning.best_epoch }}, the best on the held
                 )
 
 
+def fused_coefficients(ctx: MergeContext) -> tuple[float, ...]:
+    """The anchor (the target) gets ``fuse_weight`` and the others share the rest by their weights; else the weights."""
+    weights = ctx.normalised_weights()
+    fuse_weight = ctx.params.get("fuse_weight")
+    if fuse_weight is None:
+        return weights
+    others = [w for i, w in enumerate(weights) if i != ctx.anchor_index]
+    rest = sum(others)
+    return tuple(
+        float(fuse_weight) if i == ctx.anchor_index
+        else (1.0 - float(fuse_weight)) * (w / rest if rest else 1.0 / len(others))
+        for i, w in enumerate(weights)
+    )
+
+
 def _groups(ctx: MergeContext, layout: ModelLayout) -> list[NeuronGroup]:
     """The neuron groups this merge aligns: optional ones (a residual stream) with ``residual=true``."""
     return layout.neuron_groups_with(bool(ctx.params.get("residual")))
@@ -309,7 +321,7 @@ def _widths_differ(ctx: MergeContext, groups: list[list[NeuronGroup]]) -> bool:
     return any(a.size != b.size for own in groups for a, b in zip(own, target))
 
 
-def _membership(groups: list[NeuronGroup]) -> dict[str, list[tuple[int, int, int]]]:
+def membership(groups: list[NeuronGroup]) -> dict[str, list[tuple[int, int, int]]]:
     """Tensor name -> its (dimension, group index, unit) triples."""
     out: dict[str, list[tuple[int, int, int]]] = {}
     for g, group in enumerate(groups):
@@ -382,11 +394,11 @@ def _weight_features(tensor_of: Callable[[str], torch.Tensor], groups: list[Neur
 
     from hfmerge.alignment import align_dim, unit_features
 
-    membership = _membership(groups)
+    members = membership(groups)
     group = groups[g]
     parts = []
     for producer in group.producers:
-        others = [(dim, h, unit) for dim, h, unit in membership.get(producer, []) if h != g]
+        others = [(dim, h, unit) for dim, h, unit in members.get(producer, []) if h != g]
         if any(h > g for _, h, _ in others):
             continue
         tensor = tensor_of(producer).to(torch.float64)

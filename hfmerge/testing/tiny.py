@@ -104,6 +104,19 @@ def tiny_model(family: str, num_labels: int = 3, *, seed: int = 0, labels: list[
     return model
 
 
+def randomise_batch_norms(model: torch.nn.Module) -> torch.nn.Module:
+    """Draw every BatchNorm's scale, shift and running statistics at random (in place), so that a
+    merge or a reordering that mishandles them shows; the model is returned in eval mode."""
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.normal_()
+                module.running_var.uniform_(0.5, 2.0)
+                module.weight.normal_()
+                module.bias.normal_()
+    return model.eval()
+
+
 def image_processor(family: str, size: int | None = None) -> Any:
     """An image processor matching :func:`tiny_config`'s input size (or ``size``)."""
     import transformers
