@@ -14,7 +14,7 @@ import torch
 
 from hfmerge.adapters import ModelLayout, inspect_source
 from hfmerge.checkpoint import HeaderReader, weight_files
-from hfmerge.engine.execute import execute_plan, output_dtype
+from hfmerge.engine.execute import execute_plan
 from hfmerge.engine.plan import MergeContext, MergePlan, TensorPlan
 from hfmerge.stages import fine_tune, run_statistics
 from hfmerge.errors import IncompatibleModelsError, RecipeError
