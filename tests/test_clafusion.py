@@ -239,3 +239,20 @@ def test_the_saved_recipe_reruns_from_the_output_folder(tmp_path, monkeypatch, c
     assert code == 0, err
     first, second = (hfmerge.load(str(tmp_path / name)).state_dict() for name in ("out", "again"))
     assert all(torch.equal(first[k], second[k]) for k in first)
+
+
+def test_a_processor_that_does_not_fit_the_model_is_one_line(tmp_path, capsys):
+    """An MLP reads images of its config's size: a processor of another size is named, not a traceback."""
+    import transformers as tf
+
+    torch.manual_seed(22)
+    for name, hidden in (("a", [12, 10, 8]), ("b", [12, 8])):
+        folder = save_tiny(tmp_path / name, "mlp", model=MLPForImageClassification(
+            HfMergeMLPConfig(image_size=8, hidden_sizes=hidden, num_labels=3)).eval())
+        tf.ViTImageProcessorPil(size={"height": 16, "width": 16}).save_pretrained(folder)  # 16 px for an 8 px MLP
+    data = random_images(tmp_path / "images", count=4, size=16)
+    out = tmp_path / "out"
+    code, _, err = run_cli(["merge", str(tmp_path / "a"), str(tmp_path / "b"), "--method", "clafusion",
+                            "--data", str(data), "--param", "samples=4", "--output", out, "-q"], capsys)
+    assert_one_line_error(code, err, "do not fit the model", "[3, 16, 16]", "preprocessor_config.json")
+    assert not out.exists()

@@ -421,6 +421,14 @@ class _PassState:
             try:
                 with torch.inference_mode():
                     model(pixel_values=pixels)
+            except RuntimeError as exc:
+                if "shape" not in str(exc) and "size" not in str(exc):
+                    raise
+                raise StatisticsError(
+                    f"the images, as the source's image processor prepares them ({list(pixels.shape[1:])}), do not "
+                    f"fit the model ({str(exc).splitlines()[0]}): check the preprocessor_config.json beside its "
+                    "weights"
+                ) from None
             finally:
                 self.hooks_on = False
             self.positions.extend(range(first_index, first_index + self.batch_keep))
