@@ -108,6 +108,18 @@ class DepthSpec:
     merge: Callable[[Any, list[list[int]]], Any] | None = None
 
 
+def widths_with_added(widths: list[int], positions: list[int | None], *, why_not_first: str) -> list[int]:
+    """The widths of a deepened segment: the original layer's at each kept position, and at an added
+    (identity) layer the width of the layer before it. An added layer cannot open a segment
+    (``why_not_first`` says why, for the family)."""
+    out: list[int] = []
+    for j, source in enumerate(positions):
+        if source is None and j == 0:
+            raise ValueError(why_not_first)
+        out.append(widths[source] if source is not None else out[-1])
+    return out
+
+
 def layer_output(layer: DepthLayer, activation: Callable[[str], torch.Tensor]) -> torch.Tensor:
     """A layer's output after its activation function, as recorded (or the ReLU of its pre-activation)."""
     if layer.output is not None:

@@ -8,7 +8,8 @@ import torch
 from transformers import AutoConfig, AutoModelForImageClassification
 
 from hfmerge.adapters.base import FamilyAdapter, HeadSpec, register_family
-from hfmerge.adapters.depth import DepthLayer, DepthSegment, DepthSpec, Structure, relu_of_previous
+from hfmerge.adapters.depth import DepthLayer, DepthSegment, DepthSpec, Structure, relu_of_previous, \
+    widths_with_added
 from hfmerge.adapters.neurons import GroupBuilder, NeuronGroup
 from hfmerge.modeling.classic import HfMergeMLPConfig, MLPForImageClassification, MODELING_FILE, MLP_TYPE
 
@@ -42,13 +43,10 @@ def _segments(structure: Structure) -> list[DepthSegment]:
 
 def _deepen(config: HfMergeMLPConfig, plan: list[list[int | None]]) -> HfMergeMLPConfig:
     """``hidden_sizes`` with an added layer as wide as the layer before it wherever ``plan`` has ``None``."""
-    widths: list[int] = []
-    for j, source in enumerate(plan[0]):
-        if source is None and j == 0:
-            raise ValueError("an identity layer cannot open the MLP: its input (the image) may be negative")
-        widths.append(config.hidden_sizes[source] if source is not None else widths[-1])
     out = HfMergeMLPConfig.from_dict(config.to_dict())
-    out.hidden_sizes = widths
+    out.hidden_sizes = widths_with_added(
+        config.hidden_sizes, plan[0],
+        why_not_first="an identity layer cannot open the MLP: its input (the image) may be negative")
     return out
 
 

@@ -10,7 +10,8 @@ import torch
 from transformers import AutoConfig, AutoModelForImageClassification
 
 from hfmerge.adapters.base import FamilyAdapter, HeadSpec, register_family
-from hfmerge.adapters.depth import DepthLayer, DepthSegment, DepthSpec, Structure, relu_of_previous, neutral_batch_norm
+from hfmerge.adapters.depth import DepthLayer, DepthSegment, DepthSpec, Structure, neutral_batch_norm, \
+    relu_of_previous, widths_with_added
 from hfmerge.adapters.neurons import GroupBuilder, NeuronGroup, norm_members
 from hfmerge.modeling.classic import HfMergeVGGConfig, VGGForImageClassification, MODELING_FILE, VGG_TYPE
 
@@ -91,13 +92,9 @@ def _deepen(config: HfMergeVGGConfig, plan: list[list[int | None]]) -> HfMergeVG
             out_layers.append("M")
         if not run:
             continue
-        new: list[int] = []
-        for j, source in enumerate(next(widths)):
-            if source is None and j == 0:
-                raise ValueError("an identity convolution cannot open a group: it would follow a max-pooling "
-                                 "of another model")
-            new.append(run[source] if source is not None else new[-1])
-        out_layers.extend(new)
+        out_layers.extend(widths_with_added(
+            run, next(widths),
+            why_not_first="an identity convolution cannot open a group: it would follow a max-pooling of another model"))
     out = HfMergeVGGConfig.from_dict(config.to_dict())
     out.layers = out_layers
     return out
