@@ -267,3 +267,22 @@ def test_two_processes_in_bf16_end_with_identical_weights_and_metrics(tmp_path):
     assert ranks[0]["sizes"] == ranks[1]["sizes"] == [21] * ranks[0]["report"][0]
     # options left unset: the launcher's bf16, and its forward patch taken off the caller's model afterwards
     assert [r["precision"] for r in ranks] == ["bf16", "bf16"] and [r["patched"] for r in ranks] == [[], []]
+
+
+class NormNet(TinyNet):
+    """TinyNet behind a BatchNorm: a batch of one image cannot be normalised in training mode."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = torch.nn.BatchNorm1d(48)
+
+    def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None) -> SimpleNamespace:
+        return super().forward(self.norm(pixel_values.flatten(1)).view_as(pixel_values), labels)
+
+
+def test_a_last_batch_of_one_image_sits_out_so_batch_norm_trains():
+    """33 images in batches of 32 would end each epoch on one image, which BatchNorm refuses in training."""
+    data = ChannelTask(33, seed=0)
+    report = train_model(NormNet(), data, TrainOptions(epochs=2, batch_size=32, validation_fraction=0),
+                         progress=False)
+    assert report.epochs_run == 2

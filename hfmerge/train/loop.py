@@ -110,7 +110,11 @@ def train_model(model: torch.nn.Module, train_set: Dataset, options: TrainOption
     own_forward = model.__dict__.get("forward")  # mixed precision patches the instance's forward
     optimizer = torch.optim.AdamW(parameters, lr=options.learning_rate, weight_decay=options.weight_decay)
     shuffle_generator = torch.Generator().manual_seed(options.seed)
-    train_loader = DataLoader(train_part, batch_size=options.batch_size, shuffle=True, generator=shuffle_generator)
+    # A last batch of one image cannot be batch-normalised in training mode (BatchNorm needs two values per
+    # channel), so that one image sits out each epoch: the shuffle changes which one.
+    lonely = len(train_part) > 1 and len(train_part) % options.batch_size == 1
+    train_loader = DataLoader(train_part, batch_size=options.batch_size, shuffle=True, generator=shuffle_generator,
+                              drop_last=lonely)
     if val_part is not None:
         val_loader = DataLoader(val_part, batch_size=options.batch_size)
         prepared, optimizer, train_loader, val_loader = accelerator.prepare(
