@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 export HF_HUB_DISABLE_TELEMETRY := 1
 export GRADIO_ANALYTICS_ENABLED := False
 
-.PHONY: demo test bench browser clean
+.PHONY: demo test bench bench-quality browser clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +44,11 @@ test: $(VENV)/.dev browser
 
 bench: $(VENV)/.dev
 	$(BIN)/python benchmarks/stream.py
+
+# The merge-quality benchmark: writes benchmarks/RESULTS.md and its plots (under an hour on a 2-core CPU;
+# `$(BIN)/python -m benchmarks.suite --quick` runs a smaller setting in under ten minutes).
+bench-quality: $(VENV)/.dev
+	$(BIN)/python -m benchmarks.suite
 
 clean:
 	rm -rf $(VENV) demo-output benchmarks/out .pytest_cache
