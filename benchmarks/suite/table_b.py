@@ -564,7 +564,20 @@ def findings(uda: Rows, classes: Rows, facts: dict[str, Any], checkpoints: Rows,
         out.append(_class_count_loss(classes, facts["adabn"]))
     if "checkpoints" in failed:
         out.append(_checkpoint_trend(checkpoints, checked["checkpoints"]))
+    out += _weak_adaptation(uda, methods)
     return out
+
+
+def _weak_adaptation(uda: Rows, methods: Sequence[str]) -> list[str]:
+    """UDA models that do not beat the source-only model on the target: the merges then mix in a weak model."""
+    source_only = _mean(uda, "source-only (no adaptation)")
+    weak = [f"{NAMES[m]} {_mean(uda, f'UDA: {NAMES[m]}'):.3f}" for m in methods
+            if _mean(uda, f"UDA: {NAMES[m]}") <= source_only + 0.002]
+    if not weak:
+        return []
+    return [f"Not every strategy adapts at this size: {', '.join(weak)} against {source_only:.3f} for the "
+            "source-only model on the target (within 0.002 or below). The merges still include them, as Table 2 "
+            "includes its weaker models."]
 
 
 def _best_k(uda: Rows, k: int) -> str:
