@@ -37,7 +37,7 @@ def test_the_smoke_mode_writes_results_with_every_table_plot_and_claim(smoke_run
     text = (out / "RESULTS.md").read_text()
     for key in "ABCD":
         assert f"## Table {key} " in text
-    assert "did not finish" not in text
+    assert "did not finish" not in text and "Smoke setting" in text
     for name in PLOTS:
         svg = (out / name).read_text()
         assert svg.startswith("<svg") and "<polyline" in svg, name
@@ -55,11 +55,11 @@ def test_the_smoke_mode_writes_results_with_every_table_plot_and_claim(smoke_run
     assert int(total) == len(claims) // 2 and int(held) == sum(v == "PASS" for v, _ in claims) // 2
 
 
-def test_a_second_run_takes_the_built_datasets_and_models_from_the_cache(smoke_run):
+def test_built_datasets_and_models_are_kept_in_the_cache_and_no_partial_build_is_left(smoke_run):
     _, out = smoke_run
     built = sorted(p.name for p in (out / "cache").iterdir() if p.is_dir())
     assert any(name.startswith("data-") for name in built) and any(name.startswith("model-") for name in built)
-    assert not [p for p in (out / "cache").iterdir() if p.name.endswith(".partial")]
+    assert not [p for p in (out / "cache").iterdir() if p.name.endswith(".partial") or p.name.startswith(".run-")]
 
 
 def test_claims_compare_means_and_call_a_difference_within_the_spread_a_tie():

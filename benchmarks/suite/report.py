@@ -175,13 +175,16 @@ def line_plot_svg(title: str, x_label: str, y_label: str, series: dict[str, list
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
            f'viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="11">',
            f'<rect width="{width}" height="{height}" fill="white"/>',
-           f'<text x="{left}" y="20" font-size="13" font-weight="bold">{escape(title)}</text>']
+           f'<text x="{left}" y="20" font-size="12" font-weight="bold" textLength="{min(len(title) * 6.6, width - left - 8):.0f}" '
+           f'lengthAdjust="spacingAndGlyphs">{escape(title)}</text>']
     step = _nice_step(y_hi - y_lo)
+    power = math.floor(math.log10(step) + 1e-9)
+    decimals = max(0, -power + (1 if round(step / 10 ** power, 6) == 2.5 else 0))  # 0.25 needs one more digit
     tick = math.ceil(y_lo / step) * step
     while tick <= y_hi + 1e-9:
         out.append(f'<line x1="{left}" x2="{left + plot_w}" y1="{py(tick):.1f}" y2="{py(tick):.1f}" '
                    'stroke="#ddd"/>')
-        out.append(f'<text x="{left - 6}" y="{py(tick) + 4:.1f}" text-anchor="end">{tick:.2f}</text>')
+        out.append(f'<text x="{left - 6}" y="{py(tick) + 4:.1f}" text-anchor="end">{tick:.{decimals}f}</text>')
         tick += step
     for x in xs:
         out.append(f'<text x="{px(x):.1f}" y="{top + plot_h + 16}" text-anchor="middle">{x:g}</text>')

@@ -32,7 +32,7 @@ def open_bench(mode: str, *, cache: Path, out: Path, seeds: int | None = None) -
 
     out.mkdir(parents=True, exist_ok=True)
     cache.mkdir(parents=True, exist_ok=True)
-    work = Path(cache.parent / f"run-{os.getpid()}")
+    work = cache / f".run-{os.getpid()}"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     saved = {k: os.environ.get(k) for k in _ENV}
@@ -97,9 +97,12 @@ def run_suite(mode: str, tables: list[str], *, out: Path, cache: Path, seeds: in
                 (out / name).write_text(svg)
     total = time.perf_counter() - started
     text = render(sections, mode=mode, command=command, seconds=total, seeds=bench.seeds)
-    (out / "RESULTS.md").write_text(text)
-    print(f"wrote {out / 'RESULTS.md'} ({total:.0f} s)")
-    return 1 if any(s.error for s in sections) else 0
+    failed = any(s.error for s in sections)
+    # A run of some tables, or one whose table failed, never replaces a complete RESULTS.md.
+    name = "RESULTS.md" if set(tables) == set(TABLES) and not failed else "RESULTS.partial.md"
+    (out / name).write_text(text)
+    print(f"wrote {out / name} ({total:.0f} s)")
+    return 1 if failed else 0
 
 
 def _versions() -> str:
@@ -130,7 +133,12 @@ def _hardware() -> str:
 def render(sections: list[Section], *, mode: str, command: str, seconds: float, seeds: tuple[int, ...]) -> str:
     """RESULTS.md: how it was made, each section's tables, plots and findings, then every claim line."""
     when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    lines = [f"# hfmerge merge-quality benchmark ({mode})", "",
+    banner = {"smoke": "> **Smoke setting:** models and data this small say nothing about the methods; the "
+                       "numbers and the PASS/FAIL lines only show that the suite runs. The benchmark is "
+                       "`python -m benchmarks.suite`.",
+              "quick": "> **Quick setting:** smaller tasks, models and one seed; the numbers are indicative "
+                       "only. The benchmark is `python -m benchmarks.suite`."}
+    lines = [f"# hfmerge merge-quality benchmark ({mode})", "", *([banner[mode], ""] if mode in banner else []),
              "Made by the command below; every number is measured by that run, nothing is typed in. "
              "A cell `m ± s` is the mean over the seeds of the merge's random parts (and of fine-tuning where "
              "the row fine-tunes) with half their range; a difference smaller than the spread is a tie.", "",

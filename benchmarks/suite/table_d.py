@@ -60,7 +60,8 @@ def run(bench: Bench) -> Section:
     table.add("fusion, before fine-tuning", [*_cells([fused], tasks), len(ensemble_labels(labels, tasks)),
                                              _merged_parameters(one_shot)])
     tuned_rows = [_row(report, "merged", tasks) for report in tuned]
-    table.add(f"fusion + fine-tuning ({sizes.finetune_epochs} epochs on the union)",
+    epochs = f"{sizes.finetune_epochs} epoch{'s' if sizes.finetune_epochs != 1 else ''}"
+    table.add(f"fusion + fine-tuning ({epochs} on the union)",
               [*_cells(tuned_rows, tasks), len(ensemble_labels(labels, tasks)), _merged_parameters(tuned[0])])
     section.tables.append(table)
     mean_tuned = Cell.of([sum(r.values()) / len(tasks) for r in tuned_rows])
