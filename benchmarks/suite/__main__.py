@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="built datasets and trained models, kept between runs (default: benchmarks/out/cache)")
     parser.add_argument("--seeds", type=int, default=None, metavar="N",
                         help="how many seeds (0, 1, …, N-1) the merges' random parts are repeated over "
-                             "(default: 3, or 1 with --smoke)")
+                             "(default: 3, or 1 with --quick and --smoke)")
     args = parser.parse_args(argv)
     mode = args.mode or "full"
     tables = list(dict.fromkeys(t.strip().upper() for t in args.tables.split(",") if t.strip()))

@@ -18,7 +18,6 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from tempfile import TemporaryDirectory
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -196,6 +195,3 @@ def load_classifier(folder: Path) -> tuple[torch.nn.Module, Any]:
     model = hfmerge.load(str(folder)).eval()
     return model, AutoImageProcessor.from_pretrained(str(folder))
 
-
-def scratch_folder() -> TemporaryDirectory:
-    return TemporaryDirectory(prefix="hfmerge-bench-")

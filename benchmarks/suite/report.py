@@ -161,7 +161,7 @@ def line_plot_svg(title: str, x_label: str, y_label: str, series: dict[str, list
     y_lo, y_hi = y_range or (min(y for _, y in points), max(y for _, y in points))
     if y_hi - y_lo < 1e-9:
         y_lo, y_hi = y_lo - 0.05, y_hi + 0.05
-    left, right, top, bottom = 56, 190, 34, 48
+    left, right, top, bottom = 56, 205, 34, 48
     plot_w, plot_h = width - left - right, height - top - bottom
 
     def px(x: float) -> float:

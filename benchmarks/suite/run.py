@@ -45,7 +45,7 @@ def open_bench(mode: str, *, cache: Path, out: Path, seeds: int | None = None) -
     try:
         from huggingface_hub import HfApi
 
-        count = seeds if seeds is not None else (1 if mode == "smoke" else 3)
+        count = seeds if seeds is not None else (3 if mode == "full" else 1)
         yield Bench(mode=mode, cache=cache, work=work, out=out, api=HfApi(endpoint=hub.endpoint, token=TOKEN),
                     seeds=tuple(range(count)), log=lambda line: print(line, flush=True))
     finally:
