@@ -38,13 +38,18 @@ def _pixels(folder, images) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def gated(digit_hub, tmp_path_factory):
-    """One gating merge by repo and dataset id, through the CLI, evaluated, saved and pushed."""
+    """One gating merge by repo and dataset id, through the CLI, evaluated, saved and pushed.
+
+    The gate trains on half of each task's data: with 30% (about 16 images per class) its early stopping ended
+    training with the inverted task under-routed in a fresh environment of 2026-12-06 (main's HEAD of then failed
+    the same way), as the benchmark suite found for small tasks (benchmarks/README.md).
+    """
     m, d = digit_hub["models"], digit_hub["datasets"]
     out = tmp_path_factory.mktemp("gating") / "merged"
     args = ["merge", m["upright"], m["inverted"], "--method", "gating",
             "--data", f"{d['digits']}:test", "--data", f"{d['digits-inverted']}:test",
             "--param", "m=2", "--param", f"gate={digit_hub['gate']}", "--param", "gate_epochs=8", "--param", "gate_learning_rate=3e-3",
-            "--param", "gate_fraction=0.3", "--param", "samples=64",
+            "--param", "gate_fraction=0.5", "--param", "samples=64",
             "--eval-data", f"{d['digits']}:test", "--eval-data", f"{d['digits-inverted']}:test",
             "--base", m["base"], "--lambda", "0.5",  # for the task-arithmetic comparison row
             "--output", str(out), "--push-to-hub", "tester/vit-2tasks", "-q"]
