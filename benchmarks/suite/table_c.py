@@ -29,6 +29,7 @@ import torch
 
 from benchmarks.suite.bench import Bench, fingerprint, load_classifier
 from benchmarks.suite.report import Cell, Claim, Section, Table, at_least, greater, line_plot_svg
+from hfmerge.testing.digit_models import train_epoch
 
 if TYPE_CHECKING:
     import datasets
@@ -188,13 +189,7 @@ def train_source(model: torch.nn.Module, train: tuple[torch.Tensor, torch.Tensor
     best, best_epoch, best_state = -1.0, 0, None
     for epoch in range(1, epochs + 1):
         model.train()
-        order = torch.randperm(len(x), generator=generator)
-        for start in range(0, len(x), 64):
-            batch = order[start:start + 64]
-            loss = torch.nn.functional.cross_entropy(model(pixel_values=x[batch]).logits, y[batch])
-            optimiser.zero_grad()
-            loss.backward()
-            optimiser.step()
+        train_epoch(model, x, y, optimiser, generator)
         score = _accuracy(model, *validation)
         if score > best:
             best, best_epoch = score, epoch

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from benchmarks.suite.bench import Bench, fingerprint
+from hfmerge.testing.digit_models import train_epoch
 
 LICENSE_CARD = ("---\nlicense: apache-2.0\nlibrary_name: transformers\npipeline_tag: image-classification\n---\n"
                 "# {name}\n\n{text}\n")
@@ -81,14 +82,7 @@ def fit(model: torch.nn.Module, pixels: torch.Tensor, labels: torch.Tensor, *, e
         schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda step: 1 - step / max(steps, 1))
         model.train()
         for _ in range(epochs):
-            order = torch.randperm(len(labels), generator=generator)
-            for start in range(0, len(labels), batch_size):
-                batch = order[start:start + batch_size]
-                loss = torch.nn.functional.cross_entropy(model(pixel_values=pixels[batch]).logits, labels[batch])
-                optimiser.zero_grad()
-                loss.backward()
-                optimiser.step()
-                schedule.step()
+            train_epoch(model, pixels, labels, optimiser, generator, batch_size=batch_size, after_step=schedule.step)
         model.eval()
     finally:
         torch.set_num_threads(threads)

@@ -78,14 +78,23 @@ def fit(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, l
     generator = torch.Generator().manual_seed(0)
     model.train()
     for _ in range(epochs):
-        order = torch.randperm(len(x), generator=generator)
-        for start in range(0, len(x), 64):
-            batch = order[start:start + 64]
-            loss = torch.nn.functional.cross_entropy(model(pixel_values=x[batch]).logits, y[batch])
-            optimiser.zero_grad()
-            loss.backward()
-            optimiser.step()
+        train_epoch(model, x, y, optimiser, generator)
     model.eval()
+
+
+def train_epoch(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, optimiser: torch.optim.Optimizer,
+                generator: torch.Generator, *, batch_size: int = 64,
+                after_step: Callable[[], object] | None = None) -> None:
+    """One epoch of cross-entropy steps over (pixel_values, labels) in an order drawn from ``generator``."""
+    order = torch.randperm(len(x), generator=generator)
+    for start in range(0, len(x), batch_size):
+        batch = order[start:start + batch_size]
+        loss = torch.nn.functional.cross_entropy(model(pixel_values=x[batch]).logits, y[batch])
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+        if after_step is not None:
+            after_step()
 
 
 def train_digit_models(folder: Path, size: DigitViT = DigitViT(), *, models: tuple[str, ...] = MODELS,
