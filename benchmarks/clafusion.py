@@ -90,7 +90,7 @@ def quality(samples: int, epochs: int, learning_rate: float) -> None:
 
     import hfmerge
     from hfmerge.adapters import family_for_model_type
-    from hfmerge.balancing import deepen
+    from hfmerge.methods.ot.balancing import deepen
     from hfmerge.testing.digit_models import accuracy, split_tensors
     from hfmerge.testing.digit_resnets import train_digit_resnets
     from hfmerge.testing.tasks import digit_task
@@ -120,7 +120,7 @@ def quality(samples: int, epochs: int, learning_rate: float) -> None:
         fused_model = hfmerge.load(str(fused.save(folder / "fused"))).eval()
         deep, shallow = (hfmerge.load(str(folders[n])).eval() for n in ("deep", "shallow"))
         spec = family_for_model_type("resnet").depth
-        mappings = [[s - 1 for s in seg["mapping"]] for seg in fused.planned.plan.details["alignment"][0]["segments"]]
+        mappings = [[s - 1 for s in seg["mapping"]] for seg in fused.details["alignment"][0]["segments"]]
         aligned = deepen(shallow, spec, mappings, list(deep.config.depths)).model
         rows = {"deep (3-4 blocks)": deep, "shallow (2-2 blocks)": shallow, "fused (CLAFusion)": fused_model,
                 "shallow depth-aligned": aligned}
@@ -130,7 +130,7 @@ def quality(samples: int, epochs: int, learning_rate: float) -> None:
             xt, yt, _ = split_tensors("digits", "test")
             probabilities = sum(torch.softmax(m(xt).logits, -1) for m in (deep, shallow))
             ensemble_hits = int((probabilities.argmax(-1) == yt).sum())
-        print(f"alignment: {fused.planned.plan.details['alignment'][0]['segments']}")
+        print(f"alignment: {fused.details['alignment'][0]['segments']}")
         print(f"| model | accuracy | after {epochs} epochs of fine-tuning |")
         print("|---|---|---|")
         for name in ("deep (3-4 blocks)", "shallow (2-2 blocks)", "fused (CLAFusion)", "shallow depth-aligned"):

@@ -1,6 +1,6 @@
 """Gating benchmark: the gated merge of N ViTs against one plain ViT and the N-model ensemble.
 
-Issue 9's "speed is part of the method": the gated model (``hfmerge.modeling``,
+Issue 9's "speed is part of the method": the gated model (``hfmerge.methods.gating.model``,
 Ye et al. §3.2) should cost one ViT plus the gate plus the per-sample weighted
 sum of the gated weights (Eq. 2), not N forward passes. For every N in
 ``--sources`` and m in ``--m`` this script builds, from configs with random
@@ -121,7 +121,7 @@ def main() -> None:
 
     from hfmerge.eval.cost import count_flops
     from hfmerge.eval.ensemble import Ensemble
-    from hfmerge.modeling import assemble_gated
+    from hfmerge.methods.gating.model import assemble_gated
 
     if args.threads:
         torch.set_num_threads(args.threads)

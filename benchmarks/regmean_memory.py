@@ -140,7 +140,7 @@ def measure(sources: list[Path], data: list[Path], output: Path, samples: int) -
     import hfmerge.data.load  # noqa: F401  (hfmerge imports its modules lazily; importing is not merge time)
     import hfmerge.engine.statistics  # noqa: F401
     import hfmerge.methods.regmean  # noqa: F401
-    import hfmerge.pipeline as pipeline
+    import hfmerge.run.pipeline as pipeline
 
     shutil.rmtree(output, ignore_errors=True)
     seconds = {phase: 0.0 for phase in PHASES}  # the time spent in each stage (and the census)

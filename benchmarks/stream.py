@@ -150,7 +150,7 @@ def measure(mode: str, sources: list[Path], output: Path) -> dict[str, float]:
     from safetensors.torch import save_file
 
     import hfmerge
-    import hfmerge.pipeline  # noqa: F401  (hfmerge imports its modules lazily; importing is not merge time)
+    import hfmerge.run.pipeline  # noqa: F401  (hfmerge imports its modules lazily; importing is not merge time)
 
     from transformers import ViTForImageClassification  # noqa: F401  (library import is not merge time)
 

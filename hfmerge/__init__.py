@@ -23,30 +23,30 @@ from hfmerge.errors import (
 )
 
 if TYPE_CHECKING:
-    from hfmerge.alignment import align_layer
-    from hfmerge.analysis import layer_similarity, select_gated
-    from hfmerge.cross_layer import cross_layer_alignment
-    from hfmerge.loading import load
+    from hfmerge.methods.ot.alignment import align_layer
+    from hfmerge.methods.gating.similarity import layer_similarity, select_gated
+    from hfmerge.methods.ot.cross_layer import cross_layer_alignment
+    from hfmerge.io.loading import load
     from hfmerge.methods import available_methods
-    from hfmerge.pipeline import merge, plan_merge, run_recipe
-    from hfmerge.planned import PlannedMerge
+    from hfmerge.run.pipeline import merge, plan_merge, run_recipe
+    from hfmerge.run.planned import PlannedMerge
     from hfmerge.recipe import Recipe
-    from hfmerge.result import MergeResult
+    from hfmerge.publish.result import MergeResult
     from hfmerge.source import SourceSpec
-    from hfmerge.space import SpaceOptions, push_space, save_space
+    from hfmerge.publish.space import SpaceOptions, push_space, save_space
 
 __version__ = "0.1.0"
 
 _LAZY = {
-    "load": "hfmerge.loading",
-    "align_layer": "hfmerge.alignment", "cross_layer_alignment": "hfmerge.cross_layer",
-    "layer_similarity": "hfmerge.analysis", "select_gated": "hfmerge.analysis",
-    "PlannedMerge": "hfmerge.planned", "merge": "hfmerge.pipeline", "plan_merge": "hfmerge.pipeline",
-    "run_recipe": "hfmerge.pipeline",
+    "load": "hfmerge.io.loading",
+    "align_layer": "hfmerge.methods.ot.alignment", "cross_layer_alignment": "hfmerge.methods.ot.cross_layer",
+    "layer_similarity": "hfmerge.methods.gating.similarity", "select_gated": "hfmerge.methods.gating.similarity",
+    "PlannedMerge": "hfmerge.run.planned", "merge": "hfmerge.run.pipeline", "plan_merge": "hfmerge.run.pipeline",
+    "run_recipe": "hfmerge.run.pipeline",
     "available_methods": "hfmerge.methods",
     "Recipe": "hfmerge.recipe", "SourceSpec": "hfmerge.source",
-    "MergeResult": "hfmerge.result",
-    "SpaceOptions": "hfmerge.space", "push_space": "hfmerge.space", "save_space": "hfmerge.space",
+    "MergeResult": "hfmerge.publish.result",
+    "SpaceOptions": "hfmerge.publish.space", "push_space": "hfmerge.publish.space", "save_space": "hfmerge.publish.space",
 }
 
 __all__ = [

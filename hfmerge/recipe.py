@@ -159,20 +159,21 @@ class Recipe:
         if self.dtype is not None and self.dtype not in DTYPES:
             raise RecipeError(f"unknown dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
         parse_size(self.max_shard_size)
+        needs = method.data_needs(self.parameters, evaluating=bool(self.eval_data))
         if self.data is not None:
-            if not (method.needs_data or method.uses_data):
+            if not needs.any:
                 logger.warning("method '%s' reads no data: --data is ignored", method.name)
                 self.data = None
-            elif len(self.data) not in ((len(self.sources),) if method.data_per_source else (1, len(self.sources))):
+            elif len(self.data) not in ((len(self.sources),) if needs.per_source else (1, len(self.sources))):
                 raise RecipeError(
                     f"{len(self.data)} --data for {len(self.sources)} sources; give one dataset per source, "
-                    f"in source order{'' if method.data_per_source else ', or one for all'}"
+                    f"in source order{'' if needs.per_source else ', or one for all'}"
                 )
-        elif method.needs_data:
+        elif needs.required:
             raise RecipeError(
-                f"method '{method.name}' needs data {method.data_use}: add --data org/dataset[:split] "
+                f"method '{method.name}' needs data {needs.purpose}: add --data org/dataset[:split] "
                 "(or a folder of images), "
-                + ("once per source, in source order" if method.data_per_source
+                + ("once per source, in source order" if needs.per_source
                    else "once per source in source order or once for all")
             )
 

@@ -1,6 +1,6 @@
 """A model to merge, as the user named it: a Hub repo id with an optional revision, or a folder.
 
-The text of a reference is read by :mod:`hfmerge.spaces.source_ref`, the one
+The text of a reference is read by :mod:`hfmerge.source_ref`, the one
 parser that hfmerge and the demo Space share; :class:`SourceSpec` adds what a
 recipe records beside it (the pinned commit, the weight).
 """
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from hfmerge.errors import RecipeError
-from hfmerge.spaces.source_ref import SourceRef, SourceRefError, is_repo_id, parse_source_ref
+from hfmerge.source_ref import SourceRef, SourceRefError, is_repo_id, parse_source_ref
 
 
 @dataclass(frozen=True)

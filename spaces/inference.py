@@ -32,7 +32,7 @@ from huggingface_hub import constants as hf_constants
 from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
 
 if __package__:  # hfmerge.spaces, installed with hfmerge
-    from .source_ref import SourceRef, SourceRefError, parse_source_ref
+    from hfmerge.source_ref import SourceRef, SourceRefError, parse_source_ref
 else:  # a Space: the files lie side by side
     from source_ref import SourceRef, SourceRefError, parse_source_ref
 
@@ -318,7 +318,7 @@ def _load_gated(ref: str, **where: Any) -> torch.nn.Module:
         from modeling_hfmerge_gated import GatedMergedForImageClassification
     except ImportError:
         try:
-            from hfmerge.modeling import GatedMergedForImageClassification
+            from hfmerge.methods.gating.model import GatedMergedForImageClassification
         except ImportError:
             raise ModelLoadError(f"{ref} is a gated merge: put modeling_hfmerge_gated.py (hfmerge space writes it) "
                                  "beside app.py, or install hfmerge") from None

@@ -1,4 +1,4 @@
-"""OTFusion's per-layer alignment (hfmerge.alignment), against permutations and hand computations."""
+"""OTFusion's per-layer alignment (hfmerge.methods.ot.alignment), against permutations and hand computations."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import hfmerge
-from hfmerge.alignment import (
+from hfmerge.methods.ot.alignment import (
     align_dim,
     align_layer,
     alignment_matrix,

@@ -266,7 +266,7 @@ def test_a_typo_in_a_method_snippet_is_an_error_not_an_empty_value():
 
     import jinja2
 
-    from hfmerge.card import method_text
+    from hfmerge.publish.card import method_text
 
     with pytest.raises(jinja2.UndefinedError, match="detials"):
         method_text(Typo(), details={"lambda": 1.0}, parameters={}, base=None, sources=[])

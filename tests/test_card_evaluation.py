@@ -8,9 +8,9 @@ import xml.etree.ElementTree as ET
 from huggingface_hub import ModelCard
 from test_card import card_of, metadata, section
 
-from hfmerge.card import update_card
+from hfmerge.publish.card import update_card
 from hfmerge.eval.report import EvaluationReport, ModelEvaluation, TaskResult
-from hfmerge.result import write_metadata
+from hfmerge.publish.result import write_metadata
 
 
 def report_of(merged_accuracy: float, name: str = "merged") -> EvaluationReport:

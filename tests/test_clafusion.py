@@ -18,7 +18,7 @@ import transformers
 
 import hfmerge
 from hfmerge.adapters import family_for_model_type
-from hfmerge.balancing import deepen
+from hfmerge.methods.ot.balancing import deepen
 from hfmerge.modeling.classic import HfMergeMLPConfig, HfMergeVGGConfig, MLPForImageClassification, \
     VGGForImageClassification
 from hfmerge.testing.tiny import randomise_batch_norms, save_tiny
@@ -105,7 +105,7 @@ def test_a_resnet_deepened_from_another_fuses_with_it_into_itself(layer_type, tm
     data = random_images(tmp_path / "images", count=8, size=32)
     result = hfmerge.merge([str(b), str(a)], method="clafusion", data=[str(data)], samples=8, progress=False)
     fused = hfmerge.load(str(result.save(tmp_path / "out"))).eval()
-    assert [s["mapping"] for s in result.planned.plan.details["alignment"][0]["segments"]] == [[1, 3], [1, 4]]
+    assert [s["mapping"] for s in result.details["alignment"][0]["segments"]] == [[1, 3], [1, 4]]
     torch.testing.assert_close(_logits(fused, 32), _logits(deep, 32), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(_logits(fused, 32), _logits(shallow, 32), atol=1e-5, rtol=1e-5)
 
@@ -147,7 +147,7 @@ def test_an_mlp_deepened_by_adding_fuses_into_itself(tmp_path):
     data = random_images(tmp_path / "images", count=12, size=8)
     result = hfmerge.merge([str(b), str(a)], method="clafusion", data=[str(data)], samples=12, progress=False)
     fused = hfmerge.load(str(result.save(tmp_path / "out"))).eval()
-    assert result.planned.plan.details["alignment"][0]["segments"][0]["mapping"] == [1, 2, 4]  # by CKA
+    assert result.details["alignment"][0]["segments"][0]["mapping"] == [1, 2, 4]  # by CKA
     torch.testing.assert_close(_logits(fused, 8), _logits(deep, 8), atol=1e-5, rtol=1e-5)
 
 
@@ -172,7 +172,7 @@ def test_three_sources_align_to_the_deepest(tmp_path):
     result = hfmerge.merge([str(f) for f in folders], method="clafusion", data=[str(data)], samples=8,
                            progress=False)
     assert result.planned.context.anchor_index == 1
-    alignment = result.planned.plan.details["alignment"]
+    alignment = result.details["alignment"]
     assert [a["source"] for a in alignment] == ["s0", "s2"]
     assert [s["mapping"] for s in alignment[0]["segments"]] == [[1], [1, 3]]
     assert [s["mapping"] for s in alignment[1]["segments"]] == [[1, 3], [1]]

@@ -19,8 +19,8 @@ import transformers
 from hfmerge import cross_layer_alignment
 from hfmerge.adapters import family_for_model_type
 from hfmerge.adapters.depth import Structure
-from hfmerge.balancing import deepen, deepened_activations, merge_linear, relu_estimate
-from hfmerge.cross_layer import cka_costs, linear_cka, width_costs
+from hfmerge.methods.ot.balancing import deepen, deepened_activations, merge_linear, relu_estimate
+from hfmerge.methods.ot.cross_layer import cka_costs, linear_cka, width_costs
 from hfmerge.testing.tiny import randomise_batch_norms
 from hfmerge.modeling.classic import HfMergeMLPConfig, HfMergeVGGConfig, MLPForImageClassification, \
     VGGForImageClassification

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from hfmerge.methods.regmean import regmean_linear
-from hfmerge.ops import FisherWeighted, RegMeanLinear
+from hfmerge.engine.ops import FisherWeighted, RegMeanLinear
 
 
 def _inputs(rows: int, features: int, seed: int) -> torch.Tensor:

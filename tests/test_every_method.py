@@ -30,7 +30,7 @@ DATA_BY_DEFAULT = {"otfusion", "clafusion"}  # optional data that its default pa
 
 def merge_arguments(method: str, source: str, folder=None) -> dict:
     """What a method needs besides its sources: a base for task vectors, data (a folder of random images) for data methods."""
-    if get_method(method).needs_data or method in DATA_BY_DEFAULT:
+    if get_method(method).data_needs().required or method in DATA_BY_DEFAULT:
         return {"data": [str(random_images(folder / "images"))], "samples": 6}
     return {"base": source} if get_method(method).needs_base else {}
 
@@ -72,7 +72,7 @@ def test_identical_sources_merge_to_themselves_and_load_with_transformers(method
     copies = len(merged.config.id2label) // labels  # 2 when the heads were concatenated (fusion), else 1
     assert copies * labels == len(merged.config.id2label)
     head = {info.name for info in result.planned.anchor.head_tensors}
-    solved = get_method(method).needs_data  # RegMean solves a linear system: float32 rounding, not bits
+    solved = get_method(method).data_needs().required  # RegMean solves a linear system: float32 rounding, not bits
     for name, value in merged.state_dict().items():
         want = torch.cat([expected[name]] * copies) if name in head else expected[name]
         if solved and value.is_floating_point():

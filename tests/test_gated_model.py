@@ -1,4 +1,4 @@
-"""The gated merge of ViTs as a model (hfmerge.modeling): its forward is transformers' ViT, Eq. 1-3 hold,
+"""The gated merge of ViTs as a model (hfmerge.methods.gating.model): its forward is transformers' ViT, Eq. 1-3 hold,
 batching changes nothing, and it loads with hfmerge (no remote code) and with remote code (no hfmerge)."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 import hfmerge
 from hfmerge.errors import IncompatibleModelsError, SourceError
-from hfmerge.modeling import (
+from hfmerge.methods.gating.model import (
     MODELING_FILE,
     GatedMergedForImageClassification,
     assemble_gated,

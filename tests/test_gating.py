@@ -18,7 +18,7 @@ import yaml
 from PIL import Image
 
 import hfmerge
-import hfmerge.modeling
+import hfmerge.methods.gating.model
 from helpers import assert_one_line_error, run_cli
 from hfmerge.testing.tasks import digit_split
 
@@ -65,7 +65,7 @@ def test_the_gated_merge_is_published_with_its_modeling_file_and_similarity(gate
     assert config["auto_map"]["AutoModelForImageClassification"] == \
         "modeling_hfmerge_gated.GatedMergedForImageClassification"
     assert (gated / "modeling_hfmerge_gated.py").read_text() == \
-        (__import__("hfmerge.modeling", fromlist=["x"]).modeling_source())
+        (__import__("hfmerge.methods.gating.model", fromlist=["x"]).modeling_source())
     assert config["num_sources"] == 2 and config["gate_labels"] == ["vit-digits-upright", "vit-digits-inverted"]
     # m=2 of 2 layers: every attention and MLP module per source, with the embeddings and every LayerNorm
     gated_keys = config["gated"]
@@ -288,7 +288,7 @@ def test_the_gated_space_runs_alone_without_hfmerge(gated, tmp_path, capsys):
     out = tmp_path / "space"
     code, _, err = run_cli(["space", "tester/vit-2tasks", "--output", out], capsys)
     assert code == 0, err
-    assert (out / "modeling_hfmerge_gated.py").read_text() == hfmerge.modeling.modeling_source()
+    assert (out / "modeling_hfmerge_gated.py").read_text() == hfmerge.methods.gating.model.modeling_source()
     assert "hfmerge" not in (out / "requirements.txt").read_text()
     image = tmp_path / "inverted.png"
     _digit_images("digits-inverted", 1)[0].resize((64, 64)).save(image)

@@ -61,7 +61,7 @@ def test_average_of_different_label_sets_concatenates_heads_by_default(different
     pa, pb = different
     assert merged.config.id2label == {0: "cat", 1: f"{pa.name}/dog", 2: "owl", 3: "car", 4: f"{pb.name}/dog"}
     assert_labels_invert(merged.config)
-    assert result.planned.plan.details["heads"] == "concat"
+    assert result.details["heads"] == "concat"
 
 
 def test_heads_anchor_keeps_the_anchors_head_and_labels(different, tmp_path):
@@ -91,7 +91,7 @@ def test_equal_label_sets_average_heads_by_default(equal, tmp_path):
         torch.testing.assert_close(merged.state_dict()[name], expected, rtol=0, atol=1e-6)
     assert merged.config.id2label == {0: "cat", 1: "dog", 2: "owl"}
     assert_labels_invert(merged.config)
-    assert result.planned.plan.details["heads"] == "average"
+    assert result.details["heads"] == "average"
 
 
 def test_equal_label_sets_with_heads_concat_and_anchor(equal, tmp_path):
@@ -164,7 +164,7 @@ def test_layerwise_keeps_the_anchors_head_by_default_and_concatenates_with_heads
     for name in HEAD:
         assert torch.equal(sm[name], sa[name]), name
     assert merged.config.id2label == a.config.id2label
-    assert result.planned.plan.details["heads"] == "anchor"
+    assert result.details["heads"] == "anchor"
 
     result, merged, (a, b) = merged_and_sources(different, tmp_path / "concat", method="layerwise", heads="concat")
     sa, sb, sm = a.state_dict(), b.state_dict(), merged.state_dict()
@@ -175,7 +175,7 @@ def test_layerwise_keeps_the_anchors_head_by_default_and_concatenates_with_heads
     assert labels[1].endswith("/dog") and labels[4].endswith("/dog") and labels[1] != labels[4]
     assert_labels_invert(merged.config)
     # the backbone is still layer-weighted: the last shared layer is the anchor's
-    last = result.planned.plan.details["layer_weights"][-1]
+    last = result.details["layer_weights"][-1]
     assert last["anchor"] == 1.0
 
 
@@ -184,5 +184,5 @@ def test_layerwise_with_heads_average_averages_shared_heads_outside_the_numberin
     sa, sb, sm = a.state_dict(), b.state_dict(), merged.state_dict()
     for name in HEAD:
         torch.testing.assert_close(sm[name], 0.5 * sa[name] + 0.5 * sb[name], rtol=0, atol=1e-6)
-    numbered = [row["module"] for row in result.planned.plan.details["layer_weights"]]
-    assert "classifier" not in numbered and result.planned.plan.details["layer_weights"][-1]["anchor"] == 1.0
+    numbered = [row["module"] for row in result.details["layer_weights"]]
+    assert "classifier" not in numbered and result.details["layer_weights"][-1]["anchor"] == 1.0

@@ -16,7 +16,7 @@ PACKAGE = Path(hfmerge.__file__).parent
 
 
 def _unit(module: str) -> str:
-    """A module's unit: a subpackage (``hfmerge.engine``) or a top-level module (``hfmerge.card``)."""
+    """A module's unit: a subpackage (``hfmerge.engine``) or a top-level module (``hfmerge.publish.card``)."""
     parts = module.split(".")
     return ".".join(parts[:2])
 

@@ -47,7 +47,7 @@ def test_help_methods_and_usage_errors_load_neither_torch_nor_transformers(tmp_p
         assert code == expected_codes.get(" ".join(argv), 2), argv
         assert heavy == [], argv
     assert seen["hfmerge.Recipe"] == ["hfmerge.recipe", []]  # the public names load lazily...
-    assert seen["hfmerge.merge"][0] == "hfmerge.pipeline"    # ...and still resolve
+    assert seen["hfmerge.merge"][0] == "hfmerge.run.pipeline"    # ...and still resolve
     assert "torch" in seen["hfmerge.merge"][1]
 
 

@@ -134,7 +134,7 @@ def test_layerwise_keeps_the_anchors_output_layer_and_what_is_no_layer(family, o
     for name in kept:
         assert torch.equal(merged[name], sb[name]), name
     assert not torch.equal(sa[f"{output_layer}.bias"], sb[f"{output_layer}.bias"])
-    rows = result.planned.plan.details["layer_weights"]
+    rows = result.details["layer_weights"]
     assert rows[-1]["module"] == output_layer and rows[-1]["anchor"] == 1.0
     # the first layer is near-uniform: H = (Np - 1) / (Np * 2)
     first = next(n for n in merged if n.startswith(rows[0]["module"] + ".") and n.endswith("weight"))

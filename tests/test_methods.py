@@ -74,14 +74,14 @@ def test_layerwise_follows_eq1_with_heads_of_different_sizes(family, make_source
         h = (n_p - j) / (n_p * m)
         torch.testing.assert_close(value, (1 - h) * sa[name] + h * so[name], rtol=0, atol=1e-6)
     assert merged.config.num_labels == 3
-    assert result.planned.plan.details["shared_layers"] == n_p
+    assert result.details["shared_layers"] == n_p
 
 
 def test_layerwise_anchor_weight_ends_at_one_and_start_layer_is_uniform_before(make_source, tmp_path):
     a, b, c = (make_source("vit", seed=s) for s in (1, 2, 3))
     result = hfmerge.merge([str(a), str(b), str(c)], method="layerwise", anchor=str(b),
                            start_layer=4, progress=False)
-    rows = result.planned.plan.details["layer_weights"]
+    rows = result.details["layer_weights"]
     n_p = len(rows)
     assert all(r["anchor"] == pytest.approx(1 / 3) for r in rows[:3])
     assert rows[-1]["anchor"] == 1.0

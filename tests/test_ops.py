@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from hfmerge.methods.layerwise import layer_weights
-from hfmerge.ops import ConcatHeads, Copy, LinearCombination, TaskArithmetic, normalise
+from hfmerge.engine.ops import ConcatHeads, Copy, LinearCombination, TaskArithmetic, normalise
 
 
 def loader(tensors):
@@ -87,7 +87,7 @@ def test_layer_weights_with_start_layer_are_uniform_then_decay_to_the_anchor():
 
 
 def test_ties_trim_keeps_exactly_the_top_k_magnitudes_per_tensor():
-    from hfmerge.ops import top_magnitude_threshold, trim_to_threshold
+    from hfmerge.engine.ops import top_magnitude_threshold, trim_to_threshold
 
     task_vector = torch.randn(7, 13, generator=torch.Generator().manual_seed(0))
     for density in (0.05, 0.2, 0.5, 0.99):
@@ -102,7 +102,7 @@ def test_ties_trim_keeps_exactly_the_top_k_magnitudes_per_tensor():
 
 
 def test_aligned_average_moves_the_source_onto_the_anchor_neurons_then_averages():
-    from hfmerge.ops import AlignedAverage
+    from hfmerge.engine.ops import AlignedAverage
 
     w_a = torch.arange(12, dtype=torch.float32).reshape(3, 4)
     w_b = torch.ones(3, 4)
@@ -123,7 +123,7 @@ def test_aligned_average_moves_the_source_onto_the_anchor_neurons_then_averages(
 
 
 def test_aligned_average_into_fewer_neurons_takes_convex_combinations():
-    from hfmerge.ops import AlignedAverage
+    from hfmerge.engine.ops import AlignedAverage
 
     w_a = torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]])  # three source neurons
     m = torch.tensor([[1.0, 0.0], [0.0, 0.5], [0.0, 0.5]], dtype=torch.float64)  # columns sum to one

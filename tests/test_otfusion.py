@@ -87,7 +87,7 @@ def test_a_permuted_copy_aligns_back_exactly(family, cost, tmp_path):
     for name, value in reference.state_dict().items():
         torch.testing.assert_close(fused.state_dict()[name], value, atol=1e-5, rtol=0, msg=name)
     torch.testing.assert_close(_logits(fused, family), _logits(reference, family), atol=1e-5, rtol=1e-5)
-    rows = result.planned.plan.details["transport_costs"]
+    rows = result.details["transport_costs"]
     assert len(rows) == len(permutations)
     for row in rows:  # after alignment every matched pair is the same neuron: zero cost
         before, after = row["costs"][0]
@@ -115,7 +115,7 @@ def test_fuse_weight_is_the_targets_share(tmp_path):
     for name, value in _model(a).state_dict().items():
         torch.testing.assert_close(fused.state_dict()[name], value, atol=0, rtol=0, msg=name)
     half = hfmerge.merge([str(a), str(b)], method="otfusion", cost="weights", progress=False)
-    assert half.planned.plan.details["weights"] == [0.5, 0.5]
+    assert half.details["weights"] == [0.5, 0.5]
 
 
 def test_three_sources_align_to_the_anchor_then_average(tmp_path):
@@ -147,7 +147,7 @@ def test_widths_that_differ_fuse_into_the_targets_widths_and_load_with_transform
     data = random_images(tmp_path / "images", count=8, size=IMAGE_SIZE["resnet"])
     result = hfmerge.merge([str(target), str(other)], method="otfusion", data=[str(data)], samples=8, progress=False)
     out = result.save(tmp_path / "out")
-    assert result.planned.plan.details["widths_differ"]
+    assert result.details["widths_differ"]
     code = ("import sys, transformers; m = transformers.AutoModelForImageClassification.from_pretrained(sys.argv[1]);"
             "print(m.config.hidden_sizes, sum(p.numel() for p in m.parameters()))")
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
@@ -155,7 +155,7 @@ def test_widths_that_differ_fuse_into_the_targets_widths_and_load_with_transform
     assert shown.stdout.split("]")[0] + "]" == str(narrow.hidden_sizes)
     narrow_model = _model(target)
     assert int(shown.stdout.split()[-1]) == sum(p.numel() for p in narrow_model.parameters())
-    costs = result.planned.plan.details["transport_costs"]
+    costs = result.details["transport_costs"]
     assert any(row["costs"][0][0] is None for row in costs)  # no "before" where the widths differ
     card = (out / "README.md").read_text()
     assert "the same 8 images" in card  # the images actually read, not the samples parameter (200)
@@ -211,7 +211,7 @@ def test_fine_tuning_the_fused_model_recovers_the_sources_accuracy(digit_resnets
     result = hfmerge.merge([str(folders["seed0"]), str(folders["seed1"])], method="otfusion", data=data,
                            samples=64, finetune_epochs=2, learning_rate=1e-3, progress=False)
     out = result.save(tmp_path / "out")
-    assert result.planned.plan.details["finetuning"]["epochs_run"] == 2
+    assert result.details["finetuning"]["epochs_run"] == 2
     assert "fine-tuned on" in (out / "README.md").read_text()
     assert accuracy(_model(out), "digits") > 0.9
 

@@ -10,7 +10,7 @@ import yaml
 from hfmerge.errors import RecipeError, SourceError
 from hfmerge.hub.resolve import resolve_source
 from hfmerge.recipe import Recipe, SourceSpec
-from hfmerge.spaces.source_ref import SourceRefError, is_repo_id, parse_source_ref
+from hfmerge.source_ref import SourceRefError, is_repo_id, parse_source_ref
 
 SHA = "0123456789abcdef0123456789abcdef01234567"
 

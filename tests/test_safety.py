@@ -13,8 +13,8 @@ import pytest
 import yaml
 
 import hfmerge
-from hfmerge.checkpoint import CheckpointReader
-from hfmerge.result import check_output_folder
+from hfmerge.io.checkpoint import CheckpointReader
+from hfmerge.publish.result import check_output_folder
 from hfmerge.testing.ports import free_port
 from hfmerge.testing.tiny import image_processor, tiny_model
 from helpers import assert_one_line_error, run_cli

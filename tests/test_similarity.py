@@ -22,7 +22,7 @@ import transformers
 from safetensors.torch import load_file, save_file
 
 from hfmerge.adapters import ModelLayout, inspect_source
-from hfmerge.analysis import (
+from hfmerge.methods.gating.similarity import (
     LayerSimilarity,
     gated_keys,
     layer_similarity,
@@ -344,7 +344,7 @@ def test_blocks_follow_the_layers_in_forward_order_and_gated_keys_name_their_che
 
 def test_importing_the_analysis_loads_neither_torch_nor_transformers():
     """The gating method imports it at module level, and `hfmerge methods` must stay light (test_imports)."""
-    probe = ("import sys, hfmerge.analysis; "
+    probe = ("import sys, hfmerge.methods.gating.similarity; "
              "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'transformers'}))")
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr

@@ -243,7 +243,7 @@ def test_evaluation_section_and_plots_come_from_the_card(tmp_path):
 
 
 def test_evaluation_panel_shows_an_hfmerge_card_table_and_chart_or_the_model_index(tmp_path):
-    from hfmerge.card import EVALUATION_SVG, update_card
+    from hfmerge.publish.card import EVALUATION_SVG, update_card
     from hfmerge.eval.report import EvaluationReport, ModelEvaluation, TaskResult
 
     report = EvaluationReport(models=[

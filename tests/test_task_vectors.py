@@ -61,7 +61,7 @@ def test_task_arithmetic_with_a_headless_base_adds_task_vectors_to_the_backbone(
             torch.testing.assert_close(value, (s1[name] + s2[name]) / 2, rtol=0, atol=1e-6, msg=name)
     paired = [n for n, v in sb.items() if prefix + n in s1 and v.dtype.is_floating_point and not is_running_statistic(n)]
     assert backbone == len(paired) > 10  # every base tensor the classifier has (not ViT's pooler)
-    assert result.planned.plan.details["base_prefix"] == HEADLESS[family][1]
+    assert result.details["base_prefix"] == HEADLESS[family][1]
 
 
 def test_task_arithmetic_with_a_headless_base_and_different_label_sets_concatenates_heads(make_source, tmp_path):

@@ -44,7 +44,7 @@ def method_arguments(name: str, family: str) -> dict[str, Any]:
     one base are what task vectors are made of, and the base is a 4.x file too.
     """
     method = get_method(name)
-    if getattr(method, "needs_data", False):
+    if method.data_needs().required:
         pytest.skip(f"{name} needs data; these fixtures are weights only")
     if name == "otfusion":  # aligns neurons of the families that declare them; weight-based needs no data
         if family not in ("vit", "resnet", "mobilenet_v2", "mobilenet_v2-seg"):

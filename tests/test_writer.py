@@ -10,7 +10,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import hfmerge
-from hfmerge.engine.writer import ShardedSafetensorsWriter, TensorSlot
+from hfmerge.io.writer import ShardedSafetensorsWriter, TensorSlot
 
 
 def test_streamed_file_reads_back_exactly(tmp_path):

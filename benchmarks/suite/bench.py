@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     import datasets
     from huggingface_hub import HfApi
 
-    from hfmerge.result import MergeResult
+    from hfmerge.publish.result import MergeResult
 
 logger = logging.getLogger("benchmarks.suite")
 

@@ -134,7 +134,7 @@ def _rows_for(bench: Bench, sizes: Sizes, tasks: list[str], data: dict[str, str]
                              gate_epochs=sizes.gate_epochs, gate_fraction=sizes.gate_fraction,
                              gate_learning_rate=GATE_LEARNING_RATE)
         _collect_gating(result.evaluation, tasks, rows)
-        gate_accuracy.append(result.planned.plan.details["gate"]["accuracy"])
+        gate_accuracy.append(result.details["gate"]["accuracy"])
     scored = _TaskGiven(bench, tasks, data, labels)
     chosen = {"gate": Cell.of(gate_accuracy).text()}
     best_ta = _choose(bench, scored, "task_arithmetic", sources, repos["base"],

@@ -323,7 +323,7 @@ def merge(bench: Bench, label: str, sources: Sequence[str], method: str, **kwarg
         return Merged(error=f"{type(exc).__name__}: {exc}")
     folder = bench.work / label.replace("/", "_").replace(" ", "_")
     config = json.loads((folder / "config.json").read_text())
-    return Merged(folder, len(config["id2label"]), details=dict(result.planned.plan.details))
+    return Merged(folder, len(config["id2label"]), details=dict(result.details))
 
 
 # -- the tables ---------------------------------------------------------------------------------

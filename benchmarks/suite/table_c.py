@@ -344,7 +344,7 @@ class Runner:
                                   data=[f"{self.dataset}:train"], **params)
         self.folders[label] = result.saved_to
         if method == "clafusion" and not params.get("finetune_epochs"):
-            self.alignment = [s["mapping"] for s in result.planned.plan.details["alignment"][0]["segments"]]
+            self.alignment = [s["mapping"] for s in result.details["alignment"][0]["segments"]]
         return self.scorer.folder(result.saved_to)
 
     def fused(self, epochs: int = 0, **params: Any) -> float:

@@ -15,8 +15,8 @@ from hfmerge.adapters.base import (
 )
 from hfmerge.adapters.neurons import NeuronGroup
 from hfmerge.adapters.forward_order import forward_order
-from hfmerge.checkpoint import CheckpointReader, TensorTable
-from hfmerge.renaming import checkpoint_to_memory_names
+from hfmerge.io.checkpoint import CheckpointReader, TensorTable
+from hfmerge.io.renaming import checkpoint_to_memory_names
 from hfmerge.errors import IncompatibleModelsError, SourceError
 from hfmerge.hub.resolve import ResolvedSource
 
@@ -196,7 +196,7 @@ def inspect_source(
     """Read config and checkpoint header of ``source``; no tensor data is loaded.
 
     ``reader`` gives the checkpoint's tensors when they are known otherwise
-    (a :class:`~hfmerge.checkpoint.HeaderReader` from Hub headers);
+    (a :class:`~hfmerge.io.checkpoint.HeaderReader` from Hub headers);
     by default the weight files in ``source.path`` are opened.
 
     Raises:

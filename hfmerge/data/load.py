@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from huggingface_hub import constants as hf_constants
 
-from hfmerge.data.sources import hub_errors, open_folder, open_hub
+from hfmerge.data.reading import hub_errors, open_folder, open_hub
 from hfmerge.data.spec import DataSpec
 from hfmerge.errors import DataError
 

@@ -7,7 +7,7 @@
 
 or, in YAML, a mapping with ``dataset``, ``revision``, ``split`` and ``commit``
 (the sha a previous run resolved it to, which ``hfmerge.yaml`` pins). The
-dataset part is read as model references are (:mod:`hfmerge.spaces.source_ref`):
+dataset part is read as model references are (:mod:`hfmerge.source_ref`):
 a path that exists, or text written as a path, is a local folder even when it
 is also a valid repo id. A local folder is an image folder (flat: unlabeled;
 one subfolder per class: labeled, as ``datasets``' ``imagefolder`` reads it)
@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from hfmerge.errors import DataError
-from hfmerge.spaces.source_ref import SourceRefError, is_repo_id, parse_source_ref
+from hfmerge.source_ref import SourceRefError, is_repo_id, parse_source_ref
 
 _SPLIT = re.compile(r"^[A-Za-z0-9_][\w.\-]*$")
 _FIELDS = ("dataset", "revision", "split", "commit")

@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from hfmerge.adapters.layout import ModelLayout
-from hfmerge.checkpoint import TensorTable
+from hfmerge.io.checkpoint import TensorTable
 from hfmerge.engine.plan import MergePlan
-from hfmerge.engine.writer import ShardedSafetensorsWriter, TensorSlot
+from hfmerge.io.writer import ShardedSafetensorsWriter, TensorSlot
 from hfmerge.errors import MergeNumericError
-from hfmerge.ops import TensorRef
+from hfmerge.engine.ops import TensorRef
 
 logger = logging.getLogger(__name__)
 
@@ -27,28 +27,25 @@ def output_dtype(planned: torch.dtype, override: torch.dtype | None) -> torch.dt
 
 def execute_plan(
     plan: MergePlan,
-    models: list[ModelLayout],
+    tables: Mapping[int | str, TensorTable],
     folder: Path,
     *,
     dtype: torch.dtype | None = None,
     max_shard_size: int = 5 * 10**9,
     progress: bool = True,
-    statistics: list[TensorTable] | None = None,
 ) -> list[str]:
     """Compute every tensor of ``plan`` in float32 and write it to ``folder``.
 
     Sources are read through their memory-mapped checkpoints one tensor at a
     time; each output tensor is cast and appended to its shard as soon as it
     is computed, so peak memory is a few tensors whatever the number of
-    sources. ``statistics`` are the sources' statistics tables (data methods),
-    read the same way; plans refer to them after the models.
+    sources. ``tables`` are the models' checkpoints by index, then the tables the
+    stages made (statistics, derived or trained tensors) by name, as the plan names them.
 
     Raises:
         MergeNumericError: a tensor came out NaN or infinite (also after a cast
             to a narrower dtype).
     """
-    tables = [m.reader for m in models] + list(statistics or [])
-
     def load(ref: TensorRef) -> torch.Tensor:
         index, key = ref
         return tables[index].get(key)

@@ -15,7 +15,7 @@ import torch
 
 from hfmerge.adapters.layout import ModelLayout, TensorInfo
 from hfmerge.errors import IncompatibleModelsError
-from hfmerge.ops import Copy, MergeOp, TensorRef, normalise
+from hfmerge.engine.ops import Copy, MergeOp, TensorRef, normalise
 
 
 @dataclass(frozen=True)
@@ -99,8 +99,9 @@ class MergeContext:
     """The inspected models a method plans over.
 
     Models are indexed 0..M-1 for the sources, and M for the base model when
-    there is one, then each source's statistics (:meth:`statistics_index`);
-    :data:`TensorRef` pairs use these indices. ``heads`` is the
+    there is one; the tables the stages make are named (each source's
+    statistics :meth:`statistics_index`, a stage's table by the stage's name);
+    :data:`TensorRef` pairs use these indices and names. ``heads`` is the
     recipe's head policy (``None``: the method's automatic choice, see
     :mod:`hfmerge.methods.heads`); ``seed`` seeds methods that draw random numbers.
     """
@@ -135,21 +136,13 @@ class MergeContext:
     def models(self) -> list[ModelLayout]:
         return self.sources + ([self.base] if self.base is not None else [])
 
-    def statistics_index(self, source: int) -> int:
-        """The table index of source ``source``'s statistics in a :data:`~hfmerge.ops.TensorRef`.
+    def statistics_index(self, source: int) -> str:
+        """The table of source ``source``'s statistics in a :data:`~hfmerge.engine.ops.TensorRef`.
 
-        Statistics tables follow the models: a plan names ``(statistics_index(i), "gram/<module>")``
-        before the statistics exist, and the engine reads them once the statistics stage has run.
+        A plan names ``(statistics_index(i), "gram/<module>")`` before the statistics exist, and the engine
+        reads them once the statistics stage (:class:`~hfmerge.methods.stages.Statistics`) has run.
         """
-        return len(self.models) + source
-
-    DERIVED_TABLE = -1
-    """The :data:`~hfmerge.ops.TensorRef` index of the tensors a method derives before the merge
-    (:meth:`~hfmerge.methods.base.MergeMethod.derive`): the last table."""
-
-    TRAINED_TABLE = -1
-    """The :data:`~hfmerge.ops.TensorRef` index of the tensors a method trains before the merge
-    (:meth:`~hfmerge.methods.base.MergeMethod.train`): the last table, after the statistics."""
+        return f"statistics/{source}"
 
     def normalised_weights(self) -> tuple[float, ...]:
         """The recipe's weights normalised to sum to one; uniform when none were given."""

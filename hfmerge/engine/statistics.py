@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from hfmerge.checkpoint import CheckpointReader
+from hfmerge.io.checkpoint import CheckpointReader
 from hfmerge.errors import SourceError, StatisticsError
 
 if TYPE_CHECKING:

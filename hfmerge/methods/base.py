@@ -4,22 +4,23 @@ A method declares its name, the paper it comes from, its parameters with
 defaults and ranges, and what it needs (a base model, an anchor, weights).
 Its :meth:`MergeMethod.plan` turns inspected sources into a list of
 :class:`~hfmerge.engine.plan.TensorPlan` — pure decisions, no I/O; the engine
-then streams the tensors through the plan's operations.
+then streams the tensors through the plan's operations. Whatever else it
+needs (data, training, derived tensors, comparison rows) it declares once as
+stages (:meth:`MergeMethod.stages`, :mod:`hfmerge.methods.stages`).
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from hfmerge.errors import RecipeError
+from hfmerge.methods.stages import DataNeeds, Stage, data_needs
 
 if TYPE_CHECKING:
     from hfmerge.adapters.layout import ModelLayout
     from hfmerge.engine.plan import MergeContext, MergePlan
-    from hfmerge.engine.statistics import StatisticsRequest
-    from hfmerge.ops import Loader
 
 
 HEAD_POLICIES = ("concat", "average", "anchor")
@@ -33,77 +34,6 @@ TASK_VECTOR_CARD_NOTES = (
     " 'average': 'averaged over the sources', 'anchor': 'kept from the anchor'}[details.heads] }}.{% endif %}"
 )
 """The card sentences every task-vector method ends its ``card_template`` with."""
-
-
-@dataclass(frozen=True)
-class FineTuning:
-    """A training step a method asks for after the merge (the pipeline's post-train stage).
-
-    ``label_maps`` says, per source, where its labels land in the merged
-    model: ``{source label index: merged label index}``; each source's data is
-    read with its own labels and mapped through it. The other fields are the
-    training options (:class:`hfmerge.train.TrainOptions`).
-    """
-
-    label_maps: tuple[dict[int, int], ...]
-    epochs: int
-    learning_rate: float
-    batch_size: int
-    patience: int
-    samples: int | None = None
-    teacher: int | None = None
-    """Distil from this source while training (Hinton et al. 2015): its softened predictions join the labels."""
-    temperature: float = 1.0
-    """The distillation's softmax temperature T."""
-    distill_weight: float = 0.0
-    """γ: the loss is (1 − γ)·cross-entropy + γ·T²·KL(teacher_T ‖ student_T)."""
-
-
-@dataclass(frozen=True)
-class GateTraining:
-    """A gate network the training stage fine-tunes before the merge (vit-gating-merge §3.2).
-
-    ``gate`` is the role of the gate model in ``ctx.auxiliary``; it gets a head of one output per
-    source and learns which source's data an image comes from, on at most ``fraction`` of each
-    source's data (the rest measures it), with the other fields as training options.
-    """
-
-    gate: str
-    fraction: float
-    epochs: int
-    learning_rate: float
-    batch_size: int
-
-
-@dataclass
-class Derived:
-    """What a method's derive stage computed before the merge: tensors the plan reads, facts for the card.
-
-    ``tensors`` become the last table (:attr:`~hfmerge.engine.plan.MergeContext.DERIVED_TABLE`);
-    ``details`` are added to the plan's details.
-    """
-
-    tensors: dict[str, Any]
-    details: dict[str, Any]
-    files: dict[str, str | bytes] = field(default_factory=dict)
-    """Files for the output folder (pictures the card shows), added to the plan's output declaration."""
-
-
-@dataclass(frozen=True)
-class Comparison:
-    """Another merge of the same sources that the evaluation shows beside this one (a paper's comparison rows).
-
-    ``parameters`` replace the merge's own; the plan is made again with them and executed from the same
-    sources, statistics and trained tensors.
-
-    ``task_given``: each task's images go through the classifier (and gated layers) of the source of
-    that task, as the paper's baselines select the classifier by hand; the i-th evaluation dataset is
-    the i-th source's task.
-    """
-
-    name: str
-    parameters: dict[str, Any]
-    task_given: bool = False
 
 
 @dataclass(frozen=True)
@@ -162,16 +92,6 @@ class MergeMethod(ABC):
     uses_weights: ClassVar[bool] = False
     uses_seed: ClassVar[bool] = False
     min_sources: ClassVar[int] = 2
-    needs_data: ClassVar[bool] = False
-    """The method reads data of each source (``--data``), e.g. for statistics; without it, it cannot run."""
-    data_use: ClassVar[str] = "to compute its statistics"
-    """What the data is for, in the message that asks for it."""
-    data_per_source: ClassVar[bool] = False
-    """Each source needs its own dataset (``--data`` once per source): one dataset for all is refused."""
-    uses_data: ClassVar[bool] = False
-    """Data is optional: the method does more with it (fusion fine-tunes) and runs without it."""
-    data_requirement: ClassVar[str] = "optional"
-    """How ``hfmerge methods`` describes optional data (e.g. which parameter values need it)."""
     card_template: ClassVar[str] = ""
     """The method's own paragraph of the model card: a Jinja snippet rendered with
     ``details`` (the plan's details), ``parameters``, ``base`` and ``sources``.
@@ -197,21 +117,21 @@ class MergeMethod(ABC):
     def plan(self, ctx: MergeContext) -> MergePlan:
         """Decide, for every output tensor, which inputs it comes from and how."""
 
-    def statistics(self, ctx: MergeContext) -> StatisticsRequest | None:
-        """What the statistics stage must collect on each source's data; ``None``: no data pass.
+    def stages(self, ctx: MergeContext) -> list[Stage]:
+        """What the method asks of the pipeline besides its plan, in order (:mod:`hfmerge.methods.stages`); none by default.
 
-        The plan refers to these statistics by key (``gram/<module>``...) through
-        :meth:`~hfmerge.engine.plan.MergeContext.statistics_index`; they are
-        computed after planning, so ``--dry-run`` can show the plan without them.
+        Read only ``ctx.params``, ``ctx.evaluating`` and ``ctx.base`` here: the stages are also declared before
+        any model is inspected, to check the recipe's data (:meth:`data_needs`). What depends on the models is
+        a function of the context that the stage calls when it is resolved, after planning.
         """
-        return None
+        return []
 
-    def source_statistics(self, ctx: MergeContext, index: int) -> StatisticsRequest | None:
-        """What to collect on source ``index``'s data; by default :meth:`statistics`, the same for every source.
+    def data_needs(self, parameters: dict[str, Any] | None = None, *, evaluating: bool = False) -> DataNeeds:
+        """What the stages need of ``--data`` for these (validated) parameters; the defaults when none are given."""
+        from hfmerge.engine.plan import MergeContext
 
-        A method over sources of different shapes (CLAFusion: different depths) asks each for its own modules.
-        """
-        return self.statistics(ctx)
+        params = self.validate_parameters({}) if parameters is None else parameters
+        return data_needs(self.stages(MergeContext([], params=params, evaluating=evaluating)))
 
     def choose_anchor(self, layouts: list[ModelLayout], parameters: dict[str, Any]) -> tuple[int, str] | None:
         """The anchor (the target model) the method needs, and why, when ``--anchor`` names none; ``None``: the default."""
@@ -221,22 +141,6 @@ class MergeMethod(ABC):
         """Lines the dry run prints about the method's own decisions (indented by two spaces); none by default."""
         return []
 
-    def samples(self, parameters: dict[str, Any]) -> int | None:
-        """How many samples of each source's data the statistics stage reads (``None``: all)."""
-        return parameters.get("samples")
-
-    def labeled(self, parameters: dict[str, Any]) -> bool:
-        """Whether the data must have labels (true labels for the statistics, or fine-tuning)."""
-        return False
-
-    def fine_tuning(self, ctx: MergeContext, plan: MergePlan) -> FineTuning | None:
-        """The post-merge training step, or ``None`` (the default: the merge is the result)."""
-        return None
-
-    def comparisons(self, ctx: MergeContext) -> list[Comparison]:
-        """Other merges of the same sources to evaluate beside this one when evaluation data is given; none by default."""
-        return []
-
     def auxiliary_models(self, parameters: dict[str, Any]) -> dict[str, str]:
         """Models besides the sources, by role -> repo id or folder (gating's gate network); none by default.
 
@@ -244,34 +148,6 @@ class MergeMethod(ABC):
         fails before any data is read; the plan finds them in ``ctx.auxiliary``.
         """
         return {}
-
-    def analyse(self, ctx: MergeContext) -> dict[str, Any] | None:
-        """The analysis stage: facts read from the sources' weights before planning, or ``None`` (none needed).
-
-        Runs before :meth:`plan`, which finds the result in ``ctx.analysis``;
-        it must stream tensors (memory flat in the number of sources). A dry run
-        over Hub sources skips it (``ctx.analysis`` stays ``None``).
-        """
-        return None
-
-    def derive(self, ctx: MergeContext, load: Loader) -> Derived | None:
-        """The derive stage: tensors computed from weights and statistics after the data stages, before the merge.
-
-        ``load`` reads any table the plan may name (the models, then their statistics). The result's
-        tensors are the last table, which the plan named as
-        :attr:`~hfmerge.engine.plan.MergeContext.DERIVED_TABLE` (OTFusion's transport maps, computed once
-        per neuron group and read by every tensor of the group). Runs in the main process only; a dry
-        run never runs it. ``None`` (the default): nothing to derive.
-        """
-        return None
-
-    def gate_training(self, ctx: MergeContext) -> GateTraining | None:
-        """A gate network to train before the merge (the training stage), or ``None`` (the default).
-
-        The trained gate's tensors are a table the plan copies from
-        (:attr:`~hfmerge.engine.plan.MergeContext.TRAINED_TABLE`).
-        """
-        return None
 
 
 _REGISTRY: dict[str, MergeMethod] = {}

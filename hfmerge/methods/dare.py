@@ -61,7 +61,7 @@ class Dare(MergeMethod):
 
     def plan(self, ctx: MergeContext) -> MergePlan:
         from hfmerge.methods.task_vectors import plan_task_vectors
-        from hfmerge.ops import DisjointMerge
+        from hfmerge.engine.ops import DisjointMerge
 
         drop_rate, sign, scale = float(ctx.params["drop_rate"]), str(ctx.params["sign"]), float(ctx.params["lambda"])
         seed = ctx.seed or 0

@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING, Any
 
 from hfmerge.errors import IncompatibleModelsError
 from hfmerge.methods.base import MergeMethod, ParamSpec, register_method
+from hfmerge.methods.stages import Stage, Statistics
 
 if TYPE_CHECKING:
     from hfmerge.engine.plan import MergeContext, MergePlan
@@ -31,7 +32,6 @@ class Fisher(MergeMethod):
     reference = "Matena & Raffel, Merging Models with Fisher-Weighted Averaging, NeurIPS 2022"
     reference_url = "https://arxiv.org/abs/2111.09832"
     uses_weights = True
-    needs_data = True
     min_sources = 1  # one source merges to itself: a check of the statistics, as the paper's Eq. 2 implies
     parameters = (
         ParamSpec("samples", int, 256, "images of each source's data to estimate its Fisher on", minimum=1),
@@ -54,9 +54,6 @@ integer buffers are the anchor's\
 policy: stacked into one head over the union of the {{ details.num_labels }} labels\
 {%- elif details.heads == 'anchor' %}; the classifier head and labels are the anchor's{% endif %}."""
 
-    def labeled(self, parameters: dict[str, Any]) -> bool:
-        return bool(parameters.get("empirical"))
-
     def _fisher_names(self, ctx: MergeContext, merged_heads: bool) -> list[str]:
         """Parameters (not buffers) of the anchor that are Fisher-weighted."""
         parameters = ctx.anchor.parameter_names
@@ -68,7 +65,12 @@ policy: stacked into one head over the union of the {{ details.num_labels }} lab
 
         return head_policy(ctx) == "average"
 
-    def statistics(self, ctx: MergeContext) -> StatisticsRequest:
+    def stages(self, ctx: MergeContext) -> list[Stage]:
+        """The diagonal Fisher of each source on its own data (true labels with ``empirical``)."""
+        return [Statistics(lambda ctx, i: self._request(ctx), samples=ctx.params.get("samples"),
+                           batch_size=int(ctx.params.get("batch_size") or 32), labeled=bool(ctx.params.get("empirical")))]
+
+    def _request(self, ctx: MergeContext) -> StatisticsRequest:
         from hfmerge.engine.statistics import StatisticsRequest
 
         return StatisticsRequest(
@@ -79,7 +81,7 @@ policy: stacked into one head over the union of the {{ details.num_labels }} lab
     def plan(self, ctx: MergeContext) -> MergePlan:
         from hfmerge.engine.plan import MergePlan, require_all_shared
         from hfmerge.methods.heads import head_policy, plan_heads
-        from hfmerge.ops import FisherWeighted, LinearCombination
+        from hfmerge.engine.ops import FisherWeighted, LinearCombination
 
         if ctx.anchor.task != "image-classification":
             raise IncompatibleModelsError(

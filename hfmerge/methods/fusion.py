@@ -5,7 +5,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from hfmerge.errors import IncompatibleModelsError
-from hfmerge.methods.base import FineTuning, MergeMethod, ParamSpec, register_method
+from hfmerge.methods.base import MergeMethod, ParamSpec, register_method
+from hfmerge.methods.stages import FineTune, FineTuning, Stage
 
 if TYPE_CHECKING:
     from hfmerge.engine.plan import MergeContext, MergePlan
@@ -36,7 +37,6 @@ class Fusion(MergeMethod):
     reference = "Guo & Zhang, Parameter Fusion: Efficient Multi-Domain Classification Through Feature Extractor Averaging and Classifier Concatenation"
     reference_url = ""  # no stable URL is known: cards and `hfmerge methods` give the title alone
     uses_weights = True
-    uses_data = True
     parameters = (
         ParamSpec("finetune_epochs", int, 3, "epochs of fine-tuning on the sources' combined data (with --data)",
                   minimum=0, needs_data=True),
@@ -67,7 +67,7 @@ and `finetune_epochs` above 0{% endif %}): this is the fused model before fine-t
     def plan(self, ctx: MergeContext) -> MergePlan:
         from hfmerge.engine.plan import MergePlan
         from hfmerge.methods.heads import plan_heads
-        from hfmerge.ops import LinearCombination
+        from hfmerge.engine.ops import LinearCombination
 
         anchor = ctx.anchor
         if ctx.heads not in (None, "concat"):
@@ -102,9 +102,12 @@ and `finetune_epochs` above 0{% endif %}): this is the fused model before fine-t
         return MergePlan(entries, config_updates=head_plan.config_updates,
                          details={"weights": list(weights), **head_plan.details})
 
-    def fine_tuning(self, ctx: MergeContext, plan: MergePlan) -> FineTuning | None:
+    def stages(self, ctx: MergeContext) -> list[Stage]:
+        return [FineTune(self._fine_tuning)]
+
+    def _fine_tuning(self, ctx: MergeContext) -> FineTuning | None:
         """Fine-tune on every source's data, its label j landing at j + (labels of the sources before it)."""
-        if not ctx.data or int(ctx.params["finetune_epochs"]) == 0:
+        if int(ctx.params["finetune_epochs"]) == 0:
             return None
         maps = []
         offset = 0
@@ -116,9 +119,3 @@ and `finetune_epochs` above 0{% endif %}): this is the fused model before fine-t
             learning_rate=float(ctx.params["learning_rate"]), batch_size=int(ctx.params["batch_size"]),
             patience=int(ctx.params["patience"]), samples=int(ctx.params["samples"]) or None,
         )
-
-    def labeled(self, parameters: dict) -> bool:  # type: ignore[type-arg]
-        return True
-
-    def samples(self, parameters: dict) -> int | None:  # type: ignore[type-arg]
-        return int(parameters.get("samples") or 0) or None

@@ -28,9 +28,9 @@ from typing import Any
 from hfmerge.adapters.layout import ModelLayout
 from hfmerge.engine.plan import MergeContext, TensorPlan
 from hfmerge.errors import IncompatibleModelsError
-from hfmerge.labels import distinct_prefixes, union_label_names
+from hfmerge.methods.labels import distinct_prefixes, union_label_names
 from hfmerge.methods.base import HEAD_POLICIES
-from hfmerge.ops import ConcatHeads, Copy, LinearCombination
+from hfmerge.engine.ops import ConcatHeads, Copy, LinearCombination
 
 __all__ = ["HEAD_POLICIES", "HeadsPlan", "head_policy", "labels_agree", "plan_heads", "source_prefixes", "union_labels"]
 

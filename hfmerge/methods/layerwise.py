@@ -84,10 +84,13 @@ architecture) {{ {'anchor': "are the anchor's", 'concat': 'are concatenated into
 | {{ row.layer }} | `{{ row.module }}` | {{ "%.4f" | format(row.anchor) }} | {{ "%.4f" | format(row.each_other) }} |
 {% endfor %}"""
 
+    def describe_plan(self, ctx: MergeContext, plan: MergePlan) -> list[str]:
+        return [f"shared layers Np = {plan.details['shared_layers']}"]
+
     def plan(self, ctx: MergeContext) -> MergePlan:
         from hfmerge.engine.plan import MergePlan
         from hfmerge.methods.heads import head_policy, plan_heads
-        from hfmerge.ops import Copy, LinearCombination
+        from hfmerge.engine.ops import Copy, LinearCombination
 
         anchor = ctx.anchor
         # An explicit --heads takes the classifier heads out of the numbering, shared or not.

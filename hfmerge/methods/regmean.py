@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 from hfmerge.errors import IncompatibleModelsError
 from hfmerge.methods.base import MergeMethod, ParamSpec, register_method
+from hfmerge.methods.stages import Stage, Statistics
 
 if TYPE_CHECKING:
     import torch
@@ -38,7 +39,7 @@ def regmean_linear(weights: Sequence[torch.Tensor], grams: Sequence[torch.Tensor
     """
     import torch
 
-    from hfmerge.ops import regularised_sum_of_grams, solve_gram_system
+    from hfmerge.engine.ops import regularised_sum_of_grams, solve_gram_system
 
     if len(weights) != len(grams) or not weights:
         raise ValueError(f"regmean_linear needs one Gram matrix per weight, got {len(weights)} and {len(grams)}")
@@ -47,6 +48,25 @@ def regmean_linear(weights: Sequence[torch.Tensor], grams: Sequence[torch.Tensor
     total, scaled = regularised_sum_of_grams(grams, alpha)
     rhs = sum(g @ w.to(torch.float64).T for g, w in zip(scaled, weights))
     return solve_gram_system(total, rhs).T.to(torch.float32).contiguous()
+
+
+def linear_groups(ctx: MergeContext) -> list[tuple[str, ...]]:
+    """The groups of shared, non-head linear layers, as (module, ...) sharing one input (so one Gram matrix)."""
+    anchor = ctx.anchor
+    heads = {info.module for info in anchor.head_tensors}
+    groups = []
+    for group in anchor.linear_groups:
+        kept = tuple(m for m in group if m not in heads and ctx.is_shared(f"{m}.weight"))
+        if kept:
+            groups.append(kept)
+    return groups
+
+
+def gram_request(groups: Sequence[tuple[str, ...]]) -> StatisticsRequest | None:
+    """The statistics RegMean reads: the Gram matrix of each group's input (``None``: no group)."""
+    from hfmerge.engine.statistics import StatisticsRequest
+
+    return StatisticsRequest(grams=tuple(group[0] for group in groups)) if groups else None
 
 
 @register_method
@@ -66,7 +86,6 @@ class RegMean(MergeMethod):
     reference = "Jin et al., Dataless Knowledge Fusion by Merging Weights of Language Models, ICLR 2023"
     reference_url = "https://arxiv.org/abs/2212.09849"
     uses_weights = False
-    needs_data = True
     parameters = (
         ParamSpec("alpha", float, 0.9, "scale of the Gram matrices' off-diagonal entries (regularisation)",
                   minimum=0.0, maximum=1.0),
@@ -89,33 +108,21 @@ head over the union of the {{ details.num_labels }} labels
 {%- elif details.heads == 'anchor' %}; the classifier head and labels are the anchor's
 {%- else %}, classifier heads included{% endif %}."""
 
-    def statistics(self, ctx: MergeContext) -> StatisticsRequest:
-        from hfmerge.engine.statistics import StatisticsRequest
-
-        return StatisticsRequest(grams=tuple(group[0] for group in self._groups(ctx)))
-
-    def _groups(self, ctx: MergeContext) -> list[tuple[str, ...]]:
-        """The groups of shared, non-head linear layers, as (module, ...) sharing one input."""
-        anchor = ctx.anchor
-        heads = {info.module for info in anchor.head_tensors}
-        groups = []
-        for group in anchor.linear_groups:
-            kept = tuple(m for m in group if m not in heads and ctx.is_shared(f"{m}.weight"))
-            if kept:
-                groups.append(kept)
-        return groups
+    def stages(self, ctx: MergeContext) -> list[Stage]:
+        return [Statistics(lambda ctx, i: gram_request(linear_groups(ctx)), samples=ctx.params.get("samples"),
+                           batch_size=int(ctx.params.get("batch_size") or 32))]
 
     def plan(self, ctx: MergeContext) -> MergePlan:
         from hfmerge.engine.plan import MergePlan, require_all_shared
         from hfmerge.methods.heads import head_policy, plan_heads
-        from hfmerge.ops import LinearCombination, RegMeanLinear
+        from hfmerge.engine.ops import LinearCombination, RegMeanLinear
 
         heads = [info.name for info in ctx.anchor.head_tensors]
         require_all_shared(ctx, self.name, except_names=heads)
         head_plan = plan_heads(ctx, heads, head_policy(ctx))
         by_name = {entry.name: entry for entry in head_plan.entries}
         alpha = float(ctx.params["alpha"])
-        for group in self._groups(ctx):
+        for group in linear_groups(ctx):
             grams = tuple((ctx.statistics_index(i), f"gram/{group[0]}") for i in range(len(ctx.sources)))
             for module in group:
                 info = ctx.anchor.tensors[f"{module}.weight"]
@@ -125,7 +132,7 @@ head over the union of the {{ details.num_labels }} labels
             by_name.get(name) or ctx.plan_entry(info, LinearCombination(ctx.refs(name), uniform))
             for name, info in ctx.anchor.tensors.items()
         ]
-        layers = sum(len(g) for g in self._groups(ctx))
+        layers = sum(len(g) for g in linear_groups(ctx))
         if layers == 0:
             raise IncompatibleModelsError(
                 f"regmean solves linear layers, and {ctx.anchor.source.short_name} ({ctx.anchor.architecture}) has "

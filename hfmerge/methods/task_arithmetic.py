@@ -38,7 +38,7 @@ class TaskArithmetic(MergeMethod):
 
     def plan(self, ctx: MergeContext) -> MergePlan:
         from hfmerge.methods.task_vectors import plan_task_vectors
-        from hfmerge.ops import TaskArithmetic as TaskArithmeticOp
+        from hfmerge.engine.ops import TaskArithmetic as TaskArithmeticOp
 
         scale = float(ctx.params["lambda"])
         return plan_task_vectors(

@@ -31,7 +31,7 @@ from hfmerge.adapters.layout import ModelLayout, TensorInfo
 from hfmerge.engine.plan import MergeContext, MergePlan, TensorPlan, require_all_shared
 from hfmerge.errors import IncompatibleModelsError, RecipeError
 from hfmerge.methods.heads import head_policy, labels_agree, plan_heads
-from hfmerge.ops import Copy, LinearCombination, MergeOp, TensorRef
+from hfmerge.engine.ops import Copy, LinearCombination, MergeOp, TensorRef
 
 RUNNING_STATISTICS = ("running_mean", "running_var")
 

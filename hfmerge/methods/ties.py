@@ -46,7 +46,7 @@ class Ties(MergeMethod):
 
     def plan(self, ctx: MergeContext) -> MergePlan:
         from hfmerge.methods.task_vectors import plan_task_vectors
-        from hfmerge.ops import DisjointMerge
+        from hfmerge.engine.ops import DisjointMerge
 
         density, scale = float(ctx.params["density"]), float(ctx.params["lambda"])
         return plan_task_vectors(

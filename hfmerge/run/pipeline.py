@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import re
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -13,18 +12,18 @@ from typing import Any
 import torch
 
 from hfmerge.adapters import ModelLayout, inspect_source
-from hfmerge.checkpoint import HeaderReader, weight_files
-from hfmerge.engine.execute import execute_plan
+from hfmerge.io.checkpoint import HeaderReader, weight_files
 from hfmerge.engine.plan import MergeContext, MergePlan, TensorPlan
-from hfmerge.stages import fine_tune, run_statistics
+from hfmerge.methods.stages import Analyse, Compare, Phase, Stage
+from hfmerge.run.stages import Evaluate, Materialise, PipelineRun, run_stage
 from hfmerge.errors import IncompatibleModelsError, RecipeError
-from hfmerge.hub.publish import check_push_access
+from hfmerge.publish.hub import check_push_access
 from hfmerge.hub.resolve import ResolvedSource, resolve_source, safetensors_header
 from hfmerge.methods import MergeMethod, get_method
-from hfmerge.planned import PlannedMerge
-from hfmerge.ops import Copy
+from hfmerge.run.planned import PlannedMerge
+from hfmerge.engine.ops import Copy
 from hfmerge.recipe import Recipe, SourceSpec, parse_size
-from hfmerge.result import MergeResult, check_output_folder, output_config, write_metadata, write_model_files
+from hfmerge.publish.result import MergeResult, check_output_folder, write_metadata
 
 logger = logging.getLogger(__name__)
 
@@ -88,13 +87,15 @@ def plan_merge(recipe: Recipe, *, token: str | bool | None = None, metadata_only
             raise IncompatibleModelsError(
                 f"{layout.source.name} shares no parameter with {context.anchor.source.name}; nothing can be merged"
             )
-    if not any(isinstance(layout.reader, HeaderReader) for layout in layouts):
-        started = time.perf_counter()
-        context.analysis = method.analyse(context)
-        if context.analysis is not None:
-            logger.info("analysis stage: %.1f s", time.perf_counter() - started)
+    declared = method.stages(context)
+    if not any(isinstance(layout.reader, HeaderReader) for layout in layouts):  # a dry run over Hub sources cannot
+        for stage in (s for s in declared if isinstance(s, Analyse)):
+            started = time.perf_counter()
+            context.analysis = stage.analyse(context)
+            logger.info("%s stage: %.1f s", stage.name, time.perf_counter() - started)
     plan = method.plan(context)
-    given = [c.name for c in (method.comparisons(context) if recipe.eval_data else []) if c.task_given]
+    stages = [s for s in (stage.resolve(context) for stage in declared if stage.phase > Phase.ANALYSE) if s]
+    given = [c.name for stage in stages if isinstance(stage, Compare) for c in stage.comparisons if c.task_given]
     if given and len(recipe.eval_data) != len(layouts):
         raise RecipeError(
             f"the evaluation's '{given[0]}' row gives each task's images to its own source: give one --eval-data "
@@ -103,7 +104,7 @@ def plan_merge(recipe: Recipe, *, token: str | bool | None = None, metadata_only
         )
     if plan.output is None:  # an output model of the method's own has no use for the anchor's leftovers
         carry_ignored_tensors(plan, context)
-    return PlannedMerge(recipe, method, sources, base, context, plan, anchor_reason)
+    return PlannedMerge(recipe, method, sources, base, context, plan, anchor_reason, stages)
 
 
 _TRAINER_CHECKPOINT = re.compile(r"checkpoint-(\d+)")
@@ -182,12 +183,12 @@ def run_recipe(
     """Plan and execute ``recipe``; save it to ``recipe.output`` and push it to ``recipe.push_to_hub`` if set.
 
     Both destinations are checked before any source is downloaded: the output
-    folder may be replaced (see :func:`~hfmerge.result.check_output_folder`;
+    folder may be replaced (see :func:`~hfmerge.publish.result.check_output_folder`;
     ``overwrite`` as ``--overwrite``), and the token may write to the Hub repo.
     The result is saved first, then pushed in one commit.
 
     A method that reads data runs the data stages around the merge
-    (:mod:`hfmerge.stages`): statistics on each source's data before
+    (:mod:`hfmerge.run.stages`): statistics on each source's data before
     it, training after it; a method may then derive tensors from the weights
     and statistics before the merge (OTFusion's transport maps,
     :meth:`~hfmerge.methods.base.MergeMethod.derive`); ``recipe.eval_data`` adds an evaluation whose
@@ -214,54 +215,12 @@ def run_recipe(
     started_group = not _distributed_initialised()
     accelerator = _accelerator_for(planned)
     try:
-        return _run_stages(planned, accelerator, staging_parent=staging_parent, overwrite=overwrite, token=token,
-                           progress=progress)
+        result = _run_stages(planned, accelerator, staging_parent=staging_parent, token=token, progress=progress)
     finally:
         if accelerator is not None and started_group and _distributed_initialised():
             _end_process_group(accelerator)
-
-
-def _run_stages(
-    planned: PlannedMerge, accelerator: Any, *, staging_parent: Path | None, overwrite: bool,
-    token: str | bool | None, progress: bool,
-) -> MergeResult:
-    recipe = planned.recipe
-    statistics, data_uses = None, []
-    if planned.method.statistics(planned.context) is not None:
-        started = time.perf_counter()
-        statistics, data_uses = run_statistics(planned, accelerator=accelerator, token=token, progress=progress)
-        logger.info("statistics stage: %.1f s", time.perf_counter() - started)
-    gate = planned.method.gate_training(planned.context)
-    if gate is not None:
-        from hfmerge.stages import train_gate
-
-        started = time.perf_counter()
-        trained = train_gate(planned, gate, accelerator=accelerator, token=token, progress=progress)
-        statistics = [*(statistics or []), trained]  # the last table: MergeContext.TRAINED_TABLE
-        logger.info("training stage: %.1f s", time.perf_counter() - started)
-    if accelerator is not None and not accelerator.is_main_process:
-        _follow_main_process(planned, accelerator, token=token, progress=progress)
+    if result is None:
         return None  # type: ignore[return-value]  # only the main process writes (see the docstring)
-    derived = _derive(planned, statistics)
-    if derived is not None:
-        statistics = [*(statistics or []), derived]  # the last table: MergeContext.DERIVED_TABLE
-    compare = bool(recipe.eval_data) and bool(planned.method.comparisons(planned.context))
-    tables = [*(layout.reader for layout in planned.context.models), *(statistics or [])]
-    try:
-        result = _execute_into_staging(planned, staging_parent=staging_parent, progress=progress,
-                                       statistics=statistics, accelerator=accelerator, token=token,
-                                       close_tables=not compare)
-        result.data_uses = data_uses
-        if recipe.eval_data:
-            from hfmerge.stages import evaluate_merge
-
-            started = time.perf_counter()
-            result.evaluation = evaluate_merge(result, recipe.eval_data, token=token, progress=progress,
-                                               statistics=statistics if compare else None)
-            logger.info("evaluation stage: %.1f s", time.perf_counter() - started)
-    finally:
-        for table in tables:
-            table.close()
     write_metadata(result)
     if recipe.output:
         result.save(recipe.output, overwrite=overwrite)
@@ -270,30 +229,37 @@ def _run_stages(
     return result
 
 
-def _derive(planned: PlannedMerge, statistics: list[Any] | None) -> Any:
-    """Run the method's derive stage over the models and statistics; its tensors as a table, or ``None``."""
-    from hfmerge.checkpoint import MemoryTable
+def _run_stages(planned: PlannedMerge, accelerator: Any, *, staging_parent: Path | None,
+                token: str | bool | None, progress: bool) -> MergeResult | None:
+    """The loop: every stage of the merge in its phase, the method's and the pipeline's own (merge, evaluation).
 
-    tables = [*(layout.reader for layout in planned.context.models), *(statistics or [])]
-    started = time.perf_counter()
-    derived = planned.method.derive(planned.context, lambda ref: tables[ref[0]].get(ref[1]))
-    if derived is None:
-        return None
-    planned.plan.details.update(derived.details)
-    if derived.files and planned.plan.output is not None:
-        planned.plan.output.files.update(derived.files)
-    logger.info("derive stage (%s): %.1f s", planned.method.name, time.perf_counter() - started)
-    return MemoryTable(derived.tensors, label=f"what {planned.method.name} derived")
+    Under ``accelerate launch``, the processes other than the main one run only the stages that every
+    process runs (data and training), and return ``None``.
+    """
+    run = PipelineRun(planned, accelerator, token, progress, staging_parent=staging_parent)
+    if planned.context.analysis is not None:  # the analysis ran before the plan, which read it
+        run.record.results[Analyse.name] = planned.context.analysis
+    own: list[Stage] = [Materialise(), *([Evaluate()] if planned.recipe.eval_data else [])]
+    steps = sorted([*planned.stages, *own], key=lambda stage: stage.phase)  # stable: each phase in declared order
+    try:
+        for stage in steps:
+            if run.is_main_process or stage.all_processes:
+                run_stage(stage, run)
+    except BaseException:
+        if run.result is None and run.staging is not None:
+            shutil.rmtree(run.staging, ignore_errors=True)
+        raise
+    finally:
+        run.close_tables()
+    return run.result if run.is_main_process else None
 
 
 def _accelerator_for(planned: PlannedMerge) -> Any:
-    """One :class:`accelerate.Accelerator` for the data stages, or ``None`` when the method has none.
+    """One :class:`accelerate.Accelerator` for the stages that every process runs, or ``None`` when there is none.
 
     A method that reads no data never imports accelerate, and merges exactly as before.
     """
-    method = planned.method
-    if (method.statistics(planned.context) is None and method.fine_tuning(planned.context, planned.plan) is None
-            and method.gate_training(planned.context) is None):
+    if not any(stage.all_processes for stage in planned.stages):
         return None
     from hfmerge.train import TrainOptions
     from hfmerge.train.loop import new_accelerator
@@ -319,62 +285,6 @@ def _end_process_group(accelerator: Any) -> None:
 
     accelerator.end_training()
     AcceleratorState._reset_state(reset_partial_state=True)  # a later merge in this process starts afresh
-
-
-def _follow_main_process(planned: PlannedMerge, accelerator: Any, *, token: str | bool | None, progress: bool) -> None:
-    """A process other than the main one: take part in the fine-tuning, then stop; the main process writes."""
-    from accelerate.utils import broadcast_object_list
-
-    if planned.method.fine_tuning(planned.context, planned.plan) is None:
-        return
-    folder = [None]
-    broadcast_object_list(folder)  # the main process's staging folder, where the merged model is
-    fine_tune(planned, Path(folder[0]), accelerator=accelerator, token=token, progress=False)  # type: ignore[arg-type]
-
-
-def _execute_into_staging(
-    planned: PlannedMerge, *, staging_parent: Path | None, progress: bool, statistics: list[Any] | None = None,
-    accelerator: Any = None, token: str | bool | None = None, close_tables: bool = True,
-) -> MergeResult:
-    """Execute a plan into a staging folder with config and processor; fine-tune it if the method asks.
-
-    The card and ``hfmerge.yaml`` are written by the caller (:func:`~hfmerge.result.write_metadata`),
-    once the evaluation, if any, is known.
-    """
-    recipe = planned.recipe
-    staging = Path(tempfile.mkdtemp(prefix=".hfmerge-staging-", dir=staging_parent))
-    try:
-        started = time.perf_counter()
-        dtype = getattr(torch, recipe.dtype) if recipe.dtype else None
-        execute_plan(
-            planned.plan,
-            planned.context.models,
-            staging,
-            dtype=dtype,
-            max_shard_size=parse_size(recipe.max_shard_size),
-            progress=progress,
-            statistics=statistics,
-        )
-        if close_tables:  # every tensor is written: let go of the memory maps (unless comparisons will read them)
-            for table in [*(layout.reader for layout in planned.context.models), *(statistics or [])]:
-                table.close()
-        logger.info("merged %d tensors in %.1f s", len(planned.plan.tensors), time.perf_counter() - started)
-        config = output_config(planned, dtype)
-        write_model_files(planned, planned.plan, config, staging)
-        result = MergeResult(planned=planned, staging=staging, config=config)
-        if accelerator is not None and planned.method.fine_tuning(planned.context, planned.plan) is not None:
-            from accelerate.utils import broadcast_object_list
-
-            broadcast_object_list([str(staging)])  # the other processes train the same model with us
-            started = time.perf_counter()
-            tuned = fine_tune(planned, staging, accelerator=accelerator, token=token, progress=progress)
-            if tuned is not None:
-                planned.plan.details["finetuning"] = tuned.card_facts()
-                logger.info("post-train stage: %.1f s", time.perf_counter() - started)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return result
 
 
 def merge(

@@ -16,7 +16,7 @@ def load(ref: str, *, token: str | bool | None = None, **kwargs: Any) -> torch.n
 
     Static merges are ordinary transformers checkpoints; this picks the class
     from the config's architecture among the families hfmerge supports. A
-    gated merge (:mod:`hfmerge.modeling`) loads with hfmerge's own class.
+    gated merge (:mod:`hfmerge.methods.gating.model`) loads with hfmerge's own class.
     Remote code is never enabled.
     """
     return load_folder(resolve_source(ref, token=token).path, name=ref, **kwargs)
@@ -28,7 +28,7 @@ def load_folder(path: Path, *, name: str | None = None, **kwargs: Any) -> torch.
     Raises:
         SourceError: an unsupported model, or weights that do not match the config.
     """
-    from hfmerge.modeling import is_gated_folder, load_gated
+    from hfmerge.methods.gating.model import is_gated_folder, load_gated
 
     if is_gated_folder(path):
         return load_gated(path, name=name, **kwargs)

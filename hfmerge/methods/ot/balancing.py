@@ -1,6 +1,6 @@
 """Layer balancing (CLAFusion §3.2): give two networks of one family the same depth before fusing them.
 
-Given the cross-layer alignment a (:func:`hfmerge.cross_layer.cross_layer_alignment`)
+Given the cross-layer alignment a (:func:`hfmerge.methods.ot.cross_layer.cross_layer_alignment`)
 of a shallower network B into a deeper network A, segment by segment:
 
 - **adding layers** (:func:`deepen`): B gets, at every position of A that no

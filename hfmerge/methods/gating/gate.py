@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from transformers.modeling_outputs import ImageClassifierOutput
 
-from hfmerge.modeling.gated_vit import GatedMergedForImageClassification
+from hfmerge.methods.gating.gated_vit import GatedMergedForImageClassification
 
 
 class GateInput(torch.nn.Module):
@@ -15,7 +15,7 @@ class GateInput(torch.nn.Module):
 
     ``pixel_values`` are the merged model's own (its ViT image processor's). The
     gate's input is made by the gated model's own code
-    (:meth:`~hfmerge.modeling.gated_vit.GatedMergedForImageClassification.gate_logits`,
+    (:meth:`~hfmerge.methods.gating.gated_vit.GatedMergedForImageClassification.gate_logits`,
     borrowed, not copied), so the gate trains on what it sees at inference.
     ``labels`` are source indices; the loss is cross-entropy.
     """

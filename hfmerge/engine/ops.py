@@ -19,11 +19,13 @@ from hfmerge.errors import MergeNumericError
 
 logger = logging.getLogger(__name__)
 
-TensorRef = tuple[int, str]
-"""(index of a table in the merge context, key in that table): a model's checkpoint tensor, or a statistic.
+TensorRef = tuple[int | str, str]
+"""(a table of the merge, key in that table): a model's checkpoint tensor, a statistic, a stage's tensor.
 
-Indices 0..M-1 are the sources, M the base model when there is one; statistics
-tables follow (see :meth:`hfmerge.engine.plan.MergeContext.statistics_index`)."""
+Models are numbered: 0..M-1 the sources, M the base model when there is one. The
+tables the stages make are named: each source's statistics (see
+:meth:`hfmerge.engine.plan.MergeContext.statistics_index`), a stage's own table by
+the stage's name (``derive``, ``gate``)."""
 
 Loader = Callable[[TensorRef], torch.Tensor]
 
@@ -248,7 +250,7 @@ class AlignedAverage:
 
     ``alignments[i]`` lists, for source i, the (dimension, map reference, unit) of every dimension of the
     tensor that indexes a neuron group; the map is the group's alignment matrix M = T diag(1/β)
-    (n_i × n_anchor, columns summing to one; :func:`hfmerge.alignment.align_dim`), so the dimension
+    (n_i × n_anchor, columns summing to one; :func:`hfmerge.methods.ot.alignment.align_dim`), so the dimension
     becomes the anchor's width. The anchor's entry is empty: its neurons are the target. Singh & Jaggi
     (2020), Algorithm 1: W̃ = diag(1/β) Tᵀ W M_prev for a layer's output and input neurons, then
     W_F = Σ_i c_i W̃_i.
@@ -260,7 +262,7 @@ class AlignedAverage:
     group: str = "aligned by optimal transport, then averaged"
 
     def apply(self, load: Loader) -> torch.Tensor:
-        from hfmerge.alignment import align_dim
+        from hfmerge.methods.ot.alignment import align_dim
 
         total: torch.Tensor | None = None
         for ref, dims, coefficient in zip(self.sources, self.alignments, self.coefficients):

@@ -23,7 +23,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from hfmerge.errors import IncompatibleModelsError, RecipeError
-from hfmerge.methods.base import Comparison, Derived, FineTuning, MergeMethod, ParamSpec, available_methods, register_method
+from hfmerge.methods.base import MergeMethod, ParamSpec, available_methods, register_method
+from hfmerge.methods.stages import (Compare, Comparison, DataNeed, Derive, Derived, FineTune, FineTuning, Stage,
+                                    Statistics)
 
 if TYPE_CHECKING:
     import torch
@@ -32,7 +34,7 @@ if TYPE_CHECKING:
     from hfmerge.adapters.neurons import NeuronGroup
     from hfmerge.engine.plan import MergeContext, MergePlan
     from hfmerge.engine.statistics import StatisticsRequest
-    from hfmerge.ops import Loader
+    from hfmerge.engine.ops import Loader
 
 
 def map_key(source: int, group: int) -> str:
@@ -75,9 +77,6 @@ class OTFusion(MergeMethod):
     reference_url = "https://arxiv.org/abs/1910.05653"
     uses_anchor = True
     uses_weights = True
-    uses_data = True
-    data_use = "to compare the models' neurons by their pre-activations on the same images"
-    data_requirement = "needed by the default cost=activations, and to fine-tune; cost=weights runs without"
     parameters = (
         ParamSpec("cost", str, "activations", "ground cost between neurons: activations (pre-activations on the "
                   "same images, needs --data) or weights (incoming weights, aligned with the previous layer)",
@@ -131,13 +130,21 @@ AdamW at learning rate {{ parameters.learning_rate }}, batch size {{ parameters.
 {{ finetuning.epochs_run }} of at most {{ parameters.finetune_epochs }} epochs; {{ finetuning.validation }} \
 The weights are those of epoch {{ finetuning.best_epoch }}, the best on the held-out images.{% endif %}{% endif %}"""
 
-    def samples(self, parameters: dict[str, Any]) -> int | None:
-        return int(parameters["samples"])
+    def stages(self, ctx: MergeContext) -> list[Stage]:
+        """Activations of the anchor's neuron groups on the data, the transport maps, fine-tuning, the comparison."""
+        need = DataNeed(required=False, purpose="to compare the models' neurons by their pre-activations on the same "
+                        "images", when="needed by the default cost=activations, and to fine-tune; cost=weights runs "
+                        "without")
+        return [
+            Statistics(lambda ctx, i: self._activations(ctx), samples=int(ctx.params["samples"]),
+                       batch_size=int(ctx.params.get("batch_size") or 32),
+                       labeled=int(ctx.params.get("finetune_epochs") or 0) > 0, need=need),
+            Derive(self._derive),
+            FineTune(self._fine_tuning),
+            Compare(self._comparisons),
+        ]
 
-    def labeled(self, parameters: dict[str, Any]) -> bool:
-        return int(parameters.get("finetune_epochs") or 0) > 0
-
-    def statistics(self, ctx: MergeContext) -> StatisticsRequest | None:
+    def _activations(self, ctx: MergeContext) -> StatisticsRequest | None:
         if ctx.params["cost"] != "activations" or not ctx.params.get("align", True):
             return None
         from hfmerge.engine.statistics import StatisticsRequest
@@ -149,7 +156,7 @@ The weights are those of epoch {{ finetuning.best_epoch }}, the best on the held
 
     def plan(self, ctx: MergeContext) -> MergePlan:
         from hfmerge.engine.plan import MergePlan
-        from hfmerge.ops import AlignedAverage, LinearCombination
+        from hfmerge.engine.ops import AlignedAverage, LinearCombination
 
         if ctx.params["cost"] == "activations" and ctx.params.get("align", True) and not ctx.data:
             raise RecipeError(
@@ -170,7 +177,7 @@ The weights are those of epoch {{ finetuning.best_epoch }}, the best on the held
                 continue
             alignments = tuple(
                 () if i == ctx.anchor_index
-                else tuple((dim, (ctx.DERIVED_TABLE, map_key(i, g)), unit) for dim, g, unit in dims)
+                else tuple((dim, (Derive.name, map_key(i, g)), unit) for dim, g, unit in dims)
                 for i in range(len(ctx.sources))
             )
             entries.append(ctx.plan_entry(info, AlignedAverage(ctx.refs(name), alignments, coefficients)))
@@ -189,7 +196,7 @@ The weights are those of epoch {{ finetuning.best_epoch }}, the best on the held
         }
         return MergePlan(entries, details=details)
 
-    def comparisons(self, ctx: MergeContext) -> list[Comparison]:
+    def _comparisons(self, ctx: MergeContext) -> list[Comparison]:
         """Vanilla averaging of the same sources, the baseline of the paper's tables, when the widths agree."""
         if not (ctx.params.get("compare") and ctx.params.get("align")):
             return []
@@ -197,7 +204,7 @@ The weights are those of epoch {{ finetuning.best_epoch }}, the best on the held
             return []
         return [Comparison("vanilla average (no alignment)", {"align": False})]
 
-    def derive(self, ctx: MergeContext, load: Loader) -> Derived | None:
+    def _derive(self, ctx: MergeContext, load: Loader) -> Derived | None:
         """Every source's alignment matrix per neuron group, against the anchor (Algorithm 1), and the costs."""
         if not ctx.params.get("align", True):
             return None
@@ -227,9 +234,9 @@ The weights are those of epoch {{ finetuning.best_epoch }}, the best on the held
             details["activation_samples"] = int(first.shape[0])
         return Derived(tensors, details)
 
-    def fine_tuning(self, ctx: MergeContext, plan: MergePlan) -> FineTuning | None:
+    def _fine_tuning(self, ctx: MergeContext) -> FineTuning | None:
         """Fine-tune the fused model on the labeled data (the sources share one label set)."""
-        if not ctx.data or int(ctx.params["finetune_epochs"]) == 0:
+        if int(ctx.params["finetune_epochs"]) == 0:
             return None
         identity = {j: j for j in range(len(ctx.anchor.id2label))}
         return FineTuning(
@@ -348,7 +355,7 @@ def transport_maps(source: Side, target: Side, params: dict[str, Any]) -> tuple[
     them gives the alignment matrix. Also returns each group's mean cost before alignment (unit k
     with unit k, ``None`` where the widths differ) and after (Σ T∘C).
     """
-    from hfmerge.alignment import alignment_matrix, pairwise_cost, transport_plan
+    from hfmerge.methods.ot.alignment import alignment_matrix, pairwise_cost, transport_plan
 
     cost_kind, solver, reg = params["cost"], params["solver"], float(params["reg"])
     matrices: dict[int, torch.Tensor] = {}
@@ -372,7 +379,7 @@ def _activation_features(activation: Callable[[str], torch.Tensor], group: Neuro
     """[units, features]: each unit's activations over the samples, at every module that carries the group."""
     import torch
 
-    from hfmerge.alignment import unit_features
+    from hfmerge.methods.ot.alignment import unit_features
 
     parts = [unit_features(activation(module), group.activation_dim, group.unit) for module in group.activations]
     if not parts:
@@ -392,7 +399,7 @@ def _weight_features(tensor_of: Callable[[str], torch.Tensor], groups: list[Neur
     """
     import torch
 
-    from hfmerge.alignment import align_dim, unit_features
+    from hfmerge.methods.ot.alignment import align_dim, unit_features
 
     members = membership(groups)
     group = groups[g]

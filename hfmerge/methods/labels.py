@@ -2,7 +2,7 @@
 
 One home for the rule that parameter fusion's concatenated heads
 (:func:`hfmerge.methods.heads.union_labels`) and the gated merge's union
-logits (:func:`hfmerge.modeling.assemble_gated`) both follow, so the two name
+logits (:func:`hfmerge.methods.gating.model.assemble_gated`) both follow, so the two name
 the same sources' labels alike. Pure functions on names: no models, no files.
 """
 

@@ -1,8 +1,8 @@
 """The Gradio demo Space of a merged model: written from ``spaces/`` and pushed as a Space repo.
 
-The Space is ``spaces/app.py`` with the files beside it: ``inference.py`` and
-``source_ref.py`` (the models without Gradio; hfmerge imports their constants
-and parser too), ``space_config.json`` (which model and which sources to show),
+The Space is ``spaces/app.py`` with the files beside it: ``inference.py`` (the
+models without Gradio; hfmerge imports its constants too), ``source_ref.py`` (a
+copy of :mod:`hfmerge.source_ref`, the parser of model references), ``space_config.json`` (which model and which sources to show),
 ``README.md`` (Space metadata: sdk, app file, the models it uses),
 ``requirements.txt`` and ``examples/``; for a gated merge, the model's own
 class as ``modeling_hfmerge_gated.py``. It runs from its own repo alone: a
@@ -25,15 +25,18 @@ from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
 from hfmerge.errors import RecipeError, SourceError
+from hfmerge import source_ref
 from hfmerge.hub.resolve import ResolvedSource, resolve_source
 from hfmerge.source import SourceSpec
-from hfmerge.result import RECIPE_FILE, atomic_folder, check_output_folder
+from hfmerge.publish.result import RECIPE_FILE, atomic_folder, check_output_folder
 from hfmerge.spaces.inference import GATED_METHODS, IMAGE_SUFFIXES, RecipeFileError, head_kind, read_recipe
 
 logger = logging.getLogger(__name__)
 
 TEMPLATE_PACKAGE = "hfmerge.spaces"
-TEMPLATE_FILES = ("app.py", "inference.py", "source_ref.py", "requirements.txt")
+TEMPLATE_FILES = ("app.py", "inference.py", "requirements.txt")
+SOURCE_REF_FILE = "source_ref.py"
+"""The name of the Space's copy of :mod:`hfmerge.source_ref`, which ``inference.py`` imports beside it."""
 # What marks a folder as a Space written by hfmerge, so that --overwrite may replace it.
 SPACE_CONFIG_FILE = "space_config.json"
 
@@ -133,8 +136,9 @@ def write_space(plan: SpacePlan, folder: Path, space_id: str | None = None) -> N
     template = resources.files(TEMPLATE_PACKAGE)
     for name in TEMPLATE_FILES:
         (folder / name).write_bytes(template.joinpath(name).read_bytes())
+    (folder / SOURCE_REF_FILE).write_bytes(Path(source_ref.__file__).read_bytes())  # the core's parser, standard library only
     if plan.gated:  # the gated model's class, beside app.py: the Space runs it without hfmerge or remote code
-        from hfmerge.modeling import MODELING_FILE, modeling_source
+        from hfmerge.methods.gating.model import MODELING_FILE, modeling_source
 
         (folder / MODELING_FILE).write_text(modeling_source())
     settings = {"model": plan.model_ref, "sources": plan.sources}
@@ -199,7 +203,7 @@ def push_space(options: SpaceOptions, *, folder: str | Path | None = None,
     Returns:
         The Space's repo id and the commit URL.
     """
-    from hfmerge.hub.publish import push_folder
+    from hfmerge.publish.hub import push_folder
 
     space_id = check_space_push(options, token=token)
 
@@ -227,7 +231,7 @@ def check_space_push(options: SpaceOptions, *, token: str | bool | None = None) 
         RecipeError: the Space id is not a valid repo id.
         PublishError: no token, an invalid one, or one without write access there.
     """
-    from hfmerge.hub.publish import check_push_access
+    from hfmerge.publish.hub import check_push_access
 
     space_id = options.space_id or f"{options.model.partition('@')[0]}-demo"
     _check_space_id(space_id)

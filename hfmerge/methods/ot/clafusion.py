@@ -12,7 +12,7 @@ matches, a layer that passes its input through (identity weights and a ReLU,
 Dirac kernels, a ResNet block whose residual branch is zero), so B computes
 what it did with A's depth; or, for MLPs, *merging* A's unmatched layers into
 the next ones, W' = W_{l+1} D W_l. The balanced pair is fused with OTFusion
-(:mod:`hfmerge.methods.otfusion`), and the result has the target's (the
+(:mod:`hfmerge.methods.ot.otfusion`), and the result has the target's (the
 deeper network's, or with ``merge`` the shallower's) architecture and config.
 More than two networks (§3.3): each is aligned and balanced against the
 target, then all are fused. The fused model may be fine-tuned, optionally
@@ -27,8 +27,9 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from hfmerge.errors import IncompatibleModelsError, RecipeError
-from hfmerge.methods.base import Derived, FineTuning, MergeMethod, ParamSpec, register_method
-from hfmerge.methods.otfusion import (
+from hfmerge.methods.base import MergeMethod, ParamSpec, register_method
+from hfmerge.methods.stages import DataNeed, Derive, Derived, FineTune, FineTuning, Stage, Statistics
+from hfmerge.methods.ot.otfusion import (
     FINE_TUNING_PARAMETERS, TRANSPORT_PARAMETERS, Side, fused_coefficients, map_key, membership, transport_maps,
 )
 
@@ -40,12 +41,17 @@ if TYPE_CHECKING:
     from hfmerge.adapters.neurons import NeuronGroup
     from hfmerge.engine.plan import MergeContext, MergePlan
     from hfmerge.engine.statistics import StatisticsRequest
-    from hfmerge.ops import Loader
+    from hfmerge.engine.ops import Loader
 
 logger = logging.getLogger(__name__)
 
 ALIGNMENT_SVG = "layer_alignment.svg"
 COST_SVG = "layer_costs.svg"
+
+
+DATA_PURPOSE = "to compare the models' layers and neurons by their pre-activations on the same images"
+DATA_WHEN = ("needed by the default representation=activations and cost=activations, by balance=merge and to "
+             "fine-tune; representation=neurons with cost=weights runs without")
 
 
 def balanced_key(source: int, name: str) -> str:
@@ -63,10 +69,6 @@ class CLAFusion(MergeMethod):
                  "arXiv:2110.15538")
     reference_url = "https://arxiv.org/abs/2110.15538"
     uses_weights = True
-    uses_data = True
-    data_use = "to compare the models' layers and neurons by their pre-activations on the same images"
-    data_requirement = ("needed by the default representation=activations and cost=activations, by balance=merge "
-                        "and to fine-tune; representation=neurons with cost=weights runs without")
     parameters = (
         ParamSpec("balance", str, "add", "add: identity layers into the shallower model (function-preserving); "
                   "merge: fold the deeper model's unmatched layers into the next ones (MLPs only)",
@@ -145,16 +147,18 @@ held-out images.{% endif %}"""
         index = max(range(len(layouts)), key=lambda i: (depths[i], -i))
         return index, f"the deepest source ({depths[index]} hidden layers), as the paper's §3.3"
 
-    def samples(self, parameters: dict[str, Any]) -> int | None:
-        return int(parameters["samples"])
+    def stages(self, ctx: MergeContext) -> list[Stage]:
+        """Each source's pre-activations on the data, the alignment and balancing, fine-tuning."""
+        need = DataNeed(required=False, purpose=DATA_PURPOSE, when=DATA_WHEN)
+        return [
+            Statistics(self._activations, samples=int(ctx.params["samples"]),
+                       batch_size=int(ctx.params.get("batch_size") or 32),
+                       labeled=int(ctx.params.get("finetune_epochs") or 0) > 0, need=need),
+            Derive(self._derive),
+            FineTune(self._fine_tuning),
+        ]
 
-    def labeled(self, parameters: dict[str, Any]) -> bool:
-        return int(parameters.get("finetune_epochs") or 0) > 0
-
-    def statistics(self, ctx: MergeContext) -> StatisticsRequest | None:
-        return self.source_statistics(ctx, ctx.anchor_index)
-
-    def source_statistics(self, ctx: MergeContext, index: int) -> StatisticsRequest | None:
+    def _activations(self, ctx: MergeContext, index: int) -> StatisticsRequest | None:
         """Source ``index``'s pre-activations: at its layers' representations and its neuron groups' modules."""
         if not _needs_activations(ctx.params):
             return None
@@ -174,7 +178,7 @@ held-out images.{% endif %}"""
 
     def plan(self, ctx: MergeContext) -> MergePlan:
         from hfmerge.engine.plan import MergePlan, OutputSpec
-        from hfmerge.ops import AlignedAverage
+        from hfmerge.engine.ops import AlignedAverage
 
         segments = self._checked_segments(ctx)
         if _needs_activations(ctx.params) and not ctx.data:
@@ -196,11 +200,11 @@ held-out images.{% endif %}"""
         coefficients = fused_coefficients(ctx)
         entries = []
         for name, info in anchor.tensors.items():
-            refs = tuple((i, info.key) if i == ctx.anchor_index else (ctx.DERIVED_TABLE, balanced_key(i, name))
+            refs = tuple((i, info.key) if i == ctx.anchor_index else (Derive.name, balanced_key(i, name))
                          for i in range(len(ctx.sources)))
             alignments = tuple(
                 () if i == ctx.anchor_index
-                else tuple((dim, (ctx.DERIVED_TABLE, map_key(i, g)), unit) for dim, g, unit in members.get(name, []))
+                else tuple((dim, (Derive.name, map_key(i, g)), unit) for dim, g, unit in members.get(name, []))
                 for i in range(len(ctx.sources))
             )
             op = AlignedAverage(refs, alignments, coefficients,
@@ -246,9 +250,9 @@ held-out images.{% endif %}"""
 
     # ----- derive: alignment, balancing, transport -----
 
-    def derive(self, ctx: MergeContext, load: Loader) -> Derived:
+    def _derive(self, ctx: MergeContext, load: Loader) -> Derived:
         """Per source: the cross-layer alignment, the balanced tensors and activations, the transport maps."""
-        from hfmerge.analysis.layer_alignment_svg import AlignedSegment, alignment_map_svg, cost_heatmap_svg
+        from hfmerge.methods.ot.pictures import AlignedSegment, alignment_map_svg, cost_heatmap_svg
 
         segments = self._checked_segments(ctx)
         anchor_index = ctx.anchor_index
@@ -322,7 +326,7 @@ held-out images.{% endif %}"""
     def _align(self, ctx: MergeContext, load: Loader, index: int, segments: list[list[DepthSegment]]) -> tuple[
             list[list[int]], list[torch.Tensor | None]]:
         """Source ``index``'s alignment with the target, segment by segment, and each segment's cost matrix."""
-        from hfmerge.cross_layer import cka_costs, cross_layer_alignment, width_costs
+        from hfmerge.methods.ot.cross_layer import cka_costs, cross_layer_alignment, width_costs
 
         maps: list[list[int]] = []
         costs: list[torch.Tensor | None] = []
@@ -343,9 +347,9 @@ held-out images.{% endif %}"""
 
     # ----- fine-tuning -----
 
-    def fine_tuning(self, ctx: MergeContext, plan: MergePlan) -> FineTuning | None:
+    def _fine_tuning(self, ctx: MergeContext) -> FineTuning | None:
         """Fine-tune the fused model on the labeled data; with ``distill_weight`` > 0, distil from the deepest source."""
-        if not ctx.data or int(ctx.params["finetune_epochs"]) == 0:
+        if int(ctx.params["finetune_epochs"]) == 0:
             return None
         identity = {j: j for j in range(len(ctx.anchor.id2label))}
         depths = [_depth(layout) or 0 for layout in ctx.sources]
@@ -450,7 +454,7 @@ def _check_kind(anchor: ModelLayout, layout: ModelLayout) -> None:
 
 def _forced(ctx: MergeContext, target: DepthSegment, own: DepthSegment) -> list[int] | None:
     """The segment's alignment when the plan can tell it without data (equal depths, n ≤ 2, or widths as cost)."""
-    from hfmerge.cross_layer import cross_layer_alignment, width_costs
+    from hfmerge.methods.ot.cross_layer import cross_layer_alignment, width_costs
 
     deeper, shallower = (target, own) if ctx.params["balance"] == "add" else (own, target)
     m, n = len(deeper.layers), len(shallower.layers)
@@ -495,7 +499,7 @@ def _model(ctx: MergeContext, load: Loader, index: int) -> torch.nn.Module:
 def _deepened(ctx: MergeContext, load: Loader, index: int, target: list[DepthSegment], maps: list[list[int]]) -> tuple[
         dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Source ``index`` with identity layers added to the target's depth: its tensors and activations by name."""
-    from hfmerge.balancing import deepen, deepened_activations
+    from hfmerge.methods.ot.balancing import deepen, deepened_activations
 
     spec = _spec(ctx.sources[index])
     deepened = deepen(_model(ctx, load, index), spec, maps, [len(s.layers) for s in target])
@@ -513,7 +517,7 @@ def _merged(ctx: MergeContext, load: Loader, index: int, maps: list[list[int]]) 
     """Source ``index`` (deeper) with its unmatched layers folded into the next ones (MLPs, §3.2)."""
     import torch
 
-    from hfmerge.balancing import merge_linear, relu_estimate
+    from hfmerge.methods.ot.balancing import merge_linear, relu_estimate
 
     layout = ctx.sources[index]
     kept = maps[0]

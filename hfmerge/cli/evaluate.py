@@ -94,7 +94,7 @@ def _sources_of(source: object) -> list[str]:
 
 
 def _update_card(source: object, report: object, name: str, *, push: bool) -> None:
-    from hfmerge.card import EVALUATION_SVG, update_card
+    from hfmerge.publish.card import EVALUATION_SVG, update_card
 
     folder: Path = source.path  # type: ignore[attr-defined]
     readme = folder / "README.md"
@@ -102,7 +102,7 @@ def _update_card(source: object, report: object, name: str, *, push: bool) -> No
     new_text = update_card(text, report, name)  # type: ignore[arg-type]
     chart = report.bar_chart_svg()  # type: ignore[attr-defined]
     if push:
-        from hfmerge.hub.publish import check_push_access, push_folder
+        from hfmerge.publish.hub import check_push_access, push_folder
 
         repo_id = source.repo_id  # type: ignore[attr-defined]
         check_push_access(repo_id)

@@ -19,7 +19,7 @@ from huggingface_hub import constants as hf_constants
 from hfmerge.data.spec import DataSpec
 from hfmerge.errors import DataError, HfMergeError
 from hfmerge.hub.connection import TRANSPORT_ERRORS, hub_unreachable
-from hfmerge.spaces.source_ref import is_commit_sha, parse_source_ref
+from hfmerge.source_ref import is_commit_sha, parse_source_ref
 
 if TYPE_CHECKING:
     import datasets

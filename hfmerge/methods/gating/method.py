@@ -12,7 +12,7 @@ sources' attention weights, concatenated, and of their MLP weights (Eq. 4,
 of lowest similarity are gated, with the embeddings and every LayerNorm
 (Table 2, strategy 4).
 
-The output is a model of its own (:mod:`hfmerge.modeling.gated_vit`), written
+The output is a model of its own (:mod:`hfmerge.methods.gating.gated_vit`), written
 with its modeling file so that ``trust_remote_code=True`` loads it without
 hfmerge, and :func:`hfmerge.load` loads it without running any repository code.
 """
@@ -23,7 +23,8 @@ import json
 from typing import TYPE_CHECKING, Any
 
 from hfmerge.errors import IncompatibleModelsError, RecipeError
-from hfmerge.methods.base import Comparison, GateTraining, MergeMethod, ParamSpec, register_method
+from hfmerge.methods.base import MergeMethod, ParamSpec, register_method
+from hfmerge.methods.stages import Analyse, Compare, Comparison, DataNeed, Stage, Statistics
 
 if TYPE_CHECKING:
     from hfmerge.adapters.layout import ModelLayout
@@ -34,6 +35,7 @@ DEFAULT_GATE = "google/mobilenet_v2_1.0_224"
 SIMILARITY_SVG = "similarity.svg"
 VIT_CLASSIFIER = "ViTForImageClassification"
 GATE_ARCHITECTURE = "MobileNetV2ForImageClassification"
+DATA_PURPOSE = "to train its gate, which learns which source's data an image comes from (and for RegMean)"
 
 def embedding_and_norm_keys(layout: ModelLayout) -> list[str]:
     """Checkpoint keys of the embeddings (patch, position, CLS) and of every normalisation layer, by module kind.
@@ -62,9 +64,6 @@ class Gating(MergeMethod):
     reference_url = "https://arxiv.org/abs/2312.16240"
     uses_weights = False
     uses_seed = True
-    needs_data = True
-    data_use = "to train its gate, which learns which source's data an image comes from (and for RegMean)"
-    data_per_source = True
     accepts_base = True
     parameters = (
         ParamSpec("m", int, 3, "attention and MLP modules gated: the m of each with the lowest similarity (Eq. 4)",
@@ -135,30 +134,46 @@ source for {{ '%.2f' | format(details.gate.accuracy * 100) }}% \
     def auxiliary_models(self, parameters: dict[str, Any]) -> dict[str, str]:
         return {"gate": str(parameters.get("gate") or DEFAULT_GATE)}
 
-    def analyse(self, ctx: MergeContext) -> dict[str, Any]:
-        from hfmerge.analysis.similarity import layer_similarity
+    def stages(self, ctx: MergeContext) -> list[Stage]:
+        """The weight similarity (Eq. 4), RegMean's Gram matrices, the gate's training, the paper's comparison rows."""
+        from hfmerge.methods.gating.training import TrainGate
+
+        need = DataNeed(required=True, purpose=DATA_PURPOSE, per_source=True)
+        return [
+            Analyse(self._analyse),
+            Statistics(self._grams, samples=ctx.params.get("samples"), batch_size=int(ctx.params.get("batch_size", 32)),
+                       need=need),
+            TrainGate(gate="gate", fraction=float(ctx.params.get("gate_fraction", 0.15)),
+                      epochs=int(ctx.params.get("gate_epochs", 5)),
+                      learning_rate=float(ctx.params.get("gate_learning_rate", 1e-3)),
+                      batch_size=int(ctx.params.get("batch_size", 32)), need=need),
+            Compare(self._comparisons, told=_task_given),
+        ]
+
+    def _analyse(self, ctx: MergeContext) -> dict[str, Any]:
+        from hfmerge.methods.gating.similarity import layer_similarity
 
         self._check_sources(ctx)
         return {"similarity": layer_similarity(ctx.sources)}
 
-    def statistics(self, ctx: MergeContext) -> StatisticsRequest | None:
+    def _grams(self, ctx: MergeContext, index: int) -> StatisticsRequest | None:
         """RegMean's Gram matrices: of the linear layers merged statically, or of all when the comparison runs."""
-        from hfmerge.engine.statistics import StatisticsRequest
-        from hfmerge.methods.regmean import RegMean
+        from hfmerge.methods.regmean import gram_request, linear_groups
 
-        groups = RegMean()._groups(ctx)
-        if not (ctx.evaluating and self.comparisons(ctx)):
+        groups = linear_groups(ctx)
+        if not (ctx.evaluating and self._comparisons(ctx)):
             if ctx.params.get("static", "regmean") != "regmean":
                 return None
             gated = set(self._gated(ctx))
             groups = [g for g in groups if not any(ctx.anchor.tensors[f"{m}.weight"].key in gated for m in g)]
-        return StatisticsRequest(grams=tuple(g[0] for g in groups)) if groups else None
+        return gram_request(groups)
 
-    def gate_training(self, ctx: MergeContext) -> GateTraining:
-        return GateTraining(gate="gate", fraction=float(ctx.params.get("gate_fraction", 0.15)),
-                            epochs=int(ctx.params.get("gate_epochs", 5)),
-                            learning_rate=float(ctx.params.get("gate_learning_rate", 1e-3)),
-                            batch_size=int(ctx.params.get("batch_size", 32)))
+    def describe_plan(self, ctx: MergeContext, plan: MergePlan) -> list[str]:
+        d = plan.details
+        chosen = ("lowest weight similarity, Eq. 4" if d.get("layers_chosen")
+                  else "the m of lowest weight similarity, chosen when the weights are read")
+        return [f"gated layers ({chosen}): attention {[i + 1 for i in d['gated_attention']]}, "
+                f"MLP {[i + 1 for i in d['gated_mlp']]}; embeddings and every LayerNorm"]
 
     # -- the plan ----------------------------------------------------------------------------
     def _check_sources(self, ctx: MergeContext) -> None:
@@ -202,7 +217,7 @@ source for {{ '%.2f' | format(details.gate.accuracy * 100) }}% \
 
     def _selection(self, ctx: MergeContext) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """The gated (attention layers, MLP layers): the m least similar of each (Eq. 4)."""
-        from hfmerge.analysis.similarity import select_gated
+        from hfmerge.methods.gating.similarity import select_gated
 
         m, layers = int(ctx.params.get("m", 3)), self._layers(ctx)
         if m > layers:
@@ -214,14 +229,14 @@ source for {{ '%.2f' | format(details.gate.accuracy * 100) }}% \
 
     def _gated(self, ctx: MergeContext) -> list[str]:
         """The checkpoint keys stored once per source, in the anchor's forward order."""
-        from hfmerge.analysis.similarity import gated_keys
+        from hfmerge.methods.gating.similarity import gated_keys
 
         chosen = set(gated_keys(ctx.anchor, self._selection(ctx)))
         if ctx.params.get("gate_embeddings_norms", True):
             chosen.update(embedding_and_norm_keys(ctx.anchor))
         return [info.key for info in ctx.anchor.forward.values() if info.key in chosen]
 
-    def comparisons(self, ctx: MergeContext) -> list[Comparison]:
+    def _comparisons(self, ctx: MergeContext) -> list[Comparison]:
         """The rows of the paper's Tables 3-4 beside this merge, for its evaluation (``compare=true``).
 
         AvgMean and RegMean with the classifier of the task given (the paper's
@@ -247,7 +262,7 @@ source for {{ '%.2f' | format(details.gate.accuracy * 100) }}% \
     def plan(self, ctx: MergeContext) -> MergePlan:
         from hfmerge.engine.plan import MergePlan, OutputSpec, TensorPlan
         from hfmerge.methods import get_method
-        from hfmerge.ops import Copy, Stack
+        from hfmerge.engine.ops import Copy, Stack
 
         self._check_sources(ctx)
         attention, mlp = self._selection(ctx)
@@ -276,7 +291,7 @@ source for {{ '%.2f' | format(details.gate.accuracy * 100) }}% \
             if info.head is not None:  # the gate's new head: one output per source
                 shape = (n, *shape[1:])
             entries.append(TensorPlan(f"gate.{info.key}", f"gate.{info.name}", shape, info.dtype,
-                                      Copy((ctx.TRAINED_TABLE, info.key), group="gate network (trained)")))
+                                      Copy(("gate", info.key), group="gate network (trained)")))
         output = self._output(ctx, self._gated(ctx))
         details: dict[str, Any] = {
             "gated_attention": list(attention), "gated_mlp": list(mlp), "num_labels": len(output.config.id2label),
@@ -284,7 +299,7 @@ source for {{ '%.2f' | format(details.gate.accuracy * 100) }}% \
             "layers_chosen": ctx.analysis is not None, "static": static.details,
         }
         if ctx.analysis is not None:
-            from hfmerge.analysis.similarity import similarity_svg
+            from hfmerge.methods.gating.similarity import similarity_svg
 
             similarity = ctx.analysis["similarity"]
             details["similarity"] = {"attention": list(similarity.attention), "mlp": list(similarity.mlp),
@@ -296,7 +311,7 @@ source for {{ '%.2f' | format(details.gate.accuracy * 100) }}% \
         """The gated model's config (its own class, with ``auto_map``) and its modeling file."""
         from hfmerge.engine.plan import OutputSpec
         from hfmerge.methods.heads import source_prefixes, union_labels
-        from hfmerge.modeling import (AUTO_MAP, MODELING_FILE, GatedMergedConfig, GatedMergedForImageClassification,
+        from hfmerge.methods.gating.model import (AUTO_MAP, MODELING_FILE, GatedMergedConfig, GatedMergedForImageClassification,
                                       modeling_source)
 
         gate = ctx.auxiliary["gate"]
@@ -323,6 +338,13 @@ source for {{ '%.2f' | format(details.gate.accuracy * 100) }}% \
         return OutputSpec(config=config, architecture=GatedMergedForImageClassification.__name__,
                           task="image-classification", files={MODELING_FILE: modeling_source()},
                           loads_with_transformers=False)
+
+
+def _task_given(model: Any, task: int) -> Any:
+    """The gated model told that its input is of source ``task``: its comparison rows with the task given."""
+    from hfmerge.methods.gating.model import TaskGiven
+
+    return TaskGiven(model, task)
 
 
 def _portable(config: dict[str, Any]) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from typing import BinaryIO
 
 import torch
 
-from hfmerge.checkpoint import SAFETENSORS_INDEX, SAFETENSORS_SINGLE, TORCH_TO_SAFETENSORS
+from hfmerge.io.checkpoint import SAFETENSORS_INDEX, SAFETENSORS_SINGLE, TORCH_TO_SAFETENSORS
 
 
 @dataclass(frozen=True)

@@ -16,20 +16,17 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from hfmerge.errors import OutputExistsError
+from hfmerge.methods.stages import RunRecord
 
 if TYPE_CHECKING:
-    import torch
     from huggingface_hub import ModelCard
 
-    from hfmerge.engine.plan import MergePlan
-
     from hfmerge.eval.report import EvaluationReport
-    from hfmerge.planned import PlannedMerge
+    from hfmerge.run.planned import PlannedMerge
 
 logger = logging.getLogger(__name__)
 
 RECIPE_FILE = "hfmerge.yaml"
-PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json", "image_processor_config.json")
 
 
 @dataclass
@@ -52,13 +49,23 @@ class MergeResult:
     commit_url: str | None = None
     evaluation: EvaluationReport | None = None
     """The evaluation of the merged model beside its sources, when evaluation data was given."""
-    data_uses: list[Any] = field(default_factory=list)
-    """What each source's statistics were computed on (:class:`~hfmerge.stages.DataUse`)."""
+    record: RunRecord = field(default_factory=RunRecord)
+    """What the merge's stages learned while it ran (:class:`~hfmerge.methods.stages.RunRecord`)."""
 
     def __post_init__(self) -> None:
         self._finalizer = weakref.finalize(self, shutil.rmtree, str(self.staging), True)
 
     # -- facts ------------------------------------------------------------------------
+    @property
+    def details(self) -> dict[str, Any]:
+        """The plan's details with what the stages learned (the gate's accuracy, fine-tuning...): the card's ``details``."""
+        return self.record.card_details(self.planned.plan.details)
+
+    @property
+    def data_uses(self) -> list[Any]:
+        """What each source's statistics were computed on (:class:`~hfmerge.run.stages.DataUse`)."""
+        return self.record.data_uses
+
     @property
     def method(self) -> str:
         return self.planned.method.name
@@ -96,7 +103,7 @@ class MergeResult:
 
         The staged files are replaced, not rewritten, since a saved copy may share them through a hard link.
         """
-        from hfmerge.card import render_card
+        from hfmerge.publish.card import render_card
 
         self.evaluation = report
         _write_evaluation_chart(self)
@@ -125,9 +132,9 @@ class MergeResult:
         commit_message: str | None = None,
     ) -> str:
         """Create ``repo_id`` if needed and upload the merged model in one commit; return the commit URL."""
-        from hfmerge.hub.publish import push_folder
+        from hfmerge.publish.hub import push_folder
 
-        from hfmerge.card import PublicNames, render_card
+        from hfmerge.publish.card import PublicNames, render_card
 
         # Replace rather than rewrite: a saved copy may share these files through a hard link. The pushed
         # hfmerge.yaml names local folders as the card does, by folder name: the merging machine's paths
@@ -237,9 +244,9 @@ def _link_or_copy(src: Path, dst: Path) -> None:
 
 def write_metadata(result: MergeResult) -> None:
     """Write ``hfmerge.yaml``, the model card and, for an evaluated merge, its chart into the staging folder."""
-    from hfmerge.card import render_card
+    from hfmerge.publish.card import render_card
 
-    pinned = result.planned.pinned_recipe()
+    pinned = result.planned.pinned_recipe(result.record.data_pins)
     (result.staging / RECIPE_FILE).write_text(yaml.safe_dump(pinned.to_dict(), sort_keys=False))
     licenses = result._licenses()
     if result.license is None:
@@ -253,7 +260,7 @@ def write_metadata(result: MergeResult) -> None:
 
 def _write_evaluation_chart(result: MergeResult) -> None:
     """Stage the evaluation's bar chart beside the card, local folders named as the card names them."""
-    from hfmerge.card import EVALUATION_SVG, PublicNames
+    from hfmerge.publish.card import EVALUATION_SVG, PublicNames
 
     if result.evaluation is None:
         return
@@ -261,35 +268,3 @@ def _write_evaluation_chart(result: MergeResult) -> None:
     fresh = result.staging / f".{EVALUATION_SVG}.new"
     fresh.write_text(svg)
     os.replace(fresh, result.staging / EVALUATION_SVG)
-
-
-def write_model_files(planned: PlannedMerge, plan: MergePlan, config: Any, folder: Path) -> None:
-    """Beside the weights: the config, the method's own output files (a modeling file...), the anchor's processor."""
-    config.save_pretrained(folder)
-    files = plan.output.files if plan.output is not None else planned.anchor.family.file_texts()
-    for name, content in files.items():
-        path = folder / name
-        if isinstance(content, bytes):
-            path.write_bytes(content)
-        else:
-            path.write_text(content)
-    for name in PROCESSOR_FILES:
-        path = planned.anchor.source.path / name
-        if path.is_file():
-            shutil.copyfile(path, folder / name)
-
-
-def output_config(planned: PlannedMerge, dtype: torch.dtype | None, plan: MergePlan | None = None) -> Any:
-    """The anchor's config with the plan's updates, or the config of the method's own output model."""
-    plan = plan or planned.plan
-    output = plan.output
-    source = output.config if output is not None else planned.anchor.config
-    config = type(source).from_dict(source.to_dict())
-    for key, value in plan.config_updates.items():
-        setattr(config, key, value)
-    from hfmerge.engine.execute import output_dtype
-
-    floating = [output_dtype(t.dtype, dtype) for t in plan.tensors if t.dtype.is_floating_point]
-    if floating:
-        config.dtype = str(max(set(floating), key=floating.count)).removeprefix("torch.")
-    return config

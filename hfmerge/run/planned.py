@@ -1,6 +1,6 @@
 """What a merge will do, decided before any tensor is read: the sources, the method's plan, the anchor.
 
-:func:`hfmerge.pipeline.plan_merge` makes a :class:`PlannedMerge`; the dry run
+:func:`hfmerge.run.pipeline.plan_merge` makes a :class:`PlannedMerge`; the dry run
 prints it, the engine executes its plan, and the card and ``hfmerge.yaml``
 describe it.
 """
@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from hfmerge.engine.plan import MergeContext, MergePlan
     from hfmerge.hub.resolve import ResolvedSource
     from hfmerge.methods.base import MergeMethod
+    from hfmerge.methods.stages import Stage
     from hfmerge.recipe import Recipe
 
 
@@ -29,16 +30,18 @@ class PlannedMerge:
     context: MergeContext
     plan: MergePlan
     anchor_reason: str = ""
-    data_pins: dict[int, Any] = field(default_factory=dict)
-    """Per source index, its data as a data stage read it: a :class:`~hfmerge.data.spec.DataSpec` with the
-    split named and a Hub dataset's commit pinned."""
+    stages: list[Stage] = field(default_factory=list)
+    """The method's stages as they will run (:meth:`~hfmerge.methods.stages.Stage.resolve`), in order."""
 
     @property
     def anchor(self) -> ModelLayout:
         return self.context.anchor
 
-    def pinned_recipe(self) -> Recipe:
-        """The recipe with every Hub model pinned to the commit it resolved to.
+    def pinned_recipe(self, data_pins: dict[int, Any] | None = None) -> Recipe:
+        """The recipe with every Hub model pinned to the commit it resolved to, and each dataset to ``data_pins``.
+
+        ``data_pins`` (from the run record) are, per source index, its data as a stage read it: a
+        :class:`~hfmerge.data.spec.DataSpec` with the split named and a Hub dataset's commit pinned.
 
         Local folders are written as absolute paths, so ``hfmerge run
         hfmerge.yaml`` reproduces the merge from any folder of this machine,
@@ -51,9 +54,9 @@ class PlannedMerge:
         if self.base is not None:
             base = str(self.base.path) if self.base.is_local else f"{self.base.repo_id}@{self.base.commit_sha}"
         data = self.recipe.data
-        if data and self.data_pins:
+        if data and data_pins:
             per_source = len(data) == len(self.sources) and len(data) > 1
-            pins = [self.data_pins.get(i if per_source else 0) for i in range(len(data))]
+            pins = [data_pins.get(i if per_source else 0) for i in range(len(data))]
             data = [replace(spec, split=pin.split, commit=pin.commit or spec.commit) if pin is not None else spec
                     for spec, pin in zip(data, pins)]
         if data:  # local data folders as absolute paths too, like local models
@@ -85,14 +88,6 @@ class PlannedMerge:
             lines.append(f"base: {self.base.name}{pin}")
         for group, count, params in self.plan.summary():
             lines.append(f"  {group}: {count} tensors, {params:,} parameters")
-        if "shared_layers" in self.plan.details:
-            lines.append(f"  shared layers Np = {self.plan.details['shared_layers']}")
-        if "gated_attention" in self.plan.details:
-            d = self.plan.details
-            chosen = ("lowest weight similarity, Eq. 4" if d.get("layers_chosen")
-                      else "the m of lowest weight similarity, chosen when the weights are read")
-            lines.append(f"  gated layers ({chosen}): attention {[i + 1 for i in d['gated_attention']]}, "
-                         f"MLP {[i + 1 for i in d['gated_mlp']]}; embeddings and every LayerNorm")
         lines.extend(f"  {line}" for line in self.method.describe_plan(self.context, self.plan))
         if self.plan.output is not None:
             loads = ("loads with plain transformers" if self.plan.output.loads_with_transformers
@@ -112,35 +107,9 @@ class PlannedMerge:
         return "\n".join(lines)
 
     def _data_stages(self) -> list[str]:
-        """What the data stages will do: for ``--dry-run``, which reads no data."""
-        lines: list[str] = []
-        data = self.context.data
-        request = self.method.statistics(self.context)
-        params = self.recipe.parameters
-        if request is not None and data:
-            samples = self.method.samples(params)
-            wanted = [f"Gram matrices of {len(request.grams)} linear inputs" if request.grams else "",
-                      f"diagonal Fisher of {len(request.fisher)} parameters "
-                      f"({'true labels' if request.fisher_labels == 'empirical' else 'labels sampled from the model'})"
-                      if request.fisher else "",
-                      f"activations of {len(request.activations)} modules" if request.activations else ""]
-            lines.append(f"statistics stage: {'; '.join(w for w in wanted if w)}, "
-                         f"on {samples if samples else 'all'} images of each source's data:")
-            for source, spec in zip(self.sources, data):
-                lines.append(f"  {source.name} ← {spec.ref}")
-        training = self.method.gate_training(self.context)
-        if training is not None and data:
-            gate = self.context.auxiliary.get(training.gate)
-            what = f"the gate network {gate.source.name}" if gate is not None else "the method's network"
-            fraction = params.get("gate_fraction")
-            share = f"{fraction:.0%} of " if isinstance(fraction, float) else ""
-            lines.append(f"training stage: {what}, on {share}each source's data (label = the source)")
-        tuning = self.method.fine_tuning(self.context, self.plan)
-        if tuning is not None and data:
-            lines.append(f"post-train stage: fine-tune for at most {tuning.epochs} epochs (patience {tuning.patience}) "
-                         f"on {tuning.samples or 'all'} labeled images of each source's data: "
-                         + ", ".join(spec.ref for spec in dict.fromkeys(data)))
-        elif self.method.uses_data and not data:
+        """What the stages will do: for ``--dry-run``, which runs none of them."""
+        lines = [line for stage in self.stages for line in stage.describe(self.context)]
+        if self.method.data_needs(self.recipe.parameters).optional and not self.context.data:
             lines.append("post-train stage: none (no --data given)")
         if self.recipe.eval_data:
             lines.append("evaluation: " + ", ".join(spec.ref for spec in self.recipe.eval_data))

@@ -144,7 +144,7 @@ def _execute(recipe: Any, args: argparse.Namespace) -> int:
 
     _quiet_transformers()
 
-    from hfmerge.pipeline import plan_merge, run_recipe
+    from hfmerge.run.pipeline import plan_merge, run_recipe
 
     recipe = replace(recipe, output=args.output or recipe.output, push_to_hub=args.push_to_hub or recipe.push_to_hub,
                      private=args.private or recipe.private)
@@ -202,7 +202,7 @@ def _inspect(args: argparse.Namespace) -> int:
 
 def _space(args: argparse.Namespace) -> int:
     _quiet_transformers()
-    from hfmerge.space import SpaceOptions, check_space_push, push_space, save_space
+    from hfmerge.publish.space import SpaceOptions, check_space_push, push_space, save_space
 
     if args.no_sources and args.sources:
         raise RecipeError("--sources and --no-sources contradict each other; give one")
@@ -233,11 +233,12 @@ def _methods() -> int:
         method = get_method(name)
         print(f"{name}: {method.title}")
         print(f"    {method.reference}" + (f" — {method.reference_url}" if method.reference_url else ""))
-        needs = [w for w, flag in (("--data", method.needs_data), ("--base", method.needs_base),
+        data = method.data_needs()
+        needs = [w for w, flag in (("--data", data.required), ("--base", method.needs_base),
                                     ("--anchor", method.uses_anchor), ("--weights", method.uses_weights),
-                                    ("--seed", method.uses_seed or method.needs_data)) if flag]
-        if method.uses_data:
-            needs.append(f"--data ({method.data_requirement})")
+                                    ("--seed", method.uses_seed or data.required)) if flag]
+        if data.optional:
+            needs.append(f"--data ({data.when})")
         if needs:
             print(f"    takes: {', '.join(needs)}")
         for p in method.parameters:
@@ -314,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
             return _space(args)
         if args.command == "evaluate":
             _quiet_transformers()
-            from hfmerge.evaluate_command import run_evaluate_command
+            from hfmerge.cli.evaluate import run_evaluate_command
 
             return run_evaluate_command(args)
         return _methods()

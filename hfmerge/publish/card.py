@@ -24,7 +24,8 @@ if TYPE_CHECKING:
     from hfmerge.eval.report import EvaluationReport
     from hfmerge.hub.resolve import ResolvedSource
     from hfmerge.methods.base import MergeMethod
-    from hfmerge.planned import PlannedMerge
+    from hfmerge.methods.stages import RunRecord
+    from hfmerge.run.planned import PlannedMerge
 
 TEMPLATE = "model_card.md.j2"
 PLACEHOLDER_REF = "path/to/merged-model"
@@ -41,7 +42,7 @@ AUTO_CLASSES = {
 
 
 class CardFacts(Protocol):
-    """What a card is made from: a finished merge (:class:`hfmerge.result.MergeResult` has these)."""
+    """What a card is made from: a finished merge (:class:`hfmerge.publish.result.MergeResult` has these)."""
 
     @property
     def planned(self) -> PlannedMerge: ...
@@ -57,6 +58,12 @@ class CardFacts(Protocol):
 
     @property
     def recipe_yaml(self) -> str: ...
+
+    @property
+    def details(self) -> dict[str, Any]: ...
+
+    @property
+    def record(self) -> RunRecord: ...
 
     # Optional: ``evaluation`` (an EvaluationReport or None), read with getattr so that facts without it render.
 
@@ -109,13 +116,13 @@ def render_card(result: CardFacts, repo_id: str | None = None) -> str:
     if architecture == "Mask2FormerForUniversalSegmentation":
         auto_class = "AutoModelForUniversalSegmentation"
     text = method_text(
-        method, details=planned.plan.details, parameters=planned.recipe.parameters, base=base, sources=rows,
+        method, details=result.details, parameters=planned.recipe.parameters, base=base, sources=rows,
         architecture=architecture, task=task,
     )
     data_rows = [
         {"source": names.scrub(use.source) if use.source else "", "data": names.scrub(use.data),
          "commit": use.commit_sha or "—", "samples": use.samples, "skipped": use.skipped}
-        for use in getattr(result, "data_uses", None) or []
+        for use in result.record.data_uses
     ]
     card = ModelCard.from_template(
         data,
@@ -133,7 +140,7 @@ def render_card(result: CardFacts, repo_id: str | None = None) -> str:
         summary=planned.plan.summary(),
         recipe_yaml=result.recipe_yaml,
         reproduce=REPRODUCE_COMMAND,
-        merge_command=merge_command(planned),
+        merge_command=merge_command(planned, result.record.data_pins),
         any_hub=bool(hub_models),
         local_sources=[names.of(s) for s in everything if s.is_local],
         auto_class=auto_class,
@@ -199,7 +206,7 @@ def method_text(method: MergeMethod, **context: Any) -> str:
     return environment.from_string(method.card_template).render(method=method, **context).strip()
 
 
-def merge_command(planned: PlannedMerge) -> str | None:
+def merge_command(planned: PlannedMerge, data_pins: dict[int, Any] | None = None) -> str | None:
     """An ``hfmerge merge`` line equivalent to the pinned ``hfmerge.yaml``.
 
     Every recipe field becomes its flag (``heads: concat`` → ``--heads concat``),
@@ -208,7 +215,7 @@ def merge_command(planned: PlannedMerge) -> str | None:
     folders without their paths, so no such command would run as written.
     """
     everything = [*planned.sources, *([planned.base] if planned.base is not None else [])]
-    recipe = planned.pinned_recipe()
+    recipe = planned.pinned_recipe(data_pins)
     datasets = [*(recipe.data or []), *(recipe.eval_data or [])]
     if any(s.is_local for s in everything) or any(spec.is_local for spec in datasets):
         return None
