@@ -7,8 +7,8 @@ import logging
 import pytest
 import torch
 
-from hfmerge.methods.regmean import regmean_linear
-from hfmerge.engine.ops import FisherWeighted, RegMeanLinear
+from hfmerge.methods.fisher import FisherWeighted
+from hfmerge.methods.regmean import RegMeanLinear, regmean_linear
 
 
 def _inputs(rows: int, features: int, seed: int) -> torch.Tensor:

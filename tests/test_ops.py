@@ -1,4 +1,4 @@
-"""The tensor maths of the methods, against hand computations (no files, no Hub)."""
+"""The tensor maths of the methods, against hand computations (no Hub), and what makes an operation."""
 
 from __future__ import annotations
 
@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from hfmerge.methods.layerwise import layer_weights
-from hfmerge.engine.ops import ConcatHeads, Copy, LinearCombination, TaskArithmetic, normalise
+from hfmerge.engine.ops import Copy, LinearCombination, normalise
+from hfmerge.methods.heads import ConcatHeads
+from hfmerge.methods.task_arithmetic import TaskArithmeticOp
 
 
 def loader(tensors):
@@ -43,7 +45,7 @@ def test_task_arithmetic_is_base_plus_scaled_sum_of_task_vectors():
     t1 = torch.tensor([3.0, 1.0])
     t2 = torch.tensor([1.0, 5.0])
     load = loader({(2, "w"): base, (0, "w"): t1, (1, "w"): t2})
-    out = TaskArithmetic((2, "w"), ((0, "w"), (1, "w")), 0.5).apply(load)
+    out = TaskArithmeticOp((2, "w"), ((0, "w"), (1, "w")), 0.5).apply(load)
     # 1 + 0.5 * ((3-1) + (1-1)) = 2 ; 1 + 0.5 * ((1-1) + (5-1)) = 3
     assert out.tolist() == [2.0, 3.0]
 
@@ -87,7 +89,7 @@ def test_layer_weights_with_start_layer_are_uniform_then_decay_to_the_anchor():
 
 
 def test_ties_trim_keeps_exactly_the_top_k_magnitudes_per_tensor():
-    from hfmerge.engine.ops import top_magnitude_threshold, trim_to_threshold
+    from hfmerge.methods.task_vectors import top_magnitude_threshold, trim_to_threshold
 
     task_vector = torch.randn(7, 13, generator=torch.Generator().manual_seed(0))
     for density in (0.05, 0.2, 0.5, 0.99):
@@ -102,7 +104,7 @@ def test_ties_trim_keeps_exactly_the_top_k_magnitudes_per_tensor():
 
 
 def test_aligned_average_moves_the_source_onto_the_anchor_neurons_then_averages():
-    from hfmerge.engine.ops import AlignedAverage
+    from hfmerge.methods.ot.alignment import AlignedAverage
 
     w_a = torch.arange(12, dtype=torch.float32).reshape(3, 4)
     w_b = torch.ones(3, 4)
@@ -123,10 +125,36 @@ def test_aligned_average_moves_the_source_onto_the_anchor_neurons_then_averages(
 
 
 def test_aligned_average_into_fewer_neurons_takes_convex_combinations():
-    from hfmerge.engine.ops import AlignedAverage
+    from hfmerge.methods.ot.alignment import AlignedAverage
 
     w_a = torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]])  # three source neurons
     m = torch.tensor([[1.0, 0.0], [0.0, 0.5], [0.0, 0.5]], dtype=torch.float64)  # columns sum to one
     op = AlignedAverage(((0, "w"),), (((0, (1, "m"), 1),),), (1.0,))
     expected = torch.tensor([[1.0, 2.0], [4.0, 5.0]])  # neuron 0, and the mean of neurons 1 and 2
     torch.testing.assert_close(op.apply({(0, "w"): w_a, (1, "m"): m}.__getitem__), expected)
+
+
+def test_an_operation_defined_anywhere_is_planned_summarised_and_executed(tmp_path):
+    """:class:`~hfmerge.engine.ops.MergeOp` is a protocol: a ``group`` and an ``apply`` make an operation."""
+    from dataclasses import dataclass
+
+    from safetensors.torch import load_file
+
+    from hfmerge.engine.execute import execute_plan
+    from hfmerge.engine.plan import MergePlan, TensorPlan
+
+    @dataclass(frozen=True)
+    class Negate:
+        source: tuple[int, str]
+        group: str = "negated"
+
+        def apply(self, load):
+            return -load(self.source).to(torch.float32)
+
+    plan = MergePlan([TensorPlan("w", "w", (2, 3), torch.float32, Negate((0, "w"))),
+                      TensorPlan("b", "b", (3,), torch.float32, Copy((0, "b")))])
+    assert plan.summary() == [("negated", 1, 6), ("kept from anchor", 1, 3)]
+    w, b = torch.randn(2, 3), torch.randn(3)
+    execute_plan(plan, {0: {"w": w, "b": b}}, tmp_path, progress=False)
+    written = load_file(tmp_path / "model.safetensors")
+    assert torch.equal(written["w"], -w) and torch.equal(written["b"], b)

@@ -59,10 +59,6 @@ class NeuronGroup:
     activation_dim: int = 1
     optional: bool = False
 
-    def dims_of(self, tensor: str) -> list[int]:
-        """The dimensions of ``tensor`` that belong to this group."""
-        return [dim for name, dim in self.members if name == tensor]
-
 
 class GroupBuilder:
     """Collect channel sets of one model and join them into :class:`NeuronGroup` s.

@@ -86,10 +86,6 @@ class StatisticsRequest:
             raise ValueError(f"activation_samples must be >= 0, not {self.activation_samples}")
 
     @property
-    def is_empty(self) -> bool:
-        return not (self.grams or self.fisher or (self.activations and self.activation_samples))
-
-    @property
     def samples_labels(self) -> bool:
         """Whether the pass draws labels at random (so the seed changes the result)."""
         return bool(self.fisher) and self.fisher_labels == "model"

@@ -2,7 +2,9 @@
 
 A method module imports the engine and ``hfmerge.engine.ops`` inside ``plan``, not
 at its top: listing the methods (``hfmerge --help``, ``hfmerge methods``,
-recipe validation) then needs no torch.
+recipe validation) then needs no torch. A method's own tensor operations
+(:class:`~hfmerge.engine.ops.MergeOp`) live beside it and import torch inside
+``apply``, or in a module of its own that ``plan`` imports.
 """
 
 from hfmerge.methods.base import MergeMethod, ParamSpec, available_methods, get_method, register_method

@@ -60,8 +60,7 @@ class Dare(MergeMethod):
         return params
 
     def plan(self, ctx: MergeContext) -> MergePlan:
-        from hfmerge.methods.task_vectors import plan_task_vectors
-        from hfmerge.engine.ops import DisjointMerge
+        from hfmerge.methods.task_vectors import DisjointMerge, plan_task_vectors
 
         drop_rate, sign, scale = float(ctx.params["drop_rate"]), str(ctx.params["sign"]), float(ctx.params["lambda"])
         seed = ctx.seed or 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from hfmerge.errors import IncompatibleModelsError
@@ -9,8 +10,45 @@ from hfmerge.methods.base import MergeMethod, ParamSpec, register_method
 from hfmerge.methods.stages import Stage, Statistics
 
 if TYPE_CHECKING:
+    import torch
+
+    from hfmerge.engine.ops import Loader, TensorRef
     from hfmerge.engine.plan import MergeContext, MergePlan
     from hfmerge.engine.statistics import StatisticsRequest
+
+
+@dataclass(frozen=True)
+class FisherWeighted:
+    """Fisher merging (Matena & Raffel, 2022, Eq. 2) with the diagonal Fisher.
+
+    θ = Σ_i w_i F̂_i θ_i / Σ_i w_i F̂_i, entry by entry, where F̂_i = F_i / n_i + ε
+    is source i's mean per-sample Fisher (a statistics sum ``F_i`` over ``n_i``
+    samples) and w_i the source weights. ε keeps entries that no sample
+    informed (zero Fisher in every source) at the weighted average.
+    """
+
+    sources: tuple[TensorRef, ...]
+    fishers: tuple[TensorRef, ...]
+    counts: tuple[TensorRef, ...]
+    weights: tuple[float, ...]
+    epsilon: float = 1e-8
+    group: str = "Fisher-weighted"
+
+    def apply(self, load: Loader) -> torch.Tensor:
+        import torch
+
+        numerator: torch.Tensor | None = None
+        denominator: torch.Tensor | None = None
+        for ref, fisher_ref, count_ref, weight in zip(self.sources, self.fishers, self.counts, self.weights):
+            if weight == 0.0:
+                continue
+            count = float(load(count_ref))
+            importance = weight * (load(fisher_ref).to(torch.float64) / max(count, 1.0) + self.epsilon)
+            term = importance * load(ref).to(torch.float64)
+            numerator = term if numerator is None else numerator.add_(term)
+            denominator = importance if denominator is None else denominator.add_(importance)
+        assert numerator is not None and denominator is not None
+        return (numerator / denominator).to(torch.float32)
 
 
 @register_method
@@ -81,7 +119,7 @@ policy: stacked into one head over the union of the {{ details.num_labels }} lab
     def plan(self, ctx: MergeContext) -> MergePlan:
         from hfmerge.engine.plan import MergePlan, require_all_shared
         from hfmerge.methods.heads import head_policy, plan_heads
-        from hfmerge.engine.ops import FisherWeighted, LinearCombination
+        from hfmerge.engine.ops import LinearCombination
 
         if ctx.anchor.task != "image-classification":
             raise IncompatibleModelsError(

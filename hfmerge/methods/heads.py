@@ -25,14 +25,17 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from hfmerge.adapters.layout import ModelLayout
 from hfmerge.engine.plan import MergeContext, TensorPlan
 from hfmerge.errors import IncompatibleModelsError
 from hfmerge.methods.labels import distinct_prefixes, union_label_names
 from hfmerge.methods.base import HEAD_POLICIES
-from hfmerge.engine.ops import ConcatHeads, Copy, LinearCombination
+from hfmerge.engine.ops import Copy, LinearCombination, Loader, TensorRef
 
-__all__ = ["HEAD_POLICIES", "HeadsPlan", "head_policy", "labels_agree", "plan_heads", "source_prefixes", "union_labels"]
+__all__ = ["HEAD_POLICIES", "ConcatHeads", "HeadsPlan", "head_policy", "labels_agree", "plan_heads", "source_prefixes",
+           "union_labels"]
 
 
 def labels_agree(sources: list[ModelLayout]) -> bool:
@@ -61,6 +64,36 @@ class HeadsPlan:
     entries: list[TensorPlan]
     config_updates: dict[str, Any] = field(default_factory=dict)
     details: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ConcatHeads:
+    """Stack classifier heads along the output dimension (parameter fusion, §III).
+
+    Rows ``[0, n_i)`` of source i are its label rows and are stacked in source
+    order; ``null_rows`` trailing rows (a "no object" class) exist once in the
+    result and are the weighted average of the sources' null rows.
+    """
+
+    sources: tuple[TensorRef, ...]
+    label_rows: tuple[int, ...]
+    null_rows: int = 0
+    null_weights: tuple[float, ...] | None = None
+    group: str = "concatenated"
+
+    def apply(self, load: Loader) -> torch.Tensor:
+        parts: list[torch.Tensor] = []
+        null: torch.Tensor | None = None
+        weights = self.null_weights or tuple(1.0 / len(self.sources) for _ in self.sources)
+        for ref, rows, weight in zip(self.sources, self.label_rows, weights):
+            tensor = load(ref).to(torch.float32)
+            parts.append(tensor[:rows].clone())
+            if self.null_rows:
+                tail = tensor[rows : rows + self.null_rows] * weight
+                null = tail if null is None else null + tail
+        if null is not None:
+            parts.append(null)
+        return torch.cat(parts, dim=0)
 
 
 def plan_heads(ctx: MergeContext, names: Iterable[str], policy: str) -> HeadsPlan:

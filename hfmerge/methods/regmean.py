@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from hfmerge.errors import IncompatibleModelsError
+from hfmerge.errors import IncompatibleModelsError, MergeNumericError
 from hfmerge.methods.base import MergeMethod, ParamSpec, register_method
 from hfmerge.methods.stages import Stage, Statistics
 
 if TYPE_CHECKING:
     import torch
 
+    from hfmerge.engine.ops import Loader, TensorRef
     from hfmerge.engine.plan import MergeContext, MergePlan
     from hfmerge.engine.statistics import StatisticsRequest
+
+logger = logging.getLogger(__name__)
 
 
 def regmean_linear(weights: Sequence[torch.Tensor], grams: Sequence[torch.Tensor], alpha: float = 0.9) -> torch.Tensor:
@@ -39,8 +44,6 @@ def regmean_linear(weights: Sequence[torch.Tensor], grams: Sequence[torch.Tensor
     """
     import torch
 
-    from hfmerge.engine.ops import regularised_sum_of_grams, solve_gram_system
-
     if len(weights) != len(grams) or not weights:
         raise ValueError(f"regmean_linear needs one Gram matrix per weight, got {len(weights)} and {len(grams)}")
     if not 0.0 <= alpha <= 1.0:
@@ -48,6 +51,88 @@ def regmean_linear(weights: Sequence[torch.Tensor], grams: Sequence[torch.Tensor
     total, scaled = regularised_sum_of_grams(grams, alpha)
     rhs = sum(g @ w.to(torch.float64).T for g, w in zip(scaled, weights))
     return solve_gram_system(total, rhs).T.to(torch.float32).contiguous()
+
+
+def regularised_sum_of_grams(grams: Sequence[torch.Tensor], alpha: float) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """G̃_i = α G_i + (1 − α) diag(G_i) for each Gram matrix, in float64, and their sum.
+
+    RegMean's regularisation (Jin et al., 2023, §3.2; the ViT paper's appendix A):
+    the off-diagonal entries of every Gram matrix are scaled by α, which keeps
+    Σ G̃_i positive definite whenever every input feature was seen (α < 1).
+    """
+    import torch
+
+    scaled = []
+    for gram in grams:
+        g = gram.to(torch.float64)
+        scaled.append(alpha * g + (1.0 - alpha) * torch.diag(torch.diagonal(g)))
+    total = scaled[0].clone()
+    for g in scaled[1:]:
+        total.add_(g)
+    return total, scaled
+
+
+def solve_gram_system(total: torch.Tensor, rhs: torch.Tensor, *, name: str = "") -> torch.Tensor:
+    """X with (Σ G̃_i) X = rhs, by a Cholesky factorisation (never an explicit inverse).
+
+    A singular Σ G̃_i (an input feature no sample ever excited, or α = 1 with
+    fewer rows than features) is regularised with a ridge of 1e-6 of its mean
+    diagonal, retried with larger ridges until the factorisation succeeds; a
+    warning says so. The result is never NaN.
+    """
+    import torch
+
+    factor, info = torch.linalg.cholesky_ex(total)
+    if int(info) != 0:
+        scale = float(torch.diagonal(total).abs().mean()) or 1.0
+        ridge = 1e-6 * scale
+        eye = torch.eye(total.shape[0], dtype=total.dtype)
+        for _ in range(12):
+            factor, info = torch.linalg.cholesky_ex(total + ridge * eye)
+            if int(info) == 0:
+                break
+            ridge *= 10.0
+        else:
+            raise MergeNumericError(
+                f"RegMean: the summed Gram matrix{f' of {name}' if name else ''} is not finite or not positive "
+                "semi-definite; check the sources' outputs on the data for NaN/inf"
+            )
+        logger.warning(
+            "RegMean: the summed Gram matrix%s is singular (an input feature the data never excited); "
+            "regularised with a ridge of %.3g",
+            f" of {name}" if name else "", ridge,
+        )
+    return torch.cholesky_solve(rhs, factor)
+
+
+@dataclass(frozen=True)
+class RegMeanLinear:
+    """RegMean (Jin et al., 2023, Eq. 5; the ViT paper's appendix A) for one ``nn.Linear`` weight.
+
+    W = (Σ_i G̃_i)⁻¹ Σ_i G̃_i W_iᵀ in the x·W orientation, i.e. for PyTorch's
+    ``Linear.weight`` (out × in): W = (Σ_i W_i G̃_i)(Σ_i G̃_i)⁻¹, with G_i the
+    Gram matrix of the layer's inputs on source i's data (a statistics
+    reference) and G̃_i its α-regularised form. Sources are accumulated one at
+    a time, so memory holds two in×in matrices whatever their number.
+    """
+
+    sources: tuple[TensorRef, ...]
+    grams: tuple[TensorRef, ...]
+    alpha: float
+    group: str = "RegMean (linear layers)"
+
+    def apply(self, load: Loader) -> torch.Tensor:
+        import torch
+
+        total: torch.Tensor | None = None
+        rhs: torch.Tensor | None = None
+        for weight_ref, gram_ref in zip(self.sources, self.grams):
+            _, (g,) = regularised_sum_of_grams([load(gram_ref)], self.alpha)
+            product = g @ load(weight_ref).to(torch.float64).T  # G̃_i W_iᵀ: in × out
+            total = g if total is None else total.add_(g)
+            rhs = product if rhs is None else rhs.add_(product)
+        assert total is not None and rhs is not None
+        return solve_gram_system(total, rhs, name=self.sources[0][1]).T.to(torch.float32).contiguous()
 
 
 def linear_groups(ctx: MergeContext) -> list[tuple[str, ...]]:
@@ -115,7 +200,7 @@ head over the union of the {{ details.num_labels }} labels
     def plan(self, ctx: MergeContext) -> MergePlan:
         from hfmerge.engine.plan import MergePlan, require_all_shared
         from hfmerge.methods.heads import head_policy, plan_heads
-        from hfmerge.engine.ops import LinearCombination, RegMeanLinear
+        from hfmerge.engine.ops import LinearCombination
 
         heads = [info.name for info in ctx.anchor.head_tensors]
         require_all_shared(ctx, self.name, except_names=heads)

@@ -2,12 +2,35 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from hfmerge.methods.base import TASK_VECTOR_CARD_NOTES, MergeMethod, ParamSpec, register_method
 
 if TYPE_CHECKING:
+    import torch
+
+    from hfmerge.engine.ops import Loader, TensorRef
     from hfmerge.engine.plan import MergeContext, MergePlan
+
+
+@dataclass(frozen=True)
+class TaskArithmeticOp:
+    """θ = θ_base + λ Σ_i (θ_i − θ_base)  (Ilharco et al., 2023, task vectors)."""
+
+    base: TensorRef
+    sources: tuple[TensorRef, ...]
+    scale: float
+    group: str = "base + λ·Σ task vectors"
+
+    def apply(self, load: Loader) -> torch.Tensor:
+        import torch
+
+        base = load(self.base).to(torch.float32)
+        task_sum = torch.zeros_like(base)
+        for ref in self.sources:
+            task_sum.add_(load(ref).to(torch.float32) - base)
+        return base + self.scale * task_sum
 
 
 @register_method
@@ -38,7 +61,6 @@ class TaskArithmetic(MergeMethod):
 
     def plan(self, ctx: MergeContext) -> MergePlan:
         from hfmerge.methods.task_vectors import plan_task_vectors
-        from hfmerge.engine.ops import TaskArithmetic as TaskArithmeticOp
 
         scale = float(ctx.params["lambda"])
         return plan_task_vectors(

@@ -20,18 +20,26 @@ Not every tensor is a task vector:
   explicit ``--heads`` applies to every classifier head.
 - A backbone tensor the base lacks is an error: the base is then not the model
   the sources were fine-tuned from.
+
+TIES and DARE share one operation, :class:`DisjointMerge`, which makes each task
+vector sparse (TIES's trim, DARE's drop and rescale) and then adds them or
+elects their signs.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
+
+import torch
 
 from hfmerge.adapters.layout import ModelLayout, TensorInfo
 from hfmerge.engine.plan import MergeContext, MergePlan, TensorPlan, require_all_shared
 from hfmerge.errors import IncompatibleModelsError, RecipeError
 from hfmerge.methods.heads import head_policy, labels_agree, plan_heads
-from hfmerge.engine.ops import Copy, LinearCombination, MergeOp, TensorRef
+from hfmerge.engine.ops import Copy, LinearCombination, Loader, MergeOp, TensorRef
 
 RUNNING_STATISTICS = ("running_mean", "running_var")
 
@@ -113,3 +121,99 @@ def plan_task_vectors(ctx: MergeContext, method: str, make_op: TaskVectorOp, det
     if stripped:
         facts["base_prefix"] = prefix
     return MergePlan(entries, config_updates=head_plan.config_updates, details=facts)
+
+
+def top_magnitude_threshold(task_vector: torch.Tensor, density: float) -> float | None:
+    """The k-th largest magnitude of ``task_vector``, k = ⌊density · numel⌋ (TIES, §3 "Trim"), per tensor as mergekit does.
+
+    ``None`` when every entry is kept (k = numel); ``inf`` when none is (k = 0).
+    """
+    k = int(density * task_vector.numel())
+    if k >= task_vector.numel():
+        return None
+    if k == 0:
+        return float("inf")
+    return float(torch.kthvalue(task_vector.abs().reshape(-1), task_vector.numel() - k + 1).values)
+
+
+def trim_to_threshold(task_vector: torch.Tensor, threshold: float | None) -> torch.Tensor:
+    """Zero the entries whose magnitude is below ``threshold`` (from :func:`top_magnitude_threshold`).
+
+    Exactly the top k entries are kept unless several share the k-th magnitude,
+    which continuous weights practically never do; zeros kept change nothing.
+    """
+    if threshold is None:
+        return task_vector
+    return torch.where(task_vector.abs() >= threshold, task_vector, 0.0)
+
+
+def dare_generator(seed: int, key: str, source: int) -> torch.Generator:
+    """The random generator for one (tensor, source) pair, derived from (seed, key, source index).
+
+    Deriving it from a hash rather than drawing from one stream makes every
+    tensor's mask independent of the order tensors and sources are visited in.
+    """
+    digest = hashlib.sha256(f"{seed}\0{key}\0{source}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+
+
+def drop_and_rescale(task_vector: torch.Tensor, drop_rate: float, generator: torch.Generator) -> torch.Tensor:
+    """DARE (Yu et al., 2024, §3, Eq. 2): drop each entry with probability p, rescale the rest by 1/(1 − p)."""
+    keep = torch.rand(task_vector.shape, generator=generator) >= drop_rate
+    return task_vector * keep / (1.0 - drop_rate)
+
+
+@dataclass(frozen=True)
+class DisjointMerge:
+    """θ = θ_base + λ · merge(τ̂_1..τ̂_N) over task vectors τ_i = θ_i − θ_base made sparse first.
+
+    ``sparsify`` turns τ_i into τ̂_i: ``"trim"`` keeps the top ⌊density·numel⌋
+    magnitudes (TIES), ``"drop"`` drops entries at random with probability
+    ``drop_rate`` and rescales the rest (DARE). ``sign`` combines them:
+    ``"sum"`` adds them (task arithmetic), ``"ties"`` elects each entry's sign
+    γ = sgn(Σ_i τ̂_i) and takes the mean of the τ̂_i whose sign is γ, zeros
+    excluded (TIES §3, "Elect" and "Disjoint merge").
+
+    Memory stays flat in N: the TIES path makes two passes over the sources,
+    recomputing τ̂_i (same magnitude threshold, same seeded mask) instead of holding N of them.
+    """
+
+    base: TensorRef
+    sources: tuple[TensorRef, ...]
+    scale: float
+    sparsify: str
+    sign: str = "ties"
+    density: float = 1.0
+    drop_rate: float = 0.0
+    seed: int = 0
+    key: str = ""
+    group: str = "base + λ·merged sparse task vectors"
+
+    def _sparse_task_vector(self, load: Loader, index: int, base: torch.Tensor,
+                            thresholds: list[float | None]) -> torch.Tensor:
+        """τ̂_i; the trim's threshold is found on the first pass and reused on the second (no second top-k)."""
+        task_vector = load(self.sources[index]).to(torch.float32) - base
+        if self.sparsify == "trim":
+            if len(thresholds) <= index:
+                thresholds.append(top_magnitude_threshold(task_vector, self.density))
+            return trim_to_threshold(task_vector, thresholds[index])
+        return drop_and_rescale(task_vector, self.drop_rate, dare_generator(self.seed, self.key, index))
+
+    def apply(self, load: Loader) -> torch.Tensor:
+        base = load(self.base).to(torch.float32)
+        total = torch.zeros_like(base)
+        thresholds: list[float | None] = []
+        for index in range(len(self.sources)):
+            total.add_(self._sparse_task_vector(load, index, base, thresholds))
+        if self.sign == "sum":
+            return base + self.scale * total
+        elected = torch.sign(total)
+        del total
+        agreeing_sum = torch.zeros_like(base)
+        agreeing_count = torch.zeros_like(base)
+        for index in range(len(self.sources)):
+            sparse = self._sparse_task_vector(load, index, base, thresholds)
+            agrees = (torch.sign(sparse) == elected) & (sparse != 0)
+            agreeing_sum.add_(torch.where(agrees, sparse, 0.0))
+            agreeing_count.add_(agrees.to(torch.float32))
+        return base + self.scale * (agreeing_sum / agreeing_count.clamp(min=1.0))

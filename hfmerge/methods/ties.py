@@ -45,8 +45,7 @@ class Ties(MergeMethod):
     ) + TASK_VECTOR_CARD_NOTES
 
     def plan(self, ctx: MergeContext) -> MergePlan:
-        from hfmerge.methods.task_vectors import plan_task_vectors
-        from hfmerge.engine.ops import DisjointMerge
+        from hfmerge.methods.task_vectors import DisjointMerge, plan_task_vectors
 
         density, scale = float(ctx.params["density"]), float(ctx.params["lambda"])
         return plan_task_vectors(

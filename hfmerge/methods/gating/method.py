@@ -20,6 +20,7 @@ hfmerge, and :func:`hfmerge.load` loads it without running any repository code.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from hfmerge.errors import IncompatibleModelsError, RecipeError
@@ -27,7 +28,10 @@ from hfmerge.methods.base import MergeMethod, ParamSpec, register_method
 from hfmerge.methods.stages import Analyse, Compare, Comparison, DataNeed, Stage, Statistics
 
 if TYPE_CHECKING:
+    import torch
+
     from hfmerge.adapters.layout import ModelLayout
+    from hfmerge.engine.ops import Loader, TensorRef
     from hfmerge.engine.plan import MergeContext, MergePlan
     from hfmerge.engine.statistics import StatisticsRequest
 
@@ -51,6 +55,29 @@ def embedding_and_norm_keys(layout: ModelLayout) -> list[str]:
         if "embedding" in enclosing or kinds.get(info.module) == "norm":
             chosen.append(info.key)
     return chosen
+
+
+@dataclass(frozen=True)
+class Stack:
+    """Keep every source's tensor, stacked on a new leading dimension: (N, *shape).
+
+    For an output model that holds one copy of a module per source (the gated
+    layers of the gating merge, whose weights are mixed per input at run time,
+    vit-gating-merge Eq. 2), so the merge itself computes nothing.
+    """
+
+    sources: tuple[TensorRef, ...]
+    group: str = "stacked per source"
+
+    def apply(self, load: Loader) -> torch.Tensor:
+        import torch
+
+        first = load(self.sources[0]).to(torch.float32)
+        out = torch.empty((len(self.sources), *first.shape), dtype=torch.float32)
+        out[0] = first
+        for i, ref in enumerate(self.sources[1:], start=1):
+            out[i] = load(ref)
+        return out
 
 
 @register_method
@@ -262,7 +289,7 @@ source for {{ '%.2f' | format(details.gate.accuracy * 100) }}% \
     def plan(self, ctx: MergeContext) -> MergePlan:
         from hfmerge.engine.plan import MergePlan, OutputSpec, TensorPlan
         from hfmerge.methods import get_method
-        from hfmerge.engine.ops import Copy, Stack
+        from hfmerge.engine.ops import Copy
 
         self._check_sources(ctx)
         attention, mlp = self._selection(ctx)

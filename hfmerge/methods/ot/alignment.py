@@ -18,7 +18,8 @@ orders, so layer ℓ of model A is first matched to the anchor B's layer ℓ:
    convex combination of A's rows. When A's units are a permutation P of B's
    (n_A = n_B = n), T = P/n and M = P: the alignment undoes the permutation.
 
-The fused layer is then an average of W̃_A and W_B (the method's business).
+The fused layer is then an average of W̃_A and W_B: :class:`AlignedAverage`, the
+operation of OTFusion's and CLAFusion's plans, weighs them as the method says.
 Everything here is pure maths on tensors, in float64 inside; nothing reads a
 file or knows a model family.
 """
@@ -28,6 +29,7 @@ from __future__ import annotations
 import logging
 import warnings
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import ot
@@ -35,6 +37,9 @@ import torch
 from torch import Tensor
 
 from hfmerge.errors import TransportError
+
+if TYPE_CHECKING:
+    from hfmerge.engine.ops import Loader, TensorRef
 
 logger = logging.getLogger(__name__)
 
@@ -301,3 +306,35 @@ def align_layer(
     cost_after = float((plan * cost).sum())
     logger.debug("aligned %d units to %d: cost %s -> %.6g", n_a, n_b, cost_before, cost_after)
     return LayerAlignment(plan=plan, matrix=matrix, aligned=aligned, cost_before=cost_before, cost_after=cost_after)
+
+
+@dataclass(frozen=True)
+class AlignedAverage:
+    """θ = Σ_i c_i · align_i(θ_i): each source's tensor moved onto the anchor's neurons, then averaged (OTFusion).
+
+    ``alignments[i]`` lists, for source i, the (dimension, map reference, unit) of every dimension of the
+    tensor that indexes a neuron group; the map is the group's alignment matrix M = T diag(1/β)
+    (n_i × n_anchor, columns summing to one; :func:`hfmerge.methods.ot.alignment.align_dim`), so the dimension
+    becomes the anchor's width. The anchor's entry is empty: its neurons are the target. Singh & Jaggi
+    (2020), Algorithm 1: W̃ = diag(1/β) Tᵀ W M_prev for a layer's output and input neurons, then
+    W_F = Σ_i c_i W̃_i.
+    """
+
+    sources: tuple[TensorRef, ...]
+    alignments: tuple[tuple[tuple[int, TensorRef, int], ...], ...]
+    coefficients: tuple[float, ...]
+    group: str = "aligned by optimal transport, then averaged"
+
+    def apply(self, load: Loader) -> torch.Tensor:
+        total: torch.Tensor | None = None
+        for ref, dims, coefficient in zip(self.sources, self.alignments, self.coefficients):
+            if coefficient == 0.0:
+                continue
+            tensor = load(ref).to(torch.float32)
+            for dim, map_ref, unit in dims:
+                tensor = align_dim(tensor, load(map_ref), dim, unit).to(torch.float32)
+            term = tensor * coefficient
+            total = term if total is None else total.add_(term)
+        if total is None:
+            raise ValueError("an aligned average needs at least one non-zero coefficient")
+        return total

@@ -13,13 +13,13 @@ of a shallower network B into a deeper network A, segment by segment:
   estimated from its pre-activations on the data.
 
 The fused network is then made layer by layer with OTFusion, which needs each
-balanced network's activations: :func:`deepened_activations` and
-:func:`merged_activations` compute them from the original network's, exactly.
+balanced network's activations: :func:`deepened_activations` computes a deepened
+network's from the original network's, exactly.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -174,21 +174,3 @@ def merge_linear(first: tuple[torch.Tensor, torch.Tensor | None], second: tuple[
         if b2 is not None:
             bias = bias + b2.to(torch.float64)
     return weight, bias
-
-
-def merged_activations(weights: Mapping[int, tuple[torch.Tensor, torch.Tensor | None]], first: torch.Tensor,
-                       kept: list[int]) -> dict[int, torch.Tensor]:
-    """The pre-activations of a merged MLP's layers, from its first layer's (unchanged) ``first``.
-
-    ``weights[l]`` is the merged network's layer l; layer l's pre-activation is
-    W_l ReLU(z_{l−1}) + b_l, computed from the first one on (t × p).
-    """
-    out = {kept[0]: first.to(torch.float64)}
-    previous = out[kept[0]]
-    for position, index in enumerate(kept[1:], start=1):
-        w, b = weights[position]
-        z = torch.relu(previous) @ w.to(torch.float64).T
-        if b is not None:
-            z = z + b.to(torch.float64)
-        out[index] = previous = z
-    return out

@@ -178,7 +178,7 @@ held-out images.{% endif %}"""
 
     def plan(self, ctx: MergeContext) -> MergePlan:
         from hfmerge.engine.plan import MergePlan, OutputSpec
-        from hfmerge.engine.ops import AlignedAverage
+        from hfmerge.methods.ot.alignment import AlignedAverage
 
         segments = self._checked_segments(ctx)
         if _needs_activations(ctx.params) and not ctx.data:

@@ -156,7 +156,8 @@ The weights are those of epoch {{ finetuning.best_epoch }}, the best on the held
 
     def plan(self, ctx: MergeContext) -> MergePlan:
         from hfmerge.engine.plan import MergePlan
-        from hfmerge.engine.ops import AlignedAverage, LinearCombination
+        from hfmerge.engine.ops import LinearCombination
+        from hfmerge.methods.ot.alignment import AlignedAverage
 
         if ctx.params["cost"] == "activations" and ctx.params.get("align", True) and not ctx.data:
             raise RecipeError(
