@@ -19,11 +19,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # base imports no module of the package that imports it back (tests/test_import_graph.py)
     from hfmerge.adapters.depth import DepthSpec
     from hfmerge.adapters.forward_order import ForwardOrder
-    from hfmerge.adapters.layout import ModelLayout
-    from hfmerge.adapters.neurons import NeuronGroup
+    from hfmerge.adapters.neurons import LayoutView, NeuronGroup
 
 
 @dataclass(frozen=True)
@@ -62,6 +61,24 @@ class SharedInput:
     @cached_property
     def regex(self) -> re.Pattern[str]:
         return re.compile(self.pattern)
+
+
+@dataclass(frozen=True)
+class TinyVariant:
+    """A tiny model of a family, for tests, fixtures and demos (:mod:`hfmerge.testing.tiny`).
+
+    Attributes:
+        config: ``config(**labels)`` with ``id2label``/``label2id`` keyword arguments: a config small
+            enough for a unit test (widths of 8–32, one or two layers per stage) and the architecture
+            to build from it. It imports transformers itself, so that declaring it costs nothing.
+        image_size: the images the tiny model reads (height and width).
+        processor: ``processor(size)``: an image processor for images of ``size``; ``None``: a plain
+            resize-and-normalise one (``ViTImageProcessorPil``).
+    """
+
+    config: Callable[..., tuple[Any, str]]
+    image_size: int
+    processor: Callable[[int], Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -104,6 +121,16 @@ class FamilyAdapter:
         depth: the family's hidden layers in alignable segments and how to add or merge layers
             (:class:`~hfmerge.adapters.depth.DepthSpec`); ``None``: models of the family are fused
             at one depth only (CLAFusion refuses it).
+        gating_source: the architecture whose models the gating merge takes as sources (an image
+            classifier with attention and MLP blocks, which it gates, and one classifier); ``None``:
+            the gating merge refuses models of the family.
+        gating_gate: the architecture whose models can serve as the gating merge's gate network (an image
+            classifier whose backbone gets a new head); ``None``: no model of the family can.
+        auto_classes: the transformers Auto class that loads an architecture, where it is not the one of
+            its task (Mask2Former: ``AutoModelForUniversalSegmentation``); model cards name it.
+        tiny: the family's tiny test models by name (``"vit"``, ``"mobilenet_v2-seg"``): a name says the
+            family and, where a family has several, the variant (:class:`TinyVariant`,
+            :mod:`hfmerge.testing.tiny`). Names are unique across families.
     """
 
     name: str
@@ -117,10 +144,14 @@ class FamilyAdapter:
     explicit_order: Callable[[str, Any], ForwardOrder] | None = None
     blocks: tuple[tuple[str, str], ...] = ()
     shared_inputs: tuple[SharedInput, ...] = ()
-    neurons: Callable[[ModelLayout], list[NeuronGroup]] | None = None
+    neurons: Callable[[LayoutView], list[NeuronGroup]] | None = None
     classes: str | None = None
     files: dict[str, str] = field(default_factory=dict)
     depth: DepthSpec | None = None
+    gating_source: str | None = None
+    gating_gate: str | None = None
+    auto_classes: dict[str, str] = field(default_factory=dict)
+    tiny: dict[str, TinyVariant] = field(default_factory=dict)
 
     def model_class(self, architecture: str) -> type[torch.nn.Module]:
         """The class for ``architecture`` (only classes this adapter lists): transformers', or ``classes``'."""
@@ -163,12 +194,22 @@ _FAMILIES: dict[str, FamilyAdapter] = {}
 
 
 def register_family(adapter: FamilyAdapter) -> FamilyAdapter:
-    """Register ``adapter`` for its model types; a second adapter for one type is an error."""
+    """Register ``adapter`` for its model types; a second adapter for one type, or a second tiny model
+    of one name, is an error."""
     for model_type in adapter.model_types:
         if model_type in _FAMILIES:
             raise ValueError(f"model type {model_type!r} already has the adapter {_FAMILIES[model_type].name!r}")
+    for other in registered_families():
+        if clash := sorted(set(other.tiny) & set(adapter.tiny)):
+            raise ValueError(f"the tiny model {clash[0]!r} is already declared by the adapter {other.name!r}")
+    for model_type in adapter.model_types:
         _FAMILIES[model_type] = adapter
     return adapter
+
+
+def registered_families() -> list[FamilyAdapter]:
+    """Every registered adapter, once, in registration order."""
+    return list({id(a): a for a in _FAMILIES.values()}.values())
 
 
 def family_for_model_type(model_type: str) -> FamilyAdapter | None:

@@ -98,6 +98,9 @@ class DepthSpec:
             representation; a zero residual branch outputs zeros, and its block passes its input on.
         merge: for MLPs, ``balance=merge`` (§3.2): the layer to drop folds into the next one,
             W' = W_{l+1} D W_l. ``None``: the family cannot merge layers (a CNN).
+        segment_kind: what the layers of a segment are, for the card ("the blocks of each stage").
+        identity_layer: what an added layer is, for the card ("a convolution with identity (Dirac) kernels").
+        segment_plural: what the segments are called in messages ("stages").
     """
 
     segments: Callable[[Structure], list[DepthSegment]]
@@ -106,6 +109,9 @@ class DepthSpec:
     added_representation: Callable[[str, DepthLayer, DepthLayer, Callable[[str], torch.Tensor], torch.nn.Module],
                                    torch.Tensor]
     merge: Callable[[Any, list[list[int]]], Any] | None = None
+    segment_kind: str = "segment by segment"
+    identity_layer: str = "an identity layer"
+    segment_plural: str = "segments"
 
 
 def widths_with_added(widths: list[int], positions: list[int | None], *, why_not_first: str) -> list[int]:

@@ -19,12 +19,9 @@ import json
 import logging
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
-
-if TYPE_CHECKING:
-    from hfmerge.adapters.base import FamilyAdapter
 
 logger = logging.getLogger(__name__)
 
@@ -115,10 +112,28 @@ def trace_model(model: torch.nn.Module, config: Any, device: str) -> ForwardOrde
     return order_modules(owners, calls, [o for o in owners if o not in with_parameters])
 
 
+class Traceable(Protocol):
+    """What tracing reads of a family: a :class:`~hfmerge.adapters.base.FamilyAdapter` is one. Declared
+    here, so that this module, which ``base`` imports, imports nothing of the package back."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def trace_config(self) -> Callable[[Any], Any] | None: ...
+
+    @property
+    def explicit_order(self) -> Callable[[str, Any], ForwardOrder] | None: ...
+
+    def model_class(self, architecture: str) -> type[torch.nn.Module]: ...
+
+    def build_meta_model(self, architecture: str, config: Any) -> torch.nn.Module: ...
+
+
 _CACHE: dict[tuple[str, str, str], ForwardOrder] = {}
 
 
-def forward_order(family: FamilyAdapter, architecture: str, config: Any) -> ForwardOrder:
+def forward_order(family: Traceable, architecture: str, config: Any) -> ForwardOrder:
     """The :class:`ForwardOrder` of ``architecture`` built from ``config``, cached per (architecture, config).
 
     Label maps are left out of the cache key: sources that differ only in their
@@ -140,7 +155,7 @@ def forward_order(family: FamilyAdapter, architecture: str, config: Any) -> Forw
     return _CACHE[key]
 
 
-def _trace(family: FamilyAdapter, architecture: str, config: Any) -> ForwardOrder:
+def _trace(family: Traceable, architecture: str, config: Any) -> ForwardOrder:
     rng = torch.random.get_rng_state()  # building a CPU instance draws weights; leave the caller's seed alone
     threads = torch.get_num_threads()
     model = None

@@ -12,7 +12,8 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from hfmerge.adapters.base import FamilyAdapter, HeadSpec, SharedInput, register_family
+from hfmerge.adapters.base import FamilyAdapter, HeadSpec, SharedInput, TinyVariant, register_family
+from hfmerge.adapters.swin import tiny_swin
 
 
 def _trace_config(config: Any) -> Any:
@@ -34,6 +35,23 @@ def _trace_config(config: Any) -> Any:
             backbone["embedding_size"] = 8
     small.backbone_config = type(small.backbone_config).from_dict(backbone)
     return small
+
+
+def _tiny(**labels: Any) -> tuple[Any, str]:
+    """Mask2Former of width 32 (the GroupNorms' 32 groups), four queries, on a tiny Swin."""
+    from transformers import Mask2FormerConfig
+
+    config = Mask2FormerConfig(backbone_config=tiny_swin(), feature_size=32, mask_feature_size=32, hidden_dim=32,
+                               encoder_feedforward_dim=32, dim_feedforward=32, encoder_layers=1,
+                               decoder_layers=2, num_attention_heads=2, num_queries=4, common_stride=4, **labels)
+    return config, "Mask2FormerForUniversalSegmentation"
+
+
+def _tiny_processor(size: int) -> Any:
+    """Its image processor: images of ``size``, 255 the label of no class in the maps."""
+    from transformers import Mask2FormerImageProcessorPil
+
+    return Mask2FormerImageProcessorPil(size={"height": size, "width": size}, ignore_index=255)
 
 
 MASK2FORMER = register_family(
@@ -69,5 +87,7 @@ MASK2FORMER = register_family(
             # The class and mask predictors both read the normalised decoder output.
             SharedInput(r"class_predictor|model\.transformer_module\.decoder\.mask_predictor\.mask_embedder\.0\.0"),
         ),
+        auto_classes={"Mask2FormerForUniversalSegmentation": "AutoModelForUniversalSegmentation"},
+        tiny={"mask2former": TinyVariant(_tiny, image_size=64, processor=_tiny_processor)},
     )
 )

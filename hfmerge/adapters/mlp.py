@@ -2,22 +2,19 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
 from transformers import AutoConfig, AutoModelForImageClassification
 
-from hfmerge.adapters.base import FamilyAdapter, HeadSpec, register_family
+from hfmerge.adapters.base import FamilyAdapter, HeadSpec, TinyVariant, register_family
 from hfmerge.adapters.depth import DepthLayer, DepthSegment, DepthSpec, Structure, relu_of_previous, \
     widths_with_added
-from hfmerge.adapters.neurons import GroupBuilder, NeuronGroup
+from hfmerge.adapters.neurons import GroupBuilder, LayoutView, NeuronGroup
 from hfmerge.modeling.classic import HfMergeMLPConfig, MLPForImageClassification, MODELING_FILE, MLP_TYPE
 
-if TYPE_CHECKING:
-    from hfmerge.adapters.layout import ModelLayout
 
-
-def _neurons(layout: ModelLayout) -> list[NeuronGroup]:
+def _neurons(layout: LayoutView) -> list[NeuronGroup]:
     """One group per hidden layer: ``layers.{i}``'s rows and bias, read by the next layer's columns (dim 1).
 
     Observed at the layer's output, before its ReLU (the pre-activations OTFusion compares).
@@ -65,6 +62,14 @@ def _merged(config: HfMergeMLPConfig, keep: list[list[int]]) -> HfMergeMLPConfig
     return out
 
 
+_TINY_SIZE = 8
+
+
+def _tiny(**labels: Any) -> tuple[Any, str]:
+    """An MLP of two hidden layers (16 and 12 neurons) on 8 px images."""
+    return HfMergeMLPConfig(image_size=_TINY_SIZE, hidden_sizes=[16, 12], **labels), "MLPForImageClassification"
+
+
 MLP = register_family(
     FamilyAdapter(
         name="mlp",
@@ -75,7 +80,10 @@ MLP = register_family(
         classes="hfmerge.modeling.classic",
         files={MODELING_FILE: "hfmerge.modeling.classic"},
         neurons=_neurons,
-        depth=DepthSpec(_segments, _deepen, _identity, relu_of_previous, merge=_merged),
+        depth=DepthSpec(_segments, _deepen, _identity, relu_of_previous, merge=_merged,
+                        segment_kind="the hidden layers",
+                        identity_layer="a linear layer with identity weights and a ReLU"),
+        tiny={"mlp": TinyVariant(_tiny, image_size=_TINY_SIZE)},
     )
 )
 

@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import Any
 
-from hfmerge.adapters.base import FamilyAdapter, HeadSpec, register_family
-from hfmerge.adapters.neurons import GroupBuilder, NeuronGroup, norm_members
-
-if TYPE_CHECKING:
-    from hfmerge.adapters.layout import ModelLayout
+from hfmerge.adapters.base import FamilyAdapter, HeadSpec, TinyVariant, register_family
+from hfmerge.adapters.neurons import GroupBuilder, LayoutView, NeuronGroup, norm_members
 
 _BLOCK = re.compile(r"(?P<prefix>(?:.+\.)?)(?:layer\.\d+|conv_stem)")
 
 
-def _neurons(layout: ModelLayout) -> list[NeuronGroup]:
+def _neurons(layout: LayoutView) -> list[NeuronGroup]:
     """MobileNetV2's neuron groups: each inverted residual block's expansion channels, and the last 1x1's.
 
     In a block, ``expand_1x1`` widens the stream, the depthwise ``conv_3x3``
@@ -65,6 +63,17 @@ def _neurons(layout: ModelLayout) -> list[NeuronGroup]:
     return builder.build()
 
 
+def _tiny(architecture: str) -> Callable[..., tuple[Any, str]]:
+    """A MobileNetV2 of depth multiplier 0.25 on 32 px images, as ``architecture``."""
+
+    def config(**labels: Any) -> tuple[Any, str]:
+        from transformers import MobileNetV2Config
+
+        return MobileNetV2Config(image_size=32, depth_multiplier=0.25, **labels), architecture
+
+    return config
+
+
 MOBILENET_V2 = register_family(
     FamilyAdapter(
         name="mobilenet_v2",
@@ -81,5 +90,8 @@ MOBILENET_V2 = register_family(
         default_architecture="MobileNetV2ForImageClassification",
         backbone_prefix="mobilenet_v2",
         neurons=_neurons,
+        gating_gate="MobileNetV2ForImageClassification",
+        tiny={"mobilenet_v2": TinyVariant(_tiny("MobileNetV2ForImageClassification"), image_size=32),
+              "mobilenet_v2-seg": TinyVariant(_tiny("MobileNetV2ForSemanticSegmentation"), image_size=32)},
     )
 )

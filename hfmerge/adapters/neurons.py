@@ -18,13 +18,41 @@ dimension of a group has one size.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 from hfmerge.errors import IncompatibleModelsError
 
-if TYPE_CHECKING:
-    from hfmerge.adapters.layout import ModelLayout
+
+class _Tensor(Protocol):
+    @property
+    def shape(self) -> tuple[int, ...]: ...
+
+
+class LayoutView(Protocol):
+    """What a neuron-group declaration reads of an inspected model: a
+    :class:`~hfmerge.adapters.layout.ModelLayout` is one. Declared here, so that this module, which
+    the adapters and ``ModelLayout`` import, imports none of them (``tests/test_import_graph.py``).
+    """
+
+    @property
+    def source(self) -> Any: ...  # its ``name`` names the model in errors
+
+    @property
+    def config(self) -> Any: ...
+
+    @property
+    def tensors(self) -> Mapping[str, _Tensor]: ...  # in-memory name -> shape, registration order
+
+    @property
+    def module_classes(self) -> Mapping[str, type]: ...
+
+    @property
+    def forward(self) -> Mapping[str, Any]: ...  # the tensors' names in forward order
+
+    @property
+    def modules(self) -> Sequence[str]: ...  # the tensors' modules in forward order
 
 
 @dataclass(frozen=True)
@@ -47,7 +75,8 @@ class NeuronGroup:
         activation_dim: the dimension of those outputs that indexes the units (1 for ``[B, C, H, W]``,
             -1 for ``[B, tokens, features]`` or ``[B, features]``).
         optional: aligned only when asked (a transformer's residual stream, which runs through every
-            layer norm and embedding of the model); :attr:`ModelLayout.neuron_groups` leaves it out.
+            layer norm and embedding of the model); :attr:`~hfmerge.adapters.layout.ModelLayout.neuron_groups`
+            leaves it out.
     """
 
     name: str
@@ -68,7 +97,7 @@ class GroupBuilder:
     serves every config of a family.
     """
 
-    def __init__(self, layout: ModelLayout) -> None:
+    def __init__(self, layout: LayoutView) -> None:
         self.layout = layout
         self._parent: dict[str, str] = {}
         self._members: dict[str, list[tuple[str, int]]] = {}

@@ -5,21 +5,18 @@ from __future__ import annotations
 import re
 from itertools import count, takewhile
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
 
-from hfmerge.adapters.base import FamilyAdapter, HeadSpec, register_family
+from hfmerge.adapters.base import FamilyAdapter, HeadSpec, TinyVariant, register_family
 from hfmerge.adapters.depth import DepthLayer, DepthSegment, DepthSpec, Structure, layer_output, neutral_batch_norm
-from hfmerge.adapters.neurons import GroupBuilder, NeuronGroup, norm_members
-
-if TYPE_CHECKING:
-    from hfmerge.adapters.layout import ModelLayout
+from hfmerge.adapters.neurons import GroupBuilder, LayoutView, NeuronGroup, norm_members
 
 _BLOCK = re.compile(r"(?P<prefix>(?:.+\.)?)encoder\.stages\.(?P<stage>\d+)\.layers\.(?P<block>\d+)")
 
 
-def _neurons(layout: ModelLayout) -> list[NeuronGroup]:
+def _neurons(layout: LayoutView) -> list[NeuronGroup]:
     """ResNet's neuron groups: one per stage's residual stream, one per convolution inside a block.
 
     A block (basic: two 3x3 convolutions; bottleneck: 1x1, 3x3, 1x1) adds its
@@ -160,6 +157,14 @@ def _zero_block_activation(module: str, layer: DepthLayer, previous: DepthLayer,
     return torch.zeros((shape[0], width, *shape[2:]), dtype=torch.float32)
 
 
+def _tiny(**labels: Any) -> tuple[Any, str]:
+    """A basic-block ResNet of two stages, one block each, widths 8 and 16."""
+    from transformers import ResNetConfig
+
+    config = ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic", **labels)
+    return config, "ResNetForImageClassification"
+
+
 RESNET = register_family(
     FamilyAdapter(
         name="resnet",
@@ -169,6 +174,11 @@ RESNET = register_family(
         default_architecture="ResNetForImageClassification",
         backbone_prefix="resnet",
         neurons=_neurons,
-        depth=DepthSpec(_segments, _deepen, _zero_block, _zero_block_activation),
+        depth=DepthSpec(_segments, _deepen, _zero_block, _zero_block_activation,
+                        segment_kind="the blocks of each stage",
+                        identity_layer="a block whose convolutions have zero kernels, so that its identity shortcut "
+                                       "carries the input",
+                        segment_plural="stages"),
+        tiny={"resnet": TinyVariant(_tiny, image_size=32)},
     )
 )

@@ -1,6 +1,25 @@
 """SegFormer (nvidia/segformer-*, mit-*) semantic segmentation and image classification."""
 
-from hfmerge.adapters.base import FamilyAdapter, HeadSpec, SharedInput, register_family
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from hfmerge.adapters.base import FamilyAdapter, HeadSpec, SharedInput, TinyVariant, register_family
+
+
+def _tiny(architecture: str) -> Callable[..., tuple[Any, str]]:
+    """A SegFormer of two stages, one block each, widths 8 and 16, as ``architecture``."""
+
+    def config(**labels: Any) -> tuple[Any, str]:
+        from transformers import SegformerConfig
+
+        return SegformerConfig(num_encoder_blocks=2, depths=[1, 1], sr_ratios=[2, 1], hidden_sizes=[8, 16],
+                               num_attention_heads=[1, 2], decoder_hidden_size=16, patch_sizes=[7, 3],
+                               strides=[4, 2], mlp_ratios=[2, 2], **labels), architecture
+
+    return config
+
 
 SEGFORMER = register_family(
     FamilyAdapter(
@@ -25,5 +44,7 @@ SEGFORMER = register_family(
                         unless="{block}.sequence_reduction"),
             SharedInput(r"(?P<block>(.+\.)?blocks\.\d+\.attention)\.(k_proj|v_proj)"),
         ),
+        tiny={"segformer": TinyVariant(_tiny("SegformerForSemanticSegmentation"), image_size=32),
+              "segformer-cls": TinyVariant(_tiny("SegformerForImageClassification"), image_size=32)},
     )
 )

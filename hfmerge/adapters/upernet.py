@@ -7,7 +7,31 @@ The auxiliary head runs in ``forward`` but only feeds the auxiliary training
 loss, so it is not a layer: the real output layer is ``decode_head.classifier``.
 """
 
-from hfmerge.adapters.base import FamilyAdapter, HeadSpec, SharedInput, register_family
+from __future__ import annotations
+
+from typing import Any
+
+from hfmerge.adapters.base import FamilyAdapter, HeadSpec, SharedInput, TinyVariant, register_family
+from hfmerge.adapters.swin import tiny_swin
+
+
+def _tiny_convnext(**labels: Any) -> tuple[Any, str]:
+    """UperNet on a ConvNeXt of four stages, one block each, widths 8 to 32."""
+    from transformers import ConvNextConfig, UperNetConfig
+
+    backbone = ConvNextConfig(num_channels=3, hidden_sizes=[8, 16, 24, 32], depths=[1, 1, 1, 1],
+                              out_features=["stage1", "stage2", "stage3", "stage4"])
+    config = UperNetConfig(backbone_config=backbone, hidden_size=16, auxiliary_channels=8, **labels)
+    return config, "UperNetForSemanticSegmentation"
+
+
+def _tiny_swin(**labels: Any) -> tuple[Any, str]:
+    """UperNet on a tiny Swin (:func:`~hfmerge.adapters.swin.tiny_swin`)."""
+    from transformers import UperNetConfig
+
+    config = UperNetConfig(backbone_config=tiny_swin(), hidden_size=16, auxiliary_channels=8, **labels)
+    return config, "UperNetForSemanticSegmentation"
+
 
 UPERNET = register_family(
     FamilyAdapter(
@@ -27,5 +51,7 @@ UPERNET = register_family(
         blocks=((r"backbone\.swin\.encoder\.layers\.\d+\.blocks\.\d+\.attention", "attention"),
                 (r"backbone\.swin\.encoder\.layers\.\d+\.blocks\.\d+\.mlp", "mlp")),
         shared_inputs=(SharedInput(r"(?P<block>backbone\.swin\..+\.attention)\.(q_proj|k_proj|v_proj)"),),
+        tiny={"upernet-convnext": TinyVariant(_tiny_convnext, image_size=32),
+              "upernet-swin": TinyVariant(_tiny_swin, image_size=32)},
     )
 )

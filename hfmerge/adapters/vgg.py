@@ -3,25 +3,22 @@
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
 
 from transformers import AutoConfig, AutoModelForImageClassification
 
-from hfmerge.adapters.base import FamilyAdapter, HeadSpec, register_family
+from hfmerge.adapters.base import FamilyAdapter, HeadSpec, TinyVariant, register_family
 from hfmerge.adapters.depth import DepthLayer, DepthSegment, DepthSpec, Structure, neutral_batch_norm, \
     relu_of_previous, widths_with_added
-from hfmerge.adapters.neurons import GroupBuilder, NeuronGroup, norm_members
+from hfmerge.adapters.neurons import GroupBuilder, LayoutView, NeuronGroup, norm_members
 from hfmerge.modeling.classic import HfMergeVGGConfig, VGGForImageClassification, MODELING_FILE, VGG_TYPE
-
-if TYPE_CHECKING:
-    from hfmerge.adapters.layout import ModelLayout
 
 _FEATURE = re.compile(r"features\.(\d+)")
 
 
-def _neurons(layout: ModelLayout) -> list[NeuronGroup]:
+def _neurons(layout: LayoutView) -> list[NeuronGroup]:
     """One group per convolution: its output channels with its BatchNorm, read by the next convolution (dim 1).
 
     A max-pooling between them keeps the channels; the last convolution's
@@ -113,6 +110,15 @@ def _identity(model: torch.nn.Module, layer: DepthLayer) -> None:
             neutral_batch_norm(module)
 
 
+_TINY_SIZE = 16
+
+
+def _tiny(**labels: Any) -> tuple[Any, str]:
+    """A VGG of three convolutions (8; 12, 12) between max-poolings, with BatchNorm, on 16 px images."""
+    config = HfMergeVGGConfig(image_size=_TINY_SIZE, layers=[8, "M", 12, 12, "M"], batch_norm=True, **labels)
+    return config, "VGGForImageClassification"
+
+
 VGG = register_family(
     FamilyAdapter(
         name="vgg",
@@ -123,7 +129,11 @@ VGG = register_family(
         classes="hfmerge.modeling.classic",
         files={MODELING_FILE: "hfmerge.modeling.classic"},
         neurons=_neurons,
-        depth=DepthSpec(_segments, _deepen, _identity, relu_of_previous),
+        depth=DepthSpec(_segments, _deepen, _identity, relu_of_previous,
+                        segment_kind="the convolutions between two max-poolings",
+                        identity_layer="a convolution with identity (Dirac) kernels",
+                        segment_plural="groups of convolutions between max-poolings"),
+        tiny={"vgg": TinyVariant(_tiny, image_size=_TINY_SIZE)},
     )
 )
 

@@ -3,18 +3,15 @@
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING
+from typing import Any
 
-from hfmerge.adapters.base import FamilyAdapter, HeadSpec, SharedInput, register_family
-from hfmerge.adapters.neurons import GroupBuilder, NeuronGroup
-
-if TYPE_CHECKING:
-    from hfmerge.adapters.layout import ModelLayout
+from hfmerge.adapters.base import FamilyAdapter, HeadSpec, SharedInput, TinyVariant, register_family
+from hfmerge.adapters.neurons import GroupBuilder, LayoutView, NeuronGroup
 
 _LAYER = re.compile(r"(?:.+\.)?layers\.\d+")
 
 
-def _neurons(layout: ModelLayout) -> list[NeuronGroup]:
+def _neurons(layout: LayoutView) -> list[NeuronGroup]:
     """ViT's neuron groups, two per layer: the MLP's hidden neurons and the attention heads.
 
     MLP: ``fc1``'s rows and bias make the hidden neurons, ``fc2`` reads them
@@ -50,7 +47,7 @@ def _neurons(layout: ModelLayout) -> list[NeuronGroup]:
     return builder.build()
 
 
-def _residual_stream(builder: GroupBuilder, layout: ModelLayout) -> None:
+def _residual_stream(builder: GroupBuilder, layout: LayoutView) -> None:
     """The optional group of ViT's residual stream, from the patch embedding to the classifier's input."""
     names = layout.tensors
     embeddings = next(m for m in layout.module_classes if m.endswith("embeddings") and f"{m}.cls_token" in names)
@@ -72,6 +69,15 @@ def _residual_stream(builder: GroupBuilder, layout: ModelLayout) -> None:
     builder.channels(stream, (f"{final}.weight", 0), (f"{final}.bias", 0), ("classifier.weight", 1))
 
 
+def _tiny(**labels: Any) -> tuple[Any, str]:
+    """A ViT of hidden size 32, two layers of two heads, on 16 px images in 4 px patches."""
+    from transformers import ViTConfig
+
+    config = ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                       image_size=16, patch_size=4, **labels)
+    return config, "ViTForImageClassification"
+
+
 VIT = register_family(
     FamilyAdapter(
         name="vit",
@@ -83,5 +89,7 @@ VIT = register_family(
         blocks=((r"(.+\.)?layers\.\d+\.attention", "attention"), (r"(.+\.)?layers\.\d+\.mlp", "mlp")),
         shared_inputs=(SharedInput(r"(?P<block>(.+\.)?layers\.\d+\.attention)\.(q_proj|k_proj|v_proj)"),),
         neurons=_neurons,
+        gating_source="ViTForImageClassification",
+        tiny={"vit": TinyVariant(_tiny, image_size=16)},
     )
 )

@@ -112,9 +112,7 @@ def render_card(result: CardFacts, repo_id: str | None = None) -> str:
     output = planned.plan.output
     architecture = output.architecture if output is not None else planned.anchor.architecture
     task = output.task if output is not None else planned.anchor.task
-    auto_class = AUTO_CLASSES.get(task, "AutoModel")
-    if architecture == "Mask2FormerForUniversalSegmentation":
-        auto_class = "AutoModelForUniversalSegmentation"
+    auto_class = planned.anchor.family.auto_classes.get(architecture) or AUTO_CLASSES.get(task, "AutoModel")
     text = method_text(
         method, details=result.details, parameters=planned.recipe.parameters, base=base, sources=rows,
         architecture=architecture, task=task,

@@ -3,98 +3,84 @@
 Widths of 8–32 and one or two layers per stage keep each model under a few
 hundred kilobytes, so tests build and merge them in milliseconds. BatchNorm
 (ResNet, MobileNetV2, UperNet's ConvNeXt), integer buffers and renamed
-parameters (ViT, Segformer, Swin) are all represented.
+parameters (ViT, Segformer, Swin) are all represented. Each family's adapter
+declares its tiny configurations (``FamilyAdapter.tiny``, by the names tests use:
+``"vit"``, ``"mobilenet_v2-seg"``, ``"upernet-swin"``...); this module looks them
+up in the registry and builds, saves and feeds them.
 """
 
 from __future__ import annotations
 
+from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-FAMILIES = (
-    "vit", "resnet", "mobilenet_v2", "mobilenet_v2-seg", "segformer", "segformer-cls",
-    "upernet-convnext", "upernet-swin", "mask2former",
-)
-CLASSIC_FAMILIES = ("mlp", "vgg")
-"""hfmerge's own MLP and VGG-style classifiers (:mod:`hfmerge.modeling.classic`), OTFusion's classic settings."""
-IMAGE_SIZE = {"mlp": 8, "vgg": 16, "vit": 16, "resnet": 32, "mobilenet_v2": 32, "mobilenet_v2-seg": 32, "segformer": 32,
-              "segformer-cls": 32, "upernet-convnext": 32, "upernet-swin": 32, "mask2former": 64}
+if TYPE_CHECKING:
+    from hfmerge.adapters.base import FamilyAdapter, TinyVariant
+
+# Each adapter declares its tiny models (``FamilyAdapter.tiny``), named as tests name them. The tables
+# FAMILIES, CLASSIC_FAMILIES and IMAGE_SIZE are read from the registry on first use (``__getattr__``),
+# so that importing this module imports no transformers.
 
 
-def _swin(**extra: Any) -> Any:
-    from transformers import SwinConfig
+@cache
+def _variants() -> dict[str, tuple[FamilyAdapter, TinyVariant]]:
+    """Every tiny model the adapters declare, by name, with its adapter, in registration order."""
+    from hfmerge.adapters import registered_families
 
-    return SwinConfig(image_size=32, patch_size=4, embed_dim=8, depths=[1, 1, 1, 1], num_heads=[1, 1, 1, 1],
-                      window_size=2, out_features=["stage1", "stage2", "stage3", "stage4"], **extra)
+    return {name: (adapter, variant) for adapter in registered_families() for name, variant in adapter.tiny.items()}
+
+
+@cache
+def _families() -> tuple[str, ...]:
+    """:data:`FAMILIES`: the tiny models of transformers' own classes, in registration order."""
+    return tuple(name for name, (adapter, _) in _variants().items() if adapter.classes is None)
+
+
+@cache
+def _classic_families() -> tuple[str, ...]:
+    """:data:`CLASSIC_FAMILIES`: hfmerge's own MLP and VGG-style classifiers (:mod:`hfmerge.modeling.classic`),
+    OTFusion's classic settings; the tiny models of the adapters whose classes are hfmerge's."""
+    return tuple(name for name, (adapter, _) in _variants().items() if adapter.classes is not None)
+
+
+@cache
+def _image_sizes() -> dict[str, int]:
+    """:data:`IMAGE_SIZE`: every tiny model's image size (height and width), by name."""
+    return {name: variant.image_size for name, (_, variant) in _variants().items()}
+
+
+_TABLES = {"FAMILIES": _families, "CLASSIC_FAMILIES": _classic_families, "IMAGE_SIZE": _image_sizes}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _TABLES:
+        return _TABLES[name]()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_TABLES])
 
 
 def tiny_config(family: str, num_labels: int = 3, labels: list[str] | None = None) -> Any:
-    """A config of ``family`` (one of :data:`FAMILIES`) small enough for a unit test."""
-    import transformers as tf
-
+    """A config of ``family`` (one of :data:`FAMILIES` or :data:`CLASSIC_FAMILIES`) small enough for a unit test."""
     labels = labels or [f"class_{i}" for i in range(num_labels)]
     label_kwargs = {"id2label": dict(enumerate(labels)), "label2id": {l: i for i, l in enumerate(labels)}}
-    if family == "mlp":
-        from hfmerge.modeling.classic import HfMergeMLPConfig
-
-        cfg = HfMergeMLPConfig(image_size=IMAGE_SIZE["mlp"], hidden_sizes=[16, 12], **label_kwargs)
-        arch = "MLPForImageClassification"
-    elif family == "vgg":
-        from hfmerge.modeling.classic import HfMergeVGGConfig
-
-        cfg = HfMergeVGGConfig(image_size=IMAGE_SIZE["vgg"], layers=[8, "M", 12, 12, "M"], batch_norm=True,
-                               **label_kwargs)
-        arch = "VGGForImageClassification"
-    elif family == "vit":
-        cfg = tf.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                           image_size=16, patch_size=4, **label_kwargs)
-        arch = "ViTForImageClassification"
-    elif family == "resnet":
-        cfg = tf.ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic",
-                              **label_kwargs)
-        arch = "ResNetForImageClassification"
-    elif family in ("mobilenet_v2", "mobilenet_v2-seg"):
-        cfg = tf.MobileNetV2Config(image_size=32, depth_multiplier=0.25, **label_kwargs)
-        arch = "MobileNetV2ForImageClassification" if family == "mobilenet_v2" else "MobileNetV2ForSemanticSegmentation"
-    elif family in ("segformer", "segformer-cls"):
-        cfg = tf.SegformerConfig(num_encoder_blocks=2, depths=[1, 1], sr_ratios=[2, 1], hidden_sizes=[8, 16],
-                                 num_attention_heads=[1, 2], decoder_hidden_size=16, patch_sizes=[7, 3],
-                                 strides=[4, 2], mlp_ratios=[2, 2], **label_kwargs)
-        arch = "SegformerForSemanticSegmentation" if family == "segformer" else "SegformerForImageClassification"
-    elif family == "upernet-convnext":
-        backbone = tf.ConvNextConfig(num_channels=3, hidden_sizes=[8, 16, 24, 32], depths=[1, 1, 1, 1],
-                                     out_features=["stage1", "stage2", "stage3", "stage4"])
-        cfg = tf.UperNetConfig(backbone_config=backbone, hidden_size=16, auxiliary_channels=8, **label_kwargs)
-        arch = "UperNetForSemanticSegmentation"
-    elif family == "upernet-swin":
-        cfg = tf.UperNetConfig(backbone_config=_swin(), hidden_size=16, auxiliary_channels=8, **label_kwargs)
-        arch = "UperNetForSemanticSegmentation"
-    elif family == "mask2former":
-        cfg = tf.Mask2FormerConfig(backbone_config=_swin(), feature_size=32, mask_feature_size=32, hidden_dim=32,
-                                   encoder_feedforward_dim=32, dim_feedforward=32, encoder_layers=1,
-                                   decoder_layers=2, num_attention_heads=2, num_queries=4, common_stride=4,
-                                   **label_kwargs)
-        arch = "Mask2FormerForUniversalSegmentation"
-    else:
-        raise ValueError(f"unknown tiny family {family!r}; choose one of {FAMILIES}")
+    if family not in _variants():
+        raise ValueError(f"unknown tiny family {family!r}; choose one of {_families()}")
+    cfg, arch = _variants()[family][1].config(**label_kwargs)
     cfg.architectures = [arch]
     return cfg
 
 
 def tiny_model(family: str, num_labels: int = 3, *, seed: int = 0, labels: list[str] | None = None) -> torch.nn.Module:
     """A randomly initialised tiny model; BatchNorm statistics are randomised too so merges can see them."""
-    import transformers
-
     cfg = tiny_config(family, num_labels, labels)
     torch.manual_seed(seed)
-    if family in CLASSIC_FAMILIES:
-        from hfmerge.modeling import classic  # hfmerge's own classes
-
-        model = getattr(classic, cfg.architectures[0])(cfg).eval()
-    else:
-        model = getattr(transformers, cfg.architectures[0])(cfg).eval()
+    model = _variants()[family][0].model_class(cfg.architectures[0])(cfg).eval()  # transformers' class, or hfmerge's
     with torch.no_grad():
         for module in model.modules():
             if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
@@ -121,9 +107,10 @@ def image_processor(family: str, size: int | None = None) -> Any:
     """An image processor matching :func:`tiny_config`'s input size (or ``size``)."""
     import transformers
 
-    size = size or IMAGE_SIZE[family]
-    if family == "mask2former":
-        return transformers.Mask2FormerImageProcessorPil(size={"height": size, "width": size}, ignore_index=255)
+    variant = _variants()[family][1] if family in _variants() else None
+    size = size or _image_sizes()[family]
+    if variant is not None and variant.processor is not None:
+        return variant.processor(size)
     return transformers.ViTImageProcessorPil(size={"height": size, "width": size})
 
 
@@ -133,12 +120,13 @@ def save_tiny(folder: str | Path, family: str, num_labels: int = 3, *, seed: int
     folder = Path(folder)
     model = model if model is not None else tiny_model(family, num_labels, seed=seed, labels=labels)
     model.save_pretrained(folder)
-    if family in CLASSIC_FAMILIES:  # its modeling file beside it, as auto_map says (trust_remote_code)
+    classic = family in _classic_families()
+    if classic:  # its modeling file beside it, as auto_map says (trust_remote_code)
         from hfmerge.adapters import family_for_model_type
 
         for name, text in family_for_model_type(model.config.model_type).file_texts().items():
             (folder / name).write_text(text)
-    size = getattr(model.config, "image_size", None) if family in CLASSIC_FAMILIES else None
+    size = getattr(model.config, "image_size", None) if classic else None
     image_processor(family, size).save_pretrained(folder)  # hfmerge's MLP reads images of its config's size
     return folder
 

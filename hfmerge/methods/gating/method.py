@@ -37,8 +37,6 @@ if TYPE_CHECKING:
 
 DEFAULT_GATE = "google/mobilenet_v2_1.0_224"
 SIMILARITY_SVG = "similarity.svg"
-VIT_CLASSIFIER = "ViTForImageClassification"
-GATE_ARCHITECTURE = "MobileNetV2ForImageClassification"
 DATA_PURPOSE = "to train its gate, which learns which source's data an image comes from (and for RegMean)"
 
 def embedding_and_norm_keys(layout: ModelLayout) -> list[str]:
@@ -205,12 +203,16 @@ source for {{ '%.2f' | format(details.gate.accuracy * 100) }}% \
     # -- the plan ----------------------------------------------------------------------------
     def _check_sources(self, ctx: MergeContext) -> None:
         """ViT image classifiers of one shape, one dataset per source, a MobileNetV2 gate; else one clear error."""
+        from hfmerge.adapters.base import registered_families
         from hfmerge.engine.plan import require_all_shared
 
+        # The adapters say which architectures the gating merge takes as sources and as its gate.
+        sources = ", ".join(a.gating_source for a in registered_families() if a.gating_source)
+        gates = ", ".join(a.gating_gate for a in registered_families() if a.gating_gate)
         for layout in ctx.sources:
-            if layout.family.name != "vit" or layout.architecture != VIT_CLASSIFIER:
+            if layout.architecture != layout.family.gating_source:
                 raise IncompatibleModelsError(
-                    f"gating merges ViT image classifiers ({VIT_CLASSIFIER}); {layout.source.name} is a "
+                    f"gating merges ViT image classifiers ({sources}); {layout.source.name} is a "
                     f"{layout.family.name} {layout.architecture}"
                 )
         keys = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "patch_size",
@@ -232,10 +234,10 @@ source for {{ '%.2f' | format(details.gate.accuracy * 100) }}% \
                 f"in source order ({len(ctx.sources)} sources)"
             )
         gate = ctx.auxiliary.get("gate")
-        if gate is None or gate.family.name != "mobilenet_v2" or gate.architecture != GATE_ARCHITECTURE:
+        if gate is None or gate.architecture != gate.family.gating_gate:
             what = f"a {gate.family.name} {gate.architecture}" if gate is not None else "missing"
             raise RecipeError(
-                f"the gate must be a MobileNetV2 image classifier ({GATE_ARCHITECTURE}), e.g. {DEFAULT_GATE}; "
+                f"the gate must be a MobileNetV2 image classifier ({gates}), e.g. {DEFAULT_GATE}; "
                 f"{gate.source.name if gate is not None else 'the gate'} is {what}"
             )
 
@@ -288,8 +290,8 @@ source for {{ '%.2f' | format(details.gate.accuracy * 100) }}% \
 
     def plan(self, ctx: MergeContext) -> MergePlan:
         from hfmerge.engine.plan import MergePlan, OutputSpec, TensorPlan
-        from hfmerge.methods import get_method
         from hfmerge.engine.ops import Copy
+        from hfmerge.methods.base import get_method
 
         self._check_sources(ctx)
         attention, mlp = self._selection(ctx)

@@ -212,15 +212,11 @@ held-out images.{% endif %}"""
             entries.append(ctx.plan_entry(info, op))
         forced = {i: [_forced(ctx, t, own) for t, own in zip(segments[ctx.anchor_index], segments[i])]
                   for i in range(len(ctx.sources)) if i != ctx.anchor_index}
-        kinds = {"resnet": "the blocks of each stage", "vgg": "the convolutions between two max-poolings",
-                 "mlp": "the hidden layers"}
-        identities = {"resnet": "a block whose convolutions have zero kernels, so that its identity shortcut "
-                                "carries the input", "vgg": "a convolution with identity (Dirac) kernels",
-                      "mlp": "a linear layer with identity weights and a ReLU"}
+        spec = _spec(anchor)
         details = {
             "target": anchor.source.name, "weights": list(coefficients),
-            "segment_kind": kinds.get(anchor.family.name, "segment by segment"),
-            "identity": identities.get(anchor.family.name, "an identity layer"),
+            "segment_kind": spec.segment_kind,
+            "identity": spec.identity_layer,
             "alignment_svg": ALIGNMENT_SVG,
             "planned_alignment": {ctx.sources[i].source.short_name: [
                 None if mapping is None else [j + 1 for j in mapping] for mapping in maps]
@@ -431,8 +427,7 @@ def _depth(layout: ModelLayout) -> int | None:
 
 
 def _segment_word(layout: ModelLayout) -> str:
-    return {"resnet": "stages", "vgg": "groups of convolutions between max-poolings"}.get(layout.family.name,
-                                                                                       "segments")
+    return _spec(layout).segment_plural
 
 
 def _check_kind(anchor: ModelLayout, layout: ModelLayout) -> None:
