@@ -3,6 +3,10 @@
 The public names below are imported on first use (PEP 562), so that
 ``import hfmerge`` — and with it ``hfmerge --help`` — loads neither torch nor
 transformers.
+
+Other packages add merge methods and model families through the entry-point
+groups ``hfmerge.methods`` and ``hfmerge.families`` (:mod:`hfmerge.plugins`):
+a :class:`MergeMethod` subclass, a :class:`FamilyAdapter` instance.
 """
 
 from __future__ import annotations
@@ -11,6 +15,8 @@ from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
 from hfmerge.errors import (
+    DataError,
+    EvaluationError,
     HfMergeError,
     HubUnreachableError,
     IncompatibleModelsError,
@@ -19,6 +25,8 @@ from hfmerge.errors import (
     PublishError,
     RecipeError,
     SourceError,
+    StatisticsError,
+    TrainingError,
     TransportError,
 )
 
@@ -27,7 +35,12 @@ if TYPE_CHECKING:
     from hfmerge.methods.gating.similarity import layer_similarity, select_gated
     from hfmerge.methods.ot.cross_layer import cross_layer_alignment
     from hfmerge.io.loading import load
-    from hfmerge.methods import available_methods
+    from hfmerge.adapters.base import FamilyAdapter, HeadSpec, SharedInput, register_family, supported_families
+    from hfmerge.engine.plan import MergeContext, MergePlan
+    from hfmerge.methods import MergeMethod, ParamSpec, available_methods, get_method, register_method
+    from hfmerge.methods.stages import (
+        Analyse, Compare, Comparison, DataNeed, Derive, Derived, FineTune, FineTuning, Phase, Stage, Statistics,
+    )
     from hfmerge.run.pipeline import merge, plan_merge, run_recipe
     from hfmerge.run.planned import PlannedMerge
     from hfmerge.recipe import Recipe
@@ -43,18 +56,28 @@ _LAZY = {
     "layer_similarity": "hfmerge.methods.gating.similarity", "select_gated": "hfmerge.methods.gating.similarity",
     "PlannedMerge": "hfmerge.run.planned", "merge": "hfmerge.run.pipeline", "plan_merge": "hfmerge.run.pipeline",
     "run_recipe": "hfmerge.run.pipeline",
-    "available_methods": "hfmerge.methods",
+    # plug-ins: a method, its stages and plan, a family (the packages import the built-in ones as they register)
+    "MergeMethod": "hfmerge.methods", "ParamSpec": "hfmerge.methods", "register_method": "hfmerge.methods",
+    "get_method": "hfmerge.methods", "available_methods": "hfmerge.methods",
+    **dict.fromkeys(["Analyse", "Compare", "Comparison", "DataNeed", "Derive", "Derived", "FineTune", "FineTuning",
+                     "Phase", "Stage", "Statistics"], "hfmerge.methods.stages"),
+    "MergeContext": "hfmerge.engine.plan", "MergePlan": "hfmerge.engine.plan",
+    **dict.fromkeys(["FamilyAdapter", "HeadSpec", "SharedInput", "register_family", "supported_families"],
+                    "hfmerge.adapters.base"),
     "Recipe": "hfmerge.recipe", "SourceSpec": "hfmerge.source",
     "MergeResult": "hfmerge.publish.result",
     "SpaceOptions": "hfmerge.publish.space", "push_space": "hfmerge.publish.space", "save_space": "hfmerge.publish.space",
 }
 
-__all__ = [
-    "HfMergeError", "HubUnreachableError", "IncompatibleModelsError", "MergeNumericError", "MergeResult",
-    "OutputExistsError",
-    "PlannedMerge", "PublishError", "Recipe", "RecipeError", "SourceError", "SourceSpec", "SpaceOptions",
-    "TransportError", "align_layer", "available_methods", "cross_layer_alignment", "layer_similarity", "load", "merge", "plan_merge",
-    "push_space", "run_recipe", "save_space", "select_gated",
+__all__ = [  # every error class of hfmerge.errors, and the names above
+    "Analyse", "Compare", "Comparison", "DataError", "DataNeed", "Derive", "Derived", "EvaluationError",
+    "FamilyAdapter", "FineTune", "FineTuning", "HeadSpec", "HfMergeError", "HubUnreachableError",
+    "IncompatibleModelsError", "MergeContext", "MergeMethod", "MergeNumericError", "MergePlan", "MergeResult",
+    "OutputExistsError", "ParamSpec", "Phase", "PlannedMerge", "PublishError", "Recipe", "RecipeError",
+    "SharedInput", "SourceError", "SourceSpec", "SpaceOptions", "Stage", "Statistics", "StatisticsError",
+    "TrainingError", "TransportError", "align_layer", "available_methods", "cross_layer_alignment", "get_method",
+    "layer_similarity", "load", "merge", "plan_merge", "push_space", "register_family", "register_method",
+    "run_recipe", "save_space", "select_gated", "supported_families",
 ]
 
 

@@ -38,10 +38,10 @@ import PIL.Image
 import transformers
 
 if __package__:  # hfmerge.spaces, installed with hfmerge
-    from .inference import (GATED_METHODS, IMAGE_SUFFIXES, TOP_K, DemoModel, DemoModels, ModelLoadError,
+    from .inference import (IMAGE_SUFFIXES, TOP_K, DemoModel, DemoModels, ModelLoadError,
                             load_demo, recipe_sources)
 else:  # a Space, or `python app.py`: the files lie side by side
-    from inference import (GATED_METHODS, IMAGE_SUFFIXES, TOP_K, DemoModel, DemoModels, ModelLoadError,
+    from inference import (IMAGE_SUFFIXES, TOP_K, DemoModel, DemoModels, ModelLoadError,
                            load_demo, recipe_sources)
 
 HERE = Path(__file__).resolve().parent
@@ -190,7 +190,7 @@ def build_demo(demo_models: DemoModels, *, examples: list[Path] | None = None) -
                 notes_box = gr.Markdown(elem_id="image-notes")
                 gate_box = (gr.Label(num_top_classes=len(metadata.get("sources") or []) or None,
                                      label="Gate: probability of each task", elem_id="gate")
-                            if method in GATED_METHODS else None)
+                            if demo_models.gated else None)
             with gr.Column(scale=3):
                 with gr.Row(equal_height=False):
                     outputs = []

@@ -15,6 +15,7 @@ load is a note that the page and ``/predict`` both show.
 from __future__ import annotations
 
 import http.client
+import json
 import re
 import urllib.error
 import urllib.request
@@ -50,7 +51,7 @@ HEAD_KINDS = {
     "ForSemanticSegmentation": "segmentation",
     "ForUniversalSegmentation": "segmentation",
 }
-GATED_METHODS = ("gating",)
+GATED_MODEL_TYPE = "hfmerge-gated-vit"  # a gated merge's config.model_type, whichever method (a plug-in's too) made it
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # a Space on GPU hardware uses it
 
 
@@ -257,6 +258,19 @@ def merge_metadata(ref: str, *, local_only: bool = False) -> dict[str, Any] | No
     return read_recipe(text, f"{_parse(ref).display_name}/{RECIPE_FILE}")
 
 
+def is_gated(ref: str, *, local_only: bool = False) -> bool:
+    """Whether ``ref`` is a gated merge: its ``config.json`` names :data:`GATED_MODEL_TYPE`.
+
+    Told by the model, not by the name of the method in its ``hfmerge.yaml``: a plug-in's method may
+    make a gated model under a name of its own.
+    """
+    try:
+        path = fetch_file(ref, "config.json", local_only=local_only)
+        return path is not None and json.loads(path.read_text(encoding="utf-8")).get("model_type") == GATED_MODEL_TYPE
+    except (OSError, ValueError, AttributeError, HfHubHTTPError, ModelLoadError):
+        return False  # loading it says what is wrong
+
+
 def recipe_sources(metadata: dict[str, Any] | None) -> list[str]:
     """The sources of a merge, pinned to the commits it was made from."""
     refs = []
@@ -335,6 +349,8 @@ class DemoModels:
     card: str
     card_files: dict[str, Path]
     notes: list[str] = field(default_factory=list)
+    gated: bool = False
+    """The merged model is a gated merge: its answers carry the gate's task probabilities."""
 
     @property
     def task(self) -> str:
@@ -371,7 +387,7 @@ def load_demo(model: str, sources: list[str] | None = None, *, hub: HubAccess | 
         if sources is None:
             sources = []
             notes.append(f"{exc}, so the model is shown alone.")
-    gated = bool(metadata and metadata.get("method") in GATED_METHODS)
+    gated = is_gated(model, local_only=local_only)
     try:
         merged = load_model(model, gated=gated, local_only=local_only)
     except ModelLoadError as exc:
@@ -394,7 +410,7 @@ def load_demo(model: str, sources: list[str] | None = None, *, hub: HubAccess | 
         seen.add(source.name)
     card, card_files = read_card(model, local_only=local_only)
     return DemoModels(merged=merged, sources=loaded, metadata=metadata, card=card, card_files=card_files,
-                      notes=notes)
+                      notes=notes, gated=gated)
 
 
 def read_card(ref: str, *, local_only: bool = False) -> tuple[str, dict[str, Path]]:

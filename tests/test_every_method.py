@@ -20,12 +20,26 @@ from hfmerge.testing.tiny import IMAGE_SIZE
 from helpers import assert_one_line_error, run_cli
 
 METHODS = hfmerge.available_methods()
+
+
+def variants(*builtins: str) -> set[str]:
+    """The methods that are one of ``builtins`` or subclass one under a name of their own (a plug-in's variant)."""
+    kinds = tuple(type(get_method(name)) for name in builtins)
+    return {method for method in METHODS if isinstance(get_method(method), kinds)}
+
+
 REFUSED = {("regmean", "resnet"): "none outside its classifier head",  # ResNet's only nn.Linear is its head
            ("clafusion", "vit"): "clafusion balances the depth of"}  # a ViT has no depth declaration
 # Methods whose output is a model of their own, not the sources' architecture: their own tests hold them to the
 # same property (tests/test_gating.py: identical sources give the source's logits through the gated model).
-OWN_OUTPUT = {"gating"}
-DATA_BY_DEFAULT = {"otfusion", "clafusion"}  # optional data that its default parameters use (cost=activations)
+OWN_OUTPUT = variants("gating")
+DATA_BY_DEFAULT = variants("otfusion", "clafusion")  # optional data that its default parameters use (cost=activations)
+
+
+def refusal(method: str, family: str) -> str | None:
+    """What ``method`` (or the built-in method it subclasses) says when it refuses ``family``'s models."""
+    return next((why for (name, refused), why in REFUSED.items() if refused == family and method in variants(name)),
+                None)
 
 
 def merge_arguments(method: str, source: str, folder=None) -> dict:
@@ -59,8 +73,8 @@ def test_identical_sources_merge_to_themselves_and_load_with_transformers(method
         pytest.skip(f"{method} writes a model of its own; tests/test_gating.py checks it merges identical sources "
                     "to themselves")
     source = make_source(family, 3, seed=5)
-    if (method, family) in REFUSED:
-        with pytest.raises(hfmerge.IncompatibleModelsError, match=REFUSED[method, family]):
+    if refusal(method, family):
+        with pytest.raises(hfmerge.IncompatibleModelsError, match=refusal(method, family)):
             hfmerge.merge([str(source), str(source)], method=method, progress=False,
                           **merge_arguments(method, str(source), tmp_path))
         return

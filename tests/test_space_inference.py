@@ -33,6 +33,22 @@ def test_the_space_table_of_heads_agrees_with_the_adapters():
     assert checked >= 10
 
 
+def test_a_gated_merge_is_told_by_its_model_type_whatever_method_made_it(tmp_path):
+    """A plug-in's variant of gating names itself otherwise: the Space asks the model's config, not hfmerge.yaml."""
+    from hfmerge.methods.gating.model import MODEL_TYPE
+
+    assert inference.GATED_MODEL_TYPE == MODEL_TYPE
+    folder = tmp_path / "merged"
+    folder.mkdir()
+    (folder / "hfmerge.yaml").write_text("method: my_gating\nsources: [org/a, org/b]\n")
+    (folder / "config.json").write_text(json.dumps({"model_type": MODEL_TYPE}))
+    assert inference.is_gated(str(folder))
+    (folder / "config.json").write_text(json.dumps({"model_type": "vit"}))
+    assert not inference.is_gated(str(folder))
+    (folder / "config.json").write_text("not json")
+    assert not inference.is_gated(str(folder)) and not inference.is_gated(str(tmp_path / "missing"))
+
+
 @pytest.fixture(scope="module")
 def cached_source(publish):
     """A source on the local Hub, downloaded into this session's cache; its pinned reference."""

@@ -195,7 +195,11 @@ _FAMILIES: dict[str, FamilyAdapter] = {}
 
 def register_family(adapter: FamilyAdapter) -> FamilyAdapter:
     """Register ``adapter`` for its model types; a second adapter for one type, or a second tiny model
-    of one name, is an error."""
+    of one name, is an error (and registers none)."""
+    if not isinstance(adapter, FamilyAdapter):
+        raise TypeError(f"{adapter!r} is not a FamilyAdapter")
+    if isinstance(adapter.model_types, str) or not adapter.model_types:
+        raise TypeError(f"family {adapter.name!r} needs a tuple of model types, got {adapter.model_types!r}")
     for model_type in adapter.model_types:
         if model_type in _FAMILIES:
             raise ValueError(f"model type {model_type!r} already has the adapter {_FAMILIES[model_type].name!r}")
@@ -212,19 +216,40 @@ def registered_families() -> list[FamilyAdapter]:
     return list({id(a): a for a in _FAMILIES.values()}.values())
 
 
+def _register_plugin(loaded: Any) -> list[str]:
+    """Register what an ``hfmerge.families`` entry point names: a FamilyAdapter instance."""
+    if not isinstance(loaded, FamilyAdapter):
+        raise TypeError(f"it names {loaded!r}, not a FamilyAdapter instance")
+    if loaded.model_types and all(_FAMILIES.get(t) is loaded for t in loaded.model_types):
+        return list(loaded.model_types)  # its module registered it as it was imported
+    register_family(loaded)
+    return list(loaded.model_types)
+
+
+def _load_plugins() -> None:
+    from hfmerge.plugins import FAMILIES_GROUP, load_entry_points
+
+    load_entry_points(FAMILIES_GROUP, _register_plugin)
+
+
 def family_for_model_type(model_type: str) -> FamilyAdapter | None:
+    """The adapter of ``model_type`` (hfmerge's own, or a plug-in's), or ``None``."""
+    _load_plugins()
     return _FAMILIES.get(model_type)
 
 
 def supported_families() -> list[str]:
+    _load_plugins()
     return sorted({a.name for a in _FAMILIES.values()})
 
 
 def balanceable_families() -> list[str]:
     """The families whose depth CLAFusion can balance (they declare depth segments and neuron groups)."""
+    _load_plugins()
     return sorted({a.name for a in _FAMILIES.values() if a.depth is not None and a.neurons is not None})
 
 
 def alignable_families() -> list[str]:
     """The families that declare neuron groups (OTFusion and CLAFusion can align them)."""
+    _load_plugins()
     return sorted({a.name for a in _FAMILIES.values() if a.neurons is not None})

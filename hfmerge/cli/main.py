@@ -11,6 +11,7 @@ import argparse
 import logging
 import os
 import sys
+from collections.abc import Callable
 from typing import Any, NoReturn
 
 from hfmerge.errors import HfMergeError, RecipeError
@@ -23,9 +24,35 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"hfmerge: error: {message} (see `{self.prog} --help`)\n")
 
 
+def _methods_that(test: Callable[[Any], Any]) -> list[str]:
+    """The registered methods (plug-ins' included) for which ``test(method)`` holds, for a help text.
+
+    A method whose answer raises (a broken plug-in) is left out: its error shows when it is used.
+    """
+    from hfmerge.methods import available_methods, get_method
+
+    def holds(name: str) -> bool:
+        try:
+            return bool(test(get_method(name)))
+        except Exception:  # noqa: BLE001 - the help must come whatever a plug-in does
+            return False
+
+    return [name for name in available_methods() if holds(name)]
+
+
 def _build_parser() -> argparse.ArgumentParser:
     from hfmerge import __version__
     from hfmerge.methods import available_methods
+
+    # the help names the methods each option is for, as the registry declares them (no torch is imported)
+    anchored = ", ".join(_methods_that(lambda m: m.uses_anchor))
+    based = ", ".join(_methods_that(lambda m: m.needs_base))
+    if base_optional := ", ".join(_methods_that(lambda m: m.accepts_base and not m.needs_base)):
+        based += f"; optional for {base_optional}"
+    scaled = ", ".join(_methods_that(lambda m: any(p.name == "lambda" for p in m.parameters)))
+    seeded = ", ".join(_methods_that(lambda m: m.uses_seed))
+    reading = ", ".join(_methods_that(lambda m: m.data_needs().any))
+    per_source = ", ".join(_methods_that(lambda m: m.data_needs().per_source))
 
     parser = _Parser(prog="hfmerge", description="Merge fine-tuned vision models from the Hugging Face Hub.")
     parser.add_argument("--version", action="version", version=f"hfmerge {__version__}")
@@ -44,19 +71,20 @@ def _build_parser() -> argparse.ArgumentParser:
     merge.add_argument("sources", nargs="+", metavar="SOURCE", help="org/name, org/name@revision, or a folder")
     merge.add_argument("--method", "-m", required=True, help=f"one of: {', '.join(available_methods())}")
     merge.add_argument("--weights", help="comma-separated weight per source, e.g. 0.5,0.3,0.2")
-    merge.add_argument("--anchor", help="the source whose head and config are kept (layerwise)")
-    merge.add_argument("--base", help="the pre-trained model the sources were fine-tuned from (task_arithmetic, ties, dare)")
-    merge.add_argument("--lambda", dest="lambda_", type=str, help="task-vector scale λ (task_arithmetic, ties, dare)")
+    merge.add_argument("--anchor", help=f"the source whose head and config are kept ({anchored}; "
+                                        "any method with --heads anchor)")
+    merge.add_argument("--base", help=f"the pre-trained model the sources were fine-tuned from ({based})")
+    merge.add_argument("--lambda", dest="lambda_", type=str, help=f"task-vector scale λ ({scaled})")
     merge.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="a method parameter")
     merge.add_argument("--heads", metavar="POLICY",
                        help="classifier heads: concat (union of labels), average (one label set) or anchor "
                             "(default: concat if the label sets differ, else average; anchor for layerwise)")
-    merge.add_argument("--seed", help="seed of methods that draw random numbers (dare) or sample data (default 0)")
+    merge.add_argument("--seed", help=f"seed of methods that draw random numbers ({seeded}) or sample data (default 0)")
     merge.add_argument("--data", action="append", metavar="DATASET",
-                       help="data of a method that reads data (regmean, fisher, fusion fine-tuning, gating, otfusion, "
-                            "clafusion): "
+                       help=f"data of a method that reads data ({reading}): "
                             "org/name[@revision][:split], an image folder or a save_to_disk folder; "
-                            "once per source in source order, or once for all (gating: once per source)")
+                            "once per source in source order, or once for all"
+                            + (f" ({per_source}: once per source)" if per_source else ""))
     merge.add_argument("--eval-data", action="append", metavar="DATASET",
                        help="evaluate the result on this dataset (one per task) and put the results in the card")
     merge.add_argument("--data-column", help="the image column of the data (default: detected)")
@@ -108,7 +136,7 @@ def _build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--push", action="store_true", help="with --update-card on a Hub model: push the card")
     evaluate.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
 
-    sub.add_parser("methods", help="list the merge methods and their parameters")
+    sub.add_parser("methods", help="list the merge methods (plug-ins' included) and their parameters")
     return parser
 
 
@@ -228,12 +256,20 @@ def _space(args: argparse.Namespace) -> int:
 
 def _methods() -> int:
     from hfmerge.methods import available_methods, get_method
+    from hfmerge.plugins import METHODS_GROUP, origin
 
     for name in available_methods():
         method = get_method(name)
         print(f"{name}: {method.title}")
         print(f"    {method.reference}" + (f" — {method.reference_url}" if method.reference_url else ""))
-        data = method.data_needs()
+        plugin = origin(METHODS_GROUP, name)
+        if plugin:
+            print(f"    plug-in: {plugin}")
+        try:
+            data = method.data_needs()
+        except Exception as exc:  # noqa: BLE001 - a plug-in's bug: say so, and list the others
+            print(f"    (what it needs cannot be read: {type(exc).__name__}: {exc})")
+            continue
         needs = [w for w, flag in (("--data", data.required), ("--base", method.needs_base),
                                     ("--anchor", method.uses_anchor), ("--weights", method.uses_weights),
                                     ("--seed", method.uses_seed or data.required)) if flag]

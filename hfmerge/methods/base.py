@@ -128,10 +128,12 @@ class MergeMethod(ABC):
 
     def data_needs(self, parameters: dict[str, Any] | None = None, *, evaluating: bool = False) -> DataNeeds:
         """What the stages need of ``--data`` for these (validated) parameters; the defaults when none are given."""
-        from hfmerge.engine.plan import MergeContext
+        from types import SimpleNamespace
 
         params = self.validate_parameters({}) if parameters is None else parameters
-        return data_needs(self.stages(MergeContext([], params=params, evaluating=evaluating)))
+        # what stages() may read when declaring; not a MergeContext, whose module imports torch (`hfmerge --help`)
+        declaring = SimpleNamespace(params=params, evaluating=evaluating, base=None)
+        return data_needs(self.stages(declaring))  # type: ignore[arg-type]
 
     def choose_anchor(self, layouts: list[ModelLayout], parameters: dict[str, Any]) -> tuple[int, str] | None:
         """The anchor (the target model) the method needs, and why, when ``--anchor`` names none; ``None``: the default."""
@@ -154,15 +156,48 @@ _REGISTRY: dict[str, MergeMethod] = {}
 
 
 def register_method(cls: type[MergeMethod]) -> type[MergeMethod]:
-    """Class decorator: register a method under its ``name``; a second registration is an error."""
-    if cls.name in _REGISTRY:
-        raise ValueError(f"merge method {cls.name!r} is already registered by {type(_REGISTRY[cls.name]).__name__}")
-    _REGISTRY[cls.name] = cls()
+    """Class decorator: register a method under its ``name``; a second registration of a name is an error.
+
+    A subclass of a registered method is a method of its own when it declares a ``name`` of its own (and,
+    for ``hfmerge methods`` and the card, its own ``title`` and ``reference``).
+    """
+    if not (isinstance(cls, type) and issubclass(cls, MergeMethod)):
+        raise TypeError(f"{cls!r} is not a MergeMethod subclass")
+    name = getattr(cls, "name", None)
+    if not (isinstance(name, str) and name[:1].isalnum() and all(c.isalnum() or c in "_.-" for c in name)):
+        raise TypeError(f"{cls.__name__} needs a name of letters, digits, '_', '.' and '-', got {name!r}")
+    missing = [field for field in ("title", "reference", "reference_url")
+               if not isinstance(getattr(cls, field, None), str)]
+    if missing:
+        raise TypeError(f"method {name!r} ({cls.__name__}) does not declare {', '.join(missing)}")
+    if name in _REGISTRY:
+        owner = type(_REGISTRY[name])
+        subclass = issubclass(cls, owner) and cls is not owner
+        hint = f"; {cls.__name__} subclasses it, so give it a name of its own" if subclass else ""
+        raise ValueError(f"merge method {name!r} is already registered by {owner.__module__}.{owner.__name__}{hint}")
+    _REGISTRY[name] = cls()
     return cls
 
 
+def _register_plugin(loaded: Any) -> list[str]:
+    """Register what an ``hfmerge.methods`` entry point names: a MergeMethod subclass."""
+    if not (isinstance(loaded, type) and issubclass(loaded, MergeMethod)):
+        raise TypeError(f"it names {loaded!r}, not a MergeMethod subclass")
+    if type(_REGISTRY.get(getattr(loaded, "name", None))) is loaded:  # its module registered it as it was imported
+        return [loaded.name]
+    register_method(loaded)
+    return [loaded.name]
+
+
+def _load_plugins() -> None:
+    from hfmerge.plugins import METHODS_GROUP, load_entry_points
+
+    load_entry_points(METHODS_GROUP, _register_plugin)
+
+
 def get_method(name: str) -> MergeMethod:
-    """The registered method called ``name``."""
+    """The registered method called ``name`` (hfmerge's own, or a plug-in's)."""
+    _load_plugins()
     try:
         return _REGISTRY[name]
     except KeyError:
@@ -170,4 +205,6 @@ def get_method(name: str) -> MergeMethod:
 
 
 def available_methods() -> list[str]:
+    """The names of the registered methods, hfmerge's own and the plug-ins', sorted."""
+    _load_plugins()
     return sorted(_REGISTRY)

@@ -29,7 +29,7 @@ from hfmerge import source_ref
 from hfmerge.hub.resolve import ResolvedSource, resolve_source
 from hfmerge.source import SourceSpec
 from hfmerge.publish.result import RECIPE_FILE, atomic_folder, check_output_folder
-from hfmerge.spaces.inference import GATED_METHODS, IMAGE_SUFFIXES, RecipeFileError, head_kind, read_recipe
+from hfmerge.spaces.inference import IMAGE_SUFFIXES, RecipeFileError, head_kind, read_recipe
 
 logger = logging.getLogger(__name__)
 
@@ -113,7 +113,9 @@ def plan_space(options: SpaceOptions, *, for_hub: bool, token: str | bool | None
     except RecipeFileError as exc:
         recipe = None
         warnings.append(f"{exc}; the Space shows the model alone (pass --sources to show models beside it)")
-    gated = (recipe or {}).get("method") in GATED_METHODS
+    from hfmerge.methods.gating.model import MODEL_TYPE as GATED_MODEL_TYPE
+
+    gated = config.get("model_type") == GATED_MODEL_TYPE  # the model says, whichever method (a plug-in's) made it
     if options.sources is None:
         sources = _recipe_sources(recipe or {}, model, for_hub=for_hub, warnings=warnings)
         if recipe == {}:
