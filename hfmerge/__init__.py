@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     from hfmerge.methods.ot.alignment import align_layer
     from hfmerge.methods.gating.similarity import layer_similarity, select_gated
     from hfmerge.methods.ot.cross_layer import cross_layer_alignment
-    from hfmerge.io.loading import load
+    from hfmerge.loading import load
     from hfmerge.adapters.base import FamilyAdapter, HeadSpec, SharedInput, register_family, supported_families
     from hfmerge.engine.plan import MergeContext, MergePlan
     from hfmerge.methods import MergeMethod, ParamSpec, available_methods, get_method, register_method
@@ -42,7 +42,7 @@ if TYPE_CHECKING:
         Analyse, Compare, Comparison, DataNeed, Derive, Derived, FineTune, FineTuning, Phase, Stage, Statistics,
     )
     from hfmerge.run.pipeline import merge, plan_merge, run_recipe
-    from hfmerge.run.planned import PlannedMerge
+    from hfmerge.recipe import PlannedMerge
     from hfmerge.recipe import Recipe
     from hfmerge.publish.result import MergeResult
     from hfmerge.source import SourceSpec
@@ -51,10 +51,10 @@ if TYPE_CHECKING:
 __version__ = "0.1.0"
 
 _LAZY = {
-    "load": "hfmerge.io.loading",
+    "load": "hfmerge.loading",
     "align_layer": "hfmerge.methods.ot.alignment", "cross_layer_alignment": "hfmerge.methods.ot.cross_layer",
     "layer_similarity": "hfmerge.methods.gating.similarity", "select_gated": "hfmerge.methods.gating.similarity",
-    "PlannedMerge": "hfmerge.run.planned", "merge": "hfmerge.run.pipeline", "plan_merge": "hfmerge.run.pipeline",
+    "PlannedMerge": "hfmerge.recipe", "merge": "hfmerge.run.pipeline", "plan_merge": "hfmerge.run.pipeline",
     "run_recipe": "hfmerge.run.pipeline",
     # plug-ins: a method, its stages and plan, a family (the packages import the built-in ones as they register)
     "MergeMethod": "hfmerge.methods", "ParamSpec": "hfmerge.methods", "register_method": "hfmerge.methods",

@@ -282,8 +282,9 @@ def test_space_output_writes_a_folder_that_runs_alone(hub_models, tmp_path, caps
     assert code == 0 and stdout.strip() == f"written: {out}"
     assert sorted(p.name for p in out.iterdir()) == [
         "README.md", "app.py", "examples", "inference.py", "requirements.txt", "source_ref.py", "space_config.json"]
-    for name in ("app.py", "inference.py", "source_ref.py"):
+    for name in ("app.py", "inference.py"):
         assert (out / name).read_bytes() == (ROOT / "spaces" / name).read_bytes()
+    assert (out / "source_ref.py").read_bytes() == (ROOT / "hfmerge" / "source_ref.py").read_bytes()  # the core's
     assert sorted(p.name for p in (out / "examples").iterdir()) == ["china.jpg", "flower.jpg"]
     card = SpaceCard.load(out / "README.md")
     assert (card.data.sdk, card.data.app_file, card.data.sdk_version) == ("gradio", "app.py", gr.__version__)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -15,6 +16,7 @@ from helpers import run_cli
 from huggingface_hub import constants as hf_constants
 from huggingface_hub import snapshot_download
 
+from hfmerge import source_ref
 from hfmerge.adapters.base import _FAMILIES
 from hfmerge.spaces import inference
 from hfmerge.testing.tiny import save_tiny
@@ -101,8 +103,12 @@ print(json.dumps({"payload": payload, "attempts": len(attempts), "gradio": sys.m
 def test_without_gradio_or_hfmerge_and_with_an_unreachable_hub_the_app_loads_at_once(
         tmp_path, cached_source, dead_endpoint):
     folder = merged_folder(tmp_path, recipe_of(cached_source, f"org/offline-missing@{MISSING_SHA}"))
+    app = tmp_path / "app"  # the app's files as a written Space has them: inference.py and the core's source_ref.py
+    app.mkdir()
+    shutil.copyfile(SPACES / "inference.py", app / "inference.py")
+    shutil.copyfile(source_ref.__file__, app / "source_ref.py")
     env = {**os.environ, "HF_ENDPOINT": dead_endpoint, "PYTHONPATH": ""}
-    done = subprocess.run([sys.executable, "-c", _WITHOUT_GRADIO, str(SPACES), str(folder), dead_endpoint],
+    done = subprocess.run([sys.executable, "-c", _WITHOUT_GRADIO, str(app), str(folder), dead_endpoint],
                           env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     answer = json.loads(done.stdout.strip().splitlines()[-1])

@@ -190,6 +190,13 @@ class _ClassFacts:
 _MODEL_CLASS_FACTS: dict[tuple[str, bytes, tuple[str, ...]], _ClassFacts] = {}
 
 
+def inspect_reference(reference: str, *, token: str | bool | None = None, allow_pickle: bool = False) -> ModelLayout:
+    """The model a reference names (``org/name[@revision]`` or a folder), resolved and inspected."""
+    from hfmerge.hub.resolve import resolve_source
+
+    return inspect_source(resolve_source(reference, token=token, allow_pickle=allow_pickle), allow_pickle=allow_pickle)
+
+
 def inspect_source(
     source: ResolvedSource, *, allow_pickle: bool = False, reader: TensorTable | None = None
 ) -> ModelLayout:

@@ -38,7 +38,7 @@ def load_candidate(path: Path, name: str, role: str) -> Candidate:
     """A classifier saved in ``path`` (a folder with config, weights and processor; a gated merge too), in eval mode."""
     from transformers import AutoImageProcessor
 
-    from hfmerge.io.loading import load_folder
+    from hfmerge.loading import load_folder
 
     model = load_folder(path, name=name)
     return Candidate(name, role, model.eval(), AutoImageProcessor.from_pretrained(path))

@@ -1,6 +1,5 @@
-"""Talking to the Hub: resolving sources and publishing results."""
+"""Talking to the Hub: resolving sources (repo, revision, files) and their safetensors headers."""
 
-from hfmerge.publish.hub import push_folder
 from hfmerge.hub.resolve import ResolvedSource, resolve_source
 
-__all__ = ["ResolvedSource", "push_folder", "resolve_source"]
+__all__ = ["ResolvedSource", "resolve_source"]

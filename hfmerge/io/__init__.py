@@ -1,1 +1,1 @@
-"""Checkpoints on disk: reading them (safetensors, or pickle when allowed), renaming keys, writing shards, loading merges."""
+"""Checkpoints on disk: reading them (safetensors, or pickle when allowed), renaming keys, writing shards."""

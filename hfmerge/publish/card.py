@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from hfmerge.hub.resolve import ResolvedSource
     from hfmerge.methods.base import MergeMethod
     from hfmerge.methods.stages import RunRecord
-    from hfmerge.run.planned import PlannedMerge
+    from hfmerge.recipe import PlannedMerge
 
 TEMPLATE = "model_card.md.j2"
 PLACEHOLDER_REF = "path/to/merged-model"

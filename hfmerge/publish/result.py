@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from huggingface_hub import ModelCard
 
     from hfmerge.eval.report import EvaluationReport
-    from hfmerge.run.planned import PlannedMerge
+    from hfmerge.recipe import PlannedMerge
 
 logger = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 
     from hfmerge.engine.plan import MergePlan
     from hfmerge.io.checkpoint import TensorTable
-    from hfmerge.run.planned import PlannedMerge
+    from hfmerge.recipe import PlannedMerge
 
 PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json", "image_processor_config.json")
 

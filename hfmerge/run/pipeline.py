@@ -20,7 +20,7 @@ from hfmerge.errors import IncompatibleModelsError, RecipeError
 from hfmerge.publish.hub import check_push_access
 from hfmerge.hub.resolve import ResolvedSource, resolve_source, safetensors_header
 from hfmerge.methods import MergeMethod, get_method
-from hfmerge.run.planned import PlannedMerge
+from hfmerge.recipe import PlannedMerge
 from hfmerge.engine.ops import Copy
 from hfmerge.recipe import Recipe, SourceSpec, parse_size
 from hfmerge.publish.result import MergeResult, check_output_folder, write_metadata
@@ -240,7 +240,9 @@ def _run_stages(planned: PlannedMerge, accelerator: Any, *, staging_parent: Path
     if planned.context.analysis is not None:  # the analysis ran before the plan, which read it
         run.record.results[Analyse.name] = planned.context.analysis
     own: list[Stage] = [Materialise(), *([Evaluate()] if planned.recipe.eval_data else [])]
-    steps = sorted([*planned.stages, *own], key=lambda stage: stage.phase)  # stable: each phase in declared order
+    # stable: within a phase the pipeline's own step first (the evaluation before its comparison rows), then the
+    # method's stages in the order it declared them
+    steps = sorted([*own, *planned.stages], key=lambda stage: stage.phase)
     try:
         for stage in steps:
             if run.is_main_process or stage.all_processes:

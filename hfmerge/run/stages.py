@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from hfmerge.io.checkpoint import TensorTable
     from hfmerge.methods.stages import Comparison
     from hfmerge.publish.result import MergeResult
-    from hfmerge.run.planned import PlannedMerge
+    from hfmerge.recipe import PlannedMerge
 
 logger = logging.getLogger(__name__)
 
@@ -407,8 +407,12 @@ class Evaluate(Stage):
     phase = Phase.EVALUATE
 
 
-def run_materialise(stage: Materialise, run: PipelineRun) -> MergeResult:
-    """Write the merged model into a new staging folder; the result holds it until saved or pushed."""
+def run_materialise(stage: Materialise, run: PipelineRun) -> Path:
+    """Write the merged model into a new staging folder, which ``run.result`` holds until saved or pushed.
+
+    The record keeps the folder, not the result: the result holds the record, and a cycle would keep the
+    staging folder on disk until the garbage collector finds it.
+    """
     import shutil
     import tempfile
 
@@ -432,7 +436,7 @@ def run_materialise(stage: Materialise, run: PipelineRun) -> MergeResult:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return run.result
+    return staging
 
 
 def run_evaluate(stage: Evaluate, run: PipelineRun) -> EvaluationReport:

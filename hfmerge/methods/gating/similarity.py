@@ -213,10 +213,9 @@ def layer_similarity(sources: Sequence[ModelLayout | str]) -> LayerSimilarity:
             f"layer similarity compares sources pairwise: give at least two (got {len(sources)})"
         )
     if any(isinstance(source, (str, PathLike)) for source in sources):
-        from hfmerge.adapters import inspect_source
-        from hfmerge.hub.resolve import resolve_source
+        from hfmerge.adapters import inspect_reference
 
-        sources = [inspect_source(resolve_source(str(s))) if isinstance(s, (str, PathLike)) else s for s in sources]
+        sources = [inspect_reference(str(s)) if isinstance(s, (str, PathLike)) else s for s in sources]
     import torch
 
     first = sources[0]
