@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 export HF_HUB_DISABLE_TELEMETRY := 1
 export GRADIO_ANALYTICS_ENABLED := False
 
-.PHONY: demo test bench bench-quality browser clean
+.PHONY: demo test lint bench bench-quality browser clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,9 @@ browser:
 
 test: $(VENV)/.dev browser
 	$(BIN)/python -m pytest
+
+lint: $(VENV)/.dev
+	$(BIN)/python -m ruff check hfmerge tests benchmarks demo spaces
 
 bench: $(VENV)/.dev
 	$(BIN)/python benchmarks/stream.py

@@ -49,10 +49,9 @@ STAGES = {
 
 def speed(samples: int) -> None:
     import numpy as np
+    import otfusion
     from PIL import Image
     from transformers import ViTImageProcessorPil
-
-    import otfusion
 
     otfusion.STAGES.clear()
     otfusion.STAGES.update(STAGES)

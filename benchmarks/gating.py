@@ -172,12 +172,13 @@ def main() -> None:
             groups = {m: int(probs[m].argmax(-1).unique().numel()) for m in args.m}
             for _ in range(args.rounds):
                 for name, run in variants.items():
-                    through[name].append(args.batch_size / timed(lambda: run(batch), synchronize))
+                    through[name].append(args.batch_size / timed(lambda run=run: run(batch), synchronize))
                     latency[name].append(median(
-                        timed(lambda: run(single), synchronize) for _ in range(args.latency_repeats)))
+                        timed(lambda run=run: run(single), synchronize) for _ in range(args.latency_repeats)))
                 for m in args.m:
                     stacked = [p for key, p in models[m].named_parameters() if key in models[m].config.gated]
-                    mix[m].append(timed(lambda: [torch.einsum("bn,n...->b...", probs[m], t) for t in stacked],
+                    mix[m].append(timed(lambda m=m, stacked=stacked, probs=probs: [torch.einsum("bn,n...->b...", probs[m], t)
+                                                                                for t in stacked],
                                         synchronize))
             agreement = {}
             pixels = torch.randn(args.agreement_samples, 3, 224, 224, generator=generator).to(device, dtype)

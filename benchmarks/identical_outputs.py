@@ -33,12 +33,16 @@ equal to float tolerance. This script checks exactly that:
    *static* and every file must match byte for byte (sha256); for a *data*
    merge each tensor of the ``.safetensors`` files must match to tolerance
    (``torch.allclose``, the max absolute difference reported) and every other
-   file byte for byte. ``--self-check`` runs the reference version a second
-   time for the named merges and records what differs between two runs of the
-   *same* code (volatile lines of a card or ``hfmerge.yaml``, volatile files,
-   run-to-run tensor noise) in ``--work``; later comparisons of that reference
-   mask those lines (each line pattern: the line with its numbers and hex
-   digests as wildcards) and the report lists them separately, never silently.
+   file byte for byte. Some text differs between two runs of the *same* code:
+   ``--self-check`` runs the reference a second time for the named merges and
+   records what differed (in ``--work``, reused by later runs of that
+   reference). A changed cell of a markdown table makes its column volatile in
+   every table with that header (the evaluation table's latency column, at
+   88f9d7a); a changed line elsewhere makes its changing numbers volatile.
+   Cards and ``hfmerge.yaml`` are then compared with only those cells and
+   numbers masked, and the report says so, per file, and lists what was seen
+   to change. Files that change as a whole, or tensors that change run to run,
+   are listed and never masked.
 5. Prints a table (merge, kind, files compared, identical?, max tensor
    difference, seconds per version), the details of every difference, and
    exits 1 if anything differs beyond tolerance (or a merge failed).
@@ -77,6 +81,16 @@ DEMO = Path("demo") / "offline_demo.py"
 DEFAULT_WORK = ROOT / "benchmarks" / "out" / "identical-outputs"
 DEFAULT_SELF_CHECK = "fusion_finetuned"  # trains, evaluates and writes a card: where run-to-run noise would show
 BUILD_COMMAND = "_build-sources"  # internal: the subprocess that builds the demo's models with the new code
+# -P: no working directory or script folder on sys.path (Python 3.11+; the subprocesses run in folders of --work
+# that hold no hfmerge, and the script is loaded by path, not run: benchmarks/statistics.py must not shadow statistics)
+SAFE_PATH = ["-P"] if sys.version_info >= (3, 11) else []
+BUILD_WRAPPER = """\
+import importlib.util, sys
+spec = importlib.util.spec_from_file_location("identical_outputs", sys.argv[1])
+module = sys.modules["identical_outputs"] = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(module)
+sys.exit(module.main(sys.argv[2:]))
+"""
 MERGE_TIMEOUT_S = 1800
 EXTRA_MERGES = ("otfusion_weights",)  # not in the demo: OTFusion of the ResNets from their weights, no data
 
@@ -147,7 +161,7 @@ def demo_definitions(demo_file: Path) -> dict[str, Any]:
 def build_sources(work: Path, demo_file: Path) -> dict[str, Any]:
     """Train and save the demo's models and datasets under ``work/sources/<key>`` unless saved already.
 
-    Returns ``{"key", "cached", "seconds", "folders": {demo id: absolute path}, "merges": {name: args}}``.
+    Returns ``{"key", "folder", "cached", "seconds", "folders": {demo id: absolute path}, "merges": {name: args}}``.
     Runs in a subprocess whose ``hfmerge`` is the new version's install.
     """
     import datasets
@@ -186,7 +200,7 @@ def build_sources(work: Path, demo_file: Path) -> dict[str, Any]:
         shutil.rmtree(folder, ignore_errors=True)
         partial.rename(folder)
     relative = json.loads(manifest.read_text())["folders"]
-    return {"key": key, "cached": cached, "seconds": time.time() - started,
+    return {"key": key, "folder": str(folder), "cached": cached, "seconds": time.time() - started,
             "folders": {repo_id: str(folder / path) for repo_id, path in relative.items()},
             "merges": demo["merges"]()}
 
@@ -198,9 +212,9 @@ class Version:
     """One version of hfmerge, installed into its own folder."""
 
     label: str  # as the report names it
-    slug: str  # its results folder
     target: Path  # the install folder that PYTHONPATH names
     source: Path  # the copy of its files it was installed from
+    commit: str = ""  # a ref's commit sha ("" for a working tree)
 
 
 def git(*args: str, cwd: Path = ROOT, text: bool = True) -> Any:
@@ -211,13 +225,13 @@ def pip_install(source: Path, target: Path) -> None:
     shutil.rmtree(target, ignore_errors=True)
     done = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
                            "--disable-pip-version-check", "--target", str(target), str(source)],
-                          capture_output=True, text=True)
+                          check=False, capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"pip could not install {source} into {target}:\n{done.stdout}{done.stderr}")
     (target / ".identical-outputs-installed").write_text(str(source))
 
 
-def install_ref(ref: str, work: Path, slug: str) -> Version:
+def install_ref(ref: str, work: Path) -> Version:
     """``git archive`` of ``ref`` from this repository, installed (cached by commit)."""
     try:
         sha = git("rev-parse", "--verify", f"{ref}^{{commit}}").strip()
@@ -231,10 +245,10 @@ def install_ref(ref: str, work: Path, slug: str) -> Version:
         subprocess.run(["tar", "-x", "-C", str(source)], input=archive, check=True)
         pip_install(source, target)
     label = sha[:7] if sha.startswith(ref) else f"{ref} ({sha[:7]})"
-    return Version(label=label, slug=slug, target=target, source=source)
+    return Version(label=label, target=target, source=source, commit=sha)
 
 
-def install_tree(tree: Path, work: Path, slug: str) -> Version:
+def install_tree(tree: Path, work: Path) -> Version:
     """A working tree's tracked and untracked-but-not-ignored files, as they are now, installed."""
     listed = git("ls-files", "-z", "-co", "--exclude-standard", cwd=tree).split("\0")
     files = sorted({name for name in listed if name and (tree / name).is_file()})
@@ -248,17 +262,20 @@ def install_tree(tree: Path, work: Path, slug: str) -> Version:
     target = work / "installs" / f"worktree-{digest.hexdigest()[:12]}"
     if not (target / ".identical-outputs-installed").exists():
         pip_install(source, target)
-    head = git("rev-parse", "--short=7", "HEAD", cwd=tree).strip()
-    changed = git("status", "--porcelain", "--untracked-files=no", cwd=tree).strip()
-    state = f"HEAD {head}" + (f" + {len(changed.splitlines())} changed files" if changed else ", clean")
-    return Version(label=f"worktree ({state})", slug=slug, target=target, source=source)
+    try:
+        head = git("rev-parse", "--short=7", "HEAD", cwd=tree).strip()
+        changed = git("status", "--porcelain", "--untracked-files=no", cwd=tree).strip()
+        state = f"HEAD {head}" + (f" + {len(changed.splitlines())} changed files" if changed else ", clean")
+    except subprocess.CalledProcessError:  # a repository with no commit yet
+        state = f"{len(files)} files"
+    return Version(label=f"worktree ({state})", target=target, source=source)
 
 
-def install(what: str, work: Path, slug: str) -> Version:
+def install(what: str, work: Path) -> Version:
     path = Path(what).expanduser()
     if path.is_dir():
-        return install_tree(path.resolve(), work, slug)
-    return install_ref(what, work, slug)
+        return install_tree(path.resolve(), work)
+    return install_ref(what, work)
 
 
 def run_env(version: Version, hf_home: Path, threads: int) -> dict[str, str]:
@@ -274,8 +291,8 @@ def run_env(version: Version, hf_home: Path, threads: int) -> dict[str, str]:
 
 def check_import(version: Version, work: Path, threads: int) -> None:
     """Fail unless ``hfmerge`` (with its mapped ``model_cards`` and ``spaces``) imports from the install alone."""
-    done = subprocess.run([sys.executable, "-P", "-c", WHERE_WRAPPER], cwd=work, capture_output=True, text=True,
-                          env=run_env(version, work / "hf_home-check", threads))
+    done = subprocess.run([sys.executable, *SAFE_PATH, "-c", WHERE_WRAPPER], check=False, cwd=work,
+                          capture_output=True, text=True, env=run_env(version, work / "hf_home-check", threads))
     if done.returncode != 0:
         raise SystemExit(f"{version.label}: hfmerge does not import from {version.target}:\n{done.stderr}")
     where = json.loads(done.stdout.strip().splitlines()[-1])
@@ -348,7 +365,8 @@ def run_merge(version: Version, method: str, args: list[str], work: Path, thread
     shutil.rmtree(run_dir, ignore_errors=True)
     (run_dir / "hf_home").mkdir(parents=True)
     output = run_dir / "merged" / method
-    command = [sys.executable, "-P", "-c", MERGE_WRAPPER, str(version.target), "merge", *args, "--output", str(output)]
+    command = [sys.executable, *SAFE_PATH, "-c", MERGE_WRAPPER, str(version.target), "merge", *args,
+               "--output", str(output)]
     destination = work / "results" / results / method
     shutil.rmtree(destination, ignore_errors=True)
     destination.parent.mkdir(parents=True, exist_ok=True)
@@ -356,7 +374,7 @@ def run_merge(version: Version, method: str, args: list[str], work: Path, thread
     started = time.time()
     with log.open("w") as stream:
         try:
-            code = subprocess.run(command, cwd=run_dir, env=run_env(version, run_dir / "hf_home", threads),
+            code = subprocess.run(command, check=False, cwd=run_dir, env=run_env(version, run_dir / "hf_home", threads),
                                   stdout=stream, stderr=subprocess.STDOUT, timeout=MERGE_TIMEOUT_S).returncode
         except subprocess.TimeoutExpired:
             code = 124
@@ -629,16 +647,16 @@ class MethodResult:
             return f"MERGE FAILED (exit {codes[0]} / {codes[1]})"
         if not self.files:
             return "NO OUTPUT"
-        bad = [f for f in self.files if f.status in ("differs", "missing")]
+        bad = [f.name for f in self.files if f.status in ("differs", "missing")]
         if bad:
-            return f"NO: {len(bad)} file(s) differ"
+            return f"NO: {', '.join(bad)}"
         if all(f.status == "identical" for f in self.files):
             return "yes, byte for byte"
-        masked = sum(f.status == "masked" for f in self.files)
-        close = sum(f.status == "close" for f in self.files)
-        parts = [f"{close} tensor file(s) within tolerance" if close else "",
-                 f"{masked} file(s) with volatile lines masked" if masked else ""]
-        return "yes: " + ", ".join(part for part in parts if part)
+        close = [f.name for f in self.files if f.status == "close"]
+        masked = [f.name for f in self.files if f.status == "masked"]
+        parts = ([f"within tol.: {', '.join(close)}"] if close else []) + \
+                ([f"masked: {', '.join(masked)}"] if masked else [])
+        return "yes; " + "; ".join(parts)
 
     def max_diff(self) -> str:
         diffs = [f.max_diff for f in self.files if f.max_diff is not None]
@@ -648,8 +666,8 @@ class MethodResult:
 def report(results: list[MethodResult], old: Version, new: Version, volatile: Volatile, volatile_source: str,
            sources: dict[str, Any], started: float) -> None:
     print(f"\nOutputs of {old.label} (old) and {new.label} (new), the demo's merges on the same local models")
-    print(f"  models and datasets: {Path(next(iter(sources['folders'].values()))).parent.parent}"
-          f" ({'cached' if sources['cached'] else 'trained'}, key {sources['key']})")
+    built = "cached" if sources["cached"] else f"trained in {sources['seconds']:.0f} s"
+    print(f"  models and datasets: {sources['folder']} ({built}, key {sources['key']})")
     print(f"\n  {'merge':18s} {'kind':6s} {'files':>5s}  {'identical?':52s} {'max |diff|':>10s} "
           f"{'old s':>6s} {'new s':>6s}")
     for result in results:
@@ -677,7 +695,8 @@ def report(results: list[MethodResult], old: Version, new: Version, volatile: Vo
         print(f"  none: two runs of {old.label} gave byte-identical outputs for {', '.join(volatile.methods)}")
     for name in sorted(set(volatile.columns) | set(volatile.lines) | volatile.files):
         columns, lines = volatile.columns.get(name, []), volatile.lines.get(name, [])
-        what = [f"table column(s) {', '.join(map(repr, columns))} masked in every table that has them"] if columns else []
+        what = [f"table column(s) {', '.join(map(repr, columns))} masked in every table that has them"] \
+            if columns else []
         what += [f"{len(lines)} line pattern(s), only their changing numbers masked"] if lines else []
         what += ["differs as a whole: not masked, still counts as a difference"] if name in volatile.files else []
         print(f"  {name}: {'; '.join(what)}; seen:")
@@ -721,11 +740,13 @@ def build(new: Version, work: Path, threads: int) -> dict[str, Any]:
     answer.unlink(missing_ok=True)
     log = work / "sources" / "build.log"
     with log.open("w") as stream:
-        code = subprocess.run([sys.executable, "-P", str(Path(__file__).resolve()), BUILD_COMMAND, str(work),
-                               str(new.source / DEMO), str(answer)], cwd=work, stdout=stream,
+        code = subprocess.run([sys.executable, *SAFE_PATH, "-c", BUILD_WRAPPER, str(Path(__file__).resolve()),
+                               BUILD_COMMAND, str(work), str(new.source / DEMO), str(answer)],
+                              check=False, cwd=answer.parent, stdout=stream,
                               stderr=subprocess.STDOUT, env=run_env(new, work / "hf_home-build", threads)).returncode
     if code != 0:
-        raise SystemExit(f"building the demo's models with {new.label} failed (exit {code}); see {log}:\n"
+        raise SystemExit(f"building the demo's models with {new.label}'s hfmerge.testing failed (exit {code}; "
+                         f"--against a ref whose hfmerge.testing works builds them); see {log}:\n"
                          + "\n".join(log.read_text().splitlines()[-15:]))
     return json.loads(answer.read_text())
 
@@ -740,8 +761,8 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     work = options.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
-    old = install(options.ref, work, "old")
-    new = install(options.against, work, "new")
+    old = install_ref(options.ref, work)
+    new = install(options.against, work)
     for version in (old, new):
         check_import(version, work, options.threads)
     sources = build(new, work, options.threads)
@@ -756,12 +777,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"--self-check: unknown merge(s); the merges are: {', '.join(merges)}", file=sys.stderr)
         return 2
 
-    old_sha = git("rev-parse", f"{options.ref}^{{commit}}").strip()
-    saved = work / f"volatile-{old_sha[:12]}.json"
+    saved = work / f"volatile-{old.commit[:12]}.json"
     volatile, volatile_source = Volatile(), "no self-check run"
     runs: dict[str, Run] = {}
     if checked:
-        runs = {}
         for method in checked:
             first = run_merge(old, method, merges[method], work, options.threads, "old")
             second = run_merge(old, method, merges[method], work, options.threads, "old-again")

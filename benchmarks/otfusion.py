@@ -134,7 +134,7 @@ def main() -> None:
             "otfusion weights": ["merge", str(a), str(b), "--method", "otfusion", "--param", "cost=weights"],
             "average": ["merge", str(a), str(b), "--method", "average"],
         }
-        print(f"| run | wall | plan | statistics | transport | merge | peak RSS | peak anon | statistics on disk |")
+        print("| run | wall | plan | statistics | transport | merge | peak RSS | peak anon | statistics on disk |")
         print("|---|---|---|---|---|---|---|---|---|")
         for repeat in range(args.repeats):
             for name, cli in runs.items():

@@ -13,8 +13,8 @@ Torch, transformers, accelerate, the ViT modeling module and hfmerge's
 pipeline, statistics engine and data loader are imported before the clock
 starts. RssAnon is sampled every 2 ms on a background thread; the sample is
 attributed to the stage running at that moment (the statistics stage,
-``stages.run_statistics``; the execute stage, the streaming merge into the
-staging folder; or the rest: resolve, inspect, plan, save), so the result says
+``hfmerge.run.stages.run_statistics``; the execute stage, the streaming merge into
+the staging folder (``run_materialise``); or the rest: resolve, inspect, plan, save), so the result says
 where the peak is. After the statistics stage the script also counts the
 ``torch.nn.Module`` objects still alive (a source model kept alive by a
 reference would show here).
@@ -47,7 +47,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from stream import Sampler, prepare as prepare_models  # noqa: E402  (stream.py's sources and RssAnon reader)
+from stream import Sampler  # noqa: E402  (stream.py's sources and RssAnon reader)
+from stream import prepare as prepare_models  # noqa: E402
 
 PHASES = ("other", "statistics", "execute")
 
@@ -86,7 +87,7 @@ class PhaseSampler:
         self.period = period
         self.phase = "other"
         self.start = self.read()
-        self.peak = {phase: 0 for phase in PHASES}
+        self.peak = dict.fromkeys(PHASES, 0)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -140,10 +141,13 @@ def measure(sources: list[Path], data: list[Path], output: Path, samples: int) -
     import hfmerge.data.load  # noqa: F401  (hfmerge imports its modules lazily; importing is not merge time)
     import hfmerge.engine.statistics  # noqa: F401
     import hfmerge.methods.regmean  # noqa: F401
-    import hfmerge.run.pipeline as pipeline
+    import hfmerge.run.pipeline  # noqa: F401
+    from hfmerge.methods.stages import Statistics
+    from hfmerge.run.stages import RUNNERS as runners
+    from hfmerge.run.stages import Materialise
 
     shutil.rmtree(output, ignore_errors=True)
-    seconds = {phase: 0.0 for phase in PHASES}  # the time spent in each stage (and the census)
+    seconds = dict.fromkeys(PHASES, 0.0)  # the time spent in each stage (and the census)
     after_statistics: dict[str, int] = {}
     sampler = PhaseSampler()
 
@@ -163,8 +167,8 @@ def measure(sources: list[Path], data: list[Path], output: Path, samples: int) -
 
         return wrapper
 
-    pipeline.run_statistics = timed("statistics", pipeline.run_statistics)
-    pipeline._execute_into_staging = timed("execute", pipeline._execute_into_staging)
+    runners[Statistics] = timed("statistics", runners[Statistics])
+    runners[Materialise] = timed("execute", runners[Materialise])
     with sampler:
         started = time.perf_counter()
         result = hfmerge.merge([str(s) for s in sources], method="regmean", data=[str(d) for d in data],

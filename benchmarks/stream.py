@@ -148,11 +148,10 @@ def measure(mode: str, sources: list[Path], output: Path) -> dict[str, float]:
     import torch
     from safetensors import safe_open
     from safetensors.torch import save_file
+    from transformers import ViTForImageClassification  # noqa: F401  (library import is not merge time)
 
     import hfmerge
     import hfmerge.run.pipeline  # noqa: F401  (hfmerge imports its modules lazily; importing is not merge time)
-
-    from transformers import ViTForImageClassification  # noqa: F401  (library import is not merge time)
 
     shutil.rmtree(output, ignore_errors=True)
     tensor_bytes_read = 0

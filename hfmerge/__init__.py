@@ -31,22 +31,31 @@ from hfmerge.errors import (
 )
 
 if TYPE_CHECKING:
-    from hfmerge.methods.ot.alignment import align_layer
-    from hfmerge.methods.gating.similarity import layer_similarity, select_gated
-    from hfmerge.methods.ot.cross_layer import cross_layer_alignment
-    from hfmerge.loading import load
     from hfmerge.adapters.base import FamilyAdapter, HeadSpec, SharedInput, register_family, supported_families
     from hfmerge.engine.plan import MergeContext, MergePlan
+    from hfmerge.loading import load
     from hfmerge.methods import MergeMethod, ParamSpec, available_methods, get_method, register_method
+    from hfmerge.methods.gating.similarity import layer_similarity, select_gated
+    from hfmerge.methods.ot.alignment import align_layer
+    from hfmerge.methods.ot.cross_layer import cross_layer_alignment
     from hfmerge.methods.stages import (
-        Analyse, Compare, Comparison, DataNeed, Derive, Derived, FineTune, FineTuning, Phase, Stage, Statistics,
+        Analyse,
+        Compare,
+        Comparison,
+        DataNeed,
+        Derive,
+        Derived,
+        FineTune,
+        FineTuning,
+        Phase,
+        Stage,
+        Statistics,
     )
-    from hfmerge.run.pipeline import merge, plan_merge, run_recipe
-    from hfmerge.recipe import PlannedMerge
-    from hfmerge.recipe import Recipe
     from hfmerge.publish.result import MergeResult
-    from hfmerge.source import SourceSpec
     from hfmerge.publish.space import SpaceOptions, push_space, save_space
+    from hfmerge.recipe import PlannedMerge, Recipe
+    from hfmerge.run.pipeline import merge, plan_merge, run_recipe
+    from hfmerge.source import SourceSpec
 
 __version__ = "0.1.0"
 

@@ -9,15 +9,14 @@ import pytest
 import torch
 
 import hfmerge
+from hfmerge.errors import TransportError
 from hfmerge.methods.ot.alignment import (
     align_dim,
     align_layer,
-    alignment_matrix,
     pairwise_cost,
     transport_plan,
     unit_features,
 )
-from hfmerge.errors import TransportError
 
 
 def _permutation(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -8,6 +8,7 @@ import shlex
 import pytest
 import torch
 import yaml
+from helpers import run_cli
 from safetensors.torch import load_file
 
 import hfmerge
@@ -16,7 +17,6 @@ from hfmerge.methods.average import Average
 from hfmerge.methods.base import MergeMethod, ParamSpec, register_method
 from hfmerge.recipe import Recipe
 from hfmerge.testing.tiny import save_tiny
-from helpers import run_cli
 
 
 def card_of(sources, method, **kw):

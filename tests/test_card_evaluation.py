@@ -8,8 +8,8 @@ import xml.etree.ElementTree as ET
 from huggingface_hub import ModelCard
 from test_card import card_of, metadata, section
 
-from hfmerge.publish.card import update_card
 from hfmerge.eval.report import EvaluationReport, ModelEvaluation, TaskResult
+from hfmerge.publish.card import update_card
 from hfmerge.publish.result import write_metadata
 
 

@@ -15,16 +15,19 @@ import json
 import pytest
 import torch
 import transformers
+from helpers import assert_one_line_error, run_cli
+from test_every_method import random_images
 
 import hfmerge
 from hfmerge.adapters import family_for_model_type
 from hfmerge.methods.ot.balancing import deepen
-from hfmerge.modeling.classic import HfMergeMLPConfig, HfMergeVGGConfig, MLPForImageClassification, \
-    VGGForImageClassification
+from hfmerge.modeling.classic import (
+    HfMergeMLPConfig,
+    HfMergeVGGConfig,
+    MLPForImageClassification,
+    VGGForImageClassification,
+)
 from hfmerge.testing.tiny import randomise_batch_norms, save_tiny
-
-from helpers import assert_one_line_error, run_cli
-from test_every_method import random_images
 
 DIGITS = [str(d) for d in range(10)]
 

@@ -13,6 +13,7 @@ import sys
 
 import pytest
 import torch
+from helpers import run_cli
 
 import hfmerge
 from hfmerge.adapters import inspect_source, supported_families
@@ -20,8 +21,6 @@ from hfmerge.hub.resolve import resolve_source
 from hfmerge.modeling.classic import MODELING_FILE
 from hfmerge.testing.permute import permute_groups
 from hfmerge.testing.tiny import CLASSIC_FAMILIES, IMAGE_SIZE, save_tiny
-
-from helpers import run_cli
 
 
 def _pixels(family, n=3, seed=0):

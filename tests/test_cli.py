@@ -10,9 +10,9 @@ import sys
 import pytest
 import torch
 import yaml
+from helpers import assert_one_line_error, run_cli
 
 from hfmerge.testing.tiny import tiny_model
-from helpers import assert_one_line_error, run_cli
 
 
 @pytest.fixture

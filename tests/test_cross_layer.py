@@ -21,9 +21,13 @@ from hfmerge.adapters import family_for_model_type
 from hfmerge.adapters.depth import Structure
 from hfmerge.methods.ot.balancing import deepen, deepened_activations, merge_linear, relu_estimate
 from hfmerge.methods.ot.cross_layer import cka_costs, linear_cka, width_costs
+from hfmerge.modeling.classic import (
+    HfMergeMLPConfig,
+    HfMergeVGGConfig,
+    MLPForImageClassification,
+    VGGForImageClassification,
+)
 from hfmerge.testing.tiny import randomise_batch_norms
-from hfmerge.modeling.classic import HfMergeMLPConfig, HfMergeVGGConfig, MLPForImageClassification, \
-    VGGForImageClassification
 
 
 def _one_based(mapping):
@@ -165,10 +169,9 @@ def test_activations_of_the_deepened_model_come_from_the_original(name, model, m
         seen, hooks = {}, []
         lookup = dict(net.named_modules())
         for n in names:
-            if n.endswith("#input"):
-                hook = lambda _m, args, _out, n=n: seen.__setitem__(n, args[0].detach().clone())
-            else:
-                hook = lambda _m, _args, out, n=n: seen.__setitem__(n, out.detach().clone())
+            def hook(_m, args, out, n=n):
+                seen[n] = (args[0] if n.endswith("#input") else out).detach().clone()
+
             hooks.append(lookup[n.removesuffix("#input")].register_forward_hook(hook))
         with torch.no_grad():
             net(pixels)

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from helpers import assert_one_line_error, run_cli
 from safetensors.torch import load_file
 
 import hfmerge
-from helpers import assert_one_line_error, run_cli
 from hfmerge.testing.digit_models import accuracy
 
 

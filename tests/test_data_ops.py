@@ -95,9 +95,9 @@ def test_fisher_with_one_source_is_that_source_exactly():
     assert torch.equal(op.apply(tables.__getitem__), theta)
 
 
-@pytest.mark.parametrize("bad", [dict(alpha=1.5), dict(grams=[])])
+@pytest.mark.parametrize("bad", [{"alpha": 1.5}, {"grams": []}])
 def test_regmean_linear_refuses_bad_arguments(bad):
     w = torch.randn(2, 3)
-    kwargs = dict(weights=[w], grams=[torch.eye(3)], alpha=0.5) | bad
+    kwargs = {"weights": [w], "grams": [torch.eye(3)], "alpha": 0.5} | bad
     with pytest.raises(ValueError):
         regmean_linear(**kwargs)

@@ -13,11 +13,11 @@ import json
 import pytest
 import torch
 import transformers
+from helpers import assert_one_line_error, run_cli
 
 import hfmerge
 from hfmerge.methods import get_method
 from hfmerge.testing.tiny import IMAGE_SIZE
-from helpers import assert_one_line_error, run_cli
 
 METHODS = hfmerge.available_methods()
 

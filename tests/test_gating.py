@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from helpers import assert_one_line_error, run_cli
 from PIL import Image
 
 import hfmerge
 import hfmerge.methods.gating.model
-from helpers import assert_one_line_error, run_cli
 from hfmerge.testing.tasks import digit_split
 
 PIXELS = torch.Generator().manual_seed(3)

@@ -8,10 +8,10 @@ import json
 import pytest
 import torch
 import transformers
+from helpers import assert_one_line_error, run_cli
 
 import hfmerge
 from hfmerge.testing.tiny import save_tiny
-from helpers import assert_one_line_error, run_cli
 
 HEAD = ("classifier.weight", "classifier.bias")
 

@@ -12,6 +12,7 @@ import re
 import pytest
 import torch
 import transformers
+from helpers import NOT_LAYERS, assert_one_line_error, recorded_forward_order, run_cli
 
 import hfmerge
 from hfmerge.adapters import inspect_source
@@ -19,7 +20,6 @@ from hfmerge.adapters.forward_order import order_modules
 from hfmerge.hub.resolve import resolve_source
 from hfmerge.methods.layerwise import layer_weights
 from hfmerge.testing.tiny import FAMILIES, IMAGE_SIZE, save_tiny, tiny_model
-from helpers import NOT_LAYERS, assert_one_line_error, recorded_forward_order, run_cli
 
 
 def layout_of(folder):

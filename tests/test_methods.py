@@ -12,10 +12,10 @@ import json
 import pytest
 import torch
 import transformers
+from helpers import recorded_forward_order
 
 import hfmerge
 from hfmerge.testing.tiny import FAMILIES, IMAGE_SIZE, tiny_model
-from helpers import recorded_forward_order
 
 
 def load_plain(folder):

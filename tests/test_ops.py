@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hfmerge.methods.layerwise import layer_weights
 from hfmerge.engine.ops import Copy, LinearCombination, normalise
 from hfmerge.methods.heads import ConcatHeads
+from hfmerge.methods.layerwise import layer_weights
 from hfmerge.methods.task_arithmetic import TaskArithmeticOp
 
 

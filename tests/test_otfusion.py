@@ -17,15 +17,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import assert_one_line_error, run_cli
+from test_every_method import random_images
 
 import hfmerge
 from hfmerge.adapters import inspect_source
 from hfmerge.hub.resolve import resolve_source
 from hfmerge.testing.permute import permute_groups
-from hfmerge.testing.tiny import IMAGE_SIZE, randomise_batch_norms, save_tiny, tiny_model
-
-from helpers import assert_one_line_error, run_cli
-from test_every_method import random_images
+from hfmerge.testing.tiny import IMAGE_SIZE, randomise_batch_norms, save_tiny
 
 FAMILIES = ["mlp", "vgg", "resnet", "resnet-bottleneck", "vit", "mobilenet_v2"]
 

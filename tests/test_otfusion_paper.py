@@ -15,11 +15,10 @@ from __future__ import annotations
 import numpy as np
 import ot
 import pytest
+from test_every_method import random_images
 
 import hfmerge
 from hfmerge.testing.tiny import IMAGE_SIZE, save_tiny
-
-from test_every_method import random_images
 
 
 def _state(folder):

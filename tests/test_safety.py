@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import assert_one_line_error, run_cli
 
 import hfmerge
 from hfmerge.io.checkpoint import CheckpointReader
 from hfmerge.publish.result import check_output_folder
 from hfmerge.testing.ports import free_port
 from hfmerge.testing.tiny import image_processor, tiny_model
-from helpers import assert_one_line_error, run_cli
 
 
 @pytest.fixture
@@ -233,7 +233,7 @@ def test_dry_run_of_hub_sources_reads_headers_only(publish, local_hub, tmp_path,
     assert all(span is not None for verb, path, span in weights if verb == "GET"), weights  # no full body
     assert not out.exists()
     cache = Path(os.environ["HF_HOME"]) / "hub"
-    assert not [p for p in cache.glob("models--org--dry-*/**/*.safetensors")]
+    assert not list(cache.glob("models--org--dry-*/**/*.safetensors"))
     # the same plan as with the weights at hand
     full = hfmerge.plan_merge(hfmerge.Recipe(sources=["org/dry-a", "org/dry-b"], method="layerwise",
                                              anchor="org/dry-a"))

@@ -22,6 +22,8 @@ import transformers
 from safetensors.torch import load_file, save_file
 
 from hfmerge.adapters import ModelLayout, inspect_source
+from hfmerge.errors import IncompatibleModelsError, MergeNumericError, RecipeError
+from hfmerge.hub.resolve import resolve_source
 from hfmerge.methods.gating.similarity import (
     LayerSimilarity,
     gated_keys,
@@ -30,8 +32,6 @@ from hfmerge.methods.gating.similarity import (
     similarity_svg,
     transformer_blocks,
 )
-from hfmerge.errors import IncompatibleModelsError, MergeNumericError, RecipeError
-from hfmerge.hub.resolve import resolve_source
 from hfmerge.testing.tiny import save_tiny
 
 LAYERS = 12

@@ -124,7 +124,7 @@ def test_predict_endpoint_answers_for_merged_and_sources(hub_models, image_file,
     for name, repo_id in names.items():
         assert_matches(answer["sources"][name], expected_predictions(repo_id, hub_models[repo_id], image_file, kind))
     if kind == "segmentation":  # the maps differ between the sources, so the overlays compare something
-        assert answer["sources"] != {k: answer["merged"] for k in answer["sources"]}
+        assert answer["sources"] != dict.fromkeys(answer["sources"], answer["merged"])
 
 
 def test_mask2former_overlay_matches_its_processor(tmp_path, image_file):
@@ -243,8 +243,8 @@ def test_evaluation_section_and_plots_come_from_the_card(tmp_path):
 
 
 def test_evaluation_panel_shows_an_hfmerge_card_table_and_chart_or_the_model_index(tmp_path):
-    from hfmerge.publish.card import EVALUATION_SVG, update_card
     from hfmerge.eval.report import EvaluationReport, ModelEvaluation, TaskResult
+    from hfmerge.publish.card import EVALUATION_SVG, update_card
 
     report = EvaluationReport(models=[
         ModelEvaluation("merged", "merged", [TaskResult("digits", "org/digits", "test", {"accuracy": 0.875}, 8)],

@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pytest
 from helpers import run_cli
+from hfmerge.spaces import inference
 from huggingface_hub import constants as hf_constants
 from huggingface_hub import snapshot_download
 
 from hfmerge import source_ref
 from hfmerge.adapters.base import _FAMILIES
-from hfmerge.spaces import inference
 from hfmerge.testing.tiny import save_tiny
 
 SPACES = Path(inference.__file__).resolve().parent

@@ -9,8 +9,8 @@ model, dataset and Gram matrix of each pass while the next pass starts.
 from __future__ import annotations
 
 import weakref
-from types import SimpleNamespace
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 

@@ -12,11 +12,11 @@ import pytest
 import torch
 import transformers
 import yaml
+from helpers import run_cli
 from safetensors.torch import load_file
 
 import hfmerge
 from hfmerge.testing.tiny import IMAGE_SIZE, tiny_config
-from helpers import run_cli
 
 HEADLESS = {"vit": ("ViTModel", "vit"), "resnet": ("ResNetModel", "resnet"), "segformer": ("SegformerModel", "segformer")}
 

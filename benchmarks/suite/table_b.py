@@ -29,9 +29,23 @@ import torch
 from benchmarks.suite.bench import Bench, fingerprint
 from benchmarks.suite.report import Cell, Claim, Section, Table, Value, at_least, line_plot_svg
 from benchmarks.suite.segmentation import (
-    CLASSES, CONSTRUCTION, CONSTRUCTION_CLASSES, UDA_METHODS, VERSION, SceneSpec, Training, adapt, domain_dataset,
-    fuse_classes, image_processor, new_segformer, push_segmentation_dataset, save_segmenter, scene_arrays,
-    train_source, with_fused_head,
+    CLASSES,
+    CONSTRUCTION,
+    CONSTRUCTION_CLASSES,
+    UDA_METHODS,
+    VERSION,
+    SceneSpec,
+    Training,
+    adapt,
+    domain_dataset,
+    fuse_classes,
+    image_processor,
+    new_segformer,
+    push_segmentation_dataset,
+    save_segmenter,
+    scene_arrays,
+    train_source,
+    with_fused_head,
 )
 
 HEADING = "Table B — layer-wise merging of UDA segmentation models (layerwise-uda-merge Tables 2–4)"

@@ -160,7 +160,10 @@ def split_tensors(bench: Bench, dataset: str, split: str) -> tuple[torch.Tensor,
 def build_model(setting: Setting, shape: tuple[Any, ...], labels: list[str], seed: int) -> torch.nn.Module:
     """A randomly initialised classifier of ``setting``'s family and ``shape``, from ``seed``."""
     from hfmerge.modeling.classic import (
-        HfMergeMLPConfig, HfMergeVGGConfig, MLPForImageClassification, VGGForImageClassification,
+        HfMergeMLPConfig,
+        HfMergeVGGConfig,
+        MLPForImageClassification,
+        VGGForImageClassification,
     )
     from hfmerge.testing.digit_resnets import DigitResNet, digit_resnet
 

@@ -1,14 +1,34 @@
-"""One adapter per model family; importing this package registers them all."""
+"""One adapter per model family; importing this package registers them all.
+
+Every module here but the shared ones (:data:`SHARED`) is a family's adapter file, which registers
+itself with :func:`register_family`: a new family is one file, found without editing this package.
+Families register in the order of their file names, which is the order in which
+:mod:`hfmerge.testing.tiny` lists their tiny models.
+"""
+
+import importlib
+import pkgutil
 
 from hfmerge.adapters.base import (
-    FamilyAdapter, HeadSpec, TinyVariant, family_for_model_type, register_family, registered_families,
+    FamilyAdapter,
+    HeadSpec,
+    TinyVariant,
+    family_for_model_type,
+    register_family,
+    registered_families,
     supported_families,
 )
-# Registration order is the order in which hfmerge.testing.tiny lists the tiny models (tests parametrize by it).
-from hfmerge.adapters import vit, resnet, mobilenet_v2, segformer, upernet, mask2former, mlp, vgg  # noqa: F401  (registration)
 from hfmerge.adapters.layout import ModelLayout, TensorInfo, inspect_reference, inspect_source
 
+SHARED = frozenset({"base", "depth", "forward_order", "layout", "neurons", "swin"})
+"""The modules the adapters share (inspection, neuron groups, depth, tracing, Swin's tiny backbone)."""
+
+for _module in pkgutil.iter_modules(__path__):
+    if _module.name not in SHARED and not _module.name.startswith("_"):
+        importlib.import_module(f"{__name__}.{_module.name}")
+
 __all__ = [
-    "FamilyAdapter", "HeadSpec", "ModelLayout", "TensorInfo", "TinyVariant",
-    "family_for_model_type", "inspect_reference", "inspect_source", "register_family", "registered_families", "supported_families",
+    "SHARED", "FamilyAdapter", "HeadSpec", "ModelLayout", "TensorInfo", "TinyVariant",
+    "family_for_model_type", "inspect_reference", "inspect_source", "register_family", "registered_families",
+    "supported_families",
 ]

@@ -11,14 +11,18 @@ from typing import Any
 import torch
 
 from hfmerge.adapters.base import (
-    FamilyAdapter, HeadSpec, alignable_families, family_for_model_type, supported_families,
+    FamilyAdapter,
+    HeadSpec,
+    alignable_families,
+    family_for_model_type,
+    supported_families,
 )
-from hfmerge.adapters.neurons import NeuronGroup
 from hfmerge.adapters.forward_order import forward_order
-from hfmerge.io.checkpoint import CheckpointReader, TensorTable
-from hfmerge.io.renaming import checkpoint_to_memory_names
+from hfmerge.adapters.neurons import NeuronGroup
 from hfmerge.errors import IncompatibleModelsError, SourceError
 from hfmerge.hub.resolve import ResolvedSource
+from hfmerge.io.checkpoint import CheckpointReader, TensorTable
+from hfmerge.io.renaming import checkpoint_to_memory_names
 
 
 @dataclass(frozen=True)

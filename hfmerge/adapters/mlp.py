@@ -8,10 +8,9 @@ import torch
 from transformers import AutoConfig, AutoModelForImageClassification
 
 from hfmerge.adapters.base import FamilyAdapter, HeadSpec, TinyVariant, register_family
-from hfmerge.adapters.depth import DepthLayer, DepthSegment, DepthSpec, Structure, relu_of_previous, \
-    widths_with_added
+from hfmerge.adapters.depth import DepthLayer, DepthSegment, DepthSpec, Structure, relu_of_previous, widths_with_added
 from hfmerge.adapters.neurons import GroupBuilder, LayoutView, NeuronGroup
-from hfmerge.modeling.classic import HfMergeMLPConfig, MLPForImageClassification, MODELING_FILE, MLP_TYPE
+from hfmerge.modeling.classic import MLP_TYPE, MODELING_FILE, HfMergeMLPConfig, MLPForImageClassification
 
 
 def _neurons(layout: LayoutView) -> list[NeuronGroup]:

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import re
-from itertools import count, takewhile
 from collections.abc import Callable
+from itertools import count, takewhile
 from typing import Any
 
 import torch

@@ -6,14 +6,20 @@ import re
 from typing import Any
 
 import torch
-
 from transformers import AutoConfig, AutoModelForImageClassification
 
 from hfmerge.adapters.base import FamilyAdapter, HeadSpec, TinyVariant, register_family
-from hfmerge.adapters.depth import DepthLayer, DepthSegment, DepthSpec, Structure, neutral_batch_norm, \
-    relu_of_previous, widths_with_added
+from hfmerge.adapters.depth import (
+    DepthLayer,
+    DepthSegment,
+    DepthSpec,
+    Structure,
+    neutral_batch_norm,
+    relu_of_previous,
+    widths_with_added,
+)
 from hfmerge.adapters.neurons import GroupBuilder, LayoutView, NeuronGroup, norm_members
-from hfmerge.modeling.classic import HfMergeVGGConfig, VGGForImageClassification, MODELING_FILE, VGG_TYPE
+from hfmerge.modeling.classic import MODELING_FILE, VGG_TYPE, HfMergeVGGConfig, VGGForImageClassification
 
 _FEATURE = re.compile(r"features\.(\d+)")
 

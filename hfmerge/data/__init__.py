@@ -14,7 +14,7 @@ from hfmerge.data.spec import DataSpec, resolve_data_specs
 if TYPE_CHECKING:
     from hfmerge.data.load import ImageData, ProcessedImages, label_map_for, load_image_data
 
-_LAZY = {name: "hfmerge.data.load" for name in ("ImageData", "ProcessedImages", "label_map_for", "load_image_data")}
+_LAZY = dict.fromkeys(("ImageData", "ProcessedImages", "label_map_for", "load_image_data"), "hfmerge.data.load")
 
 __all__ = ["DataSpec", "ImageData", "ProcessedImages", "label_map_for", "load_image_data", "resolve_data_specs"]
 

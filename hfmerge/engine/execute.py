@@ -9,11 +9,11 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from hfmerge.io.checkpoint import TensorTable
-from hfmerge.engine.plan import MergePlan
-from hfmerge.io.writer import ShardedSafetensorsWriter, TensorSlot
-from hfmerge.errors import MergeNumericError
 from hfmerge.engine.ops import TensorRef
+from hfmerge.engine.plan import MergePlan
+from hfmerge.errors import MergeNumericError
+from hfmerge.io.checkpoint import TensorTable
+from hfmerge.io.writer import ShardedSafetensorsWriter, TensorSlot
 
 logger = logging.getLogger(__name__)
 

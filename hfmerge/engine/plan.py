@@ -14,8 +14,8 @@ from typing import Any
 import torch
 
 from hfmerge.adapters.layout import ModelLayout, TensorInfo
-from hfmerge.errors import IncompatibleModelsError
 from hfmerge.engine.ops import Copy, MergeOp, TensorRef, normalise
+from hfmerge.errors import IncompatibleModelsError
 
 
 @dataclass(frozen=True)

@@ -35,8 +35,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from hfmerge.io.checkpoint import CheckpointReader
 from hfmerge.errors import SourceError, StatisticsError
+from hfmerge.io.checkpoint import CheckpointReader
 
 if TYPE_CHECKING:
     import accelerate

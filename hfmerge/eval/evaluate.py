@@ -131,7 +131,7 @@ def evaluate_classifier(
         EvaluationError: a task's data has no labels.
         hfmerge.errors.DataError: a task's labels are not all in ``model.config.id2label`` (it names them).
     """
-    from hfmerge.data import ProcessedImages, label_map_for
+    from hfmerge.data import ProcessedImages
 
     id2label, name, device = _ready(model, name, accelerator)
     results: list[TaskResult] = []

@@ -40,9 +40,9 @@ class Average(MergeMethod):
     )
 
     def plan(self, ctx: MergeContext) -> MergePlan:
+        from hfmerge.engine.ops import LinearCombination
         from hfmerge.engine.plan import MergePlan, require_all_shared
         from hfmerge.methods.heads import head_policy, plan_heads
-        from hfmerge.engine.ops import LinearCombination
 
         heads = [info.name for info in ctx.anchor.head_tensors]
         require_all_shared(ctx, self.name, except_names=heads)

@@ -117,9 +117,9 @@ policy: stacked into one head over the union of the {{ details.num_labels }} lab
         )
 
     def plan(self, ctx: MergeContext) -> MergePlan:
+        from hfmerge.engine.ops import LinearCombination
         from hfmerge.engine.plan import MergePlan, require_all_shared
         from hfmerge.methods.heads import head_policy, plan_heads
-        from hfmerge.engine.ops import LinearCombination
 
         if ctx.anchor.task != "image-classification":
             raise IncompatibleModelsError(

@@ -65,9 +65,9 @@ here (it needs each source's labeled data: `--data`, once per source{% if parame
 and `finetune_epochs` above 0{% endif %}): this is the fused model before fine-tuning.{% endif %}"""
 
     def plan(self, ctx: MergeContext) -> MergePlan:
+        from hfmerge.engine.ops import LinearCombination
         from hfmerge.engine.plan import MergePlan
         from hfmerge.methods.heads import plan_heads
-        from hfmerge.engine.ops import LinearCombination
 
         anchor = ctx.anchor
         if ctx.heads not in (None, "concat"):

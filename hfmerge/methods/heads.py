@@ -28,11 +28,11 @@ from typing import Any
 import torch
 
 from hfmerge.adapters.layout import ModelLayout
+from hfmerge.engine.ops import Copy, LinearCombination, Loader, TensorRef
 from hfmerge.engine.plan import MergeContext, TensorPlan
 from hfmerge.errors import IncompatibleModelsError
-from hfmerge.methods.labels import distinct_prefixes, union_label_names
 from hfmerge.methods.base import HEAD_POLICIES
-from hfmerge.engine.ops import Copy, LinearCombination, Loader, TensorRef
+from hfmerge.methods.labels import distinct_prefixes, union_label_names
 
 __all__ = ["HEAD_POLICIES", "ConcatHeads", "HeadsPlan", "head_policy", "labels_agree", "plan_heads", "source_prefixes",
            "union_labels"]

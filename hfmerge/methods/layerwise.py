@@ -88,9 +88,9 @@ architecture) {{ {'anchor': "are the anchor's", 'concat': 'are concatenated into
         return [f"shared layers Np = {plan.details['shared_layers']}"]
 
     def plan(self, ctx: MergeContext) -> MergePlan:
+        from hfmerge.engine.ops import Copy, LinearCombination
         from hfmerge.engine.plan import MergePlan
         from hfmerge.methods.heads import head_policy, plan_heads
-        from hfmerge.engine.ops import Copy, LinearCombination
 
         anchor = ctx.anchor
         # An explicit --heads takes the classifier heads out of the numbering, shared or not.

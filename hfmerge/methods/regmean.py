@@ -198,9 +198,9 @@ head over the union of the {{ details.num_labels }} labels
                            batch_size=int(ctx.params.get("batch_size") or 32))]
 
     def plan(self, ctx: MergeContext) -> MergePlan:
+        from hfmerge.engine.ops import LinearCombination
         from hfmerge.engine.plan import MergePlan, require_all_shared
         from hfmerge.methods.heads import head_policy, plan_heads
-        from hfmerge.engine.ops import LinearCombination
 
         heads = [info.name for info in ctx.anchor.head_tensors]
         require_all_shared(ctx, self.name, except_names=heads)

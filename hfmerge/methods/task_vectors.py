@@ -36,10 +36,10 @@ from typing import Any
 import torch
 
 from hfmerge.adapters.layout import ModelLayout, TensorInfo
+from hfmerge.engine.ops import Copy, LinearCombination, Loader, MergeOp, TensorRef
 from hfmerge.engine.plan import MergeContext, MergePlan, TensorPlan, require_all_shared
 from hfmerge.errors import IncompatibleModelsError, RecipeError
 from hfmerge.methods.heads import head_policy, labels_agree, plan_heads
-from hfmerge.engine.ops import Copy, LinearCombination, Loader, MergeOp, TensorRef
 
 RUNNING_STATISTICS = ("running_mean", "running_var")
 

@@ -132,9 +132,8 @@ class MergeResult:
         commit_message: str | None = None,
     ) -> str:
         """Create ``repo_id`` if needed and upload the merged model in one commit; return the commit URL."""
-        from hfmerge.publish.hub import push_folder
-
         from hfmerge.publish.card import PublicNames, render_card
+        from hfmerge.publish.hub import push_folder
 
         # Replace rather than rewrite: a saved copy may share these files through a hard link. The pushed
         # hfmerge.yaml names local folders as the card does, by folder name: the merging machine's paths

@@ -24,11 +24,11 @@ from huggingface_hub import SpaceCard
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
-from hfmerge.errors import RecipeError, SourceError
 from hfmerge import source_ref
+from hfmerge.errors import RecipeError, SourceError
 from hfmerge.hub.resolve import ResolvedSource, resolve_source
-from hfmerge.source import SourceSpec
 from hfmerge.publish.result import RECIPE_FILE, atomic_folder, check_output_folder
+from hfmerge.source import SourceSpec
 from hfmerge.spaces.inference import IMAGE_SUFFIXES, RecipeFileError, head_kind, read_recipe
 
 logger = logging.getLogger(__name__)

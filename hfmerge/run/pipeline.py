@@ -12,18 +12,17 @@ from typing import Any
 import torch
 
 from hfmerge.adapters import ModelLayout, inspect_source
-from hfmerge.io.checkpoint import HeaderReader, weight_files
-from hfmerge.engine.plan import MergeContext, MergePlan, TensorPlan
-from hfmerge.methods.stages import Analyse, Compare, Phase, Stage
-from hfmerge.run.stages import Evaluate, Materialise, PipelineRun, run_stage
-from hfmerge.errors import IncompatibleModelsError, RecipeError
-from hfmerge.publish.hub import check_push_access
-from hfmerge.hub.resolve import ResolvedSource, resolve_source, safetensors_header
-from hfmerge.methods import MergeMethod, get_method
-from hfmerge.recipe import PlannedMerge
 from hfmerge.engine.ops import Copy
-from hfmerge.recipe import Recipe, SourceSpec, parse_size
+from hfmerge.engine.plan import MergeContext, MergePlan, TensorPlan
+from hfmerge.errors import IncompatibleModelsError, RecipeError
+from hfmerge.hub.resolve import ResolvedSource, resolve_source, safetensors_header
+from hfmerge.io.checkpoint import HeaderReader, weight_files
+from hfmerge.methods import MergeMethod, get_method
+from hfmerge.methods.stages import Analyse, Compare, Phase, Stage
+from hfmerge.publish.hub import check_push_access
 from hfmerge.publish.result import MergeResult, check_output_folder, write_metadata
+from hfmerge.recipe import PlannedMerge, Recipe, SourceSpec
+from hfmerge.run.stages import Evaluate, Materialise, PipelineRun, run_stage
 
 logger = logging.getLogger(__name__)
 

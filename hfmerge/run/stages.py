@@ -23,7 +23,6 @@ from hfmerge.errors import DataError
 from hfmerge.methods.stages import Analyse, Compare, Derive, FineTune, Phase, RunRecord, Stage, Statistics
 
 if TYPE_CHECKING:
-    from accelerate import Accelerator
 
     from hfmerge.adapters.layout import ModelLayout
     from hfmerge.data.load import ImageData

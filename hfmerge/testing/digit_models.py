@@ -49,7 +49,7 @@ def processor():
     return ViTImageProcessorPil(size={"height": SIZE, "width": SIZE}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def split_tensors(task: str, split: str) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """A task split as (pixel_values, labels, label names), the pixels as :func:`processor` makes them.
 

@@ -92,11 +92,6 @@ def digit_task(name: str) -> datasets.DatasetDict:
     return datasets.DatasetDict({split: _dataset(*digit_split(name, split)) for split in ("train", "test")})
 
 
-def digit_tasks() -> dict[str, datasets.DatasetDict]:
-    """Every digit task by name."""
-    return {name: digit_task(name) for name in TASKS}
-
-
 def _card(name: str, task: datasets.DatasetDict) -> str:
     names = task["train"].features["label"].names
     lines = ["---", "configs:", "- config_name: default", "  data_files:"]

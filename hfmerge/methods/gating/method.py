@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 
     from hfmerge.adapters.layout import ModelLayout
     from hfmerge.engine.ops import Loader, TensorRef
-    from hfmerge.engine.plan import MergeContext, MergePlan
+    from hfmerge.engine.plan import MergeContext, MergePlan, OutputSpec
     from hfmerge.engine.statistics import StatisticsRequest
 
 DEFAULT_GATE = "google/mobilenet_v2_1.0_224"
@@ -289,8 +289,8 @@ source for {{ '%.2f' | format(details.gate.accuracy * 100) }}% \
         return rows
 
     def plan(self, ctx: MergeContext) -> MergePlan:
-        from hfmerge.engine.plan import MergePlan, OutputSpec, TensorPlan
         from hfmerge.engine.ops import Copy
+        from hfmerge.engine.plan import MergePlan, TensorPlan
         from hfmerge.methods.base import get_method
 
         self._check_sources(ctx)
@@ -339,9 +339,14 @@ source for {{ '%.2f' | format(details.gate.accuracy * 100) }}% \
     def _output(self, ctx: MergeContext, gated: list[str]) -> OutputSpec:
         """The gated model's config (its own class, with ``auto_map``) and its modeling file."""
         from hfmerge.engine.plan import OutputSpec
+        from hfmerge.methods.gating.model import (
+            AUTO_MAP,
+            MODELING_FILE,
+            GatedMergedConfig,
+            GatedMergedForImageClassification,
+            modeling_source,
+        )
         from hfmerge.methods.heads import source_prefixes, union_labels
-        from hfmerge.methods.gating.model import (AUTO_MAP, MODELING_FILE, GatedMergedConfig, GatedMergedForImageClassification,
-                                      modeling_source)
 
         gate = ctx.auxiliary["gate"]
         labels = union_labels(ctx.sources)

@@ -24,10 +24,9 @@ from transformers import (
     ViTForImageClassification,
 )
 
+from hfmerge.errors import IncompatibleModelsError, SourceError
 from hfmerge.io.checkpoint import CheckpointReader
 from hfmerge.io.renaming import checkpoint_to_memory_names
-from hfmerge.errors import IncompatibleModelsError, SourceError
-from hfmerge.methods.labels import distinct_prefixes, union_label_names
 from hfmerge.methods.gating.gated_vit import (
     MODEL_TYPE,
     MODELING_FILE,
@@ -35,6 +34,7 @@ from hfmerge.methods.gating.gated_vit import (
     GatedMergedConfig,
     GatedMergedForImageClassification,
 )
+from hfmerge.methods.labels import distinct_prefixes, union_label_names
 
 __all__ = [
     "AUTO_MAP", "MODELING_FILE", "MODEL_TYPE", "GatedImageClassifierOutput", "GatedMergedConfig",

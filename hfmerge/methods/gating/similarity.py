@@ -28,9 +28,9 @@ from __future__ import annotations
 
 import logging
 import math
-from os import PathLike
 from collections.abc import Sequence
 from dataclasses import dataclass
+from os import PathLike
 from typing import TYPE_CHECKING
 
 from hfmerge.errors import IncompatibleModelsError, MergeNumericError, RecipeError

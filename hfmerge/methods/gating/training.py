@@ -106,8 +106,8 @@ def train_gate(request: TrainGate, run: StageRun) -> TensorTable | None:
     import torch
     from torch.utils.data import ConcatDataset, DataLoader, Subset
 
-    from hfmerge.io.checkpoint import CheckpointReader
     from hfmerge.data.load import ProcessedImages
+    from hfmerge.io.checkpoint import CheckpointReader
     from hfmerge.methods.gating.gate import GateInput
     from hfmerge.train import TrainOptions, train_model
 

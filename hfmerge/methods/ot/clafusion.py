@@ -28,10 +28,16 @@ from typing import TYPE_CHECKING, Any
 
 from hfmerge.errors import IncompatibleModelsError, RecipeError
 from hfmerge.methods.base import MergeMethod, ParamSpec, register_method
-from hfmerge.methods.stages import DataNeed, Derive, Derived, FineTune, FineTuning, Stage, Statistics
 from hfmerge.methods.ot.otfusion import (
-    FINE_TUNING_PARAMETERS, TRANSPORT_PARAMETERS, Side, fused_coefficients, map_key, membership, transport_maps,
+    FINE_TUNING_PARAMETERS,
+    TRANSPORT_PARAMETERS,
+    Side,
+    fused_coefficients,
+    map_key,
+    membership,
+    transport_maps,
 )
+from hfmerge.methods.stages import DataNeed, Derive, Derived, FineTune, FineTuning, Stage, Statistics
 
 if TYPE_CHECKING:
     import torch
@@ -39,9 +45,9 @@ if TYPE_CHECKING:
     from hfmerge.adapters.depth import DepthSegment
     from hfmerge.adapters.layout import ModelLayout
     from hfmerge.adapters.neurons import NeuronGroup
+    from hfmerge.engine.ops import Loader
     from hfmerge.engine.plan import MergeContext, MergePlan
     from hfmerge.engine.statistics import StatisticsRequest
-    from hfmerge.engine.ops import Loader
 
 logger = logging.getLogger(__name__)
 

@@ -24,17 +24,26 @@ from typing import TYPE_CHECKING, Any
 
 from hfmerge.errors import IncompatibleModelsError, RecipeError
 from hfmerge.methods.base import MergeMethod, ParamSpec, available_methods, register_method
-from hfmerge.methods.stages import (Compare, Comparison, DataNeed, Derive, Derived, FineTune, FineTuning, Stage,
-                                    Statistics)
+from hfmerge.methods.stages import (
+    Compare,
+    Comparison,
+    DataNeed,
+    Derive,
+    Derived,
+    FineTune,
+    FineTuning,
+    Stage,
+    Statistics,
+)
 
 if TYPE_CHECKING:
     import torch
 
     from hfmerge.adapters.layout import ModelLayout
     from hfmerge.adapters.neurons import NeuronGroup
+    from hfmerge.engine.ops import Loader
     from hfmerge.engine.plan import MergeContext, MergePlan
     from hfmerge.engine.statistics import StatisticsRequest
-    from hfmerge.engine.ops import Loader
 
 
 def map_key(source: int, group: int) -> str:
@@ -155,8 +164,8 @@ The weights are those of epoch {{ finetuning.best_epoch }}, the best on the held
                                  activation_pool=int(ctx.params["pool"]))
 
     def plan(self, ctx: MergeContext) -> MergePlan:
-        from hfmerge.engine.plan import MergePlan
         from hfmerge.engine.ops import LinearCombination
+        from hfmerge.engine.plan import MergePlan
         from hfmerge.methods.ot.alignment import AlignedAverage
 
         if ctx.params["cost"] == "activations" and ctx.params.get("align", True) and not ctx.data:
