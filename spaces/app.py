@@ -38,11 +38,9 @@ import PIL.Image
 import transformers
 
 if __package__:  # hfmerge.spaces, installed with hfmerge
-    from .inference import (IMAGE_SUFFIXES, TOP_K, DemoModel, DemoModels, ModelLoadError,
-                            load_demo, recipe_sources)
+    from .inference import IMAGE_SUFFIXES, TOP_K, DemoModel, DemoModels, ModelLoadError, load_demo, recipe_sources
 else:  # a Space, or `python app.py`: the files lie side by side
-    from inference import (IMAGE_SUFFIXES, TOP_K, DemoModel, DemoModels, ModelLoadError,
-                           load_demo, recipe_sources)
+    from inference import IMAGE_SUFFIXES, TOP_K, DemoModel, DemoModels, ModelLoadError, load_demo, recipe_sources
 
 HERE = Path(__file__).resolve().parent
 CONFIG_FILE = HERE / "space_config.json"
