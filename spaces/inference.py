@@ -34,8 +34,11 @@ from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntr
 
 if __package__:  # hfmerge.spaces, installed with hfmerge
     from hfmerge.source_ref import SourceRef, SourceRefError, parse_source_ref
-else:  # a Space: the files lie side by side
-    from source_ref import SourceRef, SourceRefError, parse_source_ref
+else:
+    try:  # a Space: hfmerge space wrote the parser beside app.py
+        from source_ref import SourceRef, SourceRefError, parse_source_ref
+    except ModuleNotFoundError:  # `python spaces/app.py` in hfmerge's source tree: the parser is hfmerge's
+        from hfmerge.source_ref import SourceRef, SourceRefError, parse_source_ref
 
 TOP_K = 5
 OVERLAY_SIDE = 512            # segmentation maps are drawn at most this large

@@ -443,3 +443,14 @@ def test_space_output_and_push_together_private(hub_models, local_hub, tmp_path,
     card = SpaceCard(files["README.md"].decode())
     assert card.data.title == "Digits, merged"
     assert 'Client("org/space-private-demo")' in card.text
+
+
+def test_the_app_runs_as_a_script_from_the_source_tree():
+    """README: ``python spaces/app.py --model ./merged``; beside app.py there is no source_ref.py in the tree."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, str(ROOT / "spaces" / "app.py"), "--help"], capture_output=True, text=True,
+                          timeout=120, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    assert "--model" in done.stdout

@@ -91,7 +91,7 @@ def plan_merge(recipe: Recipe, *, token: str | bool | None = None, metadata_only
         for stage in (s for s in declared if isinstance(s, Analyse)):
             started = time.perf_counter()
             context.analysis = stage.analyse(context)
-            logger.info("%s stage: %.1f s", stage.name, time.perf_counter() - started)
+            logger.info("analysis stage: %.1f s", time.perf_counter() - started)
     plan = method.plan(context)
     stages = [s for s in (stage.resolve(context) for stage in declared if stage.phase > Phase.ANALYSE) if s]
     given = [c.name for stage in stages if isinstance(stage, Compare) for c in stage.comparisons if c.task_given]
