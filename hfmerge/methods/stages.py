@@ -191,15 +191,13 @@ class Analyse(Stage):
     """Facts read from the sources' weights before planning (gating's weight similarity, Eq. 4).
 
     ``analyse`` must stream tensors (memory flat in the number of sources); its result is ``ctx.analysis``
-    when the method plans. A dry run over Hub sources, whose weights are not downloaded, skips it.
+    when the method plans. :func:`hfmerge.run.pipeline.plan_merge` runs it, before the plan (the only
+    stage that runs there); a dry run over Hub sources, whose weights are not downloaded, skips it.
     """
 
     analyse: Callable[[MergeContext], dict[str, Any]]
     name: ClassVar[str] = "analyse"
     phase: ClassVar[Phase] = Phase.ANALYSE
-
-    def run(self, run: StageRun) -> dict[str, Any]:
-        return self.analyse(run.context)
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from hfmerge.errors import DataError
-from hfmerge.methods.stages import Analyse, Compare, Derive, FineTune, Phase, RunRecord, Stage, Statistics
+from hfmerge.methods.stages import Compare, Derive, FineTune, Phase, RunRecord, Stage, Statistics
 
 if TYPE_CHECKING:
 
@@ -211,12 +211,6 @@ def run_statistics(stage: Statistics, run: PipelineRun) -> list[TensorTable]:
         run.record.data_uses.append(use)
     run.record.details["statistics_images"] = [use.samples for use in run.record.data_uses]  # the card's formula
     return tables
-
-
-def run_analyse(stage: Analyse, run: PipelineRun) -> dict[str, Any]:
-    analysis = stage.analyse(run.context)
-    run.context.analysis = analysis
-    return analysis
 
 
 def run_derive(stage: Derive, run: PipelineRun) -> Any:
@@ -460,7 +454,7 @@ def run_evaluate(stage: Evaluate, run: PipelineRun) -> EvaluationReport:
 
 
 RUNNERS: dict[type[Stage], Any] = {
-    Analyse: run_analyse, Statistics: run_statistics, Derive: run_derive, Materialise: run_materialise,
+    Statistics: run_statistics, Derive: run_derive, Materialise: run_materialise,
     FineTune: run_fine_tune, Evaluate: run_evaluate, Compare: run_compare,
 }
 """The pipeline's runners of the built-in stages; a method's own stage type runs itself (``Stage.run``)."""
