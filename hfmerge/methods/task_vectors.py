@@ -123,6 +123,24 @@ def plan_task_vectors(ctx: MergeContext, method: str, make_op: TaskVectorOp, det
     return MergePlan(entries, config_updates=head_plan.config_updates, details=facts)
 
 
+def is_weight_matrix(layout: ModelLayout, info: TensorInfo) -> bool:
+    """Whether ``info`` is the weight of an ``nn.Linear`` or a convolution: what the SVD-based merges treat as a matrix.
+
+    TSV-M, Iso-C/CTS and WUDI work on the weight matrices of linear layers, a
+    convolution's kernel being the matrix (out, in·k·k) (:func:`as_matrix`).
+    Biases, norms, embeddings and position tensors are not matrices even when 2-D.
+    """
+    if info.name != f"{info.module}.weight" or len(info.shape) < 2:
+        return False
+    kind = layout.module_kinds.get(info.module)
+    return (kind == "linear" and len(info.shape) == 2) or kind == "conv"
+
+
+def as_matrix(tensor: torch.Tensor) -> torch.Tensor:
+    """A weight as a matrix: a linear weight as it is, a convolution kernel (out, in, k, k) as (out, in·k·k)."""
+    return tensor.reshape(tensor.shape[0], -1)
+
+
 def top_magnitude_threshold(task_vector: torch.Tensor, density: float) -> float | None:
     """The k-th largest magnitude of ``task_vector``, k = ⌊density · numel⌋ (TIES, §3 "Trim"), per tensor as mergekit does.
 
