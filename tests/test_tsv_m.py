@@ -131,3 +131,19 @@ def test_tsv_m_on_the_command_line(make_source, tmp_path, capsys):
     card = (out / "README.md").read_text()
     assert "top k = ⌊r / 2⌋ singular triplets" in card and "λ = 0.5" in card
     assert "the mean of its task vectors scaled by the same λ" in card
+
+
+@pytest.mark.parametrize("method", ["tsv_m", "iso_c", "iso_cts"])
+def test_bfloat16_sources_merge_to_bfloat16_and_identical_ones_to_the_base_bit_for_bit(method, make_source, tmp_path):
+    """The SVDs run in float64 on the bfloat16 weights; the output keeps the sources' dtype, and zero Δ stays zero."""
+    from hfmerge.testing.tiny import tiny_model
+
+    base, other = (make_source("vit", model=tiny_model("vit", seed=s).to(torch.bfloat16)) for s in (0, 1))
+    same = hfmerge.merge([str(base), str(base)], method=method, base=str(base), progress=False).save(tmp_path / "s")
+    moved = hfmerge.merge([str(other), str(base)], method=method, base=str(base), progress=False).save(tmp_path / "m")
+    sb = load_plain(base).state_dict()
+    for name, value in load_plain(same).state_dict().items():
+        assert value.dtype == sb[name].dtype and torch.equal(value, sb[name]), name
+    merged = load_plain(moved).state_dict()
+    assert merged["vit.layers.0.mlp.fc1.weight"].dtype == torch.bfloat16
+    assert not torch.equal(merged["vit.layers.0.mlp.fc1.weight"], sb["vit.layers.0.mlp.fc1.weight"])
