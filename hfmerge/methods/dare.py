@@ -11,6 +11,10 @@ if TYPE_CHECKING:
     from hfmerge.engine.plan import MergeContext, MergePlan
 
 
+DARE_DROP_RATE_GRID = (0.1, 0.3, 0.5, 0.7, 0.9)
+"""Drop rates searched on validation data: the range the paper studies (0.1 to 0.9), in steps of 0.2."""
+
+
 @register_method
 class Dare(MergeMethod):
     """Drop And REscale (§3, Eq. 2), then task arithmetic or TIES's sign election.
@@ -31,8 +35,9 @@ class Dare(MergeMethod):
     reference = "Yu et al., Language Models are Super Mario: Absorbing Abilities from Homologous Models as a Free Lunch, ICML 2024"
     reference_url = "https://arxiv.org/abs/2311.03099"
     parameters = (
-        ParamSpec("drop_rate", float, 0.9, "probability p of dropping each task-vector entry (0 <= p < 1)",
-                  minimum=0.0, maximum=1.0),
+        ParamSpec("drop_rate", float, 0.9, "probability p of dropping each task-vector entry (0 <= p < 1; the "
+                  "paper's 0.9); auto: chosen on validation data from 0.1, 0.3, 0.5, 0.7, 0.9",
+                  minimum=0.0, maximum=1.0, search=DARE_DROP_RATE_GRID),
         ParamSpec("sign", str, "sum", "how the rescaled task vectors combine: sum (task arithmetic) or ties",
                   choices=("sum", "ties")),
         ParamSpec("lambda", float, 1.0, "scale λ of the merged task vector", minimum=0.0),

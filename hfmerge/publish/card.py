@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from huggingface_hub import ModelCard, ModelCardData
 
+from hfmerge.eval.search import SEARCH_RESULT, SEARCH_SVG
+
 if TYPE_CHECKING:
     from hfmerge.eval.report import EvaluationReport
     from hfmerge.hub.resolve import ResolvedSource
@@ -122,6 +124,7 @@ def render_card(result: CardFacts, repo_id: str | None = None) -> str:
          "commit": use.commit_sha or "—", "samples": use.samples, "skipped": use.skipped}
         for use in result.record.data_uses
     ]
+    search = result.record.results.get(SEARCH_RESULT)  # parameters chosen on validation data (hfmerge.run.search)
     card = ModelCard.from_template(
         data,
         template_str=resources.files("hfmerge.model_cards").joinpath(TEMPLATE).read_text(),
@@ -135,6 +138,8 @@ def render_card(result: CardFacts, repo_id: str | None = None) -> str:
         },
         base=base,
         parameters=planned.recipe.parameters,
+        searched=list(search.space) if search is not None else [],
+        search=search.markdown(chart=SEARCH_SVG) if search is not None else "",
         summary=planned.plan.summary(),
         recipe_yaml=result.recipe_yaml,
         reproduce=REPRODUCE_COMMAND,
