@@ -98,7 +98,7 @@ class ParameterSearch:
     def yaml_note(self) -> str:
         """Comment lines for ``hfmerge.yaml``: which values were chosen, from which grid, and that it will not search."""
         chosen = ", ".join(f"{name} = {_number(value)}" for name, value in self.chosen.items())
-        grids = "; ".join(f"{name} from {', '.join(_number(v) for v in grid)}" for name, grid in self.space.items())
+        grids = " × ".join(f"{name} ∈ {{{', '.join(_number(v) for v in grid)}}}" for name, grid in self.space.items())
         return (f"# {chosen}: chosen by hfmerge on validation data (best mean {self._metric_name()}) from the grid "
                 f"{grids}.\n# The parameters below hold the chosen values: this recipe merges without searching "
                 "again (README.md's 'Parameter search' has the scores).\n")
