@@ -85,10 +85,11 @@ def test_lambda_auto_picks_what_a_hand_loop_picks_and_the_recipe_reproduces_it(t
     assert [float(lam) for lam, _, chosen in rows if chosen] == [best]
     assert "![Parameter search](search.svg)" in section and f"| `lambda` | {best} (chosen on validation data" in card
     assert card.index("## What was merged") < card.index("## Parameter search") < card.index("## Evaluation")
-    circles = [c for c in ET.parse(out / "search.svg").getroot().iter("{http://www.w3.org/2000/svg}circle")]
+    circles = list(ET.parse(out / "search.svg").getroot().iter("{http://www.w3.org/2000/svg}circle"))
     assert len(circles) == len(grid) and sum(c.get("class") == "chosen" for c in circles) == 1
     evaluation = card[card.index("## Evaluation"):]
-    assert "12" in evaluation  # the test splits whole: each has its own validation split, nothing held out
+    for i in (1, 2):  # the test splits whole: each dataset has a validation split of its own, nothing is held out
+        assert f"task{i}, split test, 12 samples." in evaluation
     again = tmp_path / "again"
     code, _, err = run_cli(["run", out / "hfmerge.yaml", "-o", again, "-q"], capsys)
     assert code == 0, err
