@@ -18,7 +18,8 @@ if TYPE_CHECKING:
 TIES_LAMBDA_GRID = tuple(round(0.8 + 0.1 * i, 1) for i in range(18))
 """λ ∈ {0.8, 0.9, ..., 2.5}: the official code's TIES search (README, ``--scale linear+0.8+2.51+0.1``)."""
 TIES_DENSITY_GRID = (0.1, 0.2, 0.3)
-"""k ∈ {10, 20, 30}%: the density values the paper chooses among on validation data (the README fixes topk20)."""
+"""k ∈ {10, 20, 30}%: the densities around the paper's k = 20% (its README's ``topk20`` and minimal notebook's
+``K = 20``, which fix it) that the search chooses among."""
 
 
 @register_method
@@ -54,12 +55,10 @@ class Ties(MergeMethod):
     reference = "Yadav et al., TIES-Merging: Resolving Interference When Merging Models, NeurIPS 2023"
     reference_url = "https://arxiv.org/abs/2306.01708"
     parameters = (
-        ParamSpec("density", float, 0.2, "fraction of each task vector's entries kept, by magnitude (the paper's "
-                  "k = 20%); auto: chosen on validation data from 0.1, 0.2, 0.3", minimum=0.0, maximum=1.0,
-                  search=TIES_DENSITY_GRID),
-        ParamSpec("lambda", float, 1.0, "scale λ of the merged task vector (the paper's 1 without validation "
-                  "data); auto: chosen from 0.8 to 2.5 in steps of 0.1, the official code's search", minimum=0.0,
-                  search=TIES_LAMBDA_GRID),
+        ParamSpec("density", float, 0.2, "fraction of each task vector's entries kept, by magnitude (default: "
+                  "the official code's k = 20%)", minimum=0.0, maximum=1.0, search=TIES_DENSITY_GRID),
+        ParamSpec("lambda", float, 1.0, "scale λ of the merged task vector (default: the official code's 1, "
+                  "used without validation data)", minimum=0.0, search=TIES_LAMBDA_GRID),
         ParamSpec("trim", str, "tensor", "where the top density fraction is taken: per tensor (tensor, as "
                   "mergekit) or over each whole task vector (global, as the paper's code)",
                   choices=("tensor", "global")),
