@@ -41,7 +41,7 @@ def describe_search(space: dict[str, tuple[Any, ...]], tasks: int) -> list[str]:
         f"{tasks} task{'s' if tasks != 1 else ''}; then the merge with the best",
         "  validation data: each --eval-data dataset's validation split where it has one, else "
         f"{HELD_OUT_FRACTION:.0%} of its images held out (seeded), which the card's test scores then leave out",
-        "  the plan below is shown with each searched parameter at its default",
+        "  the plan above is shown with each searched parameter at its default",
     ]
 
 
