@@ -22,7 +22,7 @@ import yaml
 
 from hfmerge.data.spec import DataSpec
 from hfmerge.errors import RecipeError
-from hfmerge.methods.base import HEAD_POLICIES
+from hfmerge.methods.base import AUTO, HEAD_POLICIES
 from hfmerge.source import SourceSpec, finite_float
 
 if TYPE_CHECKING:
@@ -132,7 +132,14 @@ class Recipe:
         if not self.sources:
             raise RecipeError("no sources given; name at least one model to merge")
         method = get_method(self.method)
-        self.parameters = method.validate_parameters(dict(self.parameters or {}))
+        given = dict(self.parameters or {})
+        searched = method.auto_parameters(given)
+        self.parameters = method.validate_parameters({k: v for k, v in given.items() if k not in searched})
+        self.parameters.update(dict.fromkeys(searched, AUTO))
+        if searched and not self.eval_data:
+            named = " and ".join(f"'{name}'" for name in searched)
+            raise RecipeError(f"{named} = {AUTO} is chosen on validation data: add --eval-data org/dataset[:split] "
+                              f"(one per task), or give {'a number' if len(searched) == 1 else 'numbers'}")
         if len(self.sources) < method.min_sources:
             raise RecipeError(f"method '{method.name}' needs at least {method.min_sources} sources, got {len(self.sources)}")
 
@@ -171,7 +178,7 @@ class Recipe:
         if self.dtype is not None and self.dtype not in DTYPES:
             raise RecipeError(f"unknown dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
         parse_size(self.max_shard_size)
-        needs = method.data_needs(self.parameters, evaluating=bool(self.eval_data))
+        needs = method.data_needs(self.planning_parameters(), evaluating=bool(self.eval_data))
         if self.data is not None:
             if not needs.any:
                 logger.warning("method '%s' reads no data: --data is ignored", method.name)
@@ -198,6 +205,20 @@ class Recipe:
             self.seed = int(str(self.seed).strip())
         elif uses_seed:
             self.seed = 0
+
+    @property
+    def search_space(self) -> dict[str, tuple[Any, ...]]:
+        """The parameters given as ``auto``, each with the grid the search chooses it from (none: no search)."""
+        from hfmerge.methods import get_method
+
+        return get_method(self.method).auto_parameters(self.parameters)
+
+    def planning_parameters(self) -> dict[str, Any]:
+        """The parameters, each ``auto`` one at its default: what a plan is shown with before the search."""
+        from hfmerge.methods import get_method
+
+        defaults = {p.name: p.default for p in get_method(self.method).parameters}
+        return {name: defaults[name] if value == AUTO else value for name, value in self.parameters.items()}
 
     def anchor_index(self) -> int:
         """Index of the anchor among the sources (0 when none was named)."""
@@ -355,8 +376,13 @@ class PlannedMerge:
     def _data_stages(self) -> list[str]:
         """What the stages will do: for ``--dry-run``, which runs none of them."""
         lines = [line for stage in self.stages for line in stage.describe(self.context)]
-        if self.method.data_needs(self.recipe.parameters).optional and not self.context.data:
+        if self.method.data_needs(self.recipe.planning_parameters()).optional and not self.context.data:
             lines.append("post-train stage: none (no --data given)")
+        space = self.recipe.search_space
+        if space:
+            from hfmerge.eval.search import describe_search
+
+            lines.extend(describe_search(space, len(self.recipe.eval_data or [])))
         if self.recipe.eval_data:
             lines.append("evaluation: " + ", ".join(spec.ref for spec in self.recipe.eval_data))
         return lines

@@ -74,7 +74,7 @@ def _build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--anchor", help=f"the source whose head and config are kept ({anchored}; "
                                         "any method with --heads anchor)")
     merge.add_argument("--base", help=f"the pre-trained model the sources were fine-tuned from ({based})")
-    merge.add_argument("--lambda", dest="lambda_", type=str, help=f"task-vector scale λ ({scaled})")
+    merge.add_argument("--lambda", dest="lambda_", type=str, help=f"task-vector scale λ ({scaled}); auto: chosen on --eval-data's validation data")
     merge.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="a method parameter")
     merge.add_argument("--heads", metavar="POLICY",
                        help="classifier heads: concat (union of labels), average (one label set) or anchor "
@@ -278,7 +278,8 @@ def _methods() -> int:
         if needs:
             print(f"    takes: {', '.join(needs)}")
         for p in method.parameters:
-            print(f"    --param {p.name}={p.default!r}  {p.help}")
+            grid = f" [auto with --eval-data: chosen from {', '.join(f'{v:g}' for v in p.grid)}]" if p.grid else ""
+            print(f"    --param {p.name}={p.default!r}  {p.help}{grid}")
     return 0
 
 

@@ -88,6 +88,14 @@ class ImageData:
         """The spec that reads exactly this split again: its split named, and a Hub dataset's commit pinned."""
         return replace(self.spec, split=self.split, commit=self.commit_sha or self.spec.commit)
 
+    def subset(self, indices: Iterable[int]) -> ImageData:
+        """The samples at ``indices`` (in that order), as data of their own: a held-out part, or the rest."""
+        chosen = list(indices)
+        images = [self.images[i] for i in chosen]
+        labels = [self.labels[i] for i in chosen] if self.labels is not None else None
+        return replace(self, images=images, labels=labels, skipped=0, fingerprint=_fingerprint(
+            self.commit_sha, self.split, self.image_column, self.label_column, self.label_names, images, labels))
+
 
 def load_image_data(
     spec: DataSpec | str, *, samples: int | None = None, seed: int = 0, image_column: str | None = None,

@@ -45,8 +45,25 @@ def pick_split(splits: list[str], spec: DataSpec, where: str) -> str:
                     if splits else f"{where} has no splits; check the dataset")
 
 
+def split_names(spec: DataSpec, *, token: str | bool | None = None) -> list[str]:
+    """The splits of the dataset ``spec`` names (its split aside), sorted: ``validation`` beside ``test``..."""
+    if spec.is_local:
+        return sorted(_folder_tables(spec)[0])
+    builder, _, _, where = _hub_builder(spec, token=token)
+    with hub_errors(spec.dataset, spec.commit or spec.revision):
+        return sorted(_builder_splits(builder))
+
+
 def open_folder(spec: DataSpec) -> tuple[Any, str, str, None]:
     """(table, split, name, commit sha = None) of a local ``save_to_disk`` folder or image folder."""
+    tables, where = _folder_tables(spec)
+    split = pick_split(sorted(tables), spec, where)
+    name = spec.path.resolve().name + (f":{split}" if spec.split else "")
+    return tables[split], split, name, None
+
+
+def _folder_tables(spec: DataSpec) -> tuple[dict[str, Any], str]:
+    """Every split of a local folder by name, and how messages name the folder."""
     import datasets
 
     folder = spec.path
@@ -76,9 +93,7 @@ def open_folder(spec: DataSpec) -> tuple[Any, str, str, None]:
             logger.debug("imagefolder could not read %s: %s", folder, exc)
             raise DataError(f"{where} has no images (.png, .jpg, ...) and is not a save_to_disk folder; "
                             "give a folder of images, flat or one subfolder per class") from None
-    split = pick_split(sorted(tables), spec, where)
-    name = folder.resolve().name + (f":{split}" if spec.split else "")
-    return tables[split], split, name, None
+    return tables, where
 
 
 def open_hub(spec: DataSpec, *, token: str | bool | None,
@@ -88,30 +103,16 @@ def open_hub(spec: DataSpec, *, token: str | bool | None,
     ``streaming=None`` streams a split larger than ``STREAM_MIN_BYTES`` or of unknown size. Offline
     (``HF_HUB_OFFLINE``), the copy ``datasets`` cached is read, and a pinned sha it does not hold is an error.
     """
-    import datasets
-    from huggingface_hub import HfApi
-
     repo_id = spec.dataset
     revision = spec.commit or spec.revision
-    where = f"{repo_id}@{revision}" if revision else repo_id
+    if hf_constants.HF_HUB_OFFLINE and streaming:
+        where = f"{repo_id}@{revision}" if revision else repo_id
+        raise DataError(f"{where}: streaming needs the Hub and HF_HUB_OFFLINE is set; unset it, "
+                        "or read the dataset from the cache without streaming")
+    builder, sha, sizes, where = _hub_builder(spec, token=token)
     with hub_errors(repo_id, revision):
-        if hf_constants.HF_HUB_OFFLINE:
-            if streaming:
-                raise DataError(f"{where}: streaming needs the Hub and HF_HUB_OFFLINE is set; unset it, "
-                                "or read the dataset from the cache without streaming")
-            builder = datasets.load_dataset_builder(repo_id, revision=revision, token=token)
-            sha = _cached_sha(builder, where, revision)
-            sizes: dict[str, int] = {}
-        else:
-            # The first request: not retried by huggingface_hub, and bounded, so an unreachable Hub fails fast.
-            info = HfApi().dataset_info(repo_id, revision=revision, token=token, files_metadata=True,
-                                        timeout=hf_constants.HF_HUB_ETAG_TIMEOUT)
-            sha = info.sha
-            sizes = {s.rfilename: s.size for s in info.siblings or [] if s.size is not None}
-            builder = datasets.load_dataset_builder(repo_id, revision=sha, token=token)
         data_files = builder.config.data_files or {}
-        splits = [str(s) for s in data_files] or [str(s) for s in (builder.info.splits or {})]
-        split = pick_split(splits, spec, where)
+        split = pick_split(_builder_splits(builder), spec, where)
         known = (builder.info.splits or {}).get(split)
         if known is not None and known.num_examples == 0:
             raise DataError(f"{spec.dataset}:{split} has no samples; give a split that has some")
@@ -130,6 +131,33 @@ def open_hub(spec: DataSpec, *, token: str | bool | None,
             table = builder.as_dataset(split=split)
     name = f"{spec.dataset}@{spec.revision}:{split}" if spec.revision else f"{spec.dataset}:{split}"
     return table, split, name, sha, streaming
+
+
+def _hub_builder(spec: DataSpec, *, token: str | bool | None) -> tuple[Any, str | None, dict[str, int], str]:
+    """(builder, commit sha, file sizes, how messages name it) of a Hub dataset at the commit its revision names.
+
+    Offline (``HF_HUB_OFFLINE``), the copy ``datasets`` cached, whose file sizes are unknown.
+    """
+    import datasets
+    from huggingface_hub import HfApi
+
+    repo_id = spec.dataset
+    revision = spec.commit or spec.revision
+    where = f"{repo_id}@{revision}" if revision else repo_id
+    with hub_errors(repo_id, revision):
+        if hf_constants.HF_HUB_OFFLINE:
+            builder = datasets.load_dataset_builder(repo_id, revision=revision, token=token)
+            return builder, _cached_sha(builder, where, revision), {}, where
+        # The first request: not retried by huggingface_hub, and bounded, so an unreachable Hub fails fast.
+        info = HfApi().dataset_info(repo_id, revision=revision, token=token, files_metadata=True,
+                                    timeout=hf_constants.HF_HUB_ETAG_TIMEOUT)
+        sizes = {s.rfilename: s.size for s in info.siblings or [] if s.size is not None}
+        return datasets.load_dataset_builder(repo_id, revision=info.sha, token=token), info.sha, sizes, where
+
+
+def _builder_splits(builder: Any) -> list[str]:
+    data_files = builder.config.data_files or {}
+    return [str(s) for s in data_files] or [str(s) for s in (builder.info.splits or {})]
 
 
 @contextmanager

@@ -36,9 +36,21 @@ TASK_VECTOR_CARD_NOTES = (
 """The card sentences every task-vector method ends its ``card_template`` with."""
 
 
+AUTO = "auto"
+"""The value that asks for a searchable parameter to be chosen on validation data (:attr:`ParamSpec.search`)."""
+
+LAMBDA_GRID = tuple(round(0.1 * i, 1) for i in range(1, 11))
+"""λ ∈ {0.1, 0.2, ..., 1.0}: the task-vector scale searched on validation data by the TIES paper's official code
+(its README's ``task-vector_linear+0.1+1.01+0.1``), the grid of every float ``lambda`` that declares none."""
+
+
 @dataclass(frozen=True)
 class ParamSpec:
-    """A parameter a method declares: its type, default and allowed range."""
+    """A parameter a method declares: its type, default and allowed range, and the grid it may be searched on.
+
+    A float ``lambda`` (a task-vector scale) is searchable on :data:`LAMBDA_GRID` unless it declares its own
+    ``search``; a method says nothing else about the search, which the pipeline runs (:mod:`hfmerge.run.search`).
+    """
 
     name: str
     type: type
@@ -49,6 +61,22 @@ class ParamSpec:
     choices: tuple[Any, ...] | None = None
     needs_data: bool = False
     """The parameter only acts when the merge is given data (fusion's fine-tuning options)."""
+    search: tuple[float, ...] | None = None
+    """The grid the value is chosen from when the user gives ``auto`` (and ``--eval-data``): the points the
+    paper searched on its validation data. ``None``: not searchable."""
+
+    def __post_init__(self) -> None:
+        if self.search is None and self.name == "lambda" and self.type is float:
+            object.__setattr__(self, "search", LAMBDA_GRID)
+        if self.search is not None and self.type not in (int, float):
+            raise TypeError(f"parameter {self.name!r}: only a number can be searched, not a {self.type.__name__}")
+
+    @property
+    def grid(self) -> tuple[Any, ...]:
+        """The search's points within the parameter's range, as its type; empty when it is not searchable."""
+        points = [self.type(p) for p in self.search or ()]
+        return tuple(p for p in points if (self.minimum is None or p >= self.minimum)
+                     and (self.maximum is None or p <= self.maximum))
 
     def coerce(self, value: Any, method: str) -> Any:
         if value is None and self.default is None:  # an optional parameter left unset
@@ -64,8 +92,9 @@ class ParamSpec:
                 if self.type is int and isinstance(value, float) and not value.is_integer():
                     raise ValueError(value)
         except (TypeError, ValueError):
+            auto = f" or {AUTO} (chosen on --eval-data)" if self.grid else ""
             raise RecipeError(
-                f"parameter '{self.name}' of method '{method}' must be {self.type.__name__}, got {value!r}"
+                f"parameter '{self.name}' of method '{method}' must be {self.type.__name__}{auto}, got {value!r}"
             ) from None
         if self.choices is not None and out not in self.choices:
             allowed = ", ".join(str(c) for c in self.choices)
@@ -112,6 +141,21 @@ class MergeMethod(ABC):
             valid = ", ".join(specs) or "none"
             raise RecipeError(f"unknown parameter(s) {unknown} for method '{self.name}'; valid parameters: {valid}")
         return {name: spec.coerce(given.get(name, spec.default), self.name) for name, spec in specs.items()}
+
+    def auto_parameters(self, given: dict[str, Any]) -> dict[str, tuple[Any, ...]]:
+        """The parameters ``given`` as ``auto``, each with the grid it is searched on, in declaration order.
+
+        Raises:
+            RecipeError: a parameter that cannot be searched is given as ``auto``.
+        """
+        specs = {p.name: p for p in self.parameters}
+        asked = [name for name, value in given.items() if isinstance(value, str) and value.strip().lower() == AUTO]
+        for name in asked:
+            if name in specs and not specs[name].grid:
+                searchable = ", ".join(p.name for p in self.parameters if p.grid) or "none"
+                raise RecipeError(f"parameter '{name}' of method '{self.name}' cannot be {AUTO}; the parameters "
+                                  f"chosen on validation data are: {searchable}")
+        return {p.name: p.grid for p in self.parameters if p.name in asked}
 
     @abstractmethod
     def plan(self, ctx: MergeContext) -> MergePlan:

@@ -11,6 +11,11 @@ if TYPE_CHECKING:
     from hfmerge.engine.plan import MergeContext, MergePlan
 
 
+DARE_DROP_RATE_GRID = (0.1, 0.3, 0.5, 0.7, 0.9)
+"""Drop rates searched on validation data: 0.1 to 0.9 in steps of 0.2 (hfmerge's choice; the paper reports
+results over a range of drop rates up to 0.99 rather than one grid)."""
+
+
 @register_method
 class Dare(MergeMethod):
     """Drop And REscale (§3, Eq. 2), then task arithmetic or TIES's sign election.
@@ -32,7 +37,7 @@ class Dare(MergeMethod):
     reference_url = "https://arxiv.org/abs/2311.03099"
     parameters = (
         ParamSpec("drop_rate", float, 0.9, "probability p of dropping each task-vector entry (0 <= p < 1)",
-                  minimum=0.0, maximum=1.0),
+                  minimum=0.0, maximum=1.0, search=DARE_DROP_RATE_GRID),
         ParamSpec("sign", str, "sum", "how the rescaled task vectors combine: sum (task arithmetic) or ties",
                   choices=("sum", "ties")),
         ParamSpec("lambda", float, 1.0, "scale λ of the merged task vector", minimum=0.0),

@@ -23,14 +23,16 @@ Not every tensor is a task vector:
 
 TIES and DARE share one operation, :class:`DisjointMerge`, which makes each task
 vector sparse (TIES's trim, DARE's drop and rescale) and then adds them or
-elects their signs.
+elects their signs. TIES's trim is per tensor, or over the whole model with
+thresholds found beforehand by :func:`global_trim_thresholds`, which streams
+the task vectors twice and never holds one whole.
 """
 
 from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -206,6 +208,9 @@ class DisjointMerge:
     seed: int = 0
     key: str = ""
     group: str = "base + λ·merged sparse task vectors"
+    thresholds: tuple[float | None, ...] | None = field(default=None, repr=False)
+    """Per source, the magnitude below which its entries are trimmed, found over the whole model
+    (:func:`global_trim_thresholds`); ``None``: the trim finds each tensor's own (``density`` of it)."""
 
     def _sparse_task_vector(self, load: Loader, index: int, base: torch.Tensor,
                             thresholds: list[float | None]) -> torch.Tensor:
@@ -218,9 +223,11 @@ class DisjointMerge:
         return drop_and_rescale(task_vector, self.drop_rate, dare_generator(self.seed, self.key, index))
 
     def apply(self, load: Loader) -> torch.Tensor:
+        if self.thresholds is not None and len(self.thresholds) != len(self.sources):
+            raise RuntimeError(f"{self.key}: the whole-model trim thresholds were not found (no analysis ran)")
         base = load(self.base).to(torch.float32)
         total = torch.zeros_like(base)
-        thresholds: list[float | None] = []
+        thresholds: list[float | None] = list(self.thresholds) if self.thresholds is not None else []
         for index in range(len(self.sources)):
             total.add_(self._sparse_task_vector(load, index, base, thresholds))
         if self.sign == "sum":
@@ -235,3 +242,77 @@ class DisjointMerge:
             agreeing_sum.add_(torch.where(agrees, sparse, 0.0))
             agreeing_count.add_(agrees.to(torch.float32))
         return base + self.scale * (agreeing_sum / agreeing_count.clamp(min=1.0))
+
+
+_HIGH_BITS = 1 << 15
+"""Buckets of the first pass: the upper 16 bits of a non-negative float32 (its sign bit is 0)."""
+_LOW_BITS = 1 << 16
+
+
+@dataclass
+class GlobalTrim:
+    """What :func:`global_trim_thresholds` found: each source's threshold over all its task-vector entries."""
+
+    thresholds: tuple[float | None, ...]
+    """Per source, the smallest magnitude kept (``None``: every entry is kept)."""
+    entries: int
+    """d: the task-vector entries of one source, over every tensor merged as a task vector."""
+    kept: tuple[int, ...]
+    """Per source, how many entries reach its threshold: ⌊density·d⌋ + 1 unless magnitudes tie."""
+    tensors: int
+
+
+def global_trim_thresholds(ops: list[DisjointMerge], load: Loader, density: float) -> GlobalTrim:
+    """Each source's trim threshold over its whole task vector, as the TIES paper's code trims (exact, streamed).
+
+    The official code (``topk_values_mask`` in ``src/utils/merge_utils.py`` of
+    prateeky2806/ties-merging) flattens each task vector over the whole model
+    (``state_dict_to_vector``), takes m = d − ⌊density·d⌋ and keeps the entries
+    whose magnitude is at least the m-th smallest (``kthvalue(m)``): that keeps
+    ⌊density·d⌋ + 1 entries, one more than the density says, and is followed
+    here to the letter; density 1 (m = 0, where ``kthvalue`` fails) keeps all.
+
+    The m-th smallest magnitude is found exactly without holding a task vector:
+    a non-negative float32's bits, read as an integer, order as its value does,
+    so a first pass counts each source's magnitudes by their upper 16 bits,
+    which brackets the m-th one in one bucket, and a second pass counts that
+    bucket's entries by their lower 16 bits, which names it. Each pass reads one
+    tensor of the base and the sources at a time, the task vector computed as
+    the op computes it (float32), so the op's comparison agrees bit for bit.
+    """
+    count = len(ops[0].sources) if ops else 0
+    high = torch.zeros(count, _HIGH_BITS, dtype=torch.int64)
+    entries = 0
+    for op in ops:
+        for index, bits in _magnitude_bits(op, load):
+            high[index] += torch.bincount(bits >> 16, minlength=_HIGH_BITS)
+            entries += bits.numel() if index == 0 else 0
+    rank = entries - int(density * entries)  # the paper's k = d - int(d * K), 1-based, ascending
+    if rank == 0 or count == 0:
+        return GlobalTrim((None,) * count, entries, (entries,) * count, len(ops))
+    below, buckets = [], []
+    for index in range(count):
+        cumulative = torch.cumsum(high[index], 0)
+        bucket = int(torch.searchsorted(cumulative, torch.tensor(rank)))
+        buckets.append(bucket)
+        below.append(int(cumulative[bucket - 1]) if bucket else 0)
+    low = torch.zeros(count, _LOW_BITS, dtype=torch.int64)
+    kept = [0] * count
+    for op in ops:
+        for index, bits in _magnitude_bits(op, load):
+            low[index] += torch.bincount(bits[(bits >> 16) == buckets[index]] & 0xFFFF, minlength=_LOW_BITS)
+    thresholds = []
+    for index in range(count):
+        cumulative = below[index] + torch.cumsum(low[index], 0)
+        offset = int(torch.searchsorted(cumulative, torch.tensor(rank)))
+        value = torch.tensor([(buckets[index] << 16) | offset], dtype=torch.int32).view(torch.float32)
+        thresholds.append(float(value))
+        kept[index] = entries - (int(cumulative[offset - 1]) if offset else below[index])
+    return GlobalTrim(tuple(thresholds), entries, tuple(kept), len(ops))
+
+
+def _magnitude_bits(op: DisjointMerge, load: Loader) -> Any:
+    """(source index, the bits of |τ_i| as int32, flat) for one tensor, one source at a time."""
+    base = load(op.base).to(torch.float32)
+    for index, ref in enumerate(op.sources):
+        yield index, (load(ref).to(torch.float32) - base).abs().reshape(-1).view(torch.int32)

@@ -20,8 +20,11 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from huggingface_hub import ModelCard, ModelCardData
 
+from hfmerge.eval.search import SEARCH_RESULT, SEARCH_SVG
+
 if TYPE_CHECKING:
     from hfmerge.eval.report import EvaluationReport
+    from hfmerge.eval.search import ParameterSearch
     from hfmerge.hub.resolve import ResolvedSource
     from hfmerge.methods.base import MergeMethod
     from hfmerge.methods.stages import RunRecord
@@ -122,6 +125,7 @@ def render_card(result: CardFacts, repo_id: str | None = None) -> str:
          "commit": use.commit_sha or "—", "samples": use.samples, "skipped": use.skipped}
         for use in result.record.data_uses
     ]
+    search = result.record.results.get(SEARCH_RESULT)  # parameters chosen on validation data (hfmerge.run.search)
     card = ModelCard.from_template(
         data,
         template_str=resources.files("hfmerge.model_cards").joinpath(TEMPLATE).read_text(),
@@ -134,7 +138,7 @@ def render_card(result: CardFacts, repo_id: str | None = None) -> str:
             "commit": any(s.commit_sha for s in planned.sources),
         },
         base=base,
-        parameters=planned.recipe.parameters,
+        parameters=_parameters(planned.recipe.parameters, search),
         summary=planned.plan.summary(),
         recipe_yaml=result.recipe_yaml,
         reproduce=REPRODUCE_COMMAND,
@@ -152,12 +156,21 @@ def render_card(result: CardFacts, repo_id: str | None = None) -> str:
         num_labels=len(getattr(result.config, "id2label", {}) or {}),
         warnings=result.warnings,
         data_rows=data_rows,
-        evaluation=evaluation_section(evaluation) if evaluation is not None else "",
+        # the search scored on validation data, before the evaluation's test scores
+        evaluation=(search.markdown(chart=SEARCH_SVG) + "\n" if search is not None else "")
+        + (evaluation_section(evaluation) if evaluation is not None else ""),
         model_ref=repo_id or PLACEHOLDER_REF,
         repo_id=repo_id,
         version=__version__,
     )
     return names.scrub(str(card))
+
+
+def _parameters(parameters: dict[str, Any], search: ParameterSearch | None) -> dict[str, Any]:
+    """The parameters table's values; those a search chose say so."""
+    chosen = set(search.space) if search is not None else set()
+    return {name: f"{value} (chosen on validation data: see Parameter search)" if name in chosen else value
+            for name, value in parameters.items()}
 
 
 def evaluation_section(report: EvaluationReport) -> str:

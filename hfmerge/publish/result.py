@@ -55,6 +55,11 @@ class MergeResult:
     def __post_init__(self) -> None:
         self._finalizer = weakref.finalize(self, shutil.rmtree, str(self.staging), True)
 
+    def release_staging(self) -> Path:
+        """Hand the staging folder to the caller, who deletes it: it is no longer removed with the result."""
+        self._finalizer.detach()
+        return self.staging
+
     # -- facts ------------------------------------------------------------------------
     @property
     def details(self) -> dict[str, Any]:
@@ -243,10 +248,13 @@ def _link_or_copy(src: Path, dst: Path) -> None:
 
 def write_metadata(result: MergeResult) -> None:
     """Write ``hfmerge.yaml``, the model card and, for an evaluated merge, its chart into the staging folder."""
+    from hfmerge.eval.search import SEARCH_RESULT
     from hfmerge.publish.card import render_card
 
     pinned = result.planned.pinned_recipe(result.record.data_pins)
-    (result.staging / RECIPE_FILE).write_text(yaml.safe_dump(pinned.to_dict(), sort_keys=False))
+    search = result.record.results.get(SEARCH_RESULT)  # values chosen on validation data: say so, and from what
+    note = search.yaml_note() if search is not None else ""
+    (result.staging / RECIPE_FILE).write_text(note + yaml.safe_dump(pinned.to_dict(), sort_keys=False))
     licenses = result._licenses()
     if result.license is None:
         listed = ", ".join(f"{k}: {v or 'unknown'}" for k, v in licenses.items())

@@ -7,7 +7,7 @@ import re
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -15,6 +15,7 @@ from hfmerge.adapters import ModelLayout, inspect_source
 from hfmerge.engine.ops import Copy
 from hfmerge.engine.plan import MergeContext, MergePlan, TensorPlan
 from hfmerge.errors import IncompatibleModelsError, RecipeError
+from hfmerge.eval.search import SEARCH_RESULT, SEARCH_SVG
 from hfmerge.hub.resolve import ResolvedSource, resolve_source, safetensors_header
 from hfmerge.io.checkpoint import HeaderReader, weight_files
 from hfmerge.methods import MergeMethod, get_method
@@ -23,6 +24,9 @@ from hfmerge.publish.hub import check_push_access
 from hfmerge.publish.result import MergeResult, check_output_folder, write_metadata
 from hfmerge.recipe import PlannedMerge, Recipe, SourceSpec
 from hfmerge.run.stages import Evaluate, Materialise, PipelineRun, run_stage
+
+if TYPE_CHECKING:
+    from hfmerge.run.search import SearchOutcome
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +41,7 @@ def plan_merge(recipe: Recipe, *, token: str | bool | None = None, metadata_only
     requests; such a plan can be shown but not executed.
     """
     method = get_method(recipe.method)
+    params = recipe.planning_parameters()  # a parameter still to be searched is planned at its default (a dry run)
 
     def resolve(spec: SourceSpec) -> ResolvedSource:
         return resolve_source(spec, token=token, allow_pickle=recipe.allow_pickle, metadata_only=metadata_only)
@@ -50,7 +55,7 @@ def plan_merge(recipe: Recipe, *, token: str | bool | None = None, metadata_only
     layouts = [inspect(s) for s in [resolve(spec) for spec in recipe.sources]]
     sources = [layout.source for layout in layouts]
     anchor_index, anchor_reason = _choose_anchor(recipe, method, sources)
-    chosen = method.choose_anchor(layouts, recipe.parameters) if recipe.anchor is None else None
+    chosen = method.choose_anchor(layouts, params) if recipe.anchor is None else None
     if chosen is not None:
         anchor_index, anchor_reason = chosen
     base = base_layout = None
@@ -62,7 +67,7 @@ def plan_merge(recipe: Recipe, *, token: str | bool | None = None, metadata_only
         raise IncompatibleModelsError(
             f"the sources are of different families ({', '.join(sorted(families))}); merge models of one family"
         )
-    idle = [p.name for p in method.parameters if p.needs_data and recipe.parameters.get(p.name) != p.default]
+    idle = [p.name for p in method.parameters if p.needs_data and params.get(p.name) != p.default]
     if idle and not recipe.data:
         logger.warning("method '%s': %s act only with --data; without it there is no fine-tuning", method.name,
                        ", ".join(idle))
@@ -72,8 +77,8 @@ def plan_merge(recipe: Recipe, *, token: str | bool | None = None, metadata_only
 
         data = resolve_data_specs(recipe.data, len(layouts))
     auxiliary = {role: inspect(resolve(SourceSpec.parse(ref)))
-                 for role, ref in method.auxiliary_models(recipe.parameters).items()}
-    context = MergeContext(layouts, anchor_index, recipe.weights, base_layout, recipe.parameters,
+                 for role, ref in method.auxiliary_models(params).items()}
+    context = MergeContext(layouts, anchor_index, recipe.weights, base_layout, params,
                            heads=recipe.heads, seed=recipe.seed, data=data, auxiliary=auxiliary,
                            evaluating=bool(recipe.eval_data))
 
@@ -208,13 +213,23 @@ def run_recipe(
         staging_parent = target.parent if target.parent.is_dir() else None  # same filesystem: save by hard links
     if recipe.push_to_hub:
         check_push_access(recipe.push_to_hub, token=token)
+    search = None
+    if recipe.search_space:
+        from hfmerge.run.search import choose_parameters
+
+        def merge_candidate(candidate: Recipe) -> Path:
+            return _merge_candidate(candidate, token=token, staging_parent=staging_parent, progress=progress)
+
+        search = choose_parameters(recipe, merge_candidate, token=token)
+        recipe = search.recipe
     planned = plan_merge(recipe, token=token)
     logger.info("planned %s over %d sources in %.1f s", planned.method.name, len(planned.sources),
                 time.perf_counter() - started)
     started_group = not _distributed_initialised()
     accelerator = _accelerator_for(planned)
     try:
-        result = _run_stages(planned, accelerator, staging_parent=staging_parent, token=token, progress=progress)
+        result = _run_stages(planned, accelerator, staging_parent=staging_parent, token=token, progress=progress,
+                             search=search)
     finally:
         if accelerator is not None and started_group and _distributed_initialised():
             _end_process_group(accelerator)
@@ -228,16 +243,32 @@ def run_recipe(
     return result
 
 
+def _merge_candidate(recipe: Recipe, *, token: str | bool | None, staging_parent: Path | None,
+                     progress: bool) -> Path:
+    """One point of a parameter search: ``recipe`` merged by the whole stage loop into a new folder (the caller's)."""
+    planned = plan_merge(recipe, token=token)
+    result = _run_stages(planned, _accelerator_for(planned), staging_parent=staging_parent, token=token,
+                         progress=progress)
+    assert result is not None  # the search runs in one process (choose_parameters)
+    return result.release_staging()  # the search deletes it once the candidate is scored
+
+
 def _run_stages(planned: PlannedMerge, accelerator: Any, *, staging_parent: Path | None,
-                token: str | bool | None, progress: bool) -> MergeResult | None:
+                token: str | bool | None, progress: bool, search: SearchOutcome | None = None) -> MergeResult | None:
     """The loop: every stage of the merge in its phase, the method's and the pipeline's own (merge, evaluation).
 
     Under ``accelerate launch``, the processes other than the main one run only the stages that every
-    process runs (data and training), and return ``None``.
+    process runs (data and training), and return ``None``. A parameter search that ran before the plan
+    (``search``) goes into the record, its plot into the output folder; when it held out part of the
+    evaluation data, the evaluation reads the rest.
     """
     run = PipelineRun(planned, accelerator, token, progress, staging_parent=staging_parent)
     if planned.context.analysis is not None:  # the analysis ran before the plan, which read it
         run.record.results[Analyse.name] = planned.context.analysis
+    if search is not None:
+        run.record.results[SEARCH_RESULT] = search.search
+        run.record.files[SEARCH_SVG] = search.search.svg()
+        run.tasks = list(search.test_tasks or [])
     own: list[Stage] = [Materialise(), *([Evaluate()] if planned.recipe.eval_data else [])]
     # stable: within a phase the pipeline's own step first (the evaluation before its comparison rows), then the
     # method's stages in the order it declared them

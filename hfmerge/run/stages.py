@@ -440,8 +440,9 @@ def run_evaluate(stage: Evaluate, run: PipelineRun) -> EvaluationReport:
     planned = run.planned
     recipe = planned.recipe
     assert run.result is not None and recipe.eval_data
-    run.tasks = load_tasks(recipe.eval_data, seed=run.seed, image_column=recipe.data_column,
-                           label_column=recipe.label_column, token=run.token)
+    if not run.tasks:  # a parameter search that held out part of the evaluation data gave the rest
+        run.tasks = load_tasks(recipe.eval_data, seed=run.seed, image_column=recipe.data_column,
+                               label_column=recipe.label_column, token=run.token)
     name = recipe.push_to_hub or (Path(recipe.output).name if recipe.output else "merged model")
     merged = load_candidate(run.result.staging, name, "merged")
     names = PublicNames.for_merge(planned)
