@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from hfmerge.methods.base import TASK_VECTOR_CARD_NOTES, MergeMethod, ParamSpec, register_method
-from hfmerge.methods.tsv_m import SVD_CARD_NOTES, WeightMatrixMerge, orthogonalise, plan_svd_merge
+from hfmerge.methods.tsv_m import SVD_CARD_NOTES, SVD_LAMBDA_GRID, WeightMatrixMerge, orthogonalise, plan_svd_merge
 
 if TYPE_CHECKING:
     import torch
@@ -147,7 +147,7 @@ class IsoC(MergeMethod):
     reference = ("Marczak et al., No Task Left Behind: Isotropic Model Merging with Common and Task-Specific "
                  "Subspaces, ICML 2025")
     reference_url = "https://arxiv.org/abs/2502.04959"
-    parameters = (ParamSpec("lambda", float, 1.0, LAMBDA_HELP, minimum=0.0),)
+    parameters = (ParamSpec("lambda", float, 1.0, LAMBDA_HELP, minimum=0.0, search=SVD_LAMBDA_GRID),)
     needs_base = True
     min_sources = 1
     card_template = (
@@ -193,7 +193,7 @@ class IsoCts(MergeMethod):
     reference = IsoC.reference
     reference_url = IsoC.reference_url
     parameters = (
-        ParamSpec("lambda", float, 1.0, LAMBDA_HELP, minimum=0.0),
+        ParamSpec("lambda", float, 1.0, LAMBDA_HELP, minimum=0.0, search=SVD_LAMBDA_GRID),
         ParamSpec("common_fraction", float, 0.8, "fraction of each matrix's rank kept for the common subspace of the "
                   "summed task matrices (default 0.8, the paper's code)", minimum=0.0, maximum=1.0),
     )

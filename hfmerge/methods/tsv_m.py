@@ -38,6 +38,10 @@ SVD_CARD_NOTES = (
 )
 """The card sentence every SVD-based merge adds before :data:`TASK_VECTOR_CARD_NOTES`."""
 
+SVD_LAMBDA_GRID = tuple(round(0.1 * i, 1) for i in range(1, 31))
+"""λ ∈ {0.1, 0.2, ..., 3.0}, searched with ``--param lambda=auto``: the grid the official code of TSV-M and of
+Iso-C/CTS searches on validation data (``np.linspace(0, 3, 31)[1:]`` in their ``src/eval/eval.py``)."""
+
 
 def orthogonalise(matrix: torch.Tensor) -> torch.Tensor:
     """The matrix with orthonormal columns nearest to ``matrix`` in Frobenius norm: P Qᵀ from its SVD P S Qᵀ.
@@ -207,7 +211,8 @@ class TsvM(MergeMethod):
     reference_url = "https://arxiv.org/abs/2412.00081"
     parameters = (
         ParamSpec("lambda", float, 1.0, "scale λ of the merged task matrices and mean task vectors (default 1.0: "
-                  "FusionBench's; the paper's code picks it on validation data from 0.1..3.0)", minimum=0.0),
+                  "FusionBench's; the paper's code picks it on validation data from 0.1..3.0)", minimum=0.0,
+                  search=SVD_LAMBDA_GRID),
     )
     needs_base = True
     min_sources = 1
