@@ -1,8 +1,8 @@
 """TSV-M (Gargiulo et al., CVPR 2025) against a hand computation of the paper's algorithm, and its properties.
 
 The hand computation places each task's top k = ⌊r/N⌋ singular vectors in its
-own block of r columns (zeros elsewhere), as the paper's algorithm describes
-it, orthogonalises the r-column U and the r-row Vᵀ by their own SVDs
+own block of r columns (zeros elsewhere), as the official code lays it out
+(``compute_and_sum_svd_mem_reduction``), orthogonalises the r-column U and the r-row Vᵀ by their own SVDs
 (P Qᵀ) and rebuilds U⊥ diag(σ) V⊥ᵀ, all in float64 with torch.linalg.svd.
 The merge also runs in float64 and writes float32, so outputs agree to float32
 rounding (atol 1e-6 on weights of order 0.1-1).

@@ -52,7 +52,8 @@ def common_and_task_ranks(rank: int, count: int, common_fraction: float) -> tupl
     ⌊common_fraction · r⌋, then s = round((r − c) / N) (Python's round, half
     to even) and c = r − N·s, so the task-specific part divides evenly by N.
     hfmerge also caps s at ⌊r/N⌋, so that c is never negative (the official
-    code slices with a negative c when the fraction is near 0 and r is small).
+    code's c goes negative when the fraction is near 0 and r is small, and the
+    last task's block then overruns the r columns: a shape error).
     """
     common = int(rank * common_fraction)
     per_task = min(round((rank - common) / count), rank // count)
@@ -202,7 +203,7 @@ class IsoCts(MergeMethod):
     card_template = (
         "Per weight matrix of rank r, the top c singular vectors of the summed task matrix Δ = Σᵢ (θᵢ − θ_base) "
         "span the common subspace (c from ⌊{{ details.common_fraction }} · r⌋, adjusted so that r − c divides by "
-        "the {{ sources | length }} tasks); each task matrix projected off it gives its top (r − c) / "
+        "the {{ sources | length }} tasks, and (r − c) / N at most ⌊r / N⌋); each task matrix projected off it gives its top (r − c) / "
         "{{ sources | length }} singular vectors; the concatenated left and right singular vectors are "
         "orthogonalised (U⊥ = P Qᵀ from U = P S Qᵀ) and every direction is scaled by the mean σ̄ of the kept "
         "singular values: θ = θ_base + λ · σ̄ U⊥ V⊥ᵀ with λ = {{ details['lambda'] }}"

@@ -34,13 +34,16 @@ MatrixOp = Callable[["TensorInfo", "TensorRef", "tuple[TensorRef, ...]"], "Merge
 SVD_CARD_NOTES = (
     "Weight matrices are the weights of linear layers and convolution kernels reshaped to (out, in·k·k); every "
     "other tensor the base has (biases, norms, embeddings, position tensors) becomes θ_base + λ · (1/N) Σᵢ τᵢ, the "
-    "mean of its task vectors scaled by the same λ, as the paper's code does. "
+    "mean of its task vectors scaled by the same λ, as the paper's code does for its non-matrix tensors (that code "
+    "also merges 2-D embeddings as matrices and averages convolution kernels; here embeddings are not matrices and "
+    "kernels are). "
 )
 """The card sentence every SVD-based merge adds before :data:`TASK_VECTOR_CARD_NOTES`."""
 
 SVD_LAMBDA_GRID = tuple(round(0.1 * i, 1) for i in range(1, 31))
 """λ ∈ {0.1, 0.2, ..., 3.0}, searched with ``--param lambda=auto``: the grid the official code of TSV-M and of
-Iso-C/CTS searches on validation data (``np.linspace(0, 3, 31)[1:]`` in their ``src/eval/eval.py``)."""
+Iso-C/CTS searches on validation data (``np.linspace(0, 3, 31)[1:]`` in their ``src/eval/eval.py``). hfmerge
+scores every point; the Iso code stops after three points without improvement."""
 
 
 def orthogonalise(matrix: torch.Tensor) -> torch.Tensor:
@@ -83,7 +86,7 @@ def tsv_merge(deltas: Iterable[torch.Tensor], count: int) -> torch.Tensor:
     V = [V₁,k … V_N,k], orthogonalised (:func:`orthogonalise`), and the matrix
     rebuilt as U⊥ Σ V⊥ᵀ with Σ = diag(σ₁,₁..σ₁,k, …, σ_N,1..σ_N,k).
 
-    A layer whose rank r is below N keeps no triplet (k = 0): its merged task
+    A layer whose r = min(out, in) is below N keeps no triplet (k = 0): its merged task
     matrix is zero, as in the official code. With N = 1, k = r and the result
     is Δ₁ itself.
 
@@ -154,6 +157,10 @@ def plan_svd_merge(ctx: MergeContext, method: str, matrix_op: MatrixOp, scale: f
     embeddings, position tensors) becomes θ_base + λ · (1/N) Σᵢ τᵢ: the mean
     of its task vectors, scaled by the same λ, as the official TSV-M and
     Iso-C/CTS code do (their ``apply_to`` scales the whole merged vector).
+    Two differences from that code, which selects matrices by dimension: it
+    also SVD-merges 2-D embeddings (CLIP's position embedding), which are not
+    weight matrices here, and it averages 4-D convolution kernels, which are
+    matrices here (neither paper treats convolutions).
     BatchNorm statistics, integer buffers and heads follow
     :func:`~hfmerge.methods.task_vectors.plan_task_vectors`.
     """
@@ -188,7 +195,7 @@ class TsvM(MergeMethod):
 
     - Tensors that are not weight matrices get the mean of their task vectors,
       and λ scales them too (``apply_to`` scales the whole merged vector).
-    - A matrix of rank below N keeps nothing (k = 0) and stays θ_base; the dry
+    - A matrix whose min(out, in) is below N keeps nothing (k = 0) and stays θ_base; the dry
       run lists such matrices.
     - λ defaults to 1.0, FusionBench's default (``TaskSingularVectorMerging``,
       ``alpha: 1``); the official code picks λ on validation data from
@@ -222,7 +229,7 @@ class TsvM(MergeMethod):
         "all tasks are concatenated and orthogonalised (U⊥ = P Qᵀ from the SVD U = P S Qᵀ, likewise V), and "
         "θ = θ_base + λ · U⊥ Σ V⊥ᵀ with λ = {{ details['lambda'] }}"
         "{% if base %}, base model `{{ base.name }}`{% endif %}"
-        "{% if details.get('unmerged') %}; {{ details.unmerged | length }} matrix(es) of rank below "
+        "{% if details.get('unmerged') %}; {{ details.unmerged | length }} matrix(es) with min(out, in) below "
         "{{ sources | length }} keep no triplet and stay the base's{% endif %}. "
     ) + SVD_CARD_NOTES + TASK_VECTOR_CARD_NOTES
 
@@ -240,5 +247,5 @@ class TsvM(MergeMethod):
         unmerged = plan.details.get("unmerged", [])
         if not unmerged:
             return []
-        return [f"  {len(unmerged)} weight matrix(es) of rank below N = {len(ctx.sources)} keep no singular triplet "
+        return [f"  {len(unmerged)} weight matrix(es) with min(out, in) below N = {len(ctx.sources)} keep no singular triplet "
                 f"and stay the base's: {', '.join(unmerged[:5])}{', …' if len(unmerged) > 5 else ''}"]
