@@ -41,6 +41,8 @@ class Sizes:
     ta_grid: tuple[float, ...] = (1.0, 0.75, 0.5, 0.25)
     ties_grid: tuple[tuple[float, float], ...] = ((0.2, 1.0), (0.2, 0.5), (0.5, 1.0), (0.5, 0.5))
     drop_rate: float = 0.9
+    svd_grid: tuple[float, ...] = (0.5, 1.0, 1.5, 2.0)
+    """λ for TSV-M, Iso-C and Iso-CTS: a coarse subset of their papers' 0.1..3.0 (hfmerge's lambda=auto grid)."""
     samples: int = 256
     gate_epochs: int = 10
     gate_fraction: float = 0.5
@@ -50,9 +52,10 @@ class Sizes:
 SIZES = {
     "smoke": Sizes(counts=(8, 3, 4), vit=ViTSize(hidden_size=32, layers=5, heads=2, pretrain_epochs=1,
                                                   finetune_epochs=1, gate_epochs=1), ns=(6,), ta_grid=(0.5,),
-                   ties_grid=((0.2, 1.0),), samples=16, gate_epochs=1),
+                   ties_grid=((0.2, 1.0),), svd_grid=(1.0,), samples=16, gate_epochs=1),
     "quick": Sizes(counts=(50, 12, 25), vit=ViTSize(pretrain_epochs=6, gate_epochs=2), ns=(6, 12),
-                   ta_grid=(1.0, 0.5, 0.25), ties_grid=((0.2, 1.0), (0.2, 0.5)), samples=128, gate_epochs=8),
+                   ta_grid=(1.0, 0.5, 0.25), ties_grid=((0.2, 1.0), (0.2, 0.5)), svd_grid=(0.5, 1.0, 1.5),
+                   samples=128, gate_epochs=8),
     "full": Sizes(counts=(150, 30, 60), vit=ViTSize()),
 }
 
@@ -147,6 +150,18 @@ def _rows_for(bench: Bench, sizes: Sizes, tasks: list[str], data: dict[str, str]
     chosen["TIES"] = f"density = {best_ties['density']:g}, λ = {best_ties['lambda_']:g}"
     rows[f"TIES (density={best_ties['density']:g}, λ={best_ties['lambda_']:g} from validation, task given)"] = scored.runs(
         [bench.merge(f"ties-{len(tasks)}", sources, "ties", base=repos["base"], heads="concat", **best_ties)])
+    best_global = _choose(bench, scored, "ties", sources, repos["base"],
+                          [{"density": d, "lambda_": lam, "trim": "global"} for d, lam in sizes.ties_grid],
+                          label="ties-global")
+    chosen["TIES, global trim"] = f"density = {best_global['density']:g}, λ = {best_global['lambda_']:g}"
+    rows[f"TIES, global trim (density={best_global['density']:g}, λ={best_global['lambda_']:g} from validation, "
+         "task given)"] = scored.runs([bench.merge(f"ties-global-{len(tasks)}", sources, "ties", base=repos["base"],
+                                                   heads="concat", **best_global)])
+    for method, title in SVD_METHODS.items():
+        best = _choose(bench, scored, method, sources, repos["base"], [{"lambda_": lam} for lam in sizes.svd_grid])
+        chosen[title] = f"λ = {best['lambda_']:g}"
+        rows[f"{title} (λ={best['lambda_']:g} from validation, task given)"] = scored.runs(
+            [bench.merge(f"{method}-{len(tasks)}", sources, method, base=repos["base"], heads="concat", **best)])
     rows[f"DARE (p={sizes.drop_rate:g}, TIES signs, λ={best_ties['lambda_']:g}, task given)"] = scored.runs(
         [bench.merge(f"dare-{len(tasks)}-{seed}", sources, "dare", base=repos["base"], heads="concat", seed=seed,
                      drop_rate=sizes.drop_rate, sign="ties", lambda_=best_ties["lambda_"]) for seed in bench.seeds])
@@ -159,6 +174,7 @@ def _rows_for(bench: Bench, sizes: Sizes, tasks: list[str], data: dict[str, str]
 
 
 GATING_MERGED = "gating + regmean, m=3"
+SVD_METHODS = {"tsv_m": "TSV-M", "iso_c": "Iso-C", "iso_cts": "Iso-CTS"}
 GATE_LEARNING_RATE = 3e-3
 
 
@@ -221,11 +237,12 @@ def _cost(model: torch.nn.Module, processor: Any, bench: Bench, dataset: str) ->
 
 
 def _choose(bench: Bench, scored: _TaskGiven, method: str, sources: list[str], base: str,
-            grid: list[dict[str, float]]) -> dict[str, float]:
+            grid: list[dict[str, Any]], label: str | None = None) -> dict[str, Any]:
     """The grid point with the best mean validation accuracy (task given), as the papers choose λ."""
     best, best_score = grid[0], -1.0
     for i, params in enumerate(grid):
-        result = bench.merge(f"{method}-{len(sources)}-grid{i}", sources, method, base=base, heads="concat", **params)
+        result = bench.merge(f"{label or method}-{len(sources)}-grid{i}", sources, method, base=base, heads="concat",
+                             **params)
         accuracies = scored.accuracies(result, "validation")
         score = sum(accuracies.values()) / len(accuracies)
         if score > best_score:
@@ -234,7 +251,8 @@ def _choose(bench: Bench, scored: _TaskGiven, method: str, sources: list[str], b
 
 
 ORDER = ("individual", "ensemble (no task id)", "average (task given)", "average, merged alone (task given)",
-         "task arithmetic", "TIES", "DARE", "regmean (task given)", "Fisher (task given)")
+         "task arithmetic", "TIES (", "TIES, global", "DARE", "TSV-M", "Iso-C (", "Iso-CTS", "regmean (task given)",
+         "Fisher (task given)")
 
 
 def _ordered(rows: dict[str, Runs]) -> list[str]:
@@ -255,8 +273,8 @@ def _table(n: int, tasks: list[str], rows: dict[str, Runs], chosen: dict[str, st
         latency = None if row.latency_ms is None else round(row.latency_ms, 3)
         table.add(label, [*(row.task(t) for t in tasks), row.mean(tasks), row.normalised(tasks, individual),
                           row.parameters, row.flops, latency])
-    table.notes.append(f"Chosen on the validation splits: task arithmetic {chosen['task arithmetic']}; TIES "
-                       f"{chosen['TIES']}. The gate picks the right task for {chosen['gate']} of its held-out "
+    searched = "; ".join(f"{name} {value}" for name, value in chosen.items() if name != "gate")
+    table.notes.append(f"Chosen on the validation splits: {searched}. The gate picks the right task for {chosen['gate']} of its held-out "
                        f"images (hfmerge's own measure, on the {1 - sizes.gate_fraction:.0%} of each task's training "
                        "split it did not train on). Latency is measured for the models that are saved (the sources, the "
                        "ensemble, the m = 3 gated merge, the static merges); the other gating rows are hfmerge's "
@@ -287,7 +305,8 @@ def _plots(by_n: dict[int, dict[str, Runs]], names: list[str], sizes: Sizes) -> 
         return points
 
     methods = {"individual": "individual", "ensemble": "ensemble (no task id)", "average": "average (task given)",
-               "task arithmetic": "task arithmetic", "TIES": "TIES", "DARE": "DARE",
+               "task arithmetic": "task arithmetic", "TIES": "TIES (", "TIES, global trim": "TIES, global",
+               "DARE": "DARE", **{title: f"{title} (" for title in SVD_METHODS.values()},
                "RegMean": "regmean (task given)", "Fisher": "Fisher", "gating + RegMean, m=3": GATING_MERGED,
                "gating + RegMean, m=5": "gating + regmean, m=5"}
     by_method = {name: series(prefix) for name, prefix in methods.items()}
@@ -343,6 +362,12 @@ def _findings(by_n: dict[int, dict[str, Runs]], names: list[str], gates: dict[in
             values = [f"{mean(n, label):.3f}" for n, label in label_at.items() if label is not None]
             lines.append(f"{prefix.rstrip(' (')}: {' → '.join(values)}")
         found.append(f"Mean test accuracy at N = {', '.join(map(str, ns))}: " + "; ".join(lines) + ".")
+    for n in ns:
+        ranked = sorted(((mean(n, label), label.split(" (")[0]) for label in by_n[n]
+                         if label.endswith("task given)") and not label.startswith(("gating", "average, merged alone"))),
+                        reverse=True)
+        found.append(f"N = {n}, merges scored with the task given, best first: "
+                     + "; ".join(f"{name} {value:.3f}" for value, name in ranked) + ".")
     for n in ns:
         routing = mean(n, "average (task given)") - mean(n, "gating + average, m=0")
         gated = mean(n, "gating + regmean, m=5") - mean(n, "gating + regmean, m=0")
