@@ -300,13 +300,17 @@ class Emr(MergeMethod):
 
     def _output(self, ctx: MergeContext, roles: Roles) -> OutputSpec:
         """The EMR repository's config (``auto_map`` to its modeling file) and the modeling file itself."""
+        import json
+
         from hfmerge.engine.plan import OutputSpec
         from hfmerge.methods.emr.model import AUTO_MAP, MODELING_FILE, EmrMergedConfig, EmrMergedModel, modeling_source
+        from hfmerge.methods.heads import union_labels
 
         anchor = ctx.anchor
         source = {k: v for k, v in anchor.config.to_dict().items()
                   if not k.startswith("_") and k not in ("id2label", "label2id", "auto_map")}
         source["architectures"] = [anchor.architecture]
+        labels = union_labels(ctx.sources)  # every task's labels, told apart where they clash: the card counts them
         config = EmrMergedConfig(
             source=source, tasks=task_names(ctx), task_labels=[layout.id2label for layout in ctx.sources],
             unified={anchor.tensors[name].key: list(anchor.tensors[name].shape) for name in roles.task_vectors},
@@ -315,10 +319,12 @@ class Emr(MergeMethod):
             integer_tensors=[anchor.tensors[name].key for name in roles.own if anchor.tensors[name].is_integer],
             rescaling=str(ctx.params.get("rescaling", "tensor_means")),
             architectures=[EmrMergedModel.__name__],
+            id2label=dict(enumerate(labels)), label2id={label: i for i, label in enumerate(labels)},
         )
         config.auto_map = dict(AUTO_MAP)
         return OutputSpec(config=config, architecture=EmrMergedModel.__name__, task=anchor.task,
-                          files={MODELING_FILE: modeling_source()}, loads_with_transformers=False)
+                          files={MODELING_FILE: modeling_source()}, loads_with_transformers=False,
+                          auto_class="AutoModel", task_argument=f"task={json.dumps(config.tasks[0])}")
 
 
 def task_names(ctx: MergeContext) -> list[str]:
