@@ -295,3 +295,42 @@ def test_the_cli_merges_and_refuses_a_merge_without_a_base(make_source, tmp_path
     code, _, err = run_cli(["merge", *sources, "-m", "emr", "-o", tmp_path / "no-base"], capsys)
     assert_one_line_error(code, err, "--base")
     assert not (tmp_path / "no-base").exists()
+
+
+def test_the_space_shows_each_tasks_prediction_from_its_own_class(make_source, tmp_path):
+    from hfmerge.spaces import inference
+    from PIL import Image
+
+    base, sources = _perturbed_sources("vit", make_source, count=2)
+    out = hfmerge.merge([str(s) for s in sources], method="emr", base=str(base), progress=False).save(tmp_path / "emr")
+    space = hfmerge.save_space(hfmerge.SpaceOptions(str(out), sources=[]), tmp_path / "space")
+    assert (space / "modeling_hfmerge_emr.py").read_text() == (out / "modeling_hfmerge_emr.py").read_text()
+    demo = inference.load_demo(str(out), sources=[])
+    assert [m.name for m in demo.merged_models] == [f"emr · {s.name}" for s in sources]
+    image = Image.fromarray(torch.randint(0, 256, (40, 48, 3), dtype=torch.uint8).numpy())
+    payload, answers = demo.predict(image)
+    assert payload["merged"] is None and list(payload["tasks"]) == [m.name for m in demo.merged_models]
+    processor = transformers.AutoImageProcessor.from_pretrained(out)
+    for i, (name, top) in enumerate(payload["tasks"].items()):
+        with torch.no_grad():
+            logits = hfmerge.load(str(out), task=i)(**processor(images=image, return_tensors="pt")).logits[0]
+        probabilities = logits.softmax(-1)
+        best = int(probabilities.argmax())
+        assert top[0] == {"label": f"class_{best}", "score": round(float(probabilities[best]), 4)}
+        assert len(top) == LABELS[i]  # the task's own head: its own number of labels
+    # and the app serves it: one output per task, the same answer at /predict
+    gradio_client = pytest.importorskip("gradio_client")
+    from hfmerge.spaces import app
+
+    from hfmerge.testing.ports import free_port
+
+    image.save(tmp_path / "image.png")
+    blocks, port = app.build_demo(demo), free_port()
+    blocks.queue(default_concurrency_limit=1)
+    blocks.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    try:
+        client = gradio_client.Client(f"http://127.0.0.1:{port}/", verbose=False)
+        answer = client.predict(gradio_client.handle_file(str(tmp_path / "image.png")), api_name="/predict")
+    finally:
+        blocks.close()
+    assert answer["merged"] is None and answer["tasks"] == payload["tasks"]
