@@ -27,6 +27,7 @@ import sys
 import textwrap
 
 import numpy as np
+import PIL.Image
 import pytest
 import torch
 import transformers
@@ -295,6 +296,14 @@ def test_the_cli_merges_and_refuses_a_merge_without_a_base(make_source, tmp_path
     code, _, err = run_cli(["merge", *sources, "-m", "emr", "-o", tmp_path / "no-base"], capsys)
     assert_one_line_error(code, err, "--base")
     assert not (tmp_path / "no-base").exists()
+    images = tmp_path / "eval"
+    for label in ("class_0", "class_1"):
+        (images / label).mkdir(parents=True)
+        PIL.Image.new("RGB", (8, 8)).save(images / label / "0.png")
+    code, _, err = run_cli(["merge", *sources, "-m", "emr", "--base", base, "-o", tmp_path / "evaluated",
+                            "--eval-data", images, "--eval-data", images], capsys)
+    assert_one_line_error(code, err, "--eval-data")
+    assert not (tmp_path / "evaluated").exists()
 
 
 def test_the_space_shows_each_tasks_prediction_from_its_own_class(make_source, tmp_path):

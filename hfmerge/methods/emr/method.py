@@ -216,6 +216,9 @@ class Emr(MergeMethod):
 
         if ctx.base is None:
             raise RecipeError(f"method '{self.name}' needs the pre-trained model: add --base org/name")
+        if ctx.evaluating:
+            raise RecipeError(f"method '{self.name}' cannot evaluate its merge yet (it holds one model per task): "
+                              "leave out --eval-data and evaluate each task's model, hfmerge.load(out, task=...)")
         refs, _ = base_refs(ctx, ctx.base)
         require_base_backbone(ctx, refs)
         anchor = ctx.anchor
