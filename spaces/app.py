@@ -12,11 +12,15 @@ One image goes to every model; the merged model's top-5 labels (or, for a
 segmentation model, a colour overlay with a legend) sit beside each source's.
 Static merges load with plain transformers, so the Space needs nothing of
 hfmerge; a gated merge loads with its own class, from the ``modeling_hfmerge_gated.py`` written
-beside this app. Remote code is never run.
+beside this app, and an EMR merge with ``modeling_hfmerge_emr.py``: each of its tasks' models
+shows its own prediction. Remote code is never run.
 
 The ``/predict`` endpoint returns JSON::
 
-    {"task": ..., "merged": [{"label", "score"}, ...], "sources": {name: [...]}, "gate": {...} | null, "notes": [...]}
+    {"task": ..., "merged": [{"label", "score"}, ...], "tasks": {name: [...]} | null, "sources": {name: [...]},
+     "gate": {...} | null, "notes": [...]}
+
+(an EMR merge answers per task: ``"merged"`` is null and ``"tasks"`` has each task's model's answer).
 
 For segmentation a label's score is the share of pixels given that label.
 """
@@ -134,7 +138,8 @@ def label_colours(models: list[DemoModel]) -> dict[str, str]:
 
 def build_demo(demo_models: DemoModels, *, examples: list[Path] | None = None) -> gr.Blocks:
     """The Blocks interface: one image in; merged and source predictions side by side; JSON at ``/predict``."""
-    models = [demo_models.merged, *demo_models.sources]
+    merged_models = demo_models.merged_models  # an EMR merge: one model per task
+    models = [*merged_models, *demo_models.sources]
     metadata = demo_models.metadata or {}
     segmentation = demo_models.merged.kind == "segmentation"
     colours = label_colours(models) if segmentation else None
@@ -193,8 +198,12 @@ def build_demo(demo_models: DemoModels, *, examples: list[Path] | None = None) -
                 with gr.Row(equal_height=False):
                     outputs = []
                     for i, model in enumerate(models):
-                        title = f"Merged: {model.name}" if i == 0 else f"Source: {model.name}"
-                        elem_id = "merged" if i == 0 else f"source-{i}"
+                        merged = i < len(merged_models)
+                        title = f"{'Merged' if merged else 'Source'}: {model.name}"
+                        if not merged:
+                            elem_id = f"source-{i - len(merged_models) + 1}"
+                        else:
+                            elem_id = "merged" if not demo_models.tasks else f"merged-task-{i}"
                         with gr.Column(min_width=220):
                             if segmentation:
                                 outputs.append(gr.AnnotatedImage(label=title, color_map=colours,

@@ -55,6 +55,7 @@ HEAD_KINDS = {
     "ForUniversalSegmentation": "segmentation",
 }
 GATED_MODEL_TYPE = "hfmerge-gated-vit"  # a gated merge's config.model_type, whichever method (a plug-in's too) made it
+EMR_MODEL_TYPE = "hfmerge-emr"  # an EMR merge's: one model per task, each shown with its own prediction
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # a Space on GPU hardware uses it
 
 
@@ -267,11 +268,16 @@ def is_gated(ref: str, *, local_only: bool = False) -> bool:
     Told by the model, not by the name of the method in its ``hfmerge.yaml``: a plug-in's method may
     make a gated model under a name of its own.
     """
+    return model_type(ref, local_only=local_only) == GATED_MODEL_TYPE
+
+
+def model_type(ref: str, *, local_only: bool = False) -> str | None:
+    """The ``model_type`` in ``ref``'s ``config.json``; ``None`` where it cannot be read (loading says why)."""
     try:
         path = fetch_file(ref, "config.json", local_only=local_only)
-        return path is not None and json.loads(path.read_text(encoding="utf-8")).get("model_type") == GATED_MODEL_TYPE
+        return json.loads(path.read_text(encoding="utf-8")).get("model_type") if path is not None else None
     except (OSError, ValueError, AttributeError, HfHubHTTPError, ModelLoadError):
-        return False  # loading it says what is wrong
+        return None
 
 
 def recipe_sources(metadata: dict[str, Any] | None) -> list[str]:
@@ -325,6 +331,41 @@ def load_model(ref: str, *, gated: bool = False, local_only: bool = False) -> De
     return DemoModel(name=name, model=model.to(DEVICE).eval(), processor=processor, kind=kind, labels=labels)
 
 
+def load_emr_tasks(ref: str, *, local_only: bool = False) -> list[DemoModel]:
+    """Each task's model of an EMR merge, by its own class (never the repository's code): one DemoModel per task,
+    named ``<merge> · <task>``, with that task's head and labels.
+
+    Raises:
+        ModelLoadError: the merge cannot be read, or its sources have a head this demo cannot show.
+    """
+    try:
+        from modeling_hfmerge_emr import EmrMergedModel
+    except ImportError:
+        try:
+            from hfmerge.methods.emr.emr_model import EmrMergedModel
+        except ImportError:
+            raise ModelLoadError(f"{ref} is an EMR merge: put modeling_hfmerge_emr.py (hfmerge space writes it) "
+                                 "beside app.py, or install hfmerge") from None
+    parsed = _parse(ref)
+    where = {"revision": parsed.revision, "local_files_only": local_only}
+    try:
+        merge = EmrMergedModel.from_pretrained(parsed.model, **where).eval()
+        kind = head_kind(merge.config.source["architectures"][0])
+        if kind is None:
+            raise ModelLoadError(f"{parsed.display_name} merges {merge.config.source['architectures'][0]} models; "
+                                 "this demo shows image classification and segmentation models")
+        processor = transformers.AutoImageProcessor.from_pretrained(parsed.model, **where)
+        tasks = [merge.task_model(i) for i in range(merge.config.num_tasks)]  # each kept: one model per task
+    except ModelLoadError:
+        raise
+    except (OSError, ValueError, KeyError, HfHubHTTPError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ModelLoadError(f"{parsed.display_name} could not be loaded: {first}") from None
+    return [DemoModel(name=f"{parsed.display_name} · {task}", model=model.to(DEVICE).eval(), processor=processor,
+                      kind=kind, labels={int(k): str(v) for k, v in model.config.id2label.items()})
+            for task, model in zip(merge.config.tasks, tasks)]
+
+
 def _load_gated(ref: str, **where: Any) -> torch.nn.Module:
     """A gated merge by its own class, never by running the repository's code.
 
@@ -354,18 +395,30 @@ class DemoModels:
     notes: list[str] = field(default_factory=list)
     gated: bool = False
     """The merged model is a gated merge: its answers carry the gate's task probabilities."""
+    tasks: list[DemoModel] = field(default_factory=list)
+    """An EMR merge's model of each task (``merged`` is the first): each shows its own prediction."""
 
     @property
     def task(self) -> str:
         return "image-classification" if self.merged.kind == "classification" else "image-segmentation"
 
+    @property
+    def merged_models(self) -> list[DemoModel]:
+        """What the merge shows: its one model, or an EMR merge's model of each task."""
+        return self.tasks or [self.merged]
+
     def predict(self, image: PIL.Image.Image) -> tuple[dict[str, Any], dict[str, Prediction]]:
-        """Every model's prediction, and the JSON that ``/predict`` returns (the load notes included)."""
-        answers = {m.name: m.predict(image) for m in [self.merged, *self.sources]}
+        """Every model's prediction, and the JSON that ``/predict`` returns (the load notes included).
+
+        An EMR merge answers once per task: ``"merged"`` is then ``None`` and ``"tasks"`` maps each task's
+        model (``<merge> · <task>``) to its answer.
+        """
+        answers = {m.name: m.predict(image) for m in [*self.merged_models, *self.sources]}
         merged = answers[self.merged.name]
         payload = {
             "task": self.task,
-            "merged": merged.top,
+            "merged": None if self.tasks else merged.top,
+            "tasks": {m.name: answers[m.name].top for m in self.tasks} if self.tasks else None,
             "sources": {m.name: answers[m.name].top for m in self.sources},
             "gate": merged.gate,
             "notes": list(self.notes),
@@ -390,9 +443,14 @@ def load_demo(model: str, sources: list[str] | None = None, *, hub: HubAccess | 
         if sources is None:
             sources = []
             notes.append(f"{exc}, so the model is shown alone.")
-    gated = is_gated(model, local_only=local_only)
+    kind = model_type(model, local_only=local_only)
+    gated, tasks = kind == GATED_MODEL_TYPE, []
     try:
-        merged = load_model(model, gated=gated, local_only=local_only)
+        if kind == EMR_MODEL_TYPE:
+            tasks = load_emr_tasks(model, local_only=local_only)
+            merged = tasks[0]
+        else:
+            merged = load_model(model, gated=gated, local_only=local_only)
     except ModelLoadError as exc:
         raise ModelLoadError(f"{exc} ({hub.reason})" if local_only else str(exc)) from None
     if metadata is None and sources is None:
@@ -405,7 +463,7 @@ def load_demo(model: str, sources: list[str] | None = None, *, hub: HubAccess | 
             notes.append(f"Source not shown: {exc}.")
     if hub.note:
         notes.insert(0, hub.note)
-    seen = {merged.name}
+    seen = {m.name for m in tasks or [merged]}
     for source in loaded:  # names key the JSON answer, so two models never share one
         base, n = source.name, 2
         while source.name in seen:
@@ -413,7 +471,7 @@ def load_demo(model: str, sources: list[str] | None = None, *, hub: HubAccess | 
         seen.add(source.name)
     card, card_files = read_card(model, local_only=local_only)
     return DemoModels(merged=merged, sources=loaded, metadata=metadata, card=card, card_files=card_files,
-                      notes=notes, gated=gated)
+                      notes=notes, gated=gated, tasks=tasks)
 
 
 def read_card(ref: str, *, local_only: bool = False) -> tuple[str, dict[str, Path]]:

@@ -31,8 +31,9 @@ def variants(*builtins: str) -> set[str]:
 REFUSED = {("regmean", "resnet"): "none outside its classifier head",  # ResNet's only nn.Linear is its head
            ("clafusion", "vit"): "clafusion balances the depth of"}  # a ViT has no depth declaration
 # Methods whose output is a model of their own, not the sources' architecture: their own tests hold them to the
-# same property (tests/test_gating.py: identical sources give the source's logits through the gated model).
-OWN_OUTPUT = variants("gating")
+# same property (tests/test_gating.py: identical sources give the source's logits through the gated model;
+# tests/test_emr.py: identical sources, base = source, give each task's model equal to the source).
+OWN_OUTPUT = variants("gating", "emr")
 DATA_BY_DEFAULT = variants("otfusion", "clafusion")  # optional data that its default parameters use (cost=activations)
 
 
@@ -70,8 +71,8 @@ def load_plain(folder):
 @pytest.mark.parametrize("method", METHODS)
 def test_identical_sources_merge_to_themselves_and_load_with_transformers(method, family, make_source, tmp_path):
     if method in OWN_OUTPUT:
-        pytest.skip(f"{method} writes a model of its own; tests/test_gating.py checks it merges identical sources "
-                    "to themselves")
+        pytest.skip(f"{method} writes a model of its own; its own tests (tests/test_gating.py, tests/test_emr.py) "
+                    "check it merges identical sources to themselves")
     source = make_source(family, 3, seed=5)
     if refusal(method, family):
         with pytest.raises(hfmerge.IncompatibleModelsError, match=refusal(method, family)):

@@ -57,6 +57,11 @@ class OutputSpec:
             a picture the card shows), name -> text or bytes.
         loads_with_transformers: whether plain ``transformers`` loads it with no remote code;
             when not, the card shows how it loads (``hfmerge.load``, ``trust_remote_code=True``).
+        auto_class: the transformers Auto class that loads it with remote code, where it is not the one of
+            its task (``None``: the task's).
+        task_argument: for an output that holds one model per task (EMR): the argument that picks one in the
+            card's usage, as written in Python (``task="org/a"``), given to ``hfmerge.load`` and to the remote
+            model's forward; ``None``: the output is one model.
     """
 
     config: Any
@@ -64,6 +69,8 @@ class OutputSpec:
     task: str
     files: dict[str, str | bytes] = field(default_factory=dict)
     loads_with_transformers: bool = False
+    auto_class: str | None = None
+    task_argument: str | None = None
 
 
 @dataclass

@@ -76,6 +76,26 @@ def base_refs(ctx: MergeContext, base: ModelLayout) -> tuple[dict[str, TensorRef
     return refs, stripped
 
 
+def require_base_backbone(ctx: MergeContext, refs: dict[str, TensorRef]) -> None:
+    """Raise unless the base has every backbone tensor of the anchor (``refs`` from :func:`base_refs`).
+
+    Raises:
+        IncompatibleModelsError: the base lacks a backbone tensor or shapes it differently.
+    """
+    if ctx.base is None:
+        raise RecipeError("the task vectors need the pre-trained model: add --base org/name")
+    anchor = ctx.anchor
+    prefix = anchor.family.backbone_prefix
+    missing = [n for n, info in anchor.tensors.items()
+               if n not in refs and not info.is_integer and prefix and n.startswith(prefix + ".")]
+    if missing:
+        raise IncompatibleModelsError(
+            f"the base {ctx.base.source.name} ({ctx.base.architecture}) lacks {len(missing)} backbone tensor(s) of "
+            f"{anchor.source.name} or shapes them differently (e.g. {missing[0]}); give as --base the pre-trained "
+            "model the sources were fine-tuned from"
+        )
+
+
 def plan_task_vectors(ctx: MergeContext, method: str, make_op: TaskVectorOp, details: dict[str, Any]) -> MergePlan:
     """Plan a task-vector merge: ``make_op`` for each task vector, the rules above for the rest.
 
@@ -88,15 +108,7 @@ def plan_task_vectors(ctx: MergeContext, method: str, make_op: TaskVectorOp, det
         raise RecipeError(f"method '{method}' needs the pre-trained model: add --base org/name")
     anchor = ctx.anchor
     refs, stripped = base_refs(ctx, ctx.base)
-    prefix = anchor.family.backbone_prefix
-    missing = [n for n, info in anchor.tensors.items()
-               if n not in refs and not info.is_integer and prefix and n.startswith(prefix + ".")]
-    if missing:
-        raise IncompatibleModelsError(
-            f"the base {ctx.base.source.name} ({ctx.base.architecture}) lacks {len(missing)} backbone tensor(s) of "
-            f"{anchor.source.name} or shapes them differently (e.g. {missing[0]}); give as --base the pre-trained "
-            "model the sources were fine-tuned from"
-        )
+    require_base_backbone(ctx, refs)
     heads_follow_labels = ctx.heads is None and labels_agree([*ctx.sources, ctx.base])
     handed = [
         n for n, info in anchor.tensors.items()
@@ -121,7 +133,7 @@ def plan_task_vectors(ctx: MergeContext, method: str, make_op: TaskVectorOp, det
     if not any(anchor.tensors[n].head is not None for n in handed):
         facts["heads"] = "task vectors" if anchor.head_tensors else None
     if stripped:
-        facts["base_prefix"] = prefix
+        facts["base_prefix"] = anchor.family.backbone_prefix
     return MergePlan(entries, config_updates=head_plan.config_updates, details=facts)
 
 

@@ -115,7 +115,8 @@ def render_card(result: CardFacts, repo_id: str | None = None) -> str:
     output = planned.plan.output
     architecture = output.architecture if output is not None else planned.anchor.architecture
     task = output.task if output is not None else planned.anchor.task
-    auto_class = planned.anchor.family.auto_classes.get(architecture) or AUTO_CLASSES.get(task, "AutoModel")
+    auto_class = ((output.auto_class if output is not None else None)
+                  or planned.anchor.family.auto_classes.get(architecture) or AUTO_CLASSES.get(task, "AutoModel"))
     text = method_text(
         method, details=result.details, parameters=planned.recipe.parameters, base=base, sources=rows,
         architecture=architecture, task=task,
@@ -153,6 +154,7 @@ def render_card(result: CardFacts, repo_id: str | None = None) -> str:
                             else planned.anchor.family.classes is None),
         remote_code=bool(getattr(result.config, "auto_map", None)),
         own_output=output is not None,
+        task_argument=output.task_argument if output is not None else None,
         num_labels=len(getattr(result.config, "id2label", {}) or {}),
         warnings=result.warnings,
         data_rows=data_rows,

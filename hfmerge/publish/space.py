@@ -5,9 +5,10 @@ models without Gradio; hfmerge imports its constants too), ``source_ref.py`` (a
 copy of :mod:`hfmerge.source_ref`, the parser of model references), ``space_config.json`` (which model and which sources to show),
 ``README.md`` (Space metadata: sdk, app file, the models it uses),
 ``requirements.txt`` and ``examples/``; for a gated merge, the model's own
-class as ``modeling_hfmerge_gated.py``. It runs from its own repo alone: a
-static merge loads with plain transformers, a gated one with that class, so
-the Space never installs hfmerge and never runs a repository's code.
+class as ``modeling_hfmerge_gated.py`` (an EMR merge's as ``modeling_hfmerge_emr.py``).
+It runs from its own repo alone: a static merge loads with plain transformers, a
+gated or EMR one with that class, so the Space never installs hfmerge and never
+runs a repository's code.
 """
 
 from __future__ import annotations
@@ -76,6 +77,8 @@ class SpacePlan:
     license: str | None
     bundled_examples: bool
     warnings: list[str] = field(default_factory=list)
+    emr: bool = False
+    """An EMR merge: the Space shows each task's model, built by ``modeling_hfmerge_emr.py`` beside the app."""
 
     @property
     def hub_models(self) -> list[str]:
@@ -101,7 +104,12 @@ def plan_space(options: SpaceOptions, *, for_hub: bool, token: str | bool | None
             "model first (hfmerge merge ... --push-to-hub ORG/NAME) and name it by repo id, or use --output only"
         )
     config = json.loads((model.path / "config.json").read_text())
-    architecture = (config.get("architectures") or [""])[0]
+    from hfmerge.methods.emr.model import MODEL_TYPE as EMR_MODEL_TYPE
+    from hfmerge.methods.gating.model import MODEL_TYPE as GATED_MODEL_TYPE
+
+    # the model says what it is, whichever method (a plug-in's) made it; an EMR merge shows its sources' head
+    emr = config.get("model_type") == EMR_MODEL_TYPE
+    architecture = ((config.get("source") or {}) if emr else config).get("architectures", [""])[0]
     if head_kind(architecture) is None:
         raise SourceError(
             f"{model.name} is a {architecture or config.get('model_type', 'model')}; the demo Space shows image "
@@ -113,9 +121,7 @@ def plan_space(options: SpaceOptions, *, for_hub: bool, token: str | bool | None
     except RecipeFileError as exc:
         recipe = None
         warnings.append(f"{exc}; the Space shows the model alone (pass --sources to show models beside it)")
-    from hfmerge.methods.gating.model import MODEL_TYPE as GATED_MODEL_TYPE
-
-    gated = config.get("model_type") == GATED_MODEL_TYPE  # the model says, whichever method (a plug-in's) made it
+    gated = config.get("model_type") == GATED_MODEL_TYPE
     if options.sources is None:
         sources = _recipe_sources(recipe or {}, model, for_hub=for_hub, warnings=warnings)
         if recipe == {}:
@@ -128,7 +134,7 @@ def plan_space(options: SpaceOptions, *, for_hub: bool, token: str | bool | None
         logger.warning(message)
     return SpacePlan(
         model=model, model_ref=model_ref, sources=sources, examples=_examples(options.examples),
-        title=options.title or f"{name} demo", gated=gated, license=model.license,
+        title=options.title or f"{name} demo", gated=gated, emr=emr, license=model.license,
         bundled_examples=options.examples is None, warnings=warnings,
     )
 
@@ -143,6 +149,11 @@ def write_space(plan: SpacePlan, folder: Path, space_id: str | None = None) -> N
         from hfmerge.methods.gating.model import MODELING_FILE, modeling_source
 
         (folder / MODELING_FILE).write_text(modeling_source())
+    if plan.emr:  # likewise the EMR model's class, which rebuilds each task's model
+        from hfmerge.methods.emr.model import MODELING_FILE as EMR_MODELING_FILE
+        from hfmerge.methods.emr.model import modeling_source as emr_modeling_source
+
+        (folder / EMR_MODELING_FILE).write_text(emr_modeling_source())
     settings = {"model": plan.model_ref, "sources": plan.sources}
     (folder / SPACE_CONFIG_FILE).write_text(json.dumps(settings, indent=2) + "\n")
     (folder / "README.md").write_text(space_card(plan, space_id))

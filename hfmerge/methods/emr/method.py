@@ -1,0 +1,365 @@
+"""EMR-Merging: elect one unified task vector, keep a mask and a rescaler per task (Huang et al., NeurIPS 2024).
+
+With task vectors τ_i = θ_i − θ_base (i = 1..N), §3 of the paper:
+
+- Elect (§3.1): per entry, the sign γ_uni = sgn(Σ_i τ_i) and the magnitude
+  ε_uni = max |τ_i| over the i whose τ_i has that sign; τ_uni = γ_uni ⊙ ε_uni.
+- Mask (§3.2): M_i = (τ_i ⊙ τ_uni > 0), the entries where task i agrees with τ_uni.
+- Rescale (§3.3): λ_i = Σ|τ_i| / Σ|M_i ⊙ τ_uni|, one scalar per task, so that the
+  masked unified vector has task i's average magnitude.
+
+Task i's model is θ_base + λ_i · (M_i ⊙ τ_uni). The merge is not one model but
+a repository holding θ_base, τ_uni, the N bit-packed masks and the N rescalers
+(:mod:`hfmerge.methods.emr.emr_model`), about 2 + N/32 models' worth of float32
+instead of N.
+
+Choices, and where they come from:
+
+- The rescalers' sums run over the whole model, one λ_i per task. The official
+  code (``merge_vit/src/main_emr_merging.py``, ``merge_lm/.../merging_methods.py``,
+  and FusionBench's ``emr_merging/utils.py``) sums each tensor's *mean*
+  magnitude, Σ_tensors mean|τ_i| / Σ_tensors mean|M_i ⊙ τ_uni|, which weighs
+  every tensor alike; the paper's formula sums every entry. ``rescaling``
+  chooses: ``tensor_means`` (the code's, which gave the paper's results; the
+  default) or ``entries`` (the formula as printed).
+- Where Σ_i τ_i is exactly zero the code elects the negative sign (its
+  ``flag = (sum > 0)·2 − 1``); the paper's sgn(0) = 0 would elect nothing. We
+  follow the code. Continuous weights practically never tie; where every τ_i
+  is zero both give τ_uni = 0.
+- λ_i = 1 when M_i ⊙ τ_uni is zero everywhere (the code divides by zero): task
+  i's model is then θ_base whatever λ_i is.
+- Every floating tensor that the base has, outside the classifier heads, is a
+  task vector (weights, biases, norms, embeddings), as the official code
+  merges all of a model's parameters. Each task keeps its own classifier head
+  (the paper evaluates each task with its own head), its own BatchNorm running
+  statistics (they describe its own activations and are no task vector; kept
+  per task they cost a few numbers) and integer buffers, and any tensor the
+  base lacks outside the backbone (a decode head). ``--heads`` does not apply.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from hfmerge.errors import RecipeError
+from hfmerge.methods.base import MergeMethod, ParamSpec, register_method
+from hfmerge.methods.stages import Derive, Derived, Stage
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    import torch
+
+    from hfmerge.adapters.layout import TensorInfo
+    from hfmerge.engine.ops import Loader, TensorRef
+    from hfmerge.engine.plan import MergeContext, MergePlan, OutputSpec
+
+RESCALINGS = ("tensor_means", "entries")
+
+
+@dataclass
+class Election:
+    """τ_uni of one tensor, the N masks M_i (booleans, shape (N, *shape)) and the sums the rescalers need.
+
+    ``task_magnitude[i]`` is Σ|τ_i| and ``masked_magnitude[i]`` Σ|M_i ⊙ τ_uni| over this tensor's entries
+    (float64).
+    """
+
+    unified: torch.Tensor
+    masks: torch.Tensor
+    task_magnitude: torch.Tensor
+    masked_magnitude: torch.Tensor
+
+
+def elect(task_vector: Callable[[int], torch.Tensor], count: int) -> Election:
+    """Elect τ_uni and the masks of one tensor from its ``count`` task vectors (§3.1-3.2), two passes over them.
+
+    ``task_vector(i)`` gives τ_i in float32; only the running sum, the running maximum
+    and the N boolean masks are held, never N task vectors.
+    """
+    import torch
+
+    first = task_vector(0)
+    total = first.clone()
+    for i in range(1, count):
+        total.add_(task_vector(i))
+    positive = total > 0  # γ_uni: +1 where Σ τ_i > 0, −1 elsewhere (the official code's flag)
+    del total
+    masks = torch.empty((count, *first.shape), dtype=torch.bool)
+    magnitude = torch.zeros_like(first)
+    task_magnitude = torch.zeros(count, dtype=torch.float64)
+    for i in range(count):
+        tau = first if i == 0 else task_vector(i)
+        masks[i] = torch.where(positive, tau > 0, tau < 0)  # sgn(τ_i) = γ_uni: M_i = (τ_i ⊙ τ_uni > 0)
+        magnitude = torch.maximum(magnitude, torch.where(masks[i], tau.abs(), 0.0))  # ε_uni
+        task_magnitude[i] = tau.abs().sum(dtype=torch.float64)
+    unified = torch.where(positive, magnitude, -magnitude)
+    masked_magnitude = torch.stack([torch.where(masks[i], magnitude, 0.0).sum(dtype=torch.float64)
+                                    for i in range(count)])
+    return Election(unified, masks, task_magnitude, masked_magnitude)
+
+
+def pack_masks(masks: torch.Tensor) -> torch.Tensor:
+    """(N, *shape) booleans -> (N, ⌈numel/8⌉) ``uint8``: each row flattened, eight entries a byte, most significant
+    bit first (``numpy.packbits``' order), zero-padded; :func:`~hfmerge.methods.emr.emr_model.unpack_mask` undoes it."""
+    import torch
+
+    rows = masks.reshape(masks.shape[0], -1).to(torch.uint8)
+    rows = torch.nn.functional.pad(rows, (0, (-rows.shape[1]) % 8))
+    weights = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
+    return (rows.view(rows.shape[0], -1, 8) * weights).sum(dim=-1).to(torch.uint8)
+
+
+def rescalers(task_magnitude: torch.Tensor, masked_magnitude: torch.Tensor) -> torch.Tensor:
+    """λ_i = task_magnitude[i] / masked_magnitude[i] (§3.3); 1 where the masked unified vector is zero."""
+    import torch
+
+    return torch.where(masked_magnitude > 0, task_magnitude / masked_magnitude.clamp(min=1e-300), 1.0)
+
+
+@dataclass(frozen=True)
+class UnifiedTaskVector:
+    """τ_uni of one tensor (§3.1), from the sources' and the base's tensors."""
+
+    base: TensorRef
+    sources: tuple[TensorRef, ...]
+    group: str = "unified task vector τ_uni (elected)"
+
+    def apply(self, load: Loader) -> torch.Tensor:
+        return elect(_task_vectors(load, self.base, self.sources), len(self.sources)).unified
+
+
+@dataclass(frozen=True)
+class PackedTaskMasks:
+    """The N masks M_i of one tensor (§3.2), bit-packed: (N, ⌈numel/8⌉) ``uint8``."""
+
+    base: TensorRef
+    sources: tuple[TensorRef, ...]
+    group: str = "task masks M_i (1 bit per entry and task)"
+
+    def apply(self, load: Loader) -> torch.Tensor:
+        return pack_masks(elect(_task_vectors(load, self.base, self.sources), len(self.sources)).masks)
+
+
+def _task_vectors(load: Loader, base_ref: TensorRef, sources: tuple[TensorRef, ...]) -> Callable[[int], torch.Tensor]:
+    import torch
+
+    base = load(base_ref).to(torch.float32)
+    return lambda i: load(sources[i]).to(torch.float32) - base
+
+
+@dataclass(frozen=True)
+class Roles:
+    """What becomes of each anchor tensor: a task vector (its base reference), or each task's own."""
+
+    task_vectors: dict[str, TensorRef]
+    """In-memory name -> the base's tensor, in forward order."""
+    own: list[str]
+    """In-memory names each task keeps of its own source."""
+
+
+@register_method
+class Emr(MergeMethod):
+    """EMR-Merging (Huang et al., NeurIPS 2024, §3): τ_uni, M_i, λ_i; task i is θ_base + λ_i (M_i ⊙ τ_uni)."""
+
+    name = "emr"
+    title = "EMR-Merging (elect a unified task vector; a mask and a rescaler per task)"
+    reference = "Huang et al., EMR-Merging: Tuning-Free High-Performance Model Merging, NeurIPS 2024"
+    reference_url = "https://arxiv.org/abs/2405.17461"
+    parameters = (
+        ParamSpec("rescaling", str, "tensor_means",
+                  "how λ_i = Σ|τ_i| / Σ|M_i ⊙ τ_uni| sums over the model: tensor_means adds each tensor's mean "
+                  "magnitude (the official code's, which gave the paper's results: the default), entries adds "
+                  "every entry (§3.3 as printed)", choices=RESCALINGS),
+    )
+    needs_base = True
+    min_sources = 1
+    card_template = (
+        "Each task vector τᵢ = θᵢ − θ_base{% if base %} (θ_base: `{{ base.name }}`){% endif %} is replaced by one "
+        "unified task vector and, per task, a mask and a rescaler (§3 of the paper). Elect: per entry, the sign "
+        "γ = sgn(Σᵢ τᵢ) (the negative sign where the sum is exactly 0, as the official code) and the largest |τᵢ| "
+        "among the τᵢ of that sign, τ_uni = γ · max; mask: Mᵢ = (τᵢ ⊙ τ_uni > 0); rescale: λᵢ = Σ|τᵢ| / "
+        "Σ|Mᵢ ⊙ τ_uni|, summed over the whole model "
+        "{{ 'as the mean magnitude of each tensor, added up (the official code)' if details.rescaling == "
+        "'tensor_means' else 'entry by entry (the formula as printed)' }}. "
+        "Task i's model is θ_base + λᵢ · (Mᵢ ⊙ τ_uni)"
+        "{% if details.rescalers %}, with {% for name, value in details.rescalers %}λ = {{ '%.4f' | format(value) }} "
+        "for `{{ name }}`{{ ', ' if not loop.last }}{% endfor %}{% endif %}. "
+        "Every floating tensor the base has, outside the classifier heads, is a task vector "
+        "({{ details.task_vector_tensors }} tensors). Each task keeps its own "
+        "{{ details.own | join(', ') if details.own else 'nothing else' }}. "
+        "This repository holds θ_base, τ_uni, the masks packed eight entries a byte, the rescalers and each task's "
+        "own tensors: {{ '%.1f' | format(details.size.ratio * 100) }}% of the "
+        "{{ sources | length }} source models' size ({{ '{:,}'.format(details.size.stored_bytes) }} bytes "
+        "against {{ '{:,}'.format(details.size.sources_bytes) }}). "
+        "Load a task's model with `hfmerge.load(repo, task=...)` (a source's name as listed below, or its index: "
+        "{% for name in details.tasks %}{{ loop.index0 }} = `{{ name }}`{{ ', ' if not loop.last }}{% endfor %}), "
+        "an ordinary `{{ details.source_architecture }}`; or, without hfmerge, with `trust_remote_code=True`, a model "
+        "whose forward takes `task=`."
+    )
+
+    def stages(self, ctx: MergeContext) -> list[Stage]:
+        """The rescalers (§3.3) sum over the whole model: a pass over every task vector before the merge."""
+        return [Derive(self._derive)]
+
+    # -- the plan ----------------------------------------------------------------------------
+    def roles(self, ctx: MergeContext) -> Roles:
+        """Which anchor tensors are task vectors (paired with the base's) and which each task keeps.
+
+        Raises:
+            RecipeError: no base model.
+            IncompatibleModelsError: the base lacks a backbone tensor, or the sources differ outside their heads.
+        """
+        from hfmerge.engine.plan import require_all_shared
+        from hfmerge.methods.task_vectors import base_refs, is_running_statistic, require_base_backbone
+
+        if ctx.base is None:
+            raise RecipeError(f"method '{self.name}' needs the pre-trained model: add --base org/name")
+        if ctx.evaluating:
+            raise RecipeError(f"method '{self.name}' cannot evaluate its merge yet (it holds one model per task): "
+                              "leave out --eval-data and evaluate each task's model, hfmerge.load(out, task=...)")
+        refs, _ = base_refs(ctx, ctx.base)
+        require_base_backbone(ctx, refs)
+        anchor = ctx.anchor
+        own_shape = [name for name, info in anchor.tensors.items() if info.head is not None or name not in refs]
+        require_all_shared(ctx, self.name, except_names=own_shape)
+        task_vectors: dict[str, TensorRef] = {}
+        own: list[str] = []
+        for name, info in anchor.tensors.items():
+            if info.head is not None or name not in refs or info.is_integer or is_running_statistic(name):
+                own.append(name)
+            else:
+                task_vectors[name] = refs[name]
+        return Roles(task_vectors, own)
+
+    def plan(self, ctx: MergeContext) -> MergePlan:
+        import math
+
+        import torch
+
+        from hfmerge.engine.ops import Copy
+        from hfmerge.engine.plan import MergePlan, TensorPlan
+
+        roles = self.roles(ctx)
+        anchor, n = ctx.anchor, len(ctx.sources)
+        entries: list[TensorPlan] = []
+        for name, base in roles.task_vectors.items():
+            info = anchor.tensors[name]
+            sources = ctx.refs(name)
+            entries += [
+                TensorPlan(f"base.{info.key}", f"base.{info.key}", info.shape, info.dtype,
+                           Copy(base, group="base model θ_base")),
+                TensorPlan(f"unified.{info.key}", f"unified.{info.key}", info.shape, info.dtype,
+                           UnifiedTaskVector(base, sources)),
+                TensorPlan(f"masks.{info.key}", f"masks.{info.key}", (n, (math.prod(info.shape) + 7) // 8),
+                           torch.uint8, PackedTaskMasks(base, sources)),
+            ]
+        for i, layout in enumerate(ctx.sources):
+            for name in roles.own:
+                key, info = anchor.tensors[name].key, layout.tensors[name]
+                entries.append(TensorPlan(f"tasks.{i}.{key}", f"tasks.{i}.{key}", info.shape, info.dtype,
+                                          Copy((i, info.key), group=_own_group(info))))
+        entries.append(TensorPlan("rescalers", "rescalers", (n,), torch.float32,
+                                  Copy(("derive", "rescalers"), group="rescalers λ_i (one per task)")))
+        output = self._output(ctx, roles)
+        stored = sum(math.prod(t.shape) * t.dtype.itemsize for t in entries)
+        sources_bytes = sum(_model_bytes(layout) for layout in ctx.sources)
+        details: dict[str, Any] = {
+            "rescaling": ctx.params.get("rescaling", "tensor_means"),
+            "tasks": output.config.tasks,
+            "task_vector_tensors": len(roles.task_vectors),
+            "own": _own_kinds(anchor.tensors[name] for name in roles.own),
+            "size": {"stored_bytes": stored, "sources_bytes": sources_bytes, "ratio": stored / sources_bytes},
+            "source_architecture": anchor.architecture,
+        }
+        return MergePlan(entries, details=details, output=output)
+
+    def describe_plan(self, ctx: MergeContext, plan: MergePlan) -> list[str]:
+        d = plan.details
+        return [f"{d['task_vector_tensors']} task-vector tensors: θ_base, τ_uni and {len(ctx.sources)} bit-packed "
+                f"masks each; each task keeps its own {', '.join(d['own']) or 'nothing else'}; "
+                f"rescalers ({d['rescaling']}) from a pass over the task vectors before the merge; the repository is "
+                f"{d['size']['ratio']:.1%} of the sources' size"]
+
+    def _derive(self, ctx: MergeContext, load: Loader) -> Derived:
+        """λ_i (§3.3) from one streamed pass over every task-vector tensor."""
+        import torch
+
+        roles = self.roles(ctx)
+        n = len(ctx.sources)
+        task_magnitude = torch.zeros(n, dtype=torch.float64)
+        masked_magnitude = torch.zeros(n, dtype=torch.float64)
+        per_entry = ctx.params.get("rescaling", "tensor_means") == "entries"
+        for name, base in roles.task_vectors.items():
+            election = elect(_task_vectors(load, base, ctx.refs(name)), n)
+            count = 1 if per_entry else election.unified.numel()
+            task_magnitude += election.task_magnitude / count
+            masked_magnitude += election.masked_magnitude / count
+        values = rescalers(task_magnitude, masked_magnitude)
+        names = task_names(ctx)
+        return Derived({"rescalers": values.to(torch.float32)},
+                       {"rescalers": [(name, float(v)) for name, v in zip(names, values)]})
+
+    def _output(self, ctx: MergeContext, roles: Roles) -> OutputSpec:
+        """The EMR repository's config (``auto_map`` to its modeling file) and the modeling file itself."""
+        import json
+
+        from hfmerge.engine.plan import OutputSpec
+        from hfmerge.methods.emr.model import AUTO_MAP, MODELING_FILE, EmrMergedConfig, EmrMergedModel, modeling_source
+        from hfmerge.methods.heads import union_labels
+
+        anchor = ctx.anchor
+        source = {k: v for k, v in anchor.config.to_dict().items()
+                  if not k.startswith("_") and k not in ("id2label", "label2id", "auto_map")}
+        source["architectures"] = [anchor.architecture]
+        labels = union_labels(ctx.sources)  # every task's labels, told apart where they clash: the card counts them
+        config = EmrMergedConfig(
+            source=source, tasks=task_names(ctx), task_labels=[layout.id2label for layout in ctx.sources],
+            unified={anchor.tensors[name].key: list(anchor.tensors[name].shape) for name in roles.task_vectors},
+            task_tensors=[{anchor.tensors[name].key: list(layout.tensors[name].shape) for name in roles.own}
+                          for layout in ctx.sources],
+            integer_tensors=[anchor.tensors[name].key for name in roles.own if anchor.tensors[name].is_integer],
+            rescaling=str(ctx.params.get("rescaling", "tensor_means")),
+            architectures=[EmrMergedModel.__name__],
+            id2label=dict(enumerate(labels)), label2id={label: i for i, label in enumerate(labels)},
+        )
+        config.auto_map = dict(AUTO_MAP)
+        return OutputSpec(config=config, architecture=EmrMergedModel.__name__, task=anchor.task,
+                          files={MODELING_FILE: modeling_source()}, loads_with_transformers=False,
+                          auto_class="AutoModel", task_argument=f"task={json.dumps(config.tasks[0])}")
+
+
+def task_names(ctx: MergeContext) -> list[str]:
+    """A name per task: the source's repo id as it was given (with its ``@revision``), a local folder's name;
+    a name given twice gets ``#<position>`` (1-based) from its second time on."""
+    names: list[str] = []
+    for i, layout in enumerate(ctx.sources):
+        source = layout.source
+        name = source.spec.ref if source.repo_id else source.path.name
+        names.append(f"{name}#{i + 1}" if name in names else name)
+    return names
+
+
+def _own_group(info: TensorInfo) -> str:
+    return f"each task's own ({_own_kinds([info])[0]})"
+
+
+def _own_kinds(infos: Any) -> list[str]:
+    """What the tensors each task keeps are, for the card: classifier head, normalisation statistics..."""
+    from hfmerge.methods.task_vectors import is_running_statistic
+
+    kinds: list[str] = []
+    for info in infos:
+        kind = ("classifier head" if info.head is not None
+                else "normalisation statistics" if is_running_statistic(info.name)
+                else "integer buffers" if info.is_integer else "tensors the base lacks")
+        if kind not in kinds:
+            kinds.append(kind)
+    return kinds
+
+
+def _model_bytes(layout: Any) -> int:
+    import math
+
+    return sum(math.prod(info.shape) * info.dtype.itemsize for info in layout.tensors.values())
