@@ -165,6 +165,9 @@ def _rows_for(bench: Bench, sizes: Sizes, tasks: list[str], data: dict[str, str]
     rows[f"DARE (p={sizes.drop_rate:g}, TIES signs, λ={best_ties['lambda_']:g}, task given)"] = scored.runs(
         [bench.merge(f"dare-{len(tasks)}-{seed}", sources, "dare", base=repos["base"], heads="concat", seed=seed,
                      drop_rate=sizes.drop_rate, sign="ties", lambda_=best_ties["lambda_"]) for seed in bench.seeds])
+    emr = bench.merge(f"emr-{len(tasks)}", sources, "emr", base=repos["base"])
+    rows["EMR (each task's own model, task given)"] = scored.own_models(emr)
+    chosen["EMR"] = f"repository {emr.details['size']['ratio']:.0%} of the {len(tasks)} sources' size"
     rows["Fisher (task given)"] = scored.runs(
         [bench.merge(f"fisher-{len(tasks)}-{seed}", sources, "fisher", data=train, heads="concat", seed=seed,
                      samples=sizes.samples) for seed in bench.seeds])
@@ -224,6 +227,22 @@ class _TaskGiven:
         return row
 
 
+    def own_models(self, result: Any) -> Runs:
+        """An EMR merge: each task scored by its own model from the one repository (``hfmerge.load(…, task=i)``)."""
+        from transformers import AutoImageProcessor
+
+        import hfmerge
+
+        processor = AutoImageProcessor.from_pretrained(str(result.saved_to))
+        scores = {}
+        for i, task in enumerate(self.tasks):
+            model = hfmerge.load(str(result.saved_to), task=i).eval()
+            scores[task] = self.bench.task_accuracy(model, processor, self.data[task], "test", self.labels[task])
+        row = Runs(per_seed=[scores])
+        row.parameters, row.flops, row.latency_ms = _cost(model, processor, self.bench, self.data[self.tasks[0]])
+        return row
+
+
 def _cost(model: torch.nn.Module, processor: Any, bench: Bench, dataset: str) -> tuple[int, int, float]:
     """Parameters, FLOPs per image and median latency per image (batches of 32, after warm-up)."""
     from hfmerge.eval.cost import count_flops, count_parameters, measure_latency
@@ -251,7 +270,7 @@ def _choose(bench: Bench, scored: _TaskGiven, method: str, sources: list[str], b
 
 
 ORDER = ("individual", "ensemble (no task id)", "average (task given)", "average, merged alone (task given)",
-         "task arithmetic", "TIES (", "TIES, global", "DARE", "TSV-M", "Iso-C (", "Iso-CTS", "regmean (task given)",
+         "task arithmetic", "TIES (", "TIES, global", "DARE", "TSV-M", "Iso-C (", "Iso-CTS", "EMR", "regmean (task given)",
          "Fisher (task given)")
 
 
@@ -273,9 +292,9 @@ def _table(n: int, tasks: list[str], rows: dict[str, Runs], chosen: dict[str, st
         latency = None if row.latency_ms is None else round(row.latency_ms, 3)
         table.add(label, [*(row.task(t) for t in tasks), row.mean(tasks), row.normalised(tasks, individual),
                           row.parameters, row.flops, latency])
-    searched = "; ".join(f"{name} {value}" for name, value in chosen.items() if name != "gate")
-    table.notes.append(f"Chosen on the validation splits: {searched}. The gate picks the right task for {chosen['gate']} of its held-out "
-                       f"images (hfmerge's own measure, on the {1 - sizes.gate_fraction:.0%} of each task's training "
+    searched = "; ".join(f"{name} {value}" for name, value in chosen.items() if name not in ("gate", "EMR"))
+    table.notes.append(f"Chosen on the validation splits: {searched}. The gate picks the right task for "
+                       f"{chosen['gate']} of its held-out images (hfmerge's own measure, on the {1 - sizes.gate_fraction:.0%} of each task's training "
                        "split it did not train on). Latency is measured for the models that are saved (the sources, the "
                        "ensemble, the m = 3 gated merge, the static merges); the other gating rows are hfmerge's "
                        "comparisons, merged and scored in memory, so only their parameters and FLOPs are counted; "
@@ -286,8 +305,11 @@ def _table(n: int, tasks: list[str], rows: dict[str, Runs], chosen: dict[str, st
                        "given)`, `task arithmetic, λ=0.3 (task given)` and every `gating + …` row are hfmerge's own "
                        "evaluation of the gating merge and of the comparisons it merges from the same sources, gate "
                        "and statistics (the paper's Tables 3–4; task arithmetic there uses the method's default λ); "
-                       "the rows with λ or density chosen on validation, DARE, Fisher and `average, merged alone` are "
-                       "separate merges scored by the suite.")
+                       "the rows with λ or density chosen on validation, DARE, Fisher, EMR and `average, merged alone` "
+                       "are separate merges scored by the suite. EMR keeps one model per task in one repository (the "
+                       "base, the unified task vector, a bit mask and a rescaler per task: its "
+                       f"{chosen['EMR']}); each task is scored by its own model, loaded with `hfmerge.load(…, task=i)`, "
+                       "so its parameters, FLOPs and latency are one task model's.")
     mine, theirs = rows["average, merged alone (task given)"], rows["average (task given)"]
     table.notes.append(f"Cross-check: `average` merged on its own and scored by the suite gives a mean of "
                        f"{mine.mean(tasks).mean:.4f}; hfmerge's own comparison row from the gating merge gives "
