@@ -2,52 +2,17 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from hfmerge.errors import IncompatibleModelsError
+from hfmerge.methods.adamerging.op import COEFFICIENTS, STAGE, AdaMergingOp
 from hfmerge.methods.base import TASK_VECTOR_CARD_NOTES, MergeMethod, ParamSpec, register_method
 
 if TYPE_CHECKING:
-    import torch
-
     from hfmerge.adapters.layout import TensorInfo
-    from hfmerge.engine.ops import Loader, TensorRef
+    from hfmerge.engine.ops import TensorRef
     from hfmerge.engine.plan import MergeContext, MergePlan
     from hfmerge.methods.stages import Stage
-
-STAGE = "adamerging"
-"""The name of the training stage, and of its table of learned coefficients (``(STAGE, COEFFICIENTS)``)."""
-COEFFICIENTS = "coefficients"
-"""The table's key: a float32 tensor of shape (rows, N sources), one row per task-vector tensor for
-``granularity=layer``, a single row for ``granularity=task``."""
-COEFFICIENTS_JSON = "adamerging_coefficients.json"
-COEFFICIENTS_SVG = "adamerging_coefficients.svg"
-
-
-@dataclass(frozen=True)
-class AdaMergingOp:
-    """θ = θ_base + Σᵢ λᵢ τᵢ for one tensor, τᵢ = θᵢ − θ_base, with λ the learned row ``row`` of ``coefficients``.
-
-    The row is read from the table the training stage writes (:mod:`hfmerge.methods.adamerging.training`),
-    so the plan is made before anything is learned; the sum runs in float32, one source at a time.
-    """
-
-    base: TensorRef
-    sources: tuple[TensorRef, ...]
-    coefficients: TensorRef
-    row: int
-    group: str = "base + Σ λᵢ·task vectors (λ learned)"
-
-    def apply(self, load: Loader) -> torch.Tensor:
-        import torch
-
-        lambdas = load(self.coefficients)[self.row].tolist()
-        base = load(self.base).to(torch.float32)
-        merged = base.clone()
-        for ref, coefficient in zip(self.sources, lambdas):
-            merged.add_(load(ref).to(torch.float32) - base, alpha=coefficient)
-        return merged
 
 
 @register_method

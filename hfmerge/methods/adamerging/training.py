@@ -19,7 +19,7 @@ from html import escape
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from hfmerge.errors import DataError
-from hfmerge.methods.adamerging.method import (
+from hfmerge.methods.adamerging.op import (
     COEFFICIENTS,
     COEFFICIENTS_JSON,
     COEFFICIENTS_SVG,
