@@ -198,7 +198,7 @@ def test_without_steps_it_is_task_arithmetic_with_the_prior(family, models, tmp_
     assert merged.keys() == expected.keys()
     for name, value in expected.items():
         torch.testing.assert_close(merged[name], value, rtol=0, atol=1e-6, msg=name)
-    assert learned(tmp_path / "ada")["coefficients"] == [0.25, 0.25]
+    assert learned(tmp_path / "ada")["coefficients"] == ada.details["adamerging"]["coefficients"] == [0.25, 0.25]
     assert "task arithmetic with λ = 0.25" in (tmp_path / "ada" / "README.md").read_text()
 
 

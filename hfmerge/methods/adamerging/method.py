@@ -26,7 +26,7 @@ class AdaMerging(MergeMethod):
     (``LayerWiseMergedModel``: one per parameter); a weight and its bias are two layers.
 
     The coefficients minimise the Shannon entropy H(p) = −Σ_c p_c log p_c of the merged model's
-    predictions on unlabeled images of every task (the paper's surrogate objective, §3.2.2): each step
+    predictions on unlabeled images of every task (the paper's surrogate objective, §3.2): each step
     takes a batch of each source's ``--data`` through the merged backbone and that source's own
     classifier head, and adds the batches' mean entropies (the training stage,
     :class:`~hfmerge.methods.adamerging.training.LearnCoefficients`). The defaults are the paper's and

@@ -7,6 +7,13 @@ of each source's unlabeled images through it with that source's own classifier h
 λ against the sum over the sources of the batches' mean prediction entropy. Under ``accelerate launch``
 every process draws the same batches and runs its share of each; the gradients are summed across the
 processes before the step, so every process takes the same step, the one a single process would take.
+
+The loop runs on the pipeline's Accelerator (its device, mixed precision, reductions) but is not
+:func:`hfmerge.train.train_model`: that is fine-tuning's loop (epochs, AdamW decaying linearly, gradient
+clipping, early stopping on held-out labels, each process on its own batches), while the paper's is a
+fixed number of constant-rate Adam steps on a few numbers, every step reading every task. The merged
+model runs in eval mode (no dropout; BatchNorm on the plan's averaged running statistics), as the
+paper's script, which evaluates the model before it trains, leaves it; FusionBench trains in train mode.
 """
 
 from __future__ import annotations
@@ -39,7 +46,7 @@ logger = logging.getLogger(__name__)
 
 DATA_PURPOSE = "to learn its coefficients (entropy minimisation on each source's unlabeled images)"
 ADAM_BETAS = (0.9, 0.999)
-"""Adam's β (the paper's §5.1 and its code); ε is PyTorch's default, 1e-8, as in the code."""
+"""Adam's β (the paper's implementation details and its code); ε is PyTorch's default, 1e-8, as in the code."""
 
 
 @dataclass(frozen=True)
