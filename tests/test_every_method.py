@@ -43,11 +43,18 @@ def refusal(method: str, family: str) -> str | None:
                 None)
 
 
-def merge_arguments(method: str, source: str, folder=None) -> dict:
-    """What a method needs besides its sources: a base for task vectors, data (a folder of random images) for data methods."""
-    if get_method(method).data_needs().required or method in DATA_BY_DEFAULT:
-        return {"data": [str(random_images(folder / "images"))], "samples": 6}
-    return {"base": source} if get_method(method).needs_base else {}
+def merge_arguments(method: str, source: str, folder=None, sources: int = 2) -> dict:
+    """What a method needs besides its sources: a base for task vectors, data (a folder of random images) for data
+    methods, given once per source to the methods that need a dataset per source, and few steps to the methods
+    that train for ``steps`` (identical sources merge to themselves however long they train)."""
+    arguments: dict = {"base": source} if get_method(method).needs_base else {}
+    if any(spec.name == "steps" and spec.type is int for spec in get_method(method).parameters):
+        arguments["steps"] = 5
+    needs = get_method(method).data_needs()
+    if needs.required or method in DATA_BY_DEFAULT:
+        images = str(random_images(folder / "images"))
+        arguments.update(data=[images] * (sources if needs.per_source else 1), samples=6)
+    return arguments
 
 
 def random_images(folder, count: int = 6, size: int = 20):
