@@ -43,6 +43,8 @@ class Sizes:
     drop_rate: float = 0.9
     svd_grid: tuple[float, ...] = (0.5, 1.0, 1.5, 2.0)
     """λ for TSV-M, Iso-C and Iso-CTS: a coarse subset of their papers' 0.1..3.0 (hfmerge's lambda=auto grid)."""
+    ada_steps: int = 500
+    """AdaMerging's Adam steps (its paper's code: 500)."""
     samples: int = 256
     gate_epochs: int = 10
     gate_fraction: float = 0.5
@@ -52,10 +54,11 @@ class Sizes:
 SIZES = {
     "smoke": Sizes(counts=(8, 3, 4), vit=ViTSize(hidden_size=32, layers=5, heads=2, pretrain_epochs=1,
                                                   finetune_epochs=1, gate_epochs=1), ns=(6,), ta_grid=(0.5,),
-                   ties_grid=((0.2, 1.0),), svd_grid=(1.0,), samples=16, gate_epochs=1),
+                   ties_grid=((0.2, 1.0),), svd_grid=(1.0,), ada_steps=3, samples=16,
+                   gate_epochs=1),
     "quick": Sizes(counts=(50, 12, 25), vit=ViTSize(pretrain_epochs=6, gate_epochs=2), ns=(6, 12),
                    ta_grid=(1.0, 0.5, 0.25), ties_grid=((0.2, 1.0), (0.2, 0.5)), svd_grid=(0.5, 1.0, 1.5),
-                   samples=128, gate_epochs=8),
+                   ada_steps=100, samples=128, gate_epochs=8),
     "full": Sizes(counts=(150, 30, 60), vit=ViTSize()),
 }
 
@@ -165,6 +168,11 @@ def _rows_for(bench: Bench, sizes: Sizes, tasks: list[str], data: dict[str, str]
     rows[f"DARE (p={sizes.drop_rate:g}, TIES signs, λ={best_ties['lambda_']:g}, task given)"] = scored.runs(
         [bench.merge(f"dare-{len(tasks)}-{seed}", sources, "dare", base=repos["base"], heads="concat", seed=seed,
                      drop_rate=sizes.drop_rate, sign="ties", lambda_=best_ties["lambda_"]) for seed in bench.seeds])
+    for granularity in ("task", "layer"):
+        rows[f"AdaMerging, {granularity}-wise ({sizes.ada_steps} steps on the unlabeled test images, task given)"] = (
+            scored.runs([bench.merge(f"adamerging-{granularity}-{len(tasks)}", sources, "adamerging",
+                                     base=repos["base"], data=test, heads="concat", granularity=granularity,
+                                     steps=sizes.ada_steps, seed=0)]))
     emr = bench.merge(f"emr-{len(tasks)}", sources, "emr", base=repos["base"])
     rows["EMR (each task's own model, task given)"] = scored.own_models(emr)
     chosen["EMR"] = f"repository {emr.details['size']['ratio']:.0%} of the {len(tasks)} sources' size"
@@ -270,7 +278,7 @@ def _choose(bench: Bench, scored: _TaskGiven, method: str, sources: list[str], b
 
 
 ORDER = ("individual", "ensemble (no task id)", "average (task given)", "average, merged alone (task given)",
-         "task arithmetic", "TIES (", "TIES, global", "DARE", "TSV-M", "Iso-C (", "Iso-CTS", "EMR", "regmean (task given)",
+         "task arithmetic", "TIES (", "TIES, global", "DARE", "TSV-M", "Iso-C (", "Iso-CTS", "AdaMerging", "EMR", "regmean (task given)",
          "Fisher (task given)")
 
 
@@ -305,8 +313,10 @@ def _table(n: int, tasks: list[str], rows: dict[str, Runs], chosen: dict[str, st
                        "given)`, `task arithmetic, λ=0.3 (task given)` and every `gating + …` row are hfmerge's own "
                        "evaluation of the gating merge and of the comparisons it merges from the same sources, gate "
                        "and statistics (the paper's Tables 3–4; task arithmetic there uses the method's default λ); "
-                       "the rows with λ or density chosen on validation, DARE, Fisher, EMR and `average, merged alone` "
-                       "are separate merges scored by the suite. EMR keeps one model per task in one repository (the "
+                       "the rows with λ or density chosen on validation, DARE, Fisher, AdaMerging, EMR and `average, "
+                       "merged alone` are separate merges scored by the suite. AdaMerging learns its coefficients on "
+                       "the test images without their labels, as its paper does (test-time adaptation), each task's "
+                       "images through that task's own classifier. EMR keeps one model per task in one repository (the "
                        "base, the unified task vector, a bit mask and a rescaler per task: its "
                        f"{chosen['EMR']}); each task is scored by its own model, loaded with `hfmerge.load(…, task=i)`, "
                        "so its parameters, FLOPs and latency are one task model's.")
