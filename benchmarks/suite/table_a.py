@@ -168,6 +168,10 @@ def _rows_for(bench: Bench, sizes: Sizes, tasks: list[str], data: dict[str, str]
     rows[f"DARE (p={sizes.drop_rate:g}, TIES signs, λ={best_ties['lambda_']:g}, task given)"] = scored.runs(
         [bench.merge(f"dare-{len(tasks)}-{seed}", sources, "dare", base=repos["base"], heads="concat", seed=seed,
                      drop_rate=sizes.drop_rate, sign="ties", lambda_=best_ties["lambda_"]) for seed in bench.seeds])
+    rows["WUDI (task given)"] = scored.runs(
+        [bench.merge(f"wudi-{len(tasks)}", sources, "wudi", base=repos["base"], heads="concat")])
+    rows["Model Stock (task given)"] = scored.runs(
+        [bench.merge(f"model-stock-{len(tasks)}", sources, "model_stock", base=repos["base"], heads="concat")])
     for granularity in ("task", "layer"):
         rows[f"AdaMerging, {granularity}-wise ({sizes.ada_steps} steps on the unlabeled test images, task given)"] = (
             scored.runs([bench.merge(f"adamerging-{granularity}-{len(tasks)}", sources, "adamerging",
@@ -278,8 +282,8 @@ def _choose(bench: Bench, scored: _TaskGiven, method: str, sources: list[str], b
 
 
 ORDER = ("individual", "ensemble (no task id)", "average (task given)", "average, merged alone (task given)",
-         "task arithmetic", "TIES (", "TIES, global", "DARE", "TSV-M", "Iso-C (", "Iso-CTS", "AdaMerging", "EMR", "regmean (task given)",
-         "Fisher (task given)")
+         "task arithmetic", "TIES (", "TIES, global", "DARE", "TSV-M", "Iso-C (", "Iso-CTS", "WUDI", "Model Stock",
+         "AdaMerging", "EMR", "regmean (task given)", "Fisher (task given)")
 
 
 def _ordered(rows: dict[str, Runs]) -> list[str]:
@@ -313,8 +317,8 @@ def _table(n: int, tasks: list[str], rows: dict[str, Runs], chosen: dict[str, st
                        "given)`, `task arithmetic, λ=0.3 (task given)` and every `gating + …` row are hfmerge's own "
                        "evaluation of the gating merge and of the comparisons it merges from the same sources, gate "
                        "and statistics (the paper's Tables 3–4; task arithmetic there uses the method's default λ); "
-                       "the rows with λ or density chosen on validation, DARE, Fisher, AdaMerging, EMR and `average, "
-                       "merged alone` are separate merges scored by the suite. AdaMerging learns its coefficients on "
+                       "the rows with λ or density chosen on validation, DARE, Fisher, WUDI, Model Stock, AdaMerging, "
+                       "EMR and `average, merged alone` are separate merges scored by the suite. AdaMerging learns its coefficients on "
                        "the test images without their labels, as its paper does (test-time adaptation), each task's "
                        "images through that task's own classifier. EMR keeps one model per task in one repository (the "
                        "base, the unified task vector, a bit mask and a rescaler per task: its "
@@ -338,7 +342,8 @@ def _plots(by_n: dict[int, dict[str, Runs]], names: list[str], sizes: Sizes) -> 
 
     methods = {"individual": "individual", "ensemble": "ensemble (no task id)", "average": "average (task given)",
                "task arithmetic": "task arithmetic", "TIES": "TIES (", "TIES, global trim": "TIES, global",
-               "DARE": "DARE", **{title: f"{title} (" for title in SVD_METHODS.values()},
+               "DARE": "DARE", **{title: f"{title} (" for title in SVD_METHODS.values()}, "WUDI": "WUDI",
+               "AdaMerging, layer-wise": "AdaMerging, layer", "EMR": "EMR",
                "RegMean": "regmean (task given)", "Fisher": "Fisher", "gating + RegMean, m=3": GATING_MERGED,
                "gating + RegMean, m=5": "gating + regmean, m=5"}
     by_method = {name: series(prefix) for name, prefix in methods.items()}
