@@ -18,6 +18,12 @@ How each row is made, all by repo id and dataset id through ``hfmerge.merge``:
   validation splits from a grid, as the papers do; **DARE** with TIES's
   chosen λ; **Fisher**; each merged with ``heads="concat"`` and scored by the
   suite with the task given (the logits of the task's own labels only).
+- the newer merges, scored the same way: **TIES with the paper's global
+  trim** and **TSV-M**, **Iso-C**, **Iso-CTS** (λ, and TIES's density, from
+  validation on a coarse grid), **WUDI** and **Model Stock** (their defaults),
+  **AdaMerging** task- and layer-wise (coefficients learned on the unlabeled
+  test images, as its paper does), and **EMR** (each task scored by its own
+  model from the one repository).
 """
 
 from __future__ import annotations
