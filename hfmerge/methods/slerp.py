@@ -65,8 +65,8 @@ class Slerp(MergeMethod):
     """θ = slerp(t; θ₁, θ₂) per tensor: θ₁ at t = 0, θ₂ at t = 1.
 
     Spherical linear interpolation (Shoemake, "Animating rotation with quaternion curves", SIGGRAPH 1985)
-    applied to weights as mergekit does it (``mergekit/merge_methods/slerp.py``, whose reference is the
-    Wikipedia article): each tensor is one vector, interpolated along the arc between the two sources'
+    applied to weights as mergekit does it (``mergekit/merge_methods/slerp.py``, which cites the Wikipedia
+    article on Slerp): each tensor is one vector, interpolated along the arc between the two sources'
     directions, or linearly when they are nearly parallel (:func:`slerp`). There is no base model; θ₁ is the
     first source given, θ₂ the second (mergekit's base model plays θ₁).
 
@@ -80,7 +80,7 @@ class Slerp(MergeMethod):
     name = "slerp"
     title = "Spherical linear interpolation (SLERP) of two models"
     reference = "Shoemake, Animating rotation with quaternion curves, SIGGRAPH 1985 (as mergekit applies it to weights)"
-    reference_url = "https://en.wikipedia.org/wiki/Slerp"
+    reference_url = "https://doi.org/10.1145/325165.325242"
     parameters = (
         ParamSpec("t", float, 0.5, "interpolation position: 0 gives the first source, 1 the second "
                   "(mergekit requires it; 0.5, the midpoint, is the usual choice)", minimum=0.0, maximum=1.0),

@@ -166,7 +166,7 @@ class Wudi(MergeMethod):
         "{{ details.steps }} Adam steps of learning rate {{ details.lr }} from τ = Σᵢ τᵢ, and "
         "θ = θ_base + λ τ with λ = {{ details['lambda'] }}"
         "{% if base %}, base model `{{ base.name }}`{% endif %}. Every other tensor (biases, norms, embeddings) "
-        "is θ_base + (1/N) Σᵢ τᵢ, the mean task vector. Integer buffers are the anchor's. "
+        "is θ_base + (1/{{ sources | length }}) Σᵢ τᵢ, the mean task vector. Integer buffers are the anchor's. "
     ) + TASK_VECTOR_CARD_NOTES
 
     def plan(self, ctx: MergeContext) -> MergePlan:
