@@ -109,7 +109,11 @@ def test_wudi_matches_the_papers_procedure_by_hand_on_every_tensor(family, three
 
 @pytest.mark.parametrize("family", ["vit", "resnet"])
 def test_the_loss_decreases_from_the_start_but_300_steps_stay_far_from_the_minimiser(family, three_tasks, tmp_path):
-    """The paper's lr and step count on these models: L falls, but τ moves about 5% of the way to τ*."""
+    """The paper's lr and step count on these models: L falls, but τ goes 3–7% of the way to τ* (ViT), 0.3–2% (ResNet).
+
+    Adam moves an entry by about lr a step, so 300 steps of 1e-5 move it ~3e-3, against task-vector entries of
+    0.05–0.5 here (random models); fine-tuned models' task vectors are far smaller.
+    """
     base, tasks = three_tasks(family)
     out = hfmerge.merge([str(t) for t in tasks], method="wudi", base=str(base), progress=False).save(tmp_path / "o")
     merged, base_model = load_model(out).state_dict(), load_model(base)

@@ -83,7 +83,7 @@ class Slerp(MergeMethod):
     reference_url = "https://doi.org/10.1145/325165.325242"
     parameters = (
         ParamSpec("t", float, 0.5, "interpolation position: 0 gives the first source, 1 the second "
-                  "(mergekit requires it; 0.5, the midpoint, is the usual choice)", minimum=0.0, maximum=1.0),
+                  "(mergekit requires it; 0.5 is FusionBench's default)", minimum=0.0, maximum=1.0),
     )
     max_sources = 2
     card_template = (
