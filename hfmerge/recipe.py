@@ -142,6 +142,9 @@ class Recipe:
                               f"(one per task), or give {'a number' if len(searched) == 1 else 'numbers'}")
         if len(self.sources) < method.min_sources:
             raise RecipeError(f"method '{method.name}' needs at least {method.min_sources} sources, got {len(self.sources)}")
+        if method.max_sources is not None and len(self.sources) > method.max_sources:
+            raise RecipeError(f"method '{method.name}' merges at most {method.max_sources} sources, got "
+                              f"{len(self.sources)}; merge them in steps, or use a method for N models (average)")
 
         if self.weights is not None:
             per_source = [s.weight for s in self.sources]

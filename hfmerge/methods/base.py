@@ -121,6 +121,8 @@ class MergeMethod(ABC):
     uses_weights: ClassVar[bool] = False
     uses_seed: ClassVar[bool] = False
     min_sources: ClassVar[int] = 2
+    max_sources: ClassVar[int | None] = None
+    """The most sources the method's maths takes (slerp: two); ``None``: any number."""
     card_template: ClassVar[str] = ""
     """The method's own paragraph of the model card: a Jinja snippet rendered with
     ``details`` (the plan's details), ``parameters``, ``base`` and ``sources``.
