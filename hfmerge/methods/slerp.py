@@ -83,7 +83,8 @@ class Slerp(MergeMethod):
     reference_url = "https://doi.org/10.1145/325165.325242"
     parameters = (
         ParamSpec("t", float, 0.5, "interpolation position: 0 gives the first source, 1 the second "
-                  "(mergekit requires it; 0.5 is FusionBench's default)", minimum=0.0, maximum=1.0),
+                  "(mergekit requires it; 0.5 is FusionBench's default; auto: chosen on validation data from 0.1..0.9)",
+                  minimum=0.0, maximum=1.0, search=tuple(round(0.1 * i, 1) for i in range(1, 10))),
     )
     max_sources = 2
     card_template = (
