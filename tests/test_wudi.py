@@ -1,6 +1,6 @@
 """WUDI-Merging against a hand computation of the paper's procedure, in float64.
 
-Cheng et al., ICML 2025, §4: per weight matrix, τ minimises L(τ) = Σᵢ ‖(τ − τᵢ) τᵢᵀ‖²_F / ‖τᵢ‖²_F, by Adam
+Cheng et al., ICML 2025, §3: per weight matrix, τ minimises L(τ) = Σᵢ ‖(τ − τᵢ) τᵢᵀ‖²_F / ‖τᵢ‖²_F, by Adam
 (PyTorch's defaults, lr 1e-5, 300 steps in the official code) from τ = Σᵢ τᵢ, and θ = θ_base + λ τ; other
 tensors are θ_base + the mean task vector. The expectation below takes ∇L term by term (checked against
 autograd) and writes Adam's update out (Kingma & Ba, Algorithm 1); the merge instead sums the Gram matrices

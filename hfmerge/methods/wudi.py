@@ -1,7 +1,7 @@
 """WUDI-Merging: the merged task vector of each weight matrix found by gradient descent on an interference bound.
 
 Cheng et al., "Whoever Started the Interference Should End It: Guiding Data-Free Model Merging via Task
-Vectors" (ICML 2025), §4: the task vector of a linear layer lies approximately in the span of that layer's
+Vectors" (ICML 2025), §3: the task vector of a linear layer lies approximately in the span of that layer's
 inputs (Proposition 1), so the interference the merged task vector τ causes on task i's inputs is bounded
 by ‖(τ − τᵢ) τᵢᵀ‖_F, and the merge minimises, per weight matrix,
 
@@ -113,7 +113,7 @@ class WudiMatrix:
 
 @register_method
 class Wudi(MergeMethod):
-    """WUDI-Merging (Cheng et al., ICML 2025, §4, the objective of Eq. 11 and its Adam solution).
+    """WUDI-Merging (Cheng et al., ICML 2025, §3: its objective and Adam solution).
 
     Per weight matrix (an ``nn.Linear`` weight, or a convolution kernel as the matrix (out, in·k·k):
     :func:`~hfmerge.methods.task_vectors.is_weight_matrix`), with τᵢ = θᵢ − θ_base,
@@ -136,7 +136,7 @@ class Wudi(MergeMethod):
       (it is then a mean task vector), and leaves a ResNet nothing but its classifier to optimise.
     - A zero task vector (a source equal to the base) contributes nothing instead of 0/0.
     - L is quadratic: its minimiser solves τ A = B, A = Σᵢ τᵢᵀτᵢ/‖τᵢ‖², B = Σᵢ τᵢτᵢᵀτᵢ/‖τᵢ‖². Adam with
-      lr 1e-5 moves each entry by about lr per step, so 300 steps move it at most ~3e-3 from Σᵢ τᵢ: the
+      lr 1e-5 moves each entry by about lr per step (at most ≈3.2·lr), so 300 steps move it a few 1e-3 from Σᵢ τᵢ: the
       paper's procedure, not the exact minimiser, is what is computed.
 
     BatchNorm running statistics are averaged, integer buffers copied and heads the base lacks follow the

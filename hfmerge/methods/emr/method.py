@@ -20,8 +20,10 @@ Choices, and where they come from:
   and FusionBench's ``emr_merging/utils.py``) sums each tensor's *mean*
   magnitude, Σ_tensors mean|τ_i| / Σ_tensors mean|M_i ⊙ τ_uni|, which weighs
   every tensor alike; the paper's formula sums every entry. ``rescaling``
-  chooses: ``tensor_means`` (the code's, which gave the paper's results; the
-  default) or ``entries`` (the formula as printed).
+  chooses: ``tensor_means`` (``main_emr_merging.py``'s, which gave the paper's
+  results; the default) or ``entries`` (the formula as printed, which the
+  official ``main_emr_30_vits.py`` also computes, taking one mean over the
+  flattened model).
 - Where Σ_i τ_i is exactly zero the code elects the negative sign (its
   ``flag = (sum > 0)·2 − 1``); the paper's sgn(0) = 0 would elect nothing. We
   follow the code. Continuous weights practically never tie; where every τ_i
