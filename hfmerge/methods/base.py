@@ -49,7 +49,7 @@ class ParamSpec:
     """A parameter a method declares: its type, default and allowed range, and the grid it may be searched on.
 
     A float ``lambda`` (a task-vector scale) is searchable on :data:`LAMBDA_GRID` unless it declares its own
-    ``search``; a method says nothing else about the search, which the pipeline runs (:mod:`hfmerge.run.search`).
+    ``search`` (``()``: not searchable, as gating's λ, which only scales a comparison row); a method says nothing else about the search, which the pipeline runs (:mod:`hfmerge.run.search`).
     """
 
     name: str
@@ -63,7 +63,7 @@ class ParamSpec:
     """The parameter only acts when the merge is given data (fusion's fine-tuning options)."""
     search: tuple[float, ...] | None = None
     """The grid the value is chosen from when the user gives ``auto`` (and ``--eval-data``): the points the
-    paper searched on its validation data. ``None``: not searchable."""
+    paper searched on its validation data. ``None``: not searchable (but see ``lambda`` above); ``()``: never."""
 
     def __post_init__(self) -> None:
         if self.search is None and self.name == "lambda" and self.type is float:

@@ -108,7 +108,7 @@ class Gating(MergeMethod):
                   "average and regmean with the task given, and gating with either for m in 0, 1, 3, 5"),
         ParamSpec("alpha", float, 0.9, "RegMean's off-diagonal scale (static=regmean)", minimum=0.0, maximum=1.0),
         ParamSpec("lambda", float, 0.3, "task arithmetic's scale, for its comparison rows (needs --base, the "
-                  "sources' pre-trained ViT)", minimum=0.0),
+                  "sources' pre-trained ViT)", minimum=0.0, search=()),
         ParamSpec("samples", int, 256, "images of each source's data for RegMean's Gram matrices (static=regmean)",
                   minimum=1),
         ParamSpec("batch_size", int, 32, "images per forward pass of the statistics and training stages", minimum=1),
