@@ -12,6 +12,7 @@ import torch
 import yaml
 from helpers import assert_one_line_error, run_cli
 
+import hfmerge
 from hfmerge.testing.tiny import tiny_model
 
 
@@ -101,7 +102,7 @@ def test_python_dash_m_and_console_script(vits, tmp_path):
 @pytest.mark.parametrize(
     ("extra", "fragments"),
     [
-        (["--method", "frobnicate"], ["unknown method 'frobnicate'", "average, clafusion, dare, fisher, fusion, gating, layerwise, otfusion, regmean, task_arithmetic, ties"]),
+        (["--method", "frobnicate"], ["unknown method 'frobnicate'", ", ".join(hfmerge.available_methods())]),
         (["--method", "layerwise", "--param", "depth=3"], ["unknown parameter(s) ['depth']", "start_layer"]),
         (["--method", "layerwise", "--param", "start_layer=x"], ["must be int"]),
         (["--method", "task_arithmetic"], ["needs the pre-trained model", "--base"]),
