@@ -285,7 +285,7 @@ def test_a_missing_or_unknown_task_is_refused_in_one_line(make_source, tmp_path)
     assert "\n" not in str(caught.value)
 
 
-def test_the_cli_merges_and_refuses_a_merge_without_a_base(make_source, tmp_path, capsys):
+def test_the_cli_merges_and_refuses_a_merge_without_a_base_a_dataset_short_and_a_search(make_source, tmp_path, capsys):
     base, sources = _perturbed_sources("resnet", make_source, count=2)
     out = tmp_path / "emr"
     code, _, err = run_cli(["merge", *sources, "-m", "emr", "--base", base, "-o", out, "--param",
@@ -296,14 +296,16 @@ def test_the_cli_merges_and_refuses_a_merge_without_a_base(make_source, tmp_path
     code, _, err = run_cli(["merge", *sources, "-m", "emr", "-o", tmp_path / "no-base"], capsys)
     assert_one_line_error(code, err, "--base")
     assert not (tmp_path / "no-base").exists()
-    images = tmp_path / "eval"
-    for label in ("class_0", "class_1"):
-        (images / label).mkdir(parents=True)
-        PIL.Image.new("RGB", (8, 8)).save(images / label / "0.png")
+    images = _eval_folder(tmp_path / "eval", 2, per_class=1, seed=0)
     code, _, err = run_cli(["merge", *sources, "-m", "emr", "--base", base, "-o", tmp_path / "evaluated",
-                            "--eval-data", images, "--eval-data", images], capsys)
-    assert_one_line_error(code, err, "--eval-data")
+                            "--eval-data", images], capsys)  # one dataset for two tasks
+    assert_one_line_error(code, err, "one model per task", "one --eval-data per source", "2 sources, 1 given")
     assert not (tmp_path / "evaluated").exists()
+    for param, fragment in (("lambda=auto", "lambda"), ("rescaling=auto", "cannot be auto")):
+        code, _, err = run_cli(["merge", *sources, "-m", "emr", "--base", base, "-o", tmp_path / "searched",
+                                "--param", param, "--eval-data", images, "--eval-data", images], capsys)
+        assert_one_line_error(code, err, fragment)  # no λ to search: refused before anything is read
+        assert not (tmp_path / "searched").exists()
 
 
 def test_the_space_shows_each_tasks_prediction_from_its_own_class(make_source, tmp_path):
@@ -343,3 +345,61 @@ def test_the_space_shows_each_tasks_prediction_from_its_own_class(make_source, t
     finally:
         blocks.close()
     assert answer["merged"] is None and answer["tasks"] == payload["tasks"]
+
+
+def _eval_folder(folder, num_labels, *, per_class, seed):
+    """A labeled image folder (one subfolder per label, named as the tiny sources' labels) of random images."""
+    generator = np.random.default_rng(seed)
+    for label in range(num_labels):
+        (folder / f"class_{label}").mkdir(parents=True)
+        for k in range(per_class):
+            pixels = generator.integers(0, 256, (20, 24, 3), dtype=np.uint8)
+            PIL.Image.fromarray(pixels).save(folder / f"class_{label}" / f"{k}.png")
+    return folder
+
+
+def _hand_accuracy(model, processor, folder):
+    """The share of a labeled folder's images whose argmax label (by the model's id2label) is the folder's label."""
+    right = total = 0
+    for path in sorted(folder.glob("*/*.png")):
+        with torch.no_grad():
+            logits = model(**processor(images=PIL.Image.open(path).convert("RGB"), return_tensors="pt")).logits[0]
+        right += model.config.id2label[int(logits.argmax())] == path.parent.name
+        total += 1
+    return right / total
+
+
+def test_each_task_is_evaluated_by_its_own_model_beside_the_sources(make_source, tmp_path, capsys):
+    base, sources = _perturbed_sources("vit", make_source, count=2, scale=0.3)
+    data = [_eval_folder(tmp_path / f"eval-{i}", LABELS[i], per_class=4, seed=i) for i in range(2)]
+    result = hfmerge.merge([str(s) for s in sources], method="emr", base=str(base), eval_data=[str(d) for d in data],
+                           progress=False)
+    out = result.save(tmp_path / "emr")
+    report = result.evaluation
+    merged = report.merged()
+    assert [t.task for t in merged.tasks] == [d.name for d in data] and merged.role == "merged"
+    processor = transformers.AutoImageProcessor.from_pretrained(out)
+    hand = [_hand_accuracy(hfmerge.load(str(out), task=i), processor, data[i]) for i in range(2)]
+    for i in range(2):
+        assert merged.tasks[i].metrics["accuracy"] == pytest.approx(hand[i], abs=1e-6)
+        assert merged.tasks[i].samples == 4 * LABELS[i]
+    # the sources beside it, each on the tasks whose labels it has: source 0 (3 labels) lacks task 1's class_3
+    rows = {row.name: row for row in report.models}
+    first, second = (rows[s.name] for s in sources)
+    assert [t.task for t in first.tasks] == [data[0].name] and len(second.tasks) == 2
+    first_model = transformers.AutoModelForImageClassification.from_pretrained(sources[0]).eval()
+    assert first.tasks[0].metrics["accuracy"] == pytest.approx(_hand_accuracy(first_model, processor, data[0]),
+                                                                abs=1e-6)
+    card = (out / "README.md").read_text()
+    assert "each task is scored by its own model" in card and f"| {sources[0].name} | source |" in card
+
+    # hfmerge evaluate on the saved folder scores it the same way, and a dataset short is one line
+    code, printed, err = run_cli(["evaluate", out, "--data", data[0], "--data", data[1], "--json",
+                                  tmp_path / "scores.json", "-q"], capsys)
+    assert code == 0, err
+    from hfmerge.eval.report import EvaluationReport
+
+    again = EvaluationReport.from_json((tmp_path / "scores.json").read_text()).merged()
+    assert [t.metrics["accuracy"] for t in again.tasks] == pytest.approx(hand, abs=1e-6)
+    code, _, err = run_cli(["evaluate", out, "--data", data[0], "-q"], capsys)
+    assert_one_line_error(code, err, "one evaluation dataset per task", "2 tasks, 1 given")

@@ -197,6 +197,9 @@ class Emr(MergeMethod):
         "{% for name in details.tasks %}{{ loop.index0 }} = `{{ name }}`{{ ', ' if not loop.last }}{% endfor %}), "
         "an ordinary `{{ details.source_architecture }}`; or, without hfmerge, with `trust_remote_code=True`, a model "
         "whose forward takes `task=`."
+        "{% if details.get('evaluated_per_task') %} In the evaluation below, each task is scored by its own model "
+        "(θ_base + λᵢ · (Mᵢ ⊙ τ_uni) with its own head), the i-th evaluation dataset being the i-th source's task; "
+        "the sources are scored on every task whose labels they have.{% endif %}"
     )
 
     def stages(self, ctx: MergeContext) -> list[Stage]:
@@ -216,9 +219,6 @@ class Emr(MergeMethod):
 
         if ctx.base is None:
             raise RecipeError(f"method '{self.name}' needs the pre-trained model: add --base org/name")
-        if ctx.evaluating:
-            raise RecipeError(f"method '{self.name}' cannot evaluate its merge yet (it holds one model per task): "
-                              "leave out --eval-data and evaluate each task's model, hfmerge.load(out, task=...)")
         refs, _ = base_refs(ctx, ctx.base)
         require_base_backbone(ctx, refs)
         anchor = ctx.anchor
