@@ -58,7 +58,7 @@ def load_candidate(path: Path, name: str, role: str) -> Candidate:
     processor = AutoImageProcessor.from_pretrained(path)
     if is_emr_folder(path):
         config = EmrMergedConfig.from_pretrained(path)
-        routed = None
+        routed = load_folder(path, name=name).eval() if config.has_gate else None
 
         def task_model(task: int) -> torch.nn.Module:
             return load_folder(path, name=name, task=task).eval()
