@@ -585,6 +585,12 @@ def test_the_space_shows_the_gates_choice_and_each_tasks_prediction(gated_emr):
     chosen = payload["tasks"][f"emr · task{task}"]
     assert payload["merged"][0]["score"] == chosen[0]["score"]
     assert payload["merged"][0]["label"] in (chosen[0]["label"], f"task{task}/{chosen[0]['label']}")
+    pytest.importorskip("gradio")
+    from hfmerge.spaces import app
+
+    blocks = app.build_demo(demo, examples=[])  # the gate's box, the gate's choice, then each task's model
+    shown = {getattr(block, "elem_id", None) for block in blocks.blocks.values()}
+    assert {"gate", "merged", "merged-task-0", "merged-task-1"} <= shown and "merged-task-2" not in shown
 
 
 def test_a_gate_without_its_data_or_of_another_kind_is_refused_in_one_line(gated_emr, make_source, tmp_path, capsys):
