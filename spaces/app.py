@@ -20,7 +20,8 @@ The ``/predict`` endpoint returns JSON::
     {"task": ..., "merged": [{"label", "score"}, ...], "tasks": {name: [...]} | null, "sources": {name: [...]},
      "gate": {...} | null, "notes": [...]}
 
-(an EMR merge answers per task: ``"merged"`` is null and ``"tasks"`` has each task's model's answer).
+(an EMR merge answers per task: ``"tasks"`` has each task's model's answer, and ``"merged"`` is null or,
+where the merge has a gate, the answer of the task the gate picks, with ``"gate"``).
 
 For segmentation a label's score is the share of pixels given that label.
 """
@@ -197,13 +198,14 @@ def build_demo(demo_models: DemoModels, *, examples: list[Path] | None = None) -
             with gr.Column(scale=3):
                 with gr.Row(equal_height=False):
                     outputs = []
+                    offset = 1 if demo_models.gated and demo_models.tasks else 0  # an EMR gate's choice comes first
                     for i, model in enumerate(models):
                         merged = i < len(merged_models)
                         title = f"{'Merged' if merged else 'Source'}: {model.name}"
                         if not merged:
                             elem_id = f"source-{i - len(merged_models) + 1}"
                         else:
-                            elem_id = "merged" if not demo_models.tasks else f"merged-task-{i}"
+                            elem_id = "merged" if not demo_models.tasks or i < offset else f"merged-task-{i - offset}"
                         with gr.Column(min_width=220):
                             if segmentation:
                                 outputs.append(gr.AnnotatedImage(label=title, color_map=colours,

@@ -331,9 +331,11 @@ def load_model(ref: str, *, gated: bool = False, local_only: bool = False) -> De
     return DemoModel(name=name, model=model.to(DEVICE).eval(), processor=processor, kind=kind, labels=labels)
 
 
-def load_emr_tasks(ref: str, *, local_only: bool = False) -> list[DemoModel]:
+def load_emr_tasks(ref: str, *, local_only: bool = False) -> tuple[DemoModel | None, list[DemoModel]]:
     """Each task's model of an EMR merge, by its own class (never the repository's code): one DemoModel per task,
-    named ``<merge> · <task>``, with that task's head and labels.
+    named ``<merge> · <task>``, with that task's head and labels; and, where the merge has a gate, the merge
+    itself given no task id (``<merge> · the gate's choice``: the gate picks the task, whose prediction it shows
+    over the union of the labels, with the gate's probabilities), else ``None``.
 
     Raises:
         ModelLoadError: the merge cannot be read, or its sources have a head this demo cannot show.
@@ -355,15 +357,22 @@ def load_emr_tasks(ref: str, *, local_only: bool = False) -> list[DemoModel]:
             raise ModelLoadError(f"{parsed.display_name} merges {merge.config.source['architectures'][0]} models; "
                                  "this demo shows image classification and segmentation models")
         processor = transformers.AutoImageProcessor.from_pretrained(parsed.model, **where)
-        tasks = [merge.task_model(i) for i in range(merge.config.num_tasks)]  # each kept: one model per task
+        merge.kept_task_models = merge.config.num_tasks  # each task's model built once: the gate's choice reuses it
+        tasks = [merge.task_model(i) for i in range(merge.config.num_tasks)]
     except ModelLoadError:
         raise
     except (OSError, ValueError, KeyError, HfHubHTTPError) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise ModelLoadError(f"{parsed.display_name} could not be loaded: {first}") from None
-    return [DemoModel(name=f"{parsed.display_name} · {task}", model=model.to(DEVICE).eval(), processor=processor,
-                      kind=kind, labels={int(k): str(v) for k, v in model.config.id2label.items()})
-            for task, model in zip(merge.config.tasks, tasks)]
+    models = [DemoModel(name=f"{parsed.display_name} · {task}", model=model.to(DEVICE).eval(), processor=processor,
+                        kind=kind, labels={int(k): str(v) for k, v in model.config.id2label.items()})
+              for task, model in zip(merge.config.tasks, tasks)]
+    routed = None
+    if getattr(merge.config, "gate", None) is not None:
+        routed = DemoModel(name=f"{parsed.display_name} · the gate's choice", model=merge.to(DEVICE).eval(),
+                           processor=processor, kind=kind,
+                           labels={int(k): str(v) for k, v in merge.config.id2label.items()})
+    return routed, models
 
 
 def _load_gated(ref: str, **where: Any) -> torch.nn.Module:
@@ -394,9 +403,11 @@ class DemoModels:
     card_files: dict[str, Path]
     notes: list[str] = field(default_factory=list)
     gated: bool = False
-    """The merged model is a gated merge: its answers carry the gate's task probabilities."""
+    """The merged model is a gated merge (or an EMR merge with a gate, given no task id): its answers carry the
+    gate's task probabilities."""
     tasks: list[DemoModel] = field(default_factory=list)
-    """An EMR merge's model of each task (``merged`` is the first): each shows its own prediction."""
+    """An EMR merge's model of each task: each shows its own prediction. ``merged`` is the first, or, where the
+    merge has a gate, the merge given no task id (the gate's choice)."""
 
     @property
     def task(self) -> str:
@@ -404,20 +415,23 @@ class DemoModels:
 
     @property
     def merged_models(self) -> list[DemoModel]:
-        """What the merge shows: its one model, or an EMR merge's model of each task."""
-        return self.tasks or [self.merged]
+        """What the merge shows: its one model, or an EMR merge's model of each task (after the gate's choice)."""
+        if not self.tasks:
+            return [self.merged]
+        return [self.merged, *self.tasks] if self.gated else self.tasks
 
     def predict(self, image: PIL.Image.Image) -> tuple[dict[str, Any], dict[str, Prediction]]:
         """Every model's prediction, and the JSON that ``/predict`` returns (the load notes included).
 
-        An EMR merge answers once per task: ``"merged"`` is then ``None`` and ``"tasks"`` maps each task's
-        model (``<merge> · <task>``) to its answer.
+        An EMR merge answers once per task: ``"tasks"`` maps each task's model (``<merge> · <task>``) to its
+        answer, and ``"merged"`` is ``None``, or, where the merge has a gate, the answer of the task the gate
+        picks (``"gate"``: its probabilities).
         """
         answers = {m.name: m.predict(image) for m in [*self.merged_models, *self.sources]}
         merged = answers[self.merged.name]
         payload = {
             "task": self.task,
-            "merged": None if self.tasks else merged.top,
+            "merged": merged.top if self.gated or not self.tasks else None,
             "tasks": {m.name: answers[m.name].top for m in self.tasks} if self.tasks else None,
             "sources": {m.name: answers[m.name].top for m in self.sources},
             "gate": merged.gate,
@@ -447,8 +461,8 @@ def load_demo(model: str, sources: list[str] | None = None, *, hub: HubAccess | 
     gated, tasks = kind == GATED_MODEL_TYPE, []
     try:
         if kind == EMR_MODEL_TYPE:
-            tasks = load_emr_tasks(model, local_only=local_only)
-            merged = tasks[0]
+            routed, tasks = load_emr_tasks(model, local_only=local_only)
+            merged, gated = routed or tasks[0], routed is not None
         else:
             merged = load_model(model, gated=gated, local_only=local_only)
     except ModelLoadError as exc:
@@ -463,7 +477,7 @@ def load_demo(model: str, sources: list[str] | None = None, *, hub: HubAccess | 
             notes.append(f"Source not shown: {exc}.")
     if hub.note:
         notes.insert(0, hub.note)
-    seen = {m.name for m in tasks or [merged]}
+    seen = {m.name for m in [merged, *tasks]}
     for source in loaded:  # names key the JSON answer, so two models never share one
         base, n = source.name, 2
         while source.name in seen:

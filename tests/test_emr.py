@@ -285,7 +285,7 @@ def test_a_missing_or_unknown_task_is_refused_in_one_line(make_source, tmp_path)
     assert "\n" not in str(caught.value)
 
 
-def test_the_cli_merges_and_refuses_a_merge_without_a_base(make_source, tmp_path, capsys):
+def test_the_cli_merges_and_refuses_a_merge_without_a_base_a_dataset_short_and_a_search(make_source, tmp_path, capsys):
     base, sources = _perturbed_sources("resnet", make_source, count=2)
     out = tmp_path / "emr"
     code, _, err = run_cli(["merge", *sources, "-m", "emr", "--base", base, "-o", out, "--param",
@@ -296,14 +296,16 @@ def test_the_cli_merges_and_refuses_a_merge_without_a_base(make_source, tmp_path
     code, _, err = run_cli(["merge", *sources, "-m", "emr", "-o", tmp_path / "no-base"], capsys)
     assert_one_line_error(code, err, "--base")
     assert not (tmp_path / "no-base").exists()
-    images = tmp_path / "eval"
-    for label in ("class_0", "class_1"):
-        (images / label).mkdir(parents=True)
-        PIL.Image.new("RGB", (8, 8)).save(images / label / "0.png")
+    images = _eval_folder(tmp_path / "eval", 2, per_class=1, seed=0)
     code, _, err = run_cli(["merge", *sources, "-m", "emr", "--base", base, "-o", tmp_path / "evaluated",
-                            "--eval-data", images, "--eval-data", images], capsys)
-    assert_one_line_error(code, err, "--eval-data")
+                            "--eval-data", images], capsys)  # one dataset for two tasks
+    assert_one_line_error(code, err, "one model per task", "one --eval-data per source", "2 sources, 1 given")
     assert not (tmp_path / "evaluated").exists()
+    for param, fragment in (("lambda=auto", "lambda"), ("rescaling=auto", "cannot be auto")):
+        code, _, err = run_cli(["merge", *sources, "-m", "emr", "--base", base, "-o", tmp_path / "searched",
+                                "--param", param, "--eval-data", images, "--eval-data", images], capsys)
+        assert_one_line_error(code, err, fragment)  # no λ to search: refused before anything is read
+        assert not (tmp_path / "searched").exists()
 
 
 def test_the_space_shows_each_tasks_prediction_from_its_own_class(make_source, tmp_path):
@@ -343,3 +345,264 @@ def test_the_space_shows_each_tasks_prediction_from_its_own_class(make_source, t
     finally:
         blocks.close()
     assert answer["merged"] is None and answer["tasks"] == payload["tasks"]
+
+
+def _eval_folder(folder, num_labels, *, per_class, seed):
+    """A labeled image folder (one subfolder per label, named as the tiny sources' labels) of random images."""
+    generator = np.random.default_rng(seed)
+    for label in range(num_labels):
+        (folder / f"class_{label}").mkdir(parents=True)
+        for k in range(per_class):
+            pixels = generator.integers(0, 256, (20, 24, 3), dtype=np.uint8)
+            PIL.Image.fromarray(pixels).save(folder / f"class_{label}" / f"{k}.png")
+    return folder
+
+
+def _hand_accuracy(model, processor, folder):
+    """The share of a labeled folder's images whose argmax label (by the model's id2label) is the folder's label."""
+    right = total = 0
+    for path in sorted(folder.glob("*/*.png")):
+        with torch.no_grad():
+            logits = model(**processor(images=PIL.Image.open(path).convert("RGB"), return_tensors="pt")).logits[0]
+        right += model.config.id2label[int(logits.argmax())] == path.parent.name
+        total += 1
+    return right / total
+
+
+def test_each_task_is_evaluated_by_its_own_model_beside_the_sources(make_source, tmp_path, capsys):
+    base, sources = _perturbed_sources("vit", make_source, count=2, scale=0.3)
+    data = [_eval_folder(tmp_path / f"eval-{i}", LABELS[i], per_class=4, seed=i) for i in range(2)]
+    result = hfmerge.merge([str(s) for s in sources], method="emr", base=str(base), eval_data=[str(d) for d in data],
+                           progress=False)
+    out = result.save(tmp_path / "emr")
+    report = result.evaluation
+    merged = report.merged()
+    assert [t.task for t in merged.tasks] == [d.name for d in data] and merged.role == "merged"
+    processor = transformers.AutoImageProcessor.from_pretrained(out)
+    hand = [_hand_accuracy(hfmerge.load(str(out), task=i), processor, data[i]) for i in range(2)]
+    for i in range(2):
+        assert merged.tasks[i].metrics["accuracy"] == pytest.approx(hand[i], abs=1e-6)
+        assert merged.tasks[i].samples == 4 * LABELS[i]
+    # the sources beside it, each on the tasks whose labels it has: source 0 (3 labels) lacks task 1's class_3
+    rows = {row.name: row for row in report.models}
+    first, second = (rows[s.name] for s in sources)
+    assert [t.task for t in first.tasks] == [data[0].name] and len(second.tasks) == 2
+    first_model = transformers.AutoModelForImageClassification.from_pretrained(sources[0]).eval()
+    assert first.tasks[0].metrics["accuracy"] == pytest.approx(_hand_accuracy(first_model, processor, data[0]),
+                                                                abs=1e-6)
+    card = (out / "README.md").read_text()
+    assert "each task is scored by its own model" in card and f"| {sources[0].name} | source |" in card
+
+    # hfmerge evaluate on the saved folder scores it the same way, and a dataset short is one line
+    code, printed, err = run_cli(["evaluate", out, "--data", data[0], "--data", data[1], "--json",
+                                  tmp_path / "scores.json", "-q"], capsys)
+    assert code == 0, err
+    from hfmerge.eval.report import EvaluationReport
+
+    again = EvaluationReport.from_json((tmp_path / "scores.json").read_text()).merged()
+    assert [t.metrics["accuracy"] for t in again.tasks] == pytest.approx(hand, abs=1e-6)
+    code, _, err = run_cli(["evaluate", out, "--data", data[0], "-q"], capsys)
+    assert_one_line_error(code, err, "one evaluation dataset per task", "2 tasks, 1 given")
+
+
+# -- the gate: images with no task id ---------------------------------------------------------------------------
+#
+# Two tasks a gate tells apart at a glance: task 0's images are reddish noise, task 1's bluish. The gate is the
+# tests' tiny MobileNetV2 pre-trained on digits (hfmerge.testing.tiny_gate), as the gating merge's tests use it,
+# trained one epoch on half of each task's images.
+
+GATE_COLOURS = ((1.0, 0.1, 0.1), (0.1, 0.1, 1.0))
+
+
+def _coloured_folder(folder, task, *, per_class, seed):
+    """Labeled images of ``task`` (one subfolder per label of its source): noise in the task's colour."""
+    generator = np.random.default_rng(seed)
+    for label in range(LABELS[task]):
+        (folder / f"class_{label}").mkdir(parents=True)
+        for k in range(per_class):
+            shade = generator.uniform(0.3, 1.0, (20, 24, 1)) * np.array(GATE_COLOURS[task])
+            PIL.Image.fromarray((shade * 255).astype(np.uint8)).save(folder / f"class_{label}" / f"{k}.png")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def gated_emr(tmp_path_factory):
+    """An EMR merge of two tiny ViTs with a gate trained on their (coloured) data, evaluated; its folders."""
+    from hfmerge.testing.tiny import save_tiny
+    from hfmerge.testing.tiny_gate import save_tiny_gate
+
+    root = tmp_path_factory.mktemp("gated-emr")
+    base_model = tiny_model("vit", 3, seed=0)
+    base = save_tiny(root / "base", "vit", model=base_model)
+    sources = []
+    for i in range(2):  # fine-tuned from the base: its backbone plus noise, each with its own head
+        model = tiny_model("vit", LABELS[i], seed=10 + i)
+        generator = torch.Generator().manual_seed(100 + i)
+        with torch.no_grad():
+            for name, value in model.state_dict().items():
+                if not name.startswith("classifier") and value.is_floating_point():
+                    value.copy_(base_model.state_dict()[name] + 0.3 * torch.randn(value.shape, generator=generator))
+        sources.append(save_tiny(root / f"task{i}", "vit", model=model))
+    data = [_coloured_folder(root / f"data{i}", i, per_class=4, seed=i) for i in range(2)]
+    gate = save_tiny_gate(root / "gate")
+    result = hfmerge.merge([str(s) for s in sources], method="emr", base=str(base), data=[str(d) for d in data],
+                           eval_data=[str(d) for d in data], gate=str(gate), gate_fraction=0.5, gate_epochs=1,
+                           gate_learning_rate=3e-3, batch_size=4, progress=False)
+    out = result.save(root / "emr")
+    return {"out": out, "result": result, "sources": sources, "data": data, "gate": gate, "base": base}
+
+
+def _images(folder):
+    return [PIL.Image.open(path).convert("RGB") for path in sorted(folder.glob("*/*.png"))]
+
+
+def _mixed_pixels(gated_emr):
+    """Three images of each task, interleaved: a batch that mixes the tasks."""
+    first, second = (_images(d)[:3] for d in gated_emr["data"])
+    images = [image for pair in zip(first, second) for image in pair]
+    processor = transformers.AutoImageProcessor.from_pretrained(gated_emr["out"])
+    return processor(images=images, return_tensors="pt")["pixel_values"]
+
+
+def test_the_gate_trained_on_separable_data_beats_chance_and_the_card_says_so(gated_emr):
+    facts = gated_emr["result"].details["gate"]
+    assert facts["trained"] and facts["held_out"] == [6, 8]  # gate_fraction=0.5 of 12 and 16 images
+    assert facts["accuracy"] >= 0.75, facts  # chance is 0.5
+    config = json.loads((gated_emr["out"] / "config.json").read_text())
+    assert config["gate"]["num_labels"] == 2 and config["gate_labels"] == ["task0", "task1"]
+    assert config["source_labels"] == [[0, 1, 2], [3, 4, 5, 6]]
+    assert config["id2label"]["0"] == "task0/class_0" and config["id2label"]["6"] == "class_3"
+    card = (gated_emr["out"] / "README.md").read_text()
+    assert f"it picks the right source for {facts['accuracy'] * 100:.2f}%" in card
+    assert "returns logits over the union of the tasks' 7 labels" in card
+    stored = _stored(gated_emr["out"])
+    assert stored["gate.classifier.weight"].shape[0] == 2 and any(k.startswith("gate.mobilenet_v2.") for k in stored)
+    gate_bytes = sum(v.numel() * v.element_size() for k, v in stored.items() if k.startswith("gate."))
+    assert gated_emr["result"].details["size"]["gate_bytes"] == gate_bytes
+    assert f"the gate's {gate_bytes:,} bytes included" in card
+
+
+def test_a_forced_gate_routes_the_batch_to_its_task_and_returns_that_tasks_logits(gated_emr):
+    out = gated_emr["out"]
+    pixels = _mixed_pixels(gated_emr)
+    model = hfmerge.load(str(out))
+    assert type(model).__name__ == "EmrMergedModel"
+    own = []
+    with torch.no_grad():
+        for i in range(2):
+            own.append(hfmerge.load(str(out), task=i)(pixel_values=pixels).logits)
+        columns = [list(range(3)), list(range(3, 7))]
+        for task in (0, 1):  # a gate whose weights pick one task whatever the image
+            model.gate.classifier.weight.zero_()
+            model.gate.classifier.bias.copy_(torch.tensor([10.0, 0.0] if task == 0 else [0.0, 10.0]))
+            routed = model(pixel_values=pixels)
+            assert routed.task.tolist() == [task] * 6
+            assert torch.equal(routed.logits[:, columns[task]], own[task])
+            assert torch.isneginf(routed.logits[:, columns[1 - task]]).all()
+        # per image: gate logits that alternate between the tasks send each image to its own
+        model.gate_logits = lambda values: torch.tensor([[5.0, 0.0], [0.0, 5.0]] * 3)
+        routed = model(pixel_values=pixels)
+    assert routed.task.tolist() == [0, 1] * 3
+    for b in range(6):
+        task = b % 2
+        # a sub-batch of the images: equal to float32 rounding (a matrix product's order may follow the batch size)
+        torch.testing.assert_close(routed.logits[b, columns[task]], own[task][b], rtol=1e-5, atol=1e-6)
+        assert torch.isneginf(routed.logits[b, columns[1 - task]]).all()
+
+
+_REMOTE_GATED = textwrap.dedent("""
+    import sys
+    sys.modules["hfmerge"] = None  # the remote code must not need hfmerge
+    import torch
+    from transformers import AutoModel
+    repo, images, out = sys.argv[1:4]
+    model = AutoModel.from_pretrained(repo, trust_remote_code=True).eval()
+    assert not type(model).__module__.startswith("hfmerge"), type(model).__module__
+    with torch.no_grad():
+        routed = model(pixel_values=torch.load(images))
+    torch.save({"logits": routed.logits, "task": routed.task, "gate_probs": routed.gate_probs}, out)
+""")
+
+
+def test_hfmerge_load_without_a_task_and_remote_code_agree_on_a_mixed_batch(gated_emr, tmp_path):
+    out = gated_emr["out"]
+    pixels = _mixed_pixels(gated_emr)
+    torch.save(pixels, tmp_path / "pixels.pt")
+    done = subprocess.run([sys.executable, "-c", _REMOTE_GATED, str(out), str(tmp_path / "pixels.pt"),
+                           str(tmp_path / "out.pt")], capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                          check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    remote = torch.load(tmp_path / "out.pt")
+    with torch.no_grad():
+        routed = hfmerge.load(str(out))(pixel_values=pixels)
+    assert sorted(set(routed.task.tolist())) == [0, 1]  # the trained gate mixes the batch
+    assert torch.equal(routed.task, remote["task"]) and torch.equal(routed.logits, remote["logits"])
+    torch.testing.assert_close(routed.gate_probs, remote["gate_probs"], rtol=0, atol=0)
+    for b, task in enumerate(routed.task.tolist()):  # each image's answer is its chosen task's model's
+        with torch.no_grad():
+            own = hfmerge.load(str(out), task=task)(pixel_values=pixels[b : b + 1]).logits[0]
+        torch.testing.assert_close(routed.logits[b, routed.logits[b].isfinite()], own, rtol=1e-5, atol=1e-6)
+
+
+def test_the_evaluation_has_each_tasks_model_and_the_gates_choice(gated_emr):
+    report, out, data = gated_emr["result"].evaluation, gated_emr["out"], gated_emr["data"]
+    rows = {row.name: row for row in report.models}
+    task_given = report.merged()
+    choice = rows[f"{task_given.name} · the gate's choice"]
+    assert choice.role == "merged" and [t.task for t in choice.tasks] == [d.name for d in data]
+    processor = transformers.AutoImageProcessor.from_pretrained(out)
+    routed = hfmerge.load(str(out))
+    prefixes = routed.config.gate_labels
+    for i, folder in enumerate(data):
+        hand = _hand_accuracy(hfmerge.load(str(out), task=i), processor, folder)
+        assert task_given.tasks[i].metrics["accuracy"] == pytest.approx(hand, abs=1e-6)
+        right = total = 0
+        for path in sorted(folder.glob("*/*.png")):  # the gate's choice, its label named without the task prefix
+            with torch.no_grad():
+                output = routed(**processor(images=PIL.Image.open(path).convert("RGB"), return_tensors="pt"))
+            label = routed.config.id2label[int(output.logits[0].argmax())]
+            right += label.removeprefix(f"{prefixes[int(output.task[0])]}/") == path.parent.name
+            total += 1
+        assert choice.tasks[i].metrics["accuracy"] == pytest.approx(right / total, abs=1e-6)
+    card = (out / "README.md").read_text()
+    assert f"| {task_given.name} · the gate's choice | merged |" in card and "the row `… · the gate's choice`" in card
+
+
+def test_the_space_shows_the_gates_choice_and_each_tasks_prediction(gated_emr):
+    from hfmerge.spaces import inference
+
+    out = gated_emr["out"]
+    demo = inference.load_demo(str(out), sources=[])
+    assert demo.gated and [m.name for m in demo.merged_models] == ["emr · the gate's choice", "emr · task0",
+                                                                     "emr · task1"]
+    image = _images(gated_emr["data"][1])[0]
+    payload, _ = demo.predict(image)
+    processor = transformers.AutoImageProcessor.from_pretrained(out)
+    with torch.no_grad():
+        routed = hfmerge.load(str(out))(**processor(images=image, return_tensors="pt"))
+    task = int(routed.task[0])
+    assert payload["gate"] == {name: round(float(p), 4) for name, p in zip(["task0", "task1"], routed.gate_probs[0])}
+    chosen = payload["tasks"][f"emr · task{task}"]
+    assert payload["merged"][0]["score"] == chosen[0]["score"]
+    assert payload["merged"][0]["label"] in (chosen[0]["label"], f"task{task}/{chosen[0]['label']}")
+    pytest.importorskip("gradio")
+    from hfmerge.spaces import app
+
+    blocks = app.build_demo(demo, examples=[])  # the gate's box, the gate's choice, then each task's model
+    shown = {getattr(block, "elem_id", None) for block in blocks.blocks.values()}
+    assert {"gate", "merged", "merged-task-0", "merged-task-1"} <= shown and "merged-task-2" not in shown
+
+
+def test_a_gate_without_its_data_or_of_another_kind_is_refused_in_one_line(gated_emr, make_source, tmp_path, capsys):
+    sources, data, base = gated_emr["sources"], gated_emr["data"], gated_emr["base"]
+    vit = make_source("vit", 3, seed=7)
+    cases = [
+        (["--param", f"gate={gated_emr['gate']}"], ["needs data to train its gate", "once per source"]),
+        (["--param", f"gate={gated_emr['gate']}", "--data", data[0], "--data", data[0]], ["one different --data"]),
+        (["--param", f"gate={vit}", "--data", data[0], "--data", data[1]], ["MobileNetV2", "ViTForImageClassification"]),
+        (["--param", "gate_epochs=2"], ["gate_epochs", "there is no gate"]),
+    ]
+    for extra, fragments in cases:
+        code, _, err = run_cli(["merge", *sources, "-m", "emr", "--base", base, "-o", tmp_path / "out", *extra], capsys)
+        assert_one_line_error(code, err, *fragments)
+        assert not (tmp_path / "out").exists()

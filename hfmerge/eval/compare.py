@@ -3,11 +3,14 @@
 Used by the pipeline (``--eval-data``) and by ``hfmerge evaluate``. Each model
 reads every task through its own image processor; a source that lacks some
 of a task's labels is not scored on that task (it could not predict them).
+A merge that holds one model per task (EMR) is scored with the task given:
+the i-th dataset is the i-th task's, read by that task's model.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -19,29 +22,49 @@ from hfmerge.errors import DataError
 if TYPE_CHECKING:
     from hfmerge.data.load import ImageData
     from hfmerge.data.spec import DataSpec
-    from hfmerge.eval.report import EvaluationReport
+    from hfmerge.eval.report import EvaluationReport, ModelEvaluation
 
 logger = logging.getLogger(__name__)
+
+GATE_ROW = "the gate's choice"
+"""The name's suffix of the row that evaluates a merge with one model per task given no task id (its gate routes)."""
 
 
 @dataclass
 class Candidate:
-    """A model to evaluate, with its processor, its name in the table and its role."""
+    """A model to evaluate, with its processor, its name in the table and its role.
+
+    A merge that holds one model per task (EMR) has ``task_model``: task i's model, which reads the i-th
+    dataset; its ``model`` is then the one that serves images with no task id (an EMR merge's gate routes
+    them), or ``None`` where it has none.
+    """
 
     name: str
     role: str
-    model: torch.nn.Module
+    model: torch.nn.Module | None
     processor: Any
+    task_model: Callable[[int], torch.nn.Module] | None = None
+    num_tasks: int = 0
 
 
 def load_candidate(path: Path, name: str, role: str) -> Candidate:
-    """A classifier saved in ``path`` (a folder with config, weights and processor; a gated merge too), in eval mode."""
+    """A classifier saved in ``path`` (a folder with config, weights and processor; a gated or EMR merge too),
+    in eval mode. An EMR merge's task models are loaded when evaluated, one at a time."""
     from transformers import AutoImageProcessor
 
     from hfmerge.loading import load_folder
+    from hfmerge.methods.emr.model import EmrMergedConfig, is_emr_folder
 
-    model = load_folder(path, name=name)
-    return Candidate(name, role, model.eval(), AutoImageProcessor.from_pretrained(path))
+    processor = AutoImageProcessor.from_pretrained(path)
+    if is_emr_folder(path):
+        config = EmrMergedConfig.from_pretrained(path)
+        routed = load_folder(path, name=name).eval() if config.has_gate else None
+
+        def task_model(task: int) -> torch.nn.Module:
+            return load_folder(path, name=name, task=task).eval()
+
+        return Candidate(name, role, routed, processor, task_model=task_model, num_tasks=config.num_tasks)
+    return Candidate(name, role, load_folder(path, name=name).eval(), processor)
 
 
 def load_tasks(specs: list[DataSpec], *, samples: int | None = None, seed: int = 0, image_column: str | None = None,
@@ -67,8 +90,18 @@ def evaluate_candidates(merged: Candidate, others: list[Candidate], tasks: list[
 
     named = [(data.name, data) for data in tasks]
     extra = tuple(metrics or ())
-    rows = [evaluate_classifier(merged.model, named, merged.processor, batch_size=batch_size, progress=progress,
-                                name=merged.name, role=merged.role, metrics=extra)]
+    if merged.task_model is None:
+        assert merged.model is not None, f"{merged.name} has neither a model nor a model per task"
+        rows = [evaluate_classifier(merged.model, named, merged.processor, batch_size=batch_size, progress=progress,
+                                    name=merged.name, role=merged.role, metrics=extra)]
+    else:
+        rows = [evaluate_task_given(merged.task_model, merged.num_tasks, named, merged.processor,
+                                    batch_size=batch_size, progress=progress, name=merged.name, role=merged.role,
+                                    metrics=extra)]
+        if merged.model is not None:  # the same merge with no task id: the gate picks each image's task
+            rows.append(evaluate_classifier(merged.model, named, merged.processor, batch_size=batch_size,
+                                            progress=progress, name=f"{merged.name} · {GATE_ROW}", role=merged.role,
+                                            metrics=extra))
     for other in others:
         covered = [(name, data) for name, data in named if _covers(other.model, data)]
         if len(covered) < len(named):
@@ -83,6 +116,33 @@ def evaluate_candidates(merged: Candidate, others: list[Candidate], tasks: list[
                                         progress=progress, name="ensemble of the sources", role="ensemble",
                                         metrics=extra))
     return EvaluationReport(models=rows)
+
+
+def evaluate_task_given(model_of: Callable[[int], torch.nn.Module], num_tasks: int,
+                        tasks: Sequence[tuple[str, ImageData]], processor: Any, *, name: str, role: str,
+                        batch_size: int = 32, progress: bool = True, metrics: Sequence[Any] = (),
+                        latency: bool = True) -> ModelEvaluation:
+    """One row: the i-th dataset read by ``model_of(i)``, the model told that its input is task i.
+
+    For a merge that holds one model per task (EMR: θ_base + λᵢ Mᵢ ⊙ τ_uni with task i's head) and for
+    comparison rows that give each task's images to its own source (the gating paper's baselines, whose
+    classifier is chosen by hand). Each task's model is made when its turn comes and let go after it; the
+    cost columns are the first task's model's.
+
+    Raises:
+        DataError: not one dataset per task.
+    """
+    from hfmerge.eval.evaluate import evaluate_classifier
+
+    if len(tasks) != num_tasks:
+        raise DataError(f"{name} gives each task's images to the model of that task: give one evaluation "
+                        f"dataset per task, in task (source) order ({num_tasks} tasks, {len(tasks)} given)")
+    rows = [evaluate_classifier(model_of(i), [task], processor, batch_size=batch_size, progress=progress, name=name,
+                                role=role, metrics=metrics, measure_cost=i == 0, latency=latency)
+            for i, task in enumerate(tasks)]
+    first = rows[0]
+    first.tasks = [result for row in rows for result in row.tasks]
+    return first
 
 
 def _covers(model: torch.nn.Module, data: ImageData) -> bool:

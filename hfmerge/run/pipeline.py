@@ -106,6 +106,12 @@ def plan_merge(recipe: Recipe, *, token: str | bool | None = None, metadata_only
             f"per source, in source order ({len(layouts)} sources, {len(recipe.eval_data)} given), or "
             "--param compare=false"
         )
+    per_task = plan.output is not None and plan.output.task_argument is not None
+    if per_task and recipe.eval_data and len(recipe.eval_data) != len(layouts):
+        raise RecipeError(
+            f"method '{method.name}' writes one model per task, and each is evaluated on its own task's data: give "
+            f"one --eval-data per source, in source order ({len(layouts)} sources, {len(recipe.eval_data)} given)"
+        )
     if plan.output is None:  # an output model of the method's own has no use for the anchor's leftovers
         carry_ignored_tensors(plan, context)
     return PlannedMerge(recipe, method, sources, base, context, plan, anchor_reason, stages)

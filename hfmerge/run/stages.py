@@ -353,7 +353,7 @@ def _evaluate_comparison(stage: Compare, comparison: Comparison, run: PipelineRu
     import shutil
     import tempfile
 
-    from hfmerge.eval.compare import load_candidate
+    from hfmerge.eval.compare import evaluate_task_given, load_candidate
     from hfmerge.eval.evaluate import evaluate_classifier
     from hfmerge.run.materialise import materialise
 
@@ -367,19 +367,13 @@ def _evaluate_comparison(stage: Compare, comparison: Comparison, run: PipelineRu
         candidate = load_candidate(folder, comparison.name, "comparison")
         named = [(data.name, data) for data in run.tasks]
         if not comparison.task_given:
+            assert candidate.model is not None, f"the comparison '{comparison.name}' holds no single model"
             return evaluate_classifier(candidate.model, named, candidate.processor, progress=run.progress,
                                        name=comparison.name, role="comparison", latency=False)
-        if len(named) != len(context.sources):
-            raise DataError(f"the comparison '{comparison.name}' gives each task's images to its source: give one "
-                            f"--eval-data per source, in source order ({len(context.sources)} sources)")
-        assert stage.told is not None, f"the comparison '{comparison.name}' gives the task, and its stage cannot"
-        rows = [evaluate_classifier(stage.told(candidate.model, i), [task], candidate.processor,
-                                    progress=run.progress, name=comparison.name, role="comparison",
-                                    measure_cost=i == 0, latency=False)
-                for i, task in enumerate(named)]
-        first = rows[0]
-        first.tasks = [result for row in rows for result in row.tasks]
-        return first
+        told, model = stage.told, candidate.model
+        assert told is not None and model is not None, f"the comparison '{comparison.name}' gives the task: its stage cannot"
+        return evaluate_task_given(lambda i: told(model, i), len(context.sources), named, candidate.processor,
+                                   progress=run.progress, name=comparison.name, role="comparison", latency=False)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 
@@ -450,6 +444,8 @@ def run_evaluate(stage: Evaluate, run: PipelineRun) -> EvaluationReport:
               for layout in planned.context.sources]
     classifier = planned.anchor.task == "image-classification"
     run.report = evaluate_candidates(merged, others, run.tasks, ensemble=classifier, progress=run.progress)
+    if merged.task_model is not None:  # the card says how a merge with one model per task was scored
+        run.record.details["evaluated_per_task"] = True
     run.result.evaluation = run.report
     return run.report
 

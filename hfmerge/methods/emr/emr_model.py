@@ -16,7 +16,10 @@ The repository stores, under these names (safetensors):
   first (``numpy.packbits``' order), the last byte padded with zeros;
 - ``rescalers``: (λ_1..λ_N);
 - ``tasks.<i>.<key>``: what each task keeps of its own source (its classifier head,
-  normalisation statistics, integer buffers).
+  normalisation statistics, integer buffers);
+- ``gate.<key>``, where the merge has a gate: an image classifier with one output per
+  task, trained to tell which source's data an image comes from (the gating merge's
+  gate, Ye et al. 2023, §3.2), so that images with no task id are served too.
 
 The config (:class:`EmrMergedConfig`) holds the sources' own config, the task names,
 each task's labels and the shapes of the stored tensors. :func:`task_state_dict`
@@ -26,19 +29,23 @@ rebuilds task i's checkpoint from any getter of the stored tensors, and
 This file is SELF-CONTAINED (torch, transformers and the standard library only):
 hfmerge copies it into the merged repo as ``modeling_hfmerge_emr.py``, so that
 ``AutoModel.from_pretrained(repo, trust_remote_code=True)`` loads
-:class:`EmrMergedModel`, whose ``forward`` takes ``task=`` (an index or a task name).
+:class:`EmrMergedModel`, whose ``forward`` takes ``task=`` (an index or a task name), or,
+where the merge has a gate, no task: the gate then picks each image's task.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 import transformers
 from torch import Tensor, nn
 from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
+from transformers.modeling_outputs import ImageClassifierOutput
 
 MODEL_TYPE = "hfmerge-emr"
 MODELING_FILE = "modeling_hfmerge_emr.py"
@@ -59,7 +66,15 @@ class EmrMergedConfig(PretrainedConfig):
         task_tensors: per task, checkpoint key -> shape of the tensors it keeps of its own source.
         integer_tensors: the keys among ``task_tensors`` that are integer buffers (``num_batches_tracked``).
         rescaling: how the rescalers were computed (for the record: ``tensor_means`` or ``entries``).
-        kwargs: the rest of ``PretrainedConfig``.
+        gate: where the merge has a gate, the gate's config (``to_dict()`` of an image classifier with one
+            output per task); ``None``: no gate, ``task=`` is required.
+        gate_labels: with a gate, a name per task: the prefix its labels carry where the union of the labels
+            (``id2label``) tells clashing ones apart.
+        source_labels: with a gate, per task, the union label id (in ``id2label``) of each of its outputs.
+        source_image_mean, source_image_std: the normalisation of the pixel values the tasks' models read
+            (their image processor's), undone to make the gate's input.
+        gate_image_mean, gate_image_std, gate_image_size: the gate's input normalisation and size.
+        kwargs: the rest of ``PretrainedConfig``; ``id2label`` is the union of every task's labels.
     """
 
     model_type = MODEL_TYPE
@@ -73,6 +88,14 @@ class EmrMergedConfig(PretrainedConfig):
         task_tensors: Sequence[dict[str, Sequence[int]]] | None = None,
         integer_tensors: Sequence[str] | None = None,
         rescaling: str = "tensor_means",
+        gate: dict[str, Any] | None = None,
+        gate_labels: Sequence[str] | None = None,
+        source_labels: Sequence[Sequence[int]] | None = None,
+        source_image_mean: Sequence[float] = (0.5, 0.5, 0.5),
+        source_image_std: Sequence[float] = (0.5, 0.5, 0.5),
+        gate_image_mean: Sequence[float] = (0.5, 0.5, 0.5),
+        gate_image_std: Sequence[float] = (0.5, 0.5, 0.5),
+        gate_image_size: int | Sequence[int] = 224,
         **kwargs: Any,
     ) -> None:
         self.source = dict(source or {})
@@ -83,7 +106,18 @@ class EmrMergedConfig(PretrainedConfig):
                              for tensors in task_tensors or []]
         self.integer_tensors = list(integer_tensors or [])
         self.rescaling = rescaling
-        for name, values in (("task_labels", self.task_labels), ("task_tensors", self.task_tensors)):
+        self.gate = dict(gate) if gate is not None else None
+        self.gate_labels = [str(name) for name in gate_labels] if gate_labels is not None else None
+        self.source_labels = [[int(i) for i in ids] for ids in source_labels] if source_labels is not None else None
+        self.source_image_mean = [float(v) for v in source_image_mean]
+        self.source_image_std = [float(v) for v in source_image_std]
+        self.gate_image_mean = [float(v) for v in gate_image_mean]
+        self.gate_image_std = [float(v) for v in gate_image_std]
+        self.gate_image_size = gate_image_size if isinstance(gate_image_size, int) else [int(v) for v in gate_image_size]
+        checked = [("task_labels", self.task_labels), ("task_tensors", self.task_tensors)]
+        if self.gate is not None:
+            checked += [("gate_labels", self.gate_labels or []), ("source_labels", self.source_labels or [])]
+        for name, values in checked:
             if len(values) != len(self.tasks):
                 raise ValueError(f"{name} has {len(values)} entries for {len(self.tasks)} tasks")
         super().__init__(**kwargs)
@@ -91,6 +125,11 @@ class EmrMergedConfig(PretrainedConfig):
     @property
     def num_tasks(self) -> int:
         return len(self.tasks)
+
+    @property
+    def has_gate(self) -> bool:
+        """Whether the merge has a gate, and so serves images with no task id."""
+        return self.gate is not None
 
     def task_index(self, task: int | str | None) -> int:
         """The index of ``task``: an index, or a task's name (the source's repo id as it was given).
@@ -100,7 +139,8 @@ class EmrMergedConfig(PretrainedConfig):
         """
         names = ", ".join(f"{i}: {name!r}" for i, name in enumerate(self.tasks))
         if task is None:
-            raise ValueError(f"this EMR merge holds one model per task: say which with task= ({names})")
+            raise ValueError(f"this EMR merge holds one model per task and has no gate to choose one: say which "
+                             f"with task= ({names})")
         if isinstance(task, bool) or not isinstance(task, (int, str)):
             raise ValueError(f"task= must be a task's index or name, not {type(task).__name__} ({names})")
         if isinstance(task, int):
@@ -118,6 +158,43 @@ class EmrMergedConfig(PretrainedConfig):
         labels = {int(k): v for k, v in self.task_labels[task].items()}
         values.update(id2label=labels, label2id={v: k for k, v in labels.items()})
         return AutoConfig.for_model(model_type, **values)
+
+
+@dataclass
+class EmrRoutedOutput(ImageClassifierOutput):
+    """What an EMR merge with a gate returns for images given with no task id.
+
+    ``logits`` (batch, union labels): image b's chosen task's logits at that task's labels
+    (``config.source_labels[task]``) and −inf at every other label, so their argmax, read
+    with ``config.id2label``, is the label the chosen task's model predicts (under its
+    union name: ``<gate label>/<label>`` where tasks share a label name); ``gate_probs``
+    (batch, N) the gate's softmax and ``task`` (batch) its argmax, the task each image went to.
+    """
+
+    gate_probs: torch.FloatTensor | None = None
+    task: torch.LongTensor | None = None
+
+
+def gate_logits(gate: nn.Module, config: EmrMergedConfig, pixel_values: Tensor) -> Tensor:
+    """The gate's logits (batch, N) for the pixel values the tasks' models read.
+
+    The gate's input is made from them, so one image processor (the merge's) serves both:
+    undo its normalisation, resize (bilinear) to the gate's input size, normalise as the
+    gate's processor does, as the gating merge feeds its gate (Ye et al. 2023, §3.2).
+    """
+    device = pixel_values.device
+
+    def channels(values: Sequence[float]) -> Tensor:
+        return torch.tensor(values, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+
+    images = pixel_values.float() * channels(config.source_image_std) + channels(config.source_image_mean)
+    size = config.gate_image_size
+    size = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    if tuple(images.shape[-2:]) != size:
+        images = F.interpolate(images, size=size, mode="bilinear", align_corners=False, antialias=False)
+    images = (images - channels(config.gate_image_mean)) / channels(config.gate_image_std)
+    dtype = next(gate.parameters()).dtype
+    return gate(pixel_values=images.to(dtype)).logits
 
 
 def unpack_mask(packed: Tensor, numel: int) -> Tensor:
@@ -190,8 +267,12 @@ class EmrMergedModel(PreTrainedModel):
 
     The stored tensors are its parameters (names as in the repository); a task's model
     (:meth:`task_model`, an ordinary transformers model of the sources' class with its
-    own head and labels) is rebuilt from them when first asked for and kept until
-    another task is asked for, so memory holds the merge and one task's model.
+    own head and labels) is rebuilt from them when first asked for and kept while
+    ``kept_task_models`` (default 1) allow, the least recently used let go first: memory
+    holds the merge and one task's model. Where the merge has a gate, ``forward`` without
+    ``task`` sends each image to the task the gate picks (:class:`EmrRoutedOutput`); a batch
+    that mixes tasks runs each of their models once, so a stream of mixed batches rebuilds
+    models unless ``kept_task_models`` is raised to the number of tasks.
     """
 
     config_class = EmrMergedConfig
@@ -213,7 +294,13 @@ class EmrMergedModel(PreTrainedModel):
             for tensors in config.task_tensors
         )
         self.rescalers = nn.Parameter(torch.ones(n, dtype=torch.float32), requires_grad=False)
-        self._current: list[tuple[int, PreTrainedModel]] = []  # a list, so the task's model is no submodule
+        self.gate = None
+        if config.gate is not None:
+            values = dict(config.gate)
+            gate_config = AutoConfig.for_model(values.pop("model_type"), **values)
+            self.gate = getattr(transformers, gate_config.architectures[0])(gate_config)
+        self.kept_task_models = 1
+        self._built: list[tuple[int, PreTrainedModel]] = []  # a list, so the tasks' models are no submodules
         self.post_init()
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -236,18 +323,23 @@ class EmrMergedModel(PreTrainedModel):
             ValueError: ``task`` missing or not a task of this merge.
         """
         index = self.config.task_index(task)
-        if not self._current or self._current[0][0] != index:
-            self._current.clear()
+        built = dict(self._built)
+        model = built.get(index)
+        if model is None:
             architecture = self.config.source["architectures"][0]
             model_class = getattr(transformers, architecture, None)
             if model_class is None:
                 raise ValueError(f"the sources' class {architecture} is not part of transformers; load this merge "
                                  "with hfmerge.load(repo, task=...)")
+            del built
+            while self._built and len(self._built) >= max(1, self.kept_task_models):
+                self._built.pop(0)  # let go before building: memory never holds one model more than kept
             state = task_state_dict(lambda name: self.stored(name).detach(), self.config, index,
                                     dtype=self.base_dtype())
-            model = build_task_model(model_class, self.config.task_config(index), state)
-            self._current.append((index, model.to(self.rescalers.device)))
-        model = self._current[0][1]
+            model = build_task_model(model_class, self.config.task_config(index), state).to(self.rescalers.device)
+        else:
+            self._built.remove((index, model))
+        self._built.append((index, model))
         model.train(self.training)
         return model
 
@@ -257,10 +349,47 @@ class EmrMergedModel(PreTrainedModel):
             return parameter.dtype
         return torch.float32
 
+    def gate_logits(self, pixel_values: Tensor) -> Tensor:
+        """The gate's logits (batch, N) for the merge's ``pixel_values`` (:func:`gate_logits`).
+
+        Raises:
+            ValueError: the merge has no gate.
+        """
+        if self.gate is None:
+            raise ValueError("this EMR merge has no gate: give task= to say which task's model runs")
+        return gate_logits(self.gate, self.config, pixel_values)
+
     def forward(self, pixel_values: Tensor | None = None, task: int | str | None = None, **kwargs: Any) -> Any:
         """Run task ``task``'s model (index or name) on ``pixel_values``; its output, with its own head's logits.
 
+        Without ``task``, a merge with a gate sends each image to the task of the gate's
+        argmax and returns an :class:`EmrRoutedOutput` (logits over the union of the labels);
+        ``kwargs`` then go unused (options that ``pipeline`` passes to image classifiers).
+
         Raises:
-            ValueError: ``task`` missing or not a task of this merge.
+            ValueError: ``task`` missing (and no gate) or not a task of this merge.
         """
+        if task is None and self.gate is not None:
+            return self.route(pixel_values)
         return self.task_model(task)(pixel_values=pixel_values, **kwargs)
+
+    def route(self, pixel_values: Tensor) -> EmrRoutedOutput:
+        """Each image through the model of the task the gate picks for it (per image; a batch may mix tasks).
+
+        Image b's logits are its task's at that task's union label ids and −inf elsewhere,
+        as the gated merge returns them (its classifier of argmax p, Ye et al. 2023, Eq. 3).
+        """
+        if pixel_values is None or pixel_values.shape[0] == 0:
+            raise ValueError("pixel_values holds no image")
+        probs = self.gate_logits(pixel_values).float().softmax(dim=-1)
+        chosen = probs.argmax(dim=-1)
+        built = {index for index, _ in self._built}
+        logits: Tensor | None = None
+        for task in sorted(chosen.unique().tolist(), key=lambda t: t not in built):  # models already built first
+            index = (chosen == task).nonzero().squeeze(1)
+            own = self.task_model(task)(pixel_values=pixel_values[index]).logits
+            if logits is None:
+                logits = own.new_full((pixel_values.shape[0], len(self.config.id2label)), -math.inf)
+            columns = torch.tensor(self.config.source_labels[task], dtype=torch.long, device=own.device)
+            logits[index.unsqueeze(1).to(own.device), columns.unsqueeze(0)] = own
+        return EmrRoutedOutput(logits=logits, gate_probs=probs, task=chosen)

@@ -37,6 +37,16 @@ Choices, and where they come from:
   statistics (they describe its own activations and are no task vector; kept
   per task they cost a few numbers) and integer buffers, and any tensor the
   base lacks outside the backbone (a decode head). ``--heads`` does not apply.
+
+With ``--param gate=...`` and ``--data`` (one unlabeled dataset per source), the
+repository also serves images with no task id, which the paper does not: the
+gating merge's gate (Ye et al. 2023, §3.2: a MobileNetV2 image classifier given
+one output per source, trained on at most ``gate_fraction`` of each source's data
+to say which source an image comes from; the rest measures it) is trained and
+stored, and the model sends each image to the task of the gate's argmax. As the
+gated merge does with its classifier of argmax p (its Eq. 3), the output is
+logits over the union of the tasks' labels: the chosen task's at its own labels,
+−inf elsewhere.
 """
 
 from __future__ import annotations
@@ -46,7 +56,8 @@ from typing import TYPE_CHECKING, Any
 
 from hfmerge.errors import RecipeError
 from hfmerge.methods.base import MergeMethod, ParamSpec, register_method
-from hfmerge.methods.stages import Derive, Derived, Stage
+from hfmerge.methods.gating.method import DEFAULT_GATE, GATE_TRAINING
+from hfmerge.methods.stages import DataNeed, Derive, Derived, Stage
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -58,6 +69,10 @@ if TYPE_CHECKING:
     from hfmerge.engine.plan import MergeContext, MergePlan, OutputSpec
 
 RESCALINGS = ("tensor_means", "entries")
+NO_GATE = "none"
+GATE_ONLY = ("gate_fraction", "gate_epochs", "gate_learning_rate", "batch_size")
+"""The parameters that act only with a gate."""
+GATE_DATA_PURPOSE = "to train its gate, which learns which source's data an image comes from"
 
 
 @dataclass
@@ -174,6 +189,13 @@ class Emr(MergeMethod):
                   "how λ_i = Σ|τ_i| / Σ|M_i ⊙ τ_uni| sums over the model: tensor_means adds each tensor's mean "
                   "magnitude (the official code's, which gave the paper's results: the default), entries adds "
                   "every entry (§3.3 as printed)", choices=RESCALINGS),
+        ParamSpec("gate", str, NO_GATE,
+                  "a gate that picks each image's task, so that the repository serves images with no task id: a "
+                  f"MobileNetV2 image classifier (repo id or folder; `default`: gating's, {DEFAULT_GATE}), trained "
+                  "on --data (one unlabeled dataset per source) as the gating merge trains its gate; none: no "
+                  "gate, task= is required"),
+        *GATE_TRAINING,
+        ParamSpec("batch_size", int, 32, "images per batch of the gate's training", minimum=1),
     )
     needs_base = True
     min_sources = 1
@@ -194,16 +216,52 @@ class Emr(MergeMethod):
         "This repository holds θ_base, τ_uni, the masks packed eight entries a byte, the rescalers and each task's "
         "own tensors: {{ '%.1f' | format(details.size.ratio * 100) }}% of the "
         "{{ sources | length }} source models' size ({{ '{:,}'.format(details.size.stored_bytes) }} bytes "
-        "against {{ '{:,}'.format(details.size.sources_bytes) }}). "
+        "against {{ '{:,}'.format(details.size.sources_bytes) }}{% if details.size.get('gate_bytes') %}; the gate's "
+        "{{ '{:,}'.format(details.size.gate_bytes) }} bytes included{% endif %}). "
         "Load a task's model with `hfmerge.load(repo, task=...)` (a source's name as listed below, or its index: "
         "{% for name in details.tasks %}{{ loop.index0 }} = `{{ name }}`{{ ', ' if not loop.last }}{% endfor %}), "
         "an ordinary `{{ details.source_architecture }}`; or, without hfmerge, with `trust_remote_code=True`, a model "
         "whose forward takes `task=`."
+        "{% set gate = details.get('gate') %}{% if gate %} A gate network (`{{ gate.name }}`, a MobileNetV2 given a "
+        "new head of {{ sources | length }} outputs, trained as the gating merge trains its gate: to say which "
+        "source's data an image comes from"
+        "{% if gate.trained %}, on {{ gate.train_images | sum }} images ({{ gate.train_images | join(', ') }} per "
+        "source), for {{ gate.epochs_run }} epochs; on the {{ gate.held_out | sum }} held-out images it picks the "
+        "right source for {{ '%.2f' | format(gate.accuracy * 100) }}% "
+        "({% for name, acc in gate.per_source %}{{ name }}: {{ '%.2f' | format(acc * 100) }}%"
+        "{{ ', ' if not loop.last }}{% endfor %}){% endif %}) serves images with no task id: `hfmerge.load(repo)` "
+        "with no task, or the remote-code model called without `task=`, sends each image to the task of the gate's "
+        "argmax (per image: a batch may mix tasks) and returns logits over the union of the tasks' "
+        "{{ details.num_labels }} labels, as the gated merge does: the chosen task's logits at its own labels, −inf "
+        "at the others, so that each image's argmax, read with `id2label`, is the chosen task's predicted label "
+        "(named `<task>/<label>` where tasks share a label name); `out.task` is the chosen task and "
+        "`out.gate_probs` the gate's probabilities.{% endif %}"
+        "{% if details.get('evaluated_per_task') %} In the evaluation below, each task is scored by its own model "
+        "(θ_base + λᵢ · (Mᵢ ⊙ τ_uni) with its own head), the i-th evaluation dataset being the i-th source's task"
+        "{% if gate %}; the row `… · the gate's choice` is the same repository given no task id, each image sent "
+        "to the task the gate picks{% endif %}; the sources are scored on every task whose labels they have."
+        "{% endif %}"
     )
 
+    def auxiliary_models(self, parameters: dict[str, Any]) -> dict[str, str]:
+        gate = gate_reference(parameters)
+        return {"gate": gate} if gate is not None else {}
+
     def stages(self, ctx: MergeContext) -> list[Stage]:
-        """The rescalers (§3.3) sum over the whole model: a pass over every task vector before the merge."""
-        return [Derive(self._derive)]
+        """The rescalers (§3.3) sum over the whole model: a pass over every task vector before the merge; with a
+        gate, the gating merge's gate training."""
+        from hfmerge.methods.gating.training import TrainGate
+
+        stages: list[Stage] = [Derive(self._derive)]
+        if gate_reference(ctx.params) is not None:
+            stages.append(TrainGate(
+                gate="gate", fraction=float(ctx.params.get("gate_fraction", 0.15)),
+                epochs=int(ctx.params.get("gate_epochs", 5)),
+                learning_rate=float(ctx.params.get("gate_learning_rate", 1e-3)),
+                batch_size=int(ctx.params.get("batch_size", 32)),
+                need=DataNeed(required=True, purpose=GATE_DATA_PURPOSE, per_source=True), feed=_gate_input,
+            ))
+        return stages
 
     # -- the plan ----------------------------------------------------------------------------
     def roles(self, ctx: MergeContext) -> Roles:
@@ -218,9 +276,15 @@ class Emr(MergeMethod):
 
         if ctx.base is None:
             raise RecipeError(f"method '{self.name}' needs the pre-trained model: add --base org/name")
-        if ctx.evaluating:
-            raise RecipeError(f"method '{self.name}' cannot evaluate its merge yet (it holds one model per task): "
-                              "leave out --eval-data and evaluate each task's model, hfmerge.load(out, task=...)")
+        if "gate" in ctx.auxiliary:
+            _check_gate(ctx)
+        else:
+            idle = [p.name for p in self.parameters
+                    if p.name in GATE_ONLY and ctx.params.get(p.name, p.default) != p.default]
+            if idle:
+                raise RecipeError(f"{', '.join(idle)} set how the gate trains, and there is no gate: add --param "
+                                  "gate=default (or a MobileNetV2 classifier) with one --data per source, or leave "
+                                  "them out")
         refs, _ = base_refs(ctx, ctx.base)
         require_base_backbone(ctx, refs)
         anchor = ctx.anchor
@@ -264,6 +328,11 @@ class Emr(MergeMethod):
                                           Copy((i, info.key), group=_own_group(info))))
         entries.append(TensorPlan("rescalers", "rescalers", (n,), torch.float32,
                                   Copy(("derive", "rescalers"), group="rescalers λ_i (one per task)")))
+        gate = ctx.auxiliary.get("gate")
+        for info in gate.tensors.values() if gate is not None else ():
+            shape = (n, *info.shape[1:]) if info.head is not None else info.shape  # its new head: one output a task
+            entries.append(TensorPlan(f"gate.{info.key}", f"gate.{info.name}", shape, info.dtype,
+                                      Copy(("gate", info.key), group="gate network (trained)")))
         output = self._output(ctx, roles)
         stored = sum(math.prod(t.shape) * t.dtype.itemsize for t in entries)
         sources_bytes = sum(_model_bytes(layout) for layout in ctx.sources)
@@ -274,15 +343,22 @@ class Emr(MergeMethod):
             "own": _own_kinds(anchor.tensors[name] for name in roles.own),
             "size": {"stored_bytes": stored, "sources_bytes": sources_bytes, "ratio": stored / sources_bytes},
             "source_architecture": anchor.architecture,
+            "num_labels": len(output.config.id2label),
         }
+        if gate is not None:
+            details["gate"] = {"name": gate.source.name, "trained": False}
+            details["size"]["gate_bytes"] = sum(math.prod(t.shape) * t.dtype.itemsize for t in entries
+                                                if t.key.startswith("gate."))
         return MergePlan(entries, details=details, output=output)
 
     def describe_plan(self, ctx: MergeContext, plan: MergePlan) -> list[str]:
         d = plan.details
+        gate = (f"; the gate {d['gate']['name']} picks the task of an image given with no task id"
+                if "gate" in d else "")
         return [f"{d['task_vector_tensors']} task-vector tensors: θ_base, τ_uni and {len(ctx.sources)} bit-packed "
                 f"masks each; each task keeps its own {', '.join(d['own']) or 'nothing else'}; "
                 f"rescalers ({d['rescaling']}) from a pass over the task vectors before the merge; the repository is "
-                f"{d['size']['ratio']:.1%} of the sources' size"]
+                f"{d['size']['ratio']:.1%} of the sources' size{gate}"]
 
     def _derive(self, ctx: MergeContext, load: Loader) -> Derived:
         """λ_i (§3.3) from one streamed pass over every task-vector tensor."""
@@ -315,7 +391,7 @@ class Emr(MergeMethod):
         source = {k: v for k, v in anchor.config.to_dict().items()
                   if not k.startswith("_") and k not in ("id2label", "label2id", "auto_map")}
         source["architectures"] = [anchor.architecture]
-        labels = union_labels(ctx.sources)  # every task's labels, told apart where they clash: the card counts them
+        labels = union_labels(ctx.sources)  # every task's labels, told apart where they clash: the gate's output
         config = EmrMergedConfig(
             source=source, tasks=task_names(ctx), task_labels=[layout.id2label for layout in ctx.sources],
             unified={anchor.tensors[name].key: list(anchor.tensors[name].shape) for name in roles.task_vectors},
@@ -325,11 +401,76 @@ class Emr(MergeMethod):
             rescaling=str(ctx.params.get("rescaling", "tensor_means")),
             architectures=[EmrMergedModel.__name__],
             id2label=dict(enumerate(labels)), label2id={label: i for i, label in enumerate(labels)},
+            **_gate_config(ctx),
         )
         config.auto_map = dict(AUTO_MAP)
         return OutputSpec(config=config, architecture=EmrMergedModel.__name__, task=anchor.task,
                           files={MODELING_FILE: modeling_source()}, loads_with_transformers=False,
                           auto_class="AutoModel", task_argument=f"task={json.dumps(config.tasks[0])}")
+
+
+def gate_reference(parameters: dict[str, Any]) -> str | None:
+    """The gate's repo id or folder (``default``: gating's, :data:`DEFAULT_GATE`), or ``None`` for no gate."""
+    value = str(parameters.get("gate") or NO_GATE).strip()
+    if value.lower() == NO_GATE:
+        return None
+    return DEFAULT_GATE if value.lower() == "default" else value
+
+
+def _gate_input(gate: Any, config: Any) -> Any:
+    """The gate wrapped for its training, fed as the EMR model feeds it (imported when the stage runs)."""
+    from hfmerge.methods.emr.model import EmrGateInput
+
+    return EmrGateInput(gate, config)
+
+
+def _check_gate(ctx: MergeContext) -> None:
+    """Image classifiers, two tasks at least, a different dataset per source, a MobileNetV2 gate; else one line.
+
+    Raises:
+        RecipeError: what is wrong, and how to merge without a gate.
+    """
+    from hfmerge.adapters.base import registered_families
+
+    if ctx.anchor.task != "image-classification":
+        raise RecipeError(f"the gate sends each image to one task's classifier, and {ctx.anchor.source.name} is a "
+                          f"{ctx.anchor.architecture}: leave out --param gate for an EMR merge of these models")
+    if len(ctx.sources) < 2:
+        raise RecipeError("the gate chooses among the tasks, and there is one: merge two sources at least, or leave "
+                          "out --param gate")
+    refs = [spec.ref for spec in ctx.data or []]
+    if len(refs) != len(ctx.sources) or len(set(refs)) < len(refs):
+        raise RecipeError("the gate learns to tell the sources' data apart: give one different --data per source, in "
+                          f"source order ({len(ctx.sources)} sources)")
+    gate = ctx.auxiliary["gate"]
+    if gate.architecture != gate.family.gating_gate:
+        gates = ", ".join(a.gating_gate for a in registered_families() if a.gating_gate)
+        raise RecipeError(f"the gate must be a MobileNetV2 image classifier ({gates}), e.g. {DEFAULT_GATE}, as the "
+                          f"gating merge's; {gate.source.name} is a {gate.family.name} {gate.architecture}")
+
+
+def _gate_config(ctx: MergeContext) -> dict[str, Any]:
+    """The config fields of a merge with a gate (:class:`~hfmerge.methods.emr.emr_model.EmrMergedConfig`): the gate's
+    config with one output per task, each task's place in the union labels, both processors' numbers; none without."""
+    from hfmerge.methods.gating.method import portable_config, processor_facts
+    from hfmerge.methods.heads import source_prefixes
+
+    gate = ctx.auxiliary.get("gate")
+    if gate is None:
+        return {}
+    prefixes = source_prefixes(ctx.sources)  # the names the union labels are prefixed with where they clash
+    values = portable_config(gate.config.to_dict())
+    values.update(num_labels=len(ctx.sources), id2label=dict(enumerate(prefixes)),
+                  label2id={name: i for i, name in enumerate(prefixes)}, architectures=[gate.architecture])
+    source_labels, start = [], 0
+    for layout in ctx.sources:
+        source_labels.append(list(range(start, start + len(layout.id2label))))
+        start += len(layout.id2label)
+    mean, std, _ = processor_facts(ctx.anchor)
+    gate_mean, gate_std, gate_size = processor_facts(gate)
+    return {"gate": values, "gate_labels": prefixes, "source_labels": source_labels, "source_image_mean": mean,
+            "source_image_std": std, "gate_image_mean": gate_mean, "gate_image_std": gate_std,
+            "gate_image_size": gate_size}
 
 
 def task_names(ctx: MergeContext) -> list[str]:

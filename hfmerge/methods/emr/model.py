@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from torch import Tensor
 from transformers import AutoConfig, AutoModel, PreTrainedModel
 
 from hfmerge.errors import SourceError
@@ -22,11 +23,13 @@ from hfmerge.methods.emr.emr_model import (
     EmrMergedConfig,
     EmrMergedModel,
     build_task_model,
+    gate_logits,
     task_state_dict,
 )
+from hfmerge.methods.gating.gate import GateInput
 
-__all__ = ["AUTO_MAP", "MODELING_FILE", "MODEL_TYPE", "EmrMergedConfig", "EmrMergedModel", "is_emr_folder",
-           "load_emr_task", "modeling_source"]
+__all__ = ["AUTO_MAP", "MODELING_FILE", "MODEL_TYPE", "EmrGateInput", "EmrMergedConfig", "EmrMergedModel",
+           "is_emr_folder", "load_emr_task", "modeling_source"]
 
 _MODULE = MODELING_FILE.removesuffix(".py")
 AUTO_MAP = {"AutoConfig": f"{_MODULE}.EmrMergedConfig", "AutoModel": f"{_MODULE}.EmrMergedModel"}
@@ -56,17 +59,21 @@ def load_emr_task(path: Path, task: int | str | None, *, name: str | None = None
 
     An ordinary model of the sources' class, with that task's head and labels, whose
     weights are θ_base + λ_task · (M_task ⊙ τ_uni), read from the safetensors one tensor
-    at a time: memory holds the task's model, not the merge.
+    at a time: memory holds the task's model, not the merge. Without ``task``, a merge
+    with a gate is loaded whole (:class:`EmrMergedModel`, hfmerge's own copy of the class:
+    no code from the repository runs), and its forward lets the gate pick each image's task.
 
     Raises:
-        SourceError: ``task`` missing or not a task of this merge (the message lists them), or a repository
-            whose config is not an EMR merge's.
+        SourceError: ``task`` missing where the merge has no gate, or not a task of this merge (the message
+            lists them), or a repository whose config is not an EMR merge's.
     """
     from hfmerge.adapters.base import registered_families
 
     label = name or str(path)
     try:
         config = EmrMergedConfig.from_pretrained(path)
+        if task is None and config.has_gate:
+            return EmrMergedModel.from_pretrained(path, **kwargs).eval()
         index = config.task_index(task)
     except (ValueError, KeyError, TypeError) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
@@ -81,3 +88,16 @@ def load_emr_task(path: Path, task: int | str | None, *, name: str | None = None
     finally:
         reader.close()
     return build_task_model(family.model_class(architecture), config.task_config(index), state, **kwargs)
+
+
+class EmrGateInput(GateInput):
+    """The gate as its training sees it, fed exactly as :class:`EmrMergedModel` feeds it.
+
+    The gating merge's training stage (:class:`~hfmerge.methods.gating.training.TrainGate`)
+    trains it, label = the source's index; its input is made by the modeling file's own
+    :func:`~hfmerge.methods.emr.emr_model.gate_logits` from the merge's pixel values, so
+    the gate trains on what it sees at inference.
+    """
+
+    def gate_logits(self, pixel_values: Tensor) -> Tensor:
+        return gate_logits(self.gate, self.config, pixel_values)

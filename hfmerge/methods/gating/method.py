@@ -37,6 +37,14 @@ if TYPE_CHECKING:
 
 DEFAULT_GATE = "google/mobilenet_v2_1.0_224"
 SIMILARITY_SVG = "similarity.svg"
+GATE_TRAINING = (
+    ParamSpec("gate_fraction", float, 0.15, "fraction of each source's data the gate trains on; the rest "
+              "measures its accuracy", minimum=0.0, maximum=1.0),
+    ParamSpec("gate_epochs", int, 5, "epochs of gate training (early stopping on a held-out tenth)", minimum=1),
+    ParamSpec("gate_learning_rate", float, 1e-3, "the gate's learning rate (AdamW, linear decay)", minimum=0.0),
+)
+"""How the gate is trained (:class:`~hfmerge.methods.gating.training.TrainGate`): the gating merge's, and EMR's
+where it has a gate. ``gate_fraction``: at most 15% of each task's data, as the paper's §4.1."""
 DATA_PURPOSE = "to train its gate, which learns which source's data an image comes from (and for RegMean)"
 
 def embedding_and_norm_keys(layout: ModelLayout) -> list[str]:
@@ -96,10 +104,7 @@ class Gating(MergeMethod):
         ParamSpec("static", str, "regmean", "how the layers that are not gated are merged",
                   choices=("regmean", "average")),
         ParamSpec("gate", str, DEFAULT_GATE, "the gate network: a MobileNetV2 image classifier, repo id or folder"),
-        ParamSpec("gate_fraction", float, 0.15, "fraction of each source's data the gate trains on; the rest "
-                  "measures its accuracy", minimum=0.0, maximum=1.0),
-        ParamSpec("gate_epochs", int, 5, "epochs of gate training (early stopping on a held-out tenth)", minimum=1),
-        ParamSpec("gate_learning_rate", float, 1e-3, "the gate's learning rate (AdamW, linear decay)", minimum=0.0),
+        *GATE_TRAINING,
         ParamSpec("routing", str, "soft", "soft: every gated layer is Σᵢ pᵢ Wᵢ (Eq. 2); top1: the gated layers of "
                   "the most probable source only", choices=("soft", "top1")),
         ParamSpec("gate_embeddings_norms", bool, True, "also gate the embeddings and every LayerNorm (Table 2, "
@@ -355,13 +360,13 @@ source for {{ '%.2f' | format(details.gate.accuracy * 100) }}% \
             source_labels.append(list(range(start, start + len(layout.id2label))))
             start += len(layout.id2label)
         tasks = source_prefixes(ctx.sources)
-        gate_config = _portable(gate.config.to_dict())
+        gate_config = portable_config(gate.config.to_dict())
         gate_config.update(num_labels=len(ctx.sources), id2label=dict(enumerate(tasks)),
                            label2id={t: i for i, t in enumerate(tasks)})
-        vit_mean, vit_std, _ = _processor_facts(ctx.anchor)
-        gate_mean, gate_std, gate_size = _processor_facts(gate)
+        vit_mean, vit_std, _ = processor_facts(ctx.anchor)
+        gate_mean, gate_std, gate_size = processor_facts(gate)
         config = GatedMergedConfig(
-            vit=_portable(ctx.anchor.config.to_dict()), gate=gate_config, num_sources=len(ctx.sources), gate_labels=tasks,
+            vit=portable_config(ctx.anchor.config.to_dict()), gate=gate_config, num_sources=len(ctx.sources), gate_labels=tasks,
             gated=gated, source_labels=source_labels, routing=str(ctx.params.get("routing", "soft")),
             vit_image_mean=vit_mean, vit_image_std=vit_std, gate_image_mean=gate_mean, gate_image_std=gate_std,
             gate_image_size=gate_size, id2label=dict(enumerate(labels)),
@@ -381,13 +386,13 @@ def _task_given(model: Any, task: int) -> Any:
     return TaskGiven(model, task)
 
 
-def _portable(config: dict[str, Any]) -> dict[str, Any]:
+def portable_config(config: dict[str, Any]) -> dict[str, Any]:
     """A source's config as the gated config nests it: without private keys (``_name_or_path`` is the path the
     merging machine read it from, which must not be published)."""
     return {key: value for key, value in config.items() if not key.startswith("_")}
 
 
-def _processor_facts(layout: ModelLayout) -> tuple[list[float], list[float], list[int]]:
+def processor_facts(layout: ModelLayout) -> tuple[list[float], list[float], list[int]]:
     """(image_mean, image_std, [height, width]) of the image processor saved beside a model.
 
     The gated model makes its gate's input itself from the ViT's pixels (undo the

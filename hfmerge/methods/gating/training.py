@@ -11,6 +11,8 @@ from hfmerge.errors import DataError
 from hfmerge.methods.stages import DataNeed, Phase, Stage
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from hfmerge.engine.plan import MergeContext
     from hfmerge.io.checkpoint import TensorTable
     from hfmerge.methods.stages import StageRun
@@ -24,7 +26,9 @@ class TrainGate(Stage):
 
     ``gate`` is the role of the gate model in ``ctx.auxiliary``; it gets a head of one output per
     source and learns which source's data an image comes from, on at most ``fraction`` of each
-    source's data (the rest measures it), with the other fields as training options.
+    source's data (the rest measures it), with the other fields as training options. ``feed``
+    wraps the gate as the merged model feeds it (``feed(gate, output config)``: pixels in, logits
+    and a loss out); ``None``: the gated ViT's :class:`~hfmerge.methods.gating.gate.GateInput`.
     """
 
     gate: str
@@ -33,6 +37,7 @@ class TrainGate(Stage):
     learning_rate: float
     batch_size: int
     need: DataNeed = DataNeed(required=True)
+    feed: Callable[[Any, Any], Any] | None = None
     name: ClassVar[str] = "gate"
     phase: ClassVar[Phase] = Phase.PREPARE
     all_processes: ClassVar[bool] = True
@@ -140,7 +145,7 @@ def train_gate(request: TrainGate, run: StageRun) -> TensorTable | None:
     gate.config.num_labels = len(context.sources)
     gate.config.id2label = dict(enumerate(names))
     gate.config.label2id = {name: i for i, name in enumerate(names)}
-    model = GateInput(gate, config)
+    model = (request.feed or GateInput)(gate, config)
     options = TrainOptions(epochs=request.epochs, learning_rate=request.learning_rate,
                            batch_size=request.batch_size, seed=seed)
     report = train_model(model, ConcatDataset(train_parts), options, accelerator=accelerator, progress=run.progress,
