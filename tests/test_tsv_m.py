@@ -85,7 +85,7 @@ def test_one_source_gives_the_base_plus_lambda_times_its_task_vector(make_source
             torch.testing.assert_close(value, expected.float(), rtol=0, atol=1e-6, msg=name)
 
 
-def test_a_matrix_of_rank_below_n_keeps_nothing_and_the_dry_run_says_so(make_source, tmp_path, capsys):
+def test_a_matrix_whose_smaller_side_is_below_n_keeps_nothing_and_the_dry_run_says_so(make_source, tmp_path, capsys):
     """The ViT classifier is 3 × 32: rank 3 < N = 4, so k = 0 and it stays the base's (as the paper's code does)."""
     base = make_source("vit", seed=0)
     tasks = [make_source("vit", seed=s) for s in (1, 2, 3, 4)]
@@ -93,10 +93,10 @@ def test_a_matrix_of_rank_below_n_keeps_nothing_and_the_dry_run_says_so(make_sou
     merged, sb = load_plain(result.save(tmp_path / "out")).state_dict(), load_plain(base).state_dict()
     assert result.details["unmerged"] == ["classifier.weight"]
     assert torch.equal(merged["classifier.weight"], sb["classifier.weight"])
-    assert "1 matrix(es) of rank below 4 keep no triplet" in (tmp_path / "out" / "README.md").read_text()
+    assert "1 matrix(es) with min(out, in) below 4 keep no triplet" in (tmp_path / "out" / "README.md").read_text()
     code, out, err = run_cli(["merge", *tasks, "--method", "tsv_m", "--base", base, "--dry-run"], capsys)
     assert code == 0, err
-    assert "rank below N = 4 keep no singular triplet and stay the base's: classifier.weight" in out + err
+    assert "with min(out, in) below N = 4 keep no singular triplet and stay the base's: classifier.weight" in out + err
 
 
 def test_tsv_m_by_repo_id_on_the_hub_equals_the_merge_of_the_folders(publish, make_source, tmp_path):
