@@ -24,6 +24,9 @@ How each row is made, all by repo id and dataset id through ``hfmerge.merge``:
   **AdaMerging** task- and layer-wise (coefficients learned on the unlabeled
   test images, as its paper does), and **EMR** (each task scored by its own
   model from the one repository).
+- **SLERP** merges two models only, so it has a table of its own: the first
+  two tasks, against the two individual models, ``average`` and task
+  arithmetic (λ from validation), at t = 0.5 and at t chosen on validation.
 """
 
 from __future__ import annotations
@@ -49,6 +52,8 @@ class Sizes:
     drop_rate: float = 0.9
     svd_grid: tuple[float, ...] = (0.5, 1.0, 1.5, 2.0)
     """λ for TSV-M, Iso-C and Iso-CTS: a coarse subset of their papers' 0.1..3.0 (hfmerge's lambda=auto grid)."""
+    slerp_grid: tuple[float, ...] = (0.25, 0.5, 0.75)
+    """t for SLERP on validation: a coarse subset of hfmerge's t=auto grid 0.1..0.9."""
     ada_steps: int = 200
     """AdaMerging's Adam steps: 200, to keep the suite's time (its paper's code takes 500)."""
     samples: int = 256
@@ -60,7 +65,7 @@ class Sizes:
 SIZES = {
     "smoke": Sizes(counts=(8, 3, 4), vit=ViTSize(hidden_size=32, layers=5, heads=2, pretrain_epochs=1,
                                                   finetune_epochs=1, gate_epochs=1), ns=(6,), ta_grid=(0.5,),
-                   ties_grid=((0.2, 1.0),), svd_grid=(1.0,), ada_steps=3, samples=16,
+                   ties_grid=((0.2, 1.0),), svd_grid=(1.0,), slerp_grid=(0.5,), ada_steps=3, samples=16,
                    gate_epochs=1),
     "quick": Sizes(counts=(50, 12, 25), vit=ViTSize(pretrain_epochs=6, gate_epochs=2), ns=(6, 12),
                    ta_grid=(1.0, 0.5, 0.25), ties_grid=((0.2, 1.0), (0.2, 0.5)), svd_grid=(0.5, 1.0, 1.5),
@@ -106,9 +111,18 @@ def run(bench: Bench) -> Section:
         rows, chosen, gates[n] = _rows_for(bench, sizes, tasks, data, labels, repos, gate)
         by_n[n] = rows
         section.tables.append(_table(n, tasks, rows, chosen, sizes))
+    pair = names[:2]
+    bench.log("  N = 2 (SLERP)")
+    pair_rows, pair_chosen = _pair_rows(bench, sizes, pair, data, labels, repos)
+    section.tables.append(_pair_table(pair, pair_rows, pair_chosen))
     section.plots.update(_plots(by_n, names, sizes))
     section.claims.extend(_claims(by_n, names))
     section.findings.extend(_findings(by_n, names, gates))
+    ranked = sorted(((row.mean(pair).mean, label.split(" (")[0] + (" (chosen t)" if "from validation" in label
+                                                                    and label.startswith("SLERP") else ""))
+                     for label, row in pair_rows.items() if label.endswith("task given)")), reverse=True)
+    section.findings.append("N = 2, merges scored with the task given, best first: "
+                            + "; ".join(f"{name} {value:.3f}" for value, name in ranked) + ".")
     return section
 
 
@@ -192,6 +206,52 @@ def _rows_for(bench: Bench, sizes: Sizes, tasks: list[str], data: dict[str, str]
     rows["average, merged alone (task given)"] = scored.runs(
         [bench.merge(f"average-{len(tasks)}", sources, "average", heads="concat")])
     return rows, chosen, Cell.of(gate_accuracy)
+
+
+def _pair_rows(bench: Bench, sizes: Sizes, tasks: list[str], data: dict[str, str], labels: dict[str, list[str]],
+               repos: dict[str, str]) -> tuple[dict[str, Runs], dict[str, str]]:
+    """SLERP's table: two sources, each individual model on its own task, and merges scored with the task given."""
+    from transformers import AutoImageProcessor
+
+    import hfmerge
+
+    sources = [repos[t] for t in tasks]
+    scored = _TaskGiven(bench, tasks, data, labels)
+    individual = {}
+    for task, repo in zip(tasks, sources):
+        model = hfmerge.load(repo).eval()
+        processor = AutoImageProcessor.from_pretrained(repo)
+        individual[task] = bench.task_accuracy(model, processor, data[task], "test", labels[task])
+    rows = {"individual": Runs(per_seed=[individual])}
+    rows["individual"].parameters, rows["individual"].flops, rows["individual"].latency_ms = _cost(
+        model, processor, bench, data[tasks[0]])
+    rows["average, merged alone (task given)"] = scored.runs(
+        [bench.merge("average-2", sources, "average", heads="concat")])
+    best_ta = _choose(bench, scored, "task_arithmetic", sources, repos["base"],
+                      [{"lambda_": lam} for lam in sizes.ta_grid])
+    rows[f"task arithmetic (λ={best_ta['lambda_']:g} from validation, task given)"] = scored.runs(
+        [bench.merge("ta-2", sources, "task_arithmetic", base=repos["base"], heads="concat", **best_ta)])
+    rows["SLERP (t=0.5, task given)"] = scored.runs([bench.merge("slerp-2", sources, "slerp", heads="concat", t=0.5)])
+    best_t = _choose(bench, scored, "slerp", sources, None, [{"t": t} for t in sizes.slerp_grid])
+    rows[f"SLERP (t={best_t['t']:g} from validation, task given)"] = scored.runs(
+        [bench.merge("slerp-2-chosen", sources, "slerp", heads="concat", **best_t)])
+    return rows, {"task arithmetic": f"λ = {best_ta['lambda_']:g}", "SLERP": f"t = {best_t['t']:g}"}
+
+
+def _pair_table(tasks: list[str], rows: dict[str, Runs], chosen: dict[str, str]) -> Table:
+    individual = {t: rows["individual"].task(t).mean for t in tasks}
+    table = Table("Table A, N = 2 tasks (SLERP merges two models only): test accuracy",
+                  [*tasks, "mean", "normalised", "parameters", "FLOPs / image", "latency ms / image"])
+    for label, row in rows.items():
+        latency = None if row.latency_ms is None else round(row.latency_ms, 3)
+        table.add(label, [*(row.task(t) for t in tasks), row.mean(tasks), row.normalised(tasks, individual),
+                          row.parameters, row.flops, latency])
+    searched = "; ".join(f"{name} {value}" for name, value in chosen.items())
+    table.notes.append(f"The first two tasks only. Chosen on the validation splits: {searched}. `individual` is "
+                       "each source on its own task (its cost is one source's); every merge is saved with "
+                       "`heads=\"concat\"` and scored by the suite with the task given. SLERP has no base model: "
+                       "θ₁ is the first task's model, θ₂ the second's, and t = 0.5 is its default.")
+    return table
 
 
 GATING_MERGED = "gating + regmean, m=3"
@@ -289,7 +349,7 @@ def _choose(bench: Bench, scored: _TaskGiven, method: str, sources: list[str], b
 
 ORDER = ("individual", "ensemble (no task id)", "average (task given)", "average, merged alone (task given)",
          "task arithmetic", "TIES (", "TIES, global", "DARE", "TSV-M", "Iso-C (", "Iso-CTS", "WUDI", "Model Stock",
-         "AdaMerging", "EMR", "regmean (task given)", "Fisher (task given)")
+         "AdaMerging", "EMR", "SLERP", "regmean (task given)", "Fisher (task given)")
 
 
 def _ordered(rows: dict[str, Runs]) -> list[str]:
