@@ -115,7 +115,7 @@ def test_a_latency_whose_passes_spread_widely_is_flagged_in_the_table_and_the_ca
     report.models[0].latency_spread = 0.05  # a source: steady
     cells = _latency_cells(report)
     assert cells == {"merged": "1.25 (unstable)", "org/vit-a": "1.5", "org/vit-b": "1.5", "ensemble": "3"}
-    assert "merged's timed passes spread by 40% of their median" in report.markdown()
+    assert "merged: the interquartile range of its timed passes is 40% of their median" in report.markdown()
     card = update_card("", report, "org/vit-merged")
     assert "| merged | merged |" in card and "1.25 (unstable)" in card and "not to be compared" in card
     assert EvaluationReport.from_json(report.to_json()).models[1].latency_spread == 0.40

@@ -134,8 +134,8 @@ class EvaluationReport:
         reasons: dict[str, str] = {}
         for model in timed:
             if model.latency_spread is not None and model.latency_spread > UNSTABLE_SPREAD:
-                reasons[model.name] = (f"{model.name}'s timed passes spread by {model.latency_spread:.0%} of their "
-                                       "median (interquartile range)")
+                reasons[model.name] = (f"{model.name}: the interquartile range of its timed passes is "
+                                       f"{model.latency_spread:.0%} of their median")
         sizes: dict[tuple[int, int, int, str | None], list[ModelEvaluation]] = {}
         for model in timed:
             if model.flops is not None:
