@@ -124,7 +124,8 @@ def _build_parser() -> argparse.ArgumentParser:
                           help="models to evaluate beside it (default with --ensemble: the sources in its hfmerge.yaml)")
     evaluate.add_argument("--ensemble", action="store_true",
                           help="also evaluate the ensemble of the compared models (averaged softmax)")
-    evaluate.add_argument("--metric", help="an extra metric: a Hugging Face `evaluate` module name or a local module file")
+    evaluate.add_argument("--metric", help="an extra metric: a Hugging Face `evaluate` module name "
+                          "(pip install 'hfmerge[eval]') or a local module file")
     evaluate.add_argument("--samples", type=int, help="evaluate on at most this many images per dataset")
     evaluate.add_argument("--batch-size", type=int, default=32, help="images per batch (default 32)")
     evaluate.add_argument("--seed", type=int, default=0, help="seed of the sample selection with --samples")
