@@ -459,7 +459,8 @@ def test_the_app_runs_as_a_script_from_the_source_tree():
 
 
 _MALLOC_PROBE = """
-import ctypes, importlib.util, sys
+import ctypes, importlib.util, os, sys
+sys.path.insert(0, os.path.dirname(sys.argv[1]))  # inference.py beside it, as in a Space
 spec = importlib.util.spec_from_file_location("app_probe", sys.argv[1])
 module = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(module)
