@@ -60,8 +60,16 @@ def memory(pid: int) -> dict[str, int]:
 
 
 def folder_size(folder: Path) -> tuple[int, int]:
-    files = [p for p in folder.rglob("*") if p.is_file()]
-    return len(files), sum(p.stat().st_size for p in files)
+    """Files in ``folder`` and their bytes; a file Gradio removes meanwhile (its partial uploads) is not counted."""
+    count = size = 0
+    for path in folder.rglob("*"):
+        try:
+            if path.is_file():
+                size += path.stat().st_size
+                count += 1
+        except FileNotFoundError:
+            continue
+    return count, size
 
 
 def request_image(index: int, folder: Path) -> Path:
