@@ -4,6 +4,8 @@ the pushed Space running from its own files, bad input, and one run in headless 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
@@ -454,3 +456,37 @@ def test_the_app_runs_as_a_script_from_the_source_tree():
                           timeout=120, cwd=ROOT)
     assert done.returncode == 0, done.stderr
     assert "--model" in done.stdout
+
+
+_MALLOC_PROBE = """
+import ctypes, importlib.util, os, sys
+sys.path.insert(0, os.path.dirname(sys.argv[1]))  # inference.py beside it, as in a Space
+spec = importlib.util.spec_from_file_location("app_probe", sys.argv[1])
+module = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(module)
+libc = ctypes.CDLL("libc.so.6")
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+libc.mallinfo2.restype = MallInfo2
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+bounded = module.bound_allocator()
+libc.free(libc.malloc(20 << 20))  # glibc's default then raises its mmap threshold above 20 MB
+before = libc.mallinfo2().hblks
+block = libc.malloc(4 << 20)  # a decoded 1,200 x 900 image
+print(bounded, libc.mallinfo2().hblks - before)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="glibc's allocator: Linux")
+def test_the_app_bounds_its_memory_and_its_upload_cache(tmp_path):
+    """Freed image buffers go back to the system, and uploads are deleted after a while (issue 20, item 16)."""
+    folder = save_tiny(tmp_path / "vit", "vit")
+    demo = app.build_demo(app.load_demo(str(folder), sources=[]))
+    assert demo.delete_cache == app.UPLOAD_CACHE and 0 < app.UPLOAD_CACHE[1] <= 3600
+    # once bounded, a large block after a larger one freed is mapped on its own (given back when freed), not
+    # carved from an arena that keeps it
+    probe = subprocess.run([sys.executable, "-c", _MALLOC_PROBE, app.__file__], capture_output=True, text=True,
+                           check=True)
+    assert probe.stdout.split() == ["True", "1"]
