@@ -133,7 +133,7 @@ def test_a_killed_save_leaves_a_partial_folder_that_the_next_save_removes(tmp_pa
     assert any(partial.name in r.getMessage() and "50 kB freed" in r.getMessage() for r in caplog.records)
 
 
-def test_only_folders_whose_process_is_gone_are_removed(tmp_path):
+def test_only_folders_whose_process_is_gone_are_removed(tmp_path, caplog):
     """Kept: a live owner's, this process's, another host's, an unmarked one; removed: a dead owner's, a reused pid's."""
     from hfmerge.io.disk import owned_temp_folder, owner_tag, remove_orphans
 
@@ -155,10 +155,13 @@ def test_only_folders_whose_process_is_gone_are_removed(tmp_path):
             folder.mkdir()
             (folder / "model.safetensors").write_bytes(b"\0" * 1_000)
         mine = owned_temp_folder(tmp_path, ".hfmerge-staging-")
-        removed = remove_orphans(tmp_path)
+        with caplog.at_level("INFO", logger="hfmerge"):
+            removed = remove_orphans(tmp_path)
         gone = {"dead", "reused"} if linux else {"dead"}
         assert sorted(removed) == sorted((folders[name], 1_000) for name in gone)
         assert set(tmp_path.iterdir()) == {mine} | {folders[name] for name in folders.keys() - gone}
+        warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+        assert len(warned) == 1 and str(folders["unmarked"]) in warned[0] and "1 kB" in warned[0], warned
     finally:
         sleeper.kill()
         sleeper.wait()

@@ -39,6 +39,9 @@ FULL_DISK_ERRNOS = frozenset(code for code in (errno.ENOSPC, getattr(errno, "EDQ
 _RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)")
 """How safetensors (Rust) reports an OS error: its message ends with ``(os error 28)``, the type is not OSError."""
 
+UNMARKED_STAGING = re.compile(r"\.hfmerge-staging-[a-z0-9_]{8}")
+"""A staging folder of an hfmerge older than owner names (``tempfile.mkdtemp``'s eight characters): only mentioned."""
+
 OWNED_NAME = re.compile(r"\..*owner-(?P<pid>\d+)-(?P<start>\d+)-(?P<host>[0-9a-f]{8})\.[A-Za-z0-9_]+")
 """A hidden temporary file or folder hfmerge made and named by its owner (see :func:`owner_tag`)."""
 
@@ -143,8 +146,8 @@ def remove_orphans(parent: str | Path) -> list[tuple[Path, int]]:
     """Remove the temporary files and folders in ``parent`` whose owner process is gone; say so in one log line.
 
     Only names made by :func:`owner_tag` count, only this host's, and only when the owner's pid no longer
-    runs or now belongs to a process that started later. A folder of an older hfmerge (no owner in its
-    name) is left alone.
+    runs or now belongs to a process that started later. A staging folder of an older hfmerge (no owner
+    in its name) is left alone, with a warning.
 
     Returns:
         What was removed, with the bytes it held.
@@ -155,6 +158,11 @@ def remove_orphans(parent: str | Path) -> list[tuple[Path, int]]:
         return []
     removed = []
     for path in entries:
+        if UNMARKED_STAGING.fullmatch(path.name) and path.is_dir() and not path.is_symlink():
+            logger.warning("%s (%s) looks like the staging folder of an earlier hfmerge run that was killed; it does "
+                           "not say which process made it, so it is left alone: remove it if no merge runs there",
+                           path, format_size(_size(path)))
+            continue
         match = OWNED_NAME.fullmatch(path.name)
         if match is None or path.is_symlink() or _owner_may_run(match):
             continue
