@@ -48,12 +48,14 @@ OWNED_NAME = re.compile(r"\..*owner-(?P<pid>\d+)-(?P<start>\d+)-(?P<host>[0-9a-f
 
 def format_size(size: int) -> str:
     """``size`` bytes in decimal units with three significant digits, as ``ls -h --si`` and the Hub show sizes."""
-    value = float(size)
-    for unit in ("B", "kB", "MB", "GB", "TB"):
-        if round(value) < 1000 or unit == "TB":
-            return f"{value:.3g} {unit}" if unit != "B" else f"{int(value)} B"
-        value /= 1000
-    raise AssertionError("unreachable")
+    if size < 1000:
+        return f"{size} B"
+    value, unit = size / 1000, "kB"
+    for larger in ("MB", "GB", "TB"):
+        if round(value) < 1000:  # 999.7 kB would print as 1e+03 kB: it is 1 MB
+            break
+        value, unit = value / 1000, larger
+    return f"{value:.3g} {unit}"
 
 
 def free_space(folder: str | Path) -> int:
