@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import tempfile
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -16,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from hfmerge.errors import OutputExistsError
+from hfmerge.io.disk import full_disk_is_an_error, owned_temp_folder, remove_orphans
 from hfmerge.methods.stages import RunRecord
 
 if TYPE_CHECKING:
@@ -210,19 +210,24 @@ def atomic_folder(folder: str | Path, *, overwrite: bool = False, marker: str = 
     An exception inside the block removes the partial folder and leaves
     ``folder`` as it was, so a failure never leaves a half-written output.
     The folder gets the permissions the user's umask gives a new folder.
+    The hidden folders are named by their process: what a killed run left
+    beside ``folder`` is removed first (:func:`~hfmerge.io.disk.remove_orphans`).
 
     Raises:
         OutputExistsError: ``folder`` may not be replaced (see :func:`check_output_folder`).
+        DiskSpaceError: the disk filled while the block wrote (the partial folder is removed).
     """
     target = Path(folder).expanduser().resolve()
     check_output_folder(target, overwrite=overwrite, marker=marker)
     target.parent.mkdir(parents=True, exist_ok=True)
-    partial = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    remove_orphans(target.parent)
+    partial = owned_temp_folder(target.parent, f".{target.name}.partial-")
     try:
         partial.chmod(0o777 & ~_umask())  # mkdtemp makes 0700, private unlike any folder the user makes
-        yield partial
+        with full_disk_is_an_error(target.parent, str(target), "make room there, or choose another output folder"):
+            yield partial
         if target.exists():
-            trash = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+            trash = owned_temp_folder(target.parent, f".{target.name}.old-")
             os.replace(target, trash / target.name)
             os.replace(partial, target)
             shutil.rmtree(trash, ignore_errors=True)
