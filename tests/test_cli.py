@@ -96,6 +96,23 @@ def test_python_dash_m_and_console_script(vits, tmp_path):
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "available methods" in bad.stderr
 
 
+@pytest.mark.parametrize("command", ["methods", "inspect", "merge --dry-run"])
+def test_a_reader_that_went_away_ends_every_command_quietly(vits, command):
+    args = {"methods": ["methods"], "inspect": ["inspect", str(vits[0])],
+            "merge --dry-run": ["merge", str(vits[0]), str(vits[1]), "-m", "average", "--dry-run"]}[command]
+    # stdout buffered as in a user's shell: the output fails at a print or at the last flush, by its length
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"} | {"HF_HUB_OFFLINE": "1"}
+    reader, writer = os.pipe()
+    os.close(reader)  # the reader is gone before the first line, as in `hfmerge methods | head -0`
+    try:
+        done = subprocess.run([sys.executable, "-m", "hfmerge", *args], stdout=writer, stderr=subprocess.PIPE,
+                              text=True, env=env, timeout=120)
+    finally:
+        os.close(writer)
+    assert done.stderr == ""
+    assert done.returncode == 141  # 128 + SIGPIPE: what a shell reports for `git log | head -1`
+
+
 # -- bad input: one clear line, exit code 2, nothing written ---------------------------------------------
 
 
