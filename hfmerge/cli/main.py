@@ -68,7 +68,8 @@ def _build_parser() -> argparse.ArgumentParser:
         p.add_argument("--push-to-hub", metavar="REPO_ID", help="upload the result to this Hub repo in one commit")
         p.add_argument("--private", action="store_true", help="create the Hub repo as private")
         p.add_argument("--overwrite", action="store_true",
-                       help="replace an output folder that holds an earlier hfmerge output (hfmerge.yaml)")
+                       help="replace an earlier hfmerge output in the output folder "
+                            "(refused, naming them, where it holds files hfmerge did not write)")
         p.add_argument("--dry-run", action="store_true", help="print the plan and write nothing")
         p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
 
@@ -119,7 +120,8 @@ def _build_parser() -> argparse.ArgumentParser:
     space.add_argument("--private", action="store_true", help="create the Space as private")
     space.add_argument("--output", "-o", help="write the Space folder here; without --space-id nothing is pushed")
     space.add_argument("--overwrite", action="store_true",
-                       help="replace an output folder that holds an earlier Space written by hfmerge")
+                       help="replace an earlier Space written by hfmerge in the output folder "
+                            "(refused, naming them, where it holds files hfmerge did not write)")
 
     evaluate = sub.add_parser("evaluate", help="evaluate a merged model (and its sources, the ensemble) on datasets")
     evaluate.add_argument("model", metavar="MODEL", help="a merged model: a folder, or org/name[@revision]")

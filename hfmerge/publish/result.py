@@ -123,9 +123,10 @@ class MergeResult:
 
         The files go to a hidden sibling folder first, which is renamed to
         ``folder`` at the end, so an interrupted save leaves no output folder.
+        ``overwrite`` replaces an earlier output holding only the files hfmerge wrote.
 
         Raises:
-            OutputExistsError: ``folder`` exists, is not empty, and ``overwrite`` is false.
+            OutputExistsError: ``folder`` may not be replaced (see :func:`check_output_folder`).
         """
         with atomic_folder(folder, overwrite=overwrite) as partial:
             for item in self.staging.iterdir():
