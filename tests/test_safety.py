@@ -69,7 +69,7 @@ def test_a_filesystem_root_is_never_an_output():
 def test_a_folder_of_the_users_is_refused_suggesting_only_what_works(vits, tmp_path, capsys, flag):
     out = folder_with(tmp_path / "photos", "holiday.jpg")
     code, _, err = run_cli(["merge", *vits, "-m", "average", "-o", out, *flag, "-q"], capsys)
-    assert_one_line_error(code, err, "no hfmerge.yaml", "not an earlier hfmerge output", "choose another path")
+    assert_one_line_error(code, err, "no hfmerge.yaml", "will not replace it", "choose another path")
     assert "--overwrite" not in err  # it would be refused too
     assert contents(out) == {"holiday.jpg": "the user's holiday.jpg\n"}
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []

@@ -184,8 +184,8 @@ def check_output_folder(target: str | Path, *, overwrite: bool, marker: str = RE
     where = f"output folder {str(target)!r}"
     if not (target / marker).is_file():
         raise OutputExistsError(
-            f"{where} has files and no {marker}, so it is not an earlier hfmerge output and hfmerge will not "
-            "replace it; choose another path"
+            f"{where} has files and no {marker}, which an earlier output written there would hold, so hfmerge "
+            "will not replace it; choose another path"
         )
     manifest = read_manifest(target)
     if manifest is None:
