@@ -19,6 +19,7 @@ from helpers import assert_one_line_error, run_cli
 from huggingface_hub import SpaceCard, snapshot_download
 
 from hfmerge.cli import main
+from hfmerge.publish.manifest import MANIFEST_FILE
 from hfmerge.testing.browser import chromium_missing, headless_chromium, show_image
 from hfmerge.testing.ports import free_port
 from hfmerge.testing.space_app import running_space
@@ -282,8 +283,9 @@ def test_space_output_writes_a_folder_that_runs_alone(hub_models, tmp_path, caps
     out = tmp_path / "space"
     code, stdout, _ = run_cli(["space", "org/space-vit-merged", "--output", out], capsys)
     assert code == 0 and stdout.strip() == f"written: {out}"
-    assert sorted(p.name for p in out.iterdir()) == [
-        "README.md", "app.py", "examples", "inference.py", "requirements.txt", "source_ref.py", "space_config.json"]
+    assert sorted(p.name for p in out.iterdir()) == [  # and the list of them, for a later --overwrite
+        ".hfmerge-files.json", "README.md", "app.py", "examples", "inference.py", "requirements.txt",
+        "source_ref.py", "space_config.json"]
     for name in ("app.py", "inference.py"):
         assert (out / name).read_bytes() == (ROOT / "spaces" / name).read_bytes()
     assert (out / "source_ref.py").read_bytes() == (ROOT / "hfmerge" / "source_ref.py").read_bytes()  # the core's
@@ -299,8 +301,10 @@ def test_space_output_writes_a_folder_that_runs_alone(hub_models, tmp_path, caps
     import hfmerge
 
     again = hfmerge.save_space(hfmerge.SpaceOptions("org/space-vit-merged"), tmp_path / "again")
-    assert {p.relative_to(again): p.read_bytes() for p in again.rglob("*") if p.is_file()} == {
-        p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    def space_files(folder):  # each folder's list of hfmerge's files has its own times
+        return {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST_FILE}
+
+    assert space_files(again) == space_files(out)
 
     with running_space(out, tmp_path / "space.log", without_hfmerge=True) as url:
         answer = client_for(url).predict(gradio_client.handle_file(str(image_file)), api_name="/predict")
@@ -441,7 +445,9 @@ def test_space_output_and_push_together_private(hub_models, local_hub, tmp_path,
     assert repo.private and repo.sdk == "gradio"
     files = repo.commits[repo.branches["main"]]
     written = {p.relative_to(out).as_posix(): p.read_bytes() for p in out.rglob("*") if p.is_file()}
-    assert {k: v for k, v in files.items() if k != ".gitattributes"} == written
+    assert MANIFEST_FILE in written  # the folder's list of hfmerge's files stays on this machine
+    assert {k: v for k, v in files.items() if k != ".gitattributes"} == {
+        k: v for k, v in written.items() if k != MANIFEST_FILE}
     card = SpaceCard(files["README.md"].decode())
     assert card.data.title == "Digits, merged"
     assert 'Client("org/space-private-demo")' in card.text

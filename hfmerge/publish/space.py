@@ -193,7 +193,8 @@ def save_space(options: SpaceOptions, output: str | Path, *, overwrite: bool = F
 
     With ``options.space_id`` set, the folder is checked as for the Hub (no
     local folders as models or sources) and can be pushed with :func:`push_space`.
-    ``overwrite`` replaces only a folder holding an earlier Space (``space_config.json``).
+    ``overwrite`` replaces only a folder holding an earlier Space (``space_config.json``) and no
+    file but those hfmerge wrote there (see :func:`~hfmerge.publish.result.check_output_folder`).
     """
     check_output_folder(output, overwrite=overwrite, marker=SPACE_CONFIG_FILE)
     for_hub = options.space_id is not None
