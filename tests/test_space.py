@@ -349,6 +349,7 @@ def test_space_is_pushed_to_the_hub_and_runs_from_its_repo(hub_models, local_hub
      ["contradict"]),
     (["org/space-feature", "--space-id", "org/x-demo"], ["ViTModel", "classification and segmentation"]),
     (["LOCAL", "--space-id", "org/x-demo"], ["is a local folder", "--push-to-hub"]),
+    (["LOCAL"], ["is a local folder", "--push-to-hub", "--output FOLDER to write the Space's folder only"]),
     (["org/space-vit-merged", "--space-id", "org/x-demo", "--examples", "NOT_IMAGE"], ["is not an image"]),
     (["org/space-vit-merged", "--output", "TAKEN"], ["exists and is not empty"]),
 ])
@@ -370,6 +371,7 @@ def test_space_bad_input_is_one_line_and_writes_nothing(hub_models, publish, loc
     code, out, err = run_cli(["space", *[swap.get(a, a) for a in args]], capsys)
 
     assert_one_line_error(code, err, *fragments)
+    assert "--space-id" in args or "--space-id" not in err  # never a flag the user did not give
     assert out == ""
     assert set(local_hub.repos) - before == {("model", "org/space-feature")} - before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["local-merged", "notes.png", "taken"]

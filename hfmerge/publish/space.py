@@ -99,10 +99,7 @@ def plan_space(options: SpaceOptions, *, for_hub: bool, token: str | bool | None
     """
     model = resolve_source(options.model, token=token, metadata_only=True)
     if for_hub and model.is_local:
-        raise RecipeError(
-            f"a Space loads its model from the Hub, and {options.model!r} is a local folder: push the merged "
-            "model first (hfmerge merge ... --push-to-hub ORG/NAME) and name it by repo id, or use --output only"
-        )
+        raise _local_model_refused(options.model)
     config = json.loads((model.path / "config.json").read_text())
     from hfmerge.methods.emr.model import MODEL_TYPE as EMR_MODEL_TYPE
     from hfmerge.methods.gating.model import MODEL_TYPE as GATED_MODEL_TYPE
@@ -246,17 +243,32 @@ def check_space_push(options: SpaceOptions, *, token: str | bool | None = None) 
     """
     from hfmerge.publish.hub import check_push_access
 
+    if options.space_id is None and SourceSpec.parse(options.model).is_local:
+        raise _local_model_refused(options.model)  # no Space id can be made from a folder's path
     space_id = options.space_id or f"{options.model.partition('@')[0]}-demo"
-    _check_space_id(space_id)
+    _check_space_id(space_id, given=options.space_id is not None)
     check_push_access(space_id, token=token, repo_type="space")
     return space_id
 
 
-def _check_space_id(space_id: str) -> None:
+def _local_model_refused(model: str) -> RecipeError:
+    """Why a Space of a local folder cannot be pushed, and the two things the user can do instead."""
+    return RecipeError(
+        f"a Space loads its model from the Hub, and {model!r} is a local folder: push the merged model first "
+        "(hfmerge merge ... --push-to-hub ORG/NAME) and name it by repo id, or pass --output FOLDER to write the "
+        "Space's folder only"
+    )
+
+
+def _check_space_id(space_id: str, *, given: bool = True) -> None:
+    """``space_id`` is a valid repo id; the error names --space-id only when the user gave it."""
     try:
         validate_repo_id(space_id)
     except HFValidationError:
-        raise RecipeError(f"--space-id {space_id!r} is not a valid repo id; write it as owner/name") from None
+        if given:
+            raise RecipeError(f"--space-id {space_id!r} is not a valid repo id; write it as owner/name") from None
+        raise RecipeError(f"the Space's default id {space_id!r} (the model's, with -demo) is not a valid repo id; "
+                          "give one with --space-id owner/name") from None
 
 
 def _read_recipe(folder: Path, where: str) -> dict:
