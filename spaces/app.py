@@ -260,9 +260,23 @@ def bound_allocator() -> bool:
 
 
 def _settings() -> dict[str, Any]:
-    if CONFIG_FILE.is_file():
-        return json.loads(CONFIG_FILE.read_text())
-    return {}
+    """``space_config.json``, a folder in it (``../merged``) read from the Space's own folder.
+
+    ``hfmerge space FOLDER --output`` names a local model by its path from the Space, never by a path of
+    the machine it was written on, so the app finds it from wherever it is started.
+    """
+    if not CONFIG_FILE.is_file():
+        return {}
+    settings = json.loads(CONFIG_FILE.read_text())
+
+    def located(ref: str) -> str:
+        return str((HERE / ref).resolve()) if ref.startswith(".") else ref
+
+    if settings.get("model"):
+        settings["model"] = located(settings["model"])
+    if settings.get("sources"):
+        settings["sources"] = [located(ref) for ref in settings["sources"]]
+    return settings
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -289,7 +289,7 @@ def test_space_output_writes_a_folder_that_runs_alone(hub_models, tmp_path, caps
     for name in ("app.py", "inference.py"):
         assert (out / name).read_bytes() == (ROOT / "spaces" / name).read_bytes()
     assert (out / "source_ref.py").read_bytes() == (ROOT / "hfmerge" / "source_ref.py").read_bytes()  # the core's
-    assert sorted(p.name for p in (out / "examples").iterdir()) == ["china.jpg", "flower.jpg"]
+    assert list((out / "examples").iterdir()) == []  # no evaluation data, no merge data: no examples
     card = SpaceCard.load(out / "README.md")
     assert (card.data.sdk, card.data.app_file, card.data.sdk_version) == ("gradio", "app.py", gr.__version__)
     assert card.data.models == ["org/space-vit-merged", "org/space-vit-a", "org/space-vit-b"]
@@ -313,6 +313,90 @@ def test_space_output_writes_a_folder_that_runs_alone(hub_models, tmp_path, caps
     assert answer == in_process
 
 
+def test_a_local_space_names_its_model_relative_to_itself_and_runs_from_another_folder(tmp_path, capsys,
+                                                                                        image_file):
+    """``hfmerge space FOLDER --output``: no path of this machine in what is written; the model is named relative to
+    the Space's folder, and the app finds it so, whichever folder it is started from."""
+    model = save_tiny(tmp_path / "models" / "merged", "vit", len(LABELS), seed=3, labels=LABELS)
+    out = tmp_path / "spaces" / "demo"
+    code, _, err = run_cli(["space", model, "--output", out, "--no-sources"], capsys)
+    assert code == 0, err
+    settings = json.loads((out / "space_config.json").read_text())
+    assert settings == {"model": "../../models/merged", "sources": []}
+    for path in out.rglob("*"):
+        if path.is_file() and path.suffix in (".json", ".md", ".txt"):
+            assert str(tmp_path) not in path.read_text(), path.name
+    elsewhere = tmp_path / "elsewhere"  # running_space starts the app in the log's folder
+    elsewhere.mkdir()
+    with running_space(out, elsewhere / "space.log", without_hfmerge=True) as url:
+        answer = client_for(url).predict(gradio_client.handle_file(str(image_file)), api_name="/predict")
+    expected = app.load_demo(str(model)).merged.predict(app.open_image(image_file)[0]).top
+    assert answer["merged"] == expected
+
+
+def _labeled_images(folder: Path) -> Path:
+    """Two classes of three distinct images each, named as the tiny models' labels."""
+    for label in range(2):
+        for i in range(3):
+            pixels = np.full((24, 24, 3), 40 * (3 * label + i), dtype=np.uint8)
+            pixels[::2, ::3] = 255 - 30 * i
+            (folder / LABELS[label]).mkdir(parents=True, exist_ok=True)
+            PIL.Image.fromarray(pixels).save(folder / LABELS[label] / f"{i}.png")
+    return folder
+
+
+def _pixels(path: Path) -> bytes:
+    with PIL.Image.open(path) as image:
+        return image.convert("RGB").tobytes()
+
+
+def _assert_examples_come_from(out: Path, data: Path) -> None:
+    examples = sorted((out / "examples").iterdir())
+    assert 1 <= len(examples) <= 4
+    assert {_pixels(p) for p in examples} <= {_pixels(p) for p in data.rglob("*.png")}
+
+
+@pytest.mark.parametrize("given", ["eval data", "merge data", "neither"])
+def test_examples_come_from_the_models_evaluation_data_else_its_merge_data_else_none(given, tmp_path, capsys):
+    """A digit model is shown digits, not a pagoda: the examples are drawn from the data its hfmerge.yaml names."""
+    sources = [save_tiny(tmp_path / f"source-{seed}", "vit", len(LABELS), seed=seed, labels=LABELS) for seed in (1, 2)]
+    data = _labeled_images(tmp_path / "pets")
+    extra = {"eval data": ["--method", "average", "--eval-data", data],
+             "merge data": ["--method", "regmean", "--data", data, "--param", "samples=4"],
+             "neither": ["--method", "average"]}[given]
+    code, _, err = run_cli(["merge", *sources, *extra, "--output", tmp_path / "merged", "-q"], capsys)
+    assert code == 0, err
+    out = tmp_path / "space"
+    code, _, err = run_cli(["space", tmp_path / "merged", "--output", out, "--no-sources"], capsys)
+    assert code == 0, err
+    readme = (out / "README.md").read_text()
+    assert not {p.name for p in (out / "examples").iterdir()} & {"china.jpg", "flower.jpg"}
+    if given == "neither":
+        assert list((out / "examples").iterdir()) == [] and "Example images" not in readme
+        return
+    _assert_examples_come_from(out, data)
+    what = "the model's evaluation data" if given == "eval data" else "the data the merge read"
+    assert "Example images: drawn from `pets" in readme and what in readme
+    assert str(tmp_path) not in readme
+
+
+def test_examples_come_from_the_datasets_the_cards_model_index_names(publish, hub_api, tmp_path, capsys):
+    """A model evaluated by ``hfmerge evaluate --update-card`` (or by anyone) names its data in ``model-index``."""
+    data = _labeled_images(tmp_path / "pets")
+    hub_api.create_repo("org/space-example-pets", repo_type="dataset", exist_ok=True)
+    sha = hub_api.upload_folder(folder_path=str(data), repo_id="org/space-example-pets", repo_type="dataset").oid
+    readme = ("---\nmodel-index:\n- name: indexed\n  results:\n  - task: {type: image-classification}\n"
+              "    dataset: {type: org/space-example-pets, name: org/space-example-pets, split: train, "
+              f"revision: {sha}}}\n    metrics:\n    - {{type: accuracy, value: 0.5}}\n---\n# Indexed\n")
+    publish("org/space-indexed", model=tiny_model("vit", len(LABELS), seed=4, labels=LABELS), family="vit",
+            readme=readme)
+    out = tmp_path / "space"
+    code, _, err = run_cli(["space", "org/space-indexed", "--output", out], capsys)
+    assert code == 0, err
+    _assert_examples_come_from(out, data)
+    assert "`org/space-example-pets:train`" in (out / "README.md").read_text()
+
+
 def test_space_is_pushed_to_the_hub_and_runs_from_its_repo(hub_models, local_hub, tmp_path, capsys, image_file):
     code, stdout, _ = run_cli(["space", "org/space-seg-merged", "--space-id", "org/space-seg-demo"], capsys)
     assert code == 0
@@ -321,7 +405,7 @@ def test_space_is_pushed_to_the_hub_and_runs_from_its_repo(hub_models, local_hub
     assert f"pushed: {local_hub.endpoint}/spaces/org/space-seg-demo/commit/{repo.branches['main']}" in stdout
     assert len(repo.history) == 2  # the repo's creation, then the Space in one commit
     files = repo.commits[repo.branches["main"]]
-    assert {"app.py", "README.md", "requirements.txt", "space_config.json", "examples/china.jpg"} <= set(files)
+    assert {"app.py", "README.md", "requirements.txt", "space_config.json"} <= set(files)
 
     folder = Path(snapshot_download("org/space-seg-demo", repo_type="space", local_dir=tmp_path / "clone"))
     with running_space(folder, tmp_path / "space.log", without_hfmerge=True) as url:
@@ -355,6 +439,7 @@ def test_space_is_pushed_to_the_hub_and_runs_from_its_repo(hub_models, local_hub
      ["contradict"]),
     (["org/space-feature", "--space-id", "org/x-demo"], ["ViTModel", "classification and segmentation"]),
     (["LOCAL", "--space-id", "org/x-demo"], ["is a local folder", "--push-to-hub"]),
+    (["LOCAL"], ["is a local folder", "--push-to-hub", "--output FOLDER to write the Space's folder only"]),
     (["org/space-vit-merged", "--space-id", "org/x-demo", "--examples", "NOT_IMAGE"], ["is not an image"]),
     (["org/space-vit-merged", "--output", "TAKEN"], ["exists and is not empty"]),
 ])
@@ -376,6 +461,7 @@ def test_space_bad_input_is_one_line_and_writes_nothing(hub_models, publish, loc
     code, out, err = run_cli(["space", *[swap.get(a, a) for a in args]], capsys)
 
     assert_one_line_error(code, err, *fragments)
+    assert "--space-id" in args or "--space-id" not in err  # never a flag the user did not give
     assert out == ""
     assert set(local_hub.repos) - before == {("model", "org/space-feature")} - before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["local-merged", "notes.png", "taken"]

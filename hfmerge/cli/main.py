@@ -115,7 +115,7 @@ def _build_parser() -> argparse.ArgumentParser:
     space.add_argument("--sources", nargs="+", metavar="SOURCE",
                        help="models to show beside it (default: the sources in its hfmerge.yaml)")
     space.add_argument("--no-sources", action="store_true", help="show the merged model alone")
-    space.add_argument("--examples", nargs="+", metavar="IMAGE", help="example images (default: two bundled photos)")
+    space.add_argument("--examples", nargs="+", metavar="IMAGE", help="example images (default: a few of the model's evaluation data, else of its merge data, else none)")
     space.add_argument("--title", help="the Space's title (default: '<model name> demo')")
     space.add_argument("--private", action="store_true", help="create the Space as private")
     space.add_argument("--output", "-o", help="write the Space folder here; without --space-id nothing is pushed")
