@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from hfmerge.errors import (
     DataError,
+    DiskSpaceError,
     EvaluationError,
     HfMergeError,
     HubUnreachableError,
@@ -79,8 +80,8 @@ _LAZY = {
 }
 
 __all__ = [  # every error class of hfmerge.errors, and the names above
-    "Analyse", "Compare", "Comparison", "DataError", "DataNeed", "Derive", "Derived", "EvaluationError",
-    "FamilyAdapter", "FineTune", "FineTuning", "HeadSpec", "HfMergeError", "HubUnreachableError",
+    "Analyse", "Compare", "Comparison", "DataError", "DataNeed", "Derive", "Derived", "DiskSpaceError",
+    "EvaluationError", "FamilyAdapter", "FineTune", "FineTuning", "HeadSpec", "HfMergeError", "HubUnreachableError",
     "IncompatibleModelsError", "MergeContext", "MergeMethod", "MergeNumericError", "MergePlan", "MergeResult",
     "OutputExistsError", "ParamSpec", "Phase", "PlannedMerge", "PublishError", "Recipe", "RecipeError",
     "SharedInput", "SourceError", "SourceSpec", "SpaceOptions", "Stage", "Statistics", "StatisticsError",

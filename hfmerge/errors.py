@@ -33,6 +33,10 @@ class OutputExistsError(HfMergeError, FileExistsError):
     """The output folder exists and is not empty."""
 
 
+class DiskSpaceError(HfMergeError, OSError):
+    """The disk cannot hold what hfmerge must write: too little free space before writing, or it filled while writing."""
+
+
 class PublishError(HfMergeError, RuntimeError):
     """Uploading to the Hub failed."""
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import colorsys
+import ctypes
 import hashlib
 import json
 import os
@@ -54,6 +55,9 @@ EXAMPLES_DIR = HERE / "examples"
 MAX_UPLOAD = "20mb"           # refused by the server before the app sees it
 MAX_PIXELS = 50_000_000       # refused after reading the image header, before decoding
 MAX_SIDE = 2048               # larger images are scaled down before inference
+UPLOAD_CACHE = (600, 600)     # every 10 minutes, uploads older than 10 minutes are deleted from Gradio's cache
+MALLOC_ARENAS = 2             # glibc's malloc arenas for the whole process (its default: 8 per core)
+MALLOC_MMAP_THRESHOLD = 1 << 20  # blocks this large are mapped on their own, and given back when freed
 
 
 class UserError(gr.Error):
@@ -173,7 +177,8 @@ def build_demo(demo_models: DemoModels, *, examples: list[Path] | None = None) -
         return values + [payload, "\n".join(f"- {n}" for n in notes)]
 
     method = metadata.get("method")
-    with gr.Blocks(title=f"{demo_models.merged.name} — hfmerge demo") as demo:
+    # Gradio keeps every upload in its cache folder for as long as the server runs unless told otherwise
+    with gr.Blocks(title=f"{demo_models.merged.name} — hfmerge demo", delete_cache=UPLOAD_CACHE) as demo:
         gr.Markdown(f"# {demo_models.merged.name}")
         if method:
             gr.Markdown(
@@ -232,10 +237,46 @@ def build_demo(demo_models: DemoModels, *, examples: list[Path] | None = None) -
 # --------------------------------------------------------------------------- command line
 
 
+def bound_allocator() -> bool:
+    """Make glibc give freed image buffers back to the system; whether it could (glibc only).
+
+    Gradio runs each prediction on a thread of its pool, and glibc gives threads
+    malloc arenas of their own (up to 8 per core) whose freed memory stays with
+    the process; its mmap threshold also rises to 32 MB as large blocks are freed,
+    after which a decoded image (a 2048-px side is 12 MB) is carved from an arena
+    too. So the Space's RSS climbed by hundreds of MB over its first requests
+    before every arena had held the largest images. Two arenas and a fixed 1 MiB
+    threshold bound that (``benchmarks/space_memory.py``).
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # musl or another libc: its own allocator, left as it is
+        return False
+    m_mmap_threshold, m_arena_max = -3, -8  # glibc's <malloc.h>
+    return bool(mallopt(m_arena_max, MALLOC_ARENAS)) and bool(mallopt(m_mmap_threshold, MALLOC_MMAP_THRESHOLD))
+
+
 def _settings() -> dict[str, Any]:
-    if CONFIG_FILE.is_file():
-        return json.loads(CONFIG_FILE.read_text())
-    return {}
+    """``space_config.json``, a folder in it (``../merged``) read from the Space's own folder.
+
+    ``hfmerge space FOLDER --output`` names a local model by its path from the Space, never by a path of
+    the machine it was written on, so the app finds it from wherever it is started.
+    """
+    if not CONFIG_FILE.is_file():
+        return {}
+    settings = json.loads(CONFIG_FILE.read_text())
+
+    def located(ref: str) -> str:
+        return str((HERE / ref).resolve()) if ref.startswith(".") else ref
+
+    if settings.get("model"):
+        settings["model"] = located(settings["model"])
+    if settings.get("sources"):
+        settings["sources"] = [located(ref) for ref in settings["sources"]]
+    return settings
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -250,6 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=None, help="port to listen on (default: Gradio's, 7860)")
     parser.add_argument("--concurrency", type=int, default=2, help="predictions run at once (default 2)")
     args = parser.parse_args(argv)
+    bound_allocator()  # before Gradio starts its threads
     if not args.model:
         parser.exit(2, "app.py: error: say which model to show: --model org/name or --model ./folder\n")
     transformers.logging.set_verbosity_error()

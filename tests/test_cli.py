@@ -32,8 +32,9 @@ def test_merge_writes_a_loadable_folder_and_prints_where(vits, tmp_path, capsys)
                               capsys)
     assert code == 0
     assert stdout.strip() == f"saved: {out}"
-    assert sorted(p.name for p in out.iterdir()) == [
-        "README.md", "config.json", "hfmerge.yaml", "model.safetensors", "preprocessor_config.json"]
+    assert sorted(p.name for p in out.iterdir()) == [  # and the list of them, for a later --overwrite
+        ".hfmerge-files.json", "README.md", "config.json", "hfmerge.yaml", "model.safetensors",
+        "preprocessor_config.json"]
     nothing_written_but_output = [p for p in tmp_path.iterdir() if p.name.startswith(".")]
     assert nothing_written_but_output == []
 
@@ -60,18 +61,6 @@ def test_run_recipe_reproduces_the_merge_from_its_hfmerge_yaml(vits, tmp_path, c
     assert (first / "model.safetensors").read_bytes() == (second / "model.safetensors").read_bytes()
 
 
-def test_overwrite_replaces_an_existing_output(vits, tmp_path, capsys):
-    out = tmp_path / "merged"
-    out.mkdir()
-    (out / "old.txt").write_text("old")
-    (out / "hfmerge.yaml").write_text("method: average\n")  # an earlier hfmerge output: --overwrite may replace it
-    code, _, err = run_cli(["merge", *vits, "-m", "average", "-o", out], capsys)
-    assert_one_line_error(code, err, "exists and is not empty", "--overwrite")
-    assert (out / "old.txt").exists()
-    assert run_cli(["merge", *vits, "-m", "average", "-o", out, "--overwrite", "-q"], capsys)[0] == 0
-    assert not (out / "old.txt").exists() and (out / "model.safetensors").exists()
-
-
 def test_trainer_checkpoint_folders_are_sources(tmp_path, capsys):
     folders = []
     for step, seed in ((100, 1), (200, 2)):
@@ -94,6 +83,23 @@ def test_python_dash_m_and_console_script(vits, tmp_path):
     bad = subprocess.run([sys.executable, "-m", "hfmerge", "merge", str(vits[0]), "-m", "nope"],
                          capture_output=True, text=True, env=env, timeout=120)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "available methods" in bad.stderr
+
+
+@pytest.mark.parametrize("command", ["methods", "inspect", "merge --dry-run"])
+def test_a_reader_that_went_away_ends_every_command_quietly(vits, command):
+    args = {"methods": ["methods"], "inspect": ["inspect", str(vits[0])],
+            "merge --dry-run": ["merge", str(vits[0]), str(vits[1]), "-m", "average", "--dry-run"]}[command]
+    # stdout buffered as in a user's shell: the output fails at a print or at the last flush, by its length
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"} | {"HF_HUB_OFFLINE": "1"}
+    reader, writer = os.pipe()
+    os.close(reader)  # the reader is gone before the first line, as in `hfmerge methods | head -0`
+    try:
+        done = subprocess.run([sys.executable, "-m", "hfmerge", *args], stdout=writer, stderr=subprocess.PIPE,
+                              text=True, env=env, timeout=120)
+    finally:
+        os.close(writer)
+    assert done.stderr == ""
+    assert done.returncode == 141  # 128 + SIGPIPE: what a shell reports for `git log | head -1`
 
 
 # -- bad input: one clear line, exit code 2, nothing written ---------------------------------------------

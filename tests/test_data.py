@@ -52,7 +52,7 @@ def test_an_existing_folder_wins_over_a_repo_id_and_keeps_its_colon(tmp_path, mo
     whole = DataSpec.parse("odd:name")
     assert (whole.dataset, whole.split, whole.is_local) == ("odd:name", None, True)
     with caplog.at_level(logging.WARNING, logger="hfmerge.data.load"), pytest.raises(
-            DataError, match="folder 'ds' has no images"):
+            DataError, match="folder 'ds' is empty; give a folder of images"):
         load_image_data("org/ds:test")
     assert "the Hub dataset org/ds was not used (write org/ds@main for it)" in caplog.text
 
@@ -286,7 +286,7 @@ def test_one_subfolder_per_class_is_labeled_and_a_corrupt_image_is_skipped_and_c
     assert data.label_names == ["cat", "dog"]
     assert sorted(data.labels) == [0, 0, 1, 1, 1] and data.skipped == 1
     assert all(im.getpixel((0, 0)) == ((255, 0, 0) if y == 0 else (0, 0, 255)) for im, y in zip(data.images, data.labels))
-    assert "1 of 6 images failed to decode and were skipped" in caplog.text
+    assert "1 of 6 images failed to decode and were skipped (dog/broken.png)" in caplog.text
 
 
 def test_no_image_that_decodes_is_a_data_error(tmp_path):
@@ -294,7 +294,7 @@ def test_no_image_that_decodes_is_a_data_error(tmp_path):
     folder.mkdir()
     for i in range(2):
         (folder / f"{i}.png").write_bytes(b"garbage")
-    with pytest.raises(DataError, match="broken: none of its 2 images could be decoded"):
+    with pytest.raises(DataError, match="folder 'broken' has no images: 0.png, 1.png are not images"):
         load_image_data(str(folder))
     with pytest.raises(DataError, match="is neither an existing folder nor a Hub dataset id"):
         load_image_data(str(tmp_path / "missing"))

@@ -291,6 +291,31 @@ def test_evaluate_bad_input_is_one_line(case, make_source, tmp_path, capsys):
     assert sorted(p.name for p in model.iterdir()) == before
 
 
+@pytest.mark.parametrize("kind", ["other suffixes", "image suffixes", "mixed"])
+def test_a_folder_of_files_that_are_not_images_is_one_line_naming_them_from_merge_and_evaluate(
+        kind, make_source, tmp_path, capsys):
+    """One subfolder per class, none of whose files is an image: merge and evaluate say so in the same line, naming
+    the first files and how many more, and warn of nothing before it."""
+    folder = tmp_path / "nonimg"
+    # "mixed": files named as images in one class only, which imagefolder reads as one class, so no label column
+    names = {"other suffixes": [["notes.txt", "table.csv"]] * 2, "image suffixes": [["photo.png", "scan.jpg"]] * 2,
+             "mixed": [["notes.txt", "table.csv"], ["photo.png", "scan.jpg"]]}[kind]
+    for label, files in zip(("class_0", "class_1"), names):
+        (folder / label).mkdir(parents=True)
+        for i in range(4):
+            for name in files:
+                (folder / label / f"{i}-{name}").write_text("not pixels")
+    source = make_source("vit", 3, seed=1)
+    code, _, merge_err = run_cli(["merge", source, source, "-m", "regmean", "--data", folder,
+                                  "-o", tmp_path / "out", "-q"], capsys)
+    assert_one_line_error(code, merge_err, "folder 'nonimg'", "class_0/0-", "and 11 more", "not images")
+    code, _, evaluate_err = run_cli(["evaluate", source, "--data", folder, "-q"], capsys)
+    assert_one_line_error(code, evaluate_err, "folder 'nonimg'")
+    assert evaluate_err == merge_err
+    assert "label" not in merge_err
+    assert not (tmp_path / "out").exists()
+
+
 def test_the_pinned_recipe_reproduces_a_data_merge(digit_hub, tmp_path, capsys):
     """``hfmerge run hfmerge.yaml`` reads the same data at the pinned commit and gives the same tensors."""
     m, d = digit_hub["models"], digit_hub["datasets"]

@@ -67,6 +67,30 @@ def test_classifier_metrics_equal_scikit_learn_on_labels_mapped_by_name(data_api
     assert (evaluation.name, evaluation.role) == ("merged", "merged")
 
 
+def test_a_latency_timed_while_the_machine_was_busy_is_flagged_in_the_printed_table_and_the_card(
+        data_api, monkeypatch):
+    import functools
+
+    import hfmerge.eval.evaluate
+    from hfmerge.eval.cost import measure_latency
+    from hfmerge.eval.report import EvaluationReport
+    from hfmerge.publish.card import update_card
+
+    passes = iter([0.010, 0.010, 0.468, 0.464, 0.010])  # seconds of the timed passes: two slowed by a busy core
+    readings = iter(reading for seconds in passes for reading in (0.0, seconds))  # (start, end) of each pass
+    monkeypatch.setattr(hfmerge.eval.evaluate, "measure_latency",
+                        functools.partial(measure_latency, clock=lambda: next(readings)))
+    model = tiny_model("vit", labels=["zero", "one", "two"], seed=3)
+    task = make_task(data_api, [0, 1, 2], ["zero", "one", "two"], seed=1)
+    evaluation = evaluate_classifier(model, [("a", task)], image_processor("vit"), progress=False, name="merged",
+                                     warmup=2, repeats=5)
+    assert evaluation.latency_ms == pytest.approx(10.0)  # the median, in milliseconds
+    assert evaluation.latency_spread == pytest.approx((0.464 - 0.010) / 0.010)
+    report = EvaluationReport(models=[evaluation])
+    assert "| 10 (unstable) |" in report.markdown()  # what `hfmerge evaluate` prints
+    assert "| 10 (unstable) |" in update_card("", report, "merged")
+
+
 def test_a_label_the_model_lacks_is_named(data_api):
     model = tiny_model("vit", labels=["zero", "one", "two"])
     task = make_task(data_api, [0, 1], ["zero", "seven"], seed=1)
@@ -123,7 +147,7 @@ def test_metric_modules_import_evaluate_only_when_asked(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "evaluate", None)  # any `import evaluate` now fails, installed or not
     metric = load_metric(str(tmp_path / "exact.py"))  # a local compute() file needs no evaluate
     assert metric([1, 2], [1, 3])["exact"] == 0.5
-    with pytest.raises(EvaluationError, match="pip install evaluate"):
+    with pytest.raises(EvaluationError, match=r"pip install 'hfmerge\[eval\]'"):
         load_metric("accuracy")  # a Hub metric by name does
     with pytest.raises(EvaluationError, match="does not exist"):
         load_metric(str(tmp_path / "missing.py"))

@@ -116,10 +116,52 @@ class _Sleeper(torch.nn.Module):
 
 def test_latency_is_the_median_of_the_timed_repeats_after_warm_up():
     model = _Sleeper([0.3, 0.3, 0.001, 0.2, 0.02, 0.02, 0.02]).train()  # 2 slow warm-ups, one slow repeat
-    seconds = measure_latency(model, torch.zeros(1), warmup=2, repeats=5)
+    seconds = measure_latency(model, torch.zeros(1), warmup=2, repeats=5).median
     assert model.calls == [True] * 7
     assert 0.02 <= seconds < 0.1  # the median ignores the warm-ups and the 0.2 s outlier
     assert model.training  # the mode the caller left is restored
+
+
+class _FakeClock:
+    """A clock that moves only when a :class:`_Timed` model runs: timings the test sets exactly."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+class _Timed(torch.nn.Module):
+    """Each call moves the fake clock on by the next of ``durations`` seconds."""
+
+    def __init__(self, clock, durations):
+        super().__init__()
+        self.clock, self.durations, self.calls = clock, list(durations), 0
+
+    def forward(self, x):
+        self.clock.now += self.durations[self.calls]
+        self.calls += 1
+        return x
+
+
+def test_latency_keeps_each_timed_pass_and_reports_their_median_and_spread():
+    clock = _FakeClock()
+    model = _Timed(clock, [9.0, 0.010, 0.012, 0.011, 0.013, 0.050])  # a 9 s warm-up, then five passes
+    latency = measure_latency(model, torch.zeros(1), warmup=1, repeats=5, clock=clock)
+    assert model.calls == 6
+    assert latency.seconds == pytest.approx((0.010, 0.012, 0.011, 0.013, 0.050))  # the warm-up is discarded
+    assert latency.median == pytest.approx(0.012)  # the one slow pass moves the median not at all
+    assert latency.spread == pytest.approx((0.013 - 0.011) / 0.012)  # quartiles of 10..13, 50 ms: 11 and 13 ms
+
+
+def test_a_latency_slowed_in_half_its_passes_has_a_wide_spread():
+    clock = _FakeClock()
+    model = _Timed(clock, [0.010, 0.010, 0.468, 0.010, 0.464, 0.007])  # another process held the core, twice
+    latency = measure_latency(model, torch.zeros(1), warmup=1, repeats=5, clock=clock)
+    assert latency.median == pytest.approx(0.010)
+    assert latency.spread == pytest.approx((0.464 - 0.010) / 0.010)
+    assert measure_latency(_Timed(_FakeClock(), [1.0, 2.0]), torch.zeros(1), warmup=1, repeats=1).spread is None
 
 
 def test_ensemble_of_one_is_its_softmax_and_of_two_the_hand_average():

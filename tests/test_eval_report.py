@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import xml.etree.ElementTree as ET
 
 import pytest
@@ -99,6 +100,47 @@ def test_latency_cells_state_their_batch_when_the_models_used_different_ones():
     header, _, *rows = _table(report.markdown())
     assert header[-1] == "latency (ms)"
     assert [row[-1] for row in rows] == ["1.25 (batch 32)", "1,234 (batch 8)", "1.5 (batch 32)", "3 (batch 32)"]
+
+
+def _latency_cells(report: EvaluationReport) -> dict[str, str]:
+    _, _, *rows = _table(report.markdown())
+    return {row[0]: row[-1] for row in rows}
+
+
+def test_a_latency_whose_passes_spread_widely_is_flagged_in_the_table_and_the_card():
+    from hfmerge.publish.card import update_card
+
+    report = make_report()
+    report.models[1].latency_spread = 0.40  # merged: quartiles 40% of the median apart
+    report.models[0].latency_spread = 0.05  # a source: steady
+    cells = _latency_cells(report)
+    assert cells == {"merged": "1.25 (unstable)", "org/vit-a": "1.5", "org/vit-b": "1.5", "ensemble": "3"}
+    assert "merged: the interquartile range of its timed passes is 40% of their median" in report.markdown()
+    card = update_card("", report, "org/vit-merged")
+    assert "| merged | merged |" in card and "1.25 (unstable)" in card and "not to be compared" in card
+    assert EvaluationReport.from_json(report.to_json()).models[1].latency_spread == 0.40
+
+
+def test_models_of_one_size_whose_latencies_disagree_are_all_flagged():
+    report = make_report()
+    for model, milliseconds in zip(report.models, (468.0, 7.2, None, 464.0)):
+        model.latency_ms, model.latency_spread = milliseconds, 0.02  # each steady on its own
+    report.models[2].latency_ms = 900.0  # the ensemble: twice the work, so not compared with them
+    cells = _latency_cells(report)
+    assert cells == {"merged": "7.2 (unstable)", "org/vit-a": "468 (unstable)", "org/vit-b": "464 (unstable)",
+                     "ensemble": "900"}
+    assert "merged, org/vit-a, org/vit-b do the same work, yet their latencies differ 65×" in report.markdown()
+    report.models[1].latency_ms = 300.0  # within 2× of the others: nothing to flag
+    assert "unstable" not in report.markdown()
+
+
+def test_a_report_written_before_the_spread_was_recorded_reads_back_unflagged():
+    data = json.loads(make_report().to_json())
+    for model in data["models"]:
+        del model["latency_spread"]
+    again = EvaluationReport.from_json(json.dumps(data))
+    assert [m.latency_spread for m in again.models] == [None] * 4
+    assert "unstable" not in again.markdown()
 
 
 def test_every_public_name_of_hfmerge_eval_resolves():

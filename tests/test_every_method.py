@@ -28,8 +28,14 @@ def variants(*builtins: str) -> set[str]:
     return {method for method in METHODS if isinstance(get_method(method), kinds)}
 
 
+# What a method says when it refuses a family's models (EMR: with its gate, which the refusal test below turns on).
 REFUSED = {("regmean", "resnet"): "none outside its classifier head",  # ResNet's only nn.Linear is its head
-           ("clafusion", "vit"): "clafusion balances the depth of"}  # a ViT has no depth declaration
+           ("clafusion", "vit"): "clafusion balances the depth of",  # a ViT has no depth declaration
+           ("gating", "resnet"): "gating merges ViT image classifiers",
+           ("adamerging", "segformer"): "adamerging minimises the entropy of class predictions",
+           ("fisher", "segformer"): "fisher needs the model's class probabilities",
+           ("otfusion", "segformer"): "whose neurons hfmerge cannot align",
+           ("emr", "segformer"): "the gate sends each image to one task's classifier"}
 # Methods whose output is a model of their own, not the sources' architecture: their own tests hold them to the
 # same property (tests/test_gating.py: identical sources give the source's logits through the gated model;
 # tests/test_emr.py: identical sources, base = source, give each task's model equal to the source).
@@ -123,3 +129,42 @@ def test_bad_parameters_are_refused_in_one_line_and_nothing_is_written(method, m
                                 *extra], capsys)
         assert_one_line_error(code, err, spec.name)
     assert not out.exists()
+
+
+UNREACHABLE = "nobody/unreachable-{}"  # a Hub repo id that HF_HUB_OFFLINE and the test's empty cache make unreachable
+
+
+def unreachable_auxiliaries(method: str) -> dict[str, str]:
+    """The method's auxiliary models (a gate...) as parameters: its default ones when it has any (gating's gate on the
+    Hub), else each parameter that names one set to an unreachable repo (EMR's optional gate)."""
+    spec = get_method(method)
+    if spec.auxiliary_models(spec.validate_parameters({})):
+        return {}
+    named = {p.name: UNREACHABLE.format(p.name) for p in spec.parameters if p.type is str and not p.choices}
+    return {name: ref for name, ref in named.items()
+            if ref in spec.auxiliary_models(spec.validate_parameters({name: ref})).values()}
+
+
+@pytest.mark.parametrize("dry_run", [False, True], ids=["merge", "dry-run"])
+@pytest.mark.parametrize(("method", "family"),
+                         sorted({(method, family) for (name, family) in REFUSED for method in variants(name)}))
+def test_a_refused_family_is_said_before_the_base_and_auxiliary_models_are_resolved(
+        method, family, dry_run, make_source, tmp_path, capsys, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # the base and the auxiliary models cannot be had
+    spec = get_method(method)
+    source = str(make_source(family, seed=1))
+    parameters = unreachable_auxiliaries(method)
+    auxiliaries = spec.auxiliary_models(spec.validate_parameters(parameters))
+    args = ["merge", source, source, "-m", method, "-o", tmp_path / "out", *(["--dry-run"] if dry_run else [])]
+    args += [f"--param={name}={value}" for name, value in parameters.items()]
+    if spec.needs_base:
+        args.append(f"--base={UNREACHABLE.format('base')}")
+    if spec.data_needs(spec.validate_parameters(parameters)).any:
+        args += [f"--data={random_images(tmp_path / f'images-{i}')}" for i in range(2)]
+    code, _, err = run_cli(args, capsys)
+    assert_one_line_error(code, err, refusal(method, family))
+    for unreachable in [UNREACHABLE.format("base"), *auxiliaries.values()]:
+        assert unreachable not in err
+    assert not (tmp_path / "out").exists()

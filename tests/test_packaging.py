@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import tomllib
@@ -25,3 +26,10 @@ def test_every_folder_of_the_package_is_listed_in_pyproject():
         return mapped[base].joinpath(*name[len(base):].split(".")[1:])
 
     assert [name for name in listed if not folder(name).is_dir()] == []
+
+
+def test_the_eval_extra_installs_the_evaluate_package_that_metric_names_need():
+    # `hfmerge evaluate --metric accuracy` says "pip install 'hfmerge[eval]'" when evaluate is missing
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    names = [re.match(r"[A-Za-z0-9_.-]+", requirement).group() for requirement in extras.get("eval", [])]
+    assert "evaluate" in names

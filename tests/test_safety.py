@@ -65,10 +65,12 @@ def test_a_filesystem_root_is_never_an_output():
         check_output_folder(root, overwrite=True)
 
 
-def test_overwrite_refuses_a_folder_that_is_not_an_earlier_output(vits, tmp_path, capsys):
+@pytest.mark.parametrize("flag", [[], ["--overwrite"]])
+def test_a_folder_of_the_users_is_refused_suggesting_only_what_works(vits, tmp_path, capsys, flag):
     out = folder_with(tmp_path / "photos", "holiday.jpg")
-    code, _, err = run_cli(["merge", *vits, "-m", "average", "-o", out, "--overwrite", "-q"], capsys)
-    assert_one_line_error(code, err, "no hfmerge.yaml", "choose another path")
+    code, _, err = run_cli(["merge", *vits, "-m", "average", "-o", out, *flag, "-q"], capsys)
+    assert_one_line_error(code, err, "no hfmerge.yaml", "will not replace it", "choose another path")
+    assert "--overwrite" not in err  # it would be refused too
     assert contents(out) == {"holiday.jpg": "the user's holiday.jpg\n"}
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
@@ -77,26 +79,93 @@ def test_overwrite_replaces_an_empty_folder_and_an_earlier_output(vits, tmp_path
     out = tmp_path / "merged"
     out.mkdir()
     assert run_cli(["merge", *vits, "-m", "average", "-o", out, "-q"], capsys)[0] == 0  # empty: no flag needed
-    (out / "stale.txt").write_text("from the earlier run")
+    code, _, err = run_cli(["merge", *vits, "-m", "average", "--weights", "1,3", "-o", out, "-q"], capsys)
+    assert_one_line_error(code, err, "holds an earlier hfmerge output", "pass --overwrite")
     assert run_cli(["merge", *vits, "-m", "average", "--weights", "1,3", "-o", out, "--overwrite", "-q"],
-                   capsys)[0] == 0
-    assert not (out / "stale.txt").exists()
+                   capsys)[0] == 0  # what the message suggested works
     assert yaml.safe_load((out / "hfmerge.yaml").read_text())["weights"] == [1.0, 3.0]
+
+
+@pytest.mark.parametrize("flag", [[], ["--overwrite"]])
+def test_overwrite_refuses_an_earlier_output_holding_the_users_files_and_names_them(vits, tmp_path, capsys, flag):
+    out = tmp_path / "merged"
+    assert run_cli(["merge", *vits, "-m", "average", "-o", out, "-q"], capsys)[0] == 0
+    folder_with(out, "notes.txt", "zz-plot.png")
+    folder_with(out / "results", "a.json", "b.json")
+    (out / "README.md").write_text("# my own card\n")  # hfmerge's file, changed since: the user's now
+    users = ["README.md", "notes.txt", "results/a.json", "results/b.json", "zz-plot.png"]
+    before = {name: (out / name).read_text() for name in [*users, "hfmerge.yaml"]}
+    code, _, err = run_cli(["merge", *vits, "-m", "average", "--weights", "1,3", "-o", out, *flag, "-q"], capsys)
+    # sorted, the first three named and the rest counted
+    assert_one_line_error(code, err, "did not write there, or that changed since: README.md, notes.txt, "
+                                     "results/a.json and 2 more", "move them out", "or choose another path")
+    assert ("pass --overwrite" in err) == (not flag)
+    assert {name: (out / name).read_text() for name in [*users, "hfmerge.yaml"]} == before
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_overwrite_replaces_what_hfmerge_evaluate_wrote_into_an_earlier_output(vits, tmp_path, capsys):
+    from test_every_method import random_images
+
+    labeled = tmp_path / "labeled"
+    for label in ("class_0", "class_1"):
+        random_images(labeled / label, count=2)
+    out = tmp_path / "merged"
+    assert run_cli(["merge", *vits, "-m", "average", "-o", out, "-q"], capsys)[0] == 0
+    code, _, err = run_cli(["evaluate", out, "--data", labeled, "--update-card", "-q"], capsys)
+    assert code == 0, err
+    assert (out / "evaluation.svg").is_file() and "## Evaluation" in (out / "README.md").read_text()
+    code, _, err = run_cli(["merge", *vits, "-m", "average", "--weights", "1,3", "-o", out, "--overwrite", "-q"],
+                           capsys)
+    assert code == 0, err
+    assert not (out / "evaluation.svg").exists()  # the chart of the model it replaced, hfmerge's to remove
+    assert yaml.safe_load((out / "hfmerge.yaml").read_text())["weights"] == [1.0, 3.0]
+
+
+def test_hfmerge_evaluate_leaves_a_card_the_user_edited_the_users(vits, tmp_path, capsys):
+    from test_every_method import random_images
+
+    labeled = tmp_path / "labeled"
+    for label in ("class_0", "class_1"):
+        random_images(labeled / label, count=2)
+    out = tmp_path / "merged"
+    assert run_cli(["merge", *vits, "-m", "average", "-o", out, "-q"], capsys)[0] == 0
+    (out / "README.md").write_text("# my own card\n")
+    assert run_cli(["evaluate", out, "--data", labeled, "--update-card", "-q"], capsys)[0] == 0
+    code, _, err = run_cli(["merge", *vits, "-m", "average", "-o", out, "--overwrite", "-q"], capsys)
+    assert_one_line_error(code, err, "or that changed since: README.md;")
+    assert "# my own card\n" in (out / "README.md").read_text()  # with the evaluation hfmerge added
+
+
+def test_an_output_without_the_list_of_hfmerge_files_is_refused(vits, tmp_path, capsys):
+    out = folder_with(tmp_path / "project", "hfmerge.yaml", "data.csv")  # a recipe kept beside the user's files
+    code, _, err = run_cli(["merge", *vits, "-m", "average", "-o", out, "--overwrite", "-q"], capsys)
+    assert_one_line_error(code, err, "no .hfmerge-files.json", "choose another path, or empty the folder")
+    assert contents(out) == {"hfmerge.yaml": "the user's hfmerge.yaml\n", "data.csv": "the user's data.csv\n"}
 
 
 def test_space_overwrite_follows_the_same_rule_with_space_config_json(make_source, tmp_path, monkeypatch, capsys):
     model = make_source("vit")
-    args = ["space", model, "--no-sources", "--overwrite"]
+    args = ["space", model, "--no-sources"]
     photos = folder_with(tmp_path / "photos", "holiday.jpg")
-    code, _, err = run_cli([*args, "--output", photos], capsys)
-    assert_one_line_error(code, err, "no space_config.json")
+    for flag in ([], ["--overwrite"]):
+        code, _, err = run_cli([*args, *flag, "--output", photos], capsys)
+        assert_one_line_error(code, err, "no space_config.json", "choose another path")
+        assert "--overwrite" not in err
     assert contents(photos) == {"holiday.jpg": "the user's holiday.jpg\n"}
     monkeypatch.chdir(folder_with(tmp_path / "work", "space_config.json"))
-    code, _, err = run_cli([*args, "--output", "."], capsys)
+    code, _, err = run_cli([*args, "--overwrite", "--output", "."], capsys)
     assert_one_line_error(code, err, "the current folder")
     space = tmp_path / "space"
     assert run_cli([*args, "--output", space], capsys)[0] == 0
-    assert run_cli([*args, "--output", space, "--title", "Again"], capsys)[0] == 0  # an earlier Space: replaced
+    code, _, err = run_cli([*args, "--output", space, "--title", "Again"], capsys)
+    assert_one_line_error(code, err, "holds an earlier hfmerge output", "pass --overwrite")
+    mine = folder_with(space / "examples", "mine.jpg")
+    code, _, err = run_cli([*args, "--output", space, "--title", "Again", "--overwrite"], capsys)
+    assert_one_line_error(code, err, "or that changed since: examples/mine.jpg;", "move them out")
+    assert (mine / "mine.jpg").read_text() == "the user's mine.jpg\n"
+    (mine / "mine.jpg").unlink()
+    assert run_cli([*args, "--output", space, "--title", "Again", "--overwrite"], capsys)[0] == 0
     assert "Again" in (space / "README.md").read_text()
 
 

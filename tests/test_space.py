@@ -4,6 +4,8 @@ the pushed Space running from its own files, bad input, and one run in headless 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
@@ -17,6 +19,7 @@ from helpers import assert_one_line_error, run_cli
 from huggingface_hub import SpaceCard, snapshot_download
 
 from hfmerge.cli import main
+from hfmerge.publish.manifest import MANIFEST_FILE
 from hfmerge.testing.browser import chromium_missing, headless_chromium, show_image
 from hfmerge.testing.ports import free_port
 from hfmerge.testing.space_app import running_space
@@ -280,12 +283,13 @@ def test_space_output_writes_a_folder_that_runs_alone(hub_models, tmp_path, caps
     out = tmp_path / "space"
     code, stdout, _ = run_cli(["space", "org/space-vit-merged", "--output", out], capsys)
     assert code == 0 and stdout.strip() == f"written: {out}"
-    assert sorted(p.name for p in out.iterdir()) == [
-        "README.md", "app.py", "examples", "inference.py", "requirements.txt", "source_ref.py", "space_config.json"]
+    assert sorted(p.name for p in out.iterdir()) == [  # and the list of them, for a later --overwrite
+        ".hfmerge-files.json", "README.md", "app.py", "examples", "inference.py", "requirements.txt",
+        "source_ref.py", "space_config.json"]
     for name in ("app.py", "inference.py"):
         assert (out / name).read_bytes() == (ROOT / "spaces" / name).read_bytes()
     assert (out / "source_ref.py").read_bytes() == (ROOT / "hfmerge" / "source_ref.py").read_bytes()  # the core's
-    assert sorted(p.name for p in (out / "examples").iterdir()) == ["china.jpg", "flower.jpg"]
+    assert list((out / "examples").iterdir()) == []  # no evaluation data, no merge data: no examples
     card = SpaceCard.load(out / "README.md")
     assert (card.data.sdk, card.data.app_file, card.data.sdk_version) == ("gradio", "app.py", gr.__version__)
     assert card.data.models == ["org/space-vit-merged", "org/space-vit-a", "org/space-vit-b"]
@@ -297,14 +301,100 @@ def test_space_output_writes_a_folder_that_runs_alone(hub_models, tmp_path, caps
     import hfmerge
 
     again = hfmerge.save_space(hfmerge.SpaceOptions("org/space-vit-merged"), tmp_path / "again")
-    assert {p.relative_to(again): p.read_bytes() for p in again.rglob("*") if p.is_file()} == {
-        p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    def space_files(folder):  # each folder's list of hfmerge's files has its own times
+        return {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST_FILE}
+
+    assert space_files(again) == space_files(out)
 
     with running_space(out, tmp_path / "space.log", without_hfmerge=True) as url:
         answer = client_for(url).predict(gradio_client.handle_file(str(image_file)), api_name="/predict")
     with serving(app.build_demo(app.load_demo("org/space-vit-merged"))) as url:
         in_process = client_for(url).predict(gradio_client.handle_file(str(image_file)), api_name="/predict")
     assert answer == in_process
+
+
+def test_a_local_space_names_its_model_relative_to_itself_and_runs_from_another_folder(tmp_path, capsys,
+                                                                                        image_file):
+    """``hfmerge space FOLDER --output``: no path of this machine in what is written; the model is named relative to
+    the Space's folder, and the app finds it so, whichever folder it is started from."""
+    model = save_tiny(tmp_path / "models" / "merged", "vit", len(LABELS), seed=3, labels=LABELS)
+    out = tmp_path / "spaces" / "demo"
+    code, _, err = run_cli(["space", model, "--output", out, "--no-sources"], capsys)
+    assert code == 0, err
+    settings = json.loads((out / "space_config.json").read_text())
+    assert settings == {"model": "../../models/merged", "sources": []}
+    for path in out.rglob("*"):
+        if path.is_file() and path.suffix in (".json", ".md", ".txt"):
+            assert str(tmp_path) not in path.read_text(), path.name
+    elsewhere = tmp_path / "elsewhere"  # running_space starts the app in the log's folder
+    elsewhere.mkdir()
+    with running_space(out, elsewhere / "space.log", without_hfmerge=True) as url:
+        answer = client_for(url).predict(gradio_client.handle_file(str(image_file)), api_name="/predict")
+    expected = app.load_demo(str(model)).merged.predict(app.open_image(image_file)[0]).top
+    assert answer["merged"] == expected
+
+
+def _labeled_images(folder: Path) -> Path:
+    """Two classes of three distinct images each, named as the tiny models' labels."""
+    for label in range(2):
+        for i in range(3):
+            pixels = np.full((24, 24, 3), 40 * (3 * label + i), dtype=np.uint8)
+            pixels[::2, ::3] = 255 - 30 * i
+            (folder / LABELS[label]).mkdir(parents=True, exist_ok=True)
+            PIL.Image.fromarray(pixels).save(folder / LABELS[label] / f"{i}.png")
+    return folder
+
+
+def _pixels(path: Path) -> bytes:
+    with PIL.Image.open(path) as image:
+        return image.convert("RGB").tobytes()
+
+
+def _assert_examples_come_from(out: Path, data: Path) -> None:
+    examples = sorted((out / "examples").iterdir())
+    assert 1 <= len(examples) <= 4
+    assert {_pixels(p) for p in examples} <= {_pixels(p) for p in data.rglob("*.png")}
+
+
+@pytest.mark.parametrize("given", ["eval data", "merge data", "neither"])
+def test_examples_come_from_the_models_evaluation_data_else_its_merge_data_else_none(given, tmp_path, capsys):
+    """A digit model is shown digits, not a pagoda: the examples are drawn from the data its hfmerge.yaml names."""
+    sources = [save_tiny(tmp_path / f"source-{seed}", "vit", len(LABELS), seed=seed, labels=LABELS) for seed in (1, 2)]
+    data = _labeled_images(tmp_path / "pets")
+    extra = {"eval data": ["--method", "average", "--eval-data", data],
+             "merge data": ["--method", "regmean", "--data", data, "--param", "samples=4"],
+             "neither": ["--method", "average"]}[given]
+    code, _, err = run_cli(["merge", *sources, *extra, "--output", tmp_path / "merged", "-q"], capsys)
+    assert code == 0, err
+    out = tmp_path / "space"
+    code, _, err = run_cli(["space", tmp_path / "merged", "--output", out, "--no-sources"], capsys)
+    assert code == 0, err
+    readme = (out / "README.md").read_text()
+    assert not {p.name for p in (out / "examples").iterdir()} & {"china.jpg", "flower.jpg"}
+    if given == "neither":
+        assert list((out / "examples").iterdir()) == [] and "Example images" not in readme
+        return
+    _assert_examples_come_from(out, data)
+    what = "the model's evaluation data" if given == "eval data" else "the data the merge read"
+    assert "Example images: drawn from `pets" in readme and what in readme
+    assert str(tmp_path) not in readme
+
+
+def test_examples_come_from_the_datasets_the_cards_model_index_names(publish, hub_api, tmp_path, capsys):
+    """A model evaluated by ``hfmerge evaluate --update-card`` (or by anyone) names its data in ``model-index``."""
+    data = _labeled_images(tmp_path / "pets")
+    hub_api.create_repo("org/space-example-pets", repo_type="dataset", exist_ok=True)
+    sha = hub_api.upload_folder(folder_path=str(data), repo_id="org/space-example-pets", repo_type="dataset").oid
+    readme = ("---\nmodel-index:\n- name: indexed\n  results:\n  - task: {type: image-classification}\n"
+              "    dataset: {type: org/space-example-pets, name: org/space-example-pets, split: train, "
+              f"revision: {sha}}}\n    metrics:\n    - {{type: accuracy, value: 0.5}}\n---\n# Indexed\n")
+    publish("org/space-indexed", model=tiny_model("vit", len(LABELS), seed=4, labels=LABELS), family="vit",
+            readme=readme)
+    out = tmp_path / "space"
+    code, _, err = run_cli(["space", "org/space-indexed", "--output", out], capsys)
+    assert code == 0, err
+    _assert_examples_come_from(out, data)
+    assert "`org/space-example-pets:train`" in (out / "README.md").read_text()
 
 
 def test_space_is_pushed_to_the_hub_and_runs_from_its_repo(hub_models, local_hub, tmp_path, capsys, image_file):
@@ -315,7 +405,7 @@ def test_space_is_pushed_to_the_hub_and_runs_from_its_repo(hub_models, local_hub
     assert f"pushed: {local_hub.endpoint}/spaces/org/space-seg-demo/commit/{repo.branches['main']}" in stdout
     assert len(repo.history) == 2  # the repo's creation, then the Space in one commit
     files = repo.commits[repo.branches["main"]]
-    assert {"app.py", "README.md", "requirements.txt", "space_config.json", "examples/china.jpg"} <= set(files)
+    assert {"app.py", "README.md", "requirements.txt", "space_config.json"} <= set(files)
 
     folder = Path(snapshot_download("org/space-seg-demo", repo_type="space", local_dir=tmp_path / "clone"))
     with running_space(folder, tmp_path / "space.log", without_hfmerge=True) as url:
@@ -349,6 +439,7 @@ def test_space_is_pushed_to_the_hub_and_runs_from_its_repo(hub_models, local_hub
      ["contradict"]),
     (["org/space-feature", "--space-id", "org/x-demo"], ["ViTModel", "classification and segmentation"]),
     (["LOCAL", "--space-id", "org/x-demo"], ["is a local folder", "--push-to-hub"]),
+    (["LOCAL"], ["is a local folder", "--push-to-hub", "--output FOLDER to write the Space's folder only"]),
     (["org/space-vit-merged", "--space-id", "org/x-demo", "--examples", "NOT_IMAGE"], ["is not an image"]),
     (["org/space-vit-merged", "--output", "TAKEN"], ["exists and is not empty"]),
 ])
@@ -370,6 +461,7 @@ def test_space_bad_input_is_one_line_and_writes_nothing(hub_models, publish, loc
     code, out, err = run_cli(["space", *[swap.get(a, a) for a in args]], capsys)
 
     assert_one_line_error(code, err, *fragments)
+    assert "--space-id" in args or "--space-id" not in err  # never a flag the user did not give
     assert out == ""
     assert set(local_hub.repos) - before == {("model", "org/space-feature")} - before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["local-merged", "notes.png", "taken"]
@@ -439,7 +531,9 @@ def test_space_output_and_push_together_private(hub_models, local_hub, tmp_path,
     assert repo.private and repo.sdk == "gradio"
     files = repo.commits[repo.branches["main"]]
     written = {p.relative_to(out).as_posix(): p.read_bytes() for p in out.rglob("*") if p.is_file()}
-    assert {k: v for k, v in files.items() if k != ".gitattributes"} == written
+    assert MANIFEST_FILE in written  # the folder's list of hfmerge's files stays on this machine
+    assert {k: v for k, v in files.items() if k != ".gitattributes"} == {
+        k: v for k, v in written.items() if k != MANIFEST_FILE}
     card = SpaceCard(files["README.md"].decode())
     assert card.data.title == "Digits, merged"
     assert 'Client("org/space-private-demo")' in card.text
@@ -454,3 +548,37 @@ def test_the_app_runs_as_a_script_from_the_source_tree():
                           timeout=120, cwd=ROOT)
     assert done.returncode == 0, done.stderr
     assert "--model" in done.stdout
+
+
+_MALLOC_PROBE = """
+import ctypes, importlib.util, os, sys
+sys.path.insert(0, os.path.dirname(sys.argv[1]))  # inference.py beside it, as in a Space
+spec = importlib.util.spec_from_file_location("app_probe", sys.argv[1])
+module = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(module)
+libc = ctypes.CDLL("libc.so.6")
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+libc.mallinfo2.restype = MallInfo2
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+bounded = module.bound_allocator()
+libc.free(libc.malloc(20 << 20))  # glibc's default then raises its mmap threshold above 20 MB
+before = libc.mallinfo2().hblks
+block = libc.malloc(4 << 20)  # a decoded 1,200 x 900 image
+print(bounded, libc.mallinfo2().hblks - before)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="glibc's allocator: Linux")
+def test_the_app_bounds_its_memory_and_its_upload_cache(tmp_path):
+    """Freed image buffers go back to the system, and uploads are deleted after a while (issue 20, item 16)."""
+    folder = save_tiny(tmp_path / "vit", "vit")
+    demo = app.build_demo(app.load_demo(str(folder), sources=[]))
+    assert demo.delete_cache == app.UPLOAD_CACHE and 0 < app.UPLOAD_CACHE[1] <= 3600
+    # once bounded, a large block after a larger one freed is mapped on its own (given back when freed), not
+    # carved from an arena that keeps it
+    probe = subprocess.run([sys.executable, "-c", _MALLOC_PROBE, app.__file__], capture_output=True, text=True,
+                           check=True)
+    assert probe.stdout.split() == ["True", "1"]

@@ -329,7 +329,7 @@ def _cost(model: torch.nn.Module, processor: Any, bench: Bench, dataset: str) ->
     pixels = processor(images=images, return_tensors="pt")["pixel_values"]
     with torch.inference_mode():
         flops = count_flops(model, pixels) // len(pixels)
-        latency = measure_latency(model, pixels) / len(pixels) * 1000
+        latency = measure_latency(model, pixels).median / len(pixels) * 1000
     return count_parameters(model), flops, latency
 
 

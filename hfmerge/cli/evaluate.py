@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import tempfile
 from pathlib import Path
 
@@ -95,6 +94,7 @@ def _sources_of(source: object) -> list[str]:
 
 def _update_card(source: object, report: object, name: str, *, push: bool) -> None:
     from hfmerge.publish.card import EVALUATION_SVG, update_card
+    from hfmerge.publish.manifest import replace_files
 
     folder: Path = source.path  # type: ignore[attr-defined]
     readme = folder / "README.md"
@@ -112,9 +112,5 @@ def _update_card(source: object, report: object, name: str, *, push: bool) -> No
             url = push_folder(staging, repo_id, commit_message="Evaluation results (hfmerge evaluate)")
         print(f"pushed: {url}")
         return
-    for file_name, content in ((EVALUATION_SVG, chart), ("README.md", new_text)):
-        handle, temporary = tempfile.mkstemp(prefix=f".{file_name}.", dir=folder)
-        with os.fdopen(handle, "w") as stream:
-            stream.write(content)
-        os.replace(temporary, folder / file_name)
+    replace_files(folder, {EVALUATION_SVG: chart, "README.md": new_text})  # hfmerge's files of an output stay its
     print(f"updated: {readme}")

@@ -17,6 +17,11 @@ from typing import Any, NoReturn
 from hfmerge.errors import HfMergeError, RecipeError
 
 EXIT_USAGE = 2
+EXIT_READER_GONE = 128 + 13
+"""The status after the reader of stdout went away: 128 + SIGPIPE, the status a shell reports for
+``git log | head -1``, whom SIGPIPE ends, so that ``set -o pipefail`` knows the output was cut short.
+hfmerge exits with it rather than dying of the signal as git does, so that its temporary folders
+(a merge's staging folder) are still removed on the way out."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -63,7 +68,8 @@ def _build_parser() -> argparse.ArgumentParser:
         p.add_argument("--push-to-hub", metavar="REPO_ID", help="upload the result to this Hub repo in one commit")
         p.add_argument("--private", action="store_true", help="create the Hub repo as private")
         p.add_argument("--overwrite", action="store_true",
-                       help="replace an output folder that holds an earlier hfmerge output (hfmerge.yaml)")
+                       help="replace an earlier hfmerge output in the output folder "
+                            "(refused, naming them, where it holds files hfmerge did not write)")
         p.add_argument("--dry-run", action="store_true", help="print the plan and write nothing")
         p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
 
@@ -109,12 +115,13 @@ def _build_parser() -> argparse.ArgumentParser:
     space.add_argument("--sources", nargs="+", metavar="SOURCE",
                        help="models to show beside it (default: the sources in its hfmerge.yaml)")
     space.add_argument("--no-sources", action="store_true", help="show the merged model alone")
-    space.add_argument("--examples", nargs="+", metavar="IMAGE", help="example images (default: two bundled photos)")
+    space.add_argument("--examples", nargs="+", metavar="IMAGE", help="example images (default: a few of the model's evaluation data, else of its merge data, else none)")
     space.add_argument("--title", help="the Space's title (default: '<model name> demo')")
     space.add_argument("--private", action="store_true", help="create the Space as private")
     space.add_argument("--output", "-o", help="write the Space folder here; without --space-id nothing is pushed")
     space.add_argument("--overwrite", action="store_true",
-                       help="replace an output folder that holds an earlier Space written by hfmerge")
+                       help="replace an earlier Space written by hfmerge in the output folder "
+                            "(refused, naming them, where it holds files hfmerge did not write)")
 
     evaluate = sub.add_parser("evaluate", help="evaluate a merged model (and its sources, the ensemble) on datasets")
     evaluate.add_argument("model", metavar="MODEL", help="a merged model: a folder, or org/name[@revision]")
@@ -124,7 +131,8 @@ def _build_parser() -> argparse.ArgumentParser:
                           help="models to evaluate beside it (default with --ensemble: the sources in its hfmerge.yaml)")
     evaluate.add_argument("--ensemble", action="store_true",
                           help="also evaluate the ensemble of the compared models (averaged softmax)")
-    evaluate.add_argument("--metric", help="an extra metric: a Hugging Face `evaluate` module name or a local module file")
+    evaluate.add_argument("--metric", help="an extra metric: a Hugging Face `evaluate` module name "
+                          "(pip install 'hfmerge[eval]') or a local module file")
     evaluate.add_argument("--samples", type=int, help="evaluate on at most this many images per dataset")
     evaluate.add_argument("--batch-size", type=int, default=32, help="images per batch (default 32)")
     evaluate.add_argument("--seed", type=int, default=0, help="seed of the sample selection with --samples")
@@ -333,7 +341,38 @@ def _log_to_stderr(quiet: bool = False) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``hfmerge`` and ``python -m hfmerge``."""
+    """Entry point of ``hfmerge`` and ``python -m hfmerge``.
+
+    A reader that goes away (``hfmerge methods | head -1``) ends the command quietly with
+    :data:`EXIT_READER_GONE`, as ``git log | head -1`` ends, rather than with a ``BrokenPipeError``
+    traceback.
+    """
+    try:
+        try:
+            status = _run_command(argv)
+        except SystemExit:  # argparse's --help, --version and usage errors: their text is still buffered
+            sys.stdout.flush()
+            raise
+        sys.stdout.flush()  # the end of the output, here where a reader that went away can still be caught
+        return status
+    except BrokenPipeError:
+        return _reader_gone()
+
+
+def _reader_gone() -> int:
+    """Send what is left of the output nowhere and return :data:`EXIT_READER_GONE`.
+
+    Python flushes ``sys.stdout`` once more on its way out; pointed at the null device, that
+    flush cannot fail again with a second traceback (the recipe in the documentation of Python's
+    ``signal`` module, "Note on SIGPIPE").
+    """
+    null = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, sys.stdout.fileno())
+    os.close(null)
+    return EXIT_READER_GONE
+
+
+def _run_command(argv: list[str] | None) -> int:
     _log_to_stderr()
     parser = _build_parser()
     args = parser.parse_args(argv)

@@ -25,6 +25,7 @@ import hashlib
 import io
 import json
 import logging
+import os
 import random
 from collections.abc import Iterable, Iterator
 from contextlib import nullcontext
@@ -34,11 +35,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 from huggingface_hub import constants as hf_constants
 
-from hfmerge.data.reading import hub_errors, open_folder, open_hub
+from hfmerge.data.reading import hub_errors, named_files, no_images_error, open_folder, open_hub, saved_to_disk
 from hfmerge.data.spec import DataSpec
 from hfmerge.errors import DataError
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     import datasets
     from PIL import Image
 
@@ -131,18 +134,30 @@ def load_image_data(
         table, split, name, commit_sha, streamed = open_hub(spec, token=token, streaming=streaming)
     # a stream talks to the Hub while it is read
     reading = nullcontext() if spec.is_local else hub_errors(spec.dataset, spec.commit or spec.revision)
+    # An image folder's labels are its images' subfolders: whether it has labels is asked once its images are
+    # read, so that a folder of files that are not images is told so, not that it lacks a label column.
+    image_folder = spec.is_local and not saved_to_disk(spec.path)
     with reading:
         features = _features(table)
         image_col = _image_column(features, image_column, name)
-        label_col, label_names = _label_column(features, label_column, name, labeled)
+        label_col, label_names = _label_column(features, label_column, name, labeled and not image_folder)
         table = _undecoded(table, features, image_col)
         rows = _select(table, samples, seed, name, streamed)
-        images, raw_labels, skipped = _decode_rows(rows, image_col, label_col)
-    if skipped:
-        logger.warning("%s: %d of %d images failed to decode and were skipped", name, skipped,
-                       skipped + len(images))
+        images, raw_labels, unreadable = _decode_rows(rows, image_col, label_col)
+    skipped = len(unreadable)
     if not images:
+        if image_folder:
+            raise no_images_error(spec)
         raise DataError(f"{name}: none of its {skipped} images could be decoded; check the files")
+    if skipped:
+        files = [_shown_path(path, spec.path if image_folder else None) for path in unreadable if path]
+        logger.warning("%s: %d of %d images failed to decode and were skipped%s", name, skipped,
+                       skipped + len(images), f" ({named_files(files)})" if files else "")
+    read = skipped + len(images)
+    if samples is not None and read < samples:
+        logger.warning("%s has %d samples, fewer than the %d asked; using all %d", name, read, samples, read)
+    if labeled and label_col is None:
+        raise _no_label_column(features, name)
     labels = None
     if label_col is not None:
         labels, label_names = _label_indices(raw_labels, label_names)
@@ -253,11 +268,15 @@ def _label_column(features: datasets.Features, override: str | None, name: str,
         column = (typed or named or [None])[0]
     if column is None:
         if labeled:
-            raise DataError(f"{name} has no label column; its columns are: {', '.join(columns)}; "
-                            "name it with --label-column, or give one folder per class")
+            raise _no_label_column(features, name)
         return None, None
     feature = features[column]
     return column, list(feature.names) if isinstance(feature, datasets.ClassLabel) else None
+
+
+def _no_label_column(features: datasets.Features, name: str) -> DataError:
+    return DataError(f"{name} has no label column; its columns are: {', '.join(features)}; "
+                     "name it with --label-column, or give one folder per class")
 
 
 def _undecoded(table: Any, features: datasets.Features, column: str) -> Any:
@@ -276,45 +295,43 @@ def _select(table: Any, samples: int | None, seed: int, name: str, streamed: boo
     if streamed:
         if samples is None:
             return table
-        return _warn_if_short(table.shuffle(seed=seed, buffer_size=STREAM_BUFFER).take(samples), samples, name)
+        return _not_empty(table.shuffle(seed=seed, buffer_size=STREAM_BUFFER).take(samples), name)
     available = len(table)
     if available == 0:
         raise DataError(f"{name} has no samples; give a split that has some")
-    if samples is None:
-        return table
-    if samples > available:
-        logger.warning("%s has %d samples, fewer than the %d asked; using all %d", name, available, samples,
-                       available)
-        return table
+    if samples is None or samples >= available:
+        return table  # fewer than asked: said once the rows are decoded (load_image_data)
     chosen = sorted(random.Random(seed).sample(range(available), samples))
     return table.select(chosen)
 
 
-def _warn_if_short(rows: Iterable[dict[str, Any]], samples: int, name: str) -> Iterator[dict[str, Any]]:
-    count = 0
+def _not_empty(rows: Iterable[dict[str, Any]], name: str) -> Iterator[dict[str, Any]]:
+    """The rows of a stream, which is known to be empty only once it is read."""
+    empty = True
     for row in rows:
-        count += 1
+        empty = False
         yield row
-    if count == 0:
+    if empty:
         raise DataError(f"{name} has no samples; give a split that has some")
-    if count < samples:
-        logger.warning("%s has %d samples, fewer than the %d asked; using all %d", name, count, samples, count)
 
 
 def _decode_rows(rows: Iterable[dict[str, Any]], image_col: str,
-                 label_col: str | None) -> tuple[list[Image.Image], list[Any], int]:
+                 label_col: str | None) -> tuple[list[Image.Image], list[Any], list[str | None]]:
+    """The images that decode and their labels, and, per image that does not, its file's path where it has one."""
     images: list[Image.Image] = []
     labels: list[Any] = []
-    skipped = 0
+    unreadable: list[str | None] = []
     for row in rows:
-        image = _decode(row[image_col])
+        value = row[image_col]
+        image = _decode(value)
         if image is None:
-            skipped += 1
+            unreadable.append(value.get("path") if isinstance(value, dict) else value if isinstance(value, str)
+                              else None)
             continue
         images.append(image)
         if label_col is not None:
             labels.append(row[label_col])
-    return images, labels, skipped
+    return images, labels, unreadable
 
 
 def _decode(value: Any) -> Image.Image | None:
@@ -337,6 +354,13 @@ def _decode(value: Any) -> Image.Image | None:
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         logger.debug("an image failed to decode: %s", exc)
         return None
+
+
+def _shown_path(path: str, folder: Path | None) -> str:
+    """A file as a message names it: relative to the user's folder, else by its name (not a cache's path)."""
+    if folder is None:
+        return os.path.basename(path)
+    return os.path.relpath(path, folder.resolve()).replace(os.sep, "/")
 
 
 def _label_indices(raw: list[Any], names: list[str] | None) -> tuple[list[int], list[str]]:

@@ -27,6 +27,34 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 STREAM_MIN_BYTES = 64 * 2**20  # smaller splits are downloaded whole: datasets ends each stream with a 5 s pause
+NAMED_FILES = 5  # the files a message names before "and K more"
+IMAGE_FOLDER_HINT = "give a folder of images (.png, .jpg, ...), flat or one subfolder per class"
+
+
+def named_files(names: list[str], shown: int = NAMED_FILES) -> str:
+    """``a, b, c and K more``: the first ``shown`` of ``names``, and how many are left out."""
+    listed = ", ".join(names[:shown])
+    return f"{listed} and {len(names) - shown} more" if len(names) > shown else listed
+
+
+def no_images_error(spec: DataSpec) -> DataError:
+    """The one line for a local folder none of whose files is an image: the files named, and what to give instead.
+
+    Said alike whether ``datasets`` found no file named as an image or the files named so failed to decode, and
+    before any question of labels: a folder's labels are its images' subfolders, so without images it has none.
+    """
+    folder = spec.path
+    where = f"folder {folder.resolve().name!r}"
+    files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+    if not files:
+        return DataError(f"{where} is empty; {IMAGE_FOLDER_HINT}")
+    what = "is not an image" if len(files) == 1 else "are not images"
+    return DataError(f"{where} has no images: {named_files(files)} {what}; {IMAGE_FOLDER_HINT}")
+
+
+def saved_to_disk(folder: Path) -> bool:
+    """Whether ``folder`` is a ``datasets`` ``save_to_disk`` folder (else it is read as an image folder)."""
+    return (folder / "dataset_dict.json").is_file() or (folder / "state.json").is_file()
 
 
 def pick_split(splits: list[str], spec: DataSpec, where: str) -> str:
@@ -76,7 +104,7 @@ def _folder_tables(spec: DataSpec) -> tuple[dict[str, Any], str]:
     if parse_source_ref(spec.dataset).shadows_repo_id:
         logger.warning("data %r is the local folder ./%s; the Hub dataset %s was not used (write %s@main for it)",
                        spec.dataset, spec.dataset, spec.dataset, spec.dataset)
-    if (folder / "dataset_dict.json").is_file() or (folder / "state.json").is_file():
+    if saved_to_disk(folder):
         try:
             loaded = datasets.load_from_disk(str(folder))
         except (FileNotFoundError, ValueError, OSError, IndexError) as exc:  # IndexError: a split of no rows
@@ -91,8 +119,7 @@ def _folder_tables(spec: DataSpec) -> tuple[dict[str, Any], str]:
             tables = dict(datasets.load_dataset("imagefolder", data_dir=str(folder)))
         except (FileNotFoundError, ValueError, datasets.exceptions.DataFilesNotFoundError) as exc:
             logger.debug("imagefolder could not read %s: %s", folder, exc)
-            raise DataError(f"{where} has no images (.png, .jpg, ...) and is not a save_to_disk folder; "
-                            "give a folder of images, flat or one subfolder per class") from None
+            raise no_images_error(spec) from None
     return tables, where
 
 

@@ -25,6 +25,14 @@ def output_dtype(planned: torch.dtype, override: torch.dtype | None) -> torch.dt
     return planned
 
 
+def written_bytes(plan: MergePlan, dtype: torch.dtype | None = None) -> int:
+    """The bytes of the tensors :func:`execute_plan` writes for ``plan``: what the disk must hold, before any is read.
+
+    The shards' headers, the config and the card come on top (kilobytes).
+    """
+    return sum(TensorSlot(t.key, t.shape, output_dtype(t.dtype, dtype)).nbytes for t in plan.tensors)
+
+
 def execute_plan(
     plan: MergePlan,
     tables: Mapping[int | str, TensorTable],

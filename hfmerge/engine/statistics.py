@@ -37,6 +37,7 @@ import torch
 
 from hfmerge.errors import SourceError, StatisticsError
 from hfmerge.io.checkpoint import CheckpointReader
+from hfmerge.io.disk import SpaceNeed, check_free_space, full_disk_is_an_error, owner_tag
 
 if TYPE_CHECKING:
     import accelerate
@@ -47,6 +48,8 @@ STATISTICS_FORMAT = "hfmerge-statistics-1"
 """Part of every cache key: bump it when the meaning of a stored statistic changes."""
 
 FISHER_LABELS = ("model", "empirical")
+
+CACHE_ROOM_FIX = "make room there, or set HF_HOME to a folder on a disk with more room"
 
 GRAM_BLOCK = 768
 """Column block of the upper-triangular Gram update (see :func:`add_upper_gram_`)."""
@@ -542,17 +545,49 @@ class StatisticsCache:
             logger.warning("ignoring the unreadable statistics cache file %s (%s)", path, exc)
             return None
 
+    def check_room(self, size: int, what: str = "the statistics") -> None:
+        """Refuse ``size`` bytes of statistics that the cache's disk cannot hold.
+
+        Raises:
+            DiskSpaceError: the cache's file system has less than ``size`` bytes free.
+        """
+        check_free_space([SpaceNeed(self.folder, size, what)], CACHE_ROOM_FIX)
+
     def save(self, path: Path, tensors: dict[str, torch.Tensor]) -> None:
-        """Write ``tensors`` to ``path`` atomically: a temporary file in the same folder, then renamed."""
+        """Write ``tensors`` to ``path`` atomically: a temporary file in the same folder, then renamed.
+
+        The temporary file is named by its process (:func:`~hfmerge.io.disk.owner_tag`), so that a run
+        killed while it writes leaves a file the next run removes.
+
+        Raises:
+            DiskSpaceError: the disk cannot hold the statistics, or filled while they were written (the
+                temporary file is removed).
+        """
         from safetensors.torch import save_file
 
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        self.check_room(sum(t.nbytes for t in tensors.values()))
+        temporary = path.with_name(f".{path.name}.{owner_tag()}.tmp")
         try:
-            save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(temporary),
-                      metadata={"format": STATISTICS_FORMAT})
+            with full_disk_is_an_error(path.parent, "the statistics cache", CACHE_ROOM_FIX):
+                save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(temporary),
+                          metadata={"format": STATISTICS_FORMAT})
             os.replace(temporary, path)
         finally:
             temporary.unlink(missing_ok=True)
+
+
+def stored_bytes(request: StatisticsRequest, model: torch.nn.Module) -> int:
+    """The bytes :func:`collect_statistics` will return for ``request`` on ``model``, known before the pass.
+
+    The Gram matrices (``[in, in]``) and the Fisher diagonals (each parameter's shape), in float64; the
+    activations are left out, as their size is known only from the outputs (a few megabytes: ``t`` samples,
+    pooled), and :meth:`StatisticsCache.save` checks the exact size again.
+    """
+    modules = dict(model.named_modules())
+    parameters = dict(model.named_parameters())
+    grams = sum(getattr(modules.get(name), "in_features", 0) ** 2 for name in set(request.grams))
+    fisher = sum(parameters[name].numel() for name in set(request.fisher) if name in parameters)
+    return (grams + fisher) * torch.empty((), dtype=torch.float64).element_size()
 

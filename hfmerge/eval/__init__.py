@@ -10,7 +10,7 @@ from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from hfmerge.eval.cost import count_flops, count_parameters, measure_latency
+    from hfmerge.eval.cost import Latency, count_flops, count_parameters, measure_latency
     from hfmerge.eval.ensemble import Ensemble
     from hfmerge.eval.evaluate import SegmentationSamples, evaluate_classifier, evaluate_segmenter, load_metric
     from hfmerge.eval.metrics import (
@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 
 _LAZY = {
     "count_flops": "hfmerge.eval.cost", "count_parameters": "hfmerge.eval.cost", "measure_latency": "hfmerge.eval.cost",
+    "Latency": "hfmerge.eval.cost",
     "Ensemble": "hfmerge.eval.ensemble",
     "evaluate_classifier": "hfmerge.eval.evaluate", "load_metric": "hfmerge.eval.evaluate",
     "evaluate_segmenter": "hfmerge.eval.evaluate", "SegmentationSamples": "hfmerge.eval.evaluate",
@@ -33,7 +34,7 @@ _LAZY = {
 }
 
 __all__ = [
-    "Ensemble", "EvaluationReport", "ModelEvaluation", "SegmentationMeter", "SegmentationSamples", "TaskResult",
+    "Ensemble", "EvaluationReport", "Latency", "ModelEvaluation", "SegmentationMeter", "SegmentationSamples", "TaskResult",
     "classification_metrics", "count_flops", "count_parameters", "evaluate_classifier", "evaluate_segmenter",
     "load_metric", "measure_latency", "panoptic_metrics", "segmentation_metrics",
 ]

@@ -3,13 +3,17 @@
 FLOPs are counted by PyTorch's own dispatcher (``torch.utils.flop_counter``),
 so they follow the operations a forward pass really runs; a multiply-add
 counts as two FLOPs. Latency is a median over timed repeats after a warm-up,
-in inference mode, waiting for the GPU before reading the clock.
+in inference mode, waiting for the GPU before reading the clock; with it goes
+the repeats' spread, so that a report can tell a busy machine's number from a
+model's cost.
 """
 
 from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -48,11 +52,38 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure_latency(model: torch.nn.Module, pixel_values: Tensor, *, warmup: int = 3, repeats: int = 10) -> float:
-    """Median seconds of one forward pass on ``pixel_values`` (the batch as given: the caller states its size).
+@dataclass(frozen=True)
+class Latency:
+    """The timed forward passes of one model on one batch (the warm-up passes are not among them).
 
-    ``warmup`` passes run first and are not timed (allocator, kernel selection, caches). On a GPU the clock is
-    read only after ``torch.cuda.synchronize``, since kernels run asynchronously.
+    A median alone hides a busy machine: another process holding a core slows some passes many times
+    over, and the median of a run that was slowed throughout is as wrong as its mean. The spread is
+    what shows it.
+    """
+
+    seconds: tuple[float, ...]
+
+    @property
+    def median(self) -> float:
+        """Median seconds of one pass."""
+        return statistics.median(self.seconds)
+
+    @property
+    def spread(self) -> float | None:
+        """Interquartile range over the median (0 when every pass took the same time); ``None`` under 2 passes."""
+        if len(self.seconds) < 2:
+            return None
+        first, _, third = statistics.quantiles(self.seconds, n=4, method="inclusive")
+        return (third - first) / self.median if self.median > 0 else 0.0
+
+
+def measure_latency(model: torch.nn.Module, pixel_values: Tensor, *, warmup: int = 3, repeats: int = 10,
+                    clock: Callable[[], float] = time.perf_counter) -> Latency:
+    """Seconds of each of ``repeats`` forward passes on ``pixel_values`` (the batch as given: the caller states
+    its size), after ``warmup`` passes that are run and not timed (allocator, kernel selection, caches).
+
+    On a GPU the clock is read only after ``torch.cuda.synchronize``, since kernels run asynchronously.
+    ``clock``: seconds, monotonic (a test passes one whose readings it controls).
     """
     if repeats < 1:
         raise ValueError(f"repeats must be at least 1, got {repeats}")
@@ -66,10 +97,10 @@ def measure_latency(model: torch.nn.Module, pixel_values: Tensor, *, warmup: int
                 _forward(model, pixel_values)
             _synchronize(device)
             for _ in range(repeats):
-                start = time.perf_counter()
+                start = clock()
                 _forward(model, pixel_values)
                 _synchronize(device)
-                times.append(time.perf_counter() - start)
+                times.append(clock() - start)
     finally:
         model.train(was_training)
-    return statistics.median(times)
+    return Latency(tuple(times))

@@ -82,7 +82,7 @@ def _evaluate_module(name_or_path: str) -> Any:
         import evaluate
     except ImportError:
         raise EvaluationError(
-            f"metric {name_or_path!r} needs the evaluate package: pip install evaluate "
+            f"metric {name_or_path!r} needs the evaluate package: pip install 'hfmerge[eval]' "
             "(or give a .py file defining compute(predictions, references))"
         ) from None
     try:
@@ -283,15 +283,17 @@ def _with_cost(model: torch.nn.Module, name: str, role: str, results: list[TaskR
                first_batch: torch.Tensor | None, batch_size: int, device: torch.device, *, measure_cost: bool,
                warmup: int, repeats: int, latency: bool = True) -> ModelEvaluation:
     """The evaluation with the model's parameters, FLOPs per image and latency on the first task's first batch."""
-    flops = latency_ms = None
+    flops = latency_ms = spread = None
     measured_batch = batch_size
     if measure_cost and first_batch is not None:
         measured_batch = first_batch.shape[0]
         flops = count_flops(model, first_batch[:1])
         if latency:
-            latency_ms = 1000 * measure_latency(model, first_batch, warmup=warmup, repeats=repeats)
+            timed = measure_latency(model, first_batch, warmup=warmup, repeats=repeats)
+            latency_ms, spread = 1000 * timed.median, timed.spread
     return ModelEvaluation(name=name, role=role, tasks=results, parameters=count_parameters(model), flops=flops,
-                           latency_ms=latency_ms, batch_size=measured_batch, device=_device_name(device))
+                           latency_ms=latency_ms, batch_size=measured_batch, device=_device_name(device),
+                           latency_spread=spread)
 
 
 def _device_name(device: torch.device) -> str:

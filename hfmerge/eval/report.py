@@ -24,6 +24,8 @@ METRIC_NAMES = {
     "pq": "PQ", "sq": "SQ", "rq": "RQ",
 }
 FORMAT_VERSION = 1
+UNSTABLE_SPREAD = 0.25  # a latency whose passes' interquartile range exceeds this share of their median is flagged
+SAME_SIZE_RATIO = 2.0  # models of one size (parameters, FLOPs, batch, device) whose latencies differ more: flagged
 MODEL_INDEX_DECIMALS = 6  # torchmetrics computes in float32: 0.3333333432674408 is 0.333333 in the metadata
 
 
@@ -58,7 +60,9 @@ class ModelEvaluation:
     """A model's results on every task, and its cost.
 
     ``role``: ``merged``, ``source`` or ``ensemble``. ``flops``: per image.
-    ``latency_ms``: median of one forward pass over a batch of ``batch_size`` images on ``device``.
+    ``latency_ms``: median of one forward pass over a batch of ``batch_size`` images on ``device``;
+    ``latency_spread``: the timed passes' interquartile range over that median (``None``: not known, as in
+    reports written before it was recorded).
     """
 
     name: str
@@ -69,6 +73,7 @@ class ModelEvaluation:
     latency_ms: float | None
     batch_size: int
     device: str | None = None
+    latency_spread: float | None = None
 
     def result(self, task: str) -> TaskResult | None:
         return next((t for t in self.tasks if t.task == task), None)
@@ -116,6 +121,35 @@ class EvaluationReport:
             raise ValueError("the evaluation report has no merged model (role 'merged')")
         return merged[0]
 
+    # -- latency ------------------------------------------------------------------------
+    def unstable_latencies(self) -> dict[str, str]:
+        """The models whose latency is not to be compared, by name, each with the reason.
+
+        A latency is unstable when its own passes spread widely (:data:`UNSTABLE_SPREAD`), or when models of
+        one size (the same parameters, FLOPs per image, batch and device, so the same work) differ by more
+        than :data:`SAME_SIZE_RATIO`: a process that held a core during some models' passes and not others'
+        makes both, and a ratio of them means nothing.
+        """
+        timed = [m for m in self.ordered_models() if m.latency_ms is not None]
+        reasons: dict[str, str] = {}
+        for model in timed:
+            if model.latency_spread is not None and model.latency_spread > UNSTABLE_SPREAD:
+                reasons[model.name] = (f"{model.name}: the interquartile range of its timed passes is "
+                                       f"{model.latency_spread:.0%} of their median")
+        sizes: dict[tuple[int, int, int, str | None], list[ModelEvaluation]] = {}
+        for model in timed:
+            if model.flops is not None:
+                sizes.setdefault((model.parameters, model.flops, model.batch_size, model.device), []).append(model)
+        for same in sizes.values():
+            milliseconds = [m.latency_ms or 0.0 for m in same]
+            fastest, slowest = min(milliseconds), max(milliseconds)
+            if fastest > 0 and slowest / fastest > SAME_SIZE_RATIO:
+                names = ", ".join(m.name for m in same)
+                for model in same:
+                    reasons.setdefault(model.name, f"{names} do the same work, yet their latencies differ "
+                                                   f"{slowest / fastest:.3g}×")
+        return reasons
+
     # -- Markdown -----------------------------------------------------------------------
     def markdown(self, chart: str | None = None) -> str:
         """The summary table (a row per model: each task's main metric, their mean, the cost), then per task
@@ -130,6 +164,7 @@ class EvaluationReport:
                     for task in tasks),
                   "mean", "parameters", "FLOPs / image", latency_header]
         lines = [_row(header), _row(["---"] * len(header))]
+        unstable = self.unstable_latencies()
         for model in models:
             values = []
             for task in tasks:
@@ -139,7 +174,9 @@ class EvaluationReport:
             mean = sum(values) / len(values) if values and None not in values else None
             latency = None
             if model.latency_ms is not None:
-                latency = _milliseconds(model.latency_ms) + ("" if shared_batch else f" (batch {model.batch_size})")
+                remarks = [*([] if shared_batch else [f"batch {model.batch_size}"]),
+                           *(["unstable"] if model.name in unstable else [])]
+                latency = _milliseconds(model.latency_ms) + (f" ({', '.join(remarks)})" if remarks else "")
             lines.append(_row([
                 _cell(model.name), model.role, *(_number(v) for v in values), _number(mean),
                 f"{model.parameters:,}", _flops(model.flops), latency or "—",
@@ -148,6 +185,9 @@ class EvaluationReport:
         notes = ["Main metric per task; the mean is over the tasks. FLOPs counted by PyTorch's FlopCounterMode "
                  "(a multiply-add is 2 FLOPs); latency is the median of timed forward passes after a warm-up"
                  + (f", on {', '.join(devices)}" if devices else "") + "."]
+        if unstable:
+            notes.append("Latencies marked unstable are not to be compared (the machine was busy while they were "
+                         "timed; measure again on an idle one): " + "; ".join(dict.fromkeys(unstable.values())) + ".")
         if any(m.role == "ensemble" for m in models):
             notes.append("The ensemble averages the sources' softmax: a reference that runs every source, "
                          "not a merged model.")

@@ -181,6 +181,20 @@ class MergeMethod(ABC):
         declaring = SimpleNamespace(params=params, evaluating=evaluating, base=None)
         return data_needs(self.stages(declaring))  # type: ignore[arg-type]
 
+    def check_sources(self, layouts: list[ModelLayout], parameters: dict[str, Any]) -> None:
+        """Refuse sources whose family or task the method cannot merge, from their inspection alone; none by default.
+
+        The pipeline asks this as soon as the sources are inspected, before it resolves the base and the
+        auxiliary models (:meth:`auxiliary_models`): a user who gives models the method cannot merge reads
+        that, not that a gate or a base they never chose cannot be downloaded. Everything that needs the
+        other models, or the anchor, is checked when the method plans.
+
+        Raises:
+            IncompatibleModelsError: naming the source and what the method needs instead.
+            RecipeError: a parameter asks of these sources what they cannot do (EMR's gate, of segmentation models).
+        """
+        return
+
     def choose_anchor(self, layouts: list[ModelLayout], parameters: dict[str, Any]) -> tuple[int, str] | None:
         """The anchor (the target model) the method needs, and why, when ``--anchor`` names none; ``None``: the default."""
         return None

@@ -12,6 +12,7 @@ from hfmerge.methods.stages import Stage, Statistics
 if TYPE_CHECKING:
     import torch
 
+    from hfmerge.adapters.layout import ModelLayout
     from hfmerge.engine.ops import Loader, TensorRef
     from hfmerge.engine.plan import MergeContext, MergePlan
     from hfmerge.engine.statistics import StatisticsRequest
@@ -116,16 +117,21 @@ policy: stacked into one head over the union of the {{ details.num_labels }} lab
             fisher_labels="empirical" if ctx.params.get("empirical") else "model",
         )
 
+    def check_sources(self, layouts: list[ModelLayout], parameters: dict[str, Any]) -> None:
+        """Image classifiers only: the Fisher information is that of the class probabilities."""
+        for layout in layouts:
+            if layout.task != "image-classification":
+                raise IncompatibleModelsError(
+                    f"fisher needs the model's class probabilities p(y|x), and {layout.source.short_name} is an "
+                    f"{layout.task} model; merge image classifiers, or use regmean or average"
+                )
+
     def plan(self, ctx: MergeContext) -> MergePlan:
         from hfmerge.engine.ops import LinearCombination
         from hfmerge.engine.plan import MergePlan, require_all_shared
         from hfmerge.methods.heads import head_policy, plan_heads
 
-        if ctx.anchor.task != "image-classification":
-            raise IncompatibleModelsError(
-                f"fisher needs the model's class probabilities p(y|x), and {ctx.anchor.source.short_name} is an "
-                f"{ctx.anchor.task} model; merge image classifiers, or use regmean or average"
-            )
+        self.check_sources(ctx.sources, ctx.params)
         heads = [info.name for info in ctx.anchor.head_tensors]
         require_all_shared(ctx, self.name, except_names=heads)
         policy = head_policy(ctx)

@@ -12,6 +12,7 @@ from huggingface_hub.utils import get_token, validate_repo_id
 
 from hfmerge.errors import PublishError
 from hfmerge.hub.connection import TRANSPORT_ERRORS, hub_unreachable
+from hfmerge.publish.manifest import MANIFEST_FILE
 
 _LOGIN_HINT = "log in with `hf auth login` using a write token, or set HF_TOKEN"
 
@@ -93,14 +94,15 @@ def push_folder(
 
     The token comes from the argument or huggingface_hub's usual sources; it is
     passed to the client only and never appears in messages. Files in the repo
-    matching ``delete_patterns`` and absent from ``folder`` are deleted in the same commit.
+    matching ``delete_patterns`` and absent from ``folder`` are deleted in the same commit. The folder's
+    list of the files hfmerge wrote (:mod:`hfmerge.publish.manifest`) stays on this machine.
     """
     api = HfApi()
     try:
         api.create_repo(repo_id, private=private, exist_ok=True, token=token, repo_type=repo_type, space_sdk=space_sdk)
         info = api.upload_folder(
             folder_path=str(folder), repo_id=repo_id, repo_type=repo_type, commit_message=commit_message, token=token,
-            delete_patterns=delete_patterns,
+            delete_patterns=delete_patterns, ignore_patterns=[MANIFEST_FILE],
         )
     except TRANSPORT_ERRORS as exc:
         raise hub_unreachable(exc) from None

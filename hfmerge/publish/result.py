@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import tempfile
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -16,7 +15,9 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from hfmerge.errors import OutputExistsError
+from hfmerge.io.disk import full_disk_is_an_error, owned_temp_folder, remove_orphans
 from hfmerge.methods.stages import RunRecord
+from hfmerge.publish.manifest import MANIFEST_FILE, describe_files, read_manifest, record_files, users_files
 
 if TYPE_CHECKING:
     from huggingface_hub import ModelCard
@@ -122,9 +123,10 @@ class MergeResult:
 
         The files go to a hidden sibling folder first, which is renamed to
         ``folder`` at the end, so an interrupted save leaves no output folder.
+        ``overwrite`` replaces an earlier output holding only the files hfmerge wrote.
 
         Raises:
-            OutputExistsError: ``folder`` exists, is not empty, and ``overwrite`` is false.
+            OutputExistsError: ``folder`` may not be replaced (see :func:`check_output_folder`).
         """
         with atomic_folder(folder, overwrite=overwrite) as partial:
             for item in self.staging.iterdir():
@@ -156,11 +158,13 @@ class MergeResult:
 def check_output_folder(target: str | Path, *, overwrite: bool, marker: str = RECIPE_FILE) -> None:
     """Refuse an output folder whose replacement could lose the user's files.
 
-    An existing folder is replaced only when it is empty, or with
-    ``overwrite`` when it holds a previous output (``marker`` present:
-    ``hfmerge.yaml`` for a merged model, ``space_config.json`` for a Space).
-    The current folder and its ancestors, the home folder and a filesystem
-    root are never replaced, whatever they hold.
+    An existing folder is replaced only when it is empty, or with ``overwrite``
+    when it is an earlier output (``marker`` present: ``hfmerge.yaml`` for a
+    merged model, ``space_config.json`` for a Space) holding only the files
+    hfmerge wrote there, as they were written (its manifest,
+    :mod:`hfmerge.publish.manifest`). The current folder and its ancestors, the
+    home folder and a filesystem root are never replaced, whatever they hold.
+    A refusal suggests only what will work.
 
     Raises:
         OutputExistsError: the folder may not be replaced; nothing was touched.
@@ -177,14 +181,27 @@ def check_output_folder(target: str | Path, *, overwrite: bool, marker: str = RE
         )
     if not any(target.iterdir()):
         return
-    if not overwrite:
-        raise OutputExistsError(
-            f"output folder {str(target)!r} exists and is not empty; choose another path or pass --overwrite"
-        )
+    where = f"output folder {str(target)!r}"
     if not (target / marker).is_file():
         raise OutputExistsError(
-            f"output folder {str(target)!r} has files but no {marker}, so it is not an earlier hfmerge output; "
-            "--overwrite replaces only an empty folder or an earlier output: choose another path"
+            f"{where} has files and no {marker}, which an earlier output written there would hold, so hfmerge "
+            "will not replace it; choose another path"
+        )
+    manifest = read_manifest(target)
+    if manifest is None:
+        raise OutputExistsError(
+            f"{where} has {marker} but no {MANIFEST_FILE}, the list of the files hfmerge wrote there, so its files "
+            "cannot be told from yours; choose another path, or empty the folder"
+        )
+    if users := users_files(target, manifest):
+        move = "move them out" if overwrite else "move them out and pass --overwrite"
+        raise OutputExistsError(
+            f"{where} holds files that hfmerge did not write there, or that changed since: {describe_files(users)}; "
+            f"{move}, or choose another path"
+        )
+    if not overwrite:
+        raise OutputExistsError(
+            f"{where} holds an earlier hfmerge output; pass --overwrite to replace it, or choose another path"
         )
 
 
@@ -205,24 +222,30 @@ def _protected_folder(target: Path) -> str | None:
 
 @contextmanager
 def atomic_folder(folder: str | Path, *, overwrite: bool = False, marker: str = RECIPE_FILE) -> Iterator[Path]:
-    """Yield a hidden sibling of ``folder`` to fill; rename it to ``folder`` when the block ends.
+    """Yield a hidden sibling of ``folder`` to fill; list its files and rename it to ``folder`` when the block ends.
 
     An exception inside the block removes the partial folder and leaves
     ``folder`` as it was, so a failure never leaves a half-written output.
     The folder gets the permissions the user's umask gives a new folder.
+    The hidden folders are named by their process: what a killed run left
+    beside ``folder`` is removed first (:func:`~hfmerge.io.disk.remove_orphans`).
 
     Raises:
         OutputExistsError: ``folder`` may not be replaced (see :func:`check_output_folder`).
+        DiskSpaceError: the disk filled while the block wrote (the partial folder is removed).
     """
     target = Path(folder).expanduser().resolve()
     check_output_folder(target, overwrite=overwrite, marker=marker)
     target.parent.mkdir(parents=True, exist_ok=True)
-    partial = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    remove_orphans(target.parent)
+    partial = owned_temp_folder(target.parent, f".{target.name}.partial-")
     try:
         partial.chmod(0o777 & ~_umask())  # mkdtemp makes 0700, private unlike any folder the user makes
-        yield partial
+        with full_disk_is_an_error(target.parent, str(target), "make room there, or choose another output folder"):
+            yield partial
+            record_files(partial)  # what --overwrite may later replace: these files, as they are now
         if target.exists():
-            trash = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+            trash = owned_temp_folder(target.parent, f".{target.name}.old-")
             os.replace(target, trash / target.name)
             os.replace(partial, target)
             shutil.rmtree(trash, ignore_errors=True)

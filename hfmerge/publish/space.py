@@ -4,7 +4,8 @@ The Space is ``spaces/app.py`` with the files beside it: ``inference.py`` (the
 models without Gradio; hfmerge imports its constants too), ``source_ref.py`` (a
 copy of :mod:`hfmerge.source_ref`, the parser of model references), ``space_config.json`` (which model and which sources to show),
 ``README.md`` (Space metadata: sdk, app file, the models it uses),
-``requirements.txt`` and ``examples/``; for a gated merge, the model's own
+``requirements.txt`` and ``examples/`` (images of the model's evaluation data, else of the data the merge read,
+else none); for a gated merge, the model's own
 class as ``modeling_hfmerge_gated.py`` (an EMR merge's as ``modeling_hfmerge_emr.py``).
 It runs from its own repo alone: a static merge loads with plain transformers, a
 gated or EMR one with that class, so the Space never installs hfmerge and never
@@ -13,20 +14,24 @@ runs a repository's code.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
-import shutil
+import os
+import re
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 from huggingface_hub import SpaceCard
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
 from hfmerge import source_ref
-from hfmerge.errors import RecipeError, SourceError
+from hfmerge.data.spec import DataSpec
+from hfmerge.errors import HfMergeError, RecipeError, SourceError
 from hfmerge.hub.resolve import ResolvedSource, resolve_source
 from hfmerge.publish.result import RECIPE_FILE, atomic_folder, check_output_folder
 from hfmerge.source import SourceSpec
@@ -40,6 +45,8 @@ SOURCE_REF_FILE = "source_ref.py"
 """The name of the Space's copy of :mod:`hfmerge.source_ref`, which ``inference.py`` imports beside it."""
 # What marks a folder as a Space written by hfmerge, so that --overwrite may replace it.
 SPACE_CONFIG_FILE = "space_config.json"
+EXAMPLES = 4
+"""The most example images drawn from the model's data, spread over its datasets."""
 
 
 @dataclass
@@ -51,7 +58,9 @@ class SpaceOptions:
         space_id: the Space repo to create or update; default ``<model>-demo`` when pushing.
         sources: the models shown beside it; ``None`` takes the sources from its ``hfmerge.yaml``,
             an empty list shows it alone.
-        examples: example images; ``None`` ships the two bundled photos.
+        examples: example images; ``None`` draws a few from the model's evaluation data (its ``hfmerge.yaml``'s
+            ``eval_data``, else the datasets its card's ``model-index`` names), else from the data the merge read
+            (``data``), else shows none: images of the model's own task, or none rather than unrelated ones.
         title: the Space's title; default from the model's name.
         private: create the Space as private.
     """
@@ -64,6 +73,14 @@ class SpaceOptions:
     private: bool = False
 
 
+@dataclass(frozen=True)
+class SpaceExample:
+    """One example image of the Space: its file name in ``examples/``, and its bytes."""
+
+    name: str
+    data: bytes
+
+
 @dataclass
 class SpacePlan:
     """The Space's contents, decided before anything is written."""
@@ -71,14 +88,25 @@ class SpacePlan:
     model: ResolvedSource
     model_ref: str
     sources: list[str]
-    examples: list[Path]
+    examples: list[SpaceExample]
     title: str
     gated: bool
     license: str | None
-    bundled_examples: bool
+    examples_note: str = ""
+    """Where the examples were drawn from, for the Space's README (empty when the user chose them, or there are none)."""
     warnings: list[str] = field(default_factory=list)
     emr: bool = False
     """An EMR merge: the Space shows each task's model, built by ``modeling_hfmerge_emr.py`` beside the app."""
+
+    def placed_in(self, home: Path) -> SpacePlan:
+        """The plan of a Space written to the folder ``home``: local models named relative to it.
+
+        No path of this machine is written into the Space, and its app (which reads a relative folder in
+        ``space_config.json`` from its own folder) finds the models from wherever it is started, and
+        after the Space and the models are moved together.
+        """
+        return replace(self, model_ref=_relative_to(self.model_ref, home),
+                       sources=[_relative_to(ref, home) for ref in self.sources])
 
     @property
     def hub_models(self) -> list[str]:
@@ -99,10 +127,7 @@ def plan_space(options: SpaceOptions, *, for_hub: bool, token: str | bool | None
     """
     model = resolve_source(options.model, token=token, metadata_only=True)
     if for_hub and model.is_local:
-        raise RecipeError(
-            f"a Space loads its model from the Hub, and {options.model!r} is a local folder: push the merged "
-            "model first (hfmerge merge ... --push-to-hub ORG/NAME) and name it by repo id, or use --output only"
-        )
+        raise _local_model_refused(options.model)
     config = json.loads((model.path / "config.json").read_text())
     from hfmerge.methods.emr.model import MODEL_TYPE as EMR_MODEL_TYPE
     from hfmerge.methods.gating.model import MODEL_TYPE as GATED_MODEL_TYPE
@@ -130,12 +155,15 @@ def plan_space(options: SpaceOptions, *, for_hub: bool, token: str | bool | None
         sources = [_checked_source(ref, for_hub=for_hub, token=token) for ref in options.sources]
     model_ref = str(model.path) if model.is_local else model.spec.ref
     name = model.repo_id.split("/")[-1] if model.repo_id else model.path.name
+    if options.examples is None:
+        examples, note = _drawn_examples(_example_datasets(recipe or {}, model.path / "README.md"), warnings)
+    else:
+        examples, note = _examples(options.examples), ""
     for message in warnings:
         logger.warning(message)
     return SpacePlan(
-        model=model, model_ref=model_ref, sources=sources, examples=_examples(options.examples),
-        title=options.title or f"{name} demo", gated=gated, emr=emr, license=model.license,
-        bundled_examples=options.examples is None, warnings=warnings,
+        model=model, model_ref=model_ref, sources=sources, examples=examples, examples_note=note,
+        title=options.title or f"{name} demo", gated=gated, emr=emr, license=model.license, warnings=warnings,
     )
 
 
@@ -159,9 +187,9 @@ def write_space(plan: SpacePlan, folder: Path, space_id: str | None = None) -> N
     (folder / "README.md").write_text(space_card(plan, space_id))
     examples = folder / "examples"
     examples.mkdir()
-    for i, path in enumerate(plan.examples):
-        name = path.name if not (examples / path.name).exists() else f"{i}-{path.name}"
-        shutil.copyfile(path, examples / name)
+    for i, example in enumerate(plan.examples):
+        name = example.name if not (examples / example.name).exists() else f"{i}-{example.name}"
+        (examples / name).write_bytes(example.data)
 
 
 def space_card(plan: SpacePlan, space_id: str | None = None) -> str:
@@ -181,8 +209,9 @@ def space_card(plan: SpacePlan, space_id: str | None = None) -> str:
     intro = f"Model: `{plan.model_ref}`. Sources shown beside it: {shown}.\n\n"
     text = card.text.replace("# Merged model demo\n\n", f"# {plan.title}\n\n{intro}", 1)
     text = text.replace("SPACE_ID", space_id or "OWNER/SPACE")
-    if not plan.bundled_examples:
-        text = text.split("\nExample images:", 1)[0]
+    text = text.split("\nExample images:", 1)[0]  # the credits of the template's own photos, which it does not ship
+    if plan.examples_note:
+        text = f"{text.rstrip()}\n\nExample images: {plan.examples_note}\n"
     card.text = text
     return str(card)
 
@@ -193,13 +222,14 @@ def save_space(options: SpaceOptions, output: str | Path, *, overwrite: bool = F
 
     With ``options.space_id`` set, the folder is checked as for the Hub (no
     local folders as models or sources) and can be pushed with :func:`push_space`.
-    ``overwrite`` replaces only a folder holding an earlier Space (``space_config.json``).
+    ``overwrite`` replaces only a folder holding an earlier Space (``space_config.json``) and no
+    file but those hfmerge wrote there (see :func:`~hfmerge.publish.result.check_output_folder`).
     """
     check_output_folder(output, overwrite=overwrite, marker=SPACE_CONFIG_FILE)
     for_hub = options.space_id is not None
     if for_hub:
         _check_space_id(options.space_id)
-    plan = plan_space(options, for_hub=for_hub, token=token)
+    plan = plan_space(options, for_hub=for_hub, token=token).placed_in(Path(output).expanduser().resolve())
     with atomic_folder(output, overwrite=overwrite, marker=SPACE_CONFIG_FILE) as partial:
         write_space(plan, partial, options.space_id)
     return Path(output).expanduser().resolve()
@@ -246,17 +276,32 @@ def check_space_push(options: SpaceOptions, *, token: str | bool | None = None) 
     """
     from hfmerge.publish.hub import check_push_access
 
+    if options.space_id is None and SourceSpec.parse(options.model).is_local:
+        raise _local_model_refused(options.model)  # no Space id can be made from a folder's path
     space_id = options.space_id or f"{options.model.partition('@')[0]}-demo"
-    _check_space_id(space_id)
+    _check_space_id(space_id, given=options.space_id is not None)
     check_push_access(space_id, token=token, repo_type="space")
     return space_id
 
 
-def _check_space_id(space_id: str) -> None:
+def _local_model_refused(model: str) -> RecipeError:
+    """Why a Space of a local folder cannot be pushed, and the two things the user can do instead."""
+    return RecipeError(
+        f"a Space loads its model from the Hub, and {model!r} is a local folder: push the merged model first "
+        "(hfmerge merge ... --push-to-hub ORG/NAME) and name it by repo id, or pass --output FOLDER to write the "
+        "Space's folder only"
+    )
+
+
+def _check_space_id(space_id: str, *, given: bool = True) -> None:
+    """``space_id`` is a valid repo id; the error names --space-id only when the user gave it."""
     try:
         validate_repo_id(space_id)
     except HFValidationError:
-        raise RecipeError(f"--space-id {space_id!r} is not a valid repo id; write it as owner/name") from None
+        if given:
+            raise RecipeError(f"--space-id {space_id!r} is not a valid repo id; write it as owner/name") from None
+        raise RecipeError(f"the Space's default id {space_id!r} (the model's, with -demo) is not a valid repo id; "
+                          "give one with --space-id owner/name") from None
 
 
 def _read_recipe(folder: Path, where: str) -> dict:
@@ -292,10 +337,82 @@ def _checked_source(ref: str, *, for_hub: bool, token: str | bool | None) -> str
     return source.spec.ref
 
 
-def _examples(paths: list[str] | None) -> list[Path]:
-    if paths is None:
-        bundled = resources.files(TEMPLATE_PACKAGE).joinpath("examples")
-        return sorted(Path(str(p)) for p in bundled.iterdir() if p.name.lower().endswith(IMAGE_SUFFIXES))
+def _relative_to(ref: str, home: Path) -> str:
+    """``ref`` as ``space_config.json`` holds it in a Space at ``home``: a folder by its path from there
+    (``../merged``; the app reads it from its own folder), a Hub repo as it is."""
+    if not SourceSpec.parse(ref).is_local:
+        return ref
+    relative = Path(os.path.relpath(Path(ref).expanduser().resolve(), home)).as_posix()
+    return relative if relative.startswith(".") else f"./{relative}"
+
+
+def _example_datasets(recipe: dict[str, Any], card: Path) -> tuple[list[DataSpec], str]:
+    """The datasets to draw examples from, and what they are to the model (for the Space's README).
+
+    The model's evaluation data first (``eval_data`` in its ``hfmerge.yaml``, else the Hub datasets its card's
+    ``model-index`` names, as ``hfmerge evaluate --update-card`` writes them), else the data the merge read;
+    none when the model names neither.
+    """
+    evaluation = [DataSpec.parse(entry) for entry in recipe.get("eval_data") or []] or _card_datasets(card)
+    if evaluation:
+        return evaluation, "the model's evaluation data"
+    merged_on = [DataSpec.parse(entry) for entry in recipe.get("data") or []]
+    return merged_on, "the data the merge read"
+
+
+def _card_datasets(card: Path) -> list[DataSpec]:
+    """The Hub datasets a model card's ``model-index`` names, at their split and revision, once each."""
+    from huggingface_hub.repocard import metadata_load
+
+    try:
+        metadata = metadata_load(card) if card.is_file() else None
+    except (ValueError, OSError) as exc:  # YAML errors are ValueErrors: a card we cannot read names nothing
+        logger.debug("the card %s cannot be read: %s", card, exc)
+        metadata = None
+    specs: list[DataSpec] = []
+    for entry in (metadata or {}).get("model-index") or []:
+        for result in (entry.get("results") or [] if isinstance(entry, dict) else []):
+            dataset = result.get("dataset") if isinstance(result, dict) else None
+            if not isinstance(dataset, dict) or not source_ref.is_repo_id(str(dataset.get("type", ""))):
+                continue  # a local folder's name: nothing to read
+            revision = str(dataset["revision"]) if dataset.get("revision") else None
+            pinned = revision is not None and source_ref.is_commit_sha(revision)
+            spec = DataSpec(dataset=str(dataset["type"]), split=str(dataset["split"]) if dataset.get("split") else None,
+                            revision=None if pinned else revision, commit=revision if pinned else None)
+            if spec not in specs:
+                specs.append(spec)
+    return specs
+
+
+def _drawn_examples(datasets: tuple[list[DataSpec], str], warnings: list[str]) -> tuple[list[SpaceExample], str]:
+    """A few images of ``datasets`` (at most :data:`EXAMPLES`, spread over them), and the README's note on them.
+
+    A dataset that cannot be read gives no examples and a warning; the Space works without them.
+    """
+    from hfmerge.data.load import load_image_data
+
+    specs, role = datasets
+    specs = list(dict.fromkeys(specs))[:EXAMPLES]
+    examples: list[SpaceExample] = []
+    names: list[str] = []
+    for spec in specs:
+        try:
+            data = load_image_data(spec, samples=EXAMPLES // len(specs), seed=0)
+        except HfMergeError as exc:
+            warnings.append(f"no example images from {spec.ref}: {exc}; pass --examples to choose some")
+            continue
+        stem = re.sub(r"[^A-Za-z0-9._-]+", "-", data.name).strip("-")
+        for i, image in enumerate(data.images):
+            encoded = io.BytesIO()
+            image.save(encoded, format="PNG")
+            examples.append(SpaceExample(f"{stem}-{i}.png", encoded.getvalue()))
+        names.append(f"`{data.name}`")
+    if not examples:
+        return [], ""
+    return examples, f"drawn from {', '.join(names)}, {role}."
+
+
+def _examples(paths: list[str]) -> list[SpaceExample]:
     import PIL.Image
 
     checked = []
@@ -310,5 +427,5 @@ def _examples(paths: list[str] | None) -> list[Path]:
             raise RecipeError(f"--examples {raw!r} is not an image; give PNG, JPEG or WebP files") from None
         if not path.name.lower().endswith(IMAGE_SUFFIXES):
             raise RecipeError(f"--examples {raw!r}: name it .png, .jpg or .webp so the Space shows it")
-        checked.append(path)
+        checked.append(SpaceExample(path.name, path.read_bytes()))
     return checked

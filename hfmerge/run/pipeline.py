@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import re
 import shutil
 import time
@@ -18,12 +19,13 @@ from hfmerge.errors import IncompatibleModelsError, RecipeError
 from hfmerge.eval.search import SEARCH_RESULT, SEARCH_SVG
 from hfmerge.hub.resolve import ResolvedSource, resolve_source, safetensors_header
 from hfmerge.io.checkpoint import HeaderReader, weight_files
+from hfmerge.io.disk import SpaceNeed, check_free_space, full_disk_is_an_error, remove_orphans
 from hfmerge.methods import MergeMethod, get_method
 from hfmerge.methods.stages import Analyse, Compare, Phase, Stage
 from hfmerge.publish.hub import check_push_access
 from hfmerge.publish.result import MergeResult, check_output_folder, write_metadata
 from hfmerge.recipe import PlannedMerge, Recipe, SourceSpec
-from hfmerge.run.stages import Evaluate, Materialise, PipelineRun, run_stage
+from hfmerge.run.stages import Evaluate, Materialise, PipelineRun, merged_bytes, run_stage, staging_room
 
 if TYPE_CHECKING:
     from hfmerge.run.search import SearchOutcome
@@ -53,6 +55,7 @@ def plan_merge(recipe: Recipe, *, token: str | bool | None = None, metadata_only
         return inspect_source(source, allow_pickle=recipe.allow_pickle, reader=reader)
 
     layouts = [inspect(s) for s in [resolve(spec) for spec in recipe.sources]]
+    method.check_sources(layouts, params)  # before the base and the auxiliary models are resolved
     sources = [layout.source for layout in layouts]
     anchor_index, anchor_reason = _choose_anchor(recipe, method, sources)
     chosen = method.choose_anchor(layouts, params) if recipe.anchor is None else None
@@ -207,9 +210,14 @@ def run_recipe(
     and only the main process merges, writes, saves and pushes: the others
     return ``None``.
 
+    The disk is checked too: what a killed run left in the staging folder's place is removed first
+    (:func:`~hfmerge.io.disk.remove_orphans`), then a merged model larger than the free space is refused
+    before any stage runs, and a disk that fills anyway is one error, with the staging folder removed.
+
     Raises:
         OutputExistsError: the output folder may not be replaced.
         PublishError: no token, a read-only token, or a namespace the token cannot write to.
+        DiskSpaceError: the disk cannot hold the merged model (or its statistics), or filled while writing.
     """
     started = time.perf_counter()
     staging_parent = None
@@ -219,6 +227,17 @@ def run_recipe(
         staging_parent = target.parent if target.parent.is_dir() else None  # same filesystem: save by hard links
     if recipe.push_to_hub:
         check_push_access(recipe.push_to_hub, token=token)
+    staging_folder, fix = staging_room(staging_parent)
+    if int(os.environ.get("RANK", "0")) == 0:  # under `accelerate launch`, one process tidies
+        remove_orphans(staging_folder)
+    with full_disk_is_an_error(staging_folder, "the merge", fix):
+        return _merge_and_save(recipe, staging_parent, token=token, overwrite=overwrite, progress=progress,
+                               started=started)
+
+
+def _merge_and_save(recipe: Recipe, staging_parent: Path | None, *, token: str | bool | None, overwrite: bool,
+                    progress: bool, started: float) -> MergeResult:
+    """:func:`run_recipe` once its destinations are checked: search, plan, the stages, then save and push."""
     search = None
     if recipe.search_space:
         from hfmerge.run.search import choose_parameters
@@ -231,6 +250,10 @@ def run_recipe(
     planned = plan_merge(recipe, token=token)
     logger.info("planned %s over %d sources in %.1f s", planned.method.name, len(planned.sources),
                 time.perf_counter() - started)
+    staging_folder, fix = staging_room(staging_parent)
+    # each comparison row is materialised beside the merge, one at a time
+    copies = 2 if any(isinstance(stage, Compare) for stage in planned.stages) else 1
+    check_free_space([SpaceNeed(staging_folder, copies * merged_bytes(planned), "the merged model")], fix)
     started_group = not _distributed_initialised()
     accelerator = _accelerator_for(planned)
     try:
@@ -241,11 +264,15 @@ def run_recipe(
             _end_process_group(accelerator)
     if result is None:
         return None  # type: ignore[return-value]  # only the main process writes (see the docstring)
-    write_metadata(result)
-    if recipe.output:
-        result.save(recipe.output, overwrite=overwrite)
-    if recipe.push_to_hub:
-        result.push_to_hub(recipe.push_to_hub, private=recipe.private, token=token)
+    try:
+        write_metadata(result)
+        if recipe.output:
+            result.save(recipe.output, overwrite=overwrite)
+        if recipe.push_to_hub:
+            result.push_to_hub(recipe.push_to_hub, private=recipe.private, token=token)
+    except BaseException:
+        shutil.rmtree(result.release_staging(), ignore_errors=True)  # now, not when the result is collected
+        raise
     return result
 
 
@@ -284,8 +311,9 @@ def _run_stages(planned: PlannedMerge, accelerator: Any, *, staging_parent: Path
             if run.is_main_process or stage.all_processes:
                 run_stage(stage, run)
     except BaseException:
-        if run.result is None and run.staging is not None:
-            shutil.rmtree(run.staging, ignore_errors=True)
+        staging = run.result.release_staging() if run.result is not None else run.staging
+        if staging is not None:  # now, not when the result is collected
+            shutil.rmtree(staging, ignore_errors=True)
         raise
     finally:
         run.close_tables()

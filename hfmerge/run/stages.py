@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from hfmerge.errors import DataError
+from hfmerge.io.disk import SpaceNeed, check_free_space, full_disk_is_an_error, owned_temp_folder, remove_orphans
 from hfmerge.methods.stages import Compare, Derive, FineTune, Phase, RunRecord, Stage, Statistics
 
 if TYPE_CHECKING:
@@ -170,10 +172,12 @@ def run_statistics(stage: Statistics, run: PipelineRun) -> list[TensorTable]:
     from torch.utils.data import DataLoader
 
     from hfmerge.data.load import ProcessedImages, label_map_for
-    from hfmerge.engine.statistics import StatisticsCache, collect_statistics
+    from hfmerge.engine.statistics import StatisticsCache, collect_statistics, stored_bytes
 
     context, accelerator = run.context, run.accelerator
     cache = StatisticsCache()
+    if accelerator.is_main_process:
+        remove_orphans(cache.folder)  # a temporary file of a run killed while it wrote its statistics
     tables: list[TensorTable] = []
     for i, layout in enumerate(context.sources):
         started = time.perf_counter()
@@ -185,6 +189,8 @@ def run_statistics(stage: Statistics, run: PipelineRun) -> list[TensorTable]:
         use = DataUse(layout.source.name, data.name, data.commit_sha, len(data), data.skipped, cached=table is not None)
         if table is None:
             model = source_model(layout, accelerator.device)
+            if accelerator.is_main_process:  # before the pass, not after it: the cache must hold what it finds
+                cache.check_room(stored_bytes(request, model), f"the statistics of {layout.source.short_name}")
             label_map = label_map_for(data, layout.id2label) if stage.labeled else None
             loader = DataLoader(ProcessedImages(data, source_processor(layout), label_map),
                                 batch_size=stage.batch_size, shuffle=False)
@@ -351,7 +357,6 @@ def run_compare(stage: Compare, run: PipelineRun) -> list[Any]:
 def _evaluate_comparison(stage: Compare, comparison: Comparison, run: PipelineRun) -> Any:
     import dataclasses
     import shutil
-    import tempfile
 
     from hfmerge.eval.compare import evaluate_task_given, load_candidate
     from hfmerge.eval.evaluate import evaluate_classifier
@@ -361,7 +366,7 @@ def _evaluate_comparison(stage: Compare, comparison: Comparison, run: PipelineRu
     context = dataclasses.replace(planned.context, params={**planned.context.params, **comparison.parameters})
     plan = planned.method.plan(context)
     assert run.staging is not None
-    folder = Path(tempfile.mkdtemp(prefix=".hfmerge-comparison-", dir=run.staging.parent))
+    folder = owned_temp_folder(run.staging.parent, ".hfmerge-comparison-")
     try:
         materialise(planned, plan, run.tables(), folder, progress=False)
         candidate = load_candidate(folder, comparison.name, "comparison")
@@ -401,7 +406,6 @@ def run_materialise(stage: Materialise, run: PipelineRun) -> Path:
     staging folder on disk until the garbage collector finds it.
     """
     import shutil
-    import tempfile
 
     from hfmerge.publish.result import MergeResult
     from hfmerge.recipe import parse_size
@@ -409,12 +413,16 @@ def run_materialise(stage: Materialise, run: PipelineRun) -> Path:
 
     planned = run.planned
     recipe = planned.recipe
-    staging = Path(tempfile.mkdtemp(prefix=".hfmerge-staging-", dir=run.staging_parent))
+    folder, fix = staging_room(run.staging_parent)
+    # checked again here, not only before the stages: a search's candidates, the statistics cache or another
+    # program may have taken the room since
+    check_free_space([SpaceNeed(folder, merged_bytes(planned), "the merged model")], fix)
+    staging = owned_temp_folder(run.staging_parent, STAGING_PREFIX)
     try:
-        dtype = getattr(torch, recipe.dtype) if recipe.dtype else None
-        config = materialise(planned, planned.plan, run.tables(), staging, dtype=dtype,
-                             max_shard_size=parse_size(recipe.max_shard_size), progress=run.progress,
-                             files=run.record.files)
+        with full_disk_is_an_error(folder, "the merged model", fix):
+            config = materialise(planned, planned.plan, run.tables(), staging, dtype=_dtype(planned),
+                                 max_shard_size=parse_size(recipe.max_shard_size), progress=run.progress,
+                                 files=run.record.files)
         if not any(isinstance(s, Compare) for s in planned.stages):
             run.close_tables()  # every tensor is written: let go of the memory maps (no comparison will read them)
         logger.info("merged %d tensors", len(planned.plan.tensors))
@@ -424,6 +432,28 @@ def run_materialise(stage: Materialise, run: PipelineRun) -> Path:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return staging
+
+
+STAGING_PREFIX = ".hfmerge-staging-"
+"""The merged model's folder until it is saved: beside the output, so that saving it is a rename of hard links."""
+
+
+def staging_room(staging_parent: Path | None) -> tuple[Path, str]:
+    """Where the staging folder goes (the output's parent, else the temporary folder), and how to make room."""
+    if staging_parent is not None:
+        return staging_parent, "make room there, or choose an --output on a disk with more room"
+    return Path(tempfile.gettempdir()), "make room there, or set TMPDIR to a folder on a disk with more room"
+
+
+def merged_bytes(planned: PlannedMerge) -> int:
+    """The bytes of the merged model's tensors as written (``--dtype`` applied), known from the plan alone."""
+    from hfmerge.engine.execute import written_bytes
+
+    return written_bytes(planned.plan, _dtype(planned))
+
+
+def _dtype(planned: PlannedMerge) -> torch.dtype | None:
+    return getattr(torch, planned.recipe.dtype) if planned.recipe.dtype else None
 
 
 def run_evaluate(stage: Evaluate, run: PipelineRun) -> EvaluationReport:

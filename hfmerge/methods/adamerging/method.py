@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from hfmerge.errors import IncompatibleModelsError
 from hfmerge.methods.adamerging.op import COEFFICIENTS, STAGE, AdaMergingOp
 from hfmerge.methods.base import TASK_VECTOR_CARD_NOTES, MergeMethod, ParamSpec, register_method
 
 if TYPE_CHECKING:
-    from hfmerge.adapters.layout import TensorInfo
+    from hfmerge.adapters.layout import ModelLayout, TensorInfo
     from hfmerge.engine.ops import TensorRef
     from hfmerge.engine.plan import MergeContext, MergePlan
     from hfmerge.methods.stages import Stage
@@ -117,6 +117,15 @@ Every tensor's coefficients are in `{{ learned.file }}`.
             samples=samples or None,
         )]
 
+    def check_sources(self, layouts: list[ModelLayout], parameters: dict[str, Any]) -> None:
+        """Image classifiers only: the entropy minimised is that of class predictions."""
+        for layout in layouts:
+            if layout.task != "image-classification":
+                raise IncompatibleModelsError(
+                    f"adamerging minimises the entropy of class predictions, and {layout.source.short_name} is an "
+                    f"{layout.task} model; merge image classifiers, or use task_arithmetic"
+                )
+
     def plan(self, ctx: MergeContext) -> MergePlan:
         """Task arithmetic's plan, each task vector's tensor reading its coefficients from the stage's table.
 
@@ -126,11 +135,7 @@ Every tensor's coefficients are in `{{ learned.file }}`.
         """
         from hfmerge.methods.task_vectors import plan_task_vectors
 
-        if ctx.anchor.task != "image-classification":
-            raise IncompatibleModelsError(
-                f"adamerging minimises the entropy of class predictions, and {ctx.anchor.source.short_name} is an "
-                f"{ctx.anchor.task} model; merge image classifiers, or use task_arithmetic"
-            )
+        self.check_sources(ctx.sources, ctx.params)
         layer = ctx.params["granularity"] == "layer"
         table: TensorRef = (STAGE, COEFFICIENTS)
         learned: list[str] = []

@@ -64,7 +64,7 @@ if TYPE_CHECKING:
 
     import torch
 
-    from hfmerge.adapters.layout import TensorInfo
+    from hfmerge.adapters.layout import ModelLayout, TensorInfo
     from hfmerge.engine.ops import Loader, TensorRef
     from hfmerge.engine.plan import MergeContext, MergePlan, OutputSpec
 
@@ -247,6 +247,11 @@ class Emr(MergeMethod):
         gate = gate_reference(parameters)
         return {"gate": gate} if gate is not None else {}
 
+    def check_sources(self, layouts: list[ModelLayout], parameters: dict[str, Any]) -> None:
+        """With a gate, image classifiers only (the gate picks one task's classifier); any family without."""
+        if gate_reference(parameters) is not None:
+            _check_gated_tasks(layouts)
+
     def stages(self, ctx: MergeContext) -> list[Stage]:
         """The rescalers (§3.3) sum over the whole model: a pass over every task vector before the merge; with a
         gate, the gating merge's gate training."""
@@ -424,6 +429,18 @@ def _gate_input(gate: Any, config: Any) -> Any:
     return EmrGateInput(gate, config)
 
 
+def _check_gated_tasks(layouts: list[ModelLayout]) -> None:
+    """Image classifiers: the gate sends each image to one task's classifier.
+
+    Raises:
+        RecipeError: a source of another task, and how to merge it without a gate.
+    """
+    for layout in layouts:
+        if layout.task != "image-classification":
+            raise RecipeError(f"the gate sends each image to one task's classifier, and {layout.source.name} is a "
+                              f"{layout.architecture}: leave out --param gate for an EMR merge of these models")
+
+
 def _check_gate(ctx: MergeContext) -> None:
     """Image classifiers, two tasks at least, a different dataset per source, a MobileNetV2 gate; else one line.
 
@@ -432,9 +449,7 @@ def _check_gate(ctx: MergeContext) -> None:
     """
     from hfmerge.adapters.base import registered_families
 
-    if ctx.anchor.task != "image-classification":
-        raise RecipeError(f"the gate sends each image to one task's classifier, and {ctx.anchor.source.name} is a "
-                          f"{ctx.anchor.architecture}: leave out --param gate for an EMR merge of these models")
+    _check_gated_tasks(ctx.sources)
     if len(ctx.sources) < 2:
         raise RecipeError("the gate chooses among the tasks, and there is one: merge two sources at least, or leave "
                           "out --param gate")

@@ -206,20 +206,26 @@ source for {{ '%.2f' | format(details.gate.accuracy * 100) }}% \
                 f"MLP {[i + 1 for i in d['gated_mlp']]}; embeddings and every LayerNorm"]
 
     # -- the plan ----------------------------------------------------------------------------
-    def _check_sources(self, ctx: MergeContext) -> None:
-        """ViT image classifiers of one shape, one dataset per source, a MobileNetV2 gate; else one clear error."""
+    def check_sources(self, layouts: list[ModelLayout], parameters: dict[str, Any]) -> None:
+        """ViT image classifiers only: the architecture each adapter declares as the gating merge's source."""
         from hfmerge.adapters.base import registered_families
-        from hfmerge.engine.plan import require_all_shared
 
-        # The adapters say which architectures the gating merge takes as sources and as its gate.
         sources = ", ".join(a.gating_source for a in registered_families() if a.gating_source)
-        gates = ", ".join(a.gating_gate for a in registered_families() if a.gating_gate)
-        for layout in ctx.sources:
+        for layout in layouts:
             if layout.architecture != layout.family.gating_source:
                 raise IncompatibleModelsError(
                     f"gating merges ViT image classifiers ({sources}); {layout.source.name} is a "
                     f"{layout.family.name} {layout.architecture}"
                 )
+
+    def _check_sources(self, ctx: MergeContext) -> None:
+        """ViT image classifiers of one shape, one dataset per source, a MobileNetV2 gate; else one clear error."""
+        from hfmerge.adapters.base import registered_families
+        from hfmerge.engine.plan import require_all_shared
+
+        self.check_sources(ctx.sources, ctx.params)
+        # The adapters say which architectures the gating merge takes as its gate.
+        gates = ", ".join(a.gating_gate for a in registered_families() if a.gating_gate)
         keys = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "patch_size",
                 "image_size", "num_channels", "qkv_bias", "hidden_act")
         anchor = ctx.anchor.config
