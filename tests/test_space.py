@@ -441,7 +441,7 @@ def test_space_is_pushed_to_the_hub_and_runs_from_its_repo(hub_models, local_hub
     (["LOCAL", "--space-id", "org/x-demo"], ["is a local folder", "--push-to-hub"]),
     (["LOCAL"], ["is a local folder", "--push-to-hub", "--output FOLDER to write the Space's folder only"]),
     (["org/space-vit-merged", "--space-id", "org/x-demo", "--examples", "NOT_IMAGE"], ["is not an image"]),
-    (["org/space-vit-merged", "--output", "TAKEN"], ["exists and is not empty"]),
+    (["org/space-vit-merged", "--output", "TAKEN"], ["has files and no space_config.json", "choose another path"]),
 ])
 def test_space_bad_input_is_one_line_and_writes_nothing(hub_models, publish, local_hub, tmp_path, capsys, args,
                                                         fragments):
