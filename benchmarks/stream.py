@@ -41,7 +41,9 @@ all input files are read once, so every mode starts from a warm page cache.
 The modes are interleaved within each repeat (floor, load+save, hfmerge,
 ties, naive, then again), and each mode's best wall time of ``--repeats`` is
 kept. Usage: ``python benchmarks/stream.py [--sizes 2,4,8] [--repeats 3]
-[--workdir DIR]``.
+[--workdir DIR] [--modes hfmerge,ties]`` (``--modes hfmerge,ties``: TIES against ``average`` alone, with
+their ratio). Each mode's process imports the hfmerge its interpreter finds: run it with
+``PYTHONPATH=.`` from a checkout that is not the installed one.
 """
 
 from __future__ import annotations
@@ -310,6 +312,14 @@ def main() -> int:
     print("|---|" + "---|" * len(modes))
     for n in sizes:
         print(f"| {n} | " + " | ".join(f"{by[(mode, n)]['peak_anon'] / 2**20:.0f} MiB" for mode in modes) + " |")
+    if "hfmerge" in modes and "ties" in modes:
+        print("\n| N | hfmerge (average) | ties | ties / average, wall | ties / average, CPU |")
+        print("|---|---|---|---|---|")
+        for n in sizes:
+            average, ties = by[("hfmerge", n)], by[("ties", n)]
+            print(f"| {n} | {average['wall_s']:.2f} s | {ties['wall_s']:.2f} s | "
+                  f"{ties['wall_s'] / average['wall_s']:.2f} | {ties['cpu_s'] / average['cpu_s']:.2f} |")
+        print("target: ties / average <= 3 at every N")
     for mode in [m for m in ("hfmerge", "ties") if m in modes]:
         big, small = by[(mode, max(sizes))], by[(mode, min(sizes))]
         print(f"\n{mode} peak anon N={max(sizes)} / N={min(sizes)}: {big['peak_anon'] / small['peak_anon']:.2f}  "
