@@ -128,15 +128,37 @@ def images_dataset(folder: str, source: str):
     return torch.utils.data.TensorDataset(torch.stack(pixels))
 
 
+def fusionbench_regmean_module():
+    """``fusion_bench.method.regmean.regmean``, without its package's ``__init__``.
+
+    That ``__init__`` also imports the CLIP and GPT-2 versions, whose mixins need ``lightning``, which
+    FusionBench does not install; ``regmean.py`` itself needs only its sibling ``utils.py``.
+    """
+    import importlib.util
+    import types
+
+    import fusion_bench.method
+
+    folder = Path(fusion_bench.method.__path__[0]) / "regmean"
+    package = types.ModuleType("fusion_bench.method.regmean")
+    package.__path__ = [str(folder)]
+    sys.modules.setdefault(package.__name__, package)
+    spec = importlib.util.spec_from_file_location(f"{package.__name__}.regmean", folder / "regmean.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
 def run_fusionbench(args: argparse.Namespace) -> dict[str, object]:
     """FusionBench's RegMeanAlgorithm on the same sources and images, in FusionBench's venv; imports not timed."""
     import torch
-    from fusion_bench.method.regmean.regmean import RegMeanAlgorithm
     from fusion_bench.modelpool import BaseModelPool
     from omegaconf import DictConfig
     from torch import nn
     from transformers import ViTForImageClassification  # noqa: F401
 
+    RegMeanAlgorithm = fusionbench_regmean_module().RegMeanAlgorithm
     batch_size = args.batch_size
 
     class RegMeanForViT(RegMeanAlgorithm):
@@ -238,6 +260,8 @@ def main() -> int:
     parser.add_argument("--output", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
+        # benchmarks/ holds a statistics.py, which would shadow the standard library's for every import below
+        sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
         measured = run_fusionbench(args) if args.child == "fusionbench" else run_hfmerge(args, args.child == "hfmerge")
         print(json.dumps(measured))
         return 0
