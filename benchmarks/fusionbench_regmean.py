@@ -295,7 +295,8 @@ def main() -> int:
                     command += ["--source", str(source), "--data", str(folder)]
                 done = subprocess.run(command, capture_output=True, text=True, env=env)
                 if done.returncode != 0:
-                    sys.stderr.write(done.stderr)
+                    sys.stderr.write(done.stderr[-4000:])
+                    print(f"{mode} failed (exit {done.returncode}): its error is above", flush=True)
                     return done.returncode
                 measured = json.loads(done.stdout.strip().splitlines()[-1])
                 measured["cache_bytes"] = folder_bytes(Path(home))

@@ -163,10 +163,9 @@ def add_upper_gram_(gram: torch.Tensor, x: torch.Tensor, block: int = GRAM_BLOCK
     ~√K·u·√(GᵢᵢGⱼⱼ) since rounding errors have random signs. Summing batches
     in float64 adds nothing measurable and does not let the error grow with
     the number of batches: each batch's error is relative to its own share
-    of G. For ViT-B at batch 32 (K = 6,304 rows, √K·u ≈ 5e-6) the measured
-    error is about 1e-6 of √(GᵢᵢGⱼⱼ) (``benchmarks/statistics.py``); RegMean's
-    solve then works on α-scaled, summed Grams whose conditioning the
-    regularisation bounds, so its merged weights move by float32 rounding.
+    of G. For ViT-B at batch 32 (K = 6,304 rows) √K·u ≈ 5e-6;
+    ``benchmarks/statistics.py`` measures the error on ViT-B's inputs and the
+    change it makes to RegMean's merged weights (``benchmarks/README.md``).
     """
     n = x.shape[1]
     same = x.dtype == gram.dtype
