@@ -9,8 +9,8 @@ process, alternately:
 * statistics — ``hfmerge.engine.statistics.collect_statistics`` with the Gram
                matrix of every linear layer's input that RegMean asks for: one
                per shared-input group (q, k and v of one attention are one), so
-               4 per transformer layer plus the classifier's, 49 in all, summed
-               in float64.
+               4 per transformer layer plus the classifier's, 49 in all: each
+               batch's product XᵀX in float32, summed across batches in float64.
 
 Each mode is timed best of ``--repeats``; the ratio statistics / forward is the
 cost of the statistics over the forward pass itself. Also printed: the
@@ -18,8 +18,19 @@ floating-point operations of one forward batch (``FlopCounterMode``) and of the
 Gram products (2·rows·in² per group), the floor that no implementation of
 exact Gram matrices goes below.
 
+Precision check (after the timing, not timed): the same pass with float64
+products (the statistics module's ``gram_product_dtype`` patched to float64:
+the same float32 rows X, the former computation) gives reference Grams. Printed:
+the largest relative Frobenius error ‖G₃₂ − G₆₄‖ / ‖G₆₄‖ over the 49 Grams,
+the largest entry error relative to its Cauchy–Schwarz scale,
+max |ΔGᵢⱼ| / √(GᵢᵢGⱼⱼ) (the quantity the error bound in
+``add_upper_gram_``'s docstring is about), and the largest change the float32
+products make to RegMean's merged weights: a second source (the model with
+noise of std 0.01 on every weight) on other random images, every linear
+merged by ``regmean_linear`` (α = 0.9) from either pair of Grams.
+
 Library imports and building the model are not timed. Usage:
-``python benchmarks/statistics.py [--samples 64] [--batch-size 16] [--repeats 3] [--threads N]``
+``PYTHONPATH=. python benchmarks/statistics.py [--samples 64] [--batch-size 16] [--repeats 3] [--threads N]``
 (``--samples 16`` keeps it near a minute on two CPU cores).
 """
 
@@ -100,7 +111,60 @@ def main() -> None:
     print(f"statistics {best['statistics']:.2f} s")
     print(f"ratio      {best['statistics'] / best['forward']:.2f} (target <= 1.25)")
     print(f"per batch: forward {counter.get_total_flops() / 1e9:.0f} GFLOP (float32); Gram products "
-          f"{gram_flops / 1e9:.0f} GFLOP in full, {upper_flops / 1e9:.0f} GFLOP on the upper block triangle (float64)")
+          f"{gram_flops / 1e9:.0f} GFLOP in full, {upper_flops / 1e9:.0f} GFLOP on the upper block triangle "
+          "(float32 products, float64 sums)", flush=True)
+    precision_check(model, loader, request, groups, args.samples, args.batch_size)
+
+
+def precision_check(model, loader, request, groups, samples: int, batch_size: int) -> None:
+    """Float32-product Grams against float64-product Grams of the same rows, and RegMean's merge from each."""
+    import torch
+    from torch.utils.data import DataLoader, TensorDataset
+
+    import hfmerge.engine.statistics as engine
+    from hfmerge.methods.regmean import regmean_linear
+
+    second = vit_b16()
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for parameter in second.parameters():
+            parameter.add_(0.01 * torch.randn(parameter.shape, generator=generator))
+    other = torch.randn(samples, 3, 224, 224, generator=torch.Generator().manual_seed(2))
+    other_loader = DataLoader(TensorDataset(other), batch_size=batch_size, collate_fn=loader.collate_fn)
+
+    def grams(source, data) -> dict[str, torch.Tensor]:
+        return engine.collect_statistics(source, data, request, progress=False)
+
+    product_dtype = engine.gram_product_dtype
+    float32 = [grams(model, loader), grams(second, other_loader)]
+    engine.gram_product_dtype = lambda dtype: torch.float64  # the former pass: float64 products of the same rows
+    try:
+        float64 = [grams(model, loader), grams(second, other_loader)]
+    finally:
+        engine.gram_product_dtype = product_dtype
+    frobenius = entry = 0.0
+    for stats32, stats64 in zip(float32, float64):
+        for name in request.grams:
+            g32, g64 = stats32[f"gram/{name}"], stats64[f"gram/{name}"]
+            scale = torch.diagonal(g64).sqrt()
+            frobenius = max(frobenius, float((g32 - g64).norm() / g64.norm()))
+            entry = max(entry, float(((g32 - g64).abs() / torch.outer(scale, scale).clamp_min(1e-300)).max()))
+    modules = [dict(model.named_modules()), dict(second.named_modules())]
+    change = weight = 0.0
+    for group in groups:
+        for name in group:
+            weights = [modules[0][name].weight.detach(), modules[1][name].weight.detach()]
+            merged32 = regmean_linear(weights, [s[f"gram/{group[0]}"] for s in float32], 0.9)
+            merged64 = regmean_linear(weights, [s[f"gram/{group[0]}"] for s in float64], 0.9)
+            change = max(change, float((merged32 - merged64).abs().max()))
+            weight = max(weight, float(merged64.abs().max()))
+    rows = batch_size * 197
+    print(f"float32 products vs float64 products, {samples} samples per source, {rows} rows per batch "
+          f"(sqrt(rows)·2^-24 = {rows ** 0.5 * 2.0 ** -24:.1e}):")
+    print(f"  Gram, relative Frobenius error (largest of {2 * len(request.grams)}): {frobenius:.2e}")
+    print(f"  Gram, largest |dG_ij| / sqrt(G_ii G_jj): {entry:.2e}")
+    print(f"  RegMean merge of two sources (alpha 0.9), largest weight change: {change:.2e} "
+          f"({change / weight:.2e} of the largest merged weight {weight:.3f})")
 
 
 if __name__ == "__main__":

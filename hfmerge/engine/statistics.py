@@ -19,13 +19,20 @@ accumulate float64 sums and row/sample counts, and at the end the sums are
 reduced across processes, so every process holds the result of one process
 reading all the data. :class:`StatisticsCache` keeps results as safetensors
 files so that a second merge over the same models and data reads them back.
+
+Precision. Each batch's Gram product XᵀX is computed in float32 and added to a
+float64 running sum (:func:`add_upper_gram_`); the diagonal Fisher's squares
+and sums are float64 (their cost is the per-sample backward pass, not the
+sums); kept activations are float32 copies of what the model computed.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
+import math
 import os
 import time
 from collections.abc import Iterable
@@ -36,7 +43,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from hfmerge.errors import SourceError, StatisticsError
-from hfmerge.io.checkpoint import CheckpointReader
+from hfmerge.io.checkpoint import SafetensorsFile, TensorTable
 from hfmerge.io.disk import SpaceNeed, check_free_space, full_disk_is_an_error, owner_tag
 
 if TYPE_CHECKING:
@@ -44,8 +51,10 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-STATISTICS_FORMAT = "hfmerge-statistics-1"
-"""Part of every cache key: bump it when the meaning of a stored statistic changes."""
+STATISTICS_FORMAT = "hfmerge-statistics-2"
+"""Part of every cache key: bump it when the meaning of a stored statistic changes.
+
+2: Gram products in float32 summed in float64 (1: float64 products), stored as packed upper triangles."""
 
 FISHER_LABELS = ("model", "empirical")
 
@@ -130,16 +139,45 @@ def label_seed(seed: int, sample_index: int) -> int:
     return (seed * 0x9E3779B97F4A7C15 + sample_index) % (2**63)
 
 
+def gram_product_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype one batch's Gram product XᵀX is computed in: float64 for float64 inputs, float32 for all others.
+
+    Not bfloat16 or float16, even on a GPU: rounding X to 8 (11) mantissa bits
+    moves each product by about 2⁻⁹ (2⁻¹²) relative, far above float32's
+    rounding; converting a bfloat16 or float16 activation to float32 is exact.
+    """
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def add_upper_gram_(gram: torch.Tensor, x: torch.Tensor, block: int = GRAM_BLOCK) -> None:
     """Add XᵀX to the upper block triangle of ``gram`` in place: G[i, j] += xᵢᵀxⱼ for column blocks i ≤ j.
 
     A Gram matrix is symmetric, so the blocks below the diagonal need not be
     computed: with b blocks this is (b + 1) / 2b of a full product (0.62 for
     ViT-B's 3072-wide MLP input). :func:`symmetric_from_upper` completes it.
+
+    The product is computed in ``x``'s dtype and added to ``gram`` in
+    ``gram``'s: the statistics pass gives float32 rows and a float64 sum.
+    That is enough, and twice as fast as float64 products on a CPU: an entry
+    of one batch's product sums the K = rows of that batch, and float32's
+    rounding of such a sum is bounded by γ_K·Σₖ|xₖᵢ||xₖⱼ| ≤ γ_K·√(GᵢᵢGⱼⱼ)
+    (Higham, *Accuracy and Stability of Numerical Algorithms*, §3.1,
+    γ_K ≈ K·u, u = 2⁻²⁴; Cauchy–Schwarz for the second step), and typically
+    ~√K·u·√(GᵢᵢGⱼⱼ) since rounding errors have random signs. Summing batches
+    in float64 adds nothing measurable and does not let the error grow with
+    the number of batches: each batch's error is relative to its own share
+    of G. For ViT-B at batch 32 (K = 6,304 rows) √K·u ≈ 5e-6;
+    ``benchmarks/statistics.py`` measures the error on ViT-B's inputs and the
+    change it makes to RegMean's merged weights (``benchmarks/README.md``).
     """
     n = x.shape[1]
+    same = x.dtype == gram.dtype
     for start in range(0, n, block):
-        gram[start : start + block, start:].addmm_(x[:, start : start + block].T, x[:, start:])
+        rows, upper = x[:, start : start + block].T, gram[start : start + block, start:]
+        if same:
+            upper.addmm_(rows, x[:, start:])
+        else:
+            upper.add_(rows @ x[:, start:])
 
 
 def symmetric_from_upper(gram: torch.Tensor) -> torch.Tensor:
@@ -156,6 +194,80 @@ def symmetrize_upper_(gram: torch.Tensor) -> torch.Tensor:
     """
     strict_upper = torch.triu(gram, diagonal=1)
     return gram.triu_().add_(strict_upper.T)
+
+
+GRAM_UPPER = "gram_upper/"
+"""The key prefix of a Gram matrix stored as its packed upper triangle (see :func:`pack_grams_`)."""
+
+
+@functools.lru_cache(maxsize=8)
+def _upper_mask(n: int) -> torch.Tensor:
+    return torch.ones(n, n, dtype=torch.bool).triu_()
+
+
+def pack_grams_(statistics: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Replace each ``gram/{m}`` of ``statistics`` by ``gram_upper/{m}``, its upper triangle row by row; return it.
+
+    A Gram matrix is symmetric: its n(n + 1)/2 upper entries (diagonal
+    included) are all of it, exactly, so a stored or held Gram takes little
+    more than half the bytes (0.54 instead of 1.07 GiB for ViT-B's 49 in
+    float64). Each full matrix leaves the dict as its triangle enters, so
+    packing holds one extra triangle at a time. :class:`StatisticsTable` reads
+    them back whole.
+    """
+    for key in [k for k in statistics if k.startswith("gram/")]:
+        gram = statistics.pop(key)
+        statistics[GRAM_UPPER + key.removeprefix("gram/")] = gram.cpu()[_upper_mask(gram.shape[0])]
+        del gram
+    return statistics
+
+
+def unpack_gram(packed: torch.Tensor) -> torch.Tensor:
+    """The full symmetric ``[n, n]`` matrix whose upper triangle :func:`pack_grams_` packed into ``packed``."""
+    n = packed_order(packed.shape[0])
+    full = torch.zeros(n, n, dtype=packed.dtype)
+    full[_upper_mask(n)] = packed
+    return symmetrize_upper_(full)
+
+
+def packed_order(length: int) -> int:
+    """n, for a packed upper triangle of ``length`` = n(n + 1)/2 entries."""
+    n = (math.isqrt(8 * length + 1) - 1) // 2
+    if n * (n + 1) // 2 != length:
+        raise ValueError(f"{length} entries are no upper triangle of a square matrix")
+    return n
+
+
+class StatisticsTable(TensorTable):
+    """Stored statistics read as a pass returns them: each packed ``gram_upper/{m}`` read as the full ``gram/{m}``.
+
+    Every other key passes through. Whether ``stored`` is the cache file (read
+    without memory-mapping: :class:`~hfmerge.io.checkpoint.SafetensorsFile`) or
+    a table in memory (``cache=false``), a Gram is unpacked when a merge op asks
+    for it and freed with it.
+    """
+
+    def __init__(self, stored: TensorTable) -> None:
+        super().__init__()
+        self.stored = stored
+        self._packed: dict[str, str] = {}  # gram/{m} -> gram_upper/{m}
+        where = Path(getattr(stored, "path", "statistics"))
+        for key in stored.keys():
+            if key.startswith(GRAM_UPPER):
+                n = packed_order(stored.shape(key)[0])
+                full = "gram/" + key.removeprefix(GRAM_UPPER)
+                self._packed[full] = key
+                self._add(full, where, (n, n), stored.dtype(key))
+            else:
+                self._add(key, where, stored.shape(key), stored.dtype(key))
+
+    def get(self, key: str) -> torch.Tensor:
+        if key in self._packed:
+            return unpack_gram(self.stored.get(self._packed[key]))
+        return self.stored.get(key)
+
+    def close(self) -> None:
+        self.stored.close()
 
 
 def collect_statistics(
@@ -384,8 +496,8 @@ class _PassState:
             if not self.hooks_on:
                 return
             x = args[0] if args else kwargs["input"]
-            x = x.detach().reshape(-1, module.in_features).to(torch.float64)
-            add_upper_gram_(gram, x)  # G += XᵀX in float64, upper triangle
+            x = x.detach().reshape(-1, module.in_features)
+            add_upper_gram_(gram, x.to(gram_product_dtype(x.dtype)))  # G += XᵀX: float32 product, float64 sum
             self.rows[name] += x.shape[0]
 
         return hook
@@ -534,14 +646,14 @@ class StatisticsCache:
         digest = hashlib.sha256(json.dumps(key).encode()).hexdigest()
         return self.folder / f"{digest}.safetensors"
 
-    def load(self, path: Path) -> CheckpointReader | None:
-        """A memory-mapped reader of the stored statistics, or None when there are none (or they are unreadable)."""
+    def load(self, path: Path) -> StatisticsTable | None:
+        """The stored statistics (read, not memory-mapped), or None when there are none (or they are unreadable)."""
         path = Path(path)
         if not path.is_file():
             return None
         try:
-            return CheckpointReader(path, label=f"statistics cache {path.name}")
-        except SourceError as exc:
+            return StatisticsTable(SafetensorsFile(path, label=f"statistics cache {path.name}"))
+        except (SourceError, ValueError) as exc:
             logger.warning("ignoring the unreadable statistics cache file %s (%s)", path, exc)
             return None
 
@@ -556,8 +668,10 @@ class StatisticsCache:
     def save(self, path: Path, tensors: dict[str, torch.Tensor]) -> None:
         """Write ``tensors`` to ``path`` atomically: a temporary file in the same folder, then renamed.
 
-        The temporary file is named by its process (:func:`~hfmerge.io.disk.owner_tag`), so that a run
-        killed while it writes leaves a file the next run removes.
+        Full ``gram/`` matrices are stored packed (:func:`pack_grams_`, on a copy of the dict: pack the
+        statistics first to spare the memory of both forms). The temporary file is named by its process
+        (:func:`~hfmerge.io.disk.owner_tag`), so that a run killed while it writes leaves a file the next
+        run removes.
 
         Raises:
             DiskSpaceError: the disk cannot hold the statistics, or filled while they were written (the
@@ -567,11 +681,12 @@ class StatisticsCache:
 
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        self.check_room(sum(t.nbytes for t in tensors.values()))
+        packed = pack_grams_(dict(tensors))
+        self.check_room(sum(t.nbytes for t in packed.values()))
         temporary = path.with_name(f".{path.name}.{owner_tag()}.tmp")
         try:
             with full_disk_is_an_error(path.parent, "the statistics cache", CACHE_ROOM_FIX):
-                save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(temporary),
+                save_file({k: v.detach().cpu().contiguous() for k, v in packed.items()}, str(temporary),
                           metadata={"format": STATISTICS_FORMAT})
             os.replace(temporary, path)
         finally:
@@ -579,15 +694,16 @@ class StatisticsCache:
 
 
 def stored_bytes(request: StatisticsRequest, model: torch.nn.Module) -> int:
-    """The bytes :func:`collect_statistics` will return for ``request`` on ``model``, known before the pass.
+    """The bytes the cache will store for ``request`` on ``model``, known before the pass.
 
-    The Gram matrices (``[in, in]``) and the Fisher diagonals (each parameter's shape), in float64; the
-    activations are left out, as their size is known only from the outputs (a few megabytes: ``t`` samples,
+    The Gram matrices as their packed upper triangles (in·(in + 1)/2 entries: :func:`pack_grams_`) and the
+    Fisher diagonals (each parameter's shape), in float64; the activations are left out, as their size is known only from the outputs (a few megabytes: ``t`` samples,
     pooled), and :meth:`StatisticsCache.save` checks the exact size again.
     """
     modules = dict(model.named_modules())
     parameters = dict(model.named_parameters())
-    grams = sum(getattr(modules.get(name), "in_features", 0) ** 2 for name in set(request.grams))
+    widths = [getattr(modules.get(name), "in_features", 0) for name in set(request.grams)]
+    grams = sum(n * (n + 1) // 2 for n in widths)
     fisher = sum(parameters[name].numel() for name in set(request.fisher) if name in parameters)
     return (grams + fisher) * torch.empty((), dtype=torch.float64).element_size()
 

@@ -128,6 +128,58 @@ class MemoryTable(TensorTable):
         return self._tensors[key]
 
 
+class SafetensorsFile(TensorTable):
+    """One safetensors file whose tensors are read with ordinary file reads, not memory-mapped.
+
+    A memory-mapped file's pages count in the process's resident memory for as
+    long as the file is open: every gigabyte of statistics a merge reads that way
+    stays in its RSS until the end. Read with ``readinto``, each tensor is a
+    private copy freed with it, and the file's pages are only the kernel's page
+    cache, which it reclaims.
+
+    Raises:
+        SourceError: the file is missing, or its header is not a safetensors header hfmerge can read.
+    """
+
+    def __init__(self, path: str | Path, *, label: str | None = None) -> None:
+        super().__init__()
+        self.path = Path(path)
+        label = label or str(path)
+        self._offsets: dict[str, tuple[int, int]] = {}
+        try:
+            with open(self.path, "rb") as f:
+                length = int.from_bytes(f.read(8), "little")
+                header = json.loads(f.read(length))
+                size = f.seek(0, 2)
+            self._start = 8 + length
+            for key, info in header.items():
+                if key == "__metadata__":
+                    continue
+                dtype = SAFETENSORS_DTYPES[info["dtype"]]
+                shape = tuple(int(d) for d in info["shape"])
+                begin, end = (int(o) for o in info["data_offsets"])
+                self._add(key, self.path, shape, dtype)
+                if end - begin != self.nbytes(key) or self._start + end > size:
+                    raise ValueError(f"tensor {key} does not fit its data offsets")
+                self._offsets[key] = (begin, end)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise SourceError(f"{label} is not a readable safetensors file ({exc})") from None
+
+    def get(self, key: str) -> torch.Tensor:
+        begin, end = self._offsets[key]
+        tensor = torch.empty(self.shape(key), dtype=self.dtype(key))
+        buffer = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+        with open(self.path, "rb") as f:
+            f.seek(self._start + begin)
+            done = 0
+            while done < end - begin:
+                read = f.readinto(buffer[done:])
+                if not read:
+                    raise SourceError(f"{self.path} ended inside tensor {key}")
+                done += read
+        return tensor
+
+
 class CheckpointReader(TensorTable):
     """Lazy, memory-mapped access to every tensor of one checkpoint folder."""
 

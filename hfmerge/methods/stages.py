@@ -215,6 +215,8 @@ class Statistics(Stage):
     batch_size: int = 32
     labeled: bool = False
     """The data must have labels (true-label Fisher, or a later fine-tuning on the same data)."""
+    cache: bool = True
+    """Read and write the statistics cache (``$HF_HOME/hfmerge/statistics``); off: held in memory, nothing written."""
     need: DataNeed = DataNeed(required=True)
     requests: tuple[StatisticsRequest | None, ...] = ()
     """Filled by :meth:`resolve`: each source's request."""
@@ -239,7 +241,8 @@ class Statistics(Stage):
                   if request.fisher else "",
                   f"activations of {len(request.activations)} modules" if request.activations else ""]
         lines = [f"statistics stage: {'; '.join(w for w in wanted if w)}, "
-                 f"on {self.samples if self.samples else 'all'} images of each source's data:"]
+                 f"on {self.samples if self.samples else 'all'} images of each source's data"
+                 f"{'' if self.cache else ' (not cached)'}:"]
         lines.extend(f"  {layout.source.name} ← {spec.ref}" for layout, spec in zip(ctx.sources, ctx.data or []))
         return lines
 

@@ -167,12 +167,21 @@ def run_statistics(stage: Statistics, run: PipelineRun) -> list[TensorTable]:
     Sources are visited one at a time and each one's model is dropped before the
     next is loaded, so memory holds one model and one source's statistics
     whatever the number of sources. Statistics are cached as safetensors keyed
-    by (model commit, data fingerprint, request); a cache hit is logged.
+    by (model commit, data fingerprint, request); a cache hit is logged. With
+    ``stage.cache`` off the cache is neither read nor written: each source's
+    statistics stay in memory (Gram matrices packed, as in the cache).
     """
     from torch.utils.data import DataLoader
 
     from hfmerge.data.load import ProcessedImages, label_map_for
-    from hfmerge.engine.statistics import StatisticsCache, collect_statistics, stored_bytes
+    from hfmerge.engine.statistics import (
+        StatisticsCache,
+        StatisticsTable,
+        collect_statistics,
+        pack_grams_,
+        stored_bytes,
+    )
+    from hfmerge.io.checkpoint import MemoryTable
 
     context, accelerator = run.context, run.accelerator
     cache = StatisticsCache()
@@ -185,32 +194,37 @@ def run_statistics(stage: Statistics, run: PipelineRun) -> list[TensorTable]:
         assert request is not None
         data = run.source_data(i, samples=stage.samples, labeled=stage.labeled)
         path = cache.path(model_cache_key(layout), data.fingerprint, request, seed=run.seed)
-        table = cache.load(path)
+        table = cache.load(path) if stage.cache else None
         use = DataUse(layout.source.name, data.name, data.commit_sha, len(data), data.skipped, cached=table is not None)
         if table is None:
             model = source_model(layout, accelerator.device)
-            if accelerator.is_main_process:  # before the pass, not after it: the cache must hold what it finds
+            if stage.cache and accelerator.is_main_process:  # before the pass: the cache must hold what it finds
                 cache.check_room(stored_bytes(request, model), f"the statistics of {layout.source.short_name}")
             label_map = label_map_for(data, layout.id2label) if stage.labeled else None
             loader = DataLoader(ProcessedImages(data, source_processor(layout), label_map),
                                 batch_size=stage.batch_size, shuffle=False)
-            statistics = collect_statistics(
+            statistics = pack_grams_(collect_statistics(
                 model, loader, request, accelerator=accelerator, seed=run.seed, progress=run.progress,
                 desc=f"Statistics {i + 1}/{len(context.sources)} ({layout.source.short_name})",
-            )
+            ))
             del model
-            if accelerator.is_main_process:
-                cache.save(path, statistics)
-            # the in-memory copy goes now, not when the next source's pass returns: with it, the next pass
-            # would run beside this source's Gram matrices (1 GiB for ViT-B); the cache file is read back mapped
-            del statistics
-            accelerator.wait_for_everyone()
-            table = cache.load(path)
-            if table is None:
-                raise RuntimeError(f"the statistics of {layout.source.name} were not written to {path}")
+            if stage.cache:
+                if accelerator.is_main_process:
+                    cache.save(path, statistics)
+                # the in-memory copy goes now, not when the next source's pass returns: with it, the next pass
+                # would run beside this source's Gram matrices (0.5 GiB for ViT-B); the cache file is read back
+                del statistics
+                accelerator.wait_for_everyone()
+                table = cache.load(path)
+                if table is None:
+                    raise RuntimeError(f"the statistics of {layout.source.name} were not written to {path}")
+            else:
+                table = StatisticsTable(MemoryTable(statistics, label=f"statistics of {layout.source.name}"))
+                del statistics
         logger.info(
             "statistics of %s on %s (%d images): %s in %.1f s", layout.source.name, data.name, len(data),
-            f"read from the cache {path}" if use.cached else "computed", time.perf_counter() - started,
+            f"read from the cache {path}" if use.cached else "computed" if stage.cache else "computed, not cached",
+            time.perf_counter() - started,
         )
         run.record.tables[context.statistics_index(i)] = table
         tables.append(table)
