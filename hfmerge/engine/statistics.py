@@ -697,8 +697,9 @@ def stored_bytes(request: StatisticsRequest, model: torch.nn.Module) -> int:
     """The bytes the cache will store for ``request`` on ``model``, known before the pass.
 
     The Gram matrices as their packed upper triangles (in·(in + 1)/2 entries: :func:`pack_grams_`) and the
-    Fisher diagonals (each parameter's shape), in float64; the activations are left out, as their size is known only from the outputs (a few megabytes: ``t`` samples,
-    pooled), and :meth:`StatisticsCache.save` checks the exact size again.
+    Fisher diagonals (each parameter's shape), in float64; the activations are left out, as their size is
+    known only from the outputs (a few megabytes: ``t`` samples, pooled), and :meth:`StatisticsCache.save`
+    checks the exact size again.
     """
     modules = dict(model.named_modules())
     parameters = dict(model.named_parameters())
