@@ -134,3 +134,21 @@ def test_a_cache_that_cannot_be_written_costs_time_not_the_merge(make_source, tm
         hfmerge.merge(sources, method="average", progress=False).save(tmp_path / run)
     assert len(meta_builds) == 2
     assert blocker.read_text() == ""
+
+
+def test_a_plug_in_family_is_inspected_from_its_classes_every_time(tmp_path, cache_folder, meta_builds, monkeypatch):
+    """hfmerge cannot fingerprint a plug-in's code, so its inspection is never cached on disk."""
+    import transformers
+
+    from hfmerge.adapters import base
+
+    config = transformers.ConvNextConfig(hidden_sizes=[8, 16], depths=[1, 1], num_labels=2)
+    transformers.ConvNextForImageClassification(config).save_pretrained(tmp_path / "convnext")
+    adapter = FamilyAdapter(name="convnext", model_types=("convnext",),
+                            architectures={"ConvNextForImageClassification": "image-classification"})
+    monkeypatch.setitem(base._FAMILIES, "convnext", adapter)
+    source = resolve_source(str(tmp_path / "convnext"))
+    first = inspect_source(source)
+    _forget(monkeypatch)
+    assert list(inspect_source(source).tensors) == list(first.tensors)
+    assert len(meta_builds) == 2 and not cache_folder.exists()
