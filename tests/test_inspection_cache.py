@@ -142,7 +142,7 @@ def test_a_plug_in_family_is_inspected_from_its_classes_every_time(tmp_path, cac
 
     from hfmerge.adapters import base
 
-    config = transformers.ConvNextConfig(hidden_sizes=[8, 16], depths=[1, 1], num_labels=2)
+    config = transformers.ConvNextConfig(num_stages=2, hidden_sizes=[8, 16], depths=[1, 1], num_labels=2)
     transformers.ConvNextForImageClassification(config).save_pretrained(tmp_path / "convnext")
     adapter = FamilyAdapter(name="convnext", model_types=("convnext",),
                             architectures={"ConvNextForImageClassification": "image-classification"})
