@@ -28,6 +28,18 @@ def _pixels(family, n=3, seed=0):
     return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
 
 
+def test_the_adapters_name_the_classic_module_s_types_and_file():
+    """The adapters read the names from ``hfmerge.modeling`` (declaring them imports no model class); the
+    self-contained modeling file defines its own: both must agree."""
+    from hfmerge import modeling
+    from hfmerge.modeling import classic
+
+    assert (modeling.MLP_TYPE, modeling.VGG_TYPE, modeling.MODELING_FILE) == (
+        classic.MLP_TYPE, classic.VGG_TYPE, classic.MODELING_FILE)
+    assert classic.HfMergeMLPConfig.model_type == modeling.MLP_TYPE
+    assert classic.HfMergeVGGConfig.model_type == modeling.VGG_TYPE
+
+
 @pytest.mark.parametrize("family", CLASSIC_FAMILIES)
 def test_saved_models_load_with_hfmerge_and_with_plain_transformers_remote_code(family, tmp_path):
     folder = save_tiny(tmp_path / family, family, 3, seed=2)

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
+
+import hfmerge
 
 _PROBE = """
 import contextlib, io, json, sys
@@ -69,3 +73,32 @@ def test_a_method_that_reads_no_data_runs_without_the_data_stages(make_source, t
                            "-o", str(tmp_path / "out"), "-q"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines()[-1].split() == ["0", "[]", "False"]
+
+
+_MERGE = """
+import sys
+from hfmerge.cli import main
+code = main(sys.argv[1:])
+print(code, sorted(m for m in MODELING if m in sys.modules))
+""".replace("MODELING", repr(("transformers.modeling_utils", "accelerate", "scipy", "torch._dynamo")))
+
+
+def test_a_second_static_merge_imports_no_modeling_code(make_source, tmp_path):
+    """The first merge of a model reads what its class says from the class itself (transformers' modeling code,
+    which imports torch's compiler, scipy and accelerate: seconds); the second reads it from the inspection
+    cache in HF_HOME, imports none of them, and writes the same files."""
+    a, b = make_source("vit", seed=1), make_source("vit", seed=2)
+    checkout = str(Path(hfmerge.__file__).parent.parent)  # this checkout's hfmerge, whatever is installed
+    env = {**os.environ, "HF_HOME": str(tmp_path / "home"), "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [checkout, os.environ.get("PYTHONPATH")]))}
+    seen = {}
+    for run in ("first", "second"):
+        done = subprocess.run([sys.executable, "-c", _MERGE, "merge", str(a), str(b), "-m", "average",
+                               "-o", str(tmp_path / run), "-q"], capture_output=True, text=True, timeout=300, env=env)
+        assert done.returncode == 0, done.stderr
+        seen[run] = done.stdout.splitlines()[-1]
+    assert seen["first"].startswith("0 ") and "transformers.modeling_utils" in seen["first"]
+    assert seen["second"] == "0 []"
+    first, second = tmp_path / "first", tmp_path / "second"
+    assert sorted(p.name for p in second.iterdir()) == sorted(p.name for p in first.iterdir())
+    assert all((second / p.name).read_bytes() == p.read_bytes() for p in first.iterdir())

@@ -14,18 +14,20 @@ from hfmerge.adapters.base import (
     HeadSpec,
     TinyVariant,
     family_for_model_type,
+    mark_built_in,
     register_family,
     registered_families,
     supported_families,
 )
 from hfmerge.adapters.layout import ModelLayout, TensorInfo, inspect_reference, inspect_source
 
-SHARED = frozenset({"base", "depth", "forward_order", "layout", "neurons", "swin"})
-"""The modules the adapters share (inspection, neuron groups, depth, tracing, Swin's tiny backbone)."""
+SHARED = frozenset({"base", "class_facts", "depth", "forward_order", "layout", "neurons", "swin"})
+"""The modules the adapters share (inspection and its cache, neuron groups, depth, tracing, Swin's tiny backbone)."""
 
 for _module in pkgutil.iter_modules(__path__):
     if _module.name not in SHARED and not _module.name.startswith("_"):
         importlib.import_module(f"{__name__}.{_module.name}")
+mark_built_in()
 
 __all__ = [
     "SHARED", "FamilyAdapter", "HeadSpec", "ModelLayout", "TensorInfo", "TinyVariant",

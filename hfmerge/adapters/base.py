@@ -128,6 +128,11 @@ class FamilyAdapter:
             classifier whose backbone gets a new head); ``None``: no model of the family can.
         auto_classes: the transformers Auto class that loads an architecture, where it is not the one of
             its task (Mask2Former: ``AutoModelForUniversalSegmentation``); model cards name it.
+        register_classes: for a family whose classes transformers does not know (``classes``), a function
+            that registers them with transformers' Auto classes, so that its configs load without remote
+            code. Called once, when the family is first looked up by model type
+            (:func:`family_for_model_type`), not when the adapter is declared: importing the classes means
+            importing transformers' modeling code, which a merge of another family never needs.
         tiny: the family's tiny test models by name (``"vit"``, ``"mobilenet_v2-seg"``): a name says the
             family and, where a family has several, the variant (:class:`TinyVariant`,
             :mod:`hfmerge.testing.tiny`). Names are unique across families.
@@ -152,6 +157,7 @@ class FamilyAdapter:
     gating_gate: str | None = None
     auto_classes: dict[str, str] = field(default_factory=dict)
     tiny: dict[str, TinyVariant] = field(default_factory=dict)
+    register_classes: Callable[[], None] | None = None
 
     def model_class(self, architecture: str) -> type[torch.nn.Module]:
         """The class for ``architecture`` (only classes this adapter lists): transformers', or ``classes``'."""
@@ -191,6 +197,8 @@ class FamilyAdapter:
 
 
 _FAMILIES: dict[str, FamilyAdapter] = {}
+_BUILT_IN: list[FamilyAdapter] = []
+_CLASSES_REGISTERED: list[FamilyAdapter] = []
 
 
 def register_family(adapter: FamilyAdapter) -> FamilyAdapter:
@@ -216,6 +224,21 @@ def registered_families() -> list[FamilyAdapter]:
     return list({id(a): a for a in _FAMILIES.values()}.values())
 
 
+def mark_built_in() -> None:
+    """Mark every family registered so far as hfmerge's own.
+
+    :mod:`hfmerge.adapters` calls it once it has imported its family files, before any plug-in can
+    register (plug-ins load on the first look-up by model type). The inspection caches on disk what
+    the model classes of built-in families say, whose code is hfmerge's and transformers' own.
+    """
+    _BUILT_IN.extend(a for a in registered_families() if not is_built_in(a))
+
+
+def is_built_in(adapter: FamilyAdapter) -> bool:
+    """Whether ``adapter`` is one of hfmerge's own families (see :func:`mark_built_in`), not a plug-in's."""
+    return any(a is adapter for a in _BUILT_IN)
+
+
 def _register_plugin(loaded: Any) -> list[str]:
     """Register what an ``hfmerge.families`` entry point names: a FamilyAdapter instance."""
     if not isinstance(loaded, FamilyAdapter):
@@ -233,9 +256,19 @@ def _load_plugins() -> None:
 
 
 def family_for_model_type(model_type: str) -> FamilyAdapter | None:
-    """The adapter of ``model_type`` (hfmerge's own, or a plug-in's), or ``None``."""
+    """The adapter of ``model_type`` (hfmerge's own, or a plug-in's), or ``None``.
+
+    The first look-up of a family registers its classes with transformers' Auto classes
+    (:attr:`FamilyAdapter.register_classes`).
+    """
     _load_plugins()
-    return _FAMILIES.get(model_type)
+    adapter = _FAMILIES.get(model_type)
+    if adapter is not None and adapter.register_classes is not None and not any(
+        a is adapter for a in _CLASSES_REGISTERED
+    ):
+        adapter.register_classes()
+        _CLASSES_REGISTERED.append(adapter)
+    return adapter
 
 
 def supported_families() -> list[str]:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 from types import SimpleNamespace
@@ -15,8 +17,10 @@ from hfmerge.adapters.base import (
     HeadSpec,
     alignable_families,
     family_for_model_type,
+    is_built_in,
     supported_families,
 )
+from hfmerge.adapters.class_facts import ClassFacts, FactsCache, facts_key
 from hfmerge.adapters.forward_order import forward_order
 from hfmerge.adapters.neurons import NeuronGroup
 from hfmerge.errors import IncompatibleModelsError, SourceError
@@ -81,8 +85,9 @@ class ModelLayout:
     """In-memory names of the class's tensors that the checkpoint lacks, which transformers
     initialises on load (``swin.layernorm`` in UperNet-Swin and Mask2Former files saved by 4.x).
     No method plans them: the output lacks them too, as the sources do."""
-    module_classes: dict[str, type] = field(default_factory=dict, repr=False)
-    """Every in-memory module name (the root is ``""``) and its class, from the meta model."""
+    module_classes: Mapping[str, type] = field(default_factory=dict, repr=False)
+    """Every in-memory module name (the root is ``""``) and its class, from the meta model (read from the
+    inspection cache, a class is imported when first asked for: :class:`~hfmerge.adapters.class_facts.ModuleClasses`)."""
     parameter_names: frozenset[str] = frozenset()
     """The in-memory names of the model's parameters (trainable tensors; the rest of ``tensors`` are buffers)."""
 
@@ -177,21 +182,10 @@ class ModelLayout:
         return total
 
 
-@dataclass(frozen=True)
-class _ClassFacts:
-    """What the model class says about one checkpoint's keys (see :func:`inspect_source`)."""
-
-    shapes: dict[str, tuple[int, ...]]
-    names: dict[str, str]
-    ignored: frozenset[str]
-    absent: tuple[str, ...]
-    module_classes: dict[str, type]
-    parameter_names: frozenset[str]
-
-
 # Sources of one architecture and config (checkpoints of a run, fine-tunes of one model) share
-# the meta model's names, shapes and order: build it once per (architecture, config, keys).
-_MODEL_CLASS_FACTS: dict[tuple[str, bytes, tuple[str, ...]], _ClassFacts] = {}
+# the meta model's names, shapes and order: build it once per (architecture, config, keys) in a process,
+# and once per code version on a machine (FactsCache).
+_MODEL_CLASS_FACTS: dict[tuple[str, bytes, tuple[str, ...]], ClassFacts] = {}
 
 
 def inspect_reference(reference: str, *, token: str | bool | None = None, allow_pickle: bool = False) -> ModelLayout:
@@ -216,6 +210,7 @@ def inspect_source(
     """
     from transformers import AutoConfig
 
+    _register_family_classes(source)
     try:
         config = AutoConfig.from_pretrained(source.path, trust_remote_code=False)
     except (ValueError, OSError, KeyError) as exc:
@@ -235,21 +230,7 @@ def inspect_source(
         )
     if reader is None:
         reader = CheckpointReader(source.path, allow_pickle=allow_pickle, label=source.name)
-    cache_key = (architecture, (source.path / "config.json").read_bytes(), tuple(reader.keys()))
-    if cache_key not in _MODEL_CLASS_FACTS:
-        meta_model = family.build_meta_model(architecture, config)
-        meta_state = meta_model.state_dict()
-        names = checkpoint_to_memory_names(meta_model, reader.keys(), meta_state)
-        loaded = set(names.values())
-        ignored = ignored_on_load(meta_model, {n for n in loaded if n not in meta_state})
-        _MODEL_CLASS_FACTS[cache_key] = _ClassFacts(
-            {n: tuple(t.shape) for n, t in meta_state.items()}, names, frozenset(ignored),
-            tuple(n for n in meta_state if n not in loaded),
-            {name: type(module) for name, module in meta_model.named_modules()},
-            frozenset(name for name, _ in meta_model.named_parameters()),
-        )
-        del meta_model
-    facts = _MODEL_CLASS_FACTS[cache_key]
+    facts = class_facts(family, architecture, config, (source.path / "config.json").read_bytes(), list(reader.keys()))
     meta_shapes, names = facts.shapes, facts.names
 
     order = {name: i for i, name in enumerate(meta_shapes)}
@@ -294,6 +275,56 @@ def inspect_source(
     )
 
 
+def _register_family_classes(source: ResolvedSource) -> None:
+    """Look up the family that ``config.json`` declares, so that a family whose classes transformers does not
+    know registers them (:attr:`FamilyAdapter.register_classes`) before transformers reads the config."""
+    try:
+        model_type = json.loads((source.path / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):  # transformers' own reading says what is wrong
+        return
+    if isinstance(model_type, str):
+        family_for_model_type(model_type)
+
+
+def class_facts(
+    family: FamilyAdapter, architecture: str, config: Any, config_text: bytes, keys: list[str]
+) -> ClassFacts:
+    """What ``architecture``'s class, built from ``config``, says about a checkpoint of ``keys``.
+
+    Read from this process's memory, else from the disk cache (hfmerge's own families), else
+    computed from the model on the meta device and stored in both.
+
+    Args:
+        config_text: the bytes of the ``config.json`` that ``config`` was read from (the cache's key).
+    """
+    memory_key = (architecture, config_text, tuple(keys))
+    if memory_key in _MODEL_CLASS_FACTS:
+        return _MODEL_CLASS_FACTS[memory_key]
+    cache = FactsCache() if is_built_in(family) else None
+    disk_key = facts_key(family, architecture, config_text, keys) if cache is not None else {}
+    facts = cache.load(disk_key) if cache is not None else None
+    if facts is None:
+        facts = _facts_of_meta_model(family, architecture, config, keys)
+        if cache is not None:
+            cache.save(disk_key, facts)
+    _MODEL_CLASS_FACTS[memory_key] = facts
+    return facts
+
+
+def _facts_of_meta_model(family: FamilyAdapter, architecture: str, config: Any, keys: list[str]) -> ClassFacts:
+    meta_model = family.build_meta_model(architecture, config)
+    meta_state = meta_model.state_dict()
+    names = checkpoint_to_memory_names(meta_model, keys, meta_state)
+    loaded = set(names.values())
+    ignored = ignored_on_load(meta_model, {n for n in loaded if n not in meta_state})
+    return ClassFacts(
+        {n: tuple(t.shape) for n, t in meta_state.items()}, names, frozenset(ignored),
+        tuple(n for n in meta_state if n not in loaded),
+        {name: type(module) for name, module in meta_model.named_modules()},
+        frozenset(name for name, _ in meta_model.named_parameters()),
+    )
+
+
 _NORMS = (torch.nn.modules.batchnorm._NormBase, torch.nn.LayerNorm, torch.nn.GroupNorm, torch.nn.LocalResponseNorm,
           torch.nn.RMSNorm)
 
@@ -320,7 +351,7 @@ def module_kind(cls: type, *, owns_tensors: bool = False) -> str | None:
     return None
 
 
-def linear_groups(family: FamilyAdapter, module_classes: dict[str, type]) -> list[tuple[str, ...]]:
+def linear_groups(family: FamilyAdapter, module_classes: Mapping[str, type]) -> list[tuple[str, ...]]:
     """Group a model's ``nn.Linear`` modules by the input they read (see :attr:`ModelLayout.linear_groups`).
 
     Args:

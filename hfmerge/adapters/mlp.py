@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from transformers import AutoConfig, AutoModelForImageClassification
 
 from hfmerge.adapters.base import FamilyAdapter, HeadSpec, TinyVariant, register_family
 from hfmerge.adapters.depth import DepthLayer, DepthSegment, DepthSpec, Structure, relu_of_previous, widths_with_added
 from hfmerge.adapters.neurons import GroupBuilder, LayoutView, NeuronGroup
-from hfmerge.modeling.classic import MLP_TYPE, MODELING_FILE, HfMergeMLPConfig, MLPForImageClassification
+from hfmerge.modeling import MLP_TYPE, MODELING_FILE
+
+if TYPE_CHECKING:  # the classes load when the family is first looked up (_register_classes), not with the adapter
+    from hfmerge.modeling.classic import HfMergeMLPConfig
 
 
 def _neurons(layout: LayoutView) -> list[NeuronGroup]:
@@ -39,7 +41,7 @@ def _segments(structure: Structure) -> list[DepthSegment]:
 
 def _deepen(config: HfMergeMLPConfig, plan: list[list[int | None]]) -> HfMergeMLPConfig:
     """``hidden_sizes`` with an added layer as wide as the layer before it wherever ``plan`` has ``None``."""
-    out = HfMergeMLPConfig.from_dict(config.to_dict())
+    out = type(config).from_dict(config.to_dict())
     out.hidden_sizes = widths_with_added(
         config.hidden_sizes, plan[0],
         why_not_first="an identity layer cannot open the MLP: its input (the image) may be negative")
@@ -56,7 +58,7 @@ def _identity(model: torch.nn.Module, layer: DepthLayer) -> None:
 
 def _merged(config: HfMergeMLPConfig, keep: list[list[int]]) -> HfMergeMLPConfig:
     """``hidden_sizes`` of the kept layers only (§3.2, merging layers)."""
-    out = HfMergeMLPConfig.from_dict(config.to_dict())
+    out = type(config).from_dict(config.to_dict())
     out.hidden_sizes = [config.hidden_sizes[i] for i in keep[0]]
     return out
 
@@ -66,7 +68,19 @@ _TINY_SIZE = 8
 
 def _tiny(**labels: Any) -> tuple[Any, str]:
     """An MLP of two hidden layers (16 and 12 neurons) on 8 px images."""
+    from hfmerge.modeling.classic import HfMergeMLPConfig
+
     return HfMergeMLPConfig(image_size=_TINY_SIZE, hidden_sizes=[16, 12], **labels), "MLPForImageClassification"
+
+
+def _register_classes() -> None:
+    """transformers' Auto classes learn the type, so that its configs and models load without remote code."""
+    from transformers import AutoConfig, AutoModelForImageClassification
+
+    from hfmerge.modeling.classic import HfMergeMLPConfig, MLPForImageClassification
+
+    AutoConfig.register(MLP_TYPE, HfMergeMLPConfig, exist_ok=True)
+    AutoModelForImageClassification.register(HfMergeMLPConfig, MLPForImageClassification, exist_ok=True)
 
 
 MLP = register_family(
@@ -83,9 +97,6 @@ MLP = register_family(
                         segment_kind="the hidden layers",
                         identity_layer="a linear layer with identity weights and a ReLU"),
         tiny={"mlp": TinyVariant(_tiny, image_size=_TINY_SIZE)},
+        register_classes=_register_classes,
     )
 )
-
-# transformers' Auto classes know the type once hfmerge is imported: configs load without remote code
-AutoConfig.register(MLP_TYPE, HfMergeMLPConfig, exist_ok=True)
-AutoModelForImageClassification.register(HfMergeMLPConfig, MLPForImageClassification, exist_ok=True)

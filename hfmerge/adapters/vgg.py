@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from transformers import AutoConfig, AutoModelForImageClassification
 
 from hfmerge.adapters.base import FamilyAdapter, HeadSpec, TinyVariant, register_family
 from hfmerge.adapters.depth import (
@@ -19,7 +18,11 @@ from hfmerge.adapters.depth import (
     widths_with_added,
 )
 from hfmerge.adapters.neurons import GroupBuilder, LayoutView, NeuronGroup, norm_members
-from hfmerge.modeling.classic import MODELING_FILE, VGG_TYPE, HfMergeVGGConfig, VGGForImageClassification
+from hfmerge.modeling import MODELING_FILE, VGG_TYPE
+
+if TYPE_CHECKING:  # the classes load when the family is first looked up (_register_classes), not with the adapter
+    from hfmerge.modeling.classic import HfMergeVGGConfig
+
 
 _FEATURE = re.compile(r"features\.(\d+)")
 
@@ -98,7 +101,7 @@ def _deepen(config: HfMergeVGGConfig, plan: list[list[int | None]]) -> HfMergeVG
         out_layers.extend(widths_with_added(
             run, next(widths),
             why_not_first="an identity convolution cannot open a group: it would follow a max-pooling of another model"))
-    out = HfMergeVGGConfig.from_dict(config.to_dict())
+    out = type(config).from_dict(config.to_dict())
     out.layers = out_layers
     return out
 
@@ -121,8 +124,20 @@ _TINY_SIZE = 16
 
 def _tiny(**labels: Any) -> tuple[Any, str]:
     """A VGG of three convolutions (8; 12, 12) between max-poolings, with BatchNorm, on 16 px images."""
+    from hfmerge.modeling.classic import HfMergeVGGConfig
+
     config = HfMergeVGGConfig(image_size=_TINY_SIZE, layers=[8, "M", 12, 12, "M"], batch_norm=True, **labels)
     return config, "VGGForImageClassification"
+
+
+def _register_classes() -> None:
+    """transformers' Auto classes learn the type, so that its configs and models load without remote code."""
+    from transformers import AutoConfig, AutoModelForImageClassification
+
+    from hfmerge.modeling.classic import HfMergeVGGConfig, VGGForImageClassification
+
+    AutoConfig.register(VGG_TYPE, HfMergeVGGConfig, exist_ok=True)
+    AutoModelForImageClassification.register(HfMergeVGGConfig, VGGForImageClassification, exist_ok=True)
 
 
 VGG = register_family(
@@ -140,9 +155,6 @@ VGG = register_family(
                         identity_layer="a convolution with identity (Dirac) kernels",
                         segment_plural="groups of convolutions between max-poolings"),
         tiny={"vgg": TinyVariant(_tiny, image_size=_TINY_SIZE)},
+        register_classes=_register_classes,
     )
 )
-
-# transformers' Auto classes know the type once hfmerge is imported: configs load without remote code
-AutoConfig.register(VGG_TYPE, HfMergeVGGConfig, exist_ok=True)
-AutoModelForImageClassification.register(HfMergeVGGConfig, VGGForImageClassification, exist_ok=True)
