@@ -19,6 +19,7 @@ from huggingface_hub import constants
 import hfmerge
 from hfmerge.adapters import FamilyAdapter, inspect_source, layout
 from hfmerge.hub.resolve import resolve_source
+from hfmerge.publish.manifest import MANIFEST_FILE
 from hfmerge.testing.tiny import FAMILIES
 
 FIXTURES = Path(__file__).parent / "fixtures" / "transformers4"
@@ -85,7 +86,8 @@ def test_a_merge_from_cached_facts_writes_the_same_files(name, make_source, cach
     for run in ("cold", "warm"):
         _forget(monkeypatch)
         folder = hfmerge.merge(sources, method="average", progress=False).save(tmp_path / run)
-        written[run] = {path.name: path.read_bytes() for path in sorted(folder.iterdir())}
+        # the list of hfmerge's files holds their modification times; every file it lists is compared
+        written[run] = {path.name: path.read_bytes() for path in sorted(folder.iterdir()) if path.name != MANIFEST_FILE}
     assert len(meta_builds) == 1  # the sources share one architecture, config and keys
     assert "model.safetensors" in written["cold"] and written["warm"] == written["cold"]
 
