@@ -280,3 +280,84 @@ def test_a_gated_folder_whose_tensors_do_not_match_its_config_is_refused(tmp_pat
     with pytest.raises(SourceError, match=r"do not match its config.json \(vit.encoder.layer.0.layernorm_before.weight has "
                                           r"shape \[2, 32\] but the config implies \[32\]\)"):
         hfmerge.load(str(folder))
+
+
+def _gate_with_batch_statistics(num_labels: int) -> transformers.PreTrainedModel:
+    """The tiny gate with BatchNorm statistics and affines far from the identity, so a wrong fold shows."""
+    gate = _gate(num_labels)
+    generator = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for module in gate.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                size = module.num_features
+                module.running_mean.copy_(torch.randn(size, generator=generator) * 0.3)
+                module.running_var.copy_(torch.rand(size, generator=generator) * 1.5 + 0.25)
+                module.weight.copy_(torch.rand(size, generator=generator) + 0.5)
+                module.bias.copy_(torch.randn(size, generator=generator) * 0.2)
+    return gate
+
+
+def _batch_norm_calls(model: torch.nn.Module) -> list[str]:
+    calls: list[str] = []
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.register_forward_hook(lambda module, inputs, output, name=name: calls.append(name))
+    return calls
+
+
+def _gate_logits_both_ways(model: GatedMergedForImageClassification, images: torch.Tensor, calls: list[str]):
+    """(the gate module's logits, with gradients on; the inference logits), checking which path ran."""
+    calls.clear()
+    with torch.enable_grad():
+        module = model.gate_logits(images).detach()
+    assert calls, "with gradients on, the gate module did not run"
+    calls.clear()
+    with torch.inference_mode():
+        folded = model.gate_logits(images)
+    assert calls == []  # at inference BatchNorm is folded into the convolutions
+    return module, folded
+
+
+@pytest.mark.parametrize("gate_size", [24, 27])  # even: the stride-2 layers pad one side only; odd: both sides
+def test_at_inference_the_gate_runs_folded_and_gives_the_gate_modules_logits(sources, images, all_keys, gate_size):
+    gate_processor = transformers.MobileNetV2ImageProcessor(crop_size={"height": gate_size, "width": gate_size})
+    model = assemble_gated(sources, _gate_with_batch_statistics(5), _partly_gated(all_keys),
+                           gate_processor=gate_processor).eval()
+    calls = _batch_norm_calls(model.gate)
+    module, folded = _gate_logits_both_ways(model, images, calls)
+    assert module.std() > 0.1  # logits that differ per sample and source, not ~0
+    assert torch.equal(folded.argmax(-1), module.argmax(-1))
+    # float32: this deep random gate (52 convolutions at unit-scale weights) is itself 3e-5 to 6e-5 off its float64
+    # logits of up to 3; the folded gate, rounding differently, is held to 2e-4 of them.
+    model.double()
+    exact, exact_folded = _gate_logits_both_ways(model, images.double(), calls)
+    torch.testing.assert_close(exact_folded, exact, atol=1e-10, rtol=0)  # the same function
+    torch.testing.assert_close(module.double(), exact, atol=2e-4, rtol=0)
+    torch.testing.assert_close(folded.double(), exact, atol=2e-4, rtol=0)
+    model.float()
+    with torch.enable_grad():
+        reference = model(images, routing="top1")
+    with torch.inference_mode():
+        out = model(images, routing="top1")
+    assert torch.equal(out.task, reference.task)
+    torch.testing.assert_close(out.gate_probs, reference.gate_probs.detach(), atol=1e-4, rtol=0)
+    finite = torch.isfinite(reference.logits)
+    assert torch.equal(torch.isfinite(out.logits), finite)
+    torch.testing.assert_close(out.logits[finite], reference.logits.detach()[finite], atol=1e-5, rtol=0)
+
+
+def test_the_folded_gate_follows_the_gate_s_weights_and_training_runs_the_gate_module(sources, images):
+    model = assemble_gated(sources, _gate_with_batch_statistics(5), []).eval()
+    with torch.no_grad():
+        before = model.gate_logits(images)
+        norm = model.gate.mobilenet_v2.conv_1x1.normalization
+        norm.running_var.mul_(4.0)  # an in-place change, as load_state_dict or an optimiser step makes
+        after = model.gate_logits(images)
+    with torch.enable_grad():
+        expected = model.gate_logits(images).detach()
+    assert (before - expected).abs().max() > 1e-2  # a stale fold would be this far off
+    torch.testing.assert_close(after, expected, atol=2e-4, rtol=0)  # float32 rounding, as in the test above
+    model.gate.train()
+    calls = _batch_norm_calls(model.gate)
+    model.gate_logits(images).sum().backward()
+    assert calls and model.gate.classifier.weight.grad is not None

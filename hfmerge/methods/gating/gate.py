@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from transformers.modeling_outputs import ImageClassifierOutput
 
-from hfmerge.methods.gating.gated_vit import GatedMergedForImageClassification
+from hfmerge.methods.gating.gated_vit import FoldedGate, GatedMergedForImageClassification
 
 
 class GateInput(torch.nn.Module):
@@ -22,12 +22,14 @@ class GateInput(torch.nn.Module):
 
     gate_logits = GatedMergedForImageClassification.gate_logits
     _constant = GatedMergedForImageClassification._constant
+    _inference_gate = GatedMergedForImageClassification._inference_gate
 
     def __init__(self, gate: torch.nn.Module, config: Any) -> None:
         super().__init__()
         self.gate = gate
         self.config = config
         self._constants: dict[Any, torch.Tensor] = {}
+        self._folded_gate: FoldedGate | None = None
 
     def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None) -> ImageClassifierOutput:
         logits = self.gate_logits(pixel_values)
