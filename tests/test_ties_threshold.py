@@ -76,6 +76,14 @@ def test_the_per_tensor_threshold_is_kthvalues(shape, density):
     assert top_magnitude_threshold(task_vector, density) == expected
 
 
+@pytest.mark.parametrize("value", [0.0, -0.0, 1.5, float("inf")])
+def test_a_tensor_of_one_value_gives_that_value(value):
+    # every entry in one bucket of the count (a source equal to the base makes a task vector of zeros)
+    values = torch.full((20001,), value).abs()
+    for rank in (1, 10000, 20001):
+        assert kth_smallest_magnitude(values, rank) == float(torch.kthvalue(values, rank).values) == abs(value)
+
+
 def literal_ties(base, sources, density, scale, sign="ties", drop_rate=None):
     """TIES (or DARE) by the rules above, one source's τ̂_i at a time, as hfmerge computed it before."""
     sparse = []

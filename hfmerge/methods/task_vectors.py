@@ -198,8 +198,13 @@ def kth_smallest_magnitude(magnitudes: torch.Tensor, rank: int) -> float:
         raise ValueError(f"rank {rank} is outside 1..{magnitudes.numel()}")
     bits = magnitudes.reshape(-1).view(torch.int32)
     high = bits >> 16
-    bucket, below = _bucket_of_rank(torch.bincount(high, minlength=_HIGH_BITS), rank)
-    offset, _ = _bucket_of_rank(torch.bincount(bits[high == bucket] & 0xFFFF, minlength=_LOW_BITS), rank - below)
+    counts = torch.bincount(high, minlength=_HIGH_BITS)
+    bucket, below = _bucket_of_rank(counts, rank)
+    if int(counts[bucket]) == bits.numel():  # one bucket holds all (a task vector of zeros: a source equal to the base)
+        in_bucket = bits
+    else:  # nonzero + index_select picks the same entries in the same order, 2-3x faster than bits[mask]
+        in_bucket = torch.index_select(bits, 0, torch.eq(high, bucket).nonzero().squeeze(1))
+    offset, _ = _bucket_of_rank(torch.bincount(in_bucket & 0xFFFF, minlength=_LOW_BITS), rank - below)
     return _float_of_bits((bucket << 16) | offset)
 
 
