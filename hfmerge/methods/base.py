@@ -15,7 +15,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from hfmerge.errors import RecipeError
+from hfmerge.errors import IncompatibleModelsError, RecipeError
 from hfmerge.methods.stages import DataNeeds, Stage, data_needs
 
 if TYPE_CHECKING:
@@ -213,6 +213,23 @@ class MergeMethod(ABC):
 
 
 _REGISTRY: dict[str, MergeMethod] = {}
+
+
+def require_image_classifiers(layouts: list[ModelLayout], needs: str, instead: str) -> None:
+    """Refuse any source that is not an image classifier, for a method whose maths reads class predictions.
+
+    ``needs`` says what the method needs ("adamerging minimises the entropy of class predictions"),
+    ``instead`` which methods merge other tasks.
+
+    Raises:
+        IncompatibleModelsError: naming the first source that is not an image classifier.
+    """
+    for layout in layouts:
+        if layout.task != "image-classification":
+            raise IncompatibleModelsError(
+                f"{needs}, and {layout.source.short_name} is an {layout.task} model; merge image classifiers, "
+                f"or use {instead}"
+            )
 
 
 def register_method(cls: type[MergeMethod]) -> type[MergeMethod]:

@@ -5,8 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from hfmerge.errors import IncompatibleModelsError
-from hfmerge.methods.base import MergeMethod, ParamSpec, register_method
+from hfmerge.methods.base import MergeMethod, ParamSpec, register_method, require_image_classifiers
 from hfmerge.methods.stages import Stage, Statistics
 
 if TYPE_CHECKING:
@@ -119,12 +118,7 @@ policy: stacked into one head over the union of the {{ details.num_labels }} lab
 
     def check_sources(self, layouts: list[ModelLayout], parameters: dict[str, Any]) -> None:
         """Image classifiers only: the Fisher information is that of the class probabilities."""
-        for layout in layouts:
-            if layout.task != "image-classification":
-                raise IncompatibleModelsError(
-                    f"fisher needs the model's class probabilities p(y|x), and {layout.source.short_name} is an "
-                    f"{layout.task} model; merge image classifiers, or use regmean or average"
-                )
+        require_image_classifiers(layouts, "fisher needs the model's class probabilities p(y|x)", "regmean or average")
 
     def plan(self, ctx: MergeContext) -> MergePlan:
         from hfmerge.engine.ops import LinearCombination

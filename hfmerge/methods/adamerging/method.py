@@ -6,7 +6,13 @@ from typing import TYPE_CHECKING, Any
 
 from hfmerge.errors import IncompatibleModelsError
 from hfmerge.methods.adamerging.op import COEFFICIENTS, STAGE, AdaMergingOp
-from hfmerge.methods.base import TASK_VECTOR_CARD_NOTES, MergeMethod, ParamSpec, register_method
+from hfmerge.methods.base import (
+    TASK_VECTOR_CARD_NOTES,
+    MergeMethod,
+    ParamSpec,
+    register_method,
+    require_image_classifiers,
+)
 
 if TYPE_CHECKING:
     from hfmerge.adapters.layout import ModelLayout, TensorInfo
@@ -119,12 +125,7 @@ Every tensor's coefficients are in `{{ learned.file }}`.
 
     def check_sources(self, layouts: list[ModelLayout], parameters: dict[str, Any]) -> None:
         """Image classifiers only: the entropy minimised is that of class predictions."""
-        for layout in layouts:
-            if layout.task != "image-classification":
-                raise IncompatibleModelsError(
-                    f"adamerging minimises the entropy of class predictions, and {layout.source.short_name} is an "
-                    f"{layout.task} model; merge image classifiers, or use task_arithmetic"
-                )
+        require_image_classifiers(layouts, "adamerging minimises the entropy of class predictions", "task_arithmetic")
 
     def plan(self, ctx: MergeContext) -> MergePlan:
         """Task arithmetic's plan, each task vector's tensor reading its coefficients from the stage's table.
