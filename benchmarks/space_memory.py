@@ -1,6 +1,6 @@
 """The demo Space's memory over many requests: RSS of the app's process, sampled after each request.
 
-Builds a merge of two tiny ViTs (``hfmerge.merge(..., method="average")``), writes its Space with
+Builds a merge of two tiny ViTs, or with ``--size vit-b`` two ViT-B/16 (``hfmerge.merge(..., method="average")``), writes its Space with
 ``hfmerge.save_space`` (the files ``hfmerge space --output`` writes), starts ``app.py`` in its own
 interpreter without hfmerge importable (as on the Hub, :func:`hfmerge.testing.space_app.running_space`)
 and sends ``--requests`` predictions over HTTP with ``gradio_client`` from ``--clients`` clients at once, each a new image (random
@@ -13,7 +13,7 @@ that wrote the Space is installed from another checkout (an editable install map
 to its own folder), the run copies this checkout's files over them and says so.
 
 Usage: ``python benchmarks/space_memory.py [--requests 1000] [--clients 4] [--every 50] [--template DIR]
-[--workdir DIR]``.
+[--workdir DIR] [--size tiny|vit-b]``.
 """
 
 from __future__ import annotations
@@ -33,12 +33,34 @@ ROOT = Path(__file__).resolve().parent.parent
 TEMPLATE = ("app.py", "inference.py")
 
 
-def build_space(workdir: Path, template: Path) -> Path:
-    """A Space folder for an average of two tiny ViTs, with ``template``'s app files."""
+def vit_b_sources(workdir: Path) -> list[Path]:
+    """Two ViT-B/16 classifiers from ``stream.py``'s config (random weights, 1,000 labels), as the issue's Space had."""
+    import torch
+    from transformers import ViTForImageClassification, ViTImageProcessor
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from stream import vit_b16_config
+
+    folders = []
+    for seed in (0, 1):
+        folder = workdir / f"source-vit-b-{seed}"
+        if not (folder / "model.safetensors").is_file():
+            torch.manual_seed(seed)
+            ViTForImageClassification(vit_b16_config()).save_pretrained(folder)
+            ViTImageProcessor(size={"height": 224, "width": 224}).save_pretrained(folder)
+        folders.append(folder)
+    return folders
+
+
+def build_space(workdir: Path, template: Path, size: str = "tiny") -> Path:
+    """A Space folder for an average of two ViTs (tiny ones, or ViT-B/16 with ``size="vit-b"``), with ``template``'s app files."""
     import hfmerge
     from hfmerge.testing.tiny import save_tiny
 
-    sources = [save_tiny(workdir / f"source-{seed}", "vit", seed=seed) for seed in (0, 1)]
+    if size == "vit-b":
+        sources = vit_b_sources(workdir)
+    else:
+        sources = [save_tiny(workdir / f"source-{seed}", "vit", seed=seed) for seed in (0, 1)]
     hfmerge.merge([str(s) for s in sources], method="average").save(workdir / "merged")
     space = hfmerge.save_space(hfmerge.SpaceOptions(str(workdir / "merged")), workdir / "space")
     for name in TEMPLATE:
@@ -98,6 +120,8 @@ def main() -> int:
                         help="folder of the app.py and inference.py to run (default: this checkout's spaces/)")
     parser.add_argument("--start-timeout", type=float, default=600, help="seconds the app has to start (default 600)")
     parser.add_argument("--workdir", type=Path, default=None, help="default: a temporary folder, deleted after")
+    parser.add_argument("--size", choices=("tiny", "vit-b"), default="tiny",
+                        help="the merged models: tiny ViTs (default) or ViT-B/16, 86M parameters, as in the issue")
     args = parser.parse_args()
 
     import psutil
@@ -115,7 +139,7 @@ def main() -> int:
     os.environ["GRADIO_TEMP_DIR"] = str(uploads)
     os.environ["HF_HUB_OFFLINE"] = "1"
     os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
-    space = build_space(workdir, args.template)
+    space = build_space(workdir, args.template, args.size)
     images = workdir / "requests"
     images.mkdir(exist_ok=True)
     print(f"Space: {space}; {args.requests} requests from {args.clients} clients at once")

@@ -7,8 +7,9 @@ import logging
 import pytest
 import torch
 
+from hfmerge.engine.statistics import pack_upper, unpack_gram
 from hfmerge.methods.fisher import FisherWeighted
-from hfmerge.methods.regmean import RegMeanLinear, regmean_linear
+from hfmerge.methods.regmean import RegMeanGroup, RegMeanLinear, regmean_linear, regularise_packed
 
 
 def _inputs(rows: int, features: int, seed: int) -> torch.Tensor:
@@ -67,12 +68,57 @@ def test_regmean_singular_gram_is_regularised_with_a_warning_never_nan(caplog):
     assert "singular" in caplog.text and "ridge" in caplog.text
 
 
+def _group(modules: tuple[str, ...], xs: list[torch.Tensor], ws: dict[str, list[torch.Tensor]], alpha: float):
+    """A RegMeanGroup over hand-made tables: sources 0..N-1 hold the weights, N..2N-1 the packed Grams."""
+    n = len(xs)
+    tables = {(i, f"{m}.weight"): ws[m][i] for m in modules for i in range(n)}
+    tables |= {(n + i, "gram_upper/m"): pack_upper(x.T @ x) for i, x in enumerate(xs)}
+    refs = {m: tuple((i, f"{m}.weight") for i in range(n)) for m in modules}
+    return RegMeanGroup(modules, refs, tuple((n + i, "gram_upper/m") for i in range(n)), alpha), tables
+
+
 def test_regmean_op_streams_sources_and_matches_the_pure_function():
     xs = [_inputs(25, 4, seed) for seed in (11, 12, 13)]
     ws = [torch.randn(3, 4, generator=torch.Generator().manual_seed(40 + i)) for i in range(3)]
-    tables = {(i, "w"): w for i, w in enumerate(ws)} | {(3 + i, "gram/m"): x.T @ x for i, x in enumerate(xs)}
-    op = RegMeanLinear(((0, "w"), (1, "w"), (2, "w")), ((3, "gram/m"), (4, "gram/m"), (5, "gram/m")), 0.9)
+    solver, tables = _group(("m",), xs, {"m": ws}, 0.9)
+    op = RegMeanLinear(solver, "m")
     assert torch.allclose(op.apply(tables.__getitem__), regmean_linear(ws, [x.T @ x for x in xs], 0.9), atol=1e-6)
+
+
+@pytest.mark.parametrize("alpha", [0.9, 1.0, 0.0])
+def test_a_shared_input_group_is_each_linear_solved_alone(alpha):
+    """q, k and v share one Gram: solved together (one factorisation, W_0 + a correction) = each by Eq. 5 alone."""
+    xs = [_inputs(40, 7, seed) for seed in (21, 22, 23, 24)]
+    shapes = {"q": (7, 7), "k": (7, 7), "v": (5, 7)}
+    ws = {m: [torch.randn(*shape, generator=torch.Generator().manual_seed(60 + 4 * j + i)) for i in range(4)]
+          for j, (m, shape) in enumerate(shapes.items())}
+    solver, tables = _group(tuple(shapes), xs, ws, alpha)
+    loads = []
+    load = lambda ref: loads.append(ref) or tables[ref]  # noqa: E731
+    for m in ("v", "q", "k"):  # any order: the first asked solves the group
+        got = RegMeanLinear(solver, m).apply(load)
+        assert got.dtype == torch.float32 and got.shape == shapes[m]
+        expected = regmean_linear(ws[m], [x.T @ x for x in xs], alpha)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    assert sum(ref[1] == "gram_upper/m" for ref in loads) == 2 * len(xs) - 1  # one solve for the three
+    assert RegMeanLinear(solver, "q").apply(load).shape == (7, 7)  # asked again: solved again
+
+
+def test_identical_sources_merge_to_themselves_bit_for_bit():
+    w = torch.randn(6, 5, generator=torch.Generator().manual_seed(3))
+    xs = [_inputs(30, 5, seed) for seed in (31, 32, 33)]
+    solver, tables = _group(("m",), xs, {"m": [w.clone(), w.clone(), w.clone()]}, 0.9)
+    assert torch.equal(RegMeanLinear(solver, "m").apply(tables.__getitem__), w)
+
+
+def test_packed_regularisation_is_the_full_one_packed():
+    x = _inputs(20, 9, 41)
+    gram = x.T @ x
+    expected = 0.7 * gram + 0.3 * torch.diag(torch.diagonal(gram))
+    packed = pack_upper(gram)
+    got = regularise_packed(packed, 0.7)
+    torch.testing.assert_close(unpack_gram(got), expected, rtol=1e-15, atol=1e-12)
+    assert torch.equal(packed, pack_upper(gram))  # the input is left alone
 
 
 def test_fisher_weighted_is_the_fisher_weighted_mean():

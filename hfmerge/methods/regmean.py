@@ -72,67 +72,143 @@ def regularised_sum_of_grams(grams: Sequence[torch.Tensor], alpha: float) -> tup
     return total, scaled
 
 
-def solve_gram_system(total: torch.Tensor, rhs: torch.Tensor, *, name: str = "") -> torch.Tensor:
-    """X with (Σ G̃_i) X = rhs, by a Cholesky factorisation (never an explicit inverse).
+def cholesky_factor(total: torch.Tensor, *, name: str = "") -> torch.Tensor:
+    """The lower Cholesky factor of Σ G̃_i (never an explicit inverse), regularised when it is singular.
 
     A singular Σ G̃_i (an input feature no sample ever excited, or α = 1 with
     fewer rows than features) is regularised with a ridge of 1e-6 of its mean
     diagonal, retried with larger ridges until the factorisation succeeds; a
-    warning says so. The result is never NaN.
+    warning says so. The solution is then never NaN.
     """
     import torch
 
     factor, info = torch.linalg.cholesky_ex(total)
-    if int(info) != 0:
-        scale = float(torch.diagonal(total).abs().mean()) or 1.0
-        ridge = 1e-6 * scale
-        eye = torch.eye(total.shape[0], dtype=total.dtype)
-        for _ in range(12):
-            factor, info = torch.linalg.cholesky_ex(total + ridge * eye)
-            if int(info) == 0:
-                break
-            ridge *= 10.0
-        else:
-            raise MergeNumericError(
-                f"RegMean: the summed Gram matrix{f' of {name}' if name else ''} is not finite or not positive "
-                "semi-definite; check the sources' outputs on the data for NaN/inf"
-            )
-        logger.warning(
-            "RegMean: the summed Gram matrix%s is singular (an input feature the data never excited); "
-            "regularised with a ridge of %.3g",
-            f" of {name}" if name else "", ridge,
+    if int(info) == 0:
+        return factor
+    scale = float(torch.diagonal(total).abs().mean()) or 1.0
+    ridge = 1e-6 * scale
+    eye = torch.eye(total.shape[0], dtype=total.dtype)
+    for _ in range(12):
+        factor, info = torch.linalg.cholesky_ex(total + ridge * eye)
+        if int(info) == 0:
+            break
+        ridge *= 10.0
+    else:
+        raise MergeNumericError(
+            f"RegMean: the summed Gram matrix{f' of {name}' if name else ''} is not finite or not positive "
+            "semi-definite; check the sources' outputs on the data for NaN/inf"
         )
-    return torch.cholesky_solve(rhs, factor)
+    logger.warning(
+        "RegMean: the summed Gram matrix%s is singular (an input feature the data never excited); "
+        "regularised with a ridge of %.3g",
+        f" of {name}" if name else "", ridge,
+    )
+    return factor
+
+
+def solve_gram_system(total: torch.Tensor, rhs: torch.Tensor, *, name: str = "") -> torch.Tensor:
+    """X with (Σ G̃_i) X = rhs, by a Cholesky factorisation (:func:`cholesky_factor`)."""
+    import torch
+
+    return torch.cholesky_solve(rhs, cholesky_factor(total, name=name))
+
+
+def regularise_packed(packed: torch.Tensor, alpha: float) -> torch.Tensor:
+    """G̃ = α G + (1 − α) diag(G) of a packed upper triangle (:func:`~hfmerge.engine.statistics.pack_upper`), in float64.
+
+    The off-diagonal entries are scaled by α and the diagonal is kept as it
+    is, which is what the formula gives; a new tensor, ``packed`` is left alone.
+    RegMean's regularisation is linear, so Σ G̃_i is the regularised Σ G_i.
+    """
+    import torch
+
+    from hfmerge.engine.statistics import packed_diagonal, packed_order
+
+    diagonal = packed_diagonal(packed_order(packed.shape[0]))
+    scaled = packed.to(torch.float64) * alpha
+    scaled[diagonal] = packed[diagonal].to(torch.float64)
+    return scaled
+
+
+class RegMeanGroup:
+    """RegMean (Jin et al., 2023, Eq. 5) for the linear layers of one shared-input group, solved together.
+
+    Linear layers that read one input (an attention's query, key and value)
+    have one Gram matrix G_i per source, so one Σ G̃_i and one Cholesky
+    factorisation serve them all: their weights are stacked, W = [W_q; W_k; W_v],
+    and solved in one go. With source 0 as the reference, Eq. 5 is computed as
+
+        Wᵀ = W_0ᵀ + (Σ_i G̃_i)⁻¹ Σ_{i≥1} G̃_i (W_i − W_0)ᵀ,
+
+    the same solution (Σ_i G̃_i W_0ᵀ moved out of the sum), one product fewer,
+    and exact where it should be: identical sources give W_0 bit for bit. The
+    packed Gram triangles are summed before anything is unpacked, everything in
+    float64; memory holds a few in × in matrices whatever the number of sources.
+
+    Each member's :class:`RegMeanLinear` asks for its own weight; the first one
+    asked solves the group and keeps the others' results until they are asked for.
+    """
+
+    def __init__(self, modules: tuple[str, ...], weights: dict[str, tuple[TensorRef, ...]],
+                 grams: tuple[TensorRef, ...], alpha: float) -> None:
+        self.modules = modules
+        self.weights = weights
+        self.grams = grams
+        self.alpha = alpha
+        self._solved: dict[str, torch.Tensor] = {}
+
+    def solved(self, module: str, load: Loader) -> torch.Tensor:
+        """The merged ``module.weight`` (out × in, float32)."""
+        if module not in self._solved:
+            self._solved = self.solve(load)
+        return self._solved.pop(module)
+
+    def solve(self, load: Loader) -> dict[str, torch.Tensor]:
+        """Every member's merged weight, by module."""
+        import torch
+
+        from hfmerge.engine.statistics import unpack_gram
+
+        total: torch.Tensor | None = None
+        for ref in self.grams:
+            packed = load(ref)
+            total = packed.to(torch.float64, copy=True) if total is None else total.add_(packed)
+        assert total is not None
+        factor = cholesky_factor(unpack_gram(regularise_packed(total, self.alpha)), name=self.modules[0])
+        del total
+
+        def stacked(source: int) -> torch.Tensor:
+            return torch.cat([load(self.weights[m][source]) for m in self.modules]).to(torch.float64)
+
+        parts = [load(self.weights[m][0]) for m in self.modules]
+        sizes = [len(part) for part in parts]
+        reference = torch.cat(parts).to(torch.float64)  # W_0 stacked: (Σ out) × in
+        del parts
+        rhs: torch.Tensor | None = None
+        for i in range(1, len(self.grams)):
+            gram = unpack_gram(regularise_packed(load(self.grams[i]), self.alpha))
+            product = gram @ (stacked(i) - reference).T  # G̃_i (W_i − W_0)ᵀ: in × Σ out
+            del gram
+            rhs = product if rhs is None else rhs.add_(product)
+        merged = reference if rhs is None else reference + torch.cholesky_solve(rhs, factor).T
+        return dict(zip(self.modules, merged.to(torch.float32).split(sizes)))
 
 
 @dataclass(frozen=True)
 class RegMeanLinear:
-    """RegMean (Jin et al., 2023, Eq. 5; the ViT paper's appendix A) for one ``nn.Linear`` weight.
+    """One ``nn.Linear`` weight of a :class:`RegMeanGroup` (RegMean, Jin et al., 2023, Eq. 5).
 
-    W = (Σ_i G̃_i)⁻¹ Σ_i G̃_i W_iᵀ in the x·W orientation, i.e. for PyTorch's
-    ``Linear.weight`` (out × in): W = (Σ_i W_i G̃_i)(Σ_i G̃_i)⁻¹, with G_i the
-    Gram matrix of the layer's inputs on source i's data (a statistics
-    reference) and G̃_i its α-regularised form. Sources are accumulated one at
-    a time, so memory holds two in×in matrices whatever their number.
+    W = (Σ_i W_i G̃_i)(Σ_i G̃_i)⁻¹ for PyTorch's ``Linear.weight`` (out × in),
+    with G_i the Gram matrix of the layer's inputs on source i's data and G̃_i
+    its α-regularised form; the group computes it with the layers that share the input.
     """
 
-    sources: tuple[TensorRef, ...]
-    grams: tuple[TensorRef, ...]
-    alpha: float
+    solver: RegMeanGroup
+    module: str
     group: str = "RegMean (linear layers)"
 
     def apply(self, load: Loader) -> torch.Tensor:
-        import torch
-
-        total: torch.Tensor | None = None
-        rhs: torch.Tensor | None = None
-        for weight_ref, gram_ref in zip(self.sources, self.grams):
-            _, (g,) = regularised_sum_of_grams([load(gram_ref)], self.alpha)
-            product = g @ load(weight_ref).to(torch.float64).T  # G̃_i W_iᵀ: in × out
-            total = g if total is None else total.add_(g)
-            rhs = product if rhs is None else rhs.add_(product)
-        assert total is not None and rhs is not None
-        return solve_gram_system(total, rhs, name=self.sources[0][1]).T.to(torch.float32).contiguous()
+        return self.solver.solved(self.module, load).contiguous()
 
 
 def linear_groups(ctx: MergeContext) -> list[tuple[str, ...]]:
@@ -204,6 +280,7 @@ head over the union of the {{ details.num_labels }} labels
     def plan(self, ctx: MergeContext) -> MergePlan:
         from hfmerge.engine.ops import LinearCombination
         from hfmerge.engine.plan import MergePlan, require_all_shared
+        from hfmerge.engine.statistics import GRAM_UPPER
         from hfmerge.methods.heads import head_policy, plan_heads
 
         heads = [info.name for info in ctx.anchor.head_tensors]
@@ -212,10 +289,11 @@ head over the union of the {{ details.num_labels }} labels
         by_name = {entry.name: entry for entry in head_plan.entries}
         alpha = float(ctx.params["alpha"])
         for group in linear_groups(ctx):
-            grams = tuple((ctx.statistics_index(i), f"gram/{group[0]}") for i in range(len(ctx.sources)))
+            grams = tuple((ctx.statistics_index(i), f"{GRAM_UPPER}{group[0]}") for i in range(len(ctx.sources)))
+            solver = RegMeanGroup(group, {m: ctx.refs(f"{m}.weight") for m in group}, grams, alpha)
             for module in group:
                 info = ctx.anchor.tensors[f"{module}.weight"]
-                by_name[info.name] = ctx.plan_entry(info, RegMeanLinear(ctx.refs(info.name), grams, alpha))
+                by_name[info.name] = ctx.plan_entry(info, RegMeanLinear(solver, module))
         uniform = tuple(1.0 / len(ctx.sources) for _ in ctx.sources)
         entries = [
             by_name.get(name) or ctx.plan_entry(info, LinearCombination(ctx.refs(name), uniform))

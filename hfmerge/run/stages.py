@@ -178,7 +178,6 @@ def run_statistics(stage: Statistics, run: PipelineRun) -> list[TensorTable]:
         StatisticsCache,
         StatisticsTable,
         collect_statistics,
-        pack_grams_,
         stored_bytes,
     )
     from hfmerge.io.checkpoint import MemoryTable
@@ -203,10 +202,10 @@ def run_statistics(stage: Statistics, run: PipelineRun) -> list[TensorTable]:
             label_map = label_map_for(data, layout.id2label) if stage.labeled else None
             loader = DataLoader(ProcessedImages(data, source_processor(layout), label_map),
                                 batch_size=stage.batch_size, shuffle=False)
-            statistics = pack_grams_(collect_statistics(
+            statistics = collect_statistics(
                 model, loader, request, accelerator=accelerator, seed=run.seed, progress=run.progress,
-                desc=f"Statistics {i + 1}/{len(context.sources)} ({layout.source.short_name})",
-            ))
+                desc=f"Statistics {i + 1}/{len(context.sources)} ({layout.source.short_name})", packed=True,
+            )
             del model
             if stage.cache:
                 if accelerator.is_main_process:
