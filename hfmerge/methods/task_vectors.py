@@ -202,10 +202,18 @@ def kth_smallest_magnitude(magnitudes: torch.Tensor, rank: int) -> float:
     bucket, below = _bucket_of_rank(counts, rank)
     if int(counts[bucket]) == bits.numel():  # one bucket holds all (a task vector of zeros: a source equal to the base)
         in_bucket = bits
-    else:  # nonzero + index_select picks the same entries in the same order, 2-3x faster than bits[mask]
-        in_bucket = torch.index_select(bits, 0, torch.eq(high, bucket).nonzero().squeeze(1))
+    else:
+        in_bucket = _bucket_entries(bits, high, bucket)
     offset, _ = _bucket_of_rank(torch.bincount(in_bucket & 0xFFFF, minlength=_LOW_BITS), rank - below)
     return _float_of_bits((bucket << 16) | offset)
+
+
+def _bucket_entries(bits: torch.Tensor, high: torch.Tensor, bucket: int) -> torch.Tensor:
+    """The entries of ``bits`` whose upper 16 bits (``high``) are ``bucket``, in order.
+
+    ``nonzero`` + ``index_select`` picks the same entries as ``bits[high == bucket]``, 2–3× faster on a CPU.
+    """
+    return torch.index_select(bits, 0, torch.eq(high, bucket).nonzero().squeeze(1))
 
 
 def _bucket_of_rank(counts: torch.Tensor, rank: int) -> tuple[int, int]:
@@ -420,7 +428,8 @@ def global_trim_thresholds(ops: list[DisjointMerge], load: Loader, density: floa
     low = torch.zeros(count, _LOW_BITS, dtype=torch.int64)
     for op in ops:
         for index, bits in _magnitude_bits(op, load):
-            low[index] += torch.bincount(bits[(bits >> 16) == buckets[index]] & 0xFFFF, minlength=_LOW_BITS)
+            low[index] += torch.bincount(_bucket_entries(bits, bits >> 16, buckets[index]) & 0xFFFF,
+                                         minlength=_LOW_BITS)
     thresholds, kept = [], []
     for index in range(count):
         offset, before = _bucket_of_rank(low[index], rank - below[index])
