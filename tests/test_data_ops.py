@@ -58,14 +58,37 @@ def test_regmean_of_identical_sources_is_the_source():
     assert torch.allclose(regmean_linear([w, w, w], [x.T @ x] * 3, 0.9), w, atol=1e-5)
 
 
+def _hand_regmean(ws: list[torch.Tensor], xs: list[torch.Tensor], alpha: float) -> torch.Tensor:
+    """Eq. 5 written out in float64: W = (Σ W_i G̃_i)(Σ G̃_i)⁻¹ by ``torch.linalg.solve``."""
+    grams = [x.T @ x for x in xs]
+    scaled = [alpha * g + (1 - alpha) * torch.diag(torch.diagonal(g)) for g in grams]
+    rhs = sum(g @ w.double().T for g, w in zip(scaled, ws))
+    return torch.linalg.solve(sum(scaled), rhs).T
+
+
 def test_regmean_singular_gram_is_regularised_with_a_warning_never_nan(caplog):
-    x = _inputs(10, 6, 9)
-    x[:, 2] = 0.0  # a feature no sample excites: every Gram matrix is singular
+    """Collinear features (α = 1, fewer rows than features) make Σ G_i singular: a ridge and a warning."""
+    x = _inputs(4, 6, 9)
     ws = [torch.randn(3, 6), torch.randn(3, 6)]
     with caplog.at_level(logging.WARNING, logger="hfmerge"):
         merged = regmean_linear(ws, [x.T @ x, x.T @ x], alpha=1.0)
     assert torch.isfinite(merged).all()
     assert "singular" in caplog.text and "ridge" in caplog.text
+
+
+def test_features_no_sample_excited_are_averaged_and_the_rest_solved_exactly(caplog):
+    """A feature zero in every source's inputs: its weights are the average; the others are Eq. 5 without it."""
+    xs = [_inputs(30, 6, seed) for seed in (51, 52, 53)]
+    for x in xs:
+        x[:, 2] = 0.0
+    ws = [torch.randn(4, 6, generator=torch.Generator().manual_seed(70 + i)) for i in range(3)]
+    with caplog.at_level(logging.WARNING, logger="hfmerge"):
+        merged = regmean_linear(ws, [x.T @ x for x in xs], alpha=0.9)
+    assert "1 of the 6 input features" in caplog.text and "ridge" not in caplog.text
+    torch.testing.assert_close(merged[:, 2], torch.stack(ws).mean(0)[:, 2], rtol=0, atol=1e-7)
+    alive = [0, 1, 3, 4, 5]
+    expected = _hand_regmean([w[:, alive] for w in ws], [x[:, alive] for x in xs], 0.9)
+    torch.testing.assert_close(merged[:, alive].double(), expected, rtol=1e-6, atol=1e-7)
 
 
 def _group(modules: tuple[str, ...], xs: list[torch.Tensor], ws: dict[str, list[torch.Tensor]], alpha: float):
@@ -82,7 +105,7 @@ def test_regmean_op_streams_sources_and_matches_the_pure_function():
     ws = [torch.randn(3, 4, generator=torch.Generator().manual_seed(40 + i)) for i in range(3)]
     solver, tables = _group(("m",), xs, {"m": ws}, 0.9)
     op = RegMeanLinear(solver, "m")
-    assert torch.allclose(op.apply(tables.__getitem__), regmean_linear(ws, [x.T @ x for x in xs], 0.9), atol=1e-6)
+    torch.testing.assert_close(op.apply(tables.__getitem__).double(), _hand_regmean(ws, xs, 0.9), rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("alpha", [0.9, 1.0, 0.0])
@@ -98,8 +121,7 @@ def test_a_shared_input_group_is_each_linear_solved_alone(alpha):
     for m in ("v", "q", "k"):  # any order: the first asked solves the group
         got = RegMeanLinear(solver, m).apply(load)
         assert got.dtype == torch.float32 and got.shape == shapes[m]
-        expected = regmean_linear(ws[m], [x.T @ x for x in xs], alpha)
-        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got.double(), _hand_regmean(ws[m], xs, alpha), rtol=1e-5, atol=1e-6)
     assert sum(ref[1] == "gram_upper/m" for ref in loads) == 2 * len(xs) - 1  # one solve for the three
     assert RegMeanLinear(solver, "q").apply(load).shape == (7, 7)  # asked again: solved again
 

@@ -30,9 +30,9 @@ def regmean_linear(weights: Sequence[torch.Tensor], grams: Sequence[torch.Tensor
 
         W = (Σ_i G̃_i)⁻¹ Σ_i G̃_i W_iᵀ,   G̃_i = α G_i + (1 − α) diag(G_i),   G_i = X_iᵀ X_i,
 
-    where scaling the off-diagonal entries by α < 1 regularises the solve. It
-    is computed in float64 with a Cholesky solve, never an explicit inverse; a
-    singular Σ G̃_i gets a small ridge and a warning.
+    where scaling the off-diagonal entries by α < 1 regularises the solve. This
+    is :class:`RegMeanGroup`'s computation on full matrices held in memory (the
+    merge's op reads packed ones from the statistics tables).
 
     Args:
         weights: PyTorch ``Linear.weight`` tensors, each out × in.
@@ -44,32 +44,20 @@ def regmean_linear(weights: Sequence[torch.Tensor], grams: Sequence[torch.Tensor
     """
     import torch
 
+    from hfmerge.engine.statistics import pack_upper
+
     if len(weights) != len(grams) or not weights:
         raise ValueError(f"regmean_linear needs one Gram matrix per weight, got {len(weights)} and {len(grams)}")
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-    total, scaled = regularised_sum_of_grams(grams, alpha)
-    rhs = sum(g @ w.to(torch.float64).T for g, w in zip(scaled, weights))
-    return solve_gram_system(total, rhs).T.to(torch.float32).contiguous()
-
-
-def regularised_sum_of_grams(grams: Sequence[torch.Tensor], alpha: float) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """G̃_i = α G_i + (1 − α) diag(G_i) for each Gram matrix, in float64, and their sum.
-
-    RegMean's regularisation (Jin et al., 2023, §3.2; the ViT paper's appendix A):
-    the off-diagonal entries of every Gram matrix are scaled by α, which keeps
-    Σ G̃_i positive definite whenever every input feature was seen (α < 1).
-    """
-    import torch
-
-    scaled = []
-    for gram in grams:
-        g = gram.to(torch.float64)
-        scaled.append(alpha * g + (1.0 - alpha) * torch.diag(torch.diagonal(g)))
-    total = scaled[0].clone()
-    for g in scaled[1:]:
-        total.add_(g)
-    return total, scaled
+    tables: dict[TensorRef, torch.Tensor] = {}
+    for i, (weight, gram) in enumerate(zip(weights, grams)):
+        tables[(i, "weight")] = weight
+        tables[(i, "gram")] = pack_upper(gram.to(torch.float64))
+    count = len(weights)
+    group = RegMeanGroup(("linear",), {"linear": tuple((i, "weight") for i in range(count))},
+                         tuple((i, "gram") for i in range(count)), alpha)
+    return group.solve(tables.__getitem__)["linear"]
 
 
 def cholesky_factor(total: torch.Tensor, *, name: str = "") -> torch.Tensor:
@@ -106,13 +94,6 @@ def cholesky_factor(total: torch.Tensor, *, name: str = "") -> torch.Tensor:
     return factor
 
 
-def solve_gram_system(total: torch.Tensor, rhs: torch.Tensor, *, name: str = "") -> torch.Tensor:
-    """X with (Σ G̃_i) X = rhs, by a Cholesky factorisation (:func:`cholesky_factor`)."""
-    import torch
-
-    return torch.cholesky_solve(rhs, cholesky_factor(total, name=name))
-
-
 def regularise_packed(packed: torch.Tensor, alpha: float) -> torch.Tensor:
     """G̃ = α G + (1 − α) diag(G) of a packed upper triangle (:func:`~hfmerge.engine.statistics.pack_upper`), in float64.
 
@@ -145,6 +126,12 @@ class RegMeanGroup:
     packed Gram triangles are summed before anything is unpacked, everything in
     float64; memory holds a few in × in matrices whatever the number of sources.
 
+    An input feature that no sample excited (zero in every G_i) leaves Eq. 5
+    undefined for its weights: they are the sources' average, the other
+    weights are solved exactly without it, and a warning says so. Any other
+    singular Σ G̃_i (α = 1 with fewer rows than features) gets a small ridge
+    (:func:`cholesky_factor`).
+
     Each member's :class:`RegMeanLinear` asks for its own weight; the first one
     asked solves the group and keeps the others' results until they are asked for.
     """
@@ -167,15 +154,30 @@ class RegMeanGroup:
         """Every member's merged weight, by module."""
         import torch
 
-        from hfmerge.engine.statistics import unpack_gram
+        from hfmerge.engine.statistics import packed_diagonal, packed_order, unpack_gram
 
         total: torch.Tensor | None = None
         for ref in self.grams:
             packed = load(ref)
             total = packed.to(torch.float64, copy=True) if total is None else total.add_(packed)
         assert total is not None
-        factor = cholesky_factor(unpack_gram(regularise_packed(total, self.alpha)), name=self.modules[0])
+        regularised = regularise_packed(total, self.alpha)
         del total
+        diagonal = packed_diagonal(packed_order(regularised.shape[0]))
+        # An input feature that no sample excited has a zero row and column in every G_i: the data say
+        # nothing of its weights. A one on its diagonal keeps it out of the solve of the others, which stays
+        # exact (a ridge over the whole matrix would move every weight), and its weights are averaged below.
+        dead = regularised[diagonal] == 0
+        any_dead = bool(dead.any())
+        if any_dead:
+            regularised[diagonal[dead]] = 1.0
+            logger.warning(
+                "RegMean: %d of the %d input features of %s were never excited by the data (zero in every "
+                "source's Gram matrix); their weights are the sources' average", int(dead.sum()), len(dead),
+                ", ".join(self.modules),
+            )
+        factor = cholesky_factor(unpack_gram(regularised), name=self.modules[0])
+        del regularised
 
         def stacked(source: int) -> torch.Tensor:
             return torch.cat([load(self.weights[m][source]) for m in self.modules]).to(torch.float64)
@@ -184,13 +186,19 @@ class RegMeanGroup:
         sizes = [len(part) for part in parts]
         reference = torch.cat(parts).to(torch.float64)  # W_0 stacked: (Σ out) × in
         del parts
+        dead_sum = reference[:, dead].clone() if any_dead else None
         rhs: torch.Tensor | None = None
         for i in range(1, len(self.grams)):
+            weights = stacked(i)
+            if dead_sum is not None:
+                dead_sum.add_(weights[:, dead])
             gram = unpack_gram(regularise_packed(load(self.grams[i]), self.alpha))
-            product = gram @ (stacked(i) - reference).T  # G̃_i (W_i − W_0)ᵀ: in × Σ out
-            del gram
+            product = gram @ (weights - reference).T  # G̃_i (W_i − W_0)ᵀ: in × Σ out
+            del gram, weights
             rhs = product if rhs is None else rhs.add_(product)
         merged = reference if rhs is None else reference + torch.cholesky_solve(rhs, factor).T
+        if dead_sum is not None:
+            merged[:, dead] = dead_sum / len(self.grams)
         return dict(zip(self.modules, merged.to(torch.float32).split(sizes)))
 
 
