@@ -165,3 +165,20 @@ def test_only_folders_whose_process_is_gone_are_removed(tmp_path, caplog):
     finally:
         sleeper.kill()
         sleeper.wait()
+
+
+def test_many_unmarked_staging_folders_get_one_warning(tmp_path, caplog):
+    """Old hfmerge's staging folders (no owner in the name) are left alone, and said in one line however many."""
+    from hfmerge.io.disk import remove_orphans
+
+    folders = [tmp_path / f".hfmerge-staging-{c * 8}" for c in "abcde"]
+    for folder in folders:
+        folder.mkdir()
+        (folder / "model.safetensors").write_bytes(b"\0" * 2_000)
+    with caplog.at_level("WARNING", logger="hfmerge"):
+        assert remove_orphans(tmp_path) == []
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warned) == 1, warned
+    assert warned[0].startswith(f"5 folders in {tmp_path} (10 kB in all: .hfmerge-staging-aaaaaaaa, "), warned
+    assert warned[0].count(".hfmerge-staging-") == 3 and "and 2 more" in warned[0]
+    assert all(folder.is_dir() for folder in folders)

@@ -149,7 +149,7 @@ def remove_orphans(parent: str | Path) -> list[tuple[Path, int]]:
 
     Only names made by :func:`owner_tag` count, only this host's, and only when the owner's pid no longer
     runs or now belongs to a process that started later. A staging folder of an older hfmerge (no owner
-    in its name) is left alone, with a warning.
+    in its name) is left alone, with one warning for all of them.
 
     Returns:
         What was removed, with the bytes it held.
@@ -158,12 +158,10 @@ def remove_orphans(parent: str | Path) -> list[tuple[Path, int]]:
         entries = list(Path(parent).iterdir())
     except OSError:  # no folder (yet), or one this user cannot list: nothing of ours there
         return []
-    removed = []
+    removed, unmarked = [], []
     for path in entries:
         if UNMARKED_STAGING.fullmatch(path.name) and path.is_dir() and not path.is_symlink():
-            logger.warning("%s (%s) looks like the staging folder of an earlier hfmerge run that was killed; it does "
-                           "not say which process made it, so it is left alone: remove it if no merge runs there",
-                           path, format_size(_size(path)))
+            unmarked.append(path)
             continue
         match = OWNED_NAME.fullmatch(path.name)
         if match is None or path.is_symlink() or _owner_may_run(match):
@@ -178,6 +176,7 @@ def remove_orphans(parent: str | Path) -> list[tuple[Path, int]]:
             logger.warning("could not remove %s, left by an hfmerge run that was killed: %s", path, exc)
             continue
         removed.append((path, size))
+    _warn_unmarked(sorted(unmarked))
     if removed:
         names = ", ".join(path.name for path, _ in removed)
         logger.info("removed what hfmerge runs that were killed left in %s (%s): %s freed", Path(parent), names,
@@ -238,6 +237,23 @@ def _existing(folder: str | Path) -> Path:
 
 def _device(folder: Path) -> int:
     return _existing(folder).stat().st_dev
+
+
+def _warn_unmarked(folders: list[Path], named: int = 3) -> None:
+    """One warning for the staging folders of older hfmerge runs (no owner in their names), however many."""
+    if not folders:
+        return
+    size = format_size(sum(_size(path) for path in folders))
+    if len(folders) == 1:
+        logger.warning("%s (%s) looks like the staging folder of an earlier hfmerge run that was killed; it does "
+                       "not say which process made it, so it is left alone: remove it if no merge runs there",
+                       folders[0], size)
+        return
+    names = ", ".join(path.name for path in folders[:named])
+    more = f" and {len(folders) - named} more" if len(folders) > named else ""
+    logger.warning("%d folders in %s (%s in all: %s%s) look like the staging folders of earlier hfmerge runs that "
+                   "were killed; they do not say which process made them, so they are left alone: remove them if "
+                   "no merge runs there", len(folders), folders[0].parent, size, names, more)
 
 
 def _size(path: Path) -> int:
