@@ -63,8 +63,9 @@ def regmean_linear(weights: Sequence[torch.Tensor], grams: Sequence[torch.Tensor
 def cholesky_factor(total: torch.Tensor, *, name: str = "") -> torch.Tensor:
     """The lower Cholesky factor of Σ G̃_i (never an explicit inverse), regularised when it is singular.
 
-    A singular Σ G̃_i (an input feature no sample ever excited, or α = 1 with
-    fewer rows than features) is regularised with a ridge of 1e-6 of its mean
+    A singular Σ G̃_i (α = 1 with fewer rows than features, or inputs that are
+    linearly dependent; a feature no sample excited is set aside before, by
+    :class:`RegMeanGroup`) is regularised with a ridge of 1e-6 of its mean
     diagonal, retried with larger ridges until the factorisation succeeds; a
     warning says so. The solution is then never NaN.
     """
