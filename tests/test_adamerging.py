@@ -331,6 +331,8 @@ def test_two_processes_under_accelerate_launch_learn_what_one_does(models, tmp_p
     for name in a["coefficients"]:
         torch.testing.assert_close(torch.tensor(b["coefficients"][name]), torch.tensor(a["coefficients"][name]),
                                    rtol=0, atol=1e-6, msg=name)
+        # The gradient sums per-image terms that nearly cancel: summed 2 + 1 or 3 at once, float32 rounding moved
+        # one element 4e-5 relative on an AVX-512 CPU (2026-12-07); a wrong reduction moves it by a third or a half.
         torch.testing.assert_close(torch.tensor(b["first_gradient"][name]), torch.tensor(a["first_gradient"][name]),
-                                   rtol=1e-5, atol=1e-7, msg=name)
+                                   rtol=2e-4, atol=1e-7, msg=lambda m, name=name: f"{name}: {m}")
     torch.testing.assert_close(torch.tensor(b["objective"]), torch.tensor(a["objective"]), rtol=1e-6, atol=1e-6)
