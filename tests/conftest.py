@@ -69,6 +69,19 @@ def publish(hub_api, tmp_path_factory):
 
 
 @pytest.fixture
+def unreachable_hub(monkeypatch):
+    """HF_ENDPOINT on a loopback port where nothing listens: every connection is refused."""
+    from huggingface_hub import constants
+
+    from hfmerge.testing.ports import free_port
+
+    endpoint = f"http://127.0.0.1:{free_port()}"
+    monkeypatch.setattr(constants, "ENDPOINT", endpoint)
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", endpoint + "/{repo_id}/resolve/{revision}/{filename}")
+    return endpoint
+
+
+@pytest.fixture
 def make_source(tmp_path):
     """Save a tiny model to a local folder and return the folder."""
     counter = {"n": 0}

@@ -37,13 +37,15 @@ NOT_LAYERS = {"upernet-convnext": ("auxiliary_head",), "upernet-swin": ("auxilia
               "mask2former": ("criterion",)}
 
 
-def recorded_forward_order(model, family, image_size):
+def recorded_forward_order(model, family, image_size, call=None, merged=lambda name: True):
     """(layers, not layers) of a real model, recorded by running it once on the CPU with hooks.
 
     A module's place is its first call. A module that owns parameters but is never called (an
     embedding read through ``.weight``) comes right after its nearest called ancestor's own
     tensors; one that owns only buffers and never runs is not a layer; the modules in
-    ``NOT_LAYERS`` are not layers.
+    ``NOT_LAYERS`` are not layers. ``call`` names the method that takes the images where the
+    forward needs more (a CLIPModel's ``get_image_features``); tensors that ``merged`` rejects
+    (a CLIPModel's text tower) are left out.
     """
     import torch
 
@@ -56,15 +58,15 @@ def recorded_forward_order(model, family, image_size):
 
     handles = [module.register_forward_pre_hook(record) for module in module_names]
     with torch.no_grad():
-        model.eval()(pixel_values=torch.rand(1, 3, image_size, image_size))
+        getattr(model.eval(), call or "__call__")(pixel_values=torch.rand(1, 3, image_size, image_size))
     for handle in handles:
         handle.remove()
 
     def owner(name):
         return name.rsplit(".", 1)[0] if "." in name else ""
 
-    owners = list(dict.fromkeys(owner(n) for n in model.state_dict()))
-    has_parameters = {owner(n) for n, _ in model.named_parameters()}
+    owners = list(dict.fromkeys(owner(n) for n in model.state_dict() if merged(n)))
+    has_parameters = {owner(n) for n, _ in model.named_parameters() if merged(n)}
     uncalled = [o for o in owners if o not in first_call]
     attached = {}  # called module -> uncalled owners using its position
     for o in uncalled:

@@ -1,9 +1,11 @@
 """Properties every registered method must have, whatever its maths.
 
-Parametrized over ``available_methods()``, so a method added later is held to
-them without touching this file: identical sources merge to themselves, the
-output loads with plain transformers, and bad parameters are refused in one
-line before anything is read or written.
+Parametrized over ``available_methods()`` and over every registered family's
+tiny image classifier, so a method or family added later is held to them
+without touching this file: identical sources merge to themselves, the output
+loads with plain transformers, a method that cannot merge a family says why in
+one line (what the family's adapter declares), and bad parameters are refused
+in one line before anything is read or written.
 """
 
 from __future__ import annotations
@@ -17,9 +19,10 @@ from helpers import assert_one_line_error, run_cli
 
 import hfmerge
 from hfmerge.methods import get_method
-from hfmerge.testing.tiny import IMAGE_SIZE
+from hfmerge.testing.tiny import FAMILIES, IMAGE_SIZE, is_image_classifier, tiny_adapter, tiny_config
 
 METHODS = hfmerge.available_methods()
+CLASSIFIERS = [family for family in FAMILIES if is_image_classifier(family)]  # every family's tiny image classifier
 
 
 def variants(*builtins: str) -> set[str]:
@@ -80,20 +83,50 @@ def load_plain(folder):
     return getattr(transformers, config["architectures"][0]).from_pretrained(folder).eval()
 
 
-@pytest.mark.parametrize("family", ["vit", "resnet"])
+def expected_refusal(method: str, family: str, source) -> tuple[str, ...] | None:
+    """What ``method`` must say when it refuses ``family``'s tiny classifier, from what the family's adapter declares
+    (its gating source and why not, its depth and neuron declarations) and what the model holds (RegMean's linear
+    layers outside the head); ``None`` where it must merge it."""
+    from hfmerge.adapters import inspect_source
+    from hfmerge.hub.resolve import resolve_source
+
+    adapter = tiny_adapter(family)
+    if method in variants("gating") and tiny_config(family).architectures[0] != adapter.gating_source:
+        return ("gating merges ViT image classifiers", *([adapter.gating_refusal] if adapter.gating_refusal else []))
+    if method in variants("clafusion") and (adapter.depth is None or adapter.neurons is None):
+        return ("clafusion balances the depth of",)
+    if method in variants("otfusion") and adapter.neurons is None:
+        return ("whose neurons hfmerge cannot align",)
+    if method in variants("regmean"):
+        layout = inspect_source(resolve_source(str(source)))
+        heads = {info.module for info in layout.head_tensors}
+        if not any(module not in heads for group in layout.linear_groups for module in group):
+            return ("none outside its classifier head",)
+    return None
+
+
+@pytest.mark.parametrize("family", CLASSIFIERS)
 @pytest.mark.parametrize("method", METHODS)
-def test_identical_sources_merge_to_themselves_and_load_with_transformers(method, family, make_source, tmp_path):
-    if method in OWN_OUTPUT:
-        pytest.skip(f"{method} writes a model of its own; its own tests (tests/test_gating.py, tests/test_emr.py) "
-                    "check it merges identical sources to themselves")
+def test_identical_sources_merge_to_themselves_and_load_with_transformers(method, family, make_source, tmp_path,
+                                                                          capsys):
+    """Every method on every registered family's tiny image classifier: identical sources give themselves back,
+    and the output loads with plain transformers and computes the source's logits; or a one-line refusal that says
+    why, with nothing written."""
     source = make_source(family, 3, seed=5)
-    if refusal(method, family):
-        with pytest.raises(hfmerge.IncompatibleModelsError, match=refusal(method, family)):
-            hfmerge.merge([str(source), str(source)], method=method, progress=False,
-                          **merge_arguments(method, str(source), tmp_path))
+    arguments = merge_arguments(method, str(source), tmp_path)
+    refused = expected_refusal(method, family, source)
+    if refused:
+        args = ["merge", source, source, "-m", method, "-o", tmp_path / "out"]
+        args += [f"--base={source}"] if get_method(method).needs_base else []
+        args += [f"--data={data}" for data in arguments.get("data", [])]
+        code, _, err = run_cli(args, capsys)
+        assert_one_line_error(code, err, *refused, family)
+        assert not (tmp_path / "out").exists()
         return
-    result = hfmerge.merge([str(source), str(source)], method=method, progress=False,
-                           **merge_arguments(method, str(source), tmp_path))
+    if method in OWN_OUTPUT:
+        pytest.skip(f"{method} writes a model of its own; its own tests (tests/test_gating.py, tests/test_emr.py, "
+                    "tests/test_every_family.py) check it merges identical sources to themselves")
+    result = hfmerge.merge([str(source), str(source)], method=method, progress=False, **arguments)
     merged, original = load_plain(result.save(tmp_path / "out")), load_plain(source)
     expected = original.state_dict()
     labels = len(original.config.id2label)
@@ -111,6 +144,7 @@ def test_identical_sources_merge_to_themselves_and_load_with_transformers(method
     with torch.no_grad():
         logits, reference = merged(pixel_values=pixels).logits, original(pixel_values=pixels).logits
     torch.testing.assert_close(logits, torch.cat([reference] * copies, dim=-1))
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["model_type"] == original.config.model_type
 
 
 @pytest.mark.parametrize("method", METHODS)

@@ -215,7 +215,7 @@ def test_the_space_shows_the_gate_beside_the_merged_prediction(gated, tmp_path):
     pytest.importorskip("gradio", reason="the Space tests need the `space` extra: pip install -e .[space]")
     from hfmerge.spaces import app
 
-    demo_models = app.load_demo("tester/vit-2tasks")
+    demo_models = app.inference.load_demo("tester/vit-2tasks")
     for task, expected in (("digits", "vit-digits-upright"), ("digits-inverted", "vit-digits-inverted")):
         path = tmp_path / f"{task}.png"
         _digit_images(task, 1)[0].resize((64, 64)).save(path)

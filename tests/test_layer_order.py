@@ -19,7 +19,7 @@ from hfmerge.adapters import inspect_source
 from hfmerge.adapters.forward_order import order_modules
 from hfmerge.hub.resolve import resolve_source
 from hfmerge.methods.layerwise import layer_weights
-from hfmerge.testing.tiny import FAMILIES, IMAGE_SIZE, save_tiny, tiny_model
+from hfmerge.testing.tiny import FAMILIES, IMAGE_SIZE, save_tiny, tiny_adapter, tiny_config, tiny_model
 
 
 def layout_of(folder):
@@ -81,9 +81,12 @@ def test_a_model_that_cannot_be_traced_keeps_registration_order_with_a_warning(c
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_layers_are_in_the_order_a_forward_pass_runs_them(family, make_source):
+    adapter = tiny_adapter(family)
     model = tiny_model(family, seed=1)
     layout = layout_of(make_source(family, model=model))
-    layers, not_layers = recorded_forward_order(model, family, IMAGE_SIZE[family])
+    layers, not_layers = recorded_forward_order(model, family, IMAGE_SIZE[family],
+                                                call=adapter.image_encoder.get(tiny_config(family).architectures[0]),
+                                                merged=adapter.is_merged)
     assert layout.modules[: len(layers)] == layers
     assert layout.layers == layers
     assert set(layout.modules[len(layers):]) == not_layers  # not layers come last

@@ -15,7 +15,7 @@ import transformers
 from helpers import recorded_forward_order
 
 import hfmerge
-from hfmerge.testing.tiny import FAMILIES, IMAGE_SIZE, tiny_model
+from hfmerge.testing.tiny import FAMILIES, IMAGE_SIZE, tiny_adapter, tiny_config, tiny_model
 
 
 def load_plain(folder):
@@ -27,6 +27,12 @@ def float_items(model):
     return {k: v for k, v in model.state_dict().items() if v.dtype.is_floating_point}
 
 
+def _carried(family, state):
+    """The tensors of ``state`` that no method merges, as the tiny model's adapter declares (``not_merged``)."""
+    adapter = tiny_adapter(family)
+    return {name for name in state if not adapter.is_merged(name)}
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_average_is_the_weighted_mean_and_loads_with_transformers(family, make_source, tmp_path):
     a, b = make_source(family, seed=1), make_source(family, seed=2)
@@ -34,8 +40,11 @@ def test_average_is_the_weighted_mean_and_loads_with_transformers(family, make_s
     merged, ma, mb = load_plain(out), load_plain(a), load_plain(b)
     sa, sb, sm = ma.state_dict(), mb.state_dict(), merged.state_dict()
     assert set(sm) == set(sa)
+    carried = _carried(family, sm)
     for name, value in sm.items():
-        if value.dtype.is_floating_point:
+        if name in carried:  # no method merges them (a CLIPModel's text tower): the anchor's, the first source
+            assert torch.equal(value, sa[name]), name
+        elif value.dtype.is_floating_point:
             torch.testing.assert_close(value, 0.25 * sa[name] + 0.75 * sb[name], rtol=0, atol=1e-6)
         else:  # num_batches_tracked comes from the first source, not averaged
             assert torch.equal(value, sa[name]), name
@@ -96,7 +105,12 @@ def test_task_arithmetic_matches_hand_computation(family, make_source, tmp_path)
     out = hfmerge.merge([str(t1), str(t2)], method="task_arithmetic", base=str(base), lambda_=0.5,
                         progress=False).save(tmp_path / "out")
     sb, s1, s2 = (load_plain(p).state_dict() for p in (base, t1, t2))
-    for name, value in float_items(load_plain(out)).items():
+    merged = float_items(load_plain(out))
+    carried = _carried(family, merged)
+    for name, value in merged.items():
+        if name in carried:  # no method merges them (a CLIPModel's text tower): the base's
+            assert torch.equal(value, sb[name]), name
+            continue
         expected = sb[name] + 0.5 * ((s1[name] - sb[name]) + (s2[name] - sb[name]))
         torch.testing.assert_close(value, expected, rtol=0, atol=1e-5)
 
@@ -118,6 +132,8 @@ def _logits(model, family, x):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_fusion_of_one_backbone_concatenates_the_heads_outputs(family, make_source, tmp_path):
+    if not tiny_adapter(family).heads.get(tiny_config(family).architectures[0]):
+        pytest.skip(f"{family} has no classifier head: fusion refuses it in one line (tests/test_transformers4.py)")
     a, b = _same_backbone_pair(family, 3, 2)
     pa, pb = make_source(family, model=a), make_source(family, model=b)
     result = hfmerge.merge([str(pa), str(pb)], method="fusion", progress=False)

@@ -15,10 +15,15 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers
+from permuted_models import (
+    assert_groups_move_only_their_tensors,
+    assert_groups_spare_labels_and_pixels,
+    assert_permuted_copy_keeps_outputs,
+    built_models,
+    outputs,
+)
 
-from hfmerge.adapters import inspect_source
-from hfmerge.hub.resolve import resolve_source
-from hfmerge.testing.permute import permute_groups, unit_index
+from hfmerge.testing.permute import permute_groups
 from hfmerge.testing.tiny import tiny_config
 
 
@@ -73,68 +78,7 @@ RGB_INPUT = {
     "mobilenet_v2": "conv_stem.first_conv.convolution.weight",
 }
 
-_BUILT: dict[str, tuple[torch.nn.Module, object]] = {}
-
-
-def _randomised(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Every float tensor re-drawn at unit scale: weights N(0, 1/fan_in); biases, norms, BN statistics spread."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, tensor in model.state_dict().items():
-            if not tensor.is_floating_point():
-                continue
-            noise = torch.randn(tensor.shape, generator=generator)
-            if name.endswith("running_var"):
-                tensor.copy_(torch.rand(tensor.shape, generator=generator) * 1.5 + 0.5)
-            elif tensor.dim() > 1:
-                tensor.copy_(noise / tensor[0].numel() ** 0.5)
-            elif name.endswith("weight"):
-                tensor.copy_(1.0 + 0.3 * noise)
-            else:
-                tensor.copy_(0.5 * noise)
-    return model.eval()
-
-
-@pytest.fixture(scope="module")
-def built(tmp_path_factory):
-    """A randomised tiny model of a case and its inspected layout, built once per case for this module."""
-
-    def build(case: str):
-        if case not in _BUILT:
-            cfg = CASES[case][0]()
-            torch.manual_seed(0)
-            model = _randomised(getattr(transformers, cfg.architectures[0])(cfg))
-            folder = tmp_path_factory.mktemp(case)
-            model.save_pretrained(folder)
-            _BUILT[case] = (model, inspect_source(resolve_source(str(folder))))
-        return _BUILT[case]
-
-    yield build
-    _BUILT.clear()
-
-
-def _outputs(model: torch.nn.Module, size: int, modules: list[str] = ()) -> tuple[torch.Tensor, dict]:
-    """The model's main output (logits or last hidden state) on fixed random images, and the outputs of ``modules``."""
-    seen: dict[str, torch.Tensor] = {}
-    named = dict(model.named_modules())
-    handles = [named[m.removesuffix("#input")].register_forward_hook(  # <module>#input: what the module receives
-        lambda mod, args, out, m=m: seen.setdefault(m, (args[0] if m.endswith("#input") else out).clone()))
-        for m in modules]
-    try:
-        with torch.no_grad():
-            out = model(pixel_values=torch.randn(3, 3, size, size, generator=torch.Generator().manual_seed(1)))
-    finally:
-        for handle in handles:
-            handle.remove()
-    main = out.logits if hasattr(out, "logits") else out.last_hidden_state
-    return main, seen
-
-
-def _permuted_copy(model: torch.nn.Module, groups, seed: int = 3):
-    state, perms = permute_groups(model.state_dict(), groups, seed)
-    copy = type(model)(model.config).eval()
-    copy.load_state_dict(state)
-    return copy, state, perms
+built = built_models(lambda case: CASES[case][0]())
 
 
 def _family(case: str) -> str:
@@ -144,45 +88,19 @@ def _family(case: str) -> str:
 @pytest.mark.parametrize("case", CASES)
 def test_permuted_model_computes_the_same_outputs(built, case):
     model, layout = built(case)
-    groups = layout.neuron_groups
-    copy, _, perms = _permuted_copy(model, groups)
-    modules = list(dict.fromkeys(m for g in groups for m in g.activations))
-    before, acts_before = _outputs(model, CASES[case][1], modules)
-    after, acts_after = _outputs(copy, CASES[case][1], modules)
-    assert before.abs().max() > 0.1  # outputs at a scale where a misplaced dimension shows
-    torch.testing.assert_close(after, before, atol=1e-5, rtol=1e-5)
-    # what each group says carries its units does, and moves with them
-    for group in groups:
-        assert group.activations, group.name
-        index = unit_index(perms[group.name], group.unit)
-        for module in group.activations:
-            original, moved = acts_before[module], acts_after[module]
-            assert original.shape[group.activation_dim] == group.size * group.unit, (group.name, module)
-            torch.testing.assert_close(moved, original.index_select(group.activation_dim % original.dim(), index),
-                                       atol=1e-5, rtol=1e-5)
+    assert_permuted_copy_keeps_outputs(model, layout.neuron_groups, CASES[case][1])
 
 
 @pytest.mark.parametrize("case", CASES)
 def test_every_group_moves_its_tensors(built, case):
     model, layout = built(case)
-    groups = layout.neuron_groups
-    original = model.state_dict()
-    _, state, perms = _permuted_copy(model, groups)
-    for group in groups:
-        assert group.size > 1 and not torch.equal(perms[group.name], torch.arange(group.size)), group.name
-        for tensor, dim in group.members:
-            assert not torch.equal(state[tensor], original[tensor]), (group.name, tensor, dim)
-    grouped = {t for g in groups for t, _ in g.members}
-    assert all(torch.equal(state[t], original[t]) for t in original if t not in grouped)
+    assert_groups_move_only_their_tensors(model, layout.neuron_groups)
 
 
 @pytest.mark.parametrize("case", CASES)
 def test_groups_are_disjoint_and_leave_labels_and_pixels_alone(built, case):
     model, layout = built(case)
     groups = layout.neuron_groups
-    members = [m for g in groups for m in g.members]
-    assert len(members) == len(set(members))
-    assert len({g.name for g in groups}) == len(groups)
     state = model.state_dict()
     for group in groups:
         for tensor, dim in group.members:
@@ -191,12 +109,10 @@ def test_groups_are_disjoint_and_leave_labels_and_pixels_alone(built, case):
         assert set(group.producers) <= {t for t, d in group.members if d == 0}
         forward = list(layout.forward)
         assert list(group.producers) == sorted(group.producers, key=forward.index)
-    heads = {t.name for t in layout.head_tensors}
-    assert not any(t in heads and d == 0 for t, d in members)
-    rgb = next(name for name in state if name.endswith(RGB_INPUT[_family(case)]))
-    assert (rgb, 1) not in members
+    assert_groups_spare_labels_and_pixels(layout, groups, state, RGB_INPUT[_family(case)])
     if case.endswith("headless"):  # the model's output features (last hidden state) keep their order
-        width = _outputs(model, CASES[case][1])[0].shape[-1 if _family(case) == "vit" else 1]
+        members = [m for g in groups for m in g.members]
+        width = outputs(model, CASES[case][1])[0].shape[-1 if _family(case) == "vit" else 1]
         last_writer = [t for t in state if t.endswith(("convolution.weight", "fc2.weight"))][-1]
         assert state[last_writer].shape[0] == width
         assert (last_writer, 0) not in members

@@ -37,19 +37,19 @@ class PluginSoup(Average):
     reference_url = ""
 '''
 
-# A family hfmerge does not support itself: transformers' ConvNeXt image classifiers.
+# A family hfmerge does not support itself: transformers' RegNet image classifiers.
 SOUP_FAMILIES = '''
-"""ConvNeXt image classifiers for hfmerge."""
+"""RegNet image classifiers for hfmerge."""
 from hfmerge import FamilyAdapter, HeadSpec
 
-CONVNEXT = FamilyAdapter(
-    name="convnext",
-    model_types=("convnext",),
-    architectures={"ConvNextForImageClassification": "image-classification",
-                   "ConvNextModel": "image-feature-extraction"},
-    heads={"ConvNextForImageClassification": (HeadSpec(r"classifier\\.(weight|bias)"),)},
-    default_architecture="ConvNextForImageClassification",
-    backbone_prefix="convnext",
+REGNET = FamilyAdapter(
+    name="regnet",
+    model_types=("regnet",),
+    architectures={"RegNetForImageClassification": "image-classification",
+                   "RegNetModel": "image-feature-extraction"},
+    heads={"RegNetForImageClassification": (HeadSpec(r"classifier\\.1\\.(weight|bias)"),)},
+    default_architecture="RegNetForImageClassification",
+    backbone_prefix="regnet",
 )
 '''
 
@@ -58,7 +58,7 @@ SOUP_ENTRY_POINTS = """
 plugin_soup = hfmerge_plugin_soup.methods:PluginSoup
 
 [hfmerge.families]
-convnext = hfmerge_plugin_soup.families:CONVNEXT
+regnet = hfmerge_plugin_soup.families:REGNET
 """
 
 BROKEN_METHODS = '''
@@ -117,18 +117,18 @@ def soup(tmp_path_factory):
     return {"root": root, "env": hfmerge_env(site, root / "hf_home")}
 
 
-def save_convnext(folder: Path, seed: int) -> Path:
-    """A tiny ConvNeXt image classifier (2 stages, widths 8 and 16) with its image processor."""
+def save_regnet(folder: Path, seed: int) -> Path:
+    """A tiny RegNet image classifier (2 stages, widths 8 and 16) with its image processor."""
     import transformers
 
     from hfmerge.testing.tiny import image_processor
 
-    config = transformers.ConvNextConfig(num_channels=3, num_stages=2, hidden_sizes=[8, 16], depths=[1, 1],
-                                         image_size=32, id2label={0: "a", 1: "b", 2: "c"},
-                                         label2id={"a": 0, "b": 1, "c": 2})
-    config.architectures = ["ConvNextForImageClassification"]
+    config = transformers.RegNetConfig(num_channels=3, embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1],
+                                       groups_width=8, layer_type="x", id2label={0: "a", 1: "b", 2: "c"},
+                                       label2id={"a": 0, "b": 1, "c": 2})
+    config.architectures = ["RegNetForImageClassification"]
     torch.manual_seed(seed)
-    transformers.ConvNextForImageClassification(config).save_pretrained(folder)
+    transformers.RegNetForImageClassification(config).save_pretrained(folder)
     image_processor("resnet", 32).save_pretrained(folder)
     return folder
 
@@ -138,7 +138,7 @@ def test_the_plugin_is_not_part_of_hfmerge_itself():
     from hfmerge.adapters import family_for_model_type
 
     assert "plugin_soup" not in hfmerge.available_methods()
-    assert family_for_model_type("convnext") is None
+    assert family_for_model_type("regnet") is None
 
 
 def test_hfmerge_methods_and_help_list_the_plugin_method_without_loading_torch(soup):
@@ -164,7 +164,7 @@ def test_hfmerge_methods_and_help_list_the_plugin_method_without_loading_torch(s
 
 
 def test_a_plugin_method_merges_models_of_a_plugin_family_through_the_cli(soup, tmp_path):
-    a, b = save_convnext(tmp_path / "convnext-a", seed=1), save_convnext(tmp_path / "convnext-b", seed=2)
+    a, b = save_regnet(tmp_path / "regnet-a", seed=1), save_regnet(tmp_path / "regnet-b", seed=2)
     out = tmp_path / "merged"
     done = run(["-m", "hfmerge", "merge", str(a), str(b), "--method", "plugin_soup", "--output", str(out), "-q"],
                soup["env"], tmp_path)
@@ -172,20 +172,22 @@ def test_a_plugin_method_merges_models_of_a_plugin_family_through_the_cli(soup, 
     assert done.stdout.strip() == f"saved: {out}"
 
     merged, first, second = (load_file(str(folder / "model.safetensors")) for folder in (out, a, b))
-    assert set(merged) == set(first) == set(second) and len(merged) == 30
-    for name, tensor in merged.items():  # what the method computes: the mean of the two sources
+    assert set(merged) == set(first) == set(second)
+    for name, tensor in merged.items():  # what the method computes: the mean of the two sources' weights
+        if not tensor.is_floating_point():  # BatchNorm's step count
+            continue
         torch.testing.assert_close(tensor, (first[name] + second[name]) / 2, rtol=0, atol=1e-6, msg=name)
-    assert not torch.equal(first["classifier.weight"], second["classifier.weight"])
+    assert not torch.equal(first["classifier.1.weight"], second["classifier.1.weight"])
 
     recipe = yaml.safe_load((out / "hfmerge.yaml").read_text())
     assert recipe["method"] == "plugin_soup"
     card = (out / "README.md").read_text()
     assert "- plugin_soup" in card and "θ = Σᵢ wᵢ θᵢ" in card  # its tag, and the card text it inherits
-    assert json.loads((out / "config.json").read_text())["model_type"] == "convnext"
+    assert json.loads((out / "config.json").read_text())["model_type"] == "regnet"
 
     import transformers
 
-    model = transformers.ConvNextForImageClassification.from_pretrained(out)  # plain transformers loads it
+    model = transformers.RegNetForImageClassification.from_pretrained(out)  # plain transformers loads it
     assert model.config.id2label == {0: "a", 1: "b", 2: "c"}
 
 

@@ -16,9 +16,23 @@ from helpers import run_cli
 from safetensors.torch import load_file
 
 import hfmerge
+from hfmerge.adapters import registered_families
 from hfmerge.testing.tiny import IMAGE_SIZE, tiny_config
 
-HEADLESS = {"vit": ("ViTModel", "vit"), "resnet": ("ResNetModel", "resnet"), "segformer": ("SegformerModel", "segformer")}
+
+def _headless() -> dict[str, tuple[str, str]]:
+    """Tiny model -> (its family's headless backbone class, that backbone's prefix in the tiny model), for every tiny
+    model with a head whose family declares one backbone class (task ``image-feature-extraction``), from the registry."""
+    table = {}
+    for adapter in registered_families():
+        backbones = [a for a, task in adapter.architectures.items() if task == "image-feature-extraction"]
+        for name, variant in adapter.tiny.items():
+            if len(backbones) == 1 and adapter.heads.get(variant.config()[1]):
+                table[name] = (backbones[0], adapter.backbone_prefix)
+    return table
+
+
+HEADLESS = _headless()
 
 
 def load_plain(folder):

@@ -2,9 +2,9 @@
 
 The fixtures in ``tests/fixtures/transformers4/`` were written by transformers
 4.57 (``make_fixtures.py`` there). Their files differ from what transformers 5
-would write: UperNet-Swin and Mask2Former keep Swin's
+would write: Swin and the UperNet-Swin and Mask2Former backbones keep Swin's
 ``relative_position_index`` buffers (transformers 5 computes them and skips
-them on load) and lack the backbone's ``swin.layernorm`` (transformers 5
+them on load); the two backbones lack ``swin.layernorm`` (transformers 5
 initialises it). Every static method must merge them, and the output must load
 with plain transformers reporting nothing that loading the sources does not.
 Expected values come from the sources loaded with plain transformers.
@@ -25,16 +25,36 @@ from safetensors import safe_open
 
 import hfmerge
 from hfmerge.methods import get_method
-from hfmerge.testing.tiny import FAMILIES
+from hfmerge.testing.tiny import FAMILIES, tiny_adapter, tiny_config
 
 FIXTURES = Path(__file__).parent / "fixtures" / "transformers4"
 STALE_BUFFER = "relative_position_index"
-# The families whose 4.x files hold tensors transformers 5 does not load.
-WITH_STALE_BUFFERS = ("upernet-swin", "mask2former")
+# The families whose 4.x files hold tensors transformers 5 does not load: one STALE_BUFFER per Swin block.
+WITH_STALE_BUFFERS = ("upernet-swin", "mask2former", "swin")
+# The families whose 4.x files lack tensors transformers 5 initialises: the Swin backbone's final LayerNorm.
+WITHOUT_BACKBONE_NORM = ("upernet-swin", "mask2former")
+
+
+
+
+def refusal(method: str, family: str) -> str | None:
+    """What ``method`` says, in one line, when it refuses ``family``'s 4.x models: fusion, a model without a
+    classifier head (a CLIP tower), as its adapter declares the heads."""
+    if method == "fusion" and not tiny_adapter(family).heads.get(tiny_config(family).architectures[0]):
+        return "has no classifier head to concatenate; fusion needs task models"
+    return None
 
 
 def fixture(family: str, seed: int) -> Path:
     return FIXTURES / f"{family}-{seed}"
+
+
+def stale_buffers(family: str) -> int:
+    """How many STALE_BUFFER tensors ``family``'s 4.x files hold: one per Swin block of its config."""
+    if family not in WITH_STALE_BUFFERS:
+        return 0
+    config = json.loads((fixture(family, 1) / "config.json").read_text())
+    return sum(config.get("backbone_config", config)["depths"])
 
 
 def method_arguments(name: str, family: str) -> dict[str, Any]:
@@ -46,12 +66,13 @@ def method_arguments(name: str, family: str) -> dict[str, Any]:
     method = get_method(name)
     if method.data_needs().required:
         pytest.skip(f"{name} needs data; these fixtures are weights only")
+    adapter = tiny_adapter(family)
     if name == "otfusion":  # aligns neurons of the families that declare them; weight-based needs no data
-        if family not in ("vit", "resnet", "mobilenet_v2", "mobilenet_v2-seg"):
+        if adapter.neurons is None:
             pytest.skip(f"otfusion cannot align {family}'s neurons (tests/test_otfusion.py checks the refusal)")
         return {"cost": "weights"}
     if name == "clafusion":  # balances depth where a family declares it; widths and weights need no data
-        if family != "resnet":
+        if adapter.depth is None or adapter.neurons is None:
             pytest.skip(f"clafusion cannot balance {family}'s depth (tests/test_clafusion.py checks the refusal)")
         return {"cost": "weights", "representation": "neurons"}
     return {"base": str(fixture(family, 1))} if method.needs_base else {}
@@ -91,7 +112,7 @@ def test_fixtures_are_saved_by_transformers_4_and_hold_what_5_does_not_load():
             assert (fixture(family, seed) / "model.safetensors").is_file(), (family, seed)
     for family in WITH_STALE_BUFFERS:
         keys = file_tensors(fixture(family, 1))
-        assert sum(k.endswith(STALE_BUFFER) for k in keys) == 4, family
+        assert sum(k.endswith(STALE_BUFFER) for k in keys) == stale_buffers(family) > 0, family
     # Mask2Former's 4.x files lack the backbone's final LayerNorm: transformers 5 reports it and initialises it.
     assert "model.pixel_level_module.encoder.swin.layernorm.weight" in source_state("mask2former", 1)[1]["missing_keys"]
 
@@ -103,6 +124,12 @@ def test_every_method_merges_4x_checkpoints_and_the_output_loads_like_its_source
         pytest.skip("emr writes a repository of its own; test_emr_merges_4x_checkpoints_into_tasks_that_load_like_them")
     a, b = fixture(family, 1), fixture(family, 2)
     weights = [1, 3] if get_method(method).uses_weights else None
+    if refusal(method, family):
+        with pytest.raises(hfmerge.IncompatibleModelsError, match=refusal(method, family)) as refused:
+            hfmerge.merge([str(a), str(b)], method=method, weights=weights, progress=False,
+                          **method_arguments(method, family))
+        assert "\n" not in str(refused.value)
+        return
     result = hfmerge.merge([str(a), str(b)], method=method, weights=weights, progress=False,
                            **method_arguments(method, family))
     out = result.save(tmp_path / "out")
@@ -120,18 +147,21 @@ def test_every_method_merges_4x_checkpoints_and_the_output_loads_like_its_source
     anchor_file, out_file = file_tensors(a), file_tensors(out)
     assert set(out_file) == set(anchor_file)
     stale = [k for k in anchor_file if k.endswith(STALE_BUFFER)]
-    assert len(stale) == (4 if family in WITH_STALE_BUFFERS else 0)
+    assert len(stale) == stale_buffers(family)
     for key in stale:
         assert torch.equal(out_file[key], anchor_file[key]), key
     if stale:
-        assert "carried from anchor (ignored by transformers on load): 4 tensors" in result.planned.describe()
+        assert f"carried from anchor (ignored by transformers on load): {len(stale)} tensors" in result.planned.describe()
 
     if method == "average":  # the weighted mean of what transformers loads from the 4.x files
         sm = merged.state_dict()
         assert set(sm) == set(sa)
         differ = 0
+        carried = set(result.planned.anchor.carried)  # a CLIPModel's text tower: the anchor's, never merged
         for name, value in sm.items():
-            if value.dtype.is_floating_point:
+            if name in carried:
+                assert torch.equal(value, sa[name]), name
+            elif value.dtype.is_floating_point:
                 torch.testing.assert_close(value, 0.25 * sa[name] + 0.75 * sb[name], rtol=0, atol=1e-6)
                 differ += not torch.equal(sa[name], sb[name])
             else:  # num_batches_tracked comes from the first source
@@ -144,6 +174,10 @@ def test_emr_merges_4x_checkpoints_into_tasks_that_load_like_them(family, tmp_pa
     """EMR's repository holds one model per task: each loads (hfmerge.load(…, task=i)) with the tensors its source
     loads with, its own head among them, and only the tensors the 4.x source file lacks reported missing."""
     a, b = fixture(family, 1), fixture(family, 2)
+    if family == "clip-model":  # its text tower is never merged, and EMR's repository has no place to carry it
+        with pytest.raises(hfmerge.IncompatibleModelsError, match="EMR's per-task repository cannot carry"):
+            hfmerge.merge([str(a), str(b)], method="emr", base=str(a), progress=False)
+        return
     result = hfmerge.merge([str(a), str(b)], method="emr", base=str(a), progress=False)
     out = result.save(tmp_path / "out")
     for task, seed in ((0, 1), (1, 2)):
@@ -160,11 +194,42 @@ def test_plan_says_what_is_carried_and_what_stays_absent(family):
     sources = [str(fixture(family, 1)), str(fixture(family, 2))]
     planned = hfmerge.plan_merge(hfmerge.Recipe(sources=sources, method="average"))
     carried = [t for t in planned.plan.tensors if t.op.group.startswith("carried from anchor")]
-    assert len(carried) == 4
+    assert len(carried) == stale_buffers(family)
     assert all(t.key.endswith(STALE_BUFFER) and t.op.source == (0, t.key) for t in carried)
     text = planned.describe()
-    assert "left absent (transformers initialises them on load): 2 tensors" in text
-    assert "swin.layernorm.weight" in text
+    if family in WITHOUT_BACKBONE_NORM:
+        assert "left absent (transformers initialises them on load): 2 tensors" in text
+        assert "swin.layernorm.weight" in text
+    else:
+        assert "left absent" not in text
+
+
+def test_the_4x_clip_towers_fit_the_4x_clip_model_so_it_can_be_their_base():
+    """``clip-model`` is a base for ``clip`` and ``clip-projection`` towers, as openai/clip-vit-base-patch32 is for
+    the published task towers: every tensor a tower's file holds is in the CLIPModel's file, with its shape."""
+    full = {key: tuple(value.shape) for key, value in file_tensors(fixture("clip-model", 1)).items()}
+    for family in ("clip", "clip-projection"):
+        tower = {key: tuple(value.shape) for key, value in file_tensors(fixture(family, 1)).items()}
+        assert {key: full.get(key) for key in tower} == tower, family
+        assert {key for key in full if key.startswith("vision_model.")} <= set(tower), family
+
+
+def test_the_4x_clip_model_s_tokenizer_spells_a_prompt_in_characters_its_text_tower_knows():
+    """The CLIPProcessor saved with ``clip-model``: byte-level BPE without merges, so every character is a token
+    (a word's last one ending in ``</w>``); the ids fit the text tower's embedding and match its config."""
+    folder = fixture("clip-model", 1)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    text_config = transformers.CLIPConfig.from_pretrained(folder).text_config
+    prompt = "a photo of a cat."
+    ids = tokenizer(prompt)["input_ids"]
+    tokens = tokenizer.convert_ids_to_tokens(ids)
+    characters = [c for word in prompt.replace(".", " .").split() for c in [*word[:-1], word[-1] + "</w>"]]
+    assert tokens == [tokenizer.bos_token, *characters, tokenizer.eos_token]
+    assert tokenizer.unk_token_id not in ids[1:-1]
+    assert len(tokenizer) == text_config.vocab_size
+    assert (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id) == (
+        text_config.bos_token_id, text_config.eos_token_id, text_config.pad_token_id)
+    assert tokenizer.model_max_length == text_config.max_position_embeddings
 
 
 def test_a_source_saved_by_transformers_5_merges_with_4x_ones(tmp_path):

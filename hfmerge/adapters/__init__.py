@@ -12,6 +12,7 @@ import pkgutil
 from hfmerge.adapters.base import (
     FamilyAdapter,
     HeadSpec,
+    OutputFormat,
     TinyVariant,
     family_for_model_type,
     mark_built_in,
@@ -21,8 +22,9 @@ from hfmerge.adapters.base import (
 )
 from hfmerge.adapters.layout import ModelLayout, TensorInfo, inspect_reference, inspect_source
 
-SHARED = frozenset({"base", "class_facts", "depth", "forward_order", "layout", "neurons", "swin"})
-"""The modules the adapters share (inspection and its cache, neuron groups, depth, tracing, Swin's tiny backbone)."""
+SHARED = frozenset({"base", "class_facts", "depth", "forward_order", "layout", "neurons", "transformer_neurons"})
+"""The modules the adapters share (inspection and its cache, neuron groups and a transformer layer's, depth,
+tracing)."""
 
 for _module in pkgutil.iter_modules(__path__):
     if _module.name not in SHARED and not _module.name.startswith("_"):
@@ -30,7 +32,7 @@ for _module in pkgutil.iter_modules(__path__):
 mark_built_in()
 
 __all__ = [
-    "SHARED", "FamilyAdapter", "HeadSpec", "ModelLayout", "TensorInfo", "TinyVariant",
+    "SHARED", "FamilyAdapter", "HeadSpec", "ModelLayout", "OutputFormat", "TensorInfo", "TinyVariant",
     "family_for_model_type", "inspect_reference", "inspect_source", "register_family", "registered_families",
     "supported_families",
 ]

@@ -25,6 +25,10 @@ if TYPE_CHECKING:  # base imports no module of the package that imports it back 
     from hfmerge.adapters.neurons import LayoutView, NeuronGroup
 
 
+ZERO_SHOT_LABELS = "zero-shot, classes from a text tower"
+"""Why a zero-shot family's model has no labels, where others' labels are counted or listed."""
+
+
 @dataclass(frozen=True)
 class HeadSpec:
     """A classifier layer whose output dimension (dim 0) is the label space.
@@ -61,6 +65,20 @@ class SharedInput:
     @cached_property
     def regex(self) -> re.Pattern[str]:
         return re.compile(self.pattern)
+
+
+@dataclass(frozen=True)
+class OutputFormat:
+    """Another architecture of the family that a merge can be written as (``--output-format``).
+
+    The output is a model of ``architecture``, which the base must be: every tensor the merge planned goes
+    in under the base's name for it (the anchor's name, or ``<prefix>.`` and the anchor's name), and every
+    base tensor the merge did not plan is the base's. CLIP towers become a ``CLIPModel`` with the base's
+    text tower, which ``pipeline("zero-shot-image-classification")`` loads.
+    """
+
+    architecture: str
+    prefix: str
 
 
 @dataclass(frozen=True)
@@ -124,6 +142,9 @@ class FamilyAdapter:
         gating_source: the architecture whose models the gating merge takes as sources (an image
             classifier with attention and MLP blocks, which it gates, and one classifier); ``None``:
             the gating merge refuses models of the family.
+        gating_refusal: for a family whose models the gating merge refuses, why, in a few words that finish its
+            one-line refusal: what its layers have that the gated model, a ViT's, lacks, or lack that it gates
+            (attention and MLP blocks).
         gating_gate: the architecture whose models can serve as the gating merge's gate network (an image
             classifier whose backbone gets a new head); ``None``: no model of the family can.
         auto_classes: the transformers Auto class that loads an architecture, where it is not the one of
@@ -133,6 +154,24 @@ class FamilyAdapter:
             code. Called once, when the family is first looked up by model type
             (:func:`family_for_model_type`), not when the adapter is declared: importing the classes means
             importing transformers' modeling code, which a merge of another family never needs.
+        not_merged: tensors no method merges (regular expressions fullmatched against in-memory names): a
+            ``CLIPModel``'s text tower. Inspection sets them apart (:attr:`~hfmerge.adapters.layout.ModelLayout.carried`)
+            and the output takes the base's, or the anchor's when there is no base.
+        not_merged_name: what ``not_merged`` names, in a few words for the card (``"text tower"``), which says
+            that it was carried rather than merged; empty: the card says "the tensors no method merges".
+        image_encoder: per architecture whose forward needs more than images (a ``CLIPModel`` also reads text),
+            the name of the model's method that encodes images (``get_image_features``): what a pass over
+            images calls.
+        output_formats: the architectures a merge can be written as, by the name ``--output-format`` takes.
+        zero_shot: the architecture whose text tower scores this family's image encoders by zero-shot
+            classification (:mod:`hfmerge.eval.zero_shot`): the model's own, else the base's; ``None``: the
+            family's models are scored by their own heads. A zero-shot family's models have no labels
+            of their own (their configs' ``id2label`` is transformers' default, ``LABEL_0``, ``LABEL_1``): inspection,
+            plans and cards say so (:meth:`labels_text`) instead of counting those.
+        usage: per architecture, the card's usage snippet where loading the model alone does not use it (a CLIP
+            image encoder, which classifies only beside a text tower): Python code as a Jinja template of
+            ``model_ref`` (the merged model), ``base_ref`` (the model that completes it: the base, or a
+            placeholder) and ``architecture``. Other architectures get the snippet of their task.
         tiny: the family's tiny test models by name (``"vit"``, ``"mobilenet_v2-seg"``): a name says the
             family and, where a family has several, the variant (:class:`TinyVariant`,
             :mod:`hfmerge.testing.tiny`). Names are unique across families.
@@ -154,8 +193,15 @@ class FamilyAdapter:
     files: dict[str, str] = field(default_factory=dict)
     depth: DepthSpec | None = None
     gating_source: str | None = None
+    gating_refusal: str | None = None
     gating_gate: str | None = None
     auto_classes: dict[str, str] = field(default_factory=dict)
+    not_merged: tuple[str, ...] = ()
+    not_merged_name: str = ""
+    image_encoder: dict[str, str] = field(default_factory=dict)
+    output_formats: dict[str, OutputFormat] = field(default_factory=dict)
+    zero_shot: str | None = None
+    usage: dict[str, str] = field(default_factory=dict)
     tiny: dict[str, TinyVariant] = field(default_factory=dict)
     register_classes: Callable[[], None] | None = None
 
@@ -178,6 +224,17 @@ class FamilyAdapter:
             if spec.regex.fullmatch(memory_name):
                 return spec
         return None
+
+    def labels_text(self, id2label: dict[Any, str]) -> str:
+        """A model's labels in words, for plans and cards: ``"3 labels"``; a zero-shot family's model has none of its
+        own, whatever its config's ``id2label`` holds (:data:`ZERO_SHOT_LABELS`)."""
+        if self.zero_shot is not None:
+            return f"no labels: {ZERO_SHOT_LABELS}"
+        return f"{len(id2label)} labels"
+
+    def is_merged(self, name: str) -> bool:
+        """Whether the tensor ``name`` (in memory) is one a merge combines, i.e. not named in ``not_merged``."""
+        return not any(re.fullmatch(pattern, name) for pattern in self.not_merged)
 
     def is_layer(self, module: str) -> bool:
         """Whether ``module`` (an in-memory module name) is a layer, i.e. not named in ``not_layers``."""

@@ -96,17 +96,25 @@ def order_modules(owners: Sequence[str], calls: Sequence[str], buffer_only: Iter
 
 
 def _input_size(config: Any) -> tuple[int, int]:
+    config = getattr(config, "vision_config", None) or config  # a CLIPModel's images are its vision tower's
     backbone = getattr(config, "backbone_config", None)
     channels = getattr(config, "num_channels", None) or getattr(backbone, "num_channels", None) or 3
     size = getattr(config, "image_size", None) or 64  # ViT needs its own size; conv and Swin models take any
     return int(channels), int(size[0] if isinstance(size, (list, tuple)) else size)
 
 
-def trace_model(model: torch.nn.Module, config: Any, device: str) -> ForwardOrder:
-    """Run ``model`` on one image on ``device`` and order its tensor owners."""
+def trace_model(model: torch.nn.Module, config: Any, device: str, image_encoder: str | None = None) -> ForwardOrder:
+    """Run ``model`` on one image on ``device`` and order its tensor owners.
+
+    ``image_encoder`` names the method that takes images alone where the forward needs more (a ``CLIPModel``'s
+    ``get_image_features``); the owners it never reaches (the text tower) follow, in registration order.
+    """
     channels, size = _input_size(config)
     pixels = torch.randn(1, channels, size, size, generator=torch.Generator().manual_seed(0)).to(device)
-    calls = record_first_calls(model.eval(), lambda m: m(pixel_values=pixels))
+    if image_encoder is None:
+        calls = record_first_calls(model.eval(), lambda m: m(pixel_values=pixels))
+    else:
+        calls = record_first_calls(model.eval(), lambda m: getattr(m, image_encoder)(pixel_values=pixels))
     with_parameters = {name.rpartition(".")[0] for name, _ in model.named_parameters()}
     owners = list(dict.fromkeys(name.rpartition(".")[0] for name in model.state_dict()))
     return order_modules(owners, calls, [o for o in owners if o not in with_parameters])
@@ -124,6 +132,9 @@ class Traceable(Protocol):
 
     @property
     def explicit_order(self) -> Callable[[str, Any], ForwardOrder] | None: ...
+
+    @property
+    def image_encoder(self) -> dict[str, str]: ...
 
     def model_class(self, architecture: str) -> type[torch.nn.Module]: ...
 
@@ -164,9 +175,9 @@ def _trace(family: Traceable, architecture: str, config: Any) -> ForwardOrder:
             small = family.trace_config(config)
             model = family.model_class(architecture)(small)
             torch.set_num_threads(1)  # a tiny model's small ops run fastest on one thread
-            return trace_model(model, small, "cpu")
+            return trace_model(model, small, "cpu", family.image_encoder.get(architecture))
         model = family.build_meta_model(architecture, config)
-        return trace_model(model, config, "meta")
+        return trace_model(model, config, "meta", family.image_encoder.get(architecture))
     except Exception as exc:  # noqa: BLE001 - an untraceable variant still inspects, in registration order
         logger.warning(
             "%s: the forward pass could not be traced (%s: %s); layers follow registration order",

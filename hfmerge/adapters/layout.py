@@ -26,7 +26,7 @@ from hfmerge.adapters.neurons import NeuronGroup
 from hfmerge.errors import IncompatibleModelsError, SourceError
 from hfmerge.hub.resolve import ResolvedSource
 from hfmerge.io.checkpoint import CheckpointReader, TensorTable
-from hfmerge.io.renaming import checkpoint_to_memory_names
+from hfmerge.io.renaming import ConvertedOnLoadError, checkpoint_to_memory_names
 
 
 @dataclass(frozen=True)
@@ -81,6 +81,9 @@ class ModelLayout:
     """Checkpoint tensors that transformers does not load (stale or non-persistent buffers,
     such as Swin's ``relative_position_index`` in files saved by 4.x), by in-memory name.
     No method merges them; the pipeline carries the anchor's into the output."""
+    carried: dict[str, TensorInfo] = field(default_factory=dict)
+    """Tensors of the checkpoint that no method merges (a ``CLIPModel``'s text tower: the adapter's
+    ``not_merged``), by in-memory name; the pipeline carries the base's, or the anchor's, into the output."""
     absent: tuple[str, ...] = ()
     """In-memory names of the class's tensors that the checkpoint lacks, which transformers
     initialises on load (``swin.layernorm`` in UperNet-Swin and Mask2Former files saved by 4.x).
@@ -134,9 +137,12 @@ class ModelLayout:
         declares in ``shared_inputs``); every other linear is a group of its
         own. Groups are in registration order of their first member. Linears
         that ``nn.MultiheadAttention`` owns are left out: it uses their weights
-        without calling them, so no forward hook ever sees their input.
+        without calling them, so no forward hook ever sees their input. Linears whose weights no method merges
+        (:attr:`carried`: a ``CLIPModel``'s text tower) are left out too.
         """
-        return linear_groups(self.family, self.module_classes)
+        groups = (tuple(m for m in group if f"{m}.weight" not in self.carried)
+                  for group in linear_groups(self.family, self.module_classes))
+        return [group for group in groups if group]
 
     @cached_property
     def neuron_groups(self) -> list[NeuronGroup]:
@@ -205,8 +211,9 @@ def inspect_source(
     by default the weight files in ``source.path`` are opened.
 
     Raises:
-        SourceError: unsupported family or architecture, or a checkpoint whose
-            names or shapes disagree with its config.
+        SourceError: unsupported family or architecture, a checkpoint whose
+            names or shapes disagree with its config, or one with a tensor that
+            transformers converts on load (:class:`~hfmerge.io.renaming.ConvertedOnLoadError`).
     """
     from transformers import AutoConfig
 
@@ -230,7 +237,14 @@ def inspect_source(
         )
     if reader is None:
         reader = CheckpointReader(source.path, allow_pickle=allow_pickle, label=source.name)
-    facts = class_facts(family, architecture, config, (source.path / "config.json").read_bytes(), list(reader.keys()))
+    try:
+        facts = class_facts(family, architecture, config, (source.path / "config.json").read_bytes(), list(reader.keys()))
+    except ConvertedOnLoadError as exc:
+        raise SourceError(
+            f"{source.name}: transformers converts the checkpoint tensor {exc.key} when it loads it (into "
+            f"{' and '.join(exc.targets)}), and hfmerge merges only tensors that load as they are stored, so no "
+            f"method can merge this model; merge {config.model_type} models whose config has no such layer"
+        ) from None
     meta_shapes, names = facts.shapes, facts.names
 
     order = {name: i for i, name in enumerate(meta_shapes)}
@@ -260,6 +274,7 @@ def inspect_source(
             TensorInfo(key, name, module, shape, reader.dtype(key), family.head_of(architecture, name), is_layer)
         )
     tensors.sort(key=lambda t: order[t.name])
+    carried = {t.name: t for t in tensors if not family.is_merged(t.name)}
     return ModelLayout(
         source=source,
         family=family,
@@ -267,8 +282,9 @@ def inspect_source(
         task=family.architectures[architecture],
         config=config,
         reader=reader,
-        tensors={t.name: t for t in tensors},
+        tensors={t.name: t for t in tensors if t.name not in carried},
         ignored=ignored,
+        carried=carried,
         absent=facts.absent,
         module_classes=facts.module_classes,
         parameter_names=facts.parameter_names,

@@ -13,7 +13,6 @@ import copy
 from typing import Any
 
 from hfmerge.adapters.base import FamilyAdapter, HeadSpec, SharedInput, TinyVariant, register_family
-from hfmerge.adapters.swin import tiny_swin
 
 
 def _trace_config(config: Any) -> Any:
@@ -40,6 +39,10 @@ def _trace_config(config: Any) -> Any:
 def _tiny(**labels: Any) -> tuple[Any, str]:
     """Mask2Former of width 32 (the GroupNorms' 32 groups), four queries, on a tiny Swin."""
     from transformers import Mask2FormerConfig
+
+    # Imported here: importing the Swin family's file at the top would register it before this one, out of
+    # the file-name order in which families register.
+    from hfmerge.adapters.swin import tiny_swin
 
     config = Mask2FormerConfig(backbone_config=tiny_swin(), feature_size=32, mask_feature_size=32, hidden_dim=32,
                                encoder_feedforward_dim=32, dim_feedforward=32, encoder_layers=1,

@@ -77,6 +77,9 @@ class NeuronGroup:
         optional: aligned only when asked (a transformer's residual stream, which runs through every
             layer norm and embedding of the model); :attr:`~hfmerge.adapters.layout.ModelLayout.neuron_groups`
             leaves it out.
+        per_unit: members (also in ``members``) with one entry per unit however many ``unit`` says: Swin's
+            relative position bias table has one column per attention head, whose queries and keys are
+            ``head_dim`` rows each.
     """
 
     name: str
@@ -87,6 +90,11 @@ class NeuronGroup:
     activations: tuple[str, ...] = ()
     activation_dim: int = 1
     optional: bool = False
+    per_unit: tuple[tuple[str, int], ...] = ()
+
+    def unit_of(self, tensor: str, dim: int) -> int:
+        """Entries per unit on dimension ``dim`` of the member ``tensor``: ``unit``, or 1 for a :attr:`per_unit` one."""
+        return 1 if (tensor, dim) in self.per_unit else self.unit
 
 
 class GroupBuilder:
@@ -107,6 +115,7 @@ class GroupBuilder:
         self._unit: dict[str, int] = {}
         self._names: dict[str, str] = {}
         self._optional: set[str] = set()
+        self._per_unit: set[tuple[str, int]] = set()
 
     def _find(self, key: str) -> str:
         self._parent.setdefault(key, key)
@@ -116,16 +125,19 @@ class GroupBuilder:
         return key
 
     def channels(self, key: str, *members: tuple[str, int], unit: int = 1, name: str | None = None,
-                 optional: bool = False) -> GroupBuilder:
+                 optional: bool = False, per_unit: bool = False) -> GroupBuilder:
         """Attach (tensor, dim) pairs to the channel set ``key``; ``name`` labels the group for users.
 
-        ``optional`` marks the set as aligned only on request (:attr:`NeuronGroup.optional`).
+        ``optional`` marks the set as aligned only on request (:attr:`NeuronGroup.optional`);
+        ``per_unit`` says that these members have one entry per unit (:attr:`NeuronGroup.per_unit`).
         """
         self._find(key)
         if optional:
             self._optional.add(key)
         present = [(t, d) for t, d in members if t in self.layout.tensors]
         self._members.setdefault(key, []).extend(present)
+        if per_unit:
+            self._per_unit.update(present)
         if unit != 1:
             self._unit[key] = unit
         if name is not None:
@@ -178,17 +190,20 @@ class GroupBuilder:
             activations = list(dict.fromkeys(m for k in members_keys for m in self._activations.get(k, [])))
             activations.sort(key=lambda m: _position(m.removesuffix("#input"), module_order))
             dim = next((self._activation_dim[k] for k in members_keys if k in self._activation_dim), 1)
-            widths = {t: self.layout.tensors[t].shape[d] for t, d in members}
-            if len(set(widths.values())) != 1 or next(iter(widths.values())) % unit:
+            per_unit = tuple(m for m in members if m in self._per_unit)
+            widths = {(t, d): self.layout.tensors[t].shape[d] for t, d in members}
+            units = {m: 1 if m in per_unit else unit for m in members}
+            sizes = {w // units[m] for m, w in widths.items()}
+            if len(sizes) != 1 or any(w % units[m] for m, w in widths.items()):
                 raise IncompatibleModelsError(
                     f"{self.layout.source.name}: the neuron group {root!r} joins dimensions of different sizes "
-                    f"({', '.join(f'{t}[{d}]={widths[t]}' for t, d in members[:4])}...)"
+                    f"({', '.join(f'{t}[{d}]={widths[t, d]}' for t, d in members[:4])}...)"
                 )
             name = next((self._names[k] for k in members_keys if k in self._names), root)
             first = min(order.get(t, len(order)) for t in (producers or [t for t, _ in members]))
-            group = NeuronGroup(name, tuple(members), next(iter(widths.values())) // unit, unit,
+            group = NeuronGroup(name, tuple(members), next(iter(sizes)), unit,
                                 tuple(producers), tuple(activations), dim,
-                                optional=any(k in self._optional for k in members_keys))
+                                optional=any(k in self._optional for k in members_keys), per_unit=per_unit)
             groups.append((first, group))
         groups.sort(key=lambda item: item[0])
         return [g for _, g in groups]

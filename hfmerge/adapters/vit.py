@@ -7,6 +7,7 @@ from typing import Any
 
 from hfmerge.adapters.base import FamilyAdapter, HeadSpec, SharedInput, TinyVariant, register_family
 from hfmerge.adapters.neurons import GroupBuilder, LayoutView, NeuronGroup
+from hfmerge.adapters.transformer_neurons import attention_heads, mlp_hidden, residual_stream
 
 _LAYER = re.compile(r"(?:.+\.)?layers\.\d+")
 
@@ -30,43 +31,20 @@ def _neurons(layout: LayoutView) -> list[NeuronGroup]:
     and ``fc2`` output. A headless ``ViTModel`` outputs the stream: it has no
     such group.
     """
-    modules = layout.module_classes
     head_dim = layout.config.hidden_size // layout.config.num_attention_heads
+    layers = [name for name in layout.module_classes if _LAYER.fullmatch(name)]
     builder = GroupBuilder(layout)
-    for layer in (name for name in modules if _LAYER.fullmatch(name)):
-        attention, mlp = f"{layer}.attention", f"{layer}.mlp"
-        projections = [f"{attention}.{p}_proj" for p in "qkv"]
-        builder.produced_by(attention, *(f"{p}.{t}" for p in projections for t in ("weight", "bias")))
-        builder.channels(attention, (f"{attention}.o_proj.weight", 1), unit=head_dim, name=f"{attention} (heads)")
-        builder.observed_at(attention, *projections, dim=-1)
-        builder.produced_by(mlp, f"{mlp}.fc1.weight", f"{mlp}.fc1.bias")
-        builder.channels(mlp, (f"{mlp}.fc2.weight", 1), name=f"{mlp} (hidden)")
-        builder.observed_at(mlp, f"{mlp}.fc1", dim=-1)
+    for layer in layers:
+        attention_heads(builder, f"{layer}.attention", head_dim)
+        mlp_hidden(builder, f"{layer}.mlp")
     if "classifier.weight" in layout.tensors:
-        _residual_stream(builder, layout)
+        names = layout.tensors
+        embeddings = next(m for m in layout.module_classes if m.endswith("embeddings") and f"{m}.cls_token" in names)
+        final = embeddings.rsplit(".", 1)[0] + ".layernorm" if "." in embeddings else "layernorm"
+        residual_stream(builder, name="vit (residual stream)", embeddings=embeddings,
+                        tokens=("cls_token", "position_embeddings"), layers=layers, final_norms=(final,),
+                        readers=("classifier.weight",))
     return builder.build()
-
-
-def _residual_stream(builder: GroupBuilder, layout: LayoutView) -> None:
-    """The optional group of ViT's residual stream, from the patch embedding to the classifier's input."""
-    names = layout.tensors
-    embeddings = next(m for m in layout.module_classes if m.endswith("embeddings") and f"{m}.cls_token" in names)
-    stream = "residual"
-    projection = f"{embeddings}.patch_embeddings.projection"
-    builder.produced_by(stream, f"{projection}.weight", f"{projection}.bias")
-    builder.channels(stream, (f"{embeddings}.cls_token", 2), (f"{embeddings}.position_embeddings", 2),
-                     name="vit (residual stream)", optional=True)
-    builder.observed_at(stream, embeddings, dim=-1)
-    for layer in (name for name in layout.module_classes if _LAYER.fullmatch(name)):
-        attention, mlp = f"{layer}.attention", f"{layer}.mlp"
-        for norm in ("layernorm_before", "layernorm_after"):
-            builder.channels(stream, (f"{layer}.{norm}.weight", 0), (f"{layer}.{norm}.bias", 0))
-        builder.channels(stream, *((f"{attention}.{p}_proj.weight", 1) for p in "qkv"), (f"{mlp}.fc1.weight", 1))
-        builder.produced_by(stream, f"{attention}.o_proj.weight", f"{attention}.o_proj.bias",
-                            f"{mlp}.fc2.weight", f"{mlp}.fc2.bias")
-        builder.observed_at(stream, f"{attention}.o_proj", f"{mlp}.fc2", dim=-1)
-    final = embeddings.rsplit(".", 1)[0] + ".layernorm" if "." in embeddings else "layernorm"
-    builder.channels(stream, (f"{final}.weight", 0), (f"{final}.bias", 0), ("classifier.weight", 1))
 
 
 def _tiny(**labels: Any) -> tuple[Any, str]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Collection
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -62,6 +63,8 @@ class OutputSpec:
         task_argument: for an output that holds one model per task (EMR): the argument that picks one in the
             card's usage, as written in Python (``task="org/a"``), given to ``hfmerge.load`` and to the remote
             model's forward; ``None``: the output is one model.
+        processor_from: the folder whose processor files (image processor, tokenizer) go beside the output;
+            ``None``: the anchor's.
     """
 
     config: Any
@@ -71,6 +74,7 @@ class OutputSpec:
     loads_with_transformers: bool = False
     auto_class: str | None = None
     task_argument: str | None = None
+    processor_from: Path | None = None
 
 
 @dataclass

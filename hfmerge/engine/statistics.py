@@ -76,8 +76,9 @@ class StatisticsRequest:
             ``"empirical"``: the batch's ``labels`` (the empirical Fisher).
         activations: module names; their outputs (batch first) for the first ``activation_samples`` samples.
         activation_samples: t, how many samples' activations to keep.
-        activation_pool: convolution outputs (``[B, C, H, W]``) are average-pooled to at most
-            ``activation_pool`` × ``activation_pool`` positions before they are kept (0: every position).
+        activation_pool: convolution outputs (``[B, C, H, W]``; a linear layer's ``[B, H, W, C]``) are
+            average-pooled to at most ``activation_pool`` × ``activation_pool`` positions before they are
+            kept (0: every position).
             Per channel this is a local mean, the same for every model, so channels stay comparable,
             while 200 images of a 224 px ResNet keep 64 values per channel and image instead of 3,136.
     """
@@ -315,6 +316,7 @@ def collect_statistics(
     progress: bool = True,
     desc: str = "Statistics",
     packed: bool = False,
+    image_encoder: str = "",
 ) -> dict[str, torch.Tensor]:
     """Run ``model`` over ``loader`` once and return the statistics ``request`` asks for.
 
@@ -346,6 +348,9 @@ def collect_statistics(
         desc: the bar's description.
         packed: return each Gram as ``gram_upper/{module}``, its packed upper triangle
             (:func:`pack_grams_`'s form, as the cache stores it), never whole.
+        image_encoder: the model's method that encodes images, called in the forward's place, where the forward
+            reads more than images (a ``CLIPModel``: ``get_image_features``, which runs the image encoder and its
+            projection).
 
     Returns:
         ``gram/{module}`` float64 ``[in, in]``: Σ xxᵀ over every input row (``gram_upper/{module}``,
@@ -376,6 +381,7 @@ def collect_statistics(
     if channels_last:
         model.to(memory_format=torch.channels_last)
 
+    encoder = getattr(model, image_encoder) if image_encoder else model
     pass_state = _PassState(request, modules, parameters, device)
     batches, batch_size = _shard(loader, accelerator)
     hooks = pass_state.register_hooks(modules)
@@ -392,7 +398,7 @@ def collect_statistics(
             else:  # accelerate deals batches round-robin: this process reads batches p, p + N, p + 2N...
                 global_batch = local_batch * accelerator.num_processes + accelerator.process_index
                 first_index = global_batch * batch_size
-            pass_state.run_batch(model, pixels, batch.get("labels"), first_index, seed)
+            pass_state.run_batch(encoder, pixels, batch.get("labels"), first_index, seed)
     finally:
         for hook in hooks:
             hook.remove()
@@ -548,13 +554,23 @@ class _PassState:
             self.called.add(name)
             out = args[0] if name.endswith(INPUT_SUFFIX) else output
             out = out if isinstance(out, torch.Tensor) else out[0]
+            if out.dim() == 3 and out.shape[0] != self.batch_n and out.shape[0] % self.batch_n == 0:
+                # a module run on windows of each image ([batch × windows, tokens, features], image-major, as
+                # Swin's window attention): each image's windows side by side, [batch, windows × tokens, features]
+                out = out.reshape(self.batch_n, -1, out.shape[-1])
             if out.shape[0] != self.batch_n:
                 raise ValueError(f"module {name} gives outputs of shape {list(out.shape)}, whose first dimension "
                                  f"is not the batch ({self.batch_n}): its activations cannot be kept per sample")
             pool = self.request.activation_pool
+            # a linear layer's features are last (ConvNeXt's pointwise convolutions read and write [B, H, W, C])
+            features_last = isinstance(module, torch.nn.Linear)
+            if features_last:
+                out = out.movedim(-1, 1)
             if pool and out.dim() == 4 and out.shape[2] * out.shape[3] > pool * pool:
                 out = torch.nn.functional.adaptive_avg_pool2d(out[: self.batch_keep],
                                                               (min(out.shape[2], pool), min(out.shape[3], pool)))
+            if features_last:
+                out = out.movedim(1, -1)
             # a copy, always: the model may go on to change its output in place (ResNet adds the shortcut
             # into its last BatchNorm's output with +=), and a kept view would then hold the sum
             self.activations[name].append(out[: self.batch_keep].detach().to("cpu", torch.float32, copy=True))

@@ -30,8 +30,12 @@ class Average(MergeMethod):
         "θ = Σᵢ wᵢ θᵢ over the {{ sources | length }} models, "
         "{% if details.weights | unique | list | length == 1 %}with equal weights wᵢ = 1/{{ sources | length }}"
         "{% else %}with the weights in the sources table (the given weights divided by their sum){% endif %}. "
-        "{% if details.heads == 'average' %}Every parameter is averaged, classifier heads included"
-        "{% else %}Every parameter outside the classifier heads is averaged{% endif %}, BatchNorm running "
+        "{% if details.heads == 'average' %}Every parameter"
+        "{% if details.get('not_merged') %} outside the {{ details.not_merged.part or 'part no method merges' }}"
+        "{% endif %} is averaged{% if details.head_tensors %}, classifier heads included{% endif %}"
+        "{% else %}Every parameter outside the classifier heads"
+        "{% if details.get('not_merged') %} and the {{ details.not_merged.part or 'part no method merges' }}"
+        "{% endif %} is averaged{% endif %}, BatchNorm running "
         "statistics included; integer buffers (BatchNorm's `num_batches_tracked`) are the anchor's"
         "{% if details.heads == 'concat' %}. The heads follow the `concat` head policy: stacked into one head "
         "over the union of the {{ details.num_labels }} labels"
@@ -54,4 +58,4 @@ class Average(MergeMethod):
             for name, info in ctx.anchor.tensors.items()
         ]
         return MergePlan(entries, config_updates=head_plan.config_updates,
-                         details={"weights": list(weights), **head_plan.details})
+                         details={"weights": list(weights), "head_tensors": len(heads), **head_plan.details})

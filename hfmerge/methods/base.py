@@ -227,9 +227,14 @@ def require_image_classifiers(layouts: list[ModelLayout], needs: str, instead: s
     for layout in layouts:
         if layout.task != "image-classification":
             raise IncompatibleModelsError(
-                f"{needs}, and {layout.source.short_name} is an {layout.task} model; merge image classifiers, "
+                f"{needs}, and {layout.source.short_name} is {_article(layout.task)} {layout.task} model; merge image "
+                "classifiers, "
                 f"or use {instead}"
             )
+
+
+def _article(word: str) -> str:
+    return "an" if word[:1] in "aeiou" else "a"
 
 
 def register_method(cls: type[MergeMethod]) -> type[MergeMethod]:

@@ -173,6 +173,16 @@ class Stage:
         """The stage as it will run for ``ctx`` (after planning), or ``None`` when it has nothing to do."""
         return self
 
+    def image_processors(self, ctx: MergeContext) -> list[ModelLayout]:
+        """The models whose own image processors the resolved stage feeds images through.
+
+        The pipeline refuses, before any stage runs, a model in this list that has no image processor, rather
+        than let the stage fail halfway through the merge. A stage that reads ``--data`` reads each source's
+        images through that source's processor (:meth:`StageRun.source_processor`); one that reads them
+        otherwise says so here.
+        """
+        return list(ctx.sources) if self.data_need() is not None else []
+
     def describe(self, ctx: MergeContext) -> list[str]:
         """What ``--dry-run`` says the stage will do (each line unindented)."""
         return []

@@ -58,22 +58,42 @@ def base_refs(ctx: MergeContext, base: ModelLayout) -> tuple[dict[str, TensorRef
     """Each anchor tensor's counterpart in the base, and whether the backbone prefix was stripped to find them.
 
     A tensor is paired with the base tensor of the same in-memory name, or of
-    that name without ``<backbone_prefix>.``, of the same shape.
+    that name without ``<backbone_prefix>.``, or (a headless source against a
+    full base: CLIP towers against a ``CLIPModel``) with it, of the same shape.
     """
-    prefix = ctx.anchor.family.backbone_prefix
     refs: dict[str, TensorRef] = {}
     stripped = False
     for name, info in ctx.anchor.tensors.items():
-        candidates = [name]
-        if prefix and name.startswith(prefix + "."):
-            candidates.append(name[len(prefix) + 1 :])
-        for candidate in candidates:
+        for candidate in base_candidates(ctx.anchor, name):
             other = base.tensors.get(candidate)
             if other is not None and other.shape == info.shape:
                 refs[name] = (ctx.base_index, other.key)
                 stripped = stripped or candidate != name
                 break
     return refs, stripped
+
+
+def base_candidates(anchor: ModelLayout, name: str) -> list[str]:
+    """The names an anchor tensor may have in another architecture of its family: its own, then without or with
+    the adapter's ``backbone_prefix``."""
+    prefix = anchor.family.backbone_prefix
+    if not prefix:
+        return [name]
+    if name.startswith(prefix + "."):
+        return [name, name[len(prefix) + 1 :]]
+    return [name, f"{prefix}.{name}"]
+
+
+def is_backbone(anchor: ModelLayout, name: str) -> bool:
+    """Whether the anchor's tensor ``name`` is its backbone's: under the ``backbone_prefix``, or any tensor but a
+    head of a headless anchor (one with no tensor under the prefix: a ``ViTModel``, a ``CLIPVisionModel``)."""
+    prefix = anchor.family.backbone_prefix
+    if not prefix:
+        return False
+    if name.startswith(prefix + "."):
+        return True
+    headless = not any(n.startswith(prefix + ".") for n in anchor.tensors)
+    return headless and anchor.tensors[name].head is None
 
 
 def require_base_backbone(ctx: MergeContext, refs: dict[str, TensorRef]) -> None:
@@ -85,9 +105,8 @@ def require_base_backbone(ctx: MergeContext, refs: dict[str, TensorRef]) -> None
     if ctx.base is None:
         raise RecipeError("the task vectors need the pre-trained model: add --base org/name")
     anchor = ctx.anchor
-    prefix = anchor.family.backbone_prefix
     missing = [n for n, info in anchor.tensors.items()
-               if n not in refs and not info.is_integer and prefix and n.startswith(prefix + ".")]
+               if n not in refs and not info.is_integer and is_backbone(anchor, n)]
     if missing:
         raise IncompatibleModelsError(
             f"the base {ctx.base.source.name} ({ctx.base.architecture}) lacks {len(missing)} backbone tensor(s) of "

@@ -40,7 +40,8 @@ def permute_groups(
 
     Unit ``j`` of a group in the result is unit ``perm[j]`` of ``state``
     (``new.index_select(dim, ...)`` with whole units of ``group.unit``
-    entries). Tensors no group names are returned as they are (the same objects).
+    entries, or single entries on a member that has one per unit: ``group.unit_of``).
+    Tensors no group names are returned as they are (the same objects).
 
     Args:
         state: in-memory tensor names to tensors (``model.state_dict()``).
@@ -52,7 +53,7 @@ def permute_groups(
 
     Raises:
         KeyError: a group names a tensor that ``state`` lacks.
-        ValueError: a member dimension whose length is not ``group.size * group.unit``.
+        ValueError: a member dimension whose length is not ``group.size`` units.
     """
     generator = torch.Generator().manual_seed(seed)
     new = dict(state)
@@ -60,12 +61,12 @@ def permute_groups(
     for group in groups:
         perm = random_permutation(group.size, generator)
         perms[group.name] = perm
-        index = unit_index(perm, group.unit)
         for tensor, dim in group.members:
+            index = unit_index(perm, group.unit_of(tensor, dim))
             if new[tensor].shape[dim] != index.numel():
                 raise ValueError(
                     f"{tensor} has {new[tensor].shape[dim]} entries on dim {dim}, but the group {group.name!r} "
-                    f"has {group.size} units of {group.unit}"
+                    f"has {group.size} units of {group.unit_of(tensor, dim)}"
                 )
             new[tensor] = new[tensor].index_select(dim, index)
     return new, perms

@@ -76,6 +76,20 @@ def tiny_config(family: str, num_labels: int = 3, labels: list[str] | None = Non
     return cfg
 
 
+def tiny_adapter(family: str) -> FamilyAdapter:
+    """The adapter that declares the tiny model ``family``: what tests ask instead of naming families (its heads,
+    the tensors no method merges, what its forward reads)."""
+    if family not in _variants():
+        raise ValueError(f"unknown tiny family {family!r}; choose one of {_families()}")
+    return _variants()[family][0]
+
+
+def is_image_classifier(family: str) -> bool:
+    """Whether the tiny model ``family`` is an image classifier, as its adapter declares its architecture's task."""
+    adapter = tiny_adapter(family)
+    return adapter.architectures[tiny_config(family).architectures[0]] == "image-classification"
+
+
 def tiny_model(family: str, num_labels: int = 3, *, seed: int = 0, labels: list[str] | None = None) -> torch.nn.Module:
     """A randomly initialised tiny model; BatchNorm statistics are randomised too so merges can see them."""
     cfg = tiny_config(family, num_labels, labels)

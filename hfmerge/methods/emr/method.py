@@ -54,7 +54,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from hfmerge.errors import RecipeError
+from hfmerge.errors import IncompatibleModelsError, RecipeError
 from hfmerge.methods.base import MergeMethod, ParamSpec, register_method
 from hfmerge.methods.gating.method import DEFAULT_GATE, GATE_TRAINING
 from hfmerge.methods.stages import DataNeed, Derive, Derived, Stage
@@ -248,7 +248,17 @@ class Emr(MergeMethod):
         return {"gate": gate} if gate is not None else {}
 
     def check_sources(self, layouts: list[ModelLayout], parameters: dict[str, Any]) -> None:
-        """With a gate, image classifiers only (the gate picks one task's classifier); any family without."""
+        """With a gate, image classifiers only (the gate picks one task's classifier); any family without. Sources
+        with tensors no merge combines (a ``CLIPModel``'s text tower) are refused: EMR's repository rebuilds each task
+        from the base, its task vectors and the task's own tensors, and has no place for them."""
+        carried = next((layout for layout in layouts if layout.carried), None)
+        if carried is not None:
+            example = next(iter(carried.carried))
+            raise IncompatibleModelsError(
+                f"emr: {carried.source.name} ({carried.architecture}) holds tensors that are never merged (e.g. "
+                f"{example}), which EMR's per-task repository cannot carry: merge the image encoders "
+                f"({', '.join(a for a in carried.family.architectures if a != carried.architecture)})"
+            )
         if gate_reference(parameters) is not None:
             _check_gated_tasks(layouts)
 

@@ -213,9 +213,10 @@ source for {{ '%.2f' | format(details.gate.accuracy * 100) }}% \
         sources = ", ".join(a.gating_source for a in registered_families() if a.gating_source)
         for layout in layouts:
             if layout.architecture != layout.family.gating_source:
+                why = f": {layout.family.gating_refusal}" if layout.family.gating_refusal else ""
                 raise IncompatibleModelsError(
                     f"gating merges ViT image classifiers ({sources}); {layout.source.name} is a "
-                    f"{layout.family.name} {layout.architecture}"
+                    f"{layout.family.name} {layout.architecture}{why}"
                 )
 
     def _check_sources(self, ctx: MergeContext) -> None:

@@ -13,6 +13,7 @@ from hfmerge.methods.stages import DataNeed, Phase, Stage
 if TYPE_CHECKING:
     from collections.abc import Callable
 
+    from hfmerge.adapters.layout import ModelLayout
     from hfmerge.engine.plan import MergeContext
     from hfmerge.io.checkpoint import TensorTable
     from hfmerge.methods.stages import StageRun
@@ -47,6 +48,10 @@ class TrainGate(Stage):
 
     def resolve(self, ctx: MergeContext) -> TrainGate | None:
         return self if ctx.data else None
+
+    def image_processors(self, ctx: MergeContext) -> list[ModelLayout]:
+        """Every source's images go through the anchor's processor, as the gated model's pixels will."""
+        return [ctx.anchor]
 
     def describe(self, ctx: MergeContext) -> list[str]:
         gate = ctx.auxiliary.get(self.gate)

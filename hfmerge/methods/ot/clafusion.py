@@ -479,7 +479,7 @@ def _label(layer: Any) -> str:
 def _resized(group: NeuronGroup, tensors: dict[str, torch.Tensor]) -> NeuronGroup:
     """The target's neuron group with the width it has in a balanced source (OT aligns widths)."""
     tensor, dim = group.members[0]
-    return replace(group, size=int(tensors[tensor].shape[dim]) // group.unit)
+    return replace(group, size=int(tensors[tensor].shape[dim]) // group.unit_of(tensor, dim))
 
 
 def _model(ctx: MergeContext, load: Loader, index: int) -> torch.nn.Module:

@@ -343,7 +343,7 @@ def membership(groups: list[NeuronGroup]) -> dict[str, list[tuple[int, int, int]
     out: dict[str, list[tuple[int, int, int]]] = {}
     for g, group in enumerate(groups):
         for tensor, dim in group.members:
-            out.setdefault(tensor, []).append((dim, g, group.unit))
+            out.setdefault(tensor, []).append((dim, g, group.unit_of(tensor, dim)))
     return out
 
 
@@ -422,7 +422,7 @@ def _weight_features(tensor_of: Callable[[str], torch.Tensor], groups: list[Neur
         if matrices is not None:
             for dim, h, unit in others:
                 tensor = align_dim(tensor, matrices[h], dim, unit)
-        parts.append(unit_features(tensor.unsqueeze(0), 1, group.unit))
+        parts.append(unit_features(tensor.unsqueeze(0), 1, group.unit_of(producer, 0)))
     if not parts:
         raise IncompatibleModelsError(
             f"the neuron group {group.name} has no incoming weights to compare; use --param cost=activations"
