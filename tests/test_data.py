@@ -296,7 +296,7 @@ def test_no_image_that_decodes_is_a_data_error(tmp_path):
         (folder / f"{i}.png").write_bytes(b"garbage")
     with pytest.raises(DataError, match="folder 'broken' has no images: 0.png, 1.png are not images"):
         load_image_data(str(folder))
-    with pytest.raises(DataError, match="is neither an existing folder nor a Hub dataset id"):
+    with pytest.raises(DataError, match=": there is no such folder"):
         load_image_data(str(tmp_path / "missing"))
 
 

@@ -391,3 +391,24 @@ def test_fine_tuning_options_without_data_warn_that_nothing_is_fine_tuned(make_s
     assert "finetune_epochs act only with --data" in err
     code, _, err = run_cli(["merge", a, b, "--method", "fusion", "--output", tmp_path / "plain", "-q"], capsys)
     assert code == 0 and "act only with --data" not in err
+
+
+def test_a_relative_eval_data_folder_is_pinned_as_an_absolute_path(make_source, tmp_path, capsys, monkeypatch):
+    """``--eval-data`` given relative to the working folder is written into ``hfmerge.yaml`` as ``--data`` folders are,
+    absolute, so ``hfmerge run hfmerge.yaml`` plans the same merge from any folder of this machine."""
+    from test_every_method import random_images
+
+    source = make_source("vit", 3, seed=1)
+    for label in ("class_0", "class_1"):
+        random_images(tmp_path / "work" / "labeled" / label, count=2)
+    monkeypatch.chdir(tmp_path / "work")
+    code, _, err = run_cli(["merge", source, source, "--method", "average", "--eval-data", "labeled",
+                            "--output", tmp_path / "out", "-q"], capsys)
+    assert code == 0, err
+    pinned = yaml.safe_load((tmp_path / "out" / "hfmerge.yaml").read_text())
+    assert pinned["eval_data"] == [{"dataset": str(tmp_path / "work" / "labeled")}]
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run_cli(["run", tmp_path / "out" / "hfmerge.yaml", "--output", tmp_path / "again", "--dry-run"],
+                             capsys)
+    assert code == 0, err
+    assert f"evaluation: {tmp_path / 'work' / 'labeled'}" in out

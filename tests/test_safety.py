@@ -16,7 +16,6 @@ from helpers import assert_one_line_error, run_cli
 import hfmerge
 from hfmerge.io.checkpoint import CheckpointReader
 from hfmerge.publish.result import check_output_folder
-from hfmerge.testing.ports import free_port
 from hfmerge.testing.tiny import image_processor, tiny_model
 
 
@@ -223,17 +222,6 @@ def test_run_recipe_honours_output_and_push_to_hub(vits, local_hub, tmp_path):
 
 
 # -- an unreachable Hub: one line naming the endpoint, fast -----------------------------------------------
-
-
-@pytest.fixture
-def unreachable_hub(monkeypatch):
-    """HF_ENDPOINT on a loopback port where nothing listens: every connection is refused."""
-    from huggingface_hub import constants
-
-    endpoint = f"http://127.0.0.1:{free_port()}"
-    monkeypatch.setattr(constants, "ENDPOINT", endpoint)
-    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", endpoint + "/{repo_id}/resolve/{revision}/{filename}")
-    return endpoint
 
 
 def _hub_recipe(tmp_path: Path) -> Path:

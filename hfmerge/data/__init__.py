@@ -1,4 +1,5 @@
-"""Datasets for the data-dependent stages: what the user named (:mod:`.spec`) and the images read from it (:mod:`.load`).
+"""Datasets for the data-dependent stages: what the user named (:mod:`.spec`), the images read from it (:mod:`.load`)
+and the model's image processor they go through (:mod:`.processor`).
 
 The loading names are imported on first use (PEP 562), so that a recipe can
 parse ``--data`` without loading torch or ``datasets``.

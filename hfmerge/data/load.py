@@ -133,7 +133,7 @@ def load_image_data(
             streaming = False
         table, split, name, commit_sha, streamed = open_hub(spec, token=token, streaming=streaming)
     # a stream talks to the Hub while it is read
-    reading = nullcontext() if spec.is_local else hub_errors(spec.dataset, spec.commit or spec.revision)
+    reading = nullcontext() if spec.is_local else hub_errors(spec.dataset, spec.commit or spec.revision, opening=False)
     # An image folder's labels are its images' subfolders: whether it has labels is asked once its images are
     # read, so that a folder of files that are not images is told so, not that it lacks a label column.
     image_folder = spec.is_local and not saved_to_disk(spec.path)

@@ -95,9 +95,7 @@ def _folder_tables(spec: DataSpec) -> tuple[dict[str, Any], str]:
     import datasets
 
     folder = spec.path
-    if not folder.exists():
-        raise DataError(f"data {spec.dataset!r} is neither an existing folder nor a Hub dataset id; "
-                        "give a folder of images or org/name[@revision][:split]")
+    spec.check_folder()
     if not folder.is_dir():
         raise DataError(f"data {spec.dataset!r} is a file; give the folder that holds the images")
     where = f"folder {folder.resolve().name!r}"
@@ -188,10 +186,11 @@ def _builder_splits(builder: Any) -> list[str]:
 
 
 @contextmanager
-def hub_errors(repo_id: str, revision: str | None) -> Iterator[None]:
+def hub_errors(repo_id: str, revision: str | None, *, opening: bool = True) -> Iterator[None]:
     """Turn what ``datasets`` and ``huggingface_hub`` raise for a Hub dataset into one-line hfmerge errors.
 
-    Used around opening a dataset and around reading a stream (which talks to the Hub as it goes).
+    Used around opening a dataset and around reading a stream (which talks to the Hub as it goes;
+    ``opening=False``: the dataset was found, so an unreachable Hub is not told as a folder that may be mistyped).
     """
     import datasets
     from datasets.data_files import EmptyDatasetError
@@ -204,6 +203,7 @@ def hub_errors(repo_id: str, revision: str | None) -> Iterator[None]:
     )
 
     where = f"{repo_id}@{revision}" if revision else repo_id
+    folder_like = repo_id if opening and not revision else None  # a mistyped relative folder reads as a dataset id
     offline = hf_constants.HF_HUB_OFFLINE
     not_cached = DataError(f"dataset {where} is not in the local cache and HF_HUB_OFFLINE is set: unset it to "
                            "download it, or check the name")
@@ -228,11 +228,11 @@ def hub_errors(repo_id: str, revision: str | None) -> Iterator[None]:
         raise DataError(f"dataset {where} has no data files that datasets can read ({first_line(exc)}); "
                         "give a dataset with parquet, csv/json or image files") from None
     except TRANSPORT_ERRORS as exc:
-        raise hub_unreachable(exc) from None
+        raise hub_unreachable(exc, name=folder_like) from None
     except LocalEntryNotFoundError as exc:
         if offline:
             raise not_cached from None
-        raise hub_unreachable(exc.__cause__ or exc) from None
+        raise hub_unreachable(exc.__cause__ or exc, name=folder_like) from None
     except HfHubHTTPError as exc:
         status = getattr(getattr(exc, "response", None), "status_code", "?")
         raise DataError(f"the Hub answered HTTP {status} for dataset {where}; try again, or check HF_ENDPOINT") from None
@@ -241,7 +241,7 @@ def hub_errors(repo_id: str, revision: str | None) -> Iterator[None]:
             raise
         if offline:
             raise not_cached from None
-        raise hub_unreachable(exc) from None
+        raise hub_unreachable(exc, name=folder_like) from None
 
 
 def _split_bytes(urls: list[str], sizes: dict[str, int]) -> int | None:

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from hfmerge.errors import DataError
-from hfmerge.source_ref import SourceRefError, is_repo_id, parse_source_ref
+from hfmerge.source_ref import SourceRefError, is_repo_id, parse_source_ref, written_as_path
 
 _SPLIT = re.compile(r"^[A-Za-z0-9_][\w.\-]*$")
 _FIELDS = ("dataset", "revision", "split", "commit")
@@ -99,6 +99,25 @@ class DataSpec:
         if (self.revision or self.commit) and is_repo_id(self.dataset):
             return False
         return parse_source_ref(self.dataset).is_folder
+
+    def check_folder(self, option: str = "data") -> None:
+        """Refuse a local dataset whose folder does not exist, before a merge spends anything on it.
+
+        Only what :attr:`is_local` calls a folder: ``org/name`` that is no folder here is a Hub dataset id.
+
+        Args:
+            option: how the message names where the dataset was given (``--data``, ``--eval-data``).
+
+        Raises:
+            DataError: the folder does not exist.
+        """
+        if not self.is_local or self.path.exists():
+            return
+        if written_as_path(self.dataset):
+            raise DataError(f"{option} {self.dataset!r}: there is no such folder ({self.path.absolute()}); "
+                            "give an existing folder of images, or a Hub dataset id org/name[@revision][:split]")
+        raise DataError(f"{option} {self.dataset!r} is neither an existing folder nor a Hub dataset id; "
+                        "give a folder of images or org/name[@revision][:split]")
 
     @property
     def path(self) -> Path:

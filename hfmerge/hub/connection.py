@@ -28,13 +28,20 @@ def _transport_errors() -> tuple[type[BaseException], ...]:
 TRANSPORT_ERRORS: tuple[type[BaseException], ...] = _transport_errors()
 
 
-def hub_unreachable(exc: BaseException) -> HubUnreachableError:
-    """The user-facing error for a transport failure ``exc`` while talking to the Hub."""
+def hub_unreachable(exc: BaseException, *, name: str | None = None) -> HubUnreachableError:
+    """The user-facing error for a transport failure ``exc`` while talking to the Hub.
+
+    ``name``: the reference, written as a repo id (``org/name``), that was looked for on the Hub because no
+    folder of that name exists here. A mistyped relative folder (``sources/vit-mirorred``) reads that way, so
+    the message says that no such folder exists too, or the user would look for the fault in the network alone.
+    """
     if "Timeout" in type(exc).__name__:
         reason = "timed out"
     else:
         reason = " ".join(str(exc).split()) or type(exc).__name__
-    return HubUnreachableError(
-        f"cannot reach the Hub at {hf_constants.ENDPOINT} ({reason}); check the network or HF_ENDPOINT, "
-        "or set HF_HUB_OFFLINE=1 to use models already in the local cache"
-    )
+    unreachable = f"cannot reach the Hub at {hf_constants.ENDPOINT} ({reason})"
+    way_out = "check the network or HF_ENDPOINT, or set HF_HUB_OFFLINE=1 to use models already in the local cache"
+    if name is None:
+        return HubUnreachableError(f"{unreachable}; {way_out}")
+    return HubUnreachableError(f"{unreachable} to look for {name} there, and there is no folder {name!r} here: "
+                               f"check the path; or {way_out}")
