@@ -9,15 +9,21 @@
    (:mod:`hfmerge.testing.digit_models`): a base model pre-trained a little on
    upright and mirrored digits, then fine-tuned copies — upright, mirrored,
    inverted, low and high — and publishes them to the local Hub, with a tiny
-   MobileNetV2 to serve as the gating merge's gate.
+   MobileNetV2 to serve as the gating merge's gate; and a tiny CLIP model with
+   two vision towers fine-tuned from it on mirrored and inverted digits under
+   its frozen zero-shot head (:mod:`hfmerge.testing.digit_clip`), as the
+   model-merging papers' CLIP task towers are.
 3. Merges them *by repo id and dataset id* with every method through the same
    CLI a user runs — regmean and fisher reading each source's data, fusion
    fine-tuned on the tasks' data — evaluates each merge on the test splits
    (``--eval-data``), so every pushed card carries an evaluation table, and
-   prints the accuracies the cards report.
+   prints the accuracies the cards report. The CLIP towers are merged against
+   the CLIP base, written as a full ``CLIPModel`` (``--output-format clip``) and
+   scored zero-shot with the base's text tower.
 4. Runs ``hfmerge evaluate`` on the average merge beside its sources and their ensemble.
-5. Publishes a Gradio demo Space for the average merge and one for the gated
-   merge with `hfmerge space`, starts each from its own folder as the Hub
+5. Publishes a Gradio demo Space for the average merge, one for the gated
+   merge and one for the CLIP merge (zero-shot, among the labels the user
+   types) with `hfmerge space`, starts each from its own folder as the Hub
    would, and asks its `/predict` API.
 """
 
@@ -45,10 +51,12 @@ os.environ.pop("HF_HUB_OFFLINE", None)
 import shutil  # noqa: E402
 
 from hfmerge.cli import main as hfmerge_cli  # noqa: E402
+from hfmerge.testing.digit_clip import TOWERS as CLIP_TOWERS  # noqa: E402
+from hfmerge.testing.digit_clip import train_digit_clip, zero_shot_accuracy  # noqa: E402
 from hfmerge.testing.digit_models import GATING_MODELS, DigitViT, accuracy, train_digit_models  # noqa: E402
 from hfmerge.testing.digit_resnets import train_digit_resnets  # noqa: E402
 from hfmerge.testing.local_hub import LocalHub  # noqa: E402
-from hfmerge.testing.tasks import digit_split, push_digit_datasets  # noqa: E402
+from hfmerge.testing.tasks import DIGIT_NAMES, digit_split, push_digit_datasets  # noqa: E402
 from hfmerge.testing.tiny_gate import save_tiny_gate  # noqa: E402
 
 # the demo's ViTs: 16 px digits in 4 px patches, hidden size 64, 3 layers of 4 heads
@@ -59,7 +67,13 @@ GATED = {"upright": "demo/digits", "inverted": "demo/digits-inverted"}
 GATE = "demo/tiny-mobilenet-gate"  # stands in for google/mobilenet_v2_1.0_224, which needs the network
 TASKS = {"0-4": "demo/digits-low", "5-9": "demo/digits-high", "all 10": "demo/digits"}
 SEEDS = {"seed0": "demo/resnet-digits-seed0", "seed1": "demo/resnet-digits-seed1"}  # ResNets from two seeds
-RESNET_MERGES = {"otfusion": "demo/resnet-digits-otfusion", "resnet_average": "demo/resnet-digits-average"}
+CLIP_TASKS = {name: f"demo/{task}" for name, task in CLIP_TOWERS.items()}  # each CLIP tower's task
+OUTPUT_REPOS = {"otfusion": "demo/resnet-digits-otfusion", "resnet_average": "demo/resnet-digits-average",
+                "clip_task_arithmetic": "demo/clip-digits-task-arithmetic", "clip_ties": "demo/clip-digits-ties"}
+
+
+def clip_repo(name: str) -> str:
+    return f"demo/clip-digits-{name}"
 
 
 def repo(name: str) -> str:
@@ -94,6 +108,18 @@ def merges() -> dict[str, list[str]]:
                    "--data", "demo/digits-inverted:train", "--param", "m=1", "--param", f"gate={GATE}",
                    "--param", "gate_epochs=4", "--eval-data", "demo/digits:test",
                    "--eval-data", "demo/digits-inverted:test"],
+        **clip_merges(),
+    }
+
+
+def clip_merges() -> dict[str, list[str]]:
+    """The CLIP towers merged against the CLIP base, each written as a ``CLIPModel`` and scored zero-shot."""
+    towers = [clip_repo(name) for name in CLIP_TOWERS]
+    common = ["--base", clip_repo("base"), "--output-format", "clip",
+              *(arg for task in CLIP_TASKS.values() for arg in ("--eval-data", f"{task}:test"))]
+    return {
+        "clip_task_arithmetic": [*towers, "--method", "task_arithmetic", "--lambda", "0.5", *common],
+        "clip_ties": [*towers, "--method", "ties", "--param", "density=0.2", "--lambda", "1.0", *common],
     }
 
 
@@ -132,12 +158,12 @@ def hfmerge(args: list[str], shown: list[str] | None = None) -> int:
     return code
 
 
-def ask_space(folder: Path, examples: list[Path], screenshot: Path | None = None) -> int:
+def ask_space(folder: Path, examples: list[Path], screenshot: Path | None = None, labels: str | None = None) -> int:
     """Start the Space's app.py in its own process, as the Hub would, and call /predict on each example.
 
-    With ``screenshot``, headless Chromium also opens the page, uploads the last
-    example, waits for every model's answer and saves the page, down to the
-    card's evaluation table, as a PNG.
+    ``labels``, for a zero-shot Space, are the comma-separated labels a user types. With ``screenshot``, headless
+    Chromium also opens the page, types the labels, uploads the last example, waits for every model's answer and
+    saves the page, down to the card's evaluation table, as a PNG.
     """
     from gradio_client import Client, handle_file
 
@@ -148,20 +174,21 @@ def ask_space(folder: Path, examples: list[Path], screenshot: Path | None = None
             client = Client(url, verbose=False)
             print(f"  the Space runs at {url} while the demo runs; its /predict API answers:")
             for path in examples:
-                answer = client.predict(handle_file(str(path)), api_name="/predict")
+                typed = () if labels is None else (labels,)
+                answer = client.predict(handle_file(str(path)), *typed, api_name="/predict")
                 merged = ", ".join(f"{t['label']} {t['score']:.2f}" for t in answer["merged"][:3])
                 sources = "; ".join(f"{name.split('/')[-1].split('@')[0]}: {top[0]['label']}"
                                     for name, top in answer["sources"].items())
-                print(f"    {path.name:22s} merged: {merged:26s} sources: {sources}")
+                print(f"    {path.name:22s} merged: {merged:26s}  sources: {sources}")
             if screenshot is not None:
-                take_screenshot(url, examples[-1], screenshot, boxes=1 + len(answer["sources"]))
+                take_screenshot(url, examples[-1], screenshot, boxes=1 + len(answer["sources"]), labels=labels)
     except RuntimeError as exc:
         print(exc, file=sys.stderr)
         return 1
     return 0
 
 
-def take_screenshot(url: str, image: Path, path: Path, boxes: int) -> None:
+def take_screenshot(url: str, image: Path, path: Path, boxes: int, labels: str | None = None) -> None:
     from hfmerge.testing.browser import chromium_missing, headless_chromium, show_image
 
     missing = chromium_missing()
@@ -171,7 +198,7 @@ def take_screenshot(url: str, image: Path, path: Path, boxes: int) -> None:
     browser = headless_chromium(width=1280, height=1200)  # down to the card's evaluation table
     try:
         ids = ["merged", *(f"source-{i}" for i in range(1, boxes))]
-        show_image(browser, url, image, ids, ready=lambda text: len(text.splitlines()) > 2)
+        show_image(browser, url, image, ids, ready=lambda text: len(text.splitlines()) > 2, labels=labels)
         time.sleep(0.5)  # let the bars finish their transition
         path.parent.mkdir(parents=True, exist_ok=True)
         browser.save_screenshot(str(path))
@@ -223,17 +250,23 @@ def run(screenshot: Path | None, started: float, hub: LocalHub) -> int:
         api.create_repo(SEEDS[name], exist_ok=True)
         api.upload_folder(folder_path=str(folder), repo_id=SEEDS[name])
     print(f"     {', '.join(SEEDS.values())}: tiny ResNets trained on the digits from two random seeds", flush=True)
+    clips = train_digit_clip(OUT / "sources", report=lambda line: print("     " + line, flush=True))
+    for name, folder in clips.items():
+        api.create_repo(clip_repo(name), exist_ok=True)
+        api.upload_folder(folder_path=str(folder), repo_id=clip_repo(name))
+    print(f"     {clip_repo('base')}: a tiny CLIPModel; {', '.join(clip_repo(n) for n in CLIP_TOWERS)}: its vision "
+          "towers fine-tuned under its zero-shot head", flush=True)
 
     print("\n3/5  merging by repo id and dataset id with each method (the same CLI a user runs)", flush=True)
     outputs = {}
     for method, args in merges().items():
         out = OUT / "merged" / method
-        code = hfmerge(["merge", *args, "--output", str(out), "--push-to-hub", RESNET_MERGES.get(method, repo(method))])
+        code = hfmerge(["merge", *args, "--output", str(out), "--push-to-hub", OUTPUT_REPOS.get(method, repo(method))])
         if code != 0:
             return code
         outputs[method] = out
 
-    from transformers import AutoModelForImageClassification
+    from transformers import AutoModel, AutoModelForImageClassification
 
     sources = {name: AutoModelForImageClassification.from_pretrained(folders[name]) for name in folders}
     print("\nAccuracy on held-out digits (domains: upright and mirrored images); merges as their pushed cards report")
@@ -270,7 +303,20 @@ def run(screenshot: Path | None, started: float, hub: LocalHub) -> int:
         model = AutoModelForImageClassification.from_pretrained(folder)
         print(f"  {'resnet, ' + name:38s} {accuracy(model, 'digits'):7.3f}")
     for method, label in (("resnet_average", "merged: average"), ("otfusion", "merged: otfusion (neurons aligned)")):
-        print(f"  {label:38s} {card_accuracies(RESNET_MERGES[method])['demo/digits']:7.3f}")
+        print(f"  {label:38s} {card_accuracies(OUTPUT_REPOS[method])['demo/digits']:7.3f}")
+
+    print("\nZero-shot accuracy of the CLIP base, its towers and their merges (as their pushed cards report), each "
+          "image encoder scored with the base's text tower")
+    scored = {name: {CLIP_TASKS[task]: zero_shot_accuracy(AutoModel.from_pretrained(clips[name]), clips["base"], t)
+                     for task, t in CLIP_TOWERS.items()} for name in ("base", *CLIP_TOWERS)}
+    print(f"  {'model':38s} {'mirrored':>9s} {'inverted':>9s} {'mean':>6s}")
+    rows = [(f"{name} (zero-shot)" if name == "base" else f"tower, {name}", scored[name])
+            for name in ("base", *CLIP_TOWERS)]
+    rows += [(f"merged: {method.removeprefix('clip_')}", card_accuracies(OUTPUT_REPOS[method]))
+             for method in clip_merges()]
+    for label, reported in rows:
+        scores = [reported[task] for task in CLIP_TASKS.values()]
+        print(f"  {label:38s} {scores[0]:9.3f} {scores[1]:9.3f} {sum(scores) / 2:6.3f}")
 
     print("\n4/5  evaluating the average merge beside its sources and their ensemble, as a user would", flush=True)
     results = OUT / "evaluation-average.json"
@@ -300,17 +346,30 @@ def run(screenshot: Path | None, started: float, hub: LocalHub) -> int:
         code = ask_space(OUT / "space-gated", gated_examples, shot)
     if code != 0:
         return code
+    print("\n   and one for the CLIP merge, which answers among the labels the user types", flush=True)
+    clip_examples = digit_examples(OUT / "examples-clip", inverted=True)
+    merged_clip = OUTPUT_REPOS["clip_task_arithmetic"]
+    space_args = ["space", merged_clip, "--space-id", merged_clip + "-demo", "--output", str(OUT / "space-clip"),
+                  "--examples", *map(str, clip_examples)]
+    code = hfmerge(space_args, [*space_args[:6], "--examples", "..."])
+    if code == 0:
+        shot = screenshot.with_name(f"{screenshot.stem}-clip{screenshot.suffix}") if screenshot else None
+        code = ask_space(OUT / "space-clip", clip_examples, shot, labels=", ".join(DIGIT_NAMES))
+    if code != 0:
+        return code
 
     print(f"\nDone in {time.time() - started:.0f} s. Where everything is:")
     print(f"  source models:   {(OUT / 'sources').relative_to(ROOT)}/")
     print(f"  merged models:   {(OUT / 'merged').relative_to(ROOT)}/<method>/  (load with transformers; "
-          "merged/gating/ with hfmerge.load, or transformers and trust_remote_code=True)")
+          "merged/gating/ with hfmerge.load, or transformers and trust_remote_code=True; merged/clip_*/ as CLIPModel, "
+          "with pipeline('zero-shot-image-classification'))")
     print(f"  model card:      {(outputs['fusion_finetuned'] / 'README.md').relative_to(ROOT)}  (its Evaluation "
           "section: the merge beside its sources and their ensemble, and evaluation.svg)")
     print(f"  pinned recipe:   {(outputs['fusion_finetuned'] / 'hfmerge.yaml').relative_to(ROOT)}  (models and "
           "datasets pinned to their commits)")
     print(f"  evaluation:      {results.relative_to(ROOT)}")
-    print(f"  demo Space:      {(OUT / 'space').relative_to(ROOT)}/  (stopped; run it again from the cache with")
+    print(f"  demo Spaces:     {(OUT / 'space').relative_to(ROOT)}/, space-gated/, space-clip/  (stopped; run one "
+          "again from the cache with")
     print(f"                   cd {(OUT / 'space').relative_to(ROOT)} && HF_HOME=../hf_home HF_HUB_OFFLINE=1 "
           "../../.venv/bin/python app.py)")
     print(f"  Hub cache:       {(OUT / 'hf_home').relative_to(ROOT)}/  (the local Hub ran at {hub.endpoint})")

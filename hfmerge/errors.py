@@ -18,7 +18,8 @@ class RecipeError(HfMergeError, ValueError):
 
 
 class SourceError(HfMergeError, ValueError):
-    """A source cannot be resolved: missing repo or revision, no access, no safetensors."""
+    """A source cannot be resolved or used: missing repo or revision, no access, no safetensors, no image processor
+    where images must go through one."""
 
 
 class IncompatibleModelsError(HfMergeError, ValueError):

@@ -56,10 +56,14 @@ class Recipe:
         data: per source, the data of a method that reads data (regmean, fisher, fusion's
             fine-tuning): given once per source in source order, or once for all.
         eval_data: datasets to evaluate the result on, one per task; the card reports them.
+        prompts: zero-shot prompt templates (``{}`` for the class name) that score CLIP towers on ``eval_data``;
+            ``None``: :data:`hfmerge.eval.zero_shot.PROMPTS`.
         data_column, label_column: the image and label columns of the data (default: detected).
         dtype: output dtype; default is the sources' dtype.
         allow_pickle: accept ``*.bin``/``*.pt`` sources (loaded with ``weights_only=True``).
         output, push_to_hub, private: where the result goes.
+        output_format: write the merge as another architecture of its family, which the base must be
+            (``clip``: CLIP towers as a ``CLIPModel`` with the base's text tower); ``None``: the anchor's.
         max_shard_size: largest safetensors shard written, e.g. ``"5GB"``.
     """
 
@@ -72,6 +76,7 @@ class Recipe:
     dtype: str | None = None
     allow_pickle: bool = False
     output: str | None = None
+    output_format: str | None = None
     push_to_hub: str | None = None
     private: bool = False
     max_shard_size: str = "5GB"
@@ -79,6 +84,7 @@ class Recipe:
     seed: int | None = None
     data: list[DataSpec] | None = None
     eval_data: list[DataSpec] | None = None
+    prompts: list[str] | None = None
     data_column: str | None = None
     label_column: str | None = None
 
@@ -176,8 +182,19 @@ class Recipe:
             self.anchor_index()
         if method.needs_base and not self.base:
             raise RecipeError(f"method '{method.name}' needs the pre-trained model: add --base org/name")
-        if self.base and not (method.needs_base or method.accepts_base):
+        if self.base and not (method.needs_base or method.accepts_base or self.output_format or self.eval_data):
             raise RecipeError(f"method '{method.name}' takes no base model; drop --base")
+        if self.output_format is not None and not isinstance(self.output_format, str):
+            raise RecipeError(f"output_format must be a name such as 'clip', got {self.output_format!r}")
+        if self.prompts is not None:
+            from hfmerge.eval.zero_shot import prompt_problem
+
+            self.prompts = [self.prompts] if isinstance(self.prompts, str) else self.prompts
+            problem = prompt_problem(self.prompts) if isinstance(self.prompts, list) else "prompts must be a list"
+            if problem:
+                raise RecipeError(problem)
+            if not self.eval_data:
+                raise RecipeError("prompts score CLIP towers on --eval-data; add --eval-data, or drop --prompt")
         if self.dtype is not None and self.dtype not in DTYPES:
             raise RecipeError(f"unknown dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
         parse_size(self.max_shard_size)
@@ -248,7 +265,7 @@ class Recipe:
             if s.weight is not None:
                 entry["weight"] = s.weight
             out["sources"].append(entry)
-        for name in ("weights", "anchor", "base", "heads", "seed", "dtype"):
+        for name in ("weights", "anchor", "base", "heads", "seed", "dtype", "output_format"):
             if getattr(self, name) is not None:
                 out[name] = getattr(self, name)
         if self.parameters:
@@ -256,7 +273,7 @@ class Recipe:
         for name in ("data", "eval_data"):
             if getattr(self, name):
                 out[name] = [spec.to_dict() for spec in getattr(self, name)]
-        for name in ("data_column", "label_column"):
+        for name in ("prompts", "data_column", "label_column"):
             if getattr(self, name) is not None:
                 out[name] = getattr(self, name)
         if self.allow_pickle:
@@ -329,15 +346,20 @@ class PlannedMerge:
             pins = [data_pins.get(i if per_source else 0) for i in range(len(data))]
             data = [replace(spec, split=pin.split, commit=pin.commit or spec.commit) if pin is not None else spec
                     for spec, pin in zip(data, pins)]
-        if data:  # local data folders as absolute paths too, like local models
-            data = [replace(spec, dataset=str(spec.path.resolve())) if spec.is_local and spec.path.exists() else spec
-                    for spec in data]
+
+        def absolute(specs: list[DataSpec] | None) -> list[DataSpec] | None:  # local data folders, like local models
+            if not specs:
+                return specs
+            return [replace(spec, dataset=str(spec.path.resolve())) if spec.is_local and spec.path.exists() else spec
+                    for spec in specs]
+
         parameters = dict(self.recipe.parameters)
         for role, layout in self.context.auxiliary.items():  # a gate network is pinned like the sources
             if role in parameters:
                 source = layout.source
                 parameters[role] = str(source.path) if source.is_local else f"{source.repo_id}@{source.commit_sha}"
-        return replace(self.recipe, sources=specs, anchor=anchor, base=base, data=data, parameters=parameters)
+        return replace(self.recipe, sources=specs, anchor=anchor, base=base, data=absolute(data),
+                       eval_data=absolute(self.recipe.eval_data), parameters=parameters)
 
     def describe(self) -> str:
         """A human-readable plan: sources, then per group of tensors what happens to them."""
@@ -349,7 +371,7 @@ class PlannedMerge:
             pin = f" @ {source.commit_sha[:12]}" if source.commit_sha else ""
             lines.append(
                 f"source {i + 1}: {source.name}{pin} — {layout.family.name} {layout.architecture}, "
-                f"{len(layout.id2label)} labels{f', weight {weights[i]:.4g}' if self.method.uses_weights else ''}{role}"
+                f"{layout.family.labels_text(layout.id2label)}{f', weight {weights[i]:.4g}' if self.method.uses_weights else ''}{role}"
             )
         if self.method.uses_anchor:
             lines.append(f"anchor: {self.anchor.source.name} — {self.anchor_reason}")
@@ -363,7 +385,7 @@ class PlannedMerge:
             loads = ("loads with plain transformers" if self.plan.output.loads_with_transformers
                      else "loads with hfmerge.load, or with transformers and trust_remote_code=True")
             lines.append(f"  output model: {self.plan.output.architecture} ({loads})")
-        if self.plan.details.get("heads"):
+        if self.plan.details.get("heads") and self.anchor.head_tensors:  # a headless tower has no head policy
             lines.append(f"  heads: {self.plan.details['heads']}")
         if "num_labels" in self.plan.details:
             lines.append(f"  output labels: {self.plan.details['num_labels']}")

@@ -44,12 +44,17 @@ import PIL.Image
 import transformers
 
 if __package__:  # hfmerge.spaces, installed with hfmerge
-    from .inference import IMAGE_SUFFIXES, TOP_K, DemoModel, DemoModels, ModelLoadError, load_demo, recipe_sources
+    from . import inference
 else:  # a Space, or `python app.py`: the files lie side by side
-    from inference import IMAGE_SUFFIXES, TOP_K, DemoModel, DemoModels, ModelLoadError, load_demo, recipe_sources
+    import inference
 
 HERE = Path(__file__).resolve().parent
 CONFIG_FILE = HERE / "space_config.json"
+CSS = """
+#evaluation table { display: block; overflow-x: auto; }
+#evaluation th, #evaluation td { word-break: normal; overflow-wrap: normal; hyphens: none; }
+"""
+"""The card's tables break between words, never inside one ("mea n"), and scroll sideways where they are wide."""
 EXAMPLES_DIR = HERE / "examples"
 
 MAX_UPLOAD = "20mb"           # refused by the server before the app sees it
@@ -130,7 +135,7 @@ def image_input(**kwargs: Any) -> gr.Image:
 # --------------------------------------------------------------------------- interface
 
 
-def label_colours(models: list[DemoModel]) -> dict[str, str]:
+def label_colours(models: list[inference.DemoModel]) -> dict[str, str]:
     """One colour per label name, the same in every overlay, so models compare at a glance."""
     colours = {}
     for model in models:
@@ -141,30 +146,50 @@ def label_colours(models: list[DemoModel]) -> dict[str, str]:
     return colours
 
 
-def build_demo(demo_models: DemoModels, *, examples: list[Path] | None = None) -> gr.Blocks:
-    """The Blocks interface: one image in; merged and source predictions side by side; JSON at ``/predict``."""
+def build_demo(demo_models: inference.DemoModels, *, examples: list[Path] | None = None,
+               labels: list[str] | None = None) -> gr.Blocks:
+    """The Blocks interface: one image in; merged and source predictions side by side; JSON at ``/predict``.
+
+    ``labels`` are a zero-shot model's first labels (``space_config.json``'s: its evaluation data's class names),
+    else :data:`inference.DEFAULT_LABELS`.
+    """
     merged_models = demo_models.merged_models  # an EMR merge: one model per task
     models = [*merged_models, *demo_models.sources]
     metadata = demo_models.metadata or {}
     segmentation = demo_models.merged.kind == "segmentation"
     colours = label_colours(models) if segmentation else None
     if examples is None:
-        examples = sorted(p for p in EXAMPLES_DIR.glob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        examples = sorted(p for p in EXAMPLES_DIR.glob("*") if p.suffix.lower() in inference.IMAGE_SUFFIXES)
 
-    def predict_json(path: str | None) -> dict[str, Any]:
-        """Predictions of the merged model and each source for one image, as JSON."""
+    zero_shot = demo_models.merged.kind == "zero-shot"
+
+    default_labels = list(labels or inference.DEFAULT_LABELS)
+
+    def typed_labels(text: str | None) -> tuple[list[str], list[str]]:
+        """The labels typed, each once, and notes: none typed gives the Space's first labels, and says so."""
+        typed = list(dict.fromkeys(label.strip() for label in (text or "").split(",") if label.strip()))
+        if typed or not zero_shot:
+            return typed, []
+        return default_labels, [f"no labels were typed: chose among {', '.join(default_labels)}"]
+
+    def predict_json(path: str | None, labels: str | None = None) -> dict[str, Any]:
+        """Predictions of the merged model and each source for one image (a zero-shot model: among the
+        comma-separated ``labels``), as JSON."""
         if path is None:
             raise UserError("no image was given: upload an image file")
         image, notes = open_image(path)
-        payload, _ = demo_models.predict(image)
-        payload["notes"] += notes
+        chosen, label_notes = typed_labels(labels)
+        payload, _ = demo_models.predict(image, chosen or None)
+        payload["notes"] += notes + label_notes
         return payload
 
-    def show(path: str | None) -> list[Any]:
+    def show(path: str | None, labels: str | None = None) -> list[Any]:
         if path is None:
             return [None] * len(outputs) + ([None] if gate_box else []) + [None, ""]
         image, notes = open_image(path)
-        payload, answers = demo_models.predict(image)
+        chosen, label_notes = typed_labels(labels)
+        payload, answers = demo_models.predict(image, chosen or None)
+        notes += label_notes
         payload["notes"] += notes
         values: list[Any] = []
         for model in models:
@@ -183,7 +208,7 @@ def build_demo(demo_models: DemoModels, *, examples: list[Path] | None = None) -
         if method:
             gr.Markdown(
                 f"Merged with hfmerge by **{method}** from "
-                f"{len(recipe_sources(metadata))} models. Drop an image to compare the merged model with its "
+                f"{len(inference.recipe_sources(metadata))} models. Drop an image to compare the merged model with its "
                 "sources."
             )
         else:
@@ -196,6 +221,8 @@ def build_demo(demo_models: DemoModels, *, examples: list[Path] | None = None) -
                                     elem_id="input-image")
                 if examples:
                     gr.Examples(examples=[[str(p)] for p in examples], inputs=image, cache_examples=False)
+                labels_box = (gr.Textbox(value=", ".join(default_labels), label="Labels (comma-separated)",
+                                         elem_id="labels") if zero_shot else None)
                 notes_box = gr.Markdown(elem_id="image-notes")
                 gate_box = (gr.Label(num_top_classes=len(metadata.get("sources") or []) or None,
                                      label="Gate: probability of each task", elem_id="gate")
@@ -216,7 +243,7 @@ def build_demo(demo_models: DemoModels, *, examples: list[Path] | None = None) -
                                 outputs.append(gr.AnnotatedImage(label=title, color_map=colours,
                                                                  elem_id=f"{elem_id}-overlay"))
                             outputs.append(gr.Label(
-                                num_top_classes=TOP_K, elem_id=elem_id,
+                                num_top_classes=inference.TOP_K, elem_id=elem_id,
                                 label="Share of pixels" if segmentation else title,
                             ))
         with gr.Accordion("JSON: what the /predict endpoint returns", open=False):
@@ -227,10 +254,14 @@ def build_demo(demo_models: DemoModels, *, examples: list[Path] | None = None) -
                 for name, path in demo_models.card_files.items():
                     gr.Image(str(path), label=Path(name).stem, height=320, interactive=False)
         gate_outputs = [gate_box] if gate_box else []
-        image.change(show, inputs=image, outputs=[*outputs, *gate_outputs, as_json, notes_box],
+        inputs = [image, labels_box] if labels_box else [image]
+        image.change(show, inputs=inputs, outputs=[*outputs, *gate_outputs, as_json, notes_box],
                      api_visibility="private")
+        if labels_box:
+            labels_box.submit(show, inputs=inputs, outputs=[*outputs, *gate_outputs, as_json, notes_box],
+                              api_visibility="private")
         api_button = gr.Button(visible=False)
-        api_button.click(predict_json, inputs=image, outputs=as_json, api_name="predict")
+        api_button.click(predict_json, inputs=inputs, outputs=as_json, api_name="predict")
     return demo
 
 
@@ -297,12 +328,12 @@ def main(argv: list[str] | None = None) -> int:
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
     try:
-        demo_models = load_demo(args.model, sources=[] if args.no_sources else args.sources)
-    except ModelLoadError as exc:
+        demo_models = inference.load_demo(args.model, sources=[] if args.no_sources else args.sources)
+    except inference.ModelLoadError as exc:
         parser.exit(2, f"app.py: error: {exc}\n")
-    demo = build_demo(demo_models)
+    demo = build_demo(demo_models, labels=settings.get("labels"))
     demo.queue(default_concurrency_limit=args.concurrency, max_size=32)
-    demo.launch(server_name=args.host, server_port=args.port, max_file_size=MAX_UPLOAD)
+    demo.launch(server_name=args.host, server_port=args.port, max_file_size=MAX_UPLOAD, css=CSS)
     return 0
 
 

@@ -51,9 +51,15 @@ PROBE_TIMEOUT = 5.0           # seconds the Hub endpoint has to answer before mo
 # hfmerge, so it keeps this table itself; a test checks it against hfmerge's adapters.
 HEAD_KINDS = {
     "ForImageClassification": "classification",
+    "ForImageClassificationWithTeacher": "classification",  # DeiT's: the mean of its class and distillation heads
     "ForSemanticSegmentation": "segmentation",
     "ForUniversalSegmentation": "segmentation",
+    "CLIPModel": "zero-shot",
+    "CLIPVisionModel": "zero-shot",
+    "CLIPVisionModelWithProjection": "zero-shot",
 }
+ZERO_SHOT_PROMPT = "a photo of a {}."  # CLIP's default prompt; the labels the user types fill it
+DEFAULT_LABELS = ("cat", "dog", "bird")
 GATED_MODEL_TYPE = "hfmerge-gated-vit"  # a gated merge's config.model_type, whichever method (a plug-in's too) made it
 EMR_MODEL_TYPE = "hfmerge-emr"  # an EMR merge's: one model per task, each shown with its own prediction
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # a Space on GPU hardware uses it
@@ -68,7 +74,8 @@ class RecipeFileError(ValueError):
 
 
 def head_kind(architecture: str) -> str | None:
-    """``classification`` or ``segmentation`` for a transformers class name the app can show, else ``None``."""
+    """``classification``, ``segmentation`` or ``zero-shot`` (a CLIP model, or a CLIP image encoder beside a CLIP
+    model's text tower) for a transformers class name the app can show, else ``None``."""
     return next((kind for suffix, kind in HEAD_KINDS.items() if architecture.endswith(suffix)), None)
 
 
@@ -145,12 +152,18 @@ class DemoModel:
     processor: Any
     kind: str
     labels: dict[int, str]
+    text: Any = None
+    """For ``zero-shot``: the ``CLIPModel`` whose text tower embeds the labels (the model itself, or the merged
+    model's for a CLIP image encoder), with its ``tokenizer`` attribute set."""
 
     @torch.inference_mode()
-    def predict(self, image: PIL.Image.Image) -> Prediction:
+    def predict(self, image: PIL.Image.Image, labels: list[str] | None = None) -> Prediction:
         pixel_values = self.processor(images=image, return_tensors="pt")["pixel_values"]
         parameter = next(self.model.parameters())
-        outputs = self.model(pixel_values=pixel_values.to(parameter.device, parameter.dtype))
+        pixel_values = pixel_values.to(parameter.device, parameter.dtype)
+        if self.kind == "zero-shot":
+            return self._zero_shot(pixel_values, list(labels or DEFAULT_LABELS))
+        outputs = self.model(pixel_values=pixel_values)
         gate = _gate_probabilities(self.model, outputs)
         if self.kind == "classification":
             return Prediction(top=self._top_labels(outputs.logits[0].float().softmax(-1)), gate=gate)
@@ -161,6 +174,22 @@ class DemoModel:
         masks = [((label_map == i).numpy().astype(np.float32), self._label(i)) for i in legend]
         top = [{"label": self._label(i), "score": round(float(shares[i]), 4)} for i in legend[:TOP_K]]
         return Prediction(top=top, overlay=(image.resize(shown), masks), gate=gate)
+
+    def _zero_shot(self, pixel_values: torch.Tensor, labels: list[str]) -> Prediction:
+        """CLIP's zero-shot answer: the softmax of the scaled cosines between the image and each label's prompt."""
+        text = self.text
+        tokens = text.tokenizer([ZERO_SHOT_PROMPT.format(label) for label in labels], padding=True,
+                                truncation=True, max_length=text.config.text_config.max_position_embeddings,
+                                return_tensors="pt").to(DEVICE)
+        texts = text.text_projection(text.text_model(input_ids=tokens["input_ids"],
+                                                     attention_mask=tokens["attention_mask"]).pooler_output)
+        encoder = getattr(self.model, "vision_model", None) or self.model
+        projection = getattr(self.model, "visual_projection", None) or text.visual_projection
+        images = projection(encoder(pixel_values=pixel_values).pooler_output)
+        images, texts = (torch.nn.functional.normalize(x.float(), dim=-1) for x in (images, texts))
+        probabilities = (text.logit_scale.exp().float() * images @ texts.T)[0].softmax(-1)
+        self.labels = dict(enumerate(labels))
+        return Prediction(top=self._top_labels(probabilities))
 
     def _top_labels(self, probabilities: torch.Tensor) -> list[dict[str, Any]]:
         values, indices = probabilities.topk(min(TOP_K, probabilities.numel()))
@@ -321,6 +350,10 @@ def load_model(ref: str, *, gated: bool = False, local_only: bool = False) -> De
                 )
             model = model_class.from_pretrained(parsed.model, **where)
         processor = transformers.AutoImageProcessor.from_pretrained(parsed.model, **where)
+        text = None
+        if kind == "zero-shot" and hasattr(model, "text_model"):
+            text = model
+            text.tokenizer = transformers.AutoTokenizer.from_pretrained(parsed.model, **where)
     except ModelLoadError:
         raise
     except (OSError, ValueError, KeyError, HfHubHTTPError) as exc:
@@ -328,7 +361,10 @@ def load_model(ref: str, *, gated: bool = False, local_only: bool = False) -> De
         cache = " from the local cache" if local_only else ""
         raise ModelLoadError(f"{name} could not be loaded{cache}: {first}") from None
     labels = {int(k): str(v) for k, v in (getattr(model.config, "id2label", None) or {}).items()}
-    return DemoModel(name=name, model=model.to(DEVICE).eval(), processor=processor, kind=kind, labels=labels)
+    if kind == "zero-shot":
+        labels = {}
+    return DemoModel(name=name, model=model.to(DEVICE).eval(), processor=processor, kind=kind, labels=labels,
+                     text=text)
 
 
 def load_emr_tasks(ref: str, *, local_only: bool = False) -> tuple[DemoModel | None, list[DemoModel]]:
@@ -411,7 +447,8 @@ class DemoModels:
 
     @property
     def task(self) -> str:
-        return "image-classification" if self.merged.kind == "classification" else "image-segmentation"
+        return {"classification": "image-classification", "zero-shot": "zero-shot-image-classification"}.get(
+            self.merged.kind, "image-segmentation")
 
     @property
     def merged_models(self) -> list[DemoModel]:
@@ -420,14 +457,17 @@ class DemoModels:
             return [self.merged]
         return [self.merged, *self.tasks] if self.gated else self.tasks
 
-    def predict(self, image: PIL.Image.Image) -> tuple[dict[str, Any], dict[str, Prediction]]:
+    def predict(self, image: PIL.Image.Image,
+                labels: list[str] | None = None) -> tuple[dict[str, Any], dict[str, Prediction]]:
         """Every model's prediction, and the JSON that ``/predict`` returns (the load notes included).
+
+        ``labels`` are the classes a zero-shot model (CLIP) chooses among (default: :data:`DEFAULT_LABELS`).
 
         An EMR merge answers once per task: ``"tasks"`` maps each task's model (``<merge> · <task>``) to its
         answer, and ``"merged"`` is ``None``, or, where the merge has a gate, the answer of the task the gate
         picks (``"gate"``: its probabilities).
         """
-        answers = {m.name: m.predict(image) for m in [*self.merged_models, *self.sources]}
+        answers = {m.name: m.predict(image, labels) for m in [*self.merged_models, *self.sources]}
         merged = answers[self.merged.name]
         payload = {
             "task": self.task,
@@ -475,6 +515,15 @@ def load_demo(model: str, sources: list[str] | None = None, *, hub: HubAccess | 
             loaded.append(load_model(ref, local_only=hub.local_only(_parse(ref))))
         except ModelLoadError as exc:
             notes.append(f"Source not shown: {exc}.")
+    for source in [s for s in loaded if s.kind == "zero-shot" and s.text is None]:  # a CLIP image encoder
+        if merged.text is None:
+            loaded.remove(source)
+            notes.append(f"Source not shown: {source.name} is a CLIP image encoder and the merge has no text tower "
+                         "to score it.")
+        source.text = merged.text  # the merge's text tower is the base's, which the sources were fine-tuned beside
+    if merged.kind == "zero-shot" and merged.text is None:
+        raise ModelLoadError(f"{merged.name} is a CLIP image encoder with no text tower: merge it with "
+                             "--output-format clip and a CLIPModel --base to show it zero-shot")
     if hub.note:
         notes.insert(0, hub.note)
     seen = {m.name for m in [merged, *tasks]}

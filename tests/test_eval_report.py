@@ -149,3 +149,52 @@ def test_every_public_name_of_hfmerge_eval_resolves():
     assert sorted(hfmerge.eval.__all__) == sorted(hfmerge.eval._LAZY)
     for name in hfmerge.eval.__all__:
         assert getattr(hfmerge.eval, name).__name__ == name
+
+
+def zero_shot_report() -> EvaluationReport:
+    """A CLIPModel merge scored with its own text tower and two towers scored with the base's, by given prompts."""
+    from hfmerge.eval.report import ZeroShotScoring
+
+    prompts = ["a photo of a {}.", "a sketch of a {}."]
+    rows = [ModelEvaluation(name, role, _tasks(accuracy, None), 1000, 2_500_000, 1.5, 32, "cpu",
+                            zero_shot=ZeroShotScoring(text, prompts))
+            for name, role, accuracy, text in (("org/clip-merged", "merged", 0.8, "org/clip-merged"),
+                                               ("org/tower-a", "source", 0.7, "org/clip-base"),
+                                               ("org/tower-b", "source", 0.6, "org/clip-base"))]
+    for row in rows:
+        row.tasks[0].kind = "zero-shot-image-classification"
+    return EvaluationReport(models=rows)
+
+
+def test_zero_shot_rows_name_their_prompts_and_whose_text_tower_scored_them():
+    report = zero_shot_report()
+    again = EvaluationReport.from_json(report.to_json())
+    assert again == report
+    assert json.loads(report.to_json())["models"][1]["zero_shot"] == {
+        "text_tower": "org/clip-base", "prompts": ["a photo of a {}.", "a sketch of a {}."], "default_prompts": False}
+    note = again.markdown().split("\n\n")[1]
+    assert ("each name is written into the prompt templates `a photo of a {}.`, `a sketch of a {}.` and embedded by "
+            "the model's own text tower (org/clip-merged) and by the text tower of org/clip-base (org/tower-a, "
+            "org/tower-b);") in note
+    assert "hfmerge's defaults" not in note
+
+    for row in report.models:  # one text tower and hfmerge's prompts for every row: said once, rows not listed
+        assert row.zero_shot is not None
+        row.zero_shot.text_tower, row.zero_shot.default_prompts = "org/clip-base", True
+    note = report.markdown().split("\n\n")[1]
+    assert "`a sketch of a {}.` (hfmerge's defaults) and embedded by the text tower of org/clip-base;" in note
+    assert "(org/tower-a" not in note and "own text tower" not in note
+
+
+def test_a_zero_shot_report_written_before_prompts_were_recorded_reads_back():
+    """Format 1 as hfmerge wrote it before the zero-shot fields: it loads, and its note claims no prompts."""
+    old = {"format": 1, "models": [{
+        "name": "tower", "role": "merged", "parameters": 10, "flops": 20, "latency_ms": 1.0, "batch_size": 8,
+        "device": "cpu", "latency_spread": 0.1,
+        "tasks": [{"task": "pets", "dataset": "pets", "split": "train", "metrics": {"accuracy": 0.5}, "samples": 8,
+                   "kind": "zero-shot-image-classification", "revision": None}]}]}
+    report = EvaluationReport.from_json(json.dumps(old))
+    assert report.models[0].zero_shot is None and report.models[0].tasks[0].metrics == {"accuracy": 0.5}
+    note = report.markdown().split("\n\n")[1]
+    assert note.endswith("Zero-shot rows classify each task's images among that task's class names, written into "
+                         "prompt templates and embedded by a text tower.")

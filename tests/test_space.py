@@ -96,7 +96,7 @@ def expected_predictions(repo_id, sha, image_path, kind):
             outputs, target_sizes=[(image.height, image.width)])[0]
         counts = torch.bincount(label_map.flatten(), minlength=len(LABELS)).double()
         scores = {model.config.id2label[i]: float(c / counts.sum()) for i, c in enumerate(counts) if c > 0}
-    return dict(sorted(scores.items(), key=lambda item: -item[1])[: app.TOP_K])
+    return dict(sorted(scores.items(), key=lambda item: -item[1])[: inference.TOP_K])
 
 
 def assert_matches(answer, expected):
@@ -112,7 +112,7 @@ def assert_matches(answer, expected):
     ("space-seg", "segmentation", "image-segmentation"),
 ])
 def test_predict_endpoint_answers_for_merged_and_sources(hub_models, image_file, stem, kind, task):
-    demo_models = app.load_demo(f"org/{stem}-merged")
+    demo_models = inference.load_demo(f"org/{stem}-merged")
     assert not demo_models.notes
     with serving(app.build_demo(demo_models)) as url:
         answer = client_for(url).predict(gradio_client.handle_file(str(image_file)), api_name="/predict")
@@ -152,7 +152,7 @@ def test_mask2former_overlay_matches_its_processor(tmp_path, image_file):
 
 
 def test_bad_uploads_get_a_message(hub_models, tmp_path, monkeypatch, image_file):
-    demo_models = app.load_demo("org/space-vit-merged")
+    demo_models = inference.load_demo("org/space-vit-merged")
     text = tmp_path / "notes.png"
     text.write_text("this is not an image")
     monkeypatch.setattr(app, "MAX_PIXELS", 2000)
@@ -173,18 +173,18 @@ def test_bad_uploads_get_a_message(hub_models, tmp_path, monkeypatch, image_file
 
 
 def test_sources_that_fail_to_load_leave_the_merged_model_alone(hub_models, publish):
-    demo_models = app.load_demo("org/space-vit-merged", sources=["org/space-vit-a", "org/no-such-model"])
+    demo_models = inference.load_demo("org/space-vit-merged", sources=["org/space-vit-a", "org/no-such-model"])
     assert [m.name for m in demo_models.sources] == ["org/space-vit-a"]
     assert len(demo_models.notes) == 1 and "org/no-such-model could not be loaded" in demo_models.notes[0]
 
     publish("org/space-plain", family="vit", seed=4, labels=LABELS)
-    plain = app.load_demo("org/space-plain")
+    plain = inference.load_demo("org/space-plain")
     assert plain.sources == [] and "not made by hfmerge" in plain.notes[0]
 
 
 def test_load_notes_reach_the_predict_api(hub_models, image_file):
     """What did not load is in /predict's answer too, not only on the page."""
-    demo_models = app.load_demo("org/space-vit-merged", sources=["org/no-such-model"])
+    demo_models = inference.load_demo("org/space-vit-merged", sources=["org/no-such-model"])
     assert len(demo_models.notes) == 1
     with serving(app.build_demo(demo_models)) as url:
         answer = client_for(url).predict(gradio_client.handle_file(str(image_file)), api_name="/predict")
@@ -308,7 +308,7 @@ def test_space_output_writes_a_folder_that_runs_alone(hub_models, tmp_path, caps
 
     with running_space(out, tmp_path / "space.log", without_hfmerge=True) as url:
         answer = client_for(url).predict(gradio_client.handle_file(str(image_file)), api_name="/predict")
-    with serving(app.build_demo(app.load_demo("org/space-vit-merged"))) as url:
+    with serving(app.build_demo(inference.load_demo("org/space-vit-merged"))) as url:
         in_process = client_for(url).predict(gradio_client.handle_file(str(image_file)), api_name="/predict")
     assert answer == in_process
 
@@ -330,7 +330,7 @@ def test_a_local_space_names_its_model_relative_to_itself_and_runs_from_another_
     elsewhere.mkdir()
     with running_space(out, elsewhere / "space.log", without_hfmerge=True) as url:
         answer = client_for(url).predict(gradio_client.handle_file(str(image_file)), api_name="/predict")
-    expected = app.load_demo(str(model)).merged.predict(app.open_image(image_file)[0]).top
+    expected = inference.load_demo(str(model)).merged.predict(app.open_image(image_file)[0]).top
     assert answer["merged"] == expected
 
 
@@ -481,7 +481,7 @@ def test_page_in_headless_chromium(hub_models, image_file, tmp_path):
     if missing:
         pytest.skip(f"{missing}; `make test` installs it where it can")
     browser = headless_chromium()
-    demo_models = app.load_demo("org/space-vit-merged")
+    demo_models = inference.load_demo("org/space-vit-merged")
     expected = {m.name: m.predict(app.open_image(image_file)[0]).top[0] for m in
                 [demo_models.merged, *demo_models.sources]}
     try:
@@ -514,7 +514,7 @@ def test_models_with_the_same_name_keep_apart(tmp_path, image_file):
     """Two source folders with one name, same as the merged one's: each keeps its own entry in the JSON."""
     first = save_tiny(tmp_path / "one" / "model", "vit", seed=1, labels=LABELS)
     second = save_tiny(tmp_path / "two" / "model", "vit", seed=2, labels=LABELS)
-    demo_models = app.load_demo(str(first), sources=[str(first), str(second)])
+    demo_models = inference.load_demo(str(first), sources=[str(first), str(second)])
     payload, _ = demo_models.predict(app.open_image(image_file)[0])
     assert list(payload["sources"]) == ["model (2)", "model (3)"]
     assert payload["sources"]["model (2)"] == payload["merged"]
@@ -575,7 +575,7 @@ print(bounded, libc.mallinfo2().hblks - before)
 def test_the_app_bounds_its_memory_and_its_upload_cache(tmp_path):
     """Freed image buffers go back to the system, and uploads are deleted after a while (issue 20, item 16)."""
     folder = save_tiny(tmp_path / "vit", "vit")
-    demo = app.build_demo(app.load_demo(str(folder), sources=[]))
+    demo = app.build_demo(inference.load_demo(str(folder), sources=[]))
     assert demo.delete_cache == app.UPLOAD_CACHE and 0 < app.UPLOAD_CACHE[1] <= 3600
     # once bounded, a large block after a larger one freed is mapped on its own (given back when freed), not
     # carved from an arena that keeps it

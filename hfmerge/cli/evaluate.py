@@ -20,8 +20,10 @@ def run_evaluate_command(args: argparse.Namespace) -> int:
     ``--update-card`` rewrites a folder's ``README.md`` in place (atomically),
     or with ``--push`` commits the new card and chart to the model's Hub repo.
     """
+    from hfmerge.data.processor import check_image_processor
     from hfmerge.data.spec import DataSpec
     from hfmerge.eval.compare import Candidate, evaluate_candidates, load_candidate, load_tasks
+    from hfmerge.eval.zero_shot import prompt_problem
     from hfmerge.hub.resolve import resolve_source
 
     if args.push and not args.update_card:
@@ -40,6 +42,9 @@ def run_evaluate_command(args: argparse.Namespace) -> int:
         from hfmerge.eval.evaluate import load_metric
 
         metrics.append(load_metric(args.metric))  # before any model runs: a bad metric fails fast
+    problem = prompt_problem(args.prompt or ())
+    if problem:
+        raise RecipeError(f"--{problem}")
     specs = [DataSpec.parse(d) for d in args.data]
     compare = list(args.compare or [])
     if args.ensemble and not compare:
@@ -49,14 +54,29 @@ def run_evaluate_command(args: argparse.Namespace) -> int:
                 f"--ensemble needs the models to ensemble: {args.model} has no hfmerge.yaml naming its sources; "
                 "add --compare SOURCE SOURCE ..."
             )
+    # every model is resolved and checked for its image processor before any data is read
+    name = model_source.repo_id or model_source.path.name
+    check_image_processor(model_source.path, args.model, reason="hfmerge evaluate feeds it images through one")
+    compared = [resolve_source(ref) for ref in compare]
+    for ref, source in zip(compare, compared):
+        check_image_processor(source.path, ref, reason="hfmerge evaluate feeds it images through one (--compare)",
+                              otherwise="drop it from --compare")
+    for spec in specs:
+        spec.check_folder("--data")
     tasks = load_tasks(specs, samples=args.samples, seed=args.seed, image_column=args.data_column,
                        label_column=args.label_column)
-    name = model_source.repo_id or model_source.path.name
-    merged = load_candidate(model_source.path, name, "merged")
+    base = resolve_source(args.base) if args.base else None
+    text = base.path if base is not None else None
+    text_name = (base.repo_id or base.path.name) if base is not None else None
+    merged = load_candidate(model_source.path, name, "merged", text_tower=text, text_tower_name=text_name,
+                            prompts=args.prompt)
+    if args.ensemble and merged.zero_shot is not None:
+        raise RecipeError(f"--ensemble averages classifiers' probabilities over one label set; {name} is scored "
+                          "zero-shot per task, which hfmerge does not ensemble: drop --ensemble")
     others: list[Candidate] = []
-    for ref in compare:
-        source = resolve_source(ref)
-        others.append(load_candidate(source.path, source.repo_id or source.path.name, "source"))
+    for source in compared:
+        others.append(load_candidate(source.path, source.repo_id or source.path.name, "source", text_tower=text,
+                                     text_tower_name=text_name, prompts=args.prompt))
     report = evaluate_candidates(merged, others, tasks, ensemble=args.ensemble, batch_size=args.batch_size,
                                  progress=not args.quiet, metrics=metrics)
     print(report.markdown())

@@ -93,9 +93,15 @@ def _build_parser() -> argparse.ArgumentParser:
                             + (f" ({per_source}: once per source)" if per_source else ""))
     merge.add_argument("--eval-data", action="append", metavar="DATASET",
                        help="evaluate the result on this dataset (one per task) and put the results in the card")
+    merge.add_argument("--prompt", action="append", metavar="TEMPLATE",
+                       help="with --eval-data on CLIP towers: a zero-shot prompt template with {} for the class name "
+                            "(repeatable; default: CLIP's 'a photo of a {}.' and six plain variations)")
     merge.add_argument("--data-column", help="the image column of the data (default: detected)")
     merge.add_argument("--label-column", help="the label column of the data (default: detected)")
     merge.add_argument("--dtype", help="output dtype: float32, float16 or bfloat16 (default: the sources')")
+    merge.add_argument("--output-format", metavar="FORMAT",
+                       help="write the merge as another architecture of its family, the base's: clip (CLIP "
+                            "towers as a CLIPModel with the --base's text tower, for zero-shot pipelines)")
     merge.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
     merge.add_argument("--allow-pickle", action="store_true",
                        help="accept *.bin/*.pt sources, read with torch.load(weights_only=True)")
@@ -116,6 +122,9 @@ def _build_parser() -> argparse.ArgumentParser:
                        help="models to show beside it (default: the sources in its hfmerge.yaml)")
     space.add_argument("--no-sources", action="store_true", help="show the merged model alone")
     space.add_argument("--examples", nargs="+", metavar="IMAGE", help="example images (default: a few of the model's evaluation data, else of its merge data, else none)")
+    space.add_argument("--labels", nargs="+", metavar="LABEL",
+                       help="a zero-shot (CLIP) model's first labels in the Space (default: the class names of its "
+                            "evaluation data, at most 20, else cat, dog, bird)")
     space.add_argument("--title", help="the Space's title (default: '<model name> demo')")
     space.add_argument("--private", action="store_true", help="create the Space as private")
     space.add_argument("--output", "-o", help="write the Space folder here; without --space-id nothing is pushed")
@@ -133,6 +142,12 @@ def _build_parser() -> argparse.ArgumentParser:
                           help="also evaluate the ensemble of the compared models (averaged softmax)")
     evaluate.add_argument("--metric", help="an extra metric: a Hugging Face `evaluate` module name "
                           "(pip install 'hfmerge[eval]') or a local module file")
+    evaluate.add_argument("--base", metavar="CLIP",
+                          help="for CLIP image encoders: the pre-trained CLIPModel whose text tower scores them by "
+                               "zero-shot classification over each dataset's class names")
+    evaluate.add_argument("--prompt", action="append", metavar="TEMPLATE",
+                          help="a zero-shot prompt template with {} for the class name, e.g. 'a satellite photo of "
+                               "{}.' (repeatable; default: CLIP's 'a photo of a {}.' and six plain variations)")
     evaluate.add_argument("--samples", type=int, help="evaluate on at most this many images per dataset")
     evaluate.add_argument("--batch-size", type=int, default=32, help="images per batch (default 32)")
     evaluate.add_argument("--seed", type=int, default=0, help="seed of the sample selection with --samples")
@@ -171,7 +186,8 @@ def _recipe_from_merge_args(args: argparse.Namespace) -> Any:
         sources=list(args.sources), method=args.method, parameters=params, weights=weights,
         anchor=args.anchor, base=args.base, dtype=args.dtype, allow_pickle=args.allow_pickle,
         max_shard_size=args.max_shard_size, heads=args.heads, seed=args.seed, data=args.data,
-        eval_data=args.eval_data, data_column=args.data_column, label_column=args.label_column,
+        eval_data=args.eval_data, prompts=args.prompt, data_column=args.data_column, label_column=args.label_column,
+        output_format=args.output_format,
     )
 
 
@@ -202,6 +218,7 @@ def _execute(recipe: Any, args: argparse.Namespace) -> int:
 def _inspect(args: argparse.Namespace) -> int:
     _quiet_transformers()
     from hfmerge.adapters import inspect_source
+    from hfmerge.adapters.base import ZERO_SHOT_LABELS
     from hfmerge.hub.resolve import resolve_source
 
     source = resolve_source(args.source, allow_pickle=args.allow_pickle)
@@ -229,6 +246,12 @@ def _inspect(args: argparse.Namespace) -> int:
         print(f"  {info.name}  {list(info.shape)}  (file: {info.key})")
     if not layout.head_tensors:
         print("  (none)")
+    text_tower = layout.family.zero_shot
+    if text_tower is not None:  # its config's id2label is transformers' default, not labels
+        whose = ("its own" if layout.architecture == text_tower
+                 else f"a {text_tower}'s, given to hfmerge evaluate as --base")
+        print(f"labels: none ({ZERO_SHOT_LABELS}: {whose})")
+        return 0
     labels = layout.id2label
     print(f"labels ({len(labels)}):")
     for i, label in labels.items():
@@ -244,7 +267,7 @@ def _space(args: argparse.Namespace) -> int:
         raise RecipeError("--sources and --no-sources contradict each other; give one")
     options = SpaceOptions(
         model=args.model, space_id=args.space_id, sources=[] if args.no_sources else args.sources,
-        examples=args.examples, title=args.title, private=args.private,
+        examples=args.examples, title=args.title, private=args.private, labels=args.labels,
     )
     folder = None
     if args.output and args.space_id:

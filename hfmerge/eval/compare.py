@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from hfmerge.data.load import ImageData
     from hfmerge.data.spec import DataSpec
     from hfmerge.eval.report import EvaluationReport, ModelEvaluation
+    from hfmerge.eval.zero_shot import TextTower, ZeroShot
 
 logger = logging.getLogger(__name__)
 
@@ -45,17 +46,46 @@ class Candidate:
     processor: Any
     task_model: Callable[[int], torch.nn.Module] | None = None
     num_tasks: int = 0
+    zero_shot: ZeroShot | None = None
+    """An image encoder scored by zero-shot classification (CLIP): each task's classifier is made from its class
+    names (:mod:`hfmerge.eval.zero_shot`); ``model`` is then the encoder."""
 
 
-def load_candidate(path: Path, name: str, role: str) -> Candidate:
+def load_candidate(path: Path, name: str, role: str, *, text_tower: Path | None = None,
+                   text_tower_name: str | None = None, prompts: Sequence[str] | None = None) -> Candidate:
     """A classifier saved in ``path`` (a folder with config, weights and processor; a gated or EMR merge too),
-    in eval mode. An EMR merge's task models are loaded when evaluated, one at a time."""
+    in eval mode. An EMR merge's task models are loaded when evaluated, one at a time. An image encoder of a
+    family scored zero-shot (CLIP) is scored with its own text tower, else with the one of ``text_tower``,
+    which the report names ``text_tower_name`` (default: its folder's name).
+
+    Raises:
+        EvaluationError: a zero-shot encoder with no text tower to score it.
+        SourceError: the folder has no image processor to read the images with.
+    """
     from transformers import AutoImageProcessor
 
+    from hfmerge.data.processor import check_image_processor
     from hfmerge.loading import load_folder
     from hfmerge.methods.emr.model import EmrMergedConfig, is_emr_folder
 
+    check_image_processor(path, name, reason="the evaluation feeds it images through one")
     processor = AutoImageProcessor.from_pretrained(path)
+    text = _zero_shot_text(path, name, text_tower)
+    if text is not None:
+        own = text.folder == path.resolve()
+        whose = name if own else text_tower_name or text.folder.name
+        from hfmerge.errors import EvaluationError
+        from hfmerge.eval.zero_shot import PROMPTS, ZeroShot, encoder_mismatch
+
+        model = load_folder(path, name=name).eval()
+        mismatch = encoder_mismatch(model, text)
+        if mismatch:
+            raise EvaluationError(
+                f"{name}'s image encoder is not shaped as the text tower's CLIPModel's ({mismatch}): give --base the "
+                "pre-trained CLIPModel it was fine-tuned from"
+            )
+        return Candidate(name, role, model, processor,
+                         zero_shot=ZeroShot(model, text, prompts or PROMPTS, text_name=whose))
     if is_emr_folder(path):
         config = EmrMergedConfig.from_pretrained(path)
         routed = load_folder(path, name=name).eval() if config.has_gate else None
@@ -65,6 +95,35 @@ def load_candidate(path: Path, name: str, role: str) -> Candidate:
 
         return Candidate(name, role, routed, processor, task_model=task_model, num_tasks=config.num_tasks)
     return Candidate(name, role, load_folder(path, name=name).eval(), processor)
+
+
+_TEXT_TOWERS: dict[Path, TextTower] = {}
+
+
+def _zero_shot_text(path: Path, name: str, text_tower: Path | None) -> TextTower | None:
+    """The text tower that scores the model in ``path`` zero-shot, or ``None`` for a model with its own head."""
+    import json
+
+    from hfmerge.adapters import family_for_model_type
+    from hfmerge.errors import EvaluationError
+    from hfmerge.eval.zero_shot import TextTower
+
+    config = json.loads((path / "config.json").read_text())
+    family = family_for_model_type(str(config.get("model_type")))
+    if family is None or family.zero_shot is None:
+        return None
+    architecture = (config.get("architectures") or [family.default_architecture])[0]
+    where = path if architecture == family.zero_shot else text_tower
+    if where is None:
+        raise EvaluationError(
+            f"{name} is a {architecture}, an image encoder scored by zero-shot classification with a text tower: "
+            f"give --base the pre-trained {family.zero_shot} it was fine-tuned from (e.g. openai/clip-vit-base-patch32)"
+        )
+    where = where.resolve()
+    if where not in _TEXT_TOWERS:
+        _TEXT_TOWERS.clear()  # one text tower at a time
+        _TEXT_TOWERS[where] = TextTower.load(where)
+    return _TEXT_TOWERS[where]
 
 
 def load_tasks(specs: list[DataSpec], *, samples: int | None = None, seed: int = 0, image_column: str | None = None,
@@ -90,7 +149,9 @@ def evaluate_candidates(merged: Candidate, others: list[Candidate], tasks: list[
 
     named = [(data.name, data) for data in tasks]
     extra = tuple(metrics or ())
-    if merged.task_model is None:
+    if merged.zero_shot is not None:
+        rows = [evaluate_zero_shot(merged, tasks, batch_size=batch_size, progress=progress, metrics=extra)]
+    elif merged.task_model is None:
         assert merged.model is not None, f"{merged.name} has neither a model nor a model per task"
         rows = [evaluate_classifier(merged.model, named, merged.processor, batch_size=batch_size, progress=progress,
                                     name=merged.name, role=merged.role, metrics=extra)]
@@ -103,19 +164,39 @@ def evaluate_candidates(merged: Candidate, others: list[Candidate], tasks: list[
                                             progress=progress, name=f"{merged.name} · {GATE_ROW}", role=merged.role,
                                             metrics=extra))
     for other in others:
+        if other.zero_shot is not None:
+            rows.append(evaluate_zero_shot(other, tasks, batch_size=batch_size, progress=progress, metrics=extra))
+            continue
         covered = [(name, data) for name, data in named if _covers(other.model, data)]
         if len(covered) < len(named):
             missing = ", ".join(name for name, data in named if (name, data) not in covered)
             logger.info("%s is not scored on %s: it lacks some of the labels", other.name, missing)
         rows.append(evaluate_classifier(other.model, covered, other.processor, batch_size=batch_size,
                                         progress=progress, name=other.name, role=other.role, metrics=extra))
-    if ensemble and len(others) >= 2:
+    if ensemble and len(others) >= 2 and not any(o.zero_shot is not None for o in others):
         model = Ensemble([o.model for o in others]).eval()
         covered = [(name, data) for name, data in named if _covers(model, data)]
         rows.append(evaluate_classifier(model, covered, others[0].processor, batch_size=batch_size,
                                         progress=progress, name="ensemble of the sources", role="ensemble",
                                         metrics=extra))
     return EvaluationReport(models=rows)
+
+
+def evaluate_zero_shot(candidate: Candidate, tasks: list[ImageData], **options: Any) -> ModelEvaluation:
+    """One row: each task's images classified zero-shot among that task's class names."""
+    zero_shot = candidate.zero_shot
+    assert zero_shot is not None
+    for data in tasks:
+        if data.label_names is None:
+            raise DataError(f"{data.name} has no label names, which zero-shot classification needs as its classes: "
+                            "give a labeled dataset (a ClassLabel column, or one folder per class)")
+    row = evaluate_task_given(lambda i: zero_shot.classifier(tasks[i].label_names or []), len(tasks),
+                              [(data.name, data) for data in tasks], candidate.processor, name=candidate.name,
+                              role=candidate.role, **options)
+    for result in row.tasks:
+        result.kind = "zero-shot-image-classification"
+    row.zero_shot = zero_shot.scoring()
+    return row
 
 
 def evaluate_task_given(model_of: Callable[[int], torch.nn.Module], num_tasks: int,

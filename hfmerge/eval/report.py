@@ -56,13 +56,25 @@ class TaskResult:
 
 
 @dataclass
+class ZeroShotScoring:
+    """How a row was scored zero-shot: each class name written into ``prompts``, embedded by the text tower of
+    ``text_tower`` (the model named so: a base's repo id or folder name, or the row's own model, whose text
+    tower it is). ``default_prompts``: the prompts were hfmerge's defaults, not the user's (``--prompt``)."""
+
+    text_tower: str
+    prompts: list[str]
+    default_prompts: bool = False
+
+
+@dataclass
 class ModelEvaluation:
     """A model's results on every task, and its cost.
 
     ``role``: ``merged``, ``source`` or ``ensemble``. ``flops``: per image.
     ``latency_ms``: median of one forward pass over a batch of ``batch_size`` images on ``device``;
     ``latency_spread``: the timed passes' interquartile range over that median (``None``: not known, as in
-    reports written before it was recorded).
+    reports written before it was recorded). ``zero_shot``: the prompts and the text tower of a row scored by
+    zero-shot classification (``None``: scored by its own head, or in a report written before it was recorded).
     """
 
     name: str
@@ -74,6 +86,7 @@ class ModelEvaluation:
     batch_size: int
     device: str | None = None
     latency_spread: float | None = None
+    zero_shot: ZeroShotScoring | None = None
 
     def result(self, task: str) -> TaskResult | None:
         return next((t for t in self.tasks if t.task == task), None)
@@ -95,7 +108,9 @@ class EvaluationReport:
         models = []
         for model in data["models"]:
             tasks = [TaskResult(**task) for task in model.pop("tasks")]
-            models.append(ModelEvaluation(tasks=tasks, **model))
+            scoring = model.pop("zero_shot", None)  # absent from reports written before it was recorded
+            models.append(ModelEvaluation(tasks=tasks, zero_shot=ZeroShotScoring(**scoring) if scoring else None,
+                                          **model))
         return cls(models=models)
 
     # -- what is compared ---------------------------------------------------------------
@@ -188,6 +203,8 @@ class EvaluationReport:
         if unstable:
             notes.append("Latencies marked unstable are not to be compared (the machine was busy while they were "
                          "timed; measure again on an idle one): " + "; ".join(dict.fromkeys(unstable.values())) + ".")
+        if any(t.kind == "zero-shot-image-classification" for m in models for t in m.tasks):
+            notes.append(_zero_shot_note(models))
         if any(m.role == "ensemble" for m in models):
             notes.append("The ensemble averages the sources' softmax: a reference that runs every source, "
                          "not a merged model.")
@@ -286,6 +303,34 @@ class EvaluationReport:
         out.append("</g>")
         out.append("</svg>")
         return "\n".join(out) + "\n"
+
+
+def _zero_shot_note(models: list[ModelEvaluation]) -> str:
+    """What the zero-shot rows' scores mean: the class names, the prompt templates they were written into, and
+    whose text tower embedded them, so that a reader can score another model the same way."""
+    scored = [(m.name, m.zero_shot) for m in models if m.zero_shot is not None]
+    if not scored:  # a report written before the prompts and the text tower were recorded
+        return ("Zero-shot rows classify each task's images among that task's class names, written into prompt "
+                "templates and embedded by a text tower.")
+    by_prompts: dict[tuple[tuple[str, ...], bool], list[str]] = {}
+    by_tower: dict[str, list[str]] = {}
+    for name, scoring in scored:
+        by_prompts.setdefault((tuple(scoring.prompts), scoring.default_prompts), []).append(name)
+        by_tower.setdefault("" if scoring.text_tower == name else scoring.text_tower, []).append(name)
+
+    def rows(names: list[str], groups: int) -> str:
+        return f" ({', '.join(names)})" if groups > 1 else ""
+
+    prompts = " and ".join(
+        "the prompt templates " + ", ".join(f"`{t}`" for t in templates)
+        + (" (hfmerge's defaults)" if default else "") + rows(names, len(by_prompts))
+        for (templates, default), names in by_prompts.items())
+    towers = " and ".join(
+        (f"by the text tower of {tower}" if tower else "by the model's own text tower") + rows(names, len(by_tower))
+        for tower, names in by_tower.items())
+    return (f"Zero-shot rows classify each task's images among that task's class names: each name is written into "
+            f"{_cell(prompts)} and embedded {_cell(towers)}; a class's weight is the normalised mean of its "
+            "prompts' normalised embeddings.")
 
 
 _SOURCE_COLOURS = ("#7f7f7f", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22", "#aec7e8")

@@ -31,7 +31,7 @@ from hfmerge.errors import SourceError
 from hfmerge.hub.connection import TRANSPORT_ERRORS, hub_unreachable
 from hfmerge.source import SourceSpec
 
-SAFE_PATTERNS = ["*.json", "*.safetensors", "README.md"]
+SAFE_PATTERNS = ["*.json", "*.safetensors", "README.md", "merges.txt"]  # merges.txt: a CLIP tokenizer's
 PICKLE_PATTERNS = ["*.bin", "*.pt", "*.pth"]
 METADATA_PATTERNS = ["*.json", "README.md", "hfmerge.yaml"]
 
@@ -119,6 +119,7 @@ def _resolve_hub(
     repo_id = spec.model
     revision = spec.commit or spec.revision
     where = f"{repo_id}@{revision}" if revision else repo_id
+    folder_like = None if revision else repo_id  # a mistyped relative folder reads as a repo id; '@' says a repo
     patterns = METADATA_PATTERNS if metadata_only else SAFE_PATTERNS + (PICKLE_PATTERNS if allow_pickle else [])
     license_ = None
     try:
@@ -155,10 +156,11 @@ def _resolve_hub(
             "check the name, or log in with `hf auth login` or set HF_TOKEN"
         ) from None
     except TRANSPORT_ERRORS as exc:
-        raise hub_unreachable(exc) from None
+        raise hub_unreachable(exc, name=folder_like) from None
     except (LocalEntryNotFoundError, EntryNotFoundError) as exc:
         if not hf_constants.HF_HUB_OFFLINE and isinstance(exc, LocalEntryNotFoundError):
-            raise hub_unreachable(exc.__cause__ or exc) from None  # snapshot_download lost the Hub mid-way
+            # snapshot_download lost the Hub mid-way
+            raise hub_unreachable(exc.__cause__ or exc, name=folder_like) from None
         raise SourceError(
             f"{where} is not a folder here, and as a Hub repo it is not in the local cache (HF_HUB_OFFLINE is set): "
             "check the path, or unset HF_HUB_OFFLINE to download it"

@@ -107,7 +107,7 @@ def render_card(result: CardFacts, repo_id: str | None = None) -> str:
             "commit": source.commit_sha or "—",
             "weight": f"{weights[i]:.4g}",
             "role": "anchor" if method.uses_anchor and i == planned.context.anchor_index else "",
-            "labels": len(planned.context.sources[i].id2label),
+            "labels": len(planned.context.sources[i].id2label),  # shown for families with labels of their own
         })
     base = None
     if planned.base is not None:
@@ -117,10 +117,18 @@ def render_card(result: CardFacts, repo_id: str | None = None) -> str:
     task = output.task if output is not None else planned.anchor.task
     auto_class = ((output.auto_class if output is not None else None)
                   or planned.anchor.family.auto_classes.get(architecture) or AUTO_CLASSES.get(task, "AutoModel"))
+    family = planned.anchor.family
     text = method_text(
         method, details=result.details, parameters=planned.recipe.parameters, base=base, sources=rows,
         architecture=architecture, task=task,
     )
+    carried = carried_text(result.details.get("not_merged"), base=base["name"] if base else None,
+                           anchor=rows[planned.context.anchor_index]["name"])
+    if carried:
+        text = f"{text}\n\n{carried}"
+    plain_transformers = output.loads_with_transformers if output is not None else family.classes is None
+    model_ref = repo_id or PLACEHOLDER_REF
+    id2label = getattr(result.config, "id2label", {}) or {}
     data_rows = [
         {"source": names.scrub(use.source) if use.source else "", "data": names.scrub(use.data),
          "commit": use.commit_sha or "—", "samples": use.samples, "skipped": use.skipped}
@@ -137,6 +145,7 @@ def render_card(result: CardFacts, repo_id: str | None = None) -> str:
             "weight": method.uses_weights,
             "role": method.uses_anchor,
             "commit": any(s.commit_sha for s in planned.sources),
+            "labels": family.zero_shot is None,  # a zero-shot family's models have none (the header says so)
         },
         base=base,
         parameters=_parameters(planned.recipe.parameters, search),
@@ -148,24 +157,92 @@ def render_card(result: CardFacts, repo_id: str | None = None) -> str:
         local_sources=[names.of(s) for s in everything if s.is_local],
         auto_class=auto_class,
         architecture=architecture,
-        family=planned.anchor.family.name,
+        family=family.name,
         task=task,
-        plain_transformers=(output.loads_with_transformers if output is not None
-                            else planned.anchor.family.classes is None),
+        plain_transformers=plain_transformers,
         remote_code=bool(getattr(result.config, "auto_map", None)),
         own_output=output is not None,
         task_argument=output.task_argument if output is not None else None,
-        num_labels=len(getattr(result.config, "id2label", {}) or {}),
+        labels_text=family.labels_text(id2label) if id2label or family.zero_shot is not None else None,
+        usage=usage_snippet(planned, architecture, task, model_ref, names, plain_transformers=plain_transformers),
         warnings=result.warnings,
         data_rows=data_rows,
         # the search scored on validation data, before the evaluation's test scores
         evaluation=(search.markdown(chart=SEARCH_SVG) + "\n" if search is not None else "")
         + (evaluation_section(evaluation) if evaluation is not None else ""),
-        model_ref=repo_id or PLACEHOLDER_REF,
+        model_ref=model_ref,
         repo_id=repo_id,
         version=__version__,
     )
     return names.scrub(str(card))
+
+
+def carried_text(carried: dict[str, Any] | None, *, base: str | None, anchor: str) -> str | None:
+    """The card's sentence on the tensors no method merged (the family's ``not_merged``, a ``CLIPModel``'s text
+    tower): whose they are, so that the method's paragraph is not read as merging every parameter. ``carried``:
+    the plan's ``not_merged`` detail (how many tensors came from the base and from the anchor, what they are, and
+    the other tensors of the base an ``--output-format`` took because the sources lack them), ``None`` when the
+    merge carried none."""
+    if not carried:
+        return None
+    part = carried.get("part") or "part that no method merges"
+    from_base, from_anchor = carried.get("base", 0), carried.get("anchor", 0)
+    if from_base and from_anchor:
+        return (f"The {part} is not merged: {from_base} of its tensors are the base's ({base}), unchanged, and "
+                f"{from_anchor}, which the base lacks or shapes otherwise, the anchor's ({anchor}).")
+    if from_base:
+        lacking = carried.get("lacking") or []  # the base's tensors that a format adds and the sources lack
+        also = ""
+        if lacking:
+            named = ", ".join(f"`{name}`" for name in lacking[:3]) + (f" and {len(lacking) - 3} more"
+                                                                      if len(lacking) > 3 else "")
+            also = f"; so {'is' if len(lacking) == 1 else 'are'} {named}, which the sources lack"
+        return f"The {part} ({from_base} tensors) is not merged: it is the base's ({base}), unchanged{also}."
+    return f"The {part} ({from_anchor} tensors) is not merged: it is the anchor's ({anchor}), unchanged."
+
+
+PIPELINE_USAGE = {"zero-shot-image-classification":
+                  'candidate_labels=["cat", "dog", "bird"],\n                       hypothesis_template="{prompt}"'}
+"""Tasks whose models the card's usage runs through ``transformers.pipeline`` (a model that loads with plain
+transformers), with the call's arguments beyond the image: a zero-shot classifier is of no use without the class
+names it chooses among, and scores them as the card's evaluation did with its prompt (``{prompt}``), not with
+the pipeline's own ("This is a photo of {}.")."""
+
+
+def usage_prompt(planned: PlannedMerge) -> str:
+    """The prompt a zero-shot usage snippet writes each class name into: the merge's first ``--prompt``, else
+    CLIP's default, the first of the evaluation's default templates."""
+    from hfmerge.eval.zero_shot import PROMPTS
+
+    return (planned.recipe.prompts or PROMPTS)[0]
+
+
+def usage_snippet(planned: PlannedMerge, architecture: str, task: str, model_ref: str, names: PublicNames, *,
+                  plain_transformers: bool) -> str | None:
+    """The card's usage code where it is not the task's Auto class and image processor (``None``: the template's).
+
+    The family's own snippet for ``architecture`` comes first (:attr:`~hfmerge.adapters.base.FamilyAdapter.usage`:
+    a CLIP image encoder put beside the text tower of its base, named ``base_ref``: the base when it is of the
+    family's zero-shot architecture, else a placeholder); then :data:`PIPELINE_USAGE` by task.
+    """
+    family = planned.anchor.family
+    template = family.usage.get(architecture)
+    if template is not None:
+        import jinja2
+
+        base = planned.context.base
+        completing = family.zero_shot or "base"
+        base_ref = (names.of(base.source) if base is not None and base.architecture == completing
+                    else f"path/to/pre-trained-{completing}")
+        environment = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=False)
+        return environment.from_string(template).render(model_ref=model_ref, base_ref=base_ref,
+                                                        architecture=architecture, prompt=usage_prompt(planned)).strip()
+    arguments = PIPELINE_USAGE.get(task)
+    if arguments is not None and plain_transformers:
+        arguments = arguments.replace("{prompt}", usage_prompt(planned))
+        return (f'from transformers import pipeline\n\nclassify = pipeline("{task}", model="{model_ref}")\n'
+                f'predictions = classify("image.jpg", {arguments})')
+    return None
 
 
 def _parameters(parameters: dict[str, Any], search: ParameterSearch | None) -> dict[str, Any]:

@@ -63,6 +63,8 @@ class SpaceOptions:
             (``data``), else shows none: images of the model's own task, or none rather than unrelated ones.
         title: the Space's title; default from the model's name.
         private: create the Space as private.
+        labels: for a zero-shot model (CLIP), the labels its labels box starts with; ``None`` takes the class names
+            of its evaluation data (:func:`zero_shot_labels`), else the app's own (cat, dog, bird).
     """
 
     model: str
@@ -71,6 +73,7 @@ class SpaceOptions:
     examples: list[str] | None = None
     title: str | None = None
     private: bool = False
+    labels: list[str] | None = None
 
 
 @dataclass(frozen=True)
@@ -97,6 +100,8 @@ class SpacePlan:
     warnings: list[str] = field(default_factory=list)
     emr: bool = False
     """An EMR merge: the Space shows each task's model, built by ``modeling_hfmerge_emr.py`` beside the app."""
+    labels: list[str] | None = None
+    """A zero-shot model's first labels (``space_config.json``); ``None``: the app's defaults."""
 
     def placed_in(self, home: Path) -> SpacePlan:
         """The plan of a Space written to the folder ``home``: local models named relative to it.
@@ -125,6 +130,7 @@ def plan_space(options: SpaceOptions, *, for_hub: bool, token: str | bool | None
         SourceError: the model or a source does not exist, or the model has a head the app cannot show.
         RecipeError: a local folder where the Hub needs a repo id, or an example that is not an image.
     """
+    labels = _checked_labels(options.labels) if options.labels is not None else None
     model = resolve_source(options.model, token=token, metadata_only=True)
     if for_hub and model.is_local:
         raise _local_model_refused(options.model)
@@ -140,12 +146,20 @@ def plan_space(options: SpaceOptions, *, for_hub: bool, token: str | bool | None
             f"{model.name} is a {architecture or config.get('model_type', 'model')}; the demo Space shows image "
             "classification and segmentation models"
         )
+    if head_kind(architecture) == "zero-shot" and "text_config" not in config:
+        raise SourceError(
+            f"{model.name} is a {architecture}, a CLIP image encoder with no text tower to classify with: merge the "
+            "towers with --output-format clip and a CLIPModel --base, and make the Space of that"
+        )
     warnings: list[str] = []
     try:
         recipe = _read_recipe(model.path, f"{model.name}/{RECIPE_FILE}")
     except RecipeFileError as exc:
         recipe = None
         warnings.append(f"{exc}; the Space shows the model alone (pass --sources to show models beside it)")
+    if labels is not None and head_kind(architecture) != "zero-shot":
+        raise RecipeError(f"--labels sets the labels a zero-shot (CLIP) model chooses among; {model.name} is a "
+                          f"{architecture} with labels of its own: drop --labels")
     gated = config.get("model_type") == GATED_MODEL_TYPE
     if options.sources is None:
         sources = _recipe_sources(recipe or {}, model, for_hub=for_hub, warnings=warnings)
@@ -155,15 +169,19 @@ def plan_space(options: SpaceOptions, *, for_hub: bool, token: str | bool | None
         sources = [_checked_source(ref, for_hub=for_hub, token=token) for ref in options.sources]
     model_ref = str(model.path) if model.is_local else model.spec.ref
     name = model.repo_id.split("/")[-1] if model.repo_id else model.path.name
+    datasets = _example_datasets(recipe or {}, model.path / "README.md")
     if options.examples is None:
-        examples, note = _drawn_examples(_example_datasets(recipe or {}, model.path / "README.md"), warnings)
+        examples, note = _drawn_examples(datasets, warnings)
     else:
         examples, note = _examples(options.examples), ""
+    if head_kind(architecture) == "zero-shot":
+        labels = labels if labels is not None else zero_shot_labels(datasets[0])
     for message in warnings:
         logger.warning(message)
     return SpacePlan(
         model=model, model_ref=model_ref, sources=sources, examples=examples, examples_note=note,
         title=options.title or f"{name} demo", gated=gated, emr=emr, license=model.license, warnings=warnings,
+        labels=labels,
     )
 
 
@@ -182,7 +200,9 @@ def write_space(plan: SpacePlan, folder: Path, space_id: str | None = None) -> N
         from hfmerge.methods.emr.model import modeling_source as emr_modeling_source
 
         (folder / EMR_MODELING_FILE).write_text(emr_modeling_source())
-    settings = {"model": plan.model_ref, "sources": plan.sources}
+    settings: dict[str, Any] = {"model": plan.model_ref, "sources": plan.sources}
+    if plan.labels:
+        settings["labels"] = plan.labels
     (folder / SPACE_CONFIG_FILE).write_text(json.dumps(settings, indent=2) + "\n")
     (folder / "README.md").write_text(space_card(plan, space_id))
     examples = folder / "examples"
@@ -410,6 +430,35 @@ def _drawn_examples(datasets: tuple[list[DataSpec], str], warnings: list[str]) -
     if not examples:
         return [], ""
     return examples, f"drawn from {', '.join(names)}, {role}."
+
+
+MAX_LABELS = 20
+"""The most labels a zero-shot Space starts with: each is embedded by the text tower at every prediction."""
+
+
+def zero_shot_labels(specs: list[DataSpec]) -> list[str] | None:
+    """The class names of ``specs`` (the model's evaluation data), in order, each once, at most :data:`MAX_LABELS`:
+    what a zero-shot Space's labels box starts with. A name's first comma-separated part is kept (``"tench, Tinca
+    tinca"`` → ``"tench"``), as the box separates labels by commas. ``None`` where no dataset can be read."""
+    from hfmerge.data.load import load_image_data
+
+    names: list[str] = []
+    for spec in specs:
+        try:
+            data = load_image_data(spec, samples=1, seed=0)
+        except HfMergeError:
+            continue  # the examples' warning already says so
+        names.extend(name.split(",")[0].strip() for name in data.label_names or [])
+    return list(dict.fromkeys(name for name in names if name))[:MAX_LABELS] or None
+
+
+def _checked_labels(labels: list[str]) -> list[str]:
+    """``--labels`` as given, each once; a label with a comma is refused (the labels box splits on commas)."""
+    for label in labels:
+        if "," in label or not label.strip():
+            raise RecipeError(f"--labels {label!r}: give each label as one word or phrase without commas, "
+                              "e.g. --labels cat dog 'tabby cat'")
+    return list(dict.fromkeys(label.strip() for label in labels))
 
 
 def _examples(paths: list[str]) -> list[SpaceExample]:

@@ -24,6 +24,8 @@ if TYPE_CHECKING:
     from hfmerge.recipe import PlannedMerge
 
 PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json", "image_processor_config.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt")
+"""A text tower's tokenizer files, written beside an output whose processor is another model's (a ``CLIPModel``)."""
 
 
 def materialise(planned: PlannedMerge, plan: MergePlan, tables: Mapping[int | str, TensorTable], folder: Path, *,
@@ -51,8 +53,9 @@ def write_model_files(planned: PlannedMerge, plan: MergePlan, config: Any, folde
             path.write_bytes(content)
         else:
             path.write_text(content)
-    for name in PROCESSOR_FILES:
-        path = planned.anchor.source.path / name
+    processor = plan.output.processor_from if plan.output is not None else None
+    for name in PROCESSOR_FILES + (TOKENIZER_FILES if processor is not None else ()):
+        path = (processor or planned.anchor.source.path) / name
         if path.is_file():
             shutil.copyfile(path, folder / name)
 

@@ -26,6 +26,7 @@ from hfmerge.publish.hub import check_push_access
 from hfmerge.publish.result import MergeResult, check_output_folder, write_metadata
 from hfmerge.recipe import PlannedMerge, Recipe, SourceSpec
 from hfmerge.run.stages import Evaluate, Materialise, PipelineRun, merged_bytes, run_stage, staging_room
+from hfmerge.run.unmerged import carry_unmerged_tensors, check_text_tower, write_as_format
 
 if TYPE_CHECKING:
     from hfmerge.run.search import SearchOutcome
@@ -35,13 +36,22 @@ logger = logging.getLogger(__name__)
 IGNORED_ON_LOAD = "carried from anchor (ignored by transformers on load)"
 
 
-def plan_merge(recipe: Recipe, *, token: str | bool | None = None, metadata_only: bool = False) -> PlannedMerge:
+def plan_merge(recipe: Recipe, *, token: str | bool | None = None, metadata_only: bool = False,
+               scored: bool = False) -> PlannedMerge:
     """Resolve and inspect the sources and let the method plan; reads no tensor data.
 
     With ``metadata_only`` (``--dry-run``), Hub sources download their configs
     only and are inspected from their safetensors headers, read with range
-    requests; such a plan can be shown but not executed.
+    requests; such a plan can be shown but not executed. ``scored``: the merge will be scored on images
+    although its recipe has no ``eval_data`` (a parameter search's candidate), so the models are checked for
+    image processors as an evaluation's are.
+
+    What would only fail once the merge has run is refused here, before any stage: a local data folder that
+    does not exist, a model whose images a stage would read with no image processor to read them.
     """
+    for option, specs in (("--data", recipe.data), ("--eval-data", recipe.eval_data)):
+        for spec in specs or []:
+            spec.check_folder(option)
     method = get_method(recipe.method)
     params = recipe.planning_parameters()  # a parameter still to be searched is planned at its default (a dry run)
 
@@ -94,6 +104,7 @@ def plan_merge(recipe: Recipe, *, token: str | bool | None = None, metadata_only
             raise IncompatibleModelsError(
                 f"{layout.source.name} shares no parameter with {context.anchor.source.name}; nothing can be merged"
             )
+    check_text_tower(recipe, context)
     declared = method.stages(context)
     if not any(isinstance(layout.reader, HeaderReader) for layout in layouts):  # a dry run over Hub sources cannot
         for stage in (s for s in declared if isinstance(s, Analyse)):
@@ -117,7 +128,55 @@ def plan_merge(recipe: Recipe, *, token: str | bool | None = None, metadata_only
         )
     if plan.output is None:  # an output model of the method's own has no use for the anchor's leftovers
         carry_ignored_tensors(plan, context)
+        carry_unmerged_tensors(plan, context)
+    if recipe.output_format is not None:
+        write_as_format(plan, context, recipe.output_format, method.name)
+    elif recipe.base and not (method.needs_base or method.accepts_base) and context.anchor.family.zero_shot is None:
+        raise RecipeError(f"method '{method.name}' takes no base model; drop --base")
+    check_image_processors(context, plan, stages, evaluating=scored or bool(recipe.eval_data))
     return PlannedMerge(recipe, method, sources, base, context, plan, anchor_reason, stages)
+
+
+def processor_keeper(context: MergeContext, plan: MergePlan) -> ModelLayout:
+    """The model whose image processor the merged model keeps (:func:`~hfmerge.run.materialise.write_model_files`
+    copies it): the base where the output is written in the base's architecture (``--output-format``), else the
+    anchor."""
+    base = context.base
+    if plan.output is not None and base is not None and plan.output.processor_from == base.source.path:
+        return base
+    return context.anchor
+
+
+def check_image_processors(context: MergeContext, plan: MergePlan, stages: list[Stage], *, evaluating: bool) -> None:
+    """Refuse a model that a stage would feed images with no image processor; warn when the output will have none.
+
+    Each data stage names the models whose processors it reads (:meth:`~hfmerge.methods.stages.Stage.image_processors`);
+    an evaluation reads each source through its own and the merged model through the one it keeps. Without
+    these checks the merge runs first and then fails inside transformers, naming the hidden staging folder.
+    A merge that feeds no images only warns: it is written, but ``pipeline(...)`` cannot load it as it is.
+
+    Raises:
+        SourceError: a model the stages or the evaluation read has no image processor.
+    """
+    from hfmerge.data.processor import check_image_processor, has_image_processor, missing_processor_message
+
+    keeper = processor_keeper(context, plan)
+    needed: dict[Path, tuple[ModelLayout, str]] = {}
+    for stage in stages:
+        for layout in stage.image_processors(context):
+            needed.setdefault(layout.source.path, (layout, f"the {stage.name} stage feeds it --data images through one"))
+    if evaluating:
+        for layout in context.sources:
+            needed.setdefault(layout.source.path, (layout, "the evaluation (--eval-data) feeds it images through one"))
+        needed.setdefault(keeper.source.path, (keeper, "the merged model keeps its processor, through which the "
+                                                       "evaluation (--eval-data) feeds it images"))
+    for layout, reason in needed.values():
+        otherwise = "give a --base that has one" if layout is context.base else "merge sources that have one"
+        check_image_processor(layout.source.path, layout.source.name, reason=reason, otherwise=otherwise)
+    if not has_image_processor(keeper.source.path):
+        logger.warning("%s, so the merged model will have none and pipeline(...) cannot load it: save one into the "
+                       "output folder with AutoImageProcessor.save_pretrained(folder), or merge sources that have one",
+                       missing_processor_message(keeper.source.name))
 
 
 _TRAINER_CHECKPOINT = re.compile(r"checkpoint-(\d+)")
@@ -279,7 +338,7 @@ def _merge_and_save(recipe: Recipe, staging_parent: Path | None, *, token: str |
 def _merge_candidate(recipe: Recipe, *, token: str | bool | None, staging_parent: Path | None,
                      progress: bool) -> Path:
     """One point of a parameter search: ``recipe`` merged by the whole stage loop into a new folder (the caller's)."""
-    planned = plan_merge(recipe, token=token)
+    planned = plan_merge(recipe, token=token, scored=True)
     result = _run_stages(planned, _accelerator_for(planned), staging_parent=staging_parent, token=token,
                          progress=progress)
     assert result is not None  # the search runs in one process (choose_parameters)
@@ -371,8 +430,10 @@ def merge(
     seed: int | None = None,
     data: list[Any] | None = None,
     eval_data: list[Any] | None = None,
+    prompts: list[str] | None = None,
     data_column: str | None = None,
     label_column: str | None = None,
+    output_format: str | None = None,
     token: str | bool | None = None,
     progress: bool = True,
     parameters: dict[str, Any] | None = None,
@@ -385,7 +446,9 @@ def merge(
     (``concat``, ``average``, ``anchor``; default: the method's choice) and
     ``seed`` seeds methods that draw random numbers (``dare``) or sample data. ``data`` gives a
     data method each source's data (``"org/ds:split"``, a folder; one per source or one for all),
-    ``eval_data`` the datasets the result is evaluated on for its card. With ``output`` and/or
+    ``eval_data`` the datasets the result is evaluated on for its card (CLIP towers zero-shot, with ``prompts``
+    or CLIP's default templates); ``output_format`` writes the merge as
+    another architecture of its family, the base's (``"clip"``: CLIP towers as a ``CLIPModel``). With ``output`` and/or
     ``push_to_hub`` the result is also saved and/or pushed, as in :func:`run_recipe`.
 
     Example:
@@ -401,6 +464,7 @@ def merge(
             sources=list(sources), method=method, parameters=params, weights=weights, anchor=anchor,
             base=base, dtype=dtype, allow_pickle=allow_pickle, max_shard_size=max_shard_size, heads=heads, seed=seed,
             output=None if output is None else str(output), push_to_hub=push_to_hub, private=private,
-            data=data, eval_data=eval_data, data_column=data_column, label_column=label_column,
+            data=data, eval_data=eval_data, prompts=prompts, data_column=data_column, label_column=label_column,
+            output_format=output_format,
         )
     return run_recipe(recipe, token=token, overwrite=overwrite, progress=progress)

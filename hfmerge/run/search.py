@@ -109,7 +109,7 @@ def choose_parameters(recipe: Recipe, merge_candidate: MergeCandidate, *,
     Raises:
         RecipeError: the search is asked for under several processes (``accelerate launch``).
     """
-    from hfmerge.eval.compare import load_candidate
+    from hfmerge.eval.compare import evaluate_zero_shot, load_candidate
     from hfmerge.eval.evaluate import evaluate_classifier
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -117,19 +117,23 @@ def choose_parameters(recipe: Recipe, merge_candidate: MergeCandidate, *,
                           "then the merge its hfmerge.yaml records")
     space = recipe.search_space
     validation = validation_data(recipe, token=token)
+    text = _text_tower(recipe, token=token)
     named = [(data.name, data) for data in validation.tasks]
     points: list[SearchPoint] = []
     metric = "accuracy"
     grid = grid_points(space)
     for number, values in enumerate(grid, start=1):
         started = time.perf_counter()
-        candidate = replace(recipe, parameters={**recipe.parameters, **values}, eval_data=None, output=None,
+        candidate = replace(recipe, parameters={**recipe.parameters, **values}, eval_data=None, prompts=None, output=None,
                             push_to_hub=None)
         folder = merge_candidate(candidate)
         try:
-            loaded = load_candidate(folder, "candidate", "candidate")
-            row = evaluate_classifier(loaded.model, named, loaded.processor, progress=False, name="candidate",
-                                      role="candidate", measure_cost=False, latency=False)
+            loaded = load_candidate(folder, "candidate", "candidate", text_tower=text, prompts=recipe.prompts)
+            if loaded.zero_shot is not None:
+                row = evaluate_zero_shot(loaded, validation.tasks, progress=False, latency=False)
+            else:
+                row = evaluate_classifier(loaded.model, named, loaded.processor, progress=False, name="candidate",
+                                          role="candidate", measure_cost=False, latency=False)
         finally:
             shutil.rmtree(folder, ignore_errors=True)
         metric = row.tasks[0].main_metric if row.tasks else metric
@@ -142,3 +146,13 @@ def choose_parameters(recipe: Recipe, merge_candidate: MergeCandidate, *,
     chosen = search.chosen
     logger.info("chosen on validation data: %s", ", ".join(f"{k}={v}" for k, v in chosen.items()))
     return SearchOutcome(search, replace(recipe, parameters={**recipe.parameters, **chosen}), validation.test)
+
+
+def _text_tower(recipe: Recipe, *, token: str | bool | None) -> Path | None:
+    """The base's folder, which holds the text tower that scores CLIP towers zero-shot (unused otherwise)."""
+    if not recipe.base:
+        return None
+    from hfmerge.hub.resolve import resolve_source
+    from hfmerge.source import SourceSpec
+
+    return resolve_source(SourceSpec.parse(recipe.base), token=token).path

@@ -46,9 +46,17 @@ def source_model(layout: ModelLayout, device: torch.device | str = "cpu") -> tor
 
 
 def source_processor(layout: ModelLayout) -> Any:
-    """The source's own image processor, as saved beside its weights."""
+    """The source's own image processor, as saved beside its weights.
+
+    Raises:
+        SourceError: the source has none (which planning refuses already for the stages it knows of).
+    """
     from transformers import AutoImageProcessor
 
+    from hfmerge.data.processor import check_image_processor
+
+    check_image_processor(layout.source.path, layout.source.name, reason="its images go through one",
+                          otherwise="merge sources that have one")
     return AutoImageProcessor.from_pretrained(layout.source.path)
 
 
@@ -205,6 +213,7 @@ def run_statistics(stage: Statistics, run: PipelineRun) -> list[TensorTable]:
             statistics = collect_statistics(
                 model, loader, request, accelerator=accelerator, seed=run.seed, progress=run.progress,
                 desc=f"Statistics {i + 1}/{len(context.sources)} ({layout.source.short_name})", packed=True,
+                image_encoder=layout.family.image_encoder.get(layout.architecture, ""),
             )
             del model
             if stage.cache:
@@ -469,6 +478,15 @@ def _dtype(planned: PlannedMerge) -> torch.dtype | None:
     return getattr(torch, planned.recipe.dtype) if planned.recipe.dtype else None
 
 
+def zero_shot_text_tower(planned: PlannedMerge) -> Path | None:
+    """The folder of the text tower that scores a merge of zero-shot image encoders (CLIP): the base's, when the
+    base is of the family's text-tower architecture; ``None`` otherwise (the output may hold its own)."""
+    base, family = planned.context.base, planned.anchor.family
+    if base is not None and family.zero_shot is not None and base.architecture == family.zero_shot:
+        return base.source.path
+    return None
+
+
 def run_evaluate(stage: Evaluate, run: PipelineRun) -> EvaluationReport:
     """Evaluate the finished merge (in its staging folder) beside its sources and their ensemble."""
     from hfmerge.eval.compare import Candidate, evaluate_candidates, load_candidate, load_tasks
@@ -481,9 +499,15 @@ def run_evaluate(stage: Evaluate, run: PipelineRun) -> EvaluationReport:
         run.tasks = load_tasks(recipe.eval_data, seed=run.seed, image_column=recipe.data_column,
                                label_column=recipe.label_column, token=run.token)
     name = recipe.push_to_hub or (Path(recipe.output).name if recipe.output else "merged model")
-    merged = load_candidate(run.result.staging, name, "merged")
+    text = zero_shot_text_tower(planned)
     names = PublicNames.for_merge(planned)
-    others = [Candidate(names.of(layout.source), "source", source_model(layout), source_processor(layout))
+    text_name = names.of(planned.base) if text is not None and planned.base is not None else None
+    merged = load_candidate(run.result.staging, name, "merged", text_tower=text, text_tower_name=text_name,
+                            prompts=recipe.prompts)
+    others = [load_candidate(layout.source.path, names.of(layout.source), "source", text_tower=text,
+                             text_tower_name=text_name, prompts=recipe.prompts)
+              if layout.family.zero_shot is not None
+              else Candidate(names.of(layout.source), "source", source_model(layout), source_processor(layout))
               for layout in planned.context.sources]
     classifier = planned.anchor.task == "image-classification"
     run.report = evaluate_candidates(merged, others, run.tasks, ensemble=classifier, progress=run.progress)

@@ -42,16 +42,21 @@ def headless_chromium(width: int = 1400, height: int = 1000) -> Any:
 
 
 def show_image(browser: Any, url: str, image: str | Path, box_ids: list[str], ready: Callable[[str], bool],
-               timeout: float = 60) -> dict[str, str]:
+               timeout: float = 60, labels: str | None = None) -> dict[str, str]:
     """Open the Space at ``url``, upload ``image``, wait until every box's text is ``ready``; return the texts.
 
-    ``box_ids`` are the ``elem_id``s of the app's prediction boxes (``merged``, ``source-1``…).
+    ``box_ids`` are the ``elem_id``s of the app's prediction boxes (``merged``, ``source-1``…). ``labels``, for a
+    zero-shot Space, is typed into its labels box first, in place of the default labels.
     """
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
     browser.get(url)
     wait = WebDriverWait(browser, timeout)
+    if labels is not None:
+        box = wait.until(lambda b: b.find_element(By.CSS_SELECTOR, "#labels textarea"))
+        box.clear()
+        box.send_keys(labels)
     wait.until(lambda b: b.find_element(By.CSS_SELECTOR, "#input-image input[type=file]")).send_keys(str(image))
     wait.until(lambda b: all(ready(b.find_element(By.ID, box).text) for box in box_ids))
     return {box: browser.find_element(By.ID, box).text for box in box_ids}
