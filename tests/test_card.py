@@ -299,3 +299,18 @@ def test_cards_state_what_becomes_of_heads_and_batchnorm_statistics(make_source)
     _, task = card_of([a, b], "task_arithmetic", base=str(base))
     method = section(task, "Method")
     assert "BatchNorm running statistics are averaged" in method and "`concat` head policy" in method
+
+
+@pytest.mark.parametrize("method", ["average", "task_arithmetic", "ties", "slerp"])
+def test_cards_of_models_without_batchnorm_do_not_mention_it(method, make_source):
+    """A ViT has LayerNorms only: its card says nothing of running statistics, and the heads sentence still reads."""
+    a = make_source("vit", 3, seed=1, labels=["cat", "dog", "owl"])
+    b = make_source("vit", 2, seed=2, labels=["car", "bus"])
+    kw = {"base": str(make_source("vit", 3, seed=0))} if method in ("task_arithmetic", "ties") else {}
+    _, card = card_of([a, b], method, **kw)
+    text = section(card, "Method")
+    assert "BatchNorm" not in text and "num_batches_tracked" not in text
+    assert "`concat` head policy" in text and "  " not in text.strip() and ". ." not in text
+    _, resnet = card_of([make_source("resnet", 3, seed=1), make_source("resnet", 3, seed=2)], method,
+                        **({"base": str(make_source("resnet", 3, seed=0))} if kw else {}))
+    assert "BatchNorm running statistics" in section(resnet, "Method")

@@ -432,11 +432,11 @@ def test_card_of_a_clip_model_merge_says_no_labels_the_carried_text_tower_and_th
     result = hfmerge.merge(list(TOWERS), method="average", base=BASE, output_format="clip", eval_data=[str(data)],
                            push_to_hub="org/clip-card", progress=False)
     card = (result.save(tmp_path / "out") / "README.md").read_text()
-    assert ("This clip model (`CLIPModel`, zero-shot-image-classification, no labels: zero-shot, classes from a text "
+    assert ("This clip model (`CLIPModel`, zero-shot-image-classification, classes named at inference, through a text "
             "tower) was made") in card
     assert "| model | revision | commit | weight |\n" in card  # no labels column
     method = card.split("## Method", 1)[1].split("## Sources", 1)[0]
-    assert "Every parameter outside the text tower is averaged, BatchNorm" in method
+    assert "Every parameter outside the text tower is averaged." in method and "BatchNorm" not in method
     assert "Every parameter is averaged" not in method and "classifier heads" not in method
     count = text_tower_tensors(BASE)
     assert count > 10  # the encoder's layers, the projection and the logit scale
@@ -465,7 +465,7 @@ def test_card_of_a_tower_merge_pairs_it_with_its_base_text_tower_in_the_usage(cl
     result = hfmerge.merge(list(TOWERS), method="task_arithmetic", base=BASE, lambda_=0.5,
                            push_to_hub="org/clip-tower-card", progress=False)
     card = (result.save(tmp_path / "out") / "README.md").read_text()
-    assert "(`CLIPVisionModel`, image-feature-extraction, no labels: zero-shot, classes from a text tower)" in card
+    assert "(`CLIPVisionModel`, image-feature-extraction, classes named at inference, through a text tower)" in card
     assert "is not merged" not in card  # a tower has no text tower to carry
     code = usage_code(card)
     assert 'clip = CLIPModel.from_pretrained("org/clip-base")' in code
@@ -504,18 +504,18 @@ def test_dry_run_and_inspect_say_towers_have_no_labels(clip_hub, make_source, ca
     sources = [line for line in out.splitlines() if line.startswith("source ")]
     assert len(sources) == 2
     for line in sources:
-        assert line.endswith("clip CLIPVisionModel, no labels: zero-shot, classes from a text tower"), line
+        assert line.endswith("clip CLIPVisionModel, classes named at inference, through a text tower"), line
     code, out, err = run_cli(["merge", *TOWERS, "--method", "average", "--dry-run"], capsys)
     assert code == 0, err
     assert "averaged: " in out and "heads:" not in out  # a tower has no head to choose a policy for
 
     code, out, err = run_cli(["inspect", TOWERS[0]], capsys)
     assert code == 0, err
-    assert out.splitlines()[-1] == ("labels: none (zero-shot, classes from a text tower: a CLIPModel's, given to "
-                                    "hfmerge evaluate as --base)")
+    assert out.splitlines()[-1] == ("labels: none; classes named at inference, through a text tower (a CLIPModel's, "
+                                    "given to hfmerge evaluate as --base)")
     assert "class_0" not in out and "LABEL_0" not in out
     code, out, _ = run_cli(["inspect", BASE], capsys)
-    assert out.splitlines()[-1] == "labels: none (zero-shot, classes from a text tower: its own)"
+    assert out.splitlines()[-1] == "labels: none; classes named at inference, through a text tower (its own)"
     code, out, _ = run_cli(["inspect", str(make_source("vit", labels=["cat", "dog", "owl"]))], capsys)
     assert out.splitlines()[-4:] == ["labels (3):", "  0: cat", "  1: dog", "  2: owl"]  # a classifier's labels
 

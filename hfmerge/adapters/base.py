@@ -25,7 +25,7 @@ if TYPE_CHECKING:  # base imports no module of the package that imports it back 
     from hfmerge.adapters.neurons import LayoutView, NeuronGroup
 
 
-ZERO_SHOT_LABELS = "zero-shot, classes from a text tower"
+ZERO_SHOT_LABELS = "classes named at inference, through a text tower"
 """Why a zero-shot family's model has no labels, where others' labels are counted or listed."""
 
 
@@ -229,7 +229,7 @@ class FamilyAdapter:
         """A model's labels in words, for plans and cards: ``"3 labels"``; a zero-shot family's model has none of its
         own, whatever its config's ``id2label`` holds (:data:`ZERO_SHOT_LABELS`)."""
         if self.zero_shot is not None:
-            return f"no labels: {ZERO_SHOT_LABELS}"
+            return ZERO_SHOT_LABELS
         return f"{len(id2label)} labels"
 
     def is_merged(self, name: str) -> bool:

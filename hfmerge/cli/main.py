@@ -250,7 +250,7 @@ def _inspect(args: argparse.Namespace) -> int:
     if text_tower is not None:  # its config's id2label is transformers' default, not labels
         whose = ("its own" if layout.architecture == text_tower
                  else f"a {text_tower}'s, given to hfmerge evaluate as --base")
-        print(f"labels: none ({ZERO_SHOT_LABELS}: {whose})")
+        print(f"labels: none; {ZERO_SHOT_LABELS} ({whose})")
         return 0
     labels = layout.id2label
     print(f"labels ({len(labels)}):")

@@ -27,8 +27,9 @@ HEAD_POLICIES = ("concat", "average", "anchor")
 """What becomes of the classifier heads (:mod:`hfmerge.methods.heads`): the union head, their average, or the anchor's."""
 
 TASK_VECTOR_CARD_NOTES = (
-    "BatchNorm running statistics are averaged over the sources, not treated as task vectors."
-    "{% if details.heads and details.heads != 'task vectors' %} Classifier heads (and any tensor the base lacks) "
+    "{% if batch_norm %}BatchNorm running statistics are averaged over the sources, not treated as task "
+    "vectors.{% endif %}"
+    "{% if details.heads and details.heads != 'task vectors' %}{% if batch_norm %} {% endif %}Classifier heads (and any tensor the base lacks) "
     "follow the `{{ details.heads }}` head policy: "
     "{{ {'concat': 'concatenated into one head over the union of the labels',"
     " 'average': 'averaged over the sources', 'anchor': 'kept from the anchor'}[details.heads] }}.{% endif %}"

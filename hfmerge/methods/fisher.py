@@ -86,11 +86,14 @@ is model i's diagonal Fisher information: the mean, over \
 the squared gradient of log p(y|x) with y {% if parameters.empirical %}the image's true label (the empirical \
 Fisher){% else %}drawn from the model's own prediction{% endif %}, plus ε = {{ parameters.epsilon }}. \
 {%- if details.weights | unique | list | length == 1 %} The weights wᵢ are equal.{% else %} The weights wᵢ \
-are in the sources table.{% endif %} BatchNorm running statistics are averaged with the same weights wᵢ; \
-integer buffers are the anchor's\
+are in the sources table.{% endif %}{% if batch_norm %} BatchNorm running statistics are averaged with the same \
+weights wᵢ; integer buffers are the anchor's\
 {%- if details.heads == 'concat' %}; the classifier heads, over different label sets, follow the `concat` head \
 policy: stacked into one head over the union of the {{ details.num_labels }} labels\
-{%- elif details.heads == 'anchor' %}; the classifier head and labels are the anchor's{% endif %}."""
+{%- elif details.heads == 'anchor' %}; the classifier head and labels are the anchor's{% endif %}.\
+{%- elif details.heads == 'concat' %} The classifier heads, over different label sets, follow the `concat` head \
+policy: stacked into one head over the union of the {{ details.num_labels }} labels.\
+{%- elif details.heads == 'anchor' %} The classifier head and labels are the anchor's.{% endif %}"""
 
     def _fisher_names(self, ctx: MergeContext, merged_heads: bool) -> list[str]:
         """Parameters (not buffers) of the anchor that are Fisher-weighted."""

@@ -55,8 +55,8 @@ class TaskArithmetic(MergeMethod):
         "θ = θ_base + λ · Σᵢ (θᵢ − θ_base), with λ = {{ details['lambda'] }} and the sum over the "
         "{{ sources | length }} source model{{ 's' if sources | length != 1 }}; θ_base is the pre-trained model "
         "{% if base.url %}[{{ base.name }}]({{ base.url }}){% else %}`{{ base.name }}`{% endif %}. "
-        "Each τᵢ = θᵢ − θ_base is the task vector of source i (§2 of the paper). Integer buffers "
-        "(BatchNorm's `num_batches_tracked`) are the anchor's. "
+        "Each τᵢ = θᵢ − θ_base is the task vector of source i (§2 of the paper). "
+        "{% if batch_norm %}Integer buffers (BatchNorm's `num_batches_tracked`) are the anchor's. {% endif %}"
     ) + TASK_VECTOR_CARD_NOTES
 
     def plan(self, ctx: MergeContext) -> MergePlan:

@@ -23,6 +23,7 @@ from huggingface_hub import ModelCard, ModelCardData
 from hfmerge.eval.search import SEARCH_RESULT, SEARCH_SVG
 
 if TYPE_CHECKING:
+    from hfmerge.adapters.layout import ModelLayout
     from hfmerge.eval.report import EvaluationReport
     from hfmerge.eval.search import ParameterSearch
     from hfmerge.hub.resolve import ResolvedSource
@@ -120,7 +121,7 @@ def render_card(result: CardFacts, repo_id: str | None = None) -> str:
     family = planned.anchor.family
     text = method_text(
         method, details=result.details, parameters=planned.recipe.parameters, base=base, sources=rows,
-        architecture=architecture, task=task,
+        architecture=architecture, task=task, batch_norm=has_batch_norm(planned.anchor),
     )
     carried = carried_text(result.details.get("not_merged"), base=base["name"] if base else None,
                            anchor=rows[planned.context.anchor_index]["name"])
@@ -278,6 +279,13 @@ def update_card(text: str, report: EvaluationReport, model_name: str) -> str:
         body = body.rstrip("\n") + "\n\n" + section
     card.text = body
     return str(card)
+
+
+def has_batch_norm(layout: ModelLayout) -> bool:
+    """Whether the model has BatchNorm running statistics, which the method paragraphs then say what became of."""
+    from hfmerge.methods.task_vectors import is_running_statistic
+
+    return any(is_running_statistic(name) for name in layout.tensors)
 
 
 def method_text(method: MergeMethod, **context: Any) -> str:
