@@ -208,13 +208,8 @@ class Recipe:
                     f"{len(self.data)} --data for {len(self.sources)} sources; give one dataset per source, "
                     f"in source order{'' if needs.per_source else ', or one for all'}"
                 )
-        elif needs.required:
-            raise RecipeError(
-                f"method '{method.name}' needs data {needs.purpose}: add --data org/dataset[:split] "
-                "(or a folder of images), "
-                + ("once per source, in source order" if needs.per_source
-                   else "once per source in source order or once for all")
-            )
+        # A method that needs data and has none is refused by :meth:`require_data`, once the sources are known:
+        # if the method cannot merge their family, that is what the user needs to hear first.
 
         uses_seed = method.uses_seed or self.data is not None
         if self.seed is not None:
@@ -225,6 +220,24 @@ class Recipe:
             self.seed = int(str(self.seed).strip())
         elif uses_seed:
             self.seed = 0
+
+    def require_data(self) -> None:
+        """Raise :class:`RecipeError` if the method needs data and the recipe has none.
+
+        :func:`~hfmerge.run.pipeline.plan_merge` calls it after the method has checked the sources, so that a
+        method which cannot merge a family says so before asking for data it would not use.
+        """
+        from hfmerge.methods import get_method
+
+        method = get_method(self.method)
+        needs = method.data_needs(self.planning_parameters(), evaluating=bool(self.eval_data))
+        if self.data is None and needs.required:
+            raise RecipeError(
+                f"method '{method.name}' needs data {needs.purpose}: add --data org/dataset[:split] "
+                "(or a folder of images), "
+                + ("once per source, in source order" if needs.per_source
+                   else "once per source in source order or once for all")
+            )
 
     @property
     def search_space(self) -> dict[str, tuple[Any, ...]]:

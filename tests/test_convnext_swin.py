@@ -188,3 +188,12 @@ def test_gating_says_why_it_refuses_the_family(family, make_source, tmp_path, ca
     code, _, err = run_cli(["merge", source, source, "-m", "gating", "-o", tmp_path / "out", f"--data={images}",
                             f"--data={images}"], capsys)
     assert_one_line_error(code, err, "gating merges ViT image classifiers", GATING_WHY[family])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_gating_refuses_the_family_before_asking_for_data(family, make_source, tmp_path, capsys):
+    """Asked for data first, a user would find it and add it only to learn the family cannot be gated at all."""
+    source = make_source(family, seed=1)
+    code, _, err = run_cli(["merge", source, source, "-m", "gating", "-o", tmp_path / "out"], capsys)
+    assert_one_line_error(code, err, "gating merges ViT image classifiers", GATING_WHY[family])
+    assert "needs data" not in err and not (tmp_path / "out").exists()

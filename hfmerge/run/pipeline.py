@@ -66,6 +66,7 @@ def plan_merge(recipe: Recipe, *, token: str | bool | None = None, metadata_only
 
     layouts = [inspect(s) for s in [resolve(spec) for spec in recipe.sources]]
     method.check_sources(layouts, params)  # before the base and the auxiliary models are resolved
+    recipe.require_data()  # a family the method refuses is said before the data it would need
     sources = [layout.source for layout in layouts]
     anchor_index, anchor_reason = _choose_anchor(recipe, method, sources)
     chosen = method.choose_anchor(layouts, params) if recipe.anchor is None else None
